@@ -1,0 +1,64 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "mqlite",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "mqlite", targets: ["mqlite"]),
+        .library(name: "MQTTCore", targets: ["MQTTCore"]),
+        .library(name: "MQLiteBroker", targets: ["MQLiteBroker"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+    ],
+    targets: [
+        // Protocol only: packets, codec, topic rules. No sockets, no state.
+        .target(
+            name: "MQTTCore",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // The broker: listeners, workers, sessions, routing, QoS, wills, keep-alive.
+        .target(
+            name: "MQLiteBroker",
+            dependencies: [
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ]
+        ),
+        .executableTarget(
+            name: "mqlite",
+            dependencies: [
+                "MQLiteBroker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "MQTTCoreTests",
+            dependencies: [
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "MQLiteBrokerTests",
+            dependencies: [
+                "MQLiteBroker",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

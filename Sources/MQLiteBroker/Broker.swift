@@ -1,0 +1,200 @@
+import Logging
+import MQTTCore
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// The MQTT broker: a pool of event loops (one `Worker` each), the listeners, and the state
+/// shared between workers (client registry, subscription trie, retained messages), each behind
+/// its own lock held only for short, I/O-free sections.
+public final class Broker: Sendable {
+    public let configuration: BrokerConfiguration
+    let hooks: any BrokerHooks
+    let logger: Logger
+    let group: MultiThreadedEventLoopGroup
+    /// Set once in `init`, read-only afterwards.
+    nonisolated(unsafe) private(set) var workers: [Worker] = []
+
+    private let registry = Mutex<[String: Session]>([:])
+    private let subscriptions = Mutex<SubscriptionTrie>(SubscriptionTrie())
+    /// Bumped on every subscription change, so that workers know when their route caches are stale.
+    let subscriptionGeneration = Atomic<Int>(0)
+    private let retained = Mutex<[String: Message]>([:])
+    private let serverChannels = Mutex<[any Channel]>([])
+    let connectionCount = Atomic<Int>(0)
+    /// Messages dropped for subscribers that could not keep up, since start.
+    let droppedMessages = Atomic<Int>(0)
+
+    public init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
+        self.configuration = configuration
+        self.hooks = hooks
+        self.logger = logger
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
+        var loops: [any EventLoop] = []
+        for loop in group.makeIterator() { loops.append(loop) }
+        self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self) }
+    }
+
+    // MARK: - Lifecycle
+
+    /// Binds every configured listener and returns the addresses actually bound (real ports).
+    public func start() async throws -> [SocketAddress] {
+        var bound: [SocketAddress] = []
+        for listener in configuration.listeners {
+            let channel = try await makeBootstrap().bind(host: listener.host, port: listener.port).get()
+            serverChannels.withLock { $0.append(channel) }
+            if let address = channel.localAddress {
+                bound.append(address)
+                logger.info("listening on \(address.ipAddress ?? listener.host):\(address.port ?? listener.port)")
+            }
+        }
+        return bound
+    }
+
+    private func makeBootstrap() -> ServerBootstrap {
+        ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
+            .childChannelInitializer { [self] channel in
+                let worker = self.worker(for: channel.eventLoop)
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker))
+                }
+            }
+    }
+
+    func worker(for loop: any EventLoop) -> Worker {
+        workers.first { $0.loop === loop }!
+    }
+
+    /// Stops accepting, closes every client connection, and stops the event loops.
+    public func shutdown() async {
+        let channels = serverChannels.withLock { channels in
+            defer { channels.removeAll() }
+            return channels
+        }
+        for channel in channels { try? await channel.close() }
+        for worker in workers {
+            try? await worker.loop.submit {
+                for connection in worker.connections.values { connection.closeForShutdown() }
+            }.get()
+        }
+        try? await group.shutdownGracefully()
+        logger.info("stopped")
+    }
+
+    // MARK: - Sessions
+
+    /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean
+    /// session, discarding) whatever held that client id before. `completion` runs on `worker`'s
+    /// loop with the session and whether it was present.
+    func openSession(
+        clientID: String, cleanSession: Bool, on worker: Worker,
+        completion: @escaping @Sendable (Session, Bool) -> Void
+    ) {
+        let (existing, fresh) = registry.withLock { registry -> (Session?, Session?) in
+            let existing = registry[clientID]
+            if let existing, existing.persistent, !cleanSession { return (existing, nil) }
+            let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
+            registry[clientID] = fresh
+            return (existing, fresh)
+        }
+        if let fresh {
+            if let existing {
+                onOwner(of: existing) { owner in
+                    existing.connection?.kick(reason: "taken over by a new connection with the same client id")
+                    self.endSession(existing, worker: owner)
+                }
+            }
+            completion(fresh, false)
+            return
+        }
+        let session = existing!
+        onOwner(of: session) { _ in
+            session.connection?.kick(reason: "taken over by a new connection with the same client id")
+            session.move(to: worker.index)
+            worker.loop.execute { completion(session, true) }
+        }
+    }
+
+    /// Runs `body` on the loop of the worker that owns `session`, following it if it moves.
+    private func onOwner(of session: Session, _ body: @escaping @Sendable (Worker) -> Void) {
+        let owner = workers[session.owner]
+        owner.loop.execute {
+            if session.owner == owner.index { body(owner) } else { self.onOwner(of: session, body) }
+        }
+    }
+
+    /// Discards a session: its subscriptions, queue and registry entry. On its owner's loop.
+    func endSession(_ session: Session, worker: Worker) {
+        if session.ended { return }
+        session.clear()
+        let filters = Array(session.subscriptions.keys)
+        session.subscriptions.removeAll()
+        if !filters.isEmpty {
+            subscriptions.withLock { trie in
+                for filter in filters { trie.remove(filter: filter, session: session) }
+                subscriptionGeneration.add(1, ordering: .releasing)
+            }
+        }
+        registry.withLock { registry in
+            if registry[session.clientID] === session { registry[session.clientID] = nil }
+        }
+    }
+
+    // MARK: - Subscriptions
+
+    func subscribe(_ session: Session, filter: String, qos: QoS) {
+        session.subscriptions[filter] = qos
+        subscriptions.withLock { trie in
+            trie.insert(filter: filter, session: session, qos: qos)
+            subscriptionGeneration.add(1, ordering: .releasing)
+        }
+    }
+
+    func unsubscribe(_ session: Session, filter: String) {
+        guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
+        subscriptions.withLock { trie in
+            trie.remove(filter: filter, session: session)
+            subscriptionGeneration.add(1, ordering: .releasing)
+        }
+    }
+
+    /// Matching subscribers and the generation they were read at.
+    func matchSubscribers(topic: String) -> ([(session: Session, qos: QoS)], Int) {
+        subscriptions.withLock { trie in
+            (trie.match(topic: topic), subscriptionGeneration.load(ordering: .relaxed))
+        }
+    }
+
+    // MARK: - Retained messages
+
+    /// Keeps the last retained message of a topic; an empty payload clears it.
+    func retain(_ message: Message) {
+        let topic = String(buffer: message.topic)
+        if message.payload.readableBytes == 0 {
+            retained.withLock { _ = $0.removeValue(forKey: topic) }
+        } else {
+            let kept = message.compacted()
+            retained.withLock { $0[topic] = kept }
+        }
+    }
+
+    func retainedMessages(matching filter: String) -> [Message] {
+        retained.withLock { store in
+            store.compactMap { Topic.matches(filter: filter, topic: $0.key) ? $0.value : nil }
+        }
+    }
+
+    // MARK: - Introspection (tests, logs)
+
+    /// Number of client connections open now.
+    public var openConnections: Int { connectionCount.load(ordering: .relaxed) }
+    /// Messages dropped for slow subscribers since start.
+    public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
+    /// Number of retained messages held.
+    public var retainedCount: Int { retained.withLock { $0.count } }
+}

@@ -1,0 +1,165 @@
+import Foundation
+import Logging
+import NIOCore
+import TOMLKit
+
+/// A config file that cannot be used: names the file, the key and the problem.
+public struct ConfigError: Error, Equatable, CustomStringConvertible {
+    public var file: String
+    /// Dotted key (`limits.max_inflight`, `listener[1].bind`), or nil for the file as a whole.
+    public var key: String?
+    public var problem: String
+
+    public init(file: String, key: String?, problem: String) {
+        self.file = file
+        self.key = key
+        self.problem = problem
+    }
+
+    public var description: String {
+        if let key { return "\(file): \(key): \(problem)" }
+        return "\(file): \(problem)"
+    }
+}
+
+/// Reads the TOML config file (`mqlite.conf`) into a `BrokerConfiguration`. Every key is checked:
+/// an unknown key, a wrong type or a value out of range is an error, never ignored.
+public enum ConfigFile {
+    /// Loads and checks `path`.
+    public static func load(path: String) throws(ConfigError) -> BrokerConfiguration {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ConfigError(file: path, key: nil, problem: "cannot read file (\(describe(error)))")
+        }
+        return try parse(text, file: path)
+    }
+
+    /// Checks `text` as the contents of `file`.
+    public static func parse(_ text: String, file: String) throws(ConfigError) -> BrokerConfiguration {
+        let root: TOMLTable
+        do {
+            root = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw ConfigError(
+                file: file, key: nil,
+                problem: "TOML syntax error at line \(error.source.begin.line), column \(error.source.begin.column): \(error.description)")
+        } catch {
+            throw ConfigError(file: file, key: nil, problem: "TOML syntax error: \(error)")
+        }
+
+        var config = BrokerConfiguration()
+        let top = Section(table: root, path: nil, file: file)
+        try top.allowOnly(["server", "listener", "limits", "auth"])
+
+        if let server = try top.table("server") {
+            try server.allowOnly(["workers", "log_level"])
+            if let workers = try server.int("workers", in: 0...1024) { config.workers = workers }
+            if let level = try server.string("log_level") {
+                guard let parsed = Logger.Level(rawValue: level) else {
+                    throw server.error("log_level", "must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \"\(level)\"")
+                }
+                config.logLevel = parsed
+            }
+        }
+
+        if let listeners = try top.arrayOfTables("listener") {
+            config.listeners = []
+            for listener in listeners {
+                try listener.allowOnly(["bind"])
+                guard let bind = try listener.string("bind") else { throw listener.error("bind", "is required") }
+                guard let address = ListenAddress(parsing: bind) else {
+                    throw listener.error("bind", "must be \"HOST:PORT\" with a port from 0 to 65535, not \"\(bind)\"")
+                }
+                config.listeners.append(address)
+            }
+            if config.listeners.isEmpty { throw top.error("listener", "needs at least one [[listener]]") }
+        }
+
+        if let limits = try top.table("limits") {
+            try limits.allowOnly(["max_packet_size", "max_connections", "max_inflight", "max_queued", "max_keep_alive", "connect_timeout"])
+            if let v = try limits.int("max_packet_size", in: 2...268_435_455) { config.limits.maxPacketSize = v }
+            if let v = try limits.int("max_connections", in: 0...Int(Int32.max)) { config.limits.maxConnections = v }
+            if let v = try limits.int("max_inflight", in: 1...65535) { config.limits.maxInflight = v }
+            if let v = try limits.int("max_queued", in: 0...Int(Int32.max)) { config.limits.maxQueued = v }
+            if let v = try limits.int("max_keep_alive", in: 0...65535) { config.limits.maxKeepAlive = v }
+            if let v = try limits.seconds("connect_timeout") { config.limits.connectTimeout = v }
+        }
+
+        if let auth = try top.table("auth") {
+            try auth.allowOnly(["allow_anonymous"])
+            if let v = try auth.bool("allow_anonymous") { config.allowAnonymous = v }
+        }
+        return config
+    }
+
+    private static func describe(_ error: any Error) -> String {
+        (error as NSError).localizedDescription
+    }
+}
+
+/// One table of the file, with typed, checked accessors.
+private struct Section {
+    let table: TOMLTable
+    let path: String?
+    let file: String
+
+    func name(_ key: String) -> String { path.map { "\($0).\(key)" } ?? key }
+
+    func error(_ key: String, _ problem: String) -> ConfigError {
+        ConfigError(file: file, key: name(key), problem: problem)
+    }
+
+    func allowOnly(_ keys: Set<String>) throws(ConfigError) {
+        for key in table.keys.sorted() where !keys.contains(key) {
+            throw error(key, "unknown key (known here: \(keys.sorted().joined(separator: ", ")))")
+        }
+    }
+
+    private func value(_ key: String, _ expected: TOMLType...) throws(ConfigError) -> TOMLValueConvertible? {
+        guard let value = table[key] else { return nil }
+        guard expected.contains(value.type) else {
+            throw error(key, "must be of type \(expected.map(\.rawValue).joined(separator: " or ")), not \(value.type.rawValue)")
+        }
+        return value
+    }
+
+    func table(_ key: String) throws(ConfigError) -> Section? {
+        try value(key, .table).map { Section(table: $0.table!, path: name(key), file: file) }
+    }
+
+    func arrayOfTables(_ key: String) throws(ConfigError) -> [Section]? {
+        guard let array = try value(key, .array)?.array else { return nil }
+        var sections: [Section] = []
+        for index in 0..<array.count {
+            guard let table = array[index].table else {
+                throw error("\(key)[\(index)]", "must be a table ([[\(key)]])")
+            }
+            sections.append(Section(table: table, path: "\(name(key))[\(index)]", file: file))
+        }
+        return sections
+    }
+
+    func int(_ key: String, in range: ClosedRange<Int>) throws(ConfigError) -> Int? {
+        guard let v = try value(key, .int)?.int else { return nil }
+        guard range.contains(v) else { throw error(key, "must be from \(range.lowerBound) to \(range.upperBound), not \(v)") }
+        return v
+    }
+
+    func string(_ key: String) throws(ConfigError) -> String? {
+        try value(key, .string)?.string
+    }
+
+    func bool(_ key: String) throws(ConfigError) -> Bool? {
+        try value(key, .bool)?.bool
+    }
+
+    /// A positive number of seconds, integer or fractional.
+    func seconds(_ key: String) throws(ConfigError) -> TimeAmount? {
+        guard let v = try value(key, .int, .double) else { return nil }
+        let seconds = v.double ?? Double(v.int!)
+        guard seconds > 0 && seconds <= 86_400 else { throw error(key, "must be more than 0 and at most 86400 seconds, not \(seconds)") }
+        return .nanoseconds(Int64(seconds * 1e9))
+    }
+}

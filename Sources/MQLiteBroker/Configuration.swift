@@ -1,0 +1,82 @@
+import Logging
+import NIOCore
+
+/// Everything the broker needs to run, as a value. The config file (`ConfigFile`) and the command
+/// line build one of these; tests build one directly.
+public struct BrokerConfiguration: Sendable {
+    /// Event loops (worker threads); 0 means one per core.
+    public var workers: Int
+    public var logLevel: Logger.Level
+    public var listeners: [ListenAddress]
+    public var limits: Limits
+    /// With false and no hook to check credentials, clients without a user name get CONNACK 5.
+    public var allowAnonymous: Bool
+
+    public init(
+        workers: Int = 0, logLevel: Logger.Level = .info,
+        listeners: [ListenAddress] = [ListenAddress(host: "0.0.0.0", port: 1883)],
+        limits: Limits = Limits(), allowAnonymous: Bool = true
+    ) {
+        self.workers = workers
+        self.logLevel = logLevel
+        self.listeners = listeners
+        self.limits = limits
+        self.allowAnonymous = allowAnonymous
+    }
+
+    /// The number of event loops this configuration asks for, with 0 resolved to the core count.
+    public var resolvedWorkers: Int { workers > 0 ? workers : System.coreCount }
+}
+
+/// A `HOST:PORT` to listen on; port 0 asks the kernel for an ephemeral port.
+public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses `HOST:PORT` (`[::1]:1883` for IPv6).
+    public init?(parsing text: String) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (0...65535).contains(port)
+        else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if host.isEmpty { return nil }
+        self.init(host: host, port: port)
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// Resource limits (`[limits]` in the config file).
+public struct Limits: Sendable {
+    /// Largest accepted remaining length of a packet, in bytes.
+    public var maxPacketSize: Int
+    /// Most simultaneous client connections; 0 means no limit.
+    public var maxConnections: Int
+    /// Most unacknowledged outgoing QoS 1/2 messages per client.
+    public var maxInflight: Int
+    /// Most messages held per client (offline, or waiting behind a full in-flight window or a
+    /// socket that cannot take more); past it messages for that client are dropped and counted.
+    public var maxQueued: Int
+    /// Largest keep-alive a client may ask for; a larger one gets CONNACK 2 (as Mosquitto does).
+    public var maxKeepAlive: Int
+    /// How long a new socket may take to send CONNECT.
+    public var connectTimeout: TimeAmount
+
+    public init(
+        maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
+        maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10)
+    ) {
+        self.maxPacketSize = maxPacketSize
+        self.maxConnections = maxConnections
+        self.maxInflight = maxInflight
+        self.maxQueued = maxQueued
+        self.maxKeepAlive = maxKeepAlive
+        self.connectTimeout = connectTimeout
+    }
+}

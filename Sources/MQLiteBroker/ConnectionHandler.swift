@@ -1,0 +1,434 @@
+import Logging
+import MQTTCore
+import NIOCore
+
+/// One client connection: decodes packets, runs the MQTT 3.1.1 protocol for that client, and
+/// batches its output. Lives on its channel's event loop for its whole life.
+final class ConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        case awaitingConnect
+        /// CONNECT accepted; waiting for the session (maybe held by another worker). Packets that
+        /// arrive meanwhile are kept and handled once the session is attached.
+        case opening(pending: [MQTTPacket])
+        case connected
+        case closed
+    }
+
+    private let broker: Broker
+    private let worker: Worker
+    private var logger: Logger
+    private var context: ChannelHandlerContext?
+    private let decoder: NIOSingleStepByteToMessageProcessor<MQTTDecoder>
+    private var state = State.awaitingConnect
+    private var session: Session?
+    private var clientID = ""
+    private var username: String?
+    private var will: Will?
+    private var address = "?"
+    /// A DISCONNECT packet was received: the will is discarded.
+    private var disconnectedCleanly = false
+    private var counted = false
+
+    private var output: ByteBuffer?
+    private var isDirty = false
+
+    private var connectTimeout: Scheduled<Void>?
+    private var keepAliveTimer: Scheduled<Void>?
+    private var keepAlive = TimeAmount.zero
+    private var lastRead = NIODeadline.now()
+
+    /// Output held back in the batch buffer beyond this counts as "socket cannot take more".
+    private static let maxBatchedBytes = 1 << 20
+
+    init(broker: Broker, worker: Worker) {
+        self.broker = broker
+        self.worker = worker
+        self.logger = broker.logger
+        let limit = broker.configuration.limits.maxPacketSize
+        self.decoder = NIOSingleStepByteToMessageProcessor(MQTTDecoder(maxPacketSize: limit), maximumBufferSize: limit + 5)
+    }
+
+    private var clientInfo: ClientInfo { ClientInfo(clientID: clientID, username: username, address: address) }
+
+    // MARK: - Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        logger[metadataKey: "address"] = "\(address)"
+        worker.connections[ObjectIdentifier(self)] = self
+        let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
+        counted = true
+        let max = broker.configuration.limits.maxConnections
+        if max > 0 && open > max {
+            logger.info("refusing connection: max_connections \(max) reached")
+            state = .closed
+            context.close(promise: nil)
+            return
+        }
+        connectTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: broker.configuration.limits.connectTimeout) { [self] in
+            if case .awaitingConnect = state { fail("no CONNECT within connect_timeout") }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        worker.connections[ObjectIdentifier(self)] = nil
+        if counted { broker.connectionCount.add(-1, ordering: .relaxed) }
+        counted = false
+        detach(publishWill: !disconnectedCleanly, reason: disconnectedCleanly ? "disconnected" : "connection lost")
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        if keepAlive != .zero { lastRead = .now() }
+        do {
+            try decoder.process(buffer: buffer) { packet in
+                self.handle(packet)
+            }
+        } catch let error as MQTTProtocolError {
+            if case .unsupportedProtocol = error, case .awaitingConnect = state {
+                writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion)))
+            }
+            fail(error.description)
+        } catch {
+            fail("\(error)")
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let session, case .connected = state { session.pump(broker: broker) }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail("\(error)")
+    }
+
+    // MARK: - Packets
+
+    private func handle(_ packet: MQTTPacket) {
+        switch state {
+        case .closed:
+            return
+        case .awaitingConnect:
+            guard case .connect(let connect) = packet else { return fail("first packet is \(packet.type), not CONNECT") }
+            handleConnect(connect.value)
+        case .opening(var pending):
+            pending.append(packet)
+            state = .opening(pending: pending)
+        case .connected:
+            handleConnected(packet)
+        }
+    }
+
+    private func handleConnected(_ packet: MQTTPacket) {
+        guard let session else { return }
+        switch packet {
+        case .publish(let publish):
+            handlePublish(publish, session: session)
+        case .puback(let id):
+            session.puback(id, broker: broker)
+        case .pubrec(let id):
+            if session.pubrec(id) { writePacket(.pubrel(packetID: id)) }
+        case .pubcomp(let id):
+            session.pubcomp(id, broker: broker)
+        case .pubrel(let id):
+            session.awaitingPubrel.remove(id)
+            writePacket(.pubcomp(packetID: id))
+        case .subscribe(let subscribe):
+            handleSubscribe(subscribe.value, session: session)
+        case .unsubscribe(let unsubscribe):
+            for filter in unsubscribe.value.filters { broker.unsubscribe(session, filter: filter) }
+            writePacket(.unsuback(packetID: unsubscribe.value.packetID))
+        case .pingreq:
+            writePacket(.pingresp)
+        case .disconnect:
+            disconnectedCleanly = true
+            context?.close(promise: nil)
+        case .connect:
+            fail("second CONNECT")
+        case .connack, .suback, .unsuback, .pingresp:
+            fail("\(packet.type) is sent by servers only")
+        }
+    }
+
+    private func handleConnect(_ connect: ConnectPacket) {
+        connectTimeout?.cancel()
+        connectTimeout = nil
+        var clientID = connect.clientID
+        if clientID.isEmpty {
+            guard connect.cleanSession else { return refuse(.identifierRejected, "empty client id with clean session 0") }
+            clientID = "mqlite-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        }
+        if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
+            return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
+        }
+        self.clientID = clientID
+        self.username = connect.username
+        logger[metadataKey: "client"] = "\(clientID)"
+
+        let request = ConnectRequest(
+            clientID: clientID, username: connect.username, password: connect.password, address: address,
+            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive)
+        switch broker.hooks.authenticate(request, worker: worker.index) {
+        case .refuse(let code):
+            return refuse(code, "refused by authentication hook")
+        case .accept:
+            break
+        case .pass:
+            if connect.username == nil && !broker.configuration.allowAnonymous {
+                return refuse(.notAuthorized, "anonymous clients are not allowed")
+            }
+        }
+
+        will = connect.will
+        keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
+        state = .opening(pending: [])
+        // The completion runs on this worker's loop, so the handler may be used there.
+        let this = NIOLoopBound(self, eventLoop: worker.loop)
+        broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
+            this.value.attach(session, sessionPresent: present)
+        }
+    }
+
+    private func attach(_ session: Session, sessionPresent: Bool) {
+        guard case .opening(let pending) = state else {
+            // The connection went away while the session was being handed over.
+            if !session.persistent { broker.endSession(session, worker: worker) }
+            return
+        }
+        session.connection = self
+        self.session = session
+        state = .connected
+        writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
+        scheduleKeepAliveCheck()
+        logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
+        broker.hooks.connected(clientInfo, worker: worker.index)
+        session.resume(broker: broker)
+        for packet in pending {
+            guard case .connected = state else { break }
+            handleConnected(packet)
+        }
+    }
+
+    private func refuse(_ code: ConnectReturnCode, _ reason: String) {
+        logger.info("refusing CONNECT: \(reason)", metadata: ["return_code": "\(code.rawValue)"])
+        writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: code)))
+        state = .closed
+        flushOutput()
+        context?.close(promise: nil)
+    }
+
+    private func handlePublish(_ publish: PublishPacket, session: Session) {
+        switch publish.qos {
+        case .atMostOnce:
+            route(publish)
+        case .atLeastOnce:
+            route(publish)
+            writePacket(.puback(packetID: publish.packetID!))
+        case .exactlyOnce:
+            let id = publish.packetID!
+            // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
+            if session.awaitingPubrel.insert(id).inserted { route(publish) }
+            writePacket(.pubrec(packetID: id))
+        }
+    }
+
+    private func route(_ publish: PublishPacket) {
+        let message = Message(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+        guard broker.hooks.isPublishHooked(topic: publish.topic, worker: worker.index) else {
+            worker.publish(message)
+            return
+        }
+        let hooked = HookedMessage(topic: publish.topicString, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+        switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
+        case .deliver:
+            worker.publish(message)
+        case .drop:
+            break
+        case .replace(let messages):
+            for m in messages {
+                do {
+                    try Topic.validateName(m.topic)
+                } catch {
+                    logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
+                    continue
+                }
+                worker.publish(Message(topic: ByteBuffer(string: m.topic), payload: m.payload, qos: m.qos, retain: m.retain))
+            }
+        }
+    }
+
+    private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
+        var codes: [SubackReturnCode] = []
+        var granted: [(String, QoS)] = []
+        for subscription in subscribe.subscriptions {
+            let request = SubscribeRequest(clientID: clientID, username: username, filter: subscription.filter, qos: subscription.qos)
+            var filter = subscription.filter
+            var qos = subscription.qos
+            switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
+            case .allow:
+                break
+            case .deny:
+                codes.append(.failure)
+                continue
+            case .rewrite(let newFilter, let maxQoS):
+                guard (try? Topic.validateFilter(newFilter)) != nil else {
+                    logger.info("subscribe hook produced an invalid filter \"\(newFilter)\"")
+                    codes.append(.failure)
+                    continue
+                }
+                filter = newFilter
+                qos = min(qos, maxQoS)
+            }
+            broker.subscribe(session, filter: filter, qos: qos)
+            codes.append(.granted(qos))
+            granted.append((filter, qos))
+        }
+        writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
+        for (filter, qos) in granted {
+            for message in broker.retainedMessages(matching: filter) {
+                session.deliver(Delivery(message: message, qos: min(qos, message.qos), retain: true, frame: nil), broker: broker)
+            }
+        }
+    }
+
+    // MARK: - Keep-alive
+
+    private func scheduleKeepAliveCheck() {
+        guard keepAlive != .zero, let loop = context?.eventLoop else { return }
+        keepAliveTimer = loop.assumeIsolated().scheduleTask(deadline: lastRead + keepAlive) { [self] in
+            guard case .connected = state else { return }
+            if NIODeadline.now() - lastRead >= keepAlive {
+                fail("keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
+            } else {
+                scheduleKeepAliveCheck()
+            }
+        }
+    }
+
+    // MARK: - Closing
+
+    /// Closes this connection for a protocol violation or other failure: one log line, and the
+    /// will is published (in `channelInactive`).
+    private func fail(_ reason: String) {
+        if case .closed = state, session == nil { return }
+        logger.info("closing connection: \(reason)")
+        flushOutput()
+        detach(publishWill: true, reason: reason)
+        context?.close(promise: nil)
+    }
+
+    /// Closes this connection because another took over its client id. Runs on this loop; the
+    /// session is released at once, so the caller may hand it to another worker right after.
+    func kick(reason: String) {
+        logger.info("closing connection: \(reason)")
+        detach(publishWill: true, reason: reason)
+        context?.close(promise: nil)
+    }
+
+    /// Closes without a will: the broker is stopping.
+    func closeForShutdown() {
+        detach(publishWill: false, reason: "broker stopping")
+        context?.close(promise: nil)
+    }
+
+    /// Releases the session (discarding it for clean session 1), publishes the will if asked,
+    /// and tells the hooks. Idempotent.
+    private func detach(publishWill: Bool, reason: String) {
+        connectTimeout?.cancel()
+        keepAliveTimer?.cancel()
+        let wasConnected: Bool
+        if case .connected = state { wasConnected = true } else { wasConnected = false }
+        state = .closed
+        guard let session else { return }
+        self.session = nil
+        if session.connection === self { session.connection = nil }
+        if !session.persistent { broker.endSession(session, worker: worker) }
+        if publishWill, let will {
+            worker.publish(Message(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain))
+        }
+        will = nil
+        if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }
+    }
+
+    // MARK: - Output
+
+    /// Whether the socket can take more now (else deliveries queue in the session).
+    var canWrite: Bool {
+        guard let context else { return false }
+        return context.channel.isWritable && (output?.readableBytes ?? 0) < Self.maxBatchedBytes
+    }
+
+    private func appendOutput(_ write: (inout ByteBuffer) -> Void) {
+        if output == nil { output = context?.channel.allocator.buffer(capacity: 1024) ?? ByteBuffer() }
+        write(&output!)
+        markDirty()
+    }
+
+    private func markDirty() {
+        if !isDirty {
+            isDirty = true
+            worker.markDirty(self)
+        }
+    }
+
+    /// Writes the batch buffer into the channel (without flushing), keeping write order when a
+    /// large payload goes out as its own buffer.
+    private func writeBatch() {
+        if let pending = output, pending.readableBytes > 0, let context {
+            context.write(wrapOutboundOut(pending), promise: nil)
+        }
+        output = nil
+    }
+
+    func writePacket(_ packet: MQTTPacket) {
+        appendOutput { $0.writeMQTTPacket(packet) }
+    }
+
+    /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in
+    /// the frame; it goes to the socket as its own (shared) buffer.
+    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
+        if payload.readableBytes > largePayloadThreshold {
+            guard let context else { return }
+            writeBatch()
+            context.write(wrapOutboundOut(frame), promise: nil)
+            context.write(wrapOutboundOut(payload), promise: nil)
+            markDirty()
+        } else {
+            appendOutput { $0.writeImmutableBuffer(frame) }
+        }
+    }
+
+    func writePublish(_ message: Message, qos: QoS, packetID: UInt16, retain: Bool, dup: Bool) {
+        var topic = message.topic
+        var payload = message.payload
+        if payload.readableBytes > largePayloadThreshold {
+            guard let context else { return }
+            writeBatch()
+            var header = context.channel.allocator.buffer(capacity: topic.readableBytes + 9)
+            header.writePublishHeader(
+                topic: &topic, payloadLength: payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+            context.write(wrapOutboundOut(header), promise: nil)
+            context.write(wrapOutboundOut(payload), promise: nil)
+            markDirty()
+        } else {
+            appendOutput {
+                $0.writePublish(topic: &topic, payload: &payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+            }
+        }
+    }
+
+    /// Writes and flushes what is batched. Called once per loop iteration by the worker.
+    func flushOutput() {
+        isDirty = false
+        guard let context else { return }
+        writeBatch()
+        context.flush()
+    }
+}

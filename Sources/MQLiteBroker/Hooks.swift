@@ -1,0 +1,103 @@
+import MQTTCore
+import NIOCore
+
+/// What a CONNECT hook is shown. The password is raw bytes, as the client sent it.
+public struct ConnectRequest: Sendable {
+    public var clientID: String
+    public var username: String?
+    public var password: ByteBuffer?
+    public var address: String
+    public var cleanSession: Bool
+    public var keepAlive: UInt16
+}
+
+/// A hook's answer to CONNECT.
+public enum ConnectDecision: Sendable, Equatable {
+    /// No opinion: the next hook, then the default policy (`allow_anonymous`), decides.
+    case pass
+    case accept
+    /// Refuse with CONNACK 4 or 5 (or any other refusal code).
+    case refuse(ConnectReturnCode)
+}
+
+/// What a SUBSCRIBE hook is shown: one filter of a SUBSCRIBE packet.
+public struct SubscribeRequest: Sendable {
+    public var clientID: String
+    public var username: String?
+    public var filter: String
+    public var qos: QoS
+}
+
+/// A hook's answer to one SUBSCRIBE filter.
+public enum SubscribeDecision: Sendable, Equatable {
+    /// Allow as asked.
+    case allow
+    /// SUBACK 0x80.
+    case deny
+    /// Subscribe to `filter` at no more than `qos` instead.
+    case rewrite(filter: String, qos: QoS)
+}
+
+/// A message as a publish hook sees it and may change it.
+public struct HookedMessage: Sendable, Equatable {
+    public var topic: String
+    public var payload: ByteBuffer
+    public var qos: QoS
+    public var retain: Bool
+
+    public init(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool) {
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+    }
+}
+
+/// A hook's answer to a PUBLISH.
+public enum PublishDecision: Sendable, Equatable {
+    case deliver
+    /// Drop it (QoS 1/2 are still acknowledged to the publisher).
+    case drop
+    /// Deliver these instead (zero, one or many).
+    case replace([HookedMessage])
+}
+
+/// Identity of the client that caused a hook call.
+public struct ClientInfo: Sendable {
+    public var clientID: String
+    public var username: String?
+    public var address: String
+}
+
+/// The broker's extension points. The broker calls every method on the event loop of the
+/// connection concerned (`worker` is that loop's index), synchronously, so an implementation may
+/// keep per-worker state without locks. The scripting layer implements this protocol; the broker
+/// never imports it.
+public protocol BrokerHooks: Sendable {
+    /// Authentication. Called once per CONNECT that passed protocol checks.
+    func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision
+    /// Subscribe authorisation, once per filter.
+    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
+    /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see. Called for every
+    /// PUBLISH, so it must be cheap; `false` keeps the message on the zero-copy path.
+    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool
+    /// Publish interception, only for topics where `isPublishHooked` said true.
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
+    /// Notifications.
+    func connected(_ client: ClientInfo, worker: Int)
+    func disconnected(_ client: ClientInfo, reason: String, worker: Int)
+}
+
+extension BrokerHooks {
+    public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
+    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
+    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
+    public func connected(_ client: ClientInfo, worker: Int) {}
+    public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
+}
+
+/// No hooks: every default above.
+public struct NoHooks: BrokerHooks {
+    public init() {}
+}

@@ -1,0 +1,52 @@
+import MQTTCore
+import NIOCore
+
+/// An application message on its way through the broker. Topic and payload may be slices of the
+/// publisher's read buffer; `compacted()` copies them out before a message is kept for long.
+struct Message: Sendable {
+    var topic: ByteBuffer
+    var payload: ByteBuffer
+    var qos: QoS
+    var retain: Bool
+
+    /// A copy that holds only its own bytes, so that keeping it does not pin a read buffer.
+    func compacted() -> Message {
+        var storage = ByteBuffer()
+        storage.reserveCapacity(topic.readableBytes + payload.readableBytes)
+        storage.writeImmutableBuffer(topic)
+        storage.writeImmutableBuffer(payload)
+        let t = storage.readSlice(length: topic.readableBytes)!
+        return Message(topic: t, payload: storage, qos: qos, retain: retain)
+    }
+}
+
+/// Payloads above this size are handed to the channel as their own buffer instead of being copied
+/// into the per-subscriber batch buffer.
+let largePayloadThreshold = 4096
+
+/// One message for one subscriber, at the QoS it is delivered with.
+struct Delivery: Sendable {
+    var message: Message
+    var qos: QoS
+    /// RETAIN flag of the outgoing PUBLISH: set only for retained messages sent on SUBSCRIBE.
+    var retain: Bool
+    /// For QoS 0: the frame encoded once for all QoS 0 subscribers of this publish.
+    var frame: ByteBuffer?
+}
+
+extension Message {
+    /// The QoS 0 PUBLISH frame for this message (header only when the payload is large: the
+    /// payload then goes out as its own buffer).
+    func encodeQoS0Frame(retain: Bool) -> ByteBuffer {
+        var topic = self.topic
+        var payload = self.payload
+        var frame = ByteBuffer()
+        if payload.readableBytes > largePayloadThreshold {
+            frame.writePublishHeader(
+                topic: &topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: retain, dup: false, packetID: nil)
+        } else {
+            frame.writePublish(topic: &topic, payload: &payload, qos: .atMostOnce, retain: retain, dup: false, packetID: nil)
+        }
+        return frame
+    }
+}

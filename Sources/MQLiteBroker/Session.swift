@@ -1,0 +1,163 @@
+import Logging
+import MQTTCore
+import NIOCore
+import Synchronization
+
+/// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
+/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL.
+///
+/// Everything but `owner` is touched only on the event loop of the worker that owns the session
+/// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
+/// reconnects there with clean session 0, and only after its old connection has been detached.
+final class Session: @unchecked Sendable {
+    struct Inflight {
+        var id: UInt16
+        var message: Message
+        var qos: QoS
+        var retain: Bool
+        /// QoS 2: PUBREC came and PUBREL was sent; waiting for PUBCOMP.
+        var released: Bool
+    }
+
+    let clientID: String
+    /// Clean session 0: kept after disconnect, queueing QoS 1/2 messages.
+    let persistent: Bool
+    private let ownerIndex: Atomic<Int>
+
+    // MARK: Owner-loop state
+    var connection: ConnectionHandler?
+    var subscriptions: [String: QoS] = [:]
+    private(set) var inflight: [Inflight] = []
+    private(set) var queue = CircularBuffer<Delivery>()
+    var awaitingPubrel: Set<UInt16> = []
+    private var lastPacketID: UInt16 = 0
+    /// Messages dropped since the queue last drained (for one log line per episode).
+    private var droppedInEpisode = 0
+    /// Set when the session is discarded; deliveries that still arrive are ignored.
+    var ended = false
+
+    init(clientID: String, persistent: Bool, owner: Int) {
+        self.clientID = clientID
+        self.persistent = persistent
+        self.ownerIndex = Atomic(owner)
+    }
+
+    /// Index of the worker whose loop owns this session.
+    var owner: Int { ownerIndex.load(ordering: .acquiring) }
+
+    /// Hands the session to another worker. Called on the current owner's loop, after detaching.
+    func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }
+
+    // MARK: - Delivery
+
+    /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
+    func deliver(_ delivery: Delivery, broker: Broker) {
+        if ended { return }
+        guard let connection else {
+            // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
+            if persistent && delivery.qos != .atMostOnce { enqueue(delivery, broker: broker) }
+            return
+        }
+        if queue.isEmpty && connection.canWrite
+            && (delivery.qos == .atMostOnce || inflight.count < broker.configuration.limits.maxInflight)
+        {
+            send(delivery, on: connection)
+        } else {
+            enqueue(delivery, broker: broker)
+        }
+    }
+
+    private func enqueue(_ delivery: Delivery, broker: Broker) {
+        guard queue.count < broker.configuration.limits.maxQueued else {
+            droppedInEpisode += 1
+            broker.droppedMessages.add(1, ordering: .relaxed)
+            if droppedInEpisode == 1 {
+                broker.logger.info(
+                    "subscriber cannot keep up: queue full (max_queued \(broker.configuration.limits.maxQueued)), dropping messages",
+                    metadata: ["client": "\(clientID)"])
+            }
+            return
+        }
+        var kept = delivery
+        kept.message = delivery.message.compacted()
+        kept.frame = nil
+        queue.append(kept)
+    }
+
+    private func send(_ delivery: Delivery, on connection: ConnectionHandler) {
+        if delivery.qos == .atMostOnce {
+            let frame = delivery.frame ?? delivery.message.encodeQoS0Frame(retain: delivery.retain)
+            connection.writeQoS0(frame: frame, payload: delivery.message.payload)
+        } else {
+            let id = nextPacketID()
+            inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false))
+            connection.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+        }
+    }
+
+    /// Sends queued messages while the window and the socket allow.
+    func pump(broker: Broker) {
+        guard let connection, !ended else { return }
+        let maxInflight = broker.configuration.limits.maxInflight
+        while let head = queue.first, connection.canWrite {
+            if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
+            send(queue.removeFirst(), on: connection)
+        }
+        if queue.isEmpty && droppedInEpisode > 0 {
+            broker.logger.info("subscriber caught up after dropping \(droppedInEpisode) messages", metadata: ["client": "\(clientID)"])
+            droppedInEpisode = 0
+        }
+    }
+
+    /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
+    func resume(broker: Broker) {
+        guard let connection else { return }
+        for entry in inflight {
+            if entry.released {
+                connection.writePacket(.pubrel(packetID: entry.id))
+            } else {
+                connection.writePublish(entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+            }
+        }
+        pump(broker: broker)
+    }
+
+    // MARK: - Acknowledgements of outgoing messages
+
+    func puback(_ id: UInt16, broker: Broker) {
+        if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
+            inflight.remove(at: i)
+            pump(broker: broker)
+        }
+    }
+
+    /// Returns whether the id was one in flight (the caller then sends PUBREL).
+    func pubrec(_ id: UInt16) -> Bool {
+        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce }) else { return false }
+        inflight[i].released = true
+        inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
+        return true
+    }
+
+    func pubcomp(_ id: UInt16, broker: Broker) {
+        if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
+            inflight.remove(at: i)
+            pump(broker: broker)
+        }
+    }
+
+    private func nextPacketID() -> UInt16 {
+        repeat {
+            lastPacketID = lastPacketID == UInt16.max ? 1 : lastPacketID + 1
+        } while inflight.contains(where: { $0.id == lastPacketID })
+        return lastPacketID
+    }
+
+    /// Forgets everything queued or in flight (the session is being discarded).
+    func clear() {
+        ended = true
+        inflight.removeAll()
+        queue.removeAll()
+        awaitingPubrel.removeAll()
+    }
+}

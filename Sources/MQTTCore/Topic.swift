@@ -1,0 +1,74 @@
+import NIOCore
+
+/// Topic name and topic filter rules of MQTT 3.1.1 §4.7.
+public enum Topic {
+    /// Validates a topic name given as raw bytes, as it sits in a PUBLISH: non-empty, well-formed
+    /// UTF-8, no U+0000 and no wildcard. Pure ASCII (the usual case) is checked without allocating.
+    public static func validateName(_ bytes: ByteBuffer) throws(MQTTProtocolError) {
+        let count = bytes.readableBytes
+        if count == 0 { throw .invalidTopicName("") }
+        let verdict: UInt8 = bytes.withUnsafeReadableBytes { raw in
+            var high = false
+            for byte in raw {
+                switch byte {
+                case 0: return 1
+                case UInt8(ascii: "+"), UInt8(ascii: "#"): return 2
+                case 0x80...: high = true
+                default: continue
+                }
+            }
+            return high ? 3 : 0
+        }
+        switch verdict {
+        case 0: return
+        case 1: throw .nullCharacter
+        case 2: throw .invalidTopicName(String(buffer: bytes))
+        default:
+            if String(validating: bytes.readableBytesView, as: UTF8.self) == nil { throw .invalidUTF8 }
+        }
+    }
+
+    /// Validates a topic name held as a `String`.
+    public static func validateName(_ name: String) throws(MQTTProtocolError) {
+        try validateName(ByteBuffer(string: name))
+    }
+
+    /// Validates a topic filter: non-empty, no U+0000, `#` only as the whole last level and `+`
+    /// only as a whole level.
+    public static func validateFilter(_ filter: String) throws(MQTTProtocolError) {
+        if filter.isEmpty { throw .invalidTopicFilter(filter) }
+        if filter.utf8.contains(0) { throw .nullCharacter }
+        let levels = filter.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
+        for (index, level) in levels.enumerated() {
+            let hasHash = level.contains(UInt8(ascii: "#"))
+            let hasPlus = level.contains(UInt8(ascii: "+"))
+            if hasHash && (level.count != 1 || index != levels.count - 1) { throw .invalidTopicFilter(filter) }
+            if hasPlus && level.count != 1 { throw .invalidTopicFilter(filter) }
+        }
+    }
+
+    /// Whether `filter` matches `topic`. Filters starting with a wildcard do not match topics
+    /// starting with `$` (§4.7.2).
+    public static func matches(filter: String, topic: String) -> Bool {
+        let f = filter.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
+        let t = topic.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
+        if topic.utf8.first == UInt8(ascii: "$"), let first = f.first,
+            first.elementsEqual("+".utf8) || first.elementsEqual("#".utf8)
+        {
+            return false
+        }
+        var i = 0
+        while i < f.count {
+            if f[i].elementsEqual("#".utf8) { return true }
+            if i >= t.count { return false }
+            if !f[i].elementsEqual("+".utf8) && !f[i].elementsEqual(t[i]) { return false }
+            i += 1
+        }
+        return i == t.count
+    }
+
+    /// Splits a topic or filter into its levels (empty levels kept).
+    public static func levels(_ topic: String) -> [Substring] {
+        topic.split(separator: "/", omittingEmptySubsequences: false)
+    }
+}

@@ -1,0 +1,98 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Logging
+import MQLiteBroker
+
+/// `mqlite -c mqlite.conf`: parse, build a configuration, run the broker until SIGINT/SIGTERM.
+@main
+struct MQLite: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mqlite",
+        abstract: "A scriptable MQTT 3.1.1 broker.",
+        discussion: "Without -c, runs on defaults: listen on 0.0.0.0:1883, one worker per core, anonymous clients allowed."
+    )
+
+    @Option(name: .shortAndLong, help: ArgumentHelp("Config file (TOML).", valueName: "file"))
+    var config: String?
+
+    @Option(name: .customShort("b"), help: ArgumentHelp("Listen on HOST:PORT instead of the config file's listeners (repeatable; port 0 = ephemeral).", valueName: "host:port"))
+    var bind: [String] = []
+
+    @Option(name: .customShort("t"), help: ArgumentHelp("Number of worker threads (0 = one per core).", valueName: "n"))
+    var threads: Int?
+
+    @Flag(help: "Check the configuration and exit.")
+    var check = false
+
+    func run() async throws {
+        let configuration: BrokerConfiguration
+        do {
+            configuration = try makeConfiguration()
+        } catch {
+            printError("mqlite: \(error)")
+            throw ExitCode(2)
+        }
+        if check {
+            print("\(config ?? "defaults"): configuration OK")
+            return
+        }
+
+        let level = configuration.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "mqlite")
+        let broker = Broker(configuration: configuration, logger: logger)
+        do {
+            _ = try await broker.start()
+        } catch {
+            logger.critical("cannot listen: \(error)")
+            await broker.shutdown()
+            throw ExitCode(1)
+        }
+        logger.info("mqlite started with \(configuration.resolvedWorkers) workers")
+        let signal = await Self.waitForSignal([SIGINT, SIGTERM])
+        logger.info("received signal \(signal), stopping")
+        await broker.shutdown()
+    }
+
+    /// The config file (or defaults) with the command-line overrides applied.
+    func makeConfiguration() throws -> BrokerConfiguration {
+        var configuration = try config.map { try ConfigFile.load(path: $0) } ?? BrokerConfiguration()
+        if !bind.isEmpty {
+            configuration.listeners = try bind.map { text in
+                guard let address = ListenAddress(parsing: text) else {
+                    throw ConfigError(file: "command line", key: "-b", problem: "must be HOST:PORT, not \"\(text)\"")
+                }
+                return address
+            }
+        }
+        if let threads {
+            guard threads >= 0 else { throw ConfigError(file: "command line", key: "-t", problem: "must be 0 or more") }
+            configuration.workers = threads
+        }
+        return configuration
+    }
+
+    private func printError(_ message: String) {
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+    }
+
+    /// Suspends until one of `signals` arrives (they are ignored by default handling meanwhile).
+    static func waitForSignal(_ signals: [Int32]) async -> Int32 {
+        let (stream, continuation) = AsyncStream<Int32>.makeStream()
+        let sources = signals.map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { continuation.yield(number) }
+            source.resume()
+            return source
+        }
+        defer { sources.forEach { $0.cancel() } }
+        for await number in stream { return number }
+        return 0
+    }
+}
