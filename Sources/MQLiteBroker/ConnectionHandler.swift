@@ -188,6 +188,7 @@ final class ConnectionHandler: ChannelInboundHandler {
 
         will = connect.will
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
+        lastRead = .now()
         state = .opening(pending: [])
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)

@@ -1,0 +1,187 @@
+import MQLiteBroker
+import MQTTCore
+import NIOCore
+import Testing
+
+@Suite("Connections")
+struct ConnectionTests {
+    @Test("startup logs the address actually bound, with its real port")
+    func logsBoundAddress() async throws {
+        try await withBroker { b in
+            #expect(b.port != 0)
+            #expect(b.logMessages.contains { $0.contains("listening on 127.0.0.1:\(b.port)") })
+        }
+    }
+
+    @Test("a first packet that is not CONNECT closes the connection with one log line")
+    func connectFirst() async throws {
+        try await withBroker { b in
+            let c = try await TestClient.open(port: b.port)
+            c.send(.pingreq)
+            let before = try await c.expectClosed()
+            #expect(before.isEmpty)
+            try await eventually("log line") { b.logMessages.contains { $0.contains("first packet is pingreq, not CONNECT") } }
+        }
+    }
+
+    @Test("a second CONNECT closes the connection")
+    func secondConnect() async throws {
+        try await withBroker { b in
+            let c = try await b.client("twice")
+            c.send(.connect(ConnectPacket(clientID: "twice")))
+            try await c.expectClosed()
+            try await eventually("log line") { b.logMessages.contains { $0.contains("second CONNECT") && $0.contains("twice") } }
+        }
+    }
+
+    @Test("a socket that sends no CONNECT within connect_timeout is closed")
+    func connectTimeout() async throws {
+        try await withBroker(configure: { $0.limits.connectTimeout = .milliseconds(300) }) { b in
+            let c = try await TestClient.open(port: b.port)
+            let clock = ContinuousClock()
+            let start = clock.now
+            try await c.expectClosed(timeout: .seconds(3))
+            #expect(clock.now - start >= .milliseconds(250))
+        }
+    }
+
+    @Test("an empty client id gets one assigned with clean session 1, CONNACK 2 with clean session 0")
+    func emptyClientID() async throws {
+        try await withBroker { b in
+            let ok = try await TestClient.open(port: b.port)
+            #expect(try await ok.connect(ConnectPacket(cleanSession: true, clientID: "")).returnCode == .accepted)
+            try await ok.subscribe("anon/#")
+            try await ok.publish("anon/x", "works")
+            #expect(String(buffer: try await ok.expectPublish().payload) == "works")
+
+            let refused = try await TestClient.open(port: b.port)
+            #expect(try await refused.connect(ConnectPacket(cleanSession: false, clientID: "")).returnCode == .identifierRejected)
+            try await refused.expectClosed()
+        }
+    }
+
+    @Test("an unsupported protocol level gets CONNACK 1 and a close")
+    func unsupportedProtocol() async throws {
+        try await withBroker { b in
+            let c = try await TestClient.open(port: b.port)
+            c.send(.connect(ConnectPacket(protocolLevel: 5, clientID: "v5")))
+            let packets = try await c.expectClosed()
+            #expect(packets == [.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion))])
+        }
+    }
+
+    @Test("MQIsdp level 3 (MQTT 3.1) is accepted")
+    func mqtt31() async throws {
+        try await withBroker { b in
+            let c = try await TestClient.open(port: b.port)
+            let ack = try await c.connect(ConnectPacket(protocolName: "MQIsdp", protocolLevel: 3, clientID: "old"))
+            #expect(ack.returnCode == .accepted)
+        }
+    }
+
+    @Test("a malformed packet closes that connection only, logs client, address and reason, and publishes its will")
+    func malformedPacket() async throws {
+        try await withBroker { b in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("#")
+            let bad = try await b.client("bad", will: Will(topic: "wills/bad", payload: ByteBuffer(string: "bye"), qos: .atMostOnce, retain: false))
+            bad.sendRaw([0x30, 0x04, 0, 2, 0x61, 0x00])  // topic with U+0000
+            try await bad.expectClosed()
+            let will = try await watcher.expectPublish()
+            #expect(will.topicString == "wills/bad")
+            try await eventually("log line") {
+                b.logMessages.contains { $0.contains("U+0000") && $0.contains("bad") && $0.contains("127.0.0.1") }
+            }
+            // The other client carries on.
+            try await watcher.publish("still/here", "yes")
+            #expect(try await watcher.expectPublish().topicString == "still/here")
+        }
+    }
+
+    @Test("a packet over max_packet_size closes the connection")
+    func maxPacketSize() async throws {
+        try await withBroker(configure: { $0.limits.maxPacketSize = 1024 }) { b in
+            let c = try await b.client("big")
+            try await c.publish("ok", String(repeating: "x", count: 900))
+            c.sendRaw([0x30, 0xD0, 0x0F])  // header of a 2000-byte PUBLISH, no body sent
+            try await c.expectClosed()
+            try await eventually("log line") { b.logMessages.contains { $0.contains("max_packet_size 1024") } }
+        }
+    }
+
+    @Test("max_connections refuses connections past the limit")
+    func maxConnections() async throws {
+        try await withBroker(configure: { $0.limits.maxConnections = 2 }) { b in
+            let c1 = try await b.client("c1")
+            let c2 = try await b.client("c2")
+            let c3 = try await TestClient.open(port: b.port)
+            try await c3.expectClosed()
+            try await c1.ping()
+            try await c2.ping()
+            await c2.disconnect()
+            try await eventually("connection count drops") { b.broker.openConnections == 1 }
+            _ = try await b.client("c4")
+        }
+    }
+
+    @Test("a keep-alive over max_keep_alive gets CONNACK 2")
+    func maxKeepAlive() async throws {
+        try await withBroker(configure: { $0.limits.maxKeepAlive = 60 }) { b in
+            let c = try await TestClient.open(port: b.port)
+            #expect(try await c.connect(ConnectPacket(keepAlive: 61, clientID: "k")).returnCode == .identifierRejected)
+            _ = try await b.client("k2", keepAlive: 60)
+        }
+    }
+
+    @Test("with allow_anonymous false, clients without a user name get CONNACK 5")
+    func anonymousRefused() async throws {
+        try await withBroker(configure: { $0.allowAnonymous = false }) { b in
+            let c = try await TestClient.open(port: b.port)
+            #expect(try await c.connect(ConnectPacket(clientID: "anon")).returnCode == .notAuthorized)
+            try await c.expectClosed()
+            _ = try await b.client("named", username: "alice", password: "x")
+        }
+    }
+
+    @Test("keep-alive: no packet for 1.5 x keep-alive closes the connection and publishes the will")
+    func keepAliveExpiry() async throws {
+        try await withBroker { b in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("wills/#")
+            let clock = ContinuousClock()
+            let start = clock.now
+            let idle = try await b.client("idle", keepAlive: 1, will: Will(topic: "wills/idle", payload: ByteBuffer(string: "timeout"), qos: .atLeastOnce, retain: false))
+            try await idle.expectClosed(timeout: .seconds(5))
+            let elapsed = clock.now - start
+            #expect(elapsed >= .milliseconds(1500) && elapsed < .milliseconds(3500), "closed after \(elapsed)")
+            #expect(String(buffer: try await watcher.expectPublish().payload) == "timeout")
+        }
+    }
+
+    @Test("keep-alive: PINGREQ within the period keeps the connection open")
+    func keepAlivePing() async throws {
+        try await withBroker { b in
+            let c = try await b.client("pinger", keepAlive: 1)
+            for _ in 0..<4 {
+                try await Task.sleep(for: .milliseconds(600))
+                try await c.ping()
+            }
+        }
+    }
+
+    @Test("keep-alive 0 disables the check")
+    func keepAliveZero() async throws {
+        try await withBroker { b in
+            let c = try await b.client("forever", keepAlive: 0)
+            await c.expectNothing(for: .milliseconds(1600))
+            try await c.ping()
+        }
+    }
+
+    @Test("SIGTERM-style shutdown closes clients")
+    func shutdownClosesClients() async throws {
+        var client: TestClient?
+        try await withBroker { b in client = try await b.client("leaving") }
+        try await client?.expectClosed()
+    }
+}

@@ -1,0 +1,200 @@
+import Foundation
+import MQLiteBroker
+import MQTTCore
+import NIOCore
+import Testing
+
+/// Hooks with fixed rules, to show that each hook point changes what clients see.
+struct RuleHooks: BrokerHooks {
+    func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
+        switch request.username {
+        case "wrong": return .refuse(.badUsernameOrPassword)
+        case "banned": return .refuse(.notAuthorized)
+        case "vip": return .accept
+        default: return .pass
+        }
+    }
+
+    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
+        if request.filter.hasPrefix("secret/") { return .deny }
+        if request.filter == "old/+" { return .rewrite(filter: "new/+", qos: .atMostOnce) }
+        return .allow
+    }
+
+    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
+        topic.readableBytesView.starts(with: "hooked/".utf8)
+    }
+
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+        switch message.topic {
+        case "hooked/drop": return .drop
+        case "hooked/split":
+            return .replace([
+                HookedMessage(topic: "out/1", payload: message.payload, qos: message.qos, retain: false),
+                HookedMessage(topic: "out/2", payload: ByteBuffer(string: "by \(client.clientID)"), qos: .atMostOnce, retain: false),
+            ])
+        default: return .deliver
+        }
+    }
+}
+
+@Suite("Hook points")
+struct HookTests {
+    @Test("connect hook: CONNACK 4, CONNACK 5, accept despite allow_anonymous, or pass to the default")
+    func connectHook() async throws {
+        try await withBroker(hooks: RuleHooks(), configure: { $0.allowAnonymous = false }) { b in
+            for (user, code) in [("wrong", ConnectReturnCode.badUsernameOrPassword), ("banned", .notAuthorized)] {
+                let c = try await TestClient.open(port: b.port)
+                #expect(try await c.connect(ConnectPacket(clientID: user, username: user)).returnCode == code)
+                try await c.expectClosed()
+            }
+            _ = try await b.client("v", username: "vip")
+            _ = try await b.client("someone", username: "other")
+            let anon = try await TestClient.open(port: b.port)
+            #expect(try await anon.connect(ConnectPacket(clientID: "anon")).returnCode == .notAuthorized)
+        }
+    }
+
+    @Test("subscribe hook: SUBACK 0x80 per refused filter, and rewritten filters")
+    func subscribeHook() async throws {
+        try await withBroker(hooks: RuleHooks()) { b in
+            let c = try await b.client("c")
+            let codes = try await c.subscribe([("public/#", .atLeastOnce), ("secret/x", .atLeastOnce), ("old/+", .exactlyOnce)])
+            #expect(codes == [.granted(.atLeastOnce), .failure, .granted(.atMostOnce)])
+            let pub = try await b.client("pub")
+            try await pub.publish("new/a", "rewritten")
+            #expect(String(buffer: try await c.expectPublish().payload) == "rewritten")
+            try await pub.publish("secret/x", "no")
+            await c.expectNothing()
+        }
+    }
+
+    @Test("publish hook: only hooked topics are intercepted; drop, or one in and many out")
+    func publishHook() async throws {
+        try await withBroker(hooks: RuleHooks()) { b in
+            let c = try await b.client("c")
+            try await c.subscribe("#")
+            try await c.publish("hooked/drop", "x", qos: .atLeastOnce)  // still acknowledged
+            try await c.publish("hooked/split", "payload")
+            let first = try await c.expectPublish()
+            let second = try await c.expectPublish()
+            #expect(first.topicString == "out/1" && String(buffer: first.payload) == "payload")
+            #expect(second.topicString == "out/2" && String(buffer: second.payload) == "by c")
+            try await c.publish("hooked/keep", "k")
+            #expect(try await c.expectPublish().topicString == "hooked/keep")
+            try await c.publish("plain", "p")
+            #expect(try await c.expectPublish().topicString == "plain")
+            await c.expectNothing()
+        }
+    }
+}
+
+@Suite("Config file")
+struct ConfigFileTests {
+    func parse(_ text: String) throws(ConfigError) -> BrokerConfiguration {
+        try ConfigFile.parse(text, file: "test.conf")
+    }
+
+    @Test("every key is read")
+    func fullFile() throws {
+        let config = try parse(
+            """
+            [server]
+            workers = 3
+            log_level = "debug"
+            [[listener]]
+            bind = "127.0.0.1:0"
+            [[listener]]
+            bind = "[::1]:1884"
+            [limits]
+            max_packet_size = 2048
+            max_connections = 10
+            max_inflight = 5
+            max_queued = 7
+            max_keep_alive = 120
+            connect_timeout = 2.5
+            [auth]
+            allow_anonymous = false
+            """)
+        #expect(config.workers == 3)
+        #expect(config.logLevel == .debug)
+        #expect(config.listeners == [ListenAddress(host: "127.0.0.1", port: 0), ListenAddress(host: "::1", port: 1884)])
+        #expect(config.limits.maxPacketSize == 2048)
+        #expect(config.limits.maxConnections == 10)
+        #expect(config.limits.maxInflight == 5)
+        #expect(config.limits.maxQueued == 7)
+        #expect(config.limits.maxKeepAlive == 120)
+        #expect(config.limits.connectTimeout == .milliseconds(2500))
+        #expect(config.allowAnonymous == false)
+    }
+
+    @Test("defaults when the file is empty")
+    func defaults() throws {
+        let config = try parse("")
+        #expect(config.listeners == [ListenAddress(host: "0.0.0.0", port: 1883)])
+        #expect(config.limits.maxPacketSize == 1 << 20 && config.limits.maxInflight == 32 && config.limits.maxQueued == 1000)
+        #expect(config.allowAnonymous)
+        #expect(config.workers == 0)
+    }
+
+    @Test(
+        "bad files name the file, the key and the problem",
+        arguments: [
+            ("[limits]\nmax_inflihgt = 3", "limits.max_inflihgt", "unknown key"),
+            ("[limits]\nmax_inflight = \"3\"", "limits.max_inflight", "must be of type int, not string"),
+            ("[limits]\nmax_inflight = 0", "limits.max_inflight", "must be from 1 to 65535, not 0"),
+            ("[[listener]]\nbind = \"nowhere\"", "listener[0].bind", "HOST:PORT"),
+            ("[[listener]]\nport = 3", "listener[0].port", "unknown key"),
+            ("[server]\nlog_level = \"loud\"", "server.log_level", "must be one of"),
+            ("[auth]\nallow_anonymous = 1", "auth.allow_anonymous", "must be of type bool"),
+            ("colour = \"red\"", "colour", "unknown key"),
+            ("limits = 3", "limits", "must be of type table"),
+        ])
+    func badFiles(text: String, key: String, problem: String) {
+        do {
+            _ = try parse(text)
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.file == "test.conf")
+            #expect(error.key == key)
+            #expect(error.problem.contains(problem), "\(error.problem)")
+        }
+    }
+
+    @Test("a TOML syntax error names the line")
+    func syntaxError() {
+        #expect(throws: ConfigError.self) { try parse("[limits]\nmax_inflight = = 3") }
+        do {
+            _ = try parse("[limits]\nmax_inflight = = 3")
+        } catch {
+            #expect(error.description.contains("test.conf") && error.description.contains("line 2"))
+        }
+    }
+
+    @Test("a missing file is an error naming it")
+    func missingFile() {
+        do {
+            _ = try ConfigFile.load(path: "/nonexistent/mqlite.conf")
+            Issue.record("loaded a missing file")
+        } catch {
+            #expect(error.file == "/nonexistent/mqlite.conf")
+            #expect(error.problem.contains("cannot read"))
+        }
+    }
+
+    @Test("the shipped config/mqlite.conf parses and matches the built-in defaults")
+    func shippedConfig() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../config/mqlite.conf").path
+        let config = try ConfigFile.load(path: path)
+        let defaults = BrokerConfiguration()
+        #expect(config.listeners == defaults.listeners)
+        #expect(config.workers == defaults.workers)
+        #expect(config.limits.maxPacketSize == defaults.limits.maxPacketSize)
+        #expect(config.limits.maxInflight == defaults.limits.maxInflight)
+        #expect(config.limits.maxQueued == defaults.limits.maxQueued)
+        #expect(config.limits.maxConnections == defaults.limits.maxConnections)
+        #expect(config.limits.maxKeepAlive == defaults.limits.maxKeepAlive)
+        #expect(config.limits.connectTimeout == defaults.limits.connectTimeout)
+        #expect(config.allowAnonymous == defaults.allowAnonymous)
+    }
+}
