@@ -1,0 +1,38 @@
+# mqlite — build, run and test. `make run` and `make test` install what is missing first.
+SWIFT ?= swift
+PYTHON ?= python3
+CONFIG ?= config/mqlite.conf
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages: the test clients (mosquitto_pub/_sub), and Mosquitto itself for `make bench`.
+APT_PACKAGES := mosquitto-clients
+PY_MODULES := paho.mqtt pytest
+PY_PACKAGES := paho-mqtt pytest
+
+.PHONY: deps test-deps build build-release run test clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; fi
+
+test-deps: deps
+	@$(PYTHON) -c "import $(firstword $(PY_MODULES)), $(lastword $(PY_MODULES))" 2>/dev/null || $(PYTHON) -m pip install -q $(PY_PACKAGES)
+
+build: deps
+	$(SWIFT) build
+
+build-release: deps
+	$(SWIFT) build -c release
+
+run: build-release
+	.build/release/mqlite -c $(CONFIG)
+
+# One build of everything, then every test target from it: the Swift unit and integration tests,
+# then the interop tests (mosquitto clients, paho-mqtt) against the built binary.
+test: test-deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build
+	MQLITE_BIN=.build/debug/mqlite $(PYTHON) -m pytest -q Tests/interop
+
+clean:
+	rm -rf .build
