@@ -16,7 +16,8 @@ public final class Broker: Sendable {
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
     private let registry = Mutex<[String: Session]>([:])
-    private let subscriptions = Mutex<SubscriptionTrie>(SubscriptionTrie())
+    /// Filter → subscribed sessions and their granted QoS.
+    private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
     /// Bumped on every subscription change, so that workers know when their route caches are stale.
     let subscriptionGeneration = Atomic<Int>(0)
     private let retained = Mutex<[String: Message]>([:])
@@ -136,7 +137,7 @@ public final class Broker: Sendable {
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptions.withLock { trie in
-                for filter in filters { trie.remove(filter: filter, session: session) }
+                for filter in filters { trie.remove(filter: filter, key: ObjectIdentifier(session)) }
                 subscriptionGeneration.add(1, ordering: .releasing)
             }
         }
@@ -150,7 +151,7 @@ public final class Broker: Sendable {
     func subscribe(_ session: Session, filter: String, qos: QoS) {
         session.subscriptions[filter] = qos
         subscriptions.withLock { trie in
-            trie.insert(filter: filter, session: session, qos: qos)
+            trie.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos))
             subscriptionGeneration.add(1, ordering: .releasing)
         }
     }
@@ -158,15 +159,21 @@ public final class Broker: Sendable {
     func unsubscribe(_ session: Session, filter: String) {
         guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
         subscriptions.withLock { trie in
-            trie.remove(filter: filter, session: session)
+            trie.remove(filter: filter, key: ObjectIdentifier(session))
             subscriptionGeneration.add(1, ordering: .releasing)
         }
     }
 
-    /// Matching subscribers and the generation they were read at.
+    /// Every session whose filters match `topic`, once each, with the highest QoS among its
+    /// matching subscriptions; and the generation this was read at.
     func matchSubscribers(topic: String) -> ([(session: Session, qos: QoS)], Int) {
         subscriptions.withLock { trie in
-            (trie.match(topic: topic), subscriptionGeneration.load(ordering: .relaxed))
+            var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
+            trie.forEachMatch(topic: topic) { key, entry in
+                if let existing = found[key], existing.qos >= entry.qos { return }
+                found[key] = entry
+            }
+            return (Array(found.values), subscriptionGeneration.load(ordering: .relaxed))
         }
     }
 

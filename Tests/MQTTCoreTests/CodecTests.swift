@@ -238,3 +238,38 @@ struct TopicTests {
         #expect(throws: MQTTProtocolError.invalidUTF8) { try Topic.validateName(ByteBuffer(bytes: [0x61, 0xFF])) }
     }
 }
+
+@Suite("Topic trie")
+struct TopicTrieTests {
+    static let filters = ["a/b", "a/+", "a/#", "#", "+/+", "+", "/#", "+/a", "a/+/c", "a/b/#", "$SYS/#", "$SYS/+", "+/x", "a//c"]
+    static let topics = ["a/b", "a/c", "a/b/c", "a", "/a", "a//c", "$SYS/x", "/", "a/", "b/x", "x"]
+
+    @Test("the trie matches exactly the filters that Topic.matches accepts, including the $ rule")
+    func agreesWithMatches() {
+        let trie = TopicTrie<String, Int>()
+        for (i, f) in Self.filters.enumerated() { trie.insert(filter: f, key: f, value: i) }
+        #expect(trie.count == Self.filters.count)
+        for topic in Self.topics {
+            var found: [String] = []
+            trie.forEachMatch(topic: topic) { key, _ in found.append(key) }
+            let expected = Self.filters.filter { Topic.matches(filter: $0, topic: topic) }
+            #expect(found.sorted() == expected.sorted(), "topic \(topic)")
+        }
+    }
+
+    @Test("removing entries prunes them and leaves the others")
+    func removal() {
+        let trie = TopicTrie<Int, String>()
+        trie.insert(filter: "a/+", key: 1, value: "one")
+        trie.insert(filter: "a/+", key: 2, value: "two")
+        trie.insert(filter: "a/+", key: 1, value: "uno")  // replaces
+        #expect(trie.count == 2)
+        trie.remove(filter: "a/+", key: 1)
+        var found: [String] = []
+        trie.forEachMatch(topic: "a/x") { _, v in found.append(v) }
+        #expect(found == ["two"])
+        trie.remove(filter: "a/+", key: 2)
+        trie.remove(filter: "never/there", key: 3)
+        #expect(trie.count == 0)
+    }
+}
