@@ -14,6 +14,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        // SHA-256/512, HMAC and PBKDF2 for the Lua host library (Mosquitto password hashes).
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"5.0.0"),
     ],
     targets: [
         // Protocol only: packets, codec, topic rules. No sockets, no state.
@@ -32,13 +34,46 @@ let package = Package(
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ]
         ),
+        // Debian's Lua 5.4 with a shim for the macros Swift cannot import.
+        .systemLibrary(
+            name: "CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        // The Lua host: one lua_State per worker, hook registry, the `mqlite` library, reload.
+        .target(
+            name: "MQLiteScripting",
+            dependencies: [
+                "CLua",
+                "MQTTCore",
+                "MQLiteBroker",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+            ]
+        ),
         .executableTarget(
             name: "mqlite",
             dependencies: [
                 "MQLiteBroker",
+                "MQLiteScripting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // Shared by the test targets: broker fixture and a minimal MQTT client.
+        .target(
+            name: "MQLiteTestSupport",
+            dependencies: [
+                "MQLiteBroker",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "InMemoryLogging", package: "swift-log"),
+            ],
+            path: "Tests/TestSupport"
         ),
         .testTarget(
             name: "MQTTCoreTests",
@@ -52,6 +87,20 @@ let package = Package(
         .testTarget(
             name: "MQLiteBrokerTests",
             dependencies: [
+                "MQLiteBroker",
+                "MQLiteTestSupport",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "InMemoryLogging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "MQLiteScriptingTests",
+            dependencies: [
+                "MQLiteScripting",
+                "MQLiteTestSupport",
                 "MQLiteBroker",
                 "MQTTCore",
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -87,6 +87,21 @@ public final class Broker: Sendable {
         logger.info("stopped")
     }
 
+    // MARK: - Publishing from outside a connection
+
+    /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
+    /// loop; publish hooks do not see it.
+    public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
+        try Topic.validateName(topic)
+        let worker = workers[index % workers.count]
+        let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
+        if worker.loop.inEventLoop {
+            worker.publish(message)
+        } else {
+            worker.loop.execute { worker.publish(message) }
+        }
+    }
+
     // MARK: - Sessions
 
     /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean

@@ -50,8 +50,10 @@ public enum ConfigFile {
         }
 
         var config = BrokerConfiguration()
+        let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
+        config.baseDirectory = directory
         let top = Section(table: root, path: nil, file: file)
-        try top.allowOnly(["server", "listener", "limits", "auth"])
+        try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting"])
 
         if let server = try top.table("server") {
             try server.allowOnly(["workers", "log_level"])
@@ -91,7 +93,48 @@ public enum ConfigFile {
             try auth.allowOnly(["allow_anonymous"])
             if let v = try auth.bool("allow_anonymous") { config.allowAnonymous = v }
         }
+
+        for plugin in try top.arrayOfTables("plugin") ?? [] {
+            try plugin.allowOnly(["script", "options"])
+            guard let script = try plugin.string("script") else { throw plugin.error("script", "is required") }
+            let path = script.hasPrefix("/") ? script : URL(fileURLWithPath: directory).appendingPathComponent(script).path
+            var options: [String: ConfigValue] = [:]
+            if let table = try plugin.table("options")?.table {
+                for key in table.keys { options[key] = ConfigFile.value(table[key]!) }
+            }
+            config.plugins.append(PluginConfiguration(script: path, options: options))
+        }
+
+        if let scripting = try top.table("scripting") {
+            try scripting.allowOnly(["instruction_limit", "on_error"])
+            if let v = try scripting.int("instruction_limit", in: 1000...Int(Int32.max)) { config.scripting.instructionLimit = v }
+            if let v = try scripting.string("on_error") {
+                guard let policy = ScriptingConfiguration.OnError(rawValue: v) else {
+                    throw scripting.error("on_error", "must be \"deny\" or \"allow\", not \"\(v)\"")
+                }
+                config.scripting.onError = policy
+            }
+        }
         return config
+    }
+
+    /// A TOML value as plugin options see it (dates and times become their TOML text).
+    static func value(_ v: TOMLValueConvertible) -> ConfigValue {
+        switch v.type {
+        case .string: return .string(v.string!)
+        case .int: return .int(v.int!)
+        case .double: return .double(v.double!)
+        case .bool: return .bool(v.bool!)
+        case .array:
+            let array = v.array!
+            return .array((0..<array.count).map { value(array[$0]) })
+        case .table:
+            let table = v.table!
+            var result: [String: ConfigValue] = [:]
+            for key in table.keys { result[key] = value(table[key]!) }
+            return .table(result)
+        default: return .string(v.debugDescription)
+        }
     }
 
     private static func describe(_ error: any Error) -> String {

@@ -11,17 +11,27 @@ public struct BrokerConfiguration: Sendable {
     public var limits: Limits
     /// With false and no hook to check credentials, clients without a user name get CONNACK 5.
     public var allowAnonymous: Bool
+    /// Lua plugins, in load order (`[[plugin]]`).
+    public var plugins: [PluginConfiguration]
+    public var scripting: ScriptingConfiguration
+    /// Folder of the config file: relative paths in plugin options are resolved against it.
+    public var baseDirectory: String
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,
         listeners: [ListenAddress] = [ListenAddress(host: "0.0.0.0", port: 1883)],
-        limits: Limits = Limits(), allowAnonymous: Bool = true
+        limits: Limits = Limits(), allowAnonymous: Bool = true,
+        plugins: [PluginConfiguration] = [], scripting: ScriptingConfiguration = ScriptingConfiguration(),
+        baseDirectory: String = "."
     ) {
         self.workers = workers
         self.logLevel = logLevel
         self.listeners = listeners
         self.limits = limits
         self.allowAnonymous = allowAnonymous
+        self.plugins = plugins
+        self.scripting = scripting
+        self.baseDirectory = baseDirectory
     }
 
     /// The number of event loops this configuration asks for, with 0 resolved to the core count.
@@ -78,5 +88,46 @@ public struct Limits: Sendable {
         self.maxQueued = maxQueued
         self.maxKeepAlive = maxKeepAlive
         self.connectTimeout = connectTimeout
+    }
+}
+
+/// A value from the config file handed to a plugin as `mqlite.options`.
+public indirect enum ConfigValue: Sendable, Equatable {
+    case string(String)
+    case int(Int)
+    case double(Double)
+    case bool(Bool)
+    case array([ConfigValue])
+    case table([String: ConfigValue])
+}
+
+/// One `[[plugin]]`: a Lua script and its options.
+public struct PluginConfiguration: Sendable, Equatable {
+    /// Path of the script (relative paths in the file are resolved against the file's folder).
+    public var script: String
+    public var options: [String: ConfigValue]
+
+    public init(script: String, options: [String: ConfigValue] = [:]) {
+        self.script = script
+        self.options = options
+    }
+}
+
+/// `[scripting]`: how hook calls are bounded and what a failure means.
+public struct ScriptingConfiguration: Sendable, Equatable {
+    public enum OnError: String, Sendable, CaseIterable {
+        /// A failed auth or ACL call refuses (fail closed).
+        case deny
+        /// A failed auth or ACL call is treated as no opinion.
+        case allow
+    }
+
+    /// Lua VM instructions one hook call may run before it fails.
+    public var instructionLimit: Int
+    public var onError: OnError
+
+    public init(instructionLimit: Int = 1_000_000, onError: OnError = .deny) {
+        self.instructionLimit = instructionLimit
+        self.onError = onError
     }
 }

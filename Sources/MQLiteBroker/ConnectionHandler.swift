@@ -27,6 +27,10 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var clientID = ""
     private var username: String?
     private var will: Will?
+    /// Access rules from the `authorize` hook, enforced here for the life of the connection.
+    private var acl: ClientACL?
+    /// Publish verdicts per topic for this client, so the ACL is matched once per topic.
+    private var aclVerdicts: [ByteBuffer: Bool] = [:]
     private var address = "?"
     /// A DISCONNECT packet was received: the will is discarded.
     private var disconnectedCleanly = false
@@ -186,6 +190,8 @@ final class ConnectionHandler: ChannelInboundHandler {
             }
         }
 
+        let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
+        if !tables.isEmpty { acl = ClientACL(tables, clientID: clientID, username: connect.username) }
         will = connect.will
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
         lastRead = .now()
@@ -204,6 +210,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         session.connection = self
+        session.receiveACL = (acl?.hasDenials ?? false) ? acl : nil
         self.session = session
         state = .connected
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
@@ -240,7 +247,19 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
+    /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
+    private func mayPublish(_ topic: ByteBuffer) -> Bool {
+        guard let acl else { return true }
+        if let verdict = aclVerdicts[topic] { return verdict }
+        let verdict = acl.allowsPublish(topic: String(buffer: topic))
+        if aclVerdicts.count >= 1000 { aclVerdicts.removeAll(keepingCapacity: true) }
+        aclVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+        if !verdict { logger.debug("publish to \"\(String(buffer: topic))\" denied by ACL") }
+        return verdict
+    }
+
     private func route(_ publish: PublishPacket) {
+        guard mayPublish(publish.topic) else { return }
         let message = Message(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         guard broker.hooks.isPublishHooked(topic: publish.topic, worker: worker.index) else {
             worker.publish(message)
@@ -260,7 +279,10 @@ final class ConnectionHandler: ChannelInboundHandler {
                     logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
                     continue
                 }
-                worker.publish(Message(topic: ByteBuffer(string: m.topic), payload: m.payload, qos: m.qos, retain: m.retain))
+                // A rewritten topic is checked against the ACL again.
+                let topic = ByteBuffer(string: m.topic)
+                guard mayPublish(topic) else { continue }
+                worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain))
             }
         }
     }
@@ -286,6 +308,11 @@ final class ConnectionHandler: ChannelInboundHandler {
                 }
                 filter = newFilter
                 qos = min(qos, maxQoS)
+            }
+            if let acl, !acl.allowsSubscribe(filter: filter) {
+                logger.debug("subscribe to \"\(filter)\" denied by ACL")
+                codes.append(.failure)
+                continue
             }
             broker.subscribe(session, filter: filter, qos: qos)
             codes.append(.granted(qos))

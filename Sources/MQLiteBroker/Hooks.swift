@@ -9,6 +9,15 @@ public struct ConnectRequest: Sendable {
     public var address: String
     public var cleanSession: Bool
     public var keepAlive: UInt16
+
+    public init(clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16) {
+        self.clientID = clientID
+        self.username = username
+        self.password = password
+        self.address = address
+        self.cleanSession = cleanSession
+        self.keepAlive = keepAlive
+    }
 }
 
 /// A hook's answer to CONNECT.
@@ -26,6 +35,13 @@ public struct SubscribeRequest: Sendable {
     public var username: String?
     public var filter: String
     public var qos: QoS
+
+    public init(clientID: String, username: String?, filter: String, qos: QoS) {
+        self.clientID = clientID
+        self.username = username
+        self.filter = filter
+        self.qos = qos
+    }
 }
 
 /// A hook's answer to one SUBSCRIBE filter.
@@ -67,6 +83,12 @@ public struct ClientInfo: Sendable {
     public var clientID: String
     public var username: String?
     public var address: String
+
+    public init(clientID: String, username: String?, address: String) {
+        self.clientID = clientID
+        self.username = username
+        self.address = address
+    }
 }
 
 /// The broker's extension points. The broker calls every method on the event loop of the
@@ -76,6 +98,9 @@ public struct ClientInfo: Sendable {
 public protocol BrokerHooks: Sendable {
     /// Authentication. Called once per CONNECT that passed protocol checks.
     func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision
+    /// Authorisation, once per accepted connection: access rules that the broker enforces natively
+    /// for the life of the connection. An empty list means no restriction.
+    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
     /// Subscribe authorisation, once per filter.
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
     /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see. Called for every
@@ -90,6 +115,7 @@ public protocol BrokerHooks: Sendable {
 
 extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
+    public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }

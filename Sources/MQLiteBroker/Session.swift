@@ -35,6 +35,11 @@ final class Session: @unchecked Sendable {
     private var droppedInEpisode = 0
     /// Set when the session is discarded; deliveries that still arrive are ignored.
     var ended = false
+    /// The client's ACL when it denies topics: deliveries on denied topics are held back.
+    var receiveACL: ClientACL? {
+        didSet { receiveVerdicts.removeAll() }
+    }
+    private var receiveVerdicts: [ByteBuffer: Bool] = [:]
 
     init(clientID: String, persistent: Bool, owner: Int) {
         self.clientID = clientID
@@ -53,6 +58,7 @@ final class Session: @unchecked Sendable {
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
     func deliver(_ delivery: Delivery, broker: Broker) {
         if ended { return }
+        if receiveACL != nil && !mayReceive(delivery.message.topic) { return }
         guard let connection else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
             if persistent && delivery.qos != .atMostOnce { enqueue(delivery, broker: broker) }
@@ -65,6 +71,14 @@ final class Session: @unchecked Sendable {
         } else {
             enqueue(delivery, broker: broker)
         }
+    }
+
+    private func mayReceive(_ topic: ByteBuffer) -> Bool {
+        if let verdict = receiveVerdicts[topic] { return verdict }
+        let verdict = receiveACL?.allowsReceive(topic: String(buffer: topic)) ?? true
+        if receiveVerdicts.count >= 1000 { receiveVerdicts.removeAll(keepingCapacity: true) }
+        receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+        return verdict
     }
 
     private func enqueue(_ delivery: Delivery, broker: Broker) {

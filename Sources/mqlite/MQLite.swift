@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import MQLiteBroker
+import MQLiteScripting
 
 /// `mqlite -c mqlite.conf`: parse, build a configuration, run the broker until SIGINT/SIGTERM.
 @main
@@ -33,11 +34,6 @@ struct MQLite: AsyncParsableCommand {
             printError("mqlite: \(error)")
             throw ExitCode(2)
         }
-        if check {
-            print("\(config ?? "defaults"): configuration OK")
-            return
-        }
-
         let level = configuration.logLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -45,7 +41,24 @@ struct MQLite: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "mqlite")
-        let broker = Broker(configuration: configuration, logger: logger)
+
+        // Plugins load before anything listens: a script that fails stops startup.
+        var scripting: ScriptingHost?
+        if !configuration.plugins.isEmpty {
+            do {
+                scripting = try ScriptingHost(configuration: configuration, logger: logger)
+            } catch {
+                printError("mqlite: cannot load plugin \(error)")
+                throw ExitCode(2)
+            }
+        }
+        if check {
+            print("\(config ?? "defaults"): configuration OK (\(configuration.plugins.count) plugins)")
+            return
+        }
+
+        let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger)
+        scripting?.bind(to: broker)
         do {
             _ = try await broker.start()
         } catch {
@@ -53,9 +66,23 @@ struct MQLite: AsyncParsableCommand {
             await broker.shutdown()
             throw ExitCode(1)
         }
-        logger.info("mqlite started with \(configuration.resolvedWorkers) workers")
-        let signal = await Self.waitForSignal([SIGINT, SIGTERM])
-        logger.info("received signal \(signal), stopping")
+        logger.info("mqlite started with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
+        for await signal in Self.signals([SIGINT, SIGTERM, SIGHUP]) {
+            if signal == SIGHUP {
+                guard let scripting else {
+                    logger.info("SIGHUP: no plugins to reload")
+                    continue
+                }
+                do {
+                    try scripting.reload()
+                } catch {
+                    logger.error("reload failed, keeping the running scripts: \(error)")
+                }
+                continue
+            }
+            logger.info("received signal \(signal), stopping")
+            break
+        }
         await broker.shutdown()
     }
 
@@ -81,18 +108,23 @@ struct MQLite: AsyncParsableCommand {
         FileHandle.standardError.write(Data((message + "\n").utf8))
     }
 
-    /// Suspends until one of `signals` arrives (they are ignored by default handling meanwhile).
-    static func waitForSignal(_ signals: [Int32]) async -> Int32 {
+    /// The given signals as they arrive (their default handling is turned off). The sources live
+    /// as long as the process.
+    static func signals(_ numbers: [Int32]) -> AsyncStream<Int32> {
         let (stream, continuation) = AsyncStream<Int32>.makeStream()
-        let sources = signals.map { number in
+        for number in numbers {
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
             source.setEventHandler { continuation.yield(number) }
             source.resume()
-            return source
+            SignalSources.keep(source)
         }
-        defer { sources.forEach { $0.cancel() } }
-        for await number in stream { return number }
-        return 0
+        return stream
     }
+}
+
+/// Keeps signal sources alive for the life of the process.
+private enum SignalSources {
+    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+    static func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
 }

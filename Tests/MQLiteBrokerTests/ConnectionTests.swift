@@ -1,6 +1,7 @@
 import MQLiteBroker
 import MQTTCore
 import NIOCore
+import MQLiteTestSupport
 import Testing
 
 @Suite("Connections")
@@ -173,7 +174,7 @@ struct ConnectionTests {
     func keepAliveZero() async throws {
         try await withBroker { b in
             let c = try await b.client("forever", keepAlive: 0)
-            await c.expectNothing(for: .milliseconds(1600))
+            try await c.expectNothing(for: .milliseconds(1600))
             try await c.ping()
         }
     }

@@ -5,26 +5,28 @@ import MQTTCore
 import NIOCore
 import NIOPosix
 import Synchronization
-import Testing
 
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
+/// Test helpers shared by the test targets: a broker fixture on an ephemeral port and a minimal
+/// MQTT client. Assertion failures are thrown as `TestFailure`.
+public struct TestFailure: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
 }
 
 /// Shared by every test: client connections only.
 let clientGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
 /// A running broker on 127.0.0.1 with an ephemeral port, and the log lines it wrote.
-struct BrokerFixture {
-    let broker: Broker
-    let port: Int
-    let logs: InMemoryLogHandler
+public struct BrokerFixture {
+    public let broker: Broker
+    public let port: Int
+    public let logs: InMemoryLogHandler
+    public let hooks: any BrokerHooks
 
     /// Log messages at info or above, as text.
-    var logMessages: [String] { logs.entries.map { "\($0.message) \($0.metadata)" } }
+    public var logMessages: [String] { logs.entries.map { "\($0.message) \($0.metadata)" } }
 
-    func client(_ id: String, clean: Bool = true, keepAlive: UInt16 = 0, will: Will? = nil,
+    public func client(_ id: String, clean: Bool = true, keepAlive: UInt16 = 0, will: Will? = nil,
                 username: String? = nil, password: String? = nil) async throws -> TestClient {
         let c = try await TestClient.open(port: port)
         let connack = try await c.connect(
@@ -35,20 +37,26 @@ struct BrokerFixture {
     }
 }
 
-/// Starts a broker (two workers unless told otherwise), runs `body`, and stops it.
-func withBroker(
+/// Starts a broker (two workers unless told otherwise), runs `body`, and stops it. `makeHooks`
+/// builds the hooks from the final configuration and the test logger; `prepare` sees the broker
+/// before it starts.
+public func withBroker(
     workers: Int = 2, hooks: any BrokerHooks = NoHooks(), configure: (inout BrokerConfiguration) -> Void = { _ in },
+    makeHooks: ((BrokerConfiguration, Logger) throws -> any BrokerHooks)? = nil,
+    prepare: (Broker) -> Void = { _ in },
     _ body: (BrokerFixture) async throws -> Void
 ) async throws {
     var config = BrokerConfiguration(workers: workers, listeners: [ListenAddress(host: "127.0.0.1", port: 0)])
     configure(&config)
     let logs = InMemoryLogHandler()
     let logger = Logger(label: "mqlite-test", factory: { _ in logs })
+    let hooks = try makeHooks?(config, logger) ?? hooks
     let broker = Broker(configuration: config, hooks: hooks, logger: logger)
+    prepare(broker)
     let addresses = try await broker.start()
     guard let port = addresses.first?.port else { throw TestFailure("no port bound") }
     do {
-        try await body(BrokerFixture(broker: broker, port: port, logs: logs))
+        try await body(BrokerFixture(broker: broker, port: port, logs: logs, hooks: hooks))
     } catch {
         await broker.shutdown()
         throw error
@@ -58,19 +66,19 @@ func withBroker(
 
 /// A minimal MQTT client for tests: sends packets as given and reports every packet (or the close)
 /// it receives, in order.
-final class TestClient: Sendable {
-    enum Event: Equatable {
+public final class TestClient: Sendable {
+    public enum Event: Equatable, Sendable {
         case packet(MQTTPacket)
         case closed
     }
 
-    struct State {
+    public struct State: Sendable {
         var events: [Event] = []
         var waiter: (id: Int, continuation: CheckedContinuation<Event?, Never>)?
         var nextWaiterID = 0
     }
 
-    let channel: any Channel
+    public let channel: any Channel
     private let sink: Sink
 
     private init(channel: any Channel, sink: Sink) {
@@ -78,7 +86,7 @@ final class TestClient: Sendable {
         self.sink = sink
     }
 
-    static func open(port: Int) async throws -> TestClient {
+    public static func open(port: Int) async throws -> TestClient {
         let sink = Sink()
         let channel = try await ClientBootstrap(group: clientGroup)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -93,7 +101,7 @@ final class TestClient: Sendable {
     }
 
     /// The next event, or nil after `timeout`.
-    func nextEvent(timeout: TimeAmount = .seconds(5)) async -> Event? {
+    public func nextEvent(timeout: TimeAmount = .seconds(5)) async -> Event? {
         await withCheckedContinuation { (continuation: CheckedContinuation<Event?, Never>) in
             let id: Int? = sink.state.withLock { state in
                 if !state.events.isEmpty {
@@ -116,7 +124,7 @@ final class TestClient: Sendable {
         }
     }
 
-    func expectPacket(timeout: TimeAmount = .seconds(5), sourceLocation: SourceLocation = #_sourceLocation) async throws -> MQTTPacket {
+    public func expectPacket(timeout: TimeAmount = .seconds(5)) async throws -> MQTTPacket {
         switch await nextEvent(timeout: timeout) {
         case .packet(let p): return p
         case .closed: throw TestFailure("connection closed while a packet was expected")
@@ -124,21 +132,20 @@ final class TestClient: Sendable {
         }
     }
 
-    func expectPublish(timeout: TimeAmount = .seconds(5)) async throws -> PublishPacket {
+    public func expectPublish(timeout: TimeAmount = .seconds(5)) async throws -> PublishPacket {
         let packet = try await expectPacket(timeout: timeout)
         guard case .publish(let p) = packet else { throw TestFailure("expected PUBLISH, got \(packet)") }
         return p
     }
 
-    /// Asserts that nothing arrives for `duration`.
-    func expectNothing(for duration: TimeAmount = .milliseconds(300), sourceLocation: SourceLocation = #_sourceLocation) async {
-        let event = await nextEvent(timeout: duration)
-        #expect(event == nil, "unexpected \(String(describing: event))", sourceLocation: sourceLocation)
+    /// Fails if anything arrives within `duration`.
+    public func expectNothing(for duration: TimeAmount = .milliseconds(300)) async throws {
+        if let event = await nextEvent(timeout: duration) { throw TestFailure("unexpected \(event)") }
     }
 
     /// Waits for the broker to close the connection; packets before the close are returned.
     @discardableResult
-    func expectClosed(timeout: TimeAmount = .seconds(5)) async throws -> [MQTTPacket] {
+    public func expectClosed(timeout: TimeAmount = .seconds(5)) async throws -> [MQTTPacket] {
         var before: [MQTTPacket] = []
         while true {
             switch await nextEvent(timeout: timeout) {
@@ -149,41 +156,41 @@ final class TestClient: Sendable {
         }
     }
 
-    func send(_ packet: MQTTPacket) {
+    public func send(_ packet: MQTTPacket) {
         var buffer = channel.allocator.buffer(capacity: 64)
         buffer.writeMQTTPacket(packet)
         channel.writeAndFlush(buffer, promise: nil)
     }
 
-    func sendRaw(_ bytes: [UInt8]) {
+    public func sendRaw(_ bytes: [UInt8]) {
         channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
     }
 
-    func connect(_ packet: ConnectPacket) async throws -> ConnackPacket {
+    public func connect(_ packet: ConnectPacket) async throws -> ConnackPacket {
         send(.connect(packet))
         let reply = try await expectPacket()
         guard case .connack(let connack) = reply else { throw TestFailure("expected CONNACK, got \(reply)") }
         return connack
     }
 
-    func subscribe(_ filters: [(String, QoS)], id: UInt16 = 1) async throws -> [SubackReturnCode] {
+    public func subscribe(_ filters: [(String, QoS)], id: UInt16 = 1) async throws -> [SubackReturnCode] {
         send(.subscribe(SubscribePacket(packetID: id, subscriptions: filters.map { Subscription(filter: $0.0, qos: $0.1) })))
         let reply = try await expectPacket()
         guard case .suback(let suback) = reply, suback.value.packetID == id else { throw TestFailure("expected SUBACK, got \(reply)") }
         return suback.value.returnCodes
     }
 
-    func subscribe(_ filter: String, qos: QoS = .atMostOnce) async throws {
+    public func subscribe(_ filter: String, qos: QoS = .atMostOnce) async throws {
         let codes = try await subscribe([(filter, qos)])
         guard codes == [.granted(qos)] else { throw TestFailure("SUBACK \(codes) for \(filter)") }
     }
 
     /// Publishes and completes the QoS flow (PUBACK, or PUBREC/PUBREL/PUBCOMP).
-    func publish(_ topic: String, _ payload: String, qos: QoS = .atMostOnce, retain: Bool = false, id: UInt16 = 1) async throws {
+    public func publish(_ topic: String, _ payload: String, qos: QoS = .atMostOnce, retain: Bool = false, id: UInt16 = 1) async throws {
         try await publish(topic, ByteBuffer(string: payload), qos: qos, retain: retain, id: id)
     }
 
-    func publish(_ topic: String, _ payload: ByteBuffer, qos: QoS = .atMostOnce, retain: Bool = false, id: UInt16 = 1) async throws {
+    public func publish(_ topic: String, _ payload: ByteBuffer, qos: QoS = .atMostOnce, retain: Bool = false, id: UInt16 = 1) async throws {
         send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain, packetID: qos == .atMostOnce ? nil : id)))
         switch qos {
         case .atMostOnce:
@@ -201,19 +208,19 @@ final class TestClient: Sendable {
     }
 
     /// A round trip through the broker: everything sent before is handled once this returns.
-    func ping() async throws {
+    public func ping() async throws {
         send(.pingreq)
         let reply = try await expectPacket()
         guard reply == .pingresp else { throw TestFailure("expected PINGRESP, got \(reply)") }
     }
 
-    func disconnect() async {
+    public func disconnect() async {
         send(.disconnect)
         _ = try? await expectClosed()
     }
 
     /// Drops the TCP connection without DISCONNECT.
-    func abort() async {
+    public func abort() async {
         try? await channel.close()
     }
 }
@@ -249,7 +256,7 @@ private final class Sink: ChannelInboundHandler, Sendable {
 }
 
 /// Waits until `condition` holds, polling; fails after `timeout`.
-func eventually(_ what: String, timeout: Duration = .seconds(5), _ condition: () -> Bool) async throws {
+public func eventually(_ what: String, timeout: Duration = .seconds(5), _ condition: () -> Bool) async throws {
     let clock = ContinuousClock()
     let deadline = clock.now + timeout
     while !condition() {

@@ -1,0 +1,287 @@
+import CLua
+import Crypto
+import Foundation
+import Logging
+import MQLiteBroker
+import MQTTCore
+import NIOCore
+
+/// The `mqlite` table each script gets. Every function here is a C-callable Swift function run
+/// through the C trampoline: it never raises a Lua error itself (that would unwind Swift frames);
+/// it pushes the message and returns -1, and the trampoline raises it.
+enum HostLibrary {
+    typealias Function = @convention(c) (OpaquePointer?) -> Int32
+
+    static func push(into L: LuaState, context: ScriptContext, options: [String: ConfigValue]) {
+        let owner = Unmanaged.passUnretained(context).toOpaque()
+        func function(_ name: String, _ fn: Function) {
+            mqlite_pushfunction(L, fn, owner)
+            lua_setfield(L, -2, name)
+        }
+        mqlite_newtable(L)
+        L.push(.table(options))
+        lua_setfield(L, -2, "options")
+        L.setField("config_dir", context.vm.host.baseDirectory)
+        L.setField("worker", context.vm.worker)
+        function("on_connect", onConnect)
+        function("on_authorize", onAuthorize)
+        function("on_subscribe", onSubscribe)
+        function("on_publish", onPublish)
+        function("on_connected", onConnected)
+        function("on_disconnected", onDisconnected)
+        function("log", log)
+        function("publish", publish)
+        function("topic_matches", topicMatches)
+        function("time", time)
+        function("sha256", sha256)
+        function("hmac_sha256", hmacSHA256)
+        function("check_password", checkPassword)
+        function("read_file", readFile)
+        mqlite_newtable(L)
+        function("get", kvGet)
+        function("set", kvSet)
+        function("incr", kvIncr)
+        function("delete", kvDelete)
+        lua_setfield(L, -2, "kv")
+        mqlite_newtable(L)
+        function("encode", jsonEncode)
+        function("decode", jsonDecode)
+        lua_setfield(L, -2, "json")
+    }
+
+    // MARK: - Helpers
+
+    static func context(_ L: LuaState) -> ScriptContext {
+        Unmanaged<ScriptContext>.fromOpaque(mqlite_owner(L)!).takeUnretainedValue()
+    }
+
+    /// Pushes `message` for the trampoline to raise.
+    static func fail(_ L: LuaState, _ message: String) -> Int32 {
+        L.push(message)
+        return -1
+    }
+
+    static func string(_ L: LuaState, _ index: Int32) -> String? {
+        context(L).vm.string(at: index)
+    }
+
+    static func bytes(_ L: LuaState, _ index: Int32) -> [UInt8]? {
+        let type = lua_type(L, index)
+        guard type == LUA_TSTRING || type == LUA_TNUMBER else { return nil }
+        var length = 0
+        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
+        return Array(UnsafeRawBufferPointer(start: pointer, count: length))
+    }
+
+    static func pushHex(_ L: LuaState, _ digest: some Sequence<UInt8>) {
+        L.push(digest.map { String(format: "%02x", $0) }.joined())
+    }
+
+    // MARK: - Hook registration
+
+    private static func register(_ L: LuaState, _ kind: LuaVM.Kind, filtered: Bool = false) -> Int32 {
+        let context = context(L)
+        guard context.vm.loading === context else {
+            return fail(L, "mqlite.\(kind.rawValue): hooks can only be registered while the script loads")
+        }
+        var filter: String?
+        if filtered {
+            guard let f = string(L, 1), (try? Topic.validateFilter(f)) != nil else {
+                return fail(L, "mqlite.on_publish: first argument must be a valid topic filter")
+            }
+            filter = f
+        }
+        let functionIndex: Int32 = filtered ? 2 : 1
+        guard lua_type(L, functionIndex) == LUA_TFUNCTION else {
+            return fail(L, "mqlite.\(kind.rawValue): expects a function")
+        }
+        context.vm.register(kind, functionAt: functionIndex, filter: filter, context: context)
+        return 0
+    }
+
+    static let onConnect: Function = { L in register(L!, .connect) }
+    static let onAuthorize: Function = { L in register(L!, .authorize) }
+    static let onSubscribe: Function = { L in register(L!, .subscribe) }
+    static let onPublish: Function = { L in register(L!, .publish, filtered: true) }
+    static let onConnected: Function = { L in register(L!, .connected) }
+    static let onDisconnected: Function = { L in register(L!, .disconnected) }
+
+    // MARK: - Functions
+
+    /// `mqlite.log(level, message)`; level is "debug", "info", "warning" or "error".
+    static let log: Function = { L in
+        let L = L!
+        guard let level = string(L, 1), let message = string(L, 2) else { return fail(L, "mqlite.log(level, message)") }
+        let levels: [String: Logger.Level] = ["trace": .trace, "debug": .debug, "info": .info, "notice": .notice, "warning": .warning, "error": .error]
+        guard let parsed = levels[level] else { return fail(L, "mqlite.log: unknown level \"\(level)\"") }
+        let ctx = context(L)
+        ctx.vm.host.logger.log(level: parsed, "\(message)", metadata: ["script": "\(ctx.name)"])
+        return 0
+    }
+
+    /// `mqlite.publish(topic, payload[, qos[, retain]])`.
+    static let publish: Function = { L in
+        let L = L!
+        guard let topic = string(L, 1), let payload = bytes(L, 2) else { return fail(L, "mqlite.publish(topic, payload[, qos[, retain]])") }
+        var qos = QoS.atMostOnce
+        if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
+            var isInteger: Int32 = 0
+            let value = lua_tointegerx(L, 3, &isInteger)
+            guard isInteger != 0, value >= 0, let q = QoS(rawValue: UInt8(clamping: value)) else { return fail(L, "mqlite.publish: qos must be 0, 1 or 2") }
+            qos = q
+        }
+        let retain = lua_toboolean(L, 4) != 0
+        let ctx = context(L)
+        guard let broker = ctx.vm.host.broker else { return fail(L, "mqlite.publish: the broker is not running yet") }
+        do {
+            try broker.publish(topic: topic, payload: ByteBuffer(bytes: payload), qos: qos, retain: retain, worker: ctx.vm.worker)
+        } catch {
+            return fail(L, "mqlite.publish: \(error)")
+        }
+        return 0
+    }
+
+    /// `mqlite.topic_matches(filter, topic)` → boolean.
+    static let topicMatches: Function = { L in
+        let L = L!
+        guard let filter = string(L, 1), let topic = string(L, 2) else { return fail(L, "mqlite.topic_matches(filter, topic)") }
+        lua_pushboolean(L, Topic.matches(filter: filter, topic: topic) ? 1 : 0)
+        return 1
+    }
+
+    /// `mqlite.time()` → seconds since 1970, with fractions.
+    static let time: Function = { L in
+        lua_pushnumber(L!, Date().timeIntervalSince1970)
+        return 1
+    }
+
+    /// `mqlite.sha256(data)` → lowercase hex.
+    static let sha256: Function = { L in
+        let L = L!
+        guard let data = bytes(L, 1) else { return fail(L, "mqlite.sha256(string)") }
+        pushHex(L, SHA256.hash(data: data))
+        return 1
+    }
+
+    /// `mqlite.hmac_sha256(key, data)` → lowercase hex.
+    static let hmacSHA256: Function = { L in
+        let L = L!
+        guard let key = bytes(L, 1), let data = bytes(L, 2) else { return fail(L, "mqlite.hmac_sha256(key, data)") }
+        pushHex(L, HMAC<SHA256>.authenticationCode(for: data, using: SymmetricKey(data: key)))
+        return 1
+    }
+
+    /// `mqlite.check_password(hash, password)` → boolean, for Mosquitto password-file hashes.
+    static let checkPassword: Function = { L in
+        let L = L!
+        guard let hash = string(L, 1), let password = bytes(L, 2) else { return fail(L, "mqlite.check_password(hash, password)") }
+        lua_pushboolean(L, PasswordHash.verify(hash, password: password) ? 1 : 0)
+        return 1
+    }
+
+    /// `mqlite.read_file(path)` → contents, or nil and a message. Relative paths are resolved
+    /// against the config file's folder.
+    static let readFile: Function = { L in
+        let L = L!
+        guard let path = string(L, 1) else { return fail(L, "mqlite.read_file(path)") }
+        let base = context(L).vm.host.baseDirectory
+        let full = path.hasPrefix("/") ? path : URL(fileURLWithPath: base).appendingPathComponent(path).path
+        guard let data = FileManager.default.contents(atPath: full) else {
+            lua_pushnil(L)
+            L.push("cannot read \(full)")
+            return 2
+        }
+        data.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        return 1
+    }
+
+    // MARK: - kv
+
+    static let kvGet: Function = { L in
+        let L = L!
+        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.get(key)") }
+        pushKV(L, context(L).vm.host.kv.get(key))
+        return 1
+    }
+
+    /// `mqlite.kv.set(key, value[, ttl_seconds])`; a nil value deletes.
+    static let kvSet: Function = { L in
+        let L = L!
+        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.set(key, value[, ttl_seconds])") }
+        let value: SharedKV.Value?
+        switch lua_type(L, 2) {
+        case LUA_TNIL, LUA_TNONE: value = nil
+        case LUA_TBOOLEAN: value = .bool(lua_toboolean(L, 2) != 0)
+        case LUA_TNUMBER:
+            if lua_isinteger(L, 2) != 0 { value = .int(lua_tointegerx(L, 2, nil)) } else { value = .double(lua_tonumberx(L, 2, nil)) }
+        case LUA_TSTRING: value = .string(bytes(L, 2)!)
+        default: return fail(L, "mqlite.kv.set: values are strings, numbers or booleans")
+        }
+        var ttl: Double?
+        if lua_type(L, 3) == LUA_TNUMBER {
+            ttl = lua_tonumberx(L, 3, nil)
+        } else if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
+            return fail(L, "mqlite.kv.set: ttl must be a number of seconds")
+        }
+        context(L).vm.host.kv.set(key, value, ttl: ttl)
+        return 0
+    }
+
+    /// `mqlite.kv.incr(key[, by])` → the new integer value.
+    static let kvIncr: Function = { L in
+        let L = L!
+        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.incr(key[, by])") }
+        var by: Int64 = 1
+        if lua_type(L, 2) != LUA_TNONE && lua_type(L, 2) != LUA_TNIL {
+            guard lua_isinteger(L, 2) != 0 else { return fail(L, "mqlite.kv.incr: by must be an integer") }
+            by = lua_tointegerx(L, 2, nil)
+        }
+        guard let value = context(L).vm.host.kv.incr(key, by: by) else { return fail(L, "mqlite.kv.incr: \"\(key)\" holds a value that is not an integer") }
+        lua_pushinteger(L, value)
+        return 1
+    }
+
+    static let kvDelete: Function = { L in
+        let L = L!
+        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.delete(key)") }
+        context(L).vm.host.kv.set(key, nil, ttl: nil)
+        return 0
+    }
+
+    private static func pushKV(_ L: LuaState, _ value: SharedKV.Value?) {
+        switch value {
+        case nil: lua_pushnil(L)
+        case .bool(let b): lua_pushboolean(L, b ? 1 : 0)
+        case .int(let i): lua_pushinteger(L, i)
+        case .double(let d): lua_pushnumber(L, d)
+        case .string(let s): s.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        }
+    }
+
+    // MARK: - json
+
+    static let jsonEncode: Function = { L in
+        let L = L!
+        do {
+            let data = try JSONSerialization.data(withJSONObject: try LuaJSON.toJSON(L, 1, depth: 0), options: [.fragmentsAllowed, .sortedKeys])
+            data.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+            return 1
+        } catch let error as HookResultError {
+            return fail(L, "mqlite.json.encode: \(error.message)")
+        } catch {
+            return fail(L, "mqlite.json.encode: \(error)")
+        }
+    }
+
+    static let jsonDecode: Function = { L in
+        let L = L!
+        guard let text = bytes(L, 1) else { return fail(L, "mqlite.json.decode(string)") }
+        guard let value = try? JSONSerialization.jsonObject(with: Data(text), options: [.fragmentsAllowed]) else {
+            lua_pushnil(L)
+            L.push("invalid JSON")
+            return 2
+        }
+        LuaJSON.push(L, value)
+        return 1
+    }
+}

@@ -1,0 +1,95 @@
+import CLua
+import Foundation
+
+/// Lua values ⇄ Foundation JSON objects for `mqlite.json`. A table whose keys are exactly 1...n
+/// is an array; any other table is an object (its keys must be strings); an empty table is `{}`.
+/// JSON null decodes to nil.
+enum LuaJSON {
+    static func toJSON(_ L: LuaState, _ index: Int32, depth: Int) throws(HookResultError) -> Any {
+        guard depth < 64 else { throw HookResultError("nesting deeper than 64 (a cycle?)") }
+        let index = lua_absindex(L, index)
+        switch lua_type(L, index) {
+        case LUA_TNIL, LUA_TNONE: return NSNull()
+        case LUA_TBOOLEAN: return NSNumber(value: lua_toboolean(L, index) != 0)
+        case LUA_TNUMBER:
+            if lua_isinteger(L, index) != 0 { return NSNumber(value: lua_tointegerx(L, index, nil)) }
+            let d = lua_tonumberx(L, index, nil)
+            guard d.isFinite else { throw HookResultError("cannot encode \(d)") }
+            return NSNumber(value: d)
+        case LUA_TSTRING:
+            var length = 0
+            let pointer = lua_tolstring(L, index, &length)!
+            guard let s = String(validating: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self) else {
+                throw HookResultError("string is not UTF-8")
+            }
+            return s
+        case LUA_TTABLE:
+            let length = Int(lua_rawlen(L, index))
+            var count = 0
+            var allStrings = true
+            lua_pushnil(L)
+            while lua_next(L, index) != 0 {
+                count += 1
+                if lua_type(L, -2) != LUA_TSTRING { allStrings = false }
+                mqlite_pop(L, 1)
+            }
+            if length > 0 && count == length {
+                var array: [Any] = []
+                for i in 1...length {
+                    lua_rawgeti(L, index, lua_Integer(i))
+                    defer { mqlite_pop(L, 1) }
+                    array.append(try toJSON(L, -1, depth: depth + 1))
+                }
+                return array
+            }
+            guard allStrings else { throw HookResultError("table mixes list items and non-string keys") }
+            var object: [String: Any] = [:]
+            lua_pushnil(L)
+            while lua_next(L, index) != 0 {
+                let key = String(cString: lua_tolstring(L, -2, nil))
+                let value: Any
+                do {
+                    value = try toJSON(L, -1, depth: depth + 1)
+                } catch {
+                    mqlite_pop(L, 2)
+                    throw error
+                }
+                object[key] = value
+                mqlite_pop(L, 1)
+            }
+            return object
+        default:
+            throw HookResultError("cannot encode a \(String(cString: lua_typename(L, lua_type(L, index))))")
+        }
+    }
+
+    static func push(_ L: LuaState, _ value: Any) {
+        switch value {
+        case let s as String:
+            L.push(s)
+        case let n as NSNumber:
+            let type = String(cString: n.objCType)
+            if type == "c" || type == "B" {
+                lua_pushboolean(L, n.boolValue ? 1 : 0)
+            } else if type == "d" || type == "f" {
+                lua_pushnumber(L, n.doubleValue)
+            } else {
+                lua_pushinteger(L, n.int64Value)
+            }
+        case let array as [Any]:
+            lua_createtable(L, Int32(array.count), 0)
+            for (i, item) in array.enumerated() {
+                push(L, item)
+                lua_rawseti(L, -2, lua_Integer(i + 1))
+            }
+        case let object as [String: Any]:
+            lua_createtable(L, 0, Int32(object.count))
+            for (key, item) in object {
+                push(L, item)
+                lua_setfield(L, -2, key)
+            }
+        default:
+            lua_pushnil(L)
+        }
+    }
+}

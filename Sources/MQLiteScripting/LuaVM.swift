@@ -1,0 +1,261 @@
+import CLua
+import Foundation
+import MQLiteBroker
+import MQTTCore
+import NIOCore
+
+typealias LuaState = OpaquePointer
+
+/// A script that could not be loaded: its path and Lua's message (which names the line).
+public struct ScriptError: Error, CustomStringConvertible, Sendable {
+    public var script: String
+    public var message: String
+    public var description: String { "\(script): \(message)" }
+}
+
+/// What one script sees while it loads and runs: its own `mqlite` table and `_ENV`. The C
+/// functions of the host library find it through their upvalue.
+final class ScriptContext {
+    unowned let vm: LuaVM
+    let script: String
+    /// Short name for logs (the file name).
+    let name: String
+
+    init(vm: LuaVM, script: String) {
+        self.vm = vm
+        self.script = script
+        self.name = URL(fileURLWithPath: script).lastPathComponent
+    }
+}
+
+/// One Lua 5.4 state with every configured script loaded, and the hooks they registered.
+///
+/// A VM belongs to one worker and is used only on that worker's event loop (hence
+/// `@unchecked Sendable`: it is created on another thread and then handed over whole).
+final class LuaVM: @unchecked Sendable {
+    struct Hook {
+        let context: ScriptContext
+        let ref: Int32
+        let filter: String?
+    }
+
+    enum Kind: String, CaseIterable {
+        case connect = "on_connect", authorize = "on_authorize", subscribe = "on_subscribe"
+        case publish = "on_publish", connected = "on_connected", disconnected = "on_disconnected"
+    }
+
+    let L: LuaState
+    let worker: Int
+    unowned let host: ScriptingHost
+    private var contexts: [ScriptContext] = []
+    private(set) var hooks: [Kind: [Hook]] = [:]
+    /// on_publish filters → index into `hooks[.publish]`.
+    private let publishFilters = TopicTrie<Int, Void>()
+    /// Topic bytes → indices of the on_publish hooks that match it, in load order.
+    private var publishMatches: [ByteBuffer: [Int]] = [:]
+    /// Set while a script's main chunk runs: hooks may be registered only then.
+    var loading: ScriptContext?
+
+    private static let matchCacheLimit = 10_000
+
+    init(worker: Int, host: ScriptingHost) throws(ScriptError) {
+        guard let state = luaL_newstate() else { throw ScriptError(script: "-", message: "cannot create a Lua state") }
+        self.L = state
+        self.worker = worker
+        self.host = host
+        openSafeLibraries()
+        for plugin in host.plugins {
+            try load(plugin)
+        }
+    }
+
+    deinit {
+        lua_close(L)
+    }
+
+    // MARK: - Loading
+
+    /// base, string, table, math, utf8, coroutine, and a few harmless parts of os; no io, no
+    /// package, no debug, and no way to load code from files or bytecode.
+    private func openSafeLibraries() {
+        let libraries: [(String, lua_CFunction)] = [
+            ("_G", luaopen_base), ("string", luaopen_string), ("table", luaopen_table), ("math", luaopen_math),
+            ("utf8", luaopen_utf8), ("coroutine", luaopen_coroutine), ("os", luaopen_os),
+        ]
+        for (name, open) in libraries {
+            luaL_requiref(L, name, open, 1)
+            mqlite_pop(L, 1)
+        }
+        for name in ["dofile", "loadfile", "load", "require"] {
+            lua_pushnil(L)
+            lua_setglobal(L, name)
+        }
+        lua_getglobal(L, "os")
+        for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
+            lua_pushnil(L)
+            lua_setfield(L, -2, name)
+        }
+        mqlite_pop(L, 1)
+    }
+
+    private func load(_ plugin: PluginConfiguration) throws(ScriptError) {
+        let context = ScriptContext(vm: self, script: plugin.script)
+        contexts.append(context)
+        let base = lua_gettop(L)
+        defer { lua_settop(L, base) }
+        guard mqlite_loadfile(L, plugin.script) == LUA_OK else {
+            throw ScriptError(script: plugin.script, message: string(at: -1) ?? "cannot load")
+        }
+        // The script's own environment: its globals persist between calls and are not shared
+        // with other scripts; everything standard is reached through _G.
+        mqlite_newtable(L)
+        HostLibrary.push(into: L, context: context, options: plugin.options)
+        lua_setfield(L, -2, "mqlite")
+        mqlite_newtable(L)
+        lua_getglobal(L, "_G")
+        lua_setfield(L, -2, "__index")
+        lua_setmetatable(L, -2)
+        _ = lua_setupvalue(L, -2, 1)  // the chunk's _ENV
+
+        loading = context
+        defer { loading = nil }
+        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
+        let status = mqlite_pcall(L, 0, 0, 0)
+        mqlite_set_instruction_limit(L, 0)
+        guard status == LUA_OK else {
+            throw ScriptError(script: plugin.script, message: string(at: -1) ?? "error while loading")
+        }
+    }
+
+    /// Registers the function at `index` as a hook (called from `mqlite.on_*`).
+    func register(_ kind: Kind, functionAt index: Int32, filter: String?, context: ScriptContext) {
+        lua_pushvalue(L, index)
+        let ref = luaL_ref(L, mqlite_registryindex())
+        var list = hooks[kind, default: []]
+        list.append(Hook(context: context, ref: ref, filter: filter))
+        hooks[kind] = list
+        if kind == .publish, let filter { publishFilters.insert(filter: filter, key: list.count - 1, value: ()) }
+    }
+
+    // MARK: - Calling
+
+    /// Calls a hook with the arguments `push` leaves on the stack; on success `read` sees the
+    /// results at the top of the stack. Failures (errors, the instruction limit, and whatever
+    /// `read` rejects) are reported once and give nil.
+    func call<T>(
+        _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32,
+        read: (LuaState) throws(HookResultError) -> T
+    ) -> T? {
+        let base = lua_gettop(L)
+        defer { lua_settop(L, base) }
+        lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
+        let arguments = push(L)
+        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
+        let status = mqlite_pcall(L, arguments, results, 0)
+        mqlite_set_instruction_limit(L, 0)
+        guard status == LUA_OK else {
+            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: string(at: -1) ?? "error")
+            return nil
+        }
+        do {
+            return try read(L)
+        } catch {
+            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: error.message)
+            return nil
+        }
+    }
+
+    /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per topic.
+    func publishHooks(for topic: ByteBuffer) -> [Int] {
+        if publishFilters.count == 0 { return [] }
+        if let cached = publishMatches[topic] { return cached }
+        var indices: [Int] = []
+        publishFilters.forEachMatch(topic: String(buffer: topic)) { index, _ in indices.append(index) }
+        indices.sort()
+        if publishMatches.count >= Self.matchCacheLimit { publishMatches.removeAll(keepingCapacity: true) }
+        publishMatches[ByteBuffer(bytes: topic.readableBytesView)] = indices
+        return indices
+    }
+
+    // MARK: - Stack helpers
+
+    func string(at index: Int32) -> String? {
+        let type = lua_type(L, index)
+        guard type == LUA_TSTRING || type == LUA_TNUMBER else { return nil }
+        var length = 0
+        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
+        return String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self)
+    }
+
+    func bytes(at index: Int32) -> ByteBuffer? {
+        guard lua_type(L, index) == LUA_TSTRING else { return nil }
+        var length = 0
+        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
+        return ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
+    }
+}
+
+/// Why a hook's return value was not acceptable.
+struct HookResultError: Error {
+    var message: String
+    init(_ message: String) { self.message = message }
+}
+
+// MARK: - Pushing values
+
+extension LuaState {
+    func push(_ string: String) {
+        var copy = string
+        copy.withUTF8 { bytes in
+            _ = bytes.withMemoryRebound(to: CChar.self) { lua_pushlstring(self, $0.baseAddress, $0.count) }
+        }
+    }
+
+    func push(_ buffer: ByteBuffer) {
+        buffer.withUnsafeReadableBytes { raw in
+            _ = lua_pushlstring(self, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count)
+        }
+    }
+
+    func push(_ value: ConfigValue) {
+        switch value {
+        case .string(let s): push(s)
+        case .int(let i): lua_pushinteger(self, lua_Integer(i))
+        case .double(let d): lua_pushnumber(self, d)
+        case .bool(let b): lua_pushboolean(self, b ? 1 : 0)
+        case .array(let items):
+            lua_createtable(self, Int32(items.count), 0)
+            for (i, item) in items.enumerated() {
+                push(item)
+                lua_rawseti(self, -2, lua_Integer(i + 1))
+            }
+        case .table(let fields):
+            lua_createtable(self, 0, Int32(fields.count))
+            for (key, item) in fields {
+                push(item)
+                lua_setfield(self, -2, key)
+            }
+        }
+    }
+
+    /// Sets `table[key] = value` for the table on top of the stack.
+    func setField(_ key: String, _ value: String?) {
+        if let value { push(value) } else { lua_pushnil(self) }
+        lua_setfield(self, -2, key)
+    }
+
+    func setField(_ key: String, _ value: Int) {
+        lua_pushinteger(self, lua_Integer(value))
+        lua_setfield(self, -2, key)
+    }
+
+    func setField(_ key: String, _ value: Bool) {
+        lua_pushboolean(self, value ? 1 : 0)
+        lua_setfield(self, -2, key)
+    }
+
+    func setField(_ key: String, _ value: ByteBuffer?) {
+        if let value { push(value) } else { lua_pushnil(self) }
+        lua_setfield(self, -2, key)
+    }
+}

@@ -1,0 +1,366 @@
+import CLua
+import Logging
+import MQLiteBroker
+import MQTTCore
+import NIOCore
+import Synchronization
+
+/// The Lua scripting layer as the broker sees it: `BrokerHooks` backed by one Lua VM per worker.
+///
+/// Each hook runs on the calling worker's loop, in that worker's VM: there is no lock around Lua.
+/// Reload builds a complete new set of VMs off the loops and publishes it; each worker adopts its
+/// new VM at its next hook call, so no call ever sees half-loaded scripts or hooks registered twice.
+public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
+    let plugins: [PluginConfiguration]
+    let scripting: ScriptingConfiguration
+    let baseDirectory: String
+    let allowAnonymous: Bool
+    let logger: Logger
+    let workers: Int
+    /// `mqlite.kv`, shared by every VM.
+    let kv = SharedKV()
+
+    private let slots: [Slot]
+    private let generation = Atomic<Int>(0)
+    private let pending = Mutex<[LuaVM?]>([])
+    private let brokerRef = Mutex<WeakBroker>(WeakBroker())
+    private let failures = Atomic<Int>(0)
+    private let lastLogged = Mutex<[String: ContinuousClock.Instant]>([:])
+
+    /// A worker's current VM; touched only on that worker's loop (after creation).
+    private final class Slot {
+        var vm: LuaVM?
+        var generation = 0
+    }
+
+    private struct WeakBroker {
+        weak var value: Broker?
+    }
+
+    /// Loads every plugin of `configuration` into one VM per worker. A script that fails to load
+    /// throws, naming its path, line and Lua's message.
+    public init(configuration: BrokerConfiguration, logger: Logger) throws(ScriptError) {
+        self.plugins = configuration.plugins
+        self.scripting = configuration.scripting
+        self.baseDirectory = configuration.baseDirectory
+        self.allowAnonymous = configuration.allowAnonymous
+        self.logger = logger
+        self.workers = configuration.resolvedWorkers
+        self.slots = (0..<workers).map { _ in Slot() }
+        for (index, slot) in slots.enumerated() {
+            slot.vm = try LuaVM(worker: index, host: self)
+        }
+    }
+
+    /// Lets `mqlite.publish` reach the broker.
+    public func bind(to broker: Broker) {
+        brokerRef.withLock { $0.value = broker }
+    }
+
+    var broker: Broker? { brokerRef.withLock { $0.value } }
+
+    /// Hook calls that failed (errors, instruction limit, bad return values) since start.
+    public var failureCount: Int { failures.load(ordering: .relaxed) }
+
+    /// Loads every script into fresh VMs; if all load, they replace the running ones (each worker
+    /// switches at its next hook call). If any fails, the running scripts stay and the error is thrown.
+    public func reload() throws(ScriptError) {
+        var fresh: [LuaVM?] = []
+        for index in 0..<workers {
+            fresh.append(try LuaVM(worker: index, host: self))
+        }
+        pending.withLock { $0 = fresh }
+        generation.add(1, ordering: .releasing)
+        logger.info("scripts reloaded (\(plugins.count) plugins)")
+    }
+
+    /// The VM of `worker`, switching to a reloaded one first if there is one.
+    private func vm(_ worker: Int) -> LuaVM? {
+        let slot = slots[worker]
+        let current = generation.load(ordering: .acquiring)
+        if slot.generation != current {
+            if let next = pending.withLock({ vms -> LuaVM? in
+                let vm = vms[worker]
+                vms[worker] = nil
+                return vm
+            }) {
+                slot.vm = next
+            }
+            slot.generation = current
+        }
+        return slot.vm
+    }
+
+    /// Logs a failed hook call (never its arguments), counts it, and keeps the log to one line
+    /// per script, hook and message every ten seconds.
+    func reportFailure(script: String, hook: String, message: String) {
+        let total = failures.add(1, ordering: .relaxed).newValue
+        let key = "\(script)|\(hook)|\(message)"
+        let now = ContinuousClock.now
+        let shouldLog = lastLogged.withLock { last -> Bool in
+            if let previous = last[key], now - previous < .seconds(10) { return false }
+            if last.count > 1000 { last.removeAll() }
+            last[key] = now
+            return true
+        }
+        if shouldLog {
+            logger.warning("Lua hook failed", metadata: ["script": "\(script)", "hook": "\(hook)", "error": "\(message)", "failures": "\(total)"])
+        }
+    }
+
+    private var failClosed: Bool { scripting.onError == .deny }
+
+    // MARK: - BrokerHooks
+
+    public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
+        guard let vm = vm(worker) else { return .pass }
+        for hook in vm.hooks[.connect] ?? [] {
+            let answer = vm.call(hook, .connect, results: 2, push: { L in
+                lua_createtable(L, 0, 6)
+                L.setField("client_id", request.clientID)
+                L.setField("username", request.username)
+                L.setField("password", request.password)
+                L.setField("address", request.address)
+                L.setField("clean_session", request.cleanSession)
+                L.setField("keep_alive", Int(request.keepAlive))
+                return 1
+            }, read: { L throws(HookResultError) -> ConnectDecision in
+                switch lua_type(L, -2) {
+                case LUA_TNIL: return .pass
+                case LUA_TBOOLEAN:
+                    if lua_toboolean(L, -2) != 0 { return .accept }
+                    if lua_type(L, -1) == LUA_TNIL { return .refuse(.notAuthorized) }
+                    var isInteger: Int32 = 0
+                    let code = lua_tointegerx(L, -1, &isInteger)
+                    guard isInteger != 0, let rc = ConnectReturnCode(rawValue: UInt8(clamping: code)), (1...5).contains(code) else {
+                        throw HookResultError("on_connect's second result must be a CONNACK code from 1 to 5")
+                    }
+                    return .refuse(rc)
+                default:
+                    throw HookResultError("on_connect must return true, false or nil, not a \(typeName(L, -2))")
+                }
+            })
+            guard let answer else {
+                if failClosed { return .refuse(.notAuthorized) }
+                continue
+            }
+            if answer != .pass { return answer }
+        }
+        return .pass
+    }
+
+    public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+        guard let vm = vm(worker) else { return [] }
+        var tables: [ACLTable] = []
+        for hook in vm.hooks[.authorize] ?? [] {
+            let answer = vm.call(hook, .authorize, results: 1, push: { L in
+                pushClient(L, client)
+                return 1
+            }, read: { L throws(HookResultError) -> ACLTable? in
+                switch lua_type(L, -1) {
+                case LUA_TNIL: return nil
+                case LUA_TTABLE: return try readACL(L)
+                default: throw HookResultError("on_authorize must return a table or nil, not a \(typeName(L, -1))")
+                }
+            })
+            switch answer {
+            case .some(.some(let table)): tables.append(table)
+            case .some(.none): break
+            case .none: if failClosed { tables.append(.denyAll) }
+            }
+        }
+        return tables
+    }
+
+    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
+        guard let vm = vm(worker) else { return .allow }
+        for hook in vm.hooks[.subscribe] ?? [] {
+            let answer = vm.call(hook, .subscribe, results: 1, push: { L in
+                lua_createtable(L, 0, 4)
+                L.setField("client_id", request.clientID)
+                L.setField("username", request.username)
+                L.setField("filter", request.filter)
+                L.setField("qos", Int(request.qos.rawValue))
+                return 1
+            }, read: { L throws(HookResultError) -> SubscribeDecision? in
+                switch lua_type(L, -1) {
+                case LUA_TNIL: return nil
+                case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .allow : .deny
+                case LUA_TNUMBER:
+                    return .rewrite(filter: request.filter, qos: try readQoS(L, -1, "on_subscribe's QoS"))
+                case LUA_TTABLE:
+                    lua_getfield(L, -1, "filter")
+                    let filter = lua_type(L, -1) == LUA_TNIL ? request.filter : try readString(L, -1, "filter")
+                    lua_getfield(L, -2, "qos")
+                    let qos = lua_type(L, -1) == LUA_TNIL ? request.qos : try readQoS(L, -1, "qos")
+                    return .rewrite(filter: filter, qos: qos)
+                default:
+                    throw HookResultError("on_subscribe must return a boolean, a number, a table or nil, not a \(typeName(L, -1))")
+                }
+            })
+            guard let answer else { return failClosed ? .deny : .allow }
+            if let decision = answer { return decision }
+        }
+        return .allow
+    }
+
+    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
+        guard let vm = vm(worker) else { return false }
+        return !vm.publishHooks(for: topic).isEmpty
+    }
+
+    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+        guard let vm = vm(worker), let all = vm.hooks[.publish] else { return .deliver }
+        for index in vm.publishHooks(for: ByteBuffer(string: message.topic)) {
+            let answer = vm.call(all[index], .publish, results: 1, push: { L in
+                lua_createtable(L, 0, 6)
+                L.setField("client_id", client.clientID)
+                L.setField("username", client.username)
+                L.setField("topic", message.topic)
+                L.setField("payload", message.payload)
+                L.setField("qos", Int(message.qos.rawValue))
+                L.setField("retain", message.retain)
+                return 1
+            }, read: { L throws(HookResultError) -> PublishDecision? in
+                switch lua_type(L, -1) {
+                case LUA_TNIL: return nil
+                case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .deliver : .drop
+                case LUA_TTABLE:
+                    // A list of message tables (one in, many out), or one message table.
+                    if lua_rawlen(L, -1) > 0 {
+                        var messages: [HookedMessage] = []
+                        for i in 1...lua_rawlen(L, -1) {
+                            lua_rawgeti(L, -1, lua_Integer(i))
+                            guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
+                            messages.append(try readMessage(L, base: message))
+                            mqlite_pop(L, 1)
+                        }
+                        return .replace(messages)
+                    }
+                    return .replace([try readMessage(L, base: message)])
+                default:
+                    throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
+                }
+            })
+            // A failed on_publish call drops the message.
+            guard let answer else { return .drop }
+            if let decision = answer { return decision }
+        }
+        return .deliver
+    }
+
+    public func connected(_ client: ClientInfo, worker: Int) {
+        notify(.connected, client: client, reason: nil, worker: worker)
+    }
+
+    public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {
+        notify(.disconnected, client: client, reason: reason, worker: worker)
+    }
+
+    private func notify(_ kind: LuaVM.Kind, client: ClientInfo, reason: String?, worker: Int) {
+        guard let vm = vm(worker) else { return }
+        for hook in vm.hooks[kind] ?? [] {
+            _ = vm.call(hook, kind, results: 0, push: { L in
+                pushClient(L, client)
+                guard let reason else { return 1 }
+                L.push(reason)
+                return 2
+            }, read: { _ in () })
+        }
+    }
+}
+
+// MARK: - Reading hook results
+
+private func typeName(_ L: LuaState, _ index: Int32) -> String {
+    String(cString: lua_typename(L, lua_type(L, index)))
+}
+
+private func pushClient(_ L: LuaState, _ client: ClientInfo) {
+    lua_createtable(L, 0, 3)
+    L.setField("client_id", client.clientID)
+    L.setField("username", client.username)
+    L.setField("address", client.address)
+}
+
+private func readString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String {
+    guard lua_type(L, index) == LUA_TSTRING else { throw HookResultError("\(what) must be a string, not a \(typeName(L, index))") }
+    var length = 0
+    let pointer = lua_tolstring(L, index, &length)!
+    return String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self)
+}
+
+private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> QoS {
+    var isInteger: Int32 = 0
+    let value = lua_tointegerx(L, index, &isInteger)
+    guard isInteger != 0, let qos = QoS(rawValue: UInt8(clamping: value)), value >= 0 else {
+        throw HookResultError("\(what) must be 0, 1 or 2")
+    }
+    return qos
+}
+
+/// `{ topic=, payload=, qos=, retain= }` on top of the stack; missing fields keep `base`'s.
+private func readMessage(_ L: LuaState, base: HookedMessage) throws(HookResultError) -> HookedMessage {
+    var message = base
+    lua_getfield(L, -1, "topic")
+    if lua_type(L, -1) != LUA_TNIL { message.topic = try readString(L, -1, "topic") }
+    mqlite_pop(L, 1)
+    lua_getfield(L, -1, "payload")
+    switch lua_type(L, -1) {
+    case LUA_TNIL: break
+    case LUA_TSTRING, LUA_TNUMBER:
+        var length = 0
+        let pointer = lua_tolstring(L, -1, &length)!
+        message.payload = ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
+    default: throw HookResultError("payload must be a string, not a \(typeName(L, -1))")
+    }
+    mqlite_pop(L, 1)
+    lua_getfield(L, -1, "qos")
+    if lua_type(L, -1) != LUA_TNIL { message.qos = try readQoS(L, -1, "qos") }
+    mqlite_pop(L, 1)
+    lua_getfield(L, -1, "retain")
+    switch lua_type(L, -1) {
+    case LUA_TNIL: break
+    case LUA_TBOOLEAN: message.retain = lua_toboolean(L, -1) != 0
+    default: throw HookResultError("retain must be a boolean, not a \(typeName(L, -1))")
+    }
+    mqlite_pop(L, 1)
+    return message
+}
+
+/// `{ publish = {...}, subscribe = {...}, deny = {...} }` on top of the stack.
+private func readACL(_ L: LuaState) throws(HookResultError) -> ACLTable {
+    func list(_ key: String) throws(HookResultError) -> [String]? {
+        lua_getfield(L, -1, key)
+        defer { mqlite_pop(L, 1) }
+        switch lua_type(L, -1) {
+        case LUA_TNIL: return nil
+        case LUA_TTABLE:
+            var patterns: [String] = []
+            let count = lua_rawlen(L, -1)
+            if count > 0 {
+                for i in 1...count {
+                    lua_rawgeti(L, -1, lua_Integer(i))
+                    let pattern = try readString(L, -1, "\(key)[\(i)]")
+                    mqlite_pop(L, 1)
+                    guard (try? Topic.validateFilter(pattern)) != nil else { throw HookResultError("\(key)[\(i)] \"\(pattern)\" is not a valid topic filter") }
+                    patterns.append(pattern)
+                }
+            }
+            return patterns
+        default:
+            throw HookResultError("\(key) must be a list of topic filters, not a \(typeName(L, -1))")
+        }
+    }
+    // An unknown key is a mistake worth failing on: a typo must not silently allow everything.
+    lua_pushnil(L)
+    while lua_next(L, -2) != 0 {
+        let key = lua_type(L, -2) == LUA_TSTRING ? String(cString: lua_tolstring(L, -2, nil)) : "?"
+        mqlite_pop(L, 1)
+        guard ["publish", "subscribe", "deny"].contains(key) else {
+            mqlite_pop(L, 1)
+            throw HookResultError("on_authorize table has unknown key \"\(key)\" (publish, subscribe, deny)")
+        }
+    }
+    return ACLTable(publish: try list("publish"), subscribe: try list("subscribe"), deny: try list("deny") ?? [])
+}
