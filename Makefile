@@ -4,8 +4,9 @@ PYTHON ?= python3
 CONFIG ?= config/mqlite.conf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Debian packages: the test clients (mosquitto_pub/_sub), and Mosquitto itself for `make bench`.
-APT_PACKAGES := mosquitto-clients
+# Debian packages: Lua 5.4 (built against), the test clients (mosquitto_pub/_sub), and Mosquitto
+# itself (mosquitto_passwd for the plugin tests, and the broker `make bench` compares against).
+APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 

@@ -15,7 +15,6 @@ static inline void mqlite_newtable(lua_State *L) { lua_newtable(L); }
 static inline int mqlite_pcall(lua_State *L, int nargs, int nresults, int msgh) {
     return lua_pcall(L, nargs, nresults, msgh);
 }
-static inline int mqlite_loadfile(lua_State *L, const char *path) { return luaL_loadfilex(L, path, "t"); }
 static inline int mqlite_loadstring(lua_State *L, const char *chunk, size_t length, const char *name) {
     return luaL_loadbufferx(L, chunk, length, name, "t");
 }

@@ -103,7 +103,15 @@ final class LuaVM: @unchecked Sendable {
         contexts.append(context)
         let base = lua_gettop(L)
         defer { lua_settop(L, base) }
-        guard mqlite_loadfile(L, plugin.script) == LUA_OK else {
+        // Lua shortens long chunk names in messages; the file name is enough there, since the
+        // error carries the full path.
+        guard let source = FileManager.default.contents(atPath: plugin.script) else {
+            throw ScriptError(script: plugin.script, message: "cannot read the script")
+        }
+        let loaded = source.withUnsafeBytes { bytes in
+            mqlite_loadstring(L, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, "=" + context.name)
+        }
+        guard loaded == LUA_OK else {
             throw ScriptError(script: plugin.script, message: string(at: -1) ?? "cannot load")
         }
         // The script's own environment: its globals persist between calls and are not shared

@@ -150,6 +150,10 @@ struct ConfigFileTests {
             ("[auth]\nallow_anonymous = 1", "auth.allow_anonymous", "must be of type bool"),
             ("colour = \"red\"", "colour", "unknown key"),
             ("limits = 3", "limits", "must be of type table"),
+            ("[[plugin]]\noptions = {}", "plugin[0].script", "is required"),
+            ("[[plugin]]\nscript = \"a.lua\"\nopts = 1", "plugin[0].opts", "unknown key"),
+            ("[scripting]\non_error = \"maybe\"", "scripting.on_error", "must be \"deny\" or \"allow\""),
+            ("[scripting]\ninstruction_limit = 10", "scripting.instruction_limit", "must be from 1000"),
         ])
     func badFiles(text: String, key: String, problem: String) {
         do {
@@ -197,5 +201,29 @@ struct ConfigFileTests {
         #expect(config.limits.maxKeepAlive == defaults.limits.maxKeepAlive)
         #expect(config.limits.connectTimeout == defaults.limits.connectTimeout)
         #expect(config.allowAnonymous == defaults.allowAnonymous)
+        #expect(config.scripting == defaults.scripting)
+        #expect(config.plugins.isEmpty)
+    }
+
+    @Test("[[plugin]] paths are resolved against the config file's folder; options keep their TOML types")
+    func plugins() throws {
+        let config = try ConfigFile.parse(
+            """
+            [[plugin]]
+            script = "plugins/a.lua"
+            options = { file = "passwd", n = 3, ratio = 0.5, on = true, rules = [ { from = "a/+", to = "b/{1}" } ] }
+            [[plugin]]
+            script = "/abs/b.lua"
+            [scripting]
+            instruction_limit = 5000
+            on_error = "allow"
+            """, file: "/etc/mqlite/mqlite.conf")
+        #expect(config.plugins.map(\.script) == ["/etc/mqlite/plugins/a.lua", "/abs/b.lua"])
+        #expect(config.plugins[0].options == [
+            "file": .string("passwd"), "n": .int(3), "ratio": .double(0.5), "on": .bool(true),
+            "rules": .array([.table(["from": .string("a/+"), "to": .string("b/{1}")])]),
+        ])
+        #expect(config.scripting == ScriptingConfiguration(instructionLimit: 5000, onError: .allow))
+        #expect(config.baseDirectory == "/etc/mqlite")
     }
 }

@@ -450,3 +450,102 @@ struct FailureTests {
         }
     }
 }
+
+@Suite("Shipped plugins")
+struct ShippedPluginTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardized
+
+    /// config/mqlite.conf with its plugin examples uncommented.
+    static func shippedConfigWithPlugins() throws -> BrokerConfiguration {
+        let path = root.appendingPathComponent("config/mqlite.conf").path
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+            .split(separator: "\n", omittingEmptySubsequences: false)
+            .map { line -> Substring in
+                for prefix in ["# [[plugin]]", "# script =", "# options ="] where line.hasPrefix(prefix) { return line.dropFirst(2) }
+                return line
+            }
+            .joined(separator: "\n")
+        var config = try ConfigFile.parse(text, file: path)
+        config.workers = 2
+        config.listeners = [ListenAddress(host: "127.0.0.1", port: 0)]
+        return config
+    }
+
+    @Test("config/mqlite.conf's commented plugin examples load and work together against real sockets")
+    func shippedExamples() async throws {
+        let shipped = try Self.shippedConfigWithPlugins()
+        #expect(shipped.plugins.count == 4)
+        var host: ScriptingHost?
+        try await withBroker(
+            configure: { $0 = shipped },
+            makeHooks: { config, logger in
+                host = try ScriptingHost(configuration: config, logger: logger)
+                return host!
+            },
+            prepare: { host?.bind(to: $0) }
+        ) { b in
+            // password_file: unknown user and wrong password refused with CONNACK 4.
+            for (user, password) in [("mallory", "x"), ("alice", "wrong")] {
+                let c = try await TestClient.open(port: b.port)
+                #expect(try await c.connect(ConnectPacket(clientID: user, username: user, password: ByteBuffer(string: password))).returnCode == .badUsernameOrPassword)
+            }
+            let alice = try await b.client("alice-1", username: "alice", password: "secret")
+            let bob = try await b.client("bob-1", username: "bob", password: "hunter2")
+
+            // acl_file: alice reads alice/# but not alice/secret/#; bob may read alice/news only.
+            #expect(try await alice.subscribe([("alice/#", .atMostOnce), ("alice/secret/#", .atMostOnce), ("public/#", .atMostOnce)]) == [.granted(.atMostOnce), .failure, .failure])
+            #expect(try await bob.subscribe([("alice/news", .atMostOnce), ("alice/#", .atMostOnce)]) == [.granted(.atMostOnce), .failure])
+            try await alice.publish("alice/secret/diary", "private")
+            try await alice.publish("alice/news", "hello bob")
+            #expect(try await alice.expectPublish().topicString == "alice/news")
+            #expect(payload(try await bob.expectPublish()) == "hello bob")
+            try await bob.publish("alice/news", "bob cannot write here")
+            try await bob.ping()
+            try await alice.expectNothing()
+
+            // Patterns: devices/%c/# writable, devices/%c/cmd readable by that client.
+            let device = try await b.client("dev7", username: "bob", password: "hunter2")
+            #expect(try await device.subscribe([("devices/dev7/cmd", .atMostOnce), ("devices/dev8/cmd", .atMostOnce)]) == [.granted(.atMostOnce), .failure])
+
+            #expect(host!.failureCount == 0)
+        }
+    }
+
+    @Test("topic_rewrite maps wildcard levels into the new topic; json_envelope wraps payloads")
+    func rewriteAndEnvelope() async throws {
+        let rewrite = try String(contentsOf: Self.root.appendingPathComponent("plugins/topic_rewrite.lua"), encoding: .utf8)
+        let envelope = try String(contentsOf: Self.root.appendingPathComponent("plugins/json_envelope.lua"), encoding: .utf8)
+        let options: [[String: ConfigValue]] = [
+            ["rules": .array([
+                .table(["from": .string("legacy/+/temp"), "to": .string("sensors/{1}/temperature")]),
+                .table(["from": .string("old/+/x/#"), "to": .string("new/{2}/{1}")]),
+            ])],
+            ["filters": .array([.string("telemetry/#")])],
+        ]
+        try await withScripts([rewrite, envelope], options: options) { b, host, _ in
+            let sub = try await b.client("sub")
+            try await sub.subscribe("#")
+            let pub = try await b.client("gateway-7")
+            try await pub.publish("legacy/boiler/temp", "71.5")
+            let r1 = try await sub.expectPublish()
+            #expect(r1.topicString == "sensors/boiler/temperature" && payload(r1) == "71.5")
+            try await pub.publish("old/a/x/b/c", "deep")
+            #expect(try await sub.expectPublish().topicString == "new/b/c/a")
+            try await pub.publish("telemetry/engine", "rpm=900")
+            let wrapped = try await sub.expectPublish()
+            #expect(wrapped.topicString == "telemetry/engine")
+            let json = try JSONSerialization.jsonObject(with: Data(payload(wrapped).utf8)) as! [String: Any]
+            #expect(json["client_id"] as? String == "gateway-7")
+            #expect(json["topic"] as? String == "telemetry/engine")
+            #expect(json["payload"] as? String == "rpm=900")
+            #expect(abs((json["time"] as? Double ?? 0) - Date().timeIntervalSince1970) < 5)
+            try await pub.publish("other/topic", "untouched")
+            #expect(payload(try await sub.expectPublish()) == "untouched")
+            // Binary payloads cannot be wrapped in JSON: dropped and counted.
+            try await pub.publish("telemetry/bin", ByteBuffer(bytes: [0xFF, 0xFE]))
+            try await pub.ping()
+            try await sub.expectNothing()
+            #expect(host.failureCount == 1)
+        }
+    }
+}

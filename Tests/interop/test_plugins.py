@@ -1,0 +1,107 @@
+"""The shipped Lua plugins against clients nobody here wrote, on the real binary."""
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from conftest import BINARY, ROOT, Broker, wait_for
+from test_interop import paho_client, pub, start, sub_process
+
+PLUGINS = ROOT / "plugins"
+
+
+def config(tmp_path, plugins):
+    text = '[server]\nworkers = 2\n[[listener]]\nbind = "127.0.0.1:0"\n'
+    for script, options in plugins:
+        text += f'[[plugin]]\nscript = "{PLUGINS / script}"\noptions = {options}\n'
+    path = tmp_path / "mqlite.conf"
+    path.write_text(text)
+    return path
+
+
+def mosquitto_passwd(path, user, password, *extra):
+    subprocess.run(["mosquitto_passwd", *extra, "-b", str(path), user, password], check=True)
+
+
+def start_broker(path):
+    return Broker(["-c", str(path)])
+
+
+def test_password_file_written_by_mosquitto_passwd(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    mosquitto_passwd(passwd, "alice", "secret")              # $7$ (PBKDF2-SHA512)
+    mosquitto_passwd(passwd, "carol", "pw6", "-H", "sha512")  # $6$ (SHA-512)
+    b = start_broker(config(tmp_path, [("password_file.lua", '{ password_file = "passwd" }')]))
+    try:
+        pub(b.port, "-u", "alice", "-P", "secret", "-t", "t", "-m", "ok")
+        pub(b.port, "-u", "carol", "-P", "pw6", "-t", "t", "-m", "ok")
+        for user, password in [("alice", "wrong"), ("mallory", "secret")]:
+            r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-u", user, "-P", password,
+                                "-t", "t", "-m", "x"], capture_output=True, text=True, timeout=10)
+            assert r.returncode != 0 and "bad user name or password" in r.stderr.lower()
+
+        c = paho_client("paho-alice")
+        c.username_pw_set("alice", "secret")
+        start(c, b.port)
+        assert not c.connect_rc.is_failure
+        c.disconnect()
+        c.loop_stop()
+
+        # SIGHUP re-reads the file: a password changed with mosquitto_passwd takes effect.
+        mosquitto_passwd(passwd, "alice", "changed")
+        b.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "scripts reloaded" in b.log())
+        pub(b.port, "-u", "alice", "-P", "changed", "-t", "t", "-m", "ok")
+        r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-u", "alice", "-P", "secret",
+                            "-t", "t", "-m", "x"], capture_output=True, text=True, timeout=10)
+        assert r.returncode != 0
+
+        # A reload that fails keeps the running scripts.
+        passwd.write_text("a line without a colon\n")
+        b.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload failed" in b.log())
+        pub(b.port, "-u", "alice", "-P", "changed", "-t", "t", "-m", "still ok")
+    finally:
+        assert b.stop() == 0
+
+
+def test_acl_file_and_rewrite_with_mosquitto_clients(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    mosquitto_passwd(passwd, "alice", "secret")
+    (tmp_path / "acl").write_text("user alice\ntopic readwrite alice/#\ntopic deny alice/secret/#\ntopic read sensors/#\n"
+                                  "pattern write legacy/%c/#\n")
+    b = start_broker(config(tmp_path, [
+        ("password_file.lua", '{ password_file = "passwd" }'),
+        ("acl_file.lua", '{ acl_file = "acl" }'),
+        ("topic_rewrite.lua", '{ rules = [ { from = "legacy/+/temp", to = "alice/{1}/temperature" } ] }'),
+    ]))
+    try:
+        auth = ["-u", "alice", "-P", "secret"]
+        sub = sub_process(b.port, *auth, "-t", "alice/#", "-v", "-C", "2")
+        time.sleep(0.5)
+        pub(b.port, *auth, "-t", "alice/secret/plans", "-m", "hidden")       # denied
+        pub(b.port, *auth, "-t", "elsewhere", "-m", "not allowed")            # not writable
+        pub(b.port, *auth, "-i", "boiler", "-t", "legacy/boiler/temp", "-m", "71")  # rewritten
+        pub(b.port, *auth, "-t", "alice/notes", "-m", "visible")
+        out, err = sub.communicate(timeout=15)
+        assert out.splitlines() == ["alice/boiler/temperature 71", "alice/notes visible"], err
+
+        denied = sub_process(b.port, *auth, "-t", "alice/secret/#", "-C", "1", "-W", "2")
+        _, err = denied.communicate(timeout=15)
+        assert "denied" in err.lower()
+    finally:
+        assert b.stop() == 0
+
+
+def test_broken_plugin_stops_startup_with_path_and_line(tmp_path):
+    script = tmp_path / "broken.lua"
+    script.write_text("local ok = true\nmqlite.on_connect(function(c)\n  return true\n-- missing end\n")
+    path = tmp_path / "mqlite.conf"
+    path.write_text(f'[[plugin]]\nscript = "{script}"\n')
+    r = subprocess.run([BINARY, "-c", str(path), "--check"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert str(script) in r.stderr and "broken.lua:5:" in r.stderr and "'end' expected" in r.stderr, r.stderr
