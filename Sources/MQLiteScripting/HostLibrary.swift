@@ -263,7 +263,7 @@ enum HostLibrary {
     static let jsonEncode: Function = { L in
         let L = L!
         do {
-            let data = try JSONSerialization.data(withJSONObject: try LuaJSON.toJSON(L, 1, depth: 0), options: [.fragmentsAllowed, .sortedKeys])
+            let data = try JSONSerialization.data(withJSONObject: try LuaJSON.toJSON(L, 1, depth: 0), options: [.fragmentsAllowed, .sortedKeys, .withoutEscapingSlashes])
             data.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
             return 1
         } catch let error as HookResultError {
