@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "mqlite", targets: ["mqlite"]),
+        .executable(name: "mqlite-bench", targets: ["mqlite-bench"]),
         .library(name: "MQTTCore", targets: ["MQTTCore"]),
         .library(name: "MQLiteBroker", targets: ["MQLiteBroker"]),
     ],
@@ -60,6 +61,16 @@ let package = Package(
                 "MQLiteScripting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Load generator for the side-by-side benchmark with Mosquitto (`make bench`).
+        .executableTarget(
+            name: "mqlite-bench",
+            dependencies: [
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         // Shared by the test targets: broker fixture and a minimal MQTT client.

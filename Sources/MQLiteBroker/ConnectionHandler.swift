@@ -19,9 +19,11 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     private let broker: Broker
     private let worker: Worker
-    private var logger: Logger
     private var context: ChannelHandlerContext?
-    private let decoder: NIOSingleStepByteToMessageProcessor<MQTTDecoder>
+    private var decoder: MQTTDecoder
+    /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
+    /// connection holds no read buffer.
+    private var cumulation: ByteBuffer?
     private var state = State.awaitingConnect
     private var session: Session?
     private var clientID = ""
@@ -50,9 +52,16 @@ final class ConnectionHandler: ChannelInboundHandler {
     init(broker: Broker, worker: Worker) {
         self.broker = broker
         self.worker = worker
-        self.logger = broker.logger
-        let limit = broker.configuration.limits.maxPacketSize
-        self.decoder = NIOSingleStepByteToMessageProcessor(MQTTDecoder(maxPacketSize: limit), maximumBufferSize: limit + 5)
+        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize)
+    }
+
+    /// The broker's logger with this connection's client id and address. Built only when a line
+    /// is logged, so connections carry no metadata storage.
+    private var logger: Logger {
+        var logger = broker.logger
+        logger[metadataKey: "address"] = "\(address)"
+        if !clientID.isEmpty { logger[metadataKey: "client"] = "\(clientID)" }
+        return logger
     }
 
     private var clientInfo: ClientInfo { ClientInfo(clientID: clientID, username: username, address: address) }
@@ -65,7 +74,6 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     func channelActive(context: ChannelHandlerContext) {
         address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-        logger[metadataKey: "address"] = "\(address)"
         worker.connections[ObjectIdentifier(self)] = self
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
         counted = true
@@ -89,11 +97,22 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let buffer = unwrapInboundIn(data)
+        var buffer = unwrapInboundIn(data)
         if keepAlive != .zero { lastRead = .now() }
+        if var pending = cumulation {
+            cumulation = nil
+            pending.writeBuffer(&buffer)
+            buffer = pending
+        }
         do {
-            try decoder.process(buffer: buffer) { packet in
-                self.handle(packet)
+            while let packet = try decoder.decode(buffer: &buffer) {
+                handle(packet)
+                if case .closed = state { return }
+            }
+            // Keep only an incomplete packet, moved to the front so the buffer does not grow.
+            if buffer.readableBytes > 0 {
+                buffer.discardReadBytes()
+                cumulation = buffer
             }
         } catch let error as MQTTProtocolError {
             if case .unsupportedProtocol = error, case .awaitingConnect = state {
@@ -103,6 +122,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         } catch {
             fail("\(error)")
         }
+    }
+
+    /// One read batch is done: flush what it produced, for every connection it wrote to.
+    func channelReadComplete(context: ChannelHandlerContext) {
+        worker.flushDirty()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -152,7 +176,10 @@ final class ConnectionHandler: ChannelInboundHandler {
         case .pingreq:
             writePacket(.pingresp)
         case .disconnect:
+            // The will is discarded; anything after DISCONNECT is ignored.
             disconnectedCleanly = true
+            detach(publishWill: false, reason: "disconnected")
+            flushOutput()
             context?.close(promise: nil)
         case .connect:
             fail("second CONNECT")
@@ -174,7 +201,6 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
         self.clientID = clientID
         self.username = connect.username
-        logger[metadataKey: "client"] = "\(clientID)"
 
         let request = ConnectRequest(
             clientID: clientID, username: connect.username, password: connect.password, address: address,
@@ -356,6 +382,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// session is released at once, so the caller may hand it to another worker right after.
     func kick(reason: String) {
         logger.info("closing connection: \(reason)")
+        flushOutput()
         detach(publishWill: true, reason: reason)
         context?.close(promise: nil)
     }

@@ -28,7 +28,8 @@ final class Session: @unchecked Sendable {
     var connection: ConnectionHandler?
     var subscriptions: [String: QoS] = [:]
     private(set) var inflight: [Inflight] = []
-    private(set) var queue = CircularBuffer<Delivery>()
+    /// Starts with room for one: most sessions never queue, and an idle connection should cost little.
+    private(set) var queue = CircularBuffer<Delivery>(initialCapacity: 1)
     var awaitingPubrel: Set<UInt16> = []
     private var lastPacketID: UInt16 = 0
     /// Messages dropped since the queue last drained (for one log line per episode).

@@ -64,8 +64,10 @@ final class Worker: @unchecked Sendable {
 
     // MARK: - Output batching
 
-    /// Registers a connection with unflushed output; all of them are flushed once, after the
-    /// loop has handled the current batch of reads and tasks.
+    /// Registers a connection with unflushed output. Everything dirty is flushed when the
+    /// connection whose packets caused it finishes its read batch (`flushDirty` from
+    /// channelReadComplete) or, for output from anywhere else (mailbox, timers), once the loop
+    /// has handled its current batch of events.
     func markDirty(_ connection: ConnectionHandler) {
         dirty.append(connection)
         if !flushScheduled {
@@ -74,8 +76,9 @@ final class Worker: @unchecked Sendable {
         }
     }
 
-    private func flushDirty() {
+    func flushDirty() {
         flushScheduled = false
+        if dirty.isEmpty { return }
         let batch = dirty
         dirty.removeAll(keepingCapacity: true)
         for connection in batch { connection.flushOutput() }

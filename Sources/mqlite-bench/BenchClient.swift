@@ -1,0 +1,168 @@
+import MQTTCore
+import NIOCore
+import NIOPosix
+
+/// What the benchmark needs to know of an incoming packet: no topic or payload copies.
+enum BenchEvent: Equatable {
+    case connack(code: UInt8)
+    case suback
+    case puback
+    /// A PUBLISH; `timestamp` is the first 8 payload bytes (send time, ns) when asked for.
+    case publish(qos: UInt8, packetID: UInt16, timestamp: UInt64)
+    case other
+}
+
+/// A light decoder: reads fixed headers and only the fields the benchmark uses.
+struct BenchDecoder: NIOSingleStepByteToMessageDecoder {
+    typealias InboundOut = BenchEvent
+    let readTimestamps: Bool
+
+    mutating func decode(buffer: inout ByteBuffer) throws -> BenchEvent? {
+        let start = buffer.readerIndex
+        guard let first: UInt8 = buffer.getInteger(at: start) else { return nil }
+        var length = 0
+        var multiplier = 1
+        var offset = 1
+        while true {
+            guard let byte: UInt8 = buffer.getInteger(at: start + offset) else { return nil }
+            length += Int(byte & 0x7F) * multiplier
+            offset += 1
+            if byte & 0x80 == 0 { break }
+            multiplier *= 128
+        }
+        guard buffer.readableBytes >= offset + length else { return nil }
+        defer { buffer.moveReaderIndex(to: start + offset + length) }
+        let body = start + offset
+        switch first >> 4 {
+        case 2: return .connack(code: buffer.getInteger(at: body + 1) ?? 255)
+        case 9: return .suback
+        case 4: return .puback
+        case 3:
+            let qos = (first >> 1) & 3
+            let topicLength = Int(buffer.getInteger(at: body, as: UInt16.self) ?? 0)
+            var cursor = body + 2 + topicLength
+            var id: UInt16 = 0
+            if qos > 0 {
+                id = buffer.getInteger(at: cursor) ?? 0
+                cursor += 2
+            }
+            let timestamp: UInt64 = readTimestamps ? (buffer.getInteger(at: cursor) ?? 0) : 0
+            return .publish(qos: qos, packetID: id, timestamp: timestamp)
+        default: return .other
+        }
+    }
+
+    mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> BenchEvent? {
+        try decode(buffer: &buffer)
+    }
+}
+
+/// One benchmark connection. Everything runs on the benchmark's single event loop.
+final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = BenchEvent
+    typealias OutboundOut = ByteBuffer
+
+    var context: ChannelHandlerContext?
+    var onEvent: (BenchConnection, BenchEvent) -> Void = { _, _ in }
+    var onReadComplete: (BenchConnection) -> Void = { _ in }
+    var onClose: () -> Void = {}
+    /// PUBACKs owed to the broker, written once per read batch.
+    var pendingAcks: ByteBuffer?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        onEvent(self, unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let acks = pendingAcks, acks.readableBytes > 0 {
+            context.write(wrapOutboundOut(acks), promise: nil)
+            pendingAcks = nil
+        }
+        onReadComplete(self)
+        context.flush()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) { onClose() }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+
+    func ack(_ id: UInt16) {
+        if pendingAcks == nil { pendingAcks = context?.channel.allocator.buffer(capacity: 256) }
+        pendingAcks!.writeInteger(UInt8(0x40))
+        pendingAcks!.writeInteger(UInt8(2))
+        pendingAcks!.writeInteger(id)
+    }
+
+    func write(_ buffer: ByteBuffer) {
+        context?.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func flush() { context?.flush() }
+
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    /// Opens a connection, sends CONNECT and completes on CONNACK 0.
+    static func connect(
+        on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true
+    ) -> EventLoopFuture<BenchConnection> {
+        let promise = loop.makePromise(of: BenchConnection.self)
+        let handler = BenchConnection()
+        ClientBootstrap(group: loop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(BenchDecoder(readTimestamps: readTimestamps)))
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+            .connect(host: host, port: port)
+            .whenComplete { result in
+                switch result {
+                case .failure(let error):
+                    promise.fail(error)
+                case .success(let channel):
+                    let connection = handler
+                    guard sendConnect else { return promise.succeed(connection) }
+                    connection.onEvent = { c, event in
+                        if case .connack(let code) = event {
+                            c.onEvent = { _, _ in }
+                            if code == 0 { promise.succeed(c) } else { promise.fail(BenchError("CONNACK \(code) for \(clientID)")) }
+                        }
+                    }
+                    var buffer = channel.allocator.buffer(capacity: 64)
+                    buffer.writeMQTTPacket(.connect(ConnectPacket(cleanSession: true, keepAlive: 0, clientID: clientID)))
+                    channel.writeAndFlush(buffer, promise: nil)
+                }
+            }
+        return promise.futureResult
+    }
+
+    /// Subscribes and completes on SUBACK.
+    func subscribe(_ filter: String, qos: QoS) -> EventLoopFuture<Void> {
+        guard let context else { return context!.eventLoop.makeFailedFuture(BenchError("not connected")) }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        let previous = onEvent
+        onEvent = { c, event in
+            if event == .suback {
+                c.onEvent = previous
+                promise.succeed(())
+            } else {
+                previous(c, event)
+            }
+        }
+        var buffer = context.channel.allocator.buffer(capacity: 64)
+        buffer.writeMQTTPacket(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: filter, qos: qos)])))
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        return promise.futureResult
+    }
+
+    func close() { context?.close(promise: nil) }
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,162 @@
+import ArgumentParser
+import Foundation
+import MQTTCore
+import NIOCore
+import NIOPosix
+
+/// `mqlite-bench`: drives any MQTT 3.1.1 broker on 127.0.0.1 and prints one JSON line of results.
+@main
+struct MQLiteBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mqlite-bench",
+        abstract: "Load generator for MQTT 3.1.1 brokers (fan-in, fan-out, pairs, latency, connections).",
+        discussion: """
+            Throughput scenarios report deliveries per second over the measured interval, then stop \
+            sending, wait for every outstanding message and report loss; a run that lost messages \
+            exits 1. Publishers keep at most --window deliveries outstanding (and, at QoS 1, at most \
+            100 unacknowledged messages each).
+            """
+    )
+
+    enum Scenario: String, ExpressibleByArgument, CaseIterable {
+        case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections
+    }
+
+    @Argument(help: "fan-in, fan-out, pairs, latency or connections")
+    var scenario: Scenario
+    @Option var host = "127.0.0.1"
+    @Option var port = 1883
+    @Option(help: "QoS of publishes and subscriptions (0 or 1; latency always uses 0)") var qos = 0
+    @Option(help: "Payload bytes") var payload = 16
+    @Option(help: "Publishers (fan-in, pairs, latency) or subscribers (fan-out)") var clients = 10
+    @Option(help: "Seconds before measuring") var warmup = 1.0
+    @Option(help: "Seconds measured") var duration = 3.0
+    @Option(help: "Most deliveries outstanding per subscriber (default: by payload size and QoS; keep it under the broker's max_queued + max_inflight)") var window: Int?
+    @Option(help: "latency: messages per second per publisher") var rate = 2000
+    @Option(help: "connections: how many idle clients") var connections = 10_000
+    @Option(help: "connections: broker pid, for its resident memory") var pid: Int?
+    @Option(help: "Topic prefix") var prefix = "bench"
+    @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
+
+    func run() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let result: [String: Any]
+        do {
+            switch scenario {
+            case .fanIn, .fanOut, .pairs:
+                result = try await throughput(loop: loop, shape: Shape(rawValue: scenario.rawValue)!)
+            case .latency:
+                result = try await latency(loop: loop)
+            case .connections:
+                result = try await idleConnections(loop: loop)
+            }
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+        try? await group.shutdownGracefully()
+        let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+        print(String(decoding: data, as: UTF8.self))
+        if let lost = result["lost"] as? Int, lost != 0 {
+            FileHandle.standardError.write(Data("mqlite-bench: \(lost) messages lost\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+
+    private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false) async throws -> BenchConnection {
+        try await BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps).get()
+    }
+
+    private func makePayload(_ size: Int) -> ByteBuffer {
+        ByteBuffer(bytes: (0..<max(size, 8)).map { UInt8(truncatingIfNeeded: $0) })
+    }
+
+    private func throughput(loop: any EventLoop, shape: Shape) async throws -> [String: Any] {
+        let q = QoS(rawValue: UInt8(qos)) ?? .atMostOnce
+        let body = ByteBuffer(bytes: (0..<payload).map { UInt8(truncatingIfNeeded: $0) })
+        var publishers: [Publisher] = []
+        var subscribers: [BenchConnection] = []
+        switch shape {
+        case .fanIn:
+            let sub = try await connect(loop, "sub")
+            try await sub.subscribe("\(prefix)/in/+", qos: q).get()
+            subscribers = [sub]
+            for i in 0..<clients {
+                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)"), topic: "\(prefix)/in/\(i)", payload: body, qos: q))
+            }
+        case .fanOut:
+            for i in 0..<clients {
+                let sub = try await connect(loop, "sub\(i)")
+                try await sub.subscribe("\(prefix)/out", qos: q).get()
+                subscribers.append(sub)
+            }
+            publishers = [Publisher(connection: try await connect(loop, "pub"), topic: "\(prefix)/out", payload: body, qos: q)]
+        case .pairs:
+            for i in 0..<clients {
+                let sub = try await connect(loop, "sub\(i)")
+                try await sub.subscribe("\(prefix)/pair/\(i)", qos: q).get()
+                subscribers.append(sub)
+                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)"), topic: "\(prefix)/pair/\(i)", payload: body, qos: q))
+            }
+        }
+        // Enough in flight to keep the pipe full, not so much that a broker must queue megabytes or
+        // go past its queue limit (1000 queued + in flight in `make bench`).
+        let defaultWindow = payload >= 32 * 1024 ? 64 : q == .atMostOnce ? 1000 : 500
+        let windowSize = window ?? defaultWindow
+        let run = try await loop.submit {
+            ThroughputRun(loop: loop, shape: shape, qos: q, publishers: publishers, subscribers: subscribers, window: windowSize)
+        }.get()
+        let result = try await loop.flatSubmit {
+            run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(10))
+        }.get()
+        try await loop.submit {
+            for c in subscribers { c.close() }
+            for p in publishers { p.connection.close() }
+        }.get()
+        _ = run
+        return [
+            "scenario": shape.rawValue, "qos": qos, "payload": payload, "clients": clients,
+            "rate": result.deliveriesPerSecond.rounded(), "published": result.published,
+            "expected": result.expected, "delivered": result.delivered, "lost": result.lost,
+        ]
+    }
+
+    private func latency(loop: any EventLoop) async throws -> [String: Any] {
+        var pairs: [(Publisher, BenchConnection)] = []
+        for i in 0..<clients {
+            let sub = try await connect(loop, "lsub\(i)", timestamps: true)
+            try await sub.subscribe("\(prefix)/lat/\(i)", qos: .atMostOnce).get()
+            let pub = Publisher(connection: try await connect(loop, "lpub\(i)"), topic: "\(prefix)/lat/\(i)", payload: makePayload(payload), qos: .atMostOnce)
+            pairs.append((pub, sub))
+        }
+        let run = try await loop.submit { LatencyRun(loop: loop, pairs: pairs, ratePerPublisher: rate) }.get()
+        let r = try await loop.flatSubmit {
+            run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(1))
+        }.get()
+        try await loop.submit { for (p, s) in pairs { p.connection.close(); s.close() } }.get()
+        return ["scenario": "latency", "clients": clients, "rate_per_client": rate, "payload": payload,
+                "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost]
+    }
+
+    private func idleConnections(loop: any EventLoop) async throws -> [String: Any] {
+        guard let pid, let before = residentBytes(pid: pid) else { throw ValidationError("connections needs --pid of the broker") }
+        var open: [BenchConnection] = []
+        let batch = 250
+        var index = 0
+        while index < connections {
+            let count = min(batch, connections - index)
+            let futures = (0..<count).map { i in
+                BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-idle-\(index + i)", sendConnect: !tcpOnly)
+            }
+            for f in futures { open.append(try await f.get()) }
+            index += count
+        }
+        try await Task.sleep(for: .seconds(1))
+        let after = residentBytes(pid: pid) ?? before
+        let snapshot = open
+        try await loop.submit { for c in snapshot { c.close() } }.get()
+        return ["scenario": "connections", "connections": connections, "rss_before": before, "rss_after": after,
+                "bytes_per_connection": Double(after - before) / Double(connections), "lost": 0]
+    }
+}
