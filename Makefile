@@ -10,7 +10,7 @@ APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 
-.PHONY: deps test-deps build build-release run test clean
+.PHONY: deps test-deps build build-release run test bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +34,10 @@ test: test-deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 	MQLITE_BIN=.build/debug/mqlite $(PYTHON) -m pytest -q Tests/interop
+
+# Side by side with Mosquitto (release build, pinned with taskset); writes bench/results.md.
+bench: build-release
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf .build

@@ -19,6 +19,10 @@ static inline int mqlite_loadstring(lua_State *L, const char *chunk, size_t leng
     return luaL_loadbufferx(L, chunk, length, name, "t");
 }
 
+/// Generational garbage collection: hook calls leave short-lived tables behind, which is what
+/// it is made for. (lua_gc is variadic, so Swift cannot call it directly.)
+static inline void mqlite_gc_generational(lua_State *L) { lua_gc(L, LUA_GCGEN, 0, 0); }
+
 /// A Swift function callable from Lua. It returns the number of results it pushed, or -1 after
 /// pushing an error message: the C trampoline then raises the Lua error, outside Swift frames.
 typedef int (*mqlite_swift_function)(lua_State *L);

@@ -64,7 +64,8 @@ final class ConnectionHandler: ChannelInboundHandler {
         return logger
     }
 
-    private var clientInfo: ClientInfo { ClientInfo(clientID: clientID, username: username, address: address) }
+    /// Who this client is, for hooks; built once the client id and user name are known.
+    private var clientInfo = ClientInfo(clientID: "", username: nil, address: "?")
 
     // MARK: - Channel events
 
@@ -201,6 +202,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
         self.clientID = clientID
         self.username = connect.username
+        self.clientInfo = ClientInfo(clientID: clientID, username: connect.username, address: address)
 
         let request = ConnectRequest(
             clientID: clientID, username: connect.username, password: connect.password, address: address,
@@ -287,18 +289,24 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func route(_ publish: PublishPacket) {
         guard mayPublish(publish.topic) else { return }
         let message = Message(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
-        guard broker.hooks.isPublishHooked(topic: publish.topic, worker: worker.index) else {
-            worker.publish(message)
+        let route = worker.route(for: publish.topic)
+        guard route.hooked else {
+            worker.publish(message, along: route)
             return
         }
         let hooked = HookedMessage(topic: publish.topicString, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
         case .deliver:
-            worker.publish(message)
+            worker.publish(message, along: route)
         case .drop:
             break
         case .replace(let messages):
             for m in messages {
+                // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
+                if m.topic == hooked.topic {
+                    worker.publish(Message(topic: publish.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+                    continue
+                }
                 do {
                     try Topic.validateName(m.topic)
                 } catch {

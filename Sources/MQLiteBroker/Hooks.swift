@@ -103,9 +103,12 @@ public protocol BrokerHooks: Sendable {
     func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
     /// Subscribe authorisation, once per filter.
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
-    /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see. Called for every
-    /// PUBLISH, so it must be cheap; `false` keeps the message on the zero-copy path.
+    /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see; `false` keeps the
+    /// message on the zero-copy path. The broker caches the answer per topic and worker (in its
+    /// route cache) until `publishHookGeneration` changes.
     func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool
+    /// Changes whenever the answers of `isPublishHooked` may have changed (a reload).
+    var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
     /// Notifications.
@@ -118,6 +121,7 @@ extension BrokerHooks {
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}

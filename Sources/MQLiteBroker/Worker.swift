@@ -10,19 +10,24 @@ import Synchronization
 final class Worker: @unchecked Sendable {
     let index: Int
     let loop: any EventLoop
-    unowned let broker: Broker
+    /// The broker owns its workers and outlives them: no reference counting on the hot path.
+    unowned(unsafe) let broker: Broker
 
     private let mailbox = Mutex<[(Session, Delivery)]>([])
 
     // MARK: Loop-only state
     private var dirty: [ConnectionHandler] = []
     private var flushScheduled = false
-    private var routeCache: [ByteBuffer: CachedRoute] = [:]
+    private var routeCache: [ByteBuffer: Route] = [:]
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
 
-    private struct CachedRoute {
+    /// What this worker knows about a topic: its subscribers, and whether publish hooks want
+    /// it. Valid while neither the subscriptions nor the hooks have changed.
+    struct Route {
         var generation: Int
+        var hookGeneration: Int
         var targets: [(session: Session, qos: QoS)]
+        var hooked: Bool
     }
 
     private static let routeCacheLimit = 10_000
@@ -89,12 +94,13 @@ final class Worker: @unchecked Sendable {
     /// Stores or clears a retained message, then routes the message to every matching
     /// subscriber. On this worker's loop.
     func publish(_ message: Message) {
-        if message.retain { broker.retain(message) }
-        route(message)
+        publish(message, along: route(for: message.topic))
     }
 
-    private func route(_ message: Message) {
-        let targets = lookup(message.topic)
+    /// As `publish(_:)`, with the route already looked up.
+    func publish(_ message: Message, along route: Route) {
+        if message.retain { broker.retain(message) }
+        let targets = route.targets
         if targets.isEmpty { return }
         var qos0Frame: ByteBuffer?
         for target in targets {
@@ -113,14 +119,21 @@ final class Worker: @unchecked Sendable {
         }
     }
 
-    /// Subscribers for a topic, from this worker's cache while the subscription set is unchanged.
-    private func lookup(_ topic: ByteBuffer) -> [(session: Session, qos: QoS)] {
+    /// The route of a topic, from this worker's cache while subscriptions and hooks are unchanged:
+    /// one hash lookup per publish covers both "who subscribes" and "is it hooked".
+    func route(for topic: ByteBuffer) -> Route {
         let generation = broker.subscriptionGeneration.load(ordering: .acquiring)
-        if let cached = routeCache[topic], cached.generation == generation { return cached.targets }
+        let hookGeneration = broker.hooks.publishHookGeneration
+        if let cached = routeCache[topic], cached.generation == generation, cached.hookGeneration == hookGeneration {
+            return cached
+        }
         let (targets, current) = broker.matchSubscribers(topic: String(buffer: topic))
+        let route = Route(
+            generation: current, hookGeneration: hookGeneration, targets: targets,
+            hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
         if routeCache.count >= Self.routeCacheLimit { routeCache.removeAll(keepingCapacity: true) }
         // The key is copied so that the cache does not pin the read buffer.
-        routeCache[ByteBuffer(bytes: topic.readableBytesView)] = CachedRoute(generation: current, targets: targets)
-        return targets
+        routeCache[ByteBuffer(bytes: topic.readableBytesView)] = route
+        return route
     }
 }

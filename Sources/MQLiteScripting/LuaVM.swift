@@ -16,7 +16,8 @@ public struct ScriptError: Error, CustomStringConvertible, Sendable {
 /// What one script sees while it loads and runs: its own `mqlite` table and `_ENV`. The C
 /// functions of the host library find it through their upvalue.
 final class ScriptContext {
-    unowned let vm: LuaVM
+    /// The VM owns its contexts and outlives them.
+    unowned(unsafe) let vm: LuaVM
     let script: String
     /// Short name for logs (the file name).
     let name: String
@@ -46,13 +47,14 @@ final class LuaVM: @unchecked Sendable {
 
     let L: LuaState
     let worker: Int
-    unowned let host: ScriptingHost
+    /// The host owns its VMs and outlives them.
+    unowned(unsafe) let host: ScriptingHost
     private var contexts: [ScriptContext] = []
     private(set) var hooks: [Kind: [Hook]] = [:]
     /// on_publish filters → index into `hooks[.publish]`.
     private let publishFilters = TopicTrie<Int, Void>()
-    /// Topic bytes → indices of the on_publish hooks that match it, in load order.
-    private var publishMatches: [ByteBuffer: [Int]] = [:]
+    /// Topic → indices of the on_publish hooks that match it, in load order.
+    private var publishMatches: [String: [Int]] = [:]
     /// Set while a script's main chunk runs: hooks may be registered only then.
     var loading: ScriptContext?
 
@@ -63,6 +65,7 @@ final class LuaVM: @unchecked Sendable {
         self.L = state
         self.worker = worker
         self.host = host
+        mqlite_gc_generational(state)
         openSafeLibraries()
         for plugin in host.plugins {
             try load(plugin)
@@ -174,14 +177,14 @@ final class LuaVM: @unchecked Sendable {
     }
 
     /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per topic.
-    func publishHooks(for topic: ByteBuffer) -> [Int] {
+    func publishHooks(for topic: String) -> [Int] {
         if publishFilters.count == 0 { return [] }
         if let cached = publishMatches[topic] { return cached }
         var indices: [Int] = []
-        publishFilters.forEachMatch(topic: String(buffer: topic)) { index, _ in indices.append(index) }
+        publishFilters.forEachMatch(topic: topic) { index, _ in indices.append(index) }
         indices.sort()
         if publishMatches.count >= Self.matchCacheLimit { publishMatches.removeAll(keepingCapacity: true) }
-        publishMatches[ByteBuffer(bytes: topic.readableBytesView)] = indices
+        publishMatches[topic] = indices
         return indices
     }
 

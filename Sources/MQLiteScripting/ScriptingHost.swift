@@ -23,7 +23,9 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     private let slots: [Slot]
     private let generation = Atomic<Int>(0)
     private let pending = Mutex<[LuaVM?]>([])
-    private let brokerRef = Mutex<WeakBroker>(WeakBroker())
+    /// Set once by `bind(to:)` before the broker starts. Not retained (the broker holds this host),
+    /// and not weak: a weak reference would put the broker's refcounts on the slow path.
+    nonisolated(unsafe) private(set) unowned(unsafe) var broker: Broker?
     private let failures = Atomic<Int>(0)
     private let lastLogged = Mutex<[String: ContinuousClock.Instant]>([:])
 
@@ -31,10 +33,6 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     private final class Slot {
         var vm: LuaVM?
         var generation = 0
-    }
-
-    private struct WeakBroker {
-        weak var value: Broker?
     }
 
     /// Loads every plugin of `configuration` into one VM per worker. A script that fails to load
@@ -52,12 +50,11 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         }
     }
 
-    /// Lets `mqlite.publish` reach the broker.
+    /// Lets `mqlite.publish` reach the broker. Call before the broker starts; the broker must
+    /// outlive its hooks (it does: it owns them).
     public func bind(to broker: Broker) {
-        brokerRef.withLock { $0.value = broker }
+        self.broker = broker
     }
-
-    var broker: Broker? { brokerRef.withLock { $0.value } }
 
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
@@ -204,14 +201,17 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return .allow
     }
 
+    public var publishHookGeneration: Int { generation.load(ordering: .acquiring) }
+
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
         guard let vm = vm(worker) else { return false }
-        return !vm.publishHooks(for: topic).isEmpty
+        // Asked once per topic (the broker caches the answer in its route cache).
+        return !vm.publishHooks(for: String(buffer: topic)).isEmpty
     }
 
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
         guard let vm = vm(worker), let all = vm.hooks[.publish] else { return .deliver }
-        for index in vm.publishHooks(for: ByteBuffer(string: message.topic)) {
+        for index in vm.publishHooks(for: message.topic) {
             let answer = vm.call(all[index], .publish, results: 1, push: { L in
                 lua_createtable(L, 0, 6)
                 L.setField("client_id", client.clientID)

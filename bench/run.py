@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: mqlite and Mosquitto, configured alike, pinned to the same cores.
+
+Every scenario runs against each broker in turn, alternating, ROUNDS times; the table shows the
+medians, the ratio mqlite / Mosquitto, loss, and whether the target of issue 4 is met.
+Run through `make bench`; the table is printed and written to bench/results.md.
+"""
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / ".build" / "release" / "mqlite-bench"
+MQLITE = ROOT / ".build" / "release" / "mqlite"
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = os.environ.get("DURATION", "2")
+WARMUP = os.environ.get("WARMUP", "0.5")
+BROKER_CPUS = os.environ.get("BROKER_CPUS", "0")   # both brokers get these cores
+CLIENT_CPUS = os.environ.get("CLIENT_CPUS", "1")   # the load generator gets these
+CONNECTIONS = os.environ.get("CONNECTIONS", "10000")
+OUT = Path(os.environ.get("OUT", ROOT / "bench" / "results.md"))
+
+# Identical limits for both brokers: in-flight window, queue, no persistence, TCP_NODELAY, quiet logs.
+MOSQUITTO_CONF = """listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 32
+max_queued_messages 1000
+set_tcp_nodelay true
+log_type error
+"""
+MQLITE_CONF = """[server]
+workers = {workers}
+log_level = "warning"
+[[listener]]
+bind = "127.0.0.1:{port}"
+[limits]
+max_inflight = 32
+max_queued = 1000
+"""
+PLUGIN = """[[plugin]]
+script = "{script}"
+"""
+# A trivial transform on the hooked topic, and hooks loaded on other topics only.
+HOOKED_LUA = 'mqlite.on_publish("bench/#", function(m) return { payload = m.payload } end)\n'
+OTHER_LUA = ('mqlite.on_publish("other/#", function(m) return { payload = m.payload } end)\n'
+             'mqlite.on_subscribe(function(s) return nil end)\n')
+
+
+def cpu_count(cpus):
+    n = 0
+    for part in cpus.split(","):
+        a, _, b = part.partition("-")
+        n += int(b) - int(a) + 1 if b else 1
+    return n
+
+
+class Broker:
+    def __init__(self, name, cmd, port):
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(["taskset", "-c", BROKER_CPUS, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "up", "-m", "x"],
+                               capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not start")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def fresh_broker(name, tmp, workers):
+    if name == "mosquitto":
+        (tmp / "fresh-mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18910))
+        return Broker("fresh mosquitto", ["mosquitto", "-c", str(tmp / "fresh-mosquitto.conf")], 18910)
+    (tmp / "fresh-mqlite.conf").write_text(MQLITE_CONF.format(workers=workers, port=18911))
+    return Broker("fresh mqlite", [str(MQLITE), "-c", str(tmp / "fresh-mqlite.conf")], 18911)
+
+
+def run_bench(broker, args):
+    cmd = ["taskset", "-c", CLIENT_CPUS, str(BENCH), *args, "--port", str(broker.port),
+           "--duration", DURATION, "--warmup", WARMUP]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        return {"error": (r.stderr or r.stdout).strip()[-200:], "lost": -1}
+    return json.loads(lines[-1])
+
+
+def main():
+    for tool in ("mosquitto", "mosquitto_pub", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is missing (make bench installs it)")
+    tmp = Path(tempfile.mkdtemp(prefix="mqlite-bench-"))
+    workers = cpu_count(BROKER_CPUS)
+    (tmp / "hooked.lua").write_text(HOOKED_LUA)
+    (tmp / "other.lua").write_text(OTHER_LUA)
+    configs = {
+        "mqlite": MQLITE_CONF.format(workers=workers, port=18901),
+        "mqlite+lua-other": MQLITE_CONF.format(workers=workers, port=18902) + PLUGIN.format(script=tmp / "other.lua"),
+        "mqlite+lua-hooked": MQLITE_CONF.format(workers=workers, port=18903) + PLUGIN.format(script=tmp / "hooked.lua"),
+    }
+    brokers = {}
+    for name, port in (("mqlite", 18901), ("mqlite+lua-other", 18902), ("mqlite+lua-hooked", 18903)):
+        path = tmp / f"{name}.conf"
+        path.write_text(configs[name])
+        brokers[name] = Broker(name, [str(MQLITE), "-c", str(path)], port)
+    (tmp / "mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18900))
+    brokers["mosquitto"] = Broker("mosquitto", ["mosquitto", "-c", str(tmp / "mosquitto.conf")], 18900)
+
+    # (label, bench arguments, metric, target kind)
+    scenarios = []
+    for shape in ("fan-in", "fan-out", "pairs"):
+        for qos in (0, 1):
+            for payload in (16, 1024, 65536):
+                target = None if payload == 65536 else (1.5 if qos == 0 else 1.3)
+                scenarios.append((f"{shape} qos{qos} {payload}B", [shape, "--qos", str(qos), "--payload", str(payload)], "rate", target))
+    scenarios.append(("latency p99 (10 x 2000/s)", ["latency"], "p99_us", "lower"))
+    scenarios.append(("latency p50 (10 x 2000/s)", ["latency"], "p50_us", None))
+    scenarios.append((f"memory/idle connection ({CONNECTIONS})", ["connections", "--connections", CONNECTIONS], "bytes_per_connection", "lower"))
+
+    results = {}  # (label, broker) -> [values]
+    losses = {}
+    try:
+        for rnd in range(ROUNDS):
+            order = ["mqlite", "mosquitto"] if rnd % 2 == 0 else ["mosquitto", "mqlite"]
+            done_latency = {}
+            for label, args, metric, _ in scenarios:
+                for name in order:
+                    key = (tuple(args), name)
+                    if key in done_latency:
+                        res = done_latency[key]
+                    elif args[0] == "connections":
+                        # Memory is measured on a fresh process: one whose heap earlier scenarios
+                        # grew would absorb new connections without its resident size moving.
+                        fresh = fresh_broker(name, tmp, workers)
+                        try:
+                            res = run_bench(fresh, args + ["--pid", str(fresh.proc.pid)])
+                        finally:
+                            fresh.stop()
+                    else:
+                        res = run_bench(brokers[name], args)
+                        done_latency[key] = res
+                    results.setdefault((label, name), []).append(res.get(metric))
+                    losses[(label, name)] = losses.get((label, name), 0) + (res.get("lost") or 0)
+                    print(f"round {rnd + 1} {label:32} {name:10} {res.get(metric)} lost={res.get('lost')}", flush=True)
+            # The Lua layer: pairs, QoS 0, 16 B, against the same build with and without plugins.
+            for name in ("mqlite", "mqlite+lua-other", "mqlite+lua-hooked"):
+                res = run_bench(brokers[name], ["pairs", "--qos", "0", "--payload", "16"])
+                results.setdefault(("lua", name), []).append(res.get("rate"))
+                losses[("lua", name)] = losses.get(("lua", name), 0) + (res.get("lost") or 0)
+                print(f"round {rnd + 1} lua pairs qos0 16B {name:20} {res.get('rate')} lost={res.get('lost')}", flush=True)
+    finally:
+        for b in brokers.values():
+            b.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def median(label, name):
+        values = [v for v in results.get((label, name), []) if v is not None]
+        return statistics.median(values) if values else None
+
+    rows = []
+    for label, _, metric, target in scenarios:
+        a, b = median(label, "mqlite"), median(label, "mosquitto")
+        ratio = a / b if a and b else None
+        loss = f"{losses.get((label, 'mqlite'), 0)} / {losses.get((label, 'mosquitto'), 0)}"
+        if target == "lower":
+            goal, ok = "<= Mosquitto", (a is not None and b is not None and a <= b)
+        elif target:
+            goal, ok = f">= {target}x", (ratio is not None and ratio >= target)
+        else:
+            goal, ok = "", None
+        unit = " us" if metric.endswith("_us") else " B" if metric.startswith("bytes") else "/s"
+        rows.append((label, fmt(a, unit), fmt(b, unit), f"{ratio:.2f}" if ratio else "-", loss, goal, mark(ok)))
+    base = median("lua", "mqlite")
+    for name, target in (("mqlite+lua-other", 0.97), ("mqlite+lua-hooked", 0.5)):
+        v = median("lua", name)
+        ratio = v / base if v and base else None
+        desc = "unhooked topic, hooks on other topics" if name.endswith("other") else "hooked topic, trivial transform"
+        rows.append((f"lua: {desc} (pairs qos0 16B)", fmt(v, "/s"), f"{fmt(base, '/s')} (mqlite, no plugins)",
+                     f"{ratio:.3f}" if ratio else "-", f"{losses.get(('lua', name), 0)}", f">= {target}x of no plugins", mark(ratio is not None and ratio >= target)))
+
+    header = ("scenario", "mqlite", "Mosquitto", "ratio", "lost (mqlite / Mosquitto)", "target", "met")
+    table = [header, tuple("---" for _ in header)] + rows
+    text = "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in table)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0]
+    report = (f"# mqlite vs Mosquitto — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n\n"
+              f"Machine: {machine}. {mosq}. Brokers pinned to CPU {BROKER_CPUS} (mqlite with {workers} worker(s)), "
+              f"load generator to CPU {CLIENT_CPUS}. Medians of {ROUNDS} rounds, {DURATION} s measured after {WARMUP} s warm-up. "
+              f"Rates are deliveries per second (messages received by subscribers).\n\n{text}\n")
+    print("\n" + report)
+    OUT.write_text(report)
+    print(f"written to {OUT}")
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "/s":
+        return f"{v / 1e6:.2f}M/s" if v >= 1e6 else f"{v / 1e3:.1f}k/s"
+    return f"{v:.0f}{unit}"
+
+
+def mark(ok):
+    return "" if ok is None else ("yes" if ok else "NO")
+
+
+if __name__ == "__main__":
+    main()
