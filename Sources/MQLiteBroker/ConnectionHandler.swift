@@ -300,25 +300,30 @@ final class ConnectionHandler: ChannelInboundHandler {
             worker.publish(message, along: route)
         case .drop:
             break
+        case .change(let changed):
+            publishChanged(changed, original: hooked, from: publish, route: route)
         case .replace(let messages):
-            for m in messages {
-                // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
-                if m.topic == hooked.topic {
-                    worker.publish(Message(topic: publish.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
-                    continue
-                }
-                do {
-                    try Topic.validateName(m.topic)
-                } catch {
-                    logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
-                    continue
-                }
-                // A rewritten topic is checked against the ACL again.
-                let topic = ByteBuffer(string: m.topic)
-                guard mayPublish(topic) else { continue }
-                worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain))
-            }
+            for changed in messages { publishChanged(changed, original: hooked, from: publish, route: route) }
         }
+    }
+
+    /// Routes a message a publish hook produced in place of `publish`.
+    private func publishChanged(_ m: HookedMessage, original: HookedMessage, from publish: PublishPacket, route: Worker.Route) {
+        // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
+        if m.topic == original.topic {
+            worker.publish(Message(topic: publish.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+            return
+        }
+        do {
+            try Topic.validateName(m.topic)
+        } catch {
+            logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
+            return
+        }
+        // A rewritten topic is checked against the ACL again.
+        let topic = ByteBuffer(string: m.topic)
+        guard mayPublish(topic) else { return }
+        worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {

@@ -74,6 +74,8 @@ public enum PublishDecision: Sendable, Equatable {
     case deliver
     /// Drop it (QoS 1/2 are still acknowledged to the publisher).
     case drop
+    /// Deliver this changed message instead.
+    case change(HookedMessage)
     /// Deliver these instead (zero, one or many).
     case replace([HookedMessage])
 }

@@ -43,14 +43,44 @@ final class LuaVM: @unchecked Sendable {
     enum Kind: String, CaseIterable {
         case connect = "on_connect", authorize = "on_authorize", subscribe = "on_subscribe"
         case publish = "on_publish", connected = "on_connected", disconnected = "on_disconnected"
+
+        var slot: Int {
+            switch self {
+            case .connect: 0
+            case .authorize: 1
+            case .subscribe: 2
+            case .publish: 3
+            case .connected: 4
+            case .disconnected: 5
+            }
+        }
     }
+
+    /// Field names of the hot on_publish tables, interned once and kept in the registry, so
+    /// that setting and reading them needs no C-string lookup.
+    enum Field: Int, CaseIterable {
+        case clientID, username, topic, payload, qos, retain
+
+        var name: String {
+            switch self {
+            case .clientID: "client_id"
+            case .username: "username"
+            case .topic: "topic"
+            case .payload: "payload"
+            case .qos: "qos"
+            case .retain: "retain"
+            }
+        }
+    }
+    private var fieldRefs: [Int32] = []
 
     let L: LuaState
     let worker: Int
     /// The host owns its VMs and outlives them.
     unowned(unsafe) let host: ScriptingHost
     private var contexts: [ScriptContext] = []
-    private(set) var hooks: [Kind: [Hook]] = [:]
+    /// Registered hooks per kind (indexed by `Kind.slot`), in load order.
+    private var hookLists: [[Hook]] = Array(repeating: [], count: Kind.allCases.count)
     /// on_publish filters → index into `hooks[.publish]`.
     private let publishFilters = TopicTrie<Int, Void>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
@@ -66,6 +96,10 @@ final class LuaVM: @unchecked Sendable {
         self.worker = worker
         self.host = host
         mqlite_gc_generational(state)
+        for field in Field.allCases {
+            L.push(field.name)
+            fieldRefs.append(luaL_ref(L, mqlite_registryindex()))
+        }
         openSafeLibraries()
         for plugin in host.plugins {
             try load(plugin)
@@ -142,10 +176,16 @@ final class LuaVM: @unchecked Sendable {
     func register(_ kind: Kind, functionAt index: Int32, filter: String?, context: ScriptContext) {
         lua_pushvalue(L, index)
         let ref = luaL_ref(L, mqlite_registryindex())
-        var list = hooks[kind, default: []]
-        list.append(Hook(context: context, ref: ref, filter: filter))
-        hooks[kind] = list
-        if kind == .publish, let filter { publishFilters.insert(filter: filter, key: list.count - 1, value: ()) }
+        hookLists[kind.slot].append(Hook(context: context, ref: ref, filter: filter))
+        if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+    }
+
+    /// The hooks of one kind, in load order.
+    func hooks(_ kind: Kind) -> [Hook] { hookLists[kind.slot] }
+
+    /// Pushes a field name (interned at start-up).
+    func pushField(_ field: Field) {
+        lua_rawgeti(L, mqlite_registryindex(), lua_Integer(fieldRefs[field.rawValue]))
     }
 
     // MARK: - Calling

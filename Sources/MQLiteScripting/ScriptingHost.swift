@@ -111,7 +111,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
         guard let vm = vm(worker) else { return .pass }
-        for hook in vm.hooks[.connect] ?? [] {
+        for hook in vm.hooks(.connect) {
             let answer = vm.call(hook, .connect, results: 2, push: { L in
                 lua_createtable(L, 0, 6)
                 L.setField("client_id", request.clientID)
@@ -149,7 +149,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
         guard let vm = vm(worker) else { return [] }
         var tables: [ACLTable] = []
-        for hook in vm.hooks[.authorize] ?? [] {
+        for hook in vm.hooks(.authorize) {
             let answer = vm.call(hook, .authorize, results: 1, push: { L in
                 pushClient(L, client)
                 return 1
@@ -171,7 +171,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
         guard let vm = vm(worker) else { return .allow }
-        for hook in vm.hooks[.subscribe] ?? [] {
+        for hook in vm.hooks(.subscribe) {
             let answer = vm.call(hook, .subscribe, results: 1, push: { L in
                 lua_createtable(L, 0, 4)
                 L.setField("client_id", request.clientID)
@@ -210,16 +210,28 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     }
 
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
-        guard let vm = vm(worker), let all = vm.hooks[.publish] else { return .deliver }
+        guard let vm = vm(worker) else { return .deliver }
+        let all = vm.hooks(.publish)
         for index in vm.publishHooks(for: message.topic) {
+            // The Lua string holding the payload: a result that hands back the same string
+            // (pointer-equal) keeps the original bytes, uncopied.
+            var payloadString: UnsafePointer<CChar>?
             let answer = vm.call(all[index], .publish, results: 1, push: { L in
                 lua_createtable(L, 0, 6)
-                L.setField("client_id", client.clientID)
-                L.setField("username", client.username)
-                L.setField("topic", message.topic)
-                L.setField("payload", message.payload)
-                L.setField("qos", Int(message.qos.rawValue))
-                L.setField("retain", message.retain)
+                func set(_ field: LuaVM.Field, _ push: () -> Void) {
+                    vm.pushField(field)
+                    push()
+                    lua_rawset(L, -3)
+                }
+                set(.clientID) { L.push(client.clientID) }
+                if let username = client.username { set(.username) { L.push(username) } }
+                set(.topic) { L.push(message.topic) }
+                set(.payload) {
+                    L.push(message.payload)
+                    payloadString = lua_tolstring(L, -1, nil)
+                }
+                set(.qos) { lua_pushinteger(L, lua_Integer(message.qos.rawValue)) }
+                set(.retain) { lua_pushboolean(L, message.retain ? 1 : 0) }
                 return 1
             }, read: { L throws(HookResultError) -> PublishDecision? in
                 switch lua_type(L, -1) {
@@ -232,12 +244,12 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                         for i in 1...lua_rawlen(L, -1) {
                             lua_rawgeti(L, -1, lua_Integer(i))
                             guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
-                            messages.append(try readMessage(L, base: message))
+                            messages.append(try readMessage(L, vm, base: message, payloadString: payloadString))
                             mqlite_pop(L, 1)
                         }
                         return .replace(messages)
                     }
-                    return .replace([try readMessage(L, base: message)])
+                    return .change(try readMessage(L, vm, base: message, payloadString: payloadString))
                 default:
                     throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
                 }
@@ -259,7 +271,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     private func notify(_ kind: LuaVM.Kind, client: ClientInfo, reason: String?, worker: Int) {
         guard let vm = vm(worker) else { return }
-        for hook in vm.hooks[kind] ?? [] {
+        for hook in vm.hooks(kind) {
             _ = vm.call(hook, kind, results: 0, push: { L in
                 pushClient(L, client)
                 guard let reason else { return 1 }
@@ -300,25 +312,31 @@ private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookR
 }
 
 /// `{ topic=, payload=, qos=, retain= }` on top of the stack; missing fields keep `base`'s.
-private func readMessage(_ L: LuaState, base: HookedMessage) throws(HookResultError) -> HookedMessage {
+private func readMessage(_ L: LuaState, _ vm: LuaVM, base: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> HookedMessage {
     var message = base
-    lua_getfield(L, -1, "topic")
+    func get(_ field: LuaVM.Field) {
+        vm.pushField(field)
+        lua_rawget(L, -2)
+    }
+    get(.topic)
     if lua_type(L, -1) != LUA_TNIL { message.topic = try readString(L, -1, "topic") }
     mqlite_pop(L, 1)
-    lua_getfield(L, -1, "payload")
+    get(.payload)
     switch lua_type(L, -1) {
     case LUA_TNIL: break
     case LUA_TSTRING, LUA_TNUMBER:
         var length = 0
         let pointer = lua_tolstring(L, -1, &length)!
-        message.payload = ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
+        if pointer != payloadString {
+            message.payload = ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
+        }
     default: throw HookResultError("payload must be a string, not a \(typeName(L, -1))")
     }
     mqlite_pop(L, 1)
-    lua_getfield(L, -1, "qos")
+    get(.qos)
     if lua_type(L, -1) != LUA_TNIL { message.qos = try readQoS(L, -1, "qos") }
     mqlite_pop(L, 1)
-    lua_getfield(L, -1, "retain")
+    get(.retain)
     switch lua_type(L, -1) {
     case LUA_TNIL: break
     case LUA_TBOOLEAN: message.retain = lua_toboolean(L, -1) != 0
