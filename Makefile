@@ -10,7 +10,7 @@ APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 
-.PHONY: deps test-deps build build-release run test bench clean
+.PHONY: deps test-deps build build-release run test bench alloc-check clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,8 +36,13 @@ test: test-deps
 	MQLITE_BIN=.build/debug/mqlite $(PYTHON) -m pytest -q Tests/interop
 
 # Side by side with Mosquitto (release build, pinned with taskset); writes bench/results.md.
+# Then the hot path's allocation counts against the thresholds in bench/allocations.json.
 bench: build-release
 	$(PYTHON) bench/run.py
+	$(MAKE) alloc-check
+
+alloc-check: build-release
+	LD_PRELOAD=$(CURDIR)/.build/release/libMallocInterposerSwift.so .build/release/mqlite-alloc bench/allocations.json
 
 clean:
 	rm -rf .build

@@ -21,6 +21,9 @@ let package = Package(
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
         // SHA-256/512, HMAC and PBKDF2 for the Lua host library (Mosquitto password hashes).
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"5.0.0"),
+        // Allocation counting for the hot-path guard (the counter behind package-benchmark's
+        // malloc metrics; package-benchmark itself needs a runtime interposer not available here).
+        .package(url: "https://github.com/ordo-one/malloc-interposer.git", from: "1.6.1"),
     ],
     targets: [
         // Protocol only: packets, codec, topic rules. No sockets, no state.
@@ -78,6 +81,17 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // Allocation counts of decode → route → encode, checked against bench/allocations.json.
+        .executableTarget(
+            name: "mqlite-alloc",
+            dependencies: [
+                "MQLiteBroker",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
             ]
         ),
         // Shared by the test targets: broker fixture and a minimal MQTT client.

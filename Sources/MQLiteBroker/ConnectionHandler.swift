@@ -473,7 +473,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    func writePublish(_ message: Message, qos: QoS, packetID: UInt16, retain: Bool, dup: Bool) {
+    func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
         var topic = message.topic
         var payload = message.payload
         if payload.readableBytes > largePayloadThreshold {

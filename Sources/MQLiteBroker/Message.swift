@@ -35,13 +35,17 @@ struct Delivery: Sendable {
 }
 
 extension Message {
+    private static let allocator = ByteBufferAllocator()
+
     /// The QoS 0 PUBLISH frame for this message (header only when the payload is large: the
     /// payload then goes out as its own buffer).
     func encodeQoS0Frame(retain: Bool) -> ByteBuffer {
         var topic = self.topic
         var payload = self.payload
-        var frame = ByteBuffer()
-        if payload.readableBytes > largePayloadThreshold {
+        let large = payload.readableBytes > largePayloadThreshold
+        let size = ByteBuffer.publishFrameSize(topicLength: topic.readableBytes, payloadLength: payload.readableBytes, qos: .atMostOnce)
+        var frame = Self.allocator.buffer(capacity: large ? size - payload.readableBytes : size)
+        if large {
             frame.writePublishHeader(
                 topic: &topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: retain, dup: false, packetID: nil)
         } else {

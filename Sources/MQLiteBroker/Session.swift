@@ -101,8 +101,11 @@ final class Session: @unchecked Sendable {
 
     private func send(_ delivery: Delivery, on connection: ConnectionHandler) {
         if delivery.qos == .atMostOnce {
-            let frame = delivery.frame ?? delivery.message.encodeQoS0Frame(retain: delivery.retain)
-            connection.writeQoS0(frame: frame, payload: delivery.message.payload)
+            if let frame = delivery.frame {
+                connection.writeQoS0(frame: frame, payload: delivery.message.payload)
+            } else {
+                connection.writePublish(delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
+            }
         } else {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false))

@@ -106,7 +106,9 @@ final class Worker: @unchecked Sendable {
         for target in targets {
             let qos = min(message.qos, target.qos)
             var delivery = Delivery(message: message, qos: qos, retain: false, frame: nil)
-            if qos == .atMostOnce {
+            // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
+            // straight into its batch buffer instead (no frame of its own to allocate).
+            if qos == .atMostOnce && targets.count > 1 {
                 if qos0Frame == nil { qos0Frame = message.encodeQoS0Frame(retain: false) }
                 delivery.frame = qos0Frame
             }
