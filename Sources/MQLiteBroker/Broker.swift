@@ -121,7 +121,7 @@ public final class Broker: Sendable {
         if let fresh {
             if let existing {
                 onOwner(of: existing) { owner in
-                    existing.connection?.kick(reason: "taken over by a new connection with the same client id")
+                    existing.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
                     self.endSession(existing, worker: owner)
                 }
             }
@@ -130,7 +130,7 @@ public final class Broker: Sendable {
         }
         let session = existing!
         onOwner(of: session) { _ in
-            session.connection?.kick(reason: "taken over by a new connection with the same client id")
+            session.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
             session.move(to: worker.index)
             worker.loop.execute { completion(session, true) }
         }

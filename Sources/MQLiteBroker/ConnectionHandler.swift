@@ -86,7 +86,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         connectTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: broker.configuration.limits.connectTimeout) { [self] in
-            if case .awaitingConnect = state { fail("no CONNECT within connect_timeout") }
+            if case .awaitingConnect = state { closeWithWill(reason: "no CONNECT within connect_timeout") }
         }
     }
 
@@ -119,9 +119,9 @@ final class ConnectionHandler: ChannelInboundHandler {
             if case .unsupportedProtocol = error, case .awaitingConnect = state {
                 writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion)))
             }
-            fail(error.description)
+            closeWithWill(reason: error.description)
         } catch {
-            fail("\(error)")
+            closeWithWill(reason: "\(error)")
         }
     }
 
@@ -135,7 +135,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        fail("\(error)")
+        closeWithWill(reason: "\(error)")
     }
 
     // MARK: - Packets
@@ -145,7 +145,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         case .closed:
             return
         case .awaitingConnect:
-            guard case .connect(let connect) = packet else { return fail("first packet is \(packet.type), not CONNECT") }
+            guard case .connect(let connect) = packet else { return closeWithWill(reason: "first packet is \(packet.type), not CONNECT") }
             handleConnect(connect.value)
         case .opening(var pending):
             pending.append(packet)
@@ -183,9 +183,9 @@ final class ConnectionHandler: ChannelInboundHandler {
             flushOutput()
             context?.close(promise: nil)
         case .connect:
-            fail("second CONNECT")
+            closeWithWill(reason: "second CONNECT")
         case .connack, .suback, .unsuback, .pingresp:
-            fail("\(packet.type) is sent by servers only")
+            closeWithWill(reason: "\(packet.type) is sent by servers only")
         }
     }
 
@@ -372,7 +372,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         keepAliveTimer = loop.assumeIsolated().scheduleTask(deadline: lastRead + keepAlive) { [self] in
             guard case .connected = state else { return }
             if NIODeadline.now() - lastRead >= keepAlive {
-                fail("keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
+                closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
             } else {
                 scheduleKeepAliveCheck()
             }
@@ -381,19 +381,11 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     // MARK: - Closing
 
-    /// Closes this connection for a protocol violation or other failure: one log line, and the
-    /// will is published (in `channelInactive`).
-    private func fail(_ reason: String) {
+    /// Closes this connection for a protocol violation, a timeout, or a takeover: one log line,
+    /// and the will is published. The session is released at once, so a caller taking over the
+    /// client id may hand it to another worker right after.
+    func closeWithWill(reason: String) {
         if case .closed = state, session == nil { return }
-        logger.info("closing connection: \(reason)")
-        flushOutput()
-        detach(publishWill: true, reason: reason)
-        context?.close(promise: nil)
-    }
-
-    /// Closes this connection because another took over its client id. Runs on this loop; the
-    /// session is released at once, so the caller may hand it to another worker right after.
-    func kick(reason: String) {
         logger.info("closing connection: \(reason)")
         flushOutput()
         detach(publishWill: true, reason: reason)

@@ -55,19 +55,7 @@ public enum SubscribeDecision: Sendable, Equatable {
 }
 
 /// A message as a publish hook sees it and may change it.
-public struct HookedMessage: Sendable, Equatable {
-    public var topic: String
-    public var payload: ByteBuffer
-    public var qos: QoS
-    public var retain: Bool
-
-    public init(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool) {
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = retain
-    }
-}
+public typealias HookedMessage = ApplicationMessage
 
 /// A hook's answer to a PUBLISH.
 public enum PublishDecision: Sendable, Equatable {

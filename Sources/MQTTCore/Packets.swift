@@ -15,8 +15,9 @@ public enum PacketType: UInt8, Sendable {
     case subscribe, suback, unsubscribe, unsuback, pingreq, pingresp, disconnect
 }
 
-/// A will message carried in CONNECT.
-public struct Will: Equatable, Sendable {
+/// An application message: topic, payload, QoS and retain flag. A will carried in CONNECT is one,
+/// and so is a message as the broker's hooks see it.
+public struct ApplicationMessage: Equatable, Sendable {
     public var topic: String
     public var payload: ByteBuffer
     public var qos: QoS
@@ -29,6 +30,9 @@ public struct Will: Equatable, Sendable {
         self.retain = retain
     }
 }
+
+/// The will message carried in CONNECT.
+public typealias Will = ApplicationMessage
 
 /// CONNECT: kept behind a class box in `MQTTPacket` because it is large and rare.
 public struct ConnectPacket: Equatable, Sendable {
