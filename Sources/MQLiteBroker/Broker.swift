@@ -58,6 +58,9 @@ public final class Broker: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            // NIO keeps each channel's last receive buffer for reuse: start it small, so an idle
+            // connection holds 128 bytes rather than 2 KiB. It grows for busy connections.
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 128, maximum: 256 * 1024))
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .childChannelInitializer { [self] channel in
                 let worker = self.worker(for: channel.eventLoop)
