@@ -1,4 +1,5 @@
 """The shipped Lua plugins against clients nobody here wrote, on the real binary."""
+import json
 import signal
 import subprocess
 import time
@@ -93,6 +94,25 @@ def test_acl_file_and_rewrite_with_mosquitto_clients(tmp_path):
         denied = sub_process(b.port, *auth, "-t", "alice/secret/#", "-C", "1", "-W", "2")
         _, err = denied.communicate(timeout=15)
         assert "denied" in err.lower()
+    finally:
+        assert b.stop() == 0
+
+
+def test_json_envelope_with_mosquitto_clients(tmp_path):
+    b = start_broker(config(tmp_path, [("json_envelope.lua", '{ filters = ["telemetry/#"] }')]))
+    try:
+        sub = sub_process(b.port, "-t", "#", "-v", "-C", "2")
+        time.sleep(0.5)
+        pub(b.port, "-i", "engine-7", "-t", "telemetry/engine", "-m", "rpm=900")
+        pub(b.port, "-t", "plain/topic", "-m", "as sent")
+        out, err = sub.communicate(timeout=15)
+        lines = out.splitlines()
+        topic, _, body = lines[0].partition(" ")
+        assert topic == "telemetry/engine", out
+        envelope = json.loads(body)
+        assert envelope["client_id"] == "engine-7" and envelope["payload"] == "rpm=900"
+        assert envelope["topic"] == "telemetry/engine" and abs(envelope["time"] - time.time()) < 10
+        assert lines[1] == "plain/topic as sent"
     finally:
         assert b.stop() == 0
 
