@@ -412,6 +412,27 @@ struct FailureTests {
         }
     }
 
+    @Test("a reload that hooks a topic already routed (and cached as unhooked) takes effect at once; one that unhooks it too")
+    func reloadChangesHookedTopics() async throws {
+        try await withScripts([#"mqlite.on_publish("other", function(m) return false end)"#]) { b, host, dir in
+            let c = try await b.client("c")
+            try await c.subscribe("t")
+            try await c.publish("t", "plain")
+            #expect(payload(try await c.expectPublish()) == "plain")  // routed and cached: unhooked
+
+            let script = dir.appendingPathComponent("s0.lua")
+            try #"mqlite.on_publish("t", function(m) return { payload = "hooked" } end)"#.write(to: script, atomically: true, encoding: .utf8)
+            try host.reload()
+            try await c.publish("t", "plain")
+            #expect(payload(try await c.expectPublish()) == "hooked")
+
+            try #"mqlite.on_publish("other", function(m) return false end)"#.write(to: script, atomically: true, encoding: .utf8)
+            try host.reload()
+            try await c.publish("t", "plain")
+            #expect(payload(try await c.expectPublish()) == "plain")
+        }
+    }
+
     @Test("hooks run on several workers at once, each in its own VM, with nothing lost")
     func severalWorkers() async throws {
         let script = """
