@@ -215,7 +215,7 @@ struct HostLibraryTests {
         let script = """
             mqlite.on_publish("lib/#", function(m)
               local out = {}
-              if m.topic == "lib/set" then mqlite.kv.set("k", m.payload); mqlite.kv.set("short", "x", 0.2) end
+              if m.topic == "lib/set" then mqlite.kv.set("k", m.payload); mqlite.kv.set("short", "x", 1.5) end
               if m.topic == "lib/get" then out.v = mqlite.kv.get("k"); out.short = mqlite.kv.get("short") or "expired" end
               if m.topic == "lib/incr" then out.n = mqlite.kv.incr("n"); out.n5 = mqlite.kv.incr("n", 5) end
               if m.topic == "lib/delete" then mqlite.kv.delete("k"); out.gone = mqlite.kv.get("k") == nil end
@@ -249,7 +249,7 @@ struct HostLibraryTests {
             let got = try await ask(c, "lib/get")
             #expect(got["v"] as? String == "shared value")
             #expect(got["short"] as? String == "x")
-            try await Task.sleep(for: .milliseconds(300))
+            try await Task.sleep(for: .milliseconds(1800))
             #expect(try await ask(a, "lib/get")["short"] as? String == "expired")
             let n1 = try await ask(a, "lib/incr")
             let n2 = try await ask(c, "lib/incr")
