@@ -62,15 +62,11 @@ enum HostLibrary {
     }
 
     static func string(_ L: LuaState, _ index: Int32) -> String? {
-        context(L).vm.string(at: index)
+        L.string(at: index)
     }
 
     static func bytes(_ L: LuaState, _ index: Int32) -> [UInt8]? {
-        let type = lua_type(L, index)
-        guard type == LUA_TSTRING || type == LUA_TNUMBER else { return nil }
-        var length = 0
-        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
-        return Array(UnsafeRawBufferPointer(start: pointer, count: length))
+        L.rawBytes(at: index).map { Array($0) }
     }
 
     static func pushHex(_ L: LuaState, _ digest: some Sequence<UInt8>) {
@@ -191,7 +187,7 @@ enum HostLibrary {
             L.push("cannot read \(full)")
             return 2
         }
-        data.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        data.withUnsafeBytes { L.push(bytes: $0) }
         return 1
     }
 
@@ -254,7 +250,7 @@ enum HostLibrary {
         case .bool(let b): lua_pushboolean(L, b ? 1 : 0)
         case .int(let i): lua_pushinteger(L, i)
         case .double(let d): lua_pushnumber(L, d)
-        case .string(let s): s.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        case .string(let s): s.withUnsafeBytes { L.push(bytes: $0) }
         }
     }
 
@@ -264,7 +260,7 @@ enum HostLibrary {
         let L = L!
         do {
             let data = try JSONSerialization.data(withJSONObject: try LuaJSON.toJSON(L, 1, depth: 0), options: [.fragmentsAllowed, .sortedKeys, .withoutEscapingSlashes])
-            data.withUnsafeBytes { _ = lua_pushlstring(L, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+            data.withUnsafeBytes { L.push(bytes: $0) }
             return 1
         } catch let error as HookResultError {
             return fail(L, "mqlite.json.encode: \(error.message)")

@@ -17,9 +17,7 @@ enum LuaJSON {
             guard d.isFinite else { throw HookResultError("cannot encode \(d)") }
             return NSNumber(value: d)
         case LUA_TSTRING:
-            var length = 0
-            let pointer = lua_tolstring(L, index, &length)!
-            guard let s = String(validating: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self) else {
+            guard let s = String(validating: L.rawBytes(at: index)!, as: UTF8.self) else {
                 throw HookResultError("string is not UTF-8")
             }
             return s
@@ -46,7 +44,7 @@ enum LuaJSON {
             var object: [String: Any] = [:]
             lua_pushnil(L)
             while lua_next(L, index) != 0 {
-                let key = String(cString: lua_tolstring(L, -2, nil))
+                let key = L.string(at: -2)!
                 let value: Any
                 do {
                     value = try toJSON(L, -1, depth: depth + 1)

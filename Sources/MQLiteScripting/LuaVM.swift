@@ -149,7 +149,7 @@ final class LuaVM: @unchecked Sendable {
             mqlite_loadstring(L, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count, "=" + context.name)
         }
         guard loaded == LUA_OK else {
-            throw ScriptError(script: plugin.script, message: string(at: -1) ?? "cannot load")
+            throw ScriptError(script: plugin.script, message: L.string(at: -1) ?? "cannot load")
         }
         // The script's own environment: its globals persist between calls and are not shared
         // with other scripts; everything standard is reached through _G.
@@ -168,7 +168,7 @@ final class LuaVM: @unchecked Sendable {
         let status = mqlite_pcall(L, 0, 0, 0)
         mqlite_set_instruction_limit(L, 0)
         guard status == LUA_OK else {
-            throw ScriptError(script: plugin.script, message: string(at: -1) ?? "error while loading")
+            throw ScriptError(script: plugin.script, message: L.string(at: -1) ?? "error while loading")
         }
     }
 
@@ -205,7 +205,7 @@ final class LuaVM: @unchecked Sendable {
         let status = mqlite_pcall(L, arguments, results, 0)
         mqlite_set_instruction_limit(L, 0)
         guard status == LUA_OK else {
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: string(at: -1) ?? "error")
+            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: L.string(at: -1) ?? "error")
             return nil
         }
         do {
@@ -228,22 +228,6 @@ final class LuaVM: @unchecked Sendable {
         return indices
     }
 
-    // MARK: - Stack helpers
-
-    func string(at index: Int32) -> String? {
-        let type = lua_type(L, index)
-        guard type == LUA_TSTRING || type == LUA_TNUMBER else { return nil }
-        var length = 0
-        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
-        return String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self)
-    }
-
-    func bytes(at index: Int32) -> ByteBuffer? {
-        guard lua_type(L, index) == LUA_TSTRING else { return nil }
-        var length = 0
-        guard let pointer = lua_tolstring(L, index, &length) else { return nil }
-        return ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
-    }
 }
 
 /// Why a hook's return value was not acceptable.
@@ -252,20 +236,35 @@ struct HookResultError: Error {
     init(_ message: String) { self.message = message }
 }
 
-// MARK: - Pushing values
+// MARK: - Reading and pushing values
 
 extension LuaState {
+    /// The bytes of the string (or number, converted in place) at `index`; valid while that
+    /// value stays on the stack.
+    func rawBytes(at index: Int32) -> UnsafeRawBufferPointer? {
+        let type = lua_type(self, index)
+        guard type == LUA_TSTRING || type == LUA_TNUMBER else { return nil }
+        var length = 0
+        guard let pointer = lua_tolstring(self, index, &length) else { return nil }
+        return UnsafeRawBufferPointer(start: pointer, count: length)
+    }
+
+    /// The string (or number) at `index` as a Swift string.
+    func string(at index: Int32) -> String? {
+        rawBytes(at: index).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    func push(bytes: UnsafeRawBufferPointer) {
+        lua_pushlstring(self, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+    }
+
     func push(_ string: String) {
         var copy = string
-        copy.withUTF8 { bytes in
-            _ = bytes.withMemoryRebound(to: CChar.self) { lua_pushlstring(self, $0.baseAddress, $0.count) }
-        }
+        copy.withUTF8 { push(bytes: UnsafeRawBufferPointer($0)) }
     }
 
     func push(_ buffer: ByteBuffer) {
-        buffer.withUnsafeReadableBytes { raw in
-            _ = lua_pushlstring(self, raw.baseAddress?.assumingMemoryBound(to: CChar.self), raw.count)
-        }
+        buffer.withUnsafeReadableBytes { push(bytes: $0) }
     }
 
     func push(_ value: ConfigValue) {

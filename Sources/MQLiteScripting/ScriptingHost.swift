@@ -296,10 +296,10 @@ private func pushClient(_ L: LuaState, _ client: ClientInfo) {
 }
 
 private func readString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String {
-    guard lua_type(L, index) == LUA_TSTRING else { throw HookResultError("\(what) must be a string, not a \(typeName(L, index))") }
-    var length = 0
-    let pointer = lua_tolstring(L, index, &length)!
-    return String(decoding: UnsafeRawBufferPointer(start: pointer, count: length), as: UTF8.self)
+    guard lua_type(L, index) == LUA_TSTRING, let string = L.string(at: index) else {
+        throw HookResultError("\(what) must be a string, not a \(typeName(L, index))")
+    }
+    return string
 }
 
 private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> QoS {
@@ -325,11 +325,8 @@ private func readMessage(_ L: LuaState, _ vm: LuaVM, base: HookedMessage, payloa
     switch lua_type(L, -1) {
     case LUA_TNIL: break
     case LUA_TSTRING, LUA_TNUMBER:
-        var length = 0
-        let pointer = lua_tolstring(L, -1, &length)!
-        if pointer != payloadString {
-            message.payload = ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: length))
-        }
+        let bytes = L.rawBytes(at: -1)!
+        if bytes.baseAddress != UnsafeRawPointer(payloadString) { message.payload = ByteBuffer(bytes: bytes) }
     default: throw HookResultError("payload must be a string, not a \(typeName(L, -1))")
     }
     mqlite_pop(L, 1)
@@ -373,7 +370,7 @@ private func readACL(_ L: LuaState) throws(HookResultError) -> ACLTable {
     // An unknown key is a mistake worth failing on: a typo must not silently allow everything.
     lua_pushnil(L)
     while lua_next(L, -2) != 0 {
-        let key = lua_type(L, -2) == LUA_TSTRING ? String(cString: lua_tolstring(L, -2, nil)) : "?"
+        let key = lua_type(L, -2) == LUA_TSTRING ? L.string(at: -2)! : "?"
         mqlite_pop(L, 1)
         guard ["publish", "subscribe", "deny"].contains(key) else {
             mqlite_pop(L, 1)
