@@ -141,12 +141,13 @@ def main():
     try:
         for rnd in range(ROUNDS):
             order = ["mqlite", "mosquitto"] if rnd % 2 == 0 else ["mosquitto", "mqlite"]
-            done_latency = {}
+            # The two latency rows (p99, p50) come from one run per broker.
+            shared_runs = {}
             for label, args, metric, _ in scenarios:
                 for name in order:
                     key = (tuple(args), name)
-                    if key in done_latency:
-                        res = done_latency[key]
+                    if key in shared_runs:
+                        res = shared_runs[key]
                     elif args[0] == "connections":
                         # Memory is measured on a fresh process: one whose heap earlier scenarios
                         # grew would absorb new connections without its resident size moving.
@@ -157,7 +158,7 @@ def main():
                             fresh.stop()
                     else:
                         res = run_bench(brokers[name], args)
-                        done_latency[key] = res
+                        shared_runs[key] = res
                     results.setdefault((label, name), []).append(res.get(metric))
                     losses[(label, name)] = losses.get((label, name), 0) + (res.get("lost") or 0)
                     print(f"round {rnd + 1} {label:32} {name:10} {res.get(metric)} lost={res.get('lost')}", flush=True)

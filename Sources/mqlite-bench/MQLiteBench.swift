@@ -114,7 +114,6 @@ struct MQLiteBench: AsyncParsableCommand {
             for c in subscribers { c.close() }
             for p in publishers { p.connection.close() }
         }.get()
-        _ = run
         return [
             "scenario": shape.rawValue, "qos": qos, "payload": payload, "clients": clients,
             "rate": result.deliveriesPerSecond.rounded(), "published": result.published,
