@@ -26,16 +26,12 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var cumulation: ByteBuffer?
     private var state = State.awaitingConnect
     private var session: Session?
-    private var clientID = ""
-    private var username: String?
     private var will: Will?
     /// Access rules from the `authorize` hook, enforced here for the life of the connection.
     private var acl: ClientACL?
     /// Publish verdicts per topic for this client, so the ACL is matched once per topic.
     private var aclVerdicts: [ByteBuffer: Bool] = [:]
     private var address = "?"
-    /// A DISCONNECT packet was received: the will is discarded.
-    private var disconnectedCleanly = false
     private var counted = false
 
     private var output: ByteBuffer?
@@ -60,11 +56,11 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var logger: Logger {
         var logger = broker.logger
         logger[metadataKey: "address"] = "\(address)"
-        if !clientID.isEmpty { logger[metadataKey: "client"] = "\(clientID)" }
+        if !clientInfo.clientID.isEmpty { logger[metadataKey: "client"] = "\(clientInfo.clientID)" }
         return logger
     }
 
-    /// Who this client is, for hooks; built once the client id and user name are known.
+    /// Who this client is (for hooks and logs); set once CONNECT has given the client id.
     private var clientInfo = ClientInfo(clientID: "", username: nil, address: "?")
 
     // MARK: - Channel events
@@ -94,11 +90,15 @@ final class ConnectionHandler: ChannelInboundHandler {
         worker.connections[ObjectIdentifier(self)] = nil
         if counted { broker.connectionCount.add(-1, ordering: .relaxed) }
         counted = false
-        detach(publishWill: !disconnectedCleanly, reason: disconnectedCleanly ? "disconnected" : "connection lost")
+        // After a DISCONNECT the session is already detached (will discarded), so this does nothing.
+        detach(publishWill: true, reason: "connection lost")
+        // A read that ended in an error gets no channelReadComplete: end its batch here.
+        worker.flushDirty()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
+        worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         if keepAlive != .zero { lastRead = .now() }
         if var pending = cumulation {
             cumulation = nil
@@ -136,6 +136,7 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         closeWithWill(reason: "\(error)")
+        worker.flushDirty()
     }
 
     // MARK: - Packets
@@ -178,7 +179,6 @@ final class ConnectionHandler: ChannelInboundHandler {
             writePacket(.pingresp)
         case .disconnect:
             // The will is discarded; anything after DISCONNECT is ignored.
-            disconnectedCleanly = true
             detach(publishWill: false, reason: "disconnected")
             flushOutput()
             context?.close(promise: nil)
@@ -200,8 +200,6 @@ final class ConnectionHandler: ChannelInboundHandler {
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
         }
-        self.clientID = clientID
-        self.username = connect.username
         self.clientInfo = ClientInfo(clientID: clientID, username: connect.username, address: address)
 
         let request = ConnectRequest(
@@ -330,7 +328,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         var codes: [SubackReturnCode] = []
         var granted: [(String, QoS)] = []
         for subscription in subscribe.subscriptions {
-            let request = SubscribeRequest(clientID: clientID, username: username, filter: subscription.filter, qos: subscription.qos)
+            let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
             var filter = subscription.filter
             var qos = subscription.qos
             switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {

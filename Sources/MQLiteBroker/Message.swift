@@ -37,9 +37,9 @@ struct Delivery: Sendable {
 extension Message {
     private static let allocator = ByteBufferAllocator()
 
-    /// The QoS 0 PUBLISH frame for this message (header only when the payload is large: the
-    /// payload then goes out as its own buffer).
-    func encodeQoS0Frame(retain: Bool) -> ByteBuffer {
+    /// The QoS 0 PUBLISH frame of a live delivery (RETAIN 0), to be shared by every QoS 0
+    /// subscriber: header only when the payload is large (the payload then goes out as its own buffer).
+    func encodeQoS0Frame() -> ByteBuffer {
         var topic = self.topic
         var payload = self.payload
         let large = payload.readableBytes > largePayloadThreshold
@@ -47,9 +47,9 @@ extension Message {
         var frame = Self.allocator.buffer(capacity: large ? size - payload.readableBytes : size)
         if large {
             frame.writePublishHeader(
-                topic: &topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: retain, dup: false, packetID: nil)
+                topic: &topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         } else {
-            frame.writePublish(topic: &topic, payload: &payload, qos: .atMostOnce, retain: retain, dup: false, packetID: nil)
+            frame.writePublish(topic: &topic, payload: &payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         }
         return frame
     }

@@ -18,6 +18,8 @@ final class Worker: @unchecked Sendable {
     // MARK: Loop-only state
     private var dirty: [ConnectionHandler] = []
     private var flushScheduled = false
+    /// Inside a batch whose end flushes (one connection's reads, or a mailbox drain).
+    private var inBatch = false
     private var routeCache: [ByteBuffer: Route] = [:]
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
 
@@ -51,6 +53,8 @@ final class Worker: @unchecked Sendable {
     }
 
     private func drainMailbox() {
+        beginBatch()
+        defer { flushDirty() }
         let items = mailbox.withLock { items in
             let taken = items
             items.removeAll(keepingCapacity: true)
@@ -69,19 +73,25 @@ final class Worker: @unchecked Sendable {
 
     // MARK: - Output batching
 
-    /// Registers a connection with unflushed output. Everything dirty is flushed when the
-    /// connection whose packets caused it finishes its read batch (`flushDirty` from
-    /// channelReadComplete) or, for output from anywhere else (mailbox, timers), once the loop
-    /// has handled its current batch of events.
+    /// Starts a batch (a connection's reads, a mailbox drain) that ends with `flushDirty()`.
+    func beginBatch() {
+        inBatch = true
+    }
+
+    /// Registers a connection with unflushed output. Inside a batch, the batch's end flushes it;
+    /// output from anywhere else (timers, takeover, a completed session hand-over) is flushed by
+    /// one task, once the loop has handled its current events.
     func markDirty(_ connection: ConnectionHandler) {
         dirty.append(connection)
-        if !flushScheduled {
+        if !inBatch && !flushScheduled {
             flushScheduled = true
             loop.execute { self.flushDirty() }
         }
     }
 
+    /// Ends the current batch and flushes every connection with output waiting.
     func flushDirty() {
+        inBatch = false
         flushScheduled = false
         if dirty.isEmpty { return }
         let batch = dirty
@@ -109,7 +119,7 @@ final class Worker: @unchecked Sendable {
             // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
             // straight into its batch buffer instead (no frame of its own to allocate).
             if qos == .atMostOnce && targets.count > 1 {
-                if qos0Frame == nil { qos0Frame = message.encodeQoS0Frame(retain: false) }
+                if qos0Frame == nil { qos0Frame = message.encodeQoS0Frame() }
                 delivery.frame = qos0Frame
             }
             let owner = target.session.owner
