@@ -57,6 +57,9 @@ struct MQLite: AsyncParsableCommand {
             return
         }
 
+        // Signals are caught from before the first socket is bound (the stream keeps them until
+        // read), so a stop request never meets the default action and skips the graceful close.
+        let signals = Self.signals([SIGINT, SIGTERM, SIGHUP])
         let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger)
         scripting?.bind(to: broker)
         do {
@@ -67,7 +70,7 @@ struct MQLite: AsyncParsableCommand {
             throw ExitCode(1)
         }
         logger.info("mqlite started with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
-        for await signal in Self.signals([SIGINT, SIGTERM, SIGHUP]) {
+        for await signal in signals {
             if signal == SIGHUP {
                 guard let scripting else {
                     logger.info("SIGHUP: no plugins to reload")
