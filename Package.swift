@@ -19,6 +19,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        // Deque: a session's queue that costs nothing until something is queued (NIO uses it too).
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
         // SHA-256/512, HMAC and PBKDF2 for the Lua host library (Mosquitto password hashes).
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"5.0.0"),
         // Allocation counting for the hot-path guard (the counter behind package-benchmark's
@@ -41,6 +43,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "DequeModule", package: "swift-collections"),
             ],
             swiftSettings: releaseSpeed
         ),

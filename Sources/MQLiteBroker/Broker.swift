@@ -40,6 +40,9 @@ public final class Broker: Sendable {
 
     /// Binds every configured listener and returns the addresses actually bound (real ports).
     public func start() async throws -> [SocketAddress] {
+        // Timeouts are checked to within this: a quarter of connect_timeout, at most half a second.
+        let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
+        for worker in workers { worker.startTimeoutSweep(every: sweep) }
         var bound: [SocketAddress] = []
         for listener in configuration.listeners {
             let channel = try await makeBootstrap().bind(host: listener.host, port: listener.port).get()

@@ -31,15 +31,15 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var acl: ClientACL?
     /// Publish verdicts per topic for this client, so the ACL is matched once per topic.
     private var aclVerdicts: [ByteBuffer: Bool] = [:]
-    private var address = "?"
     private var counted = false
 
     private var output: ByteBuffer?
     private var isDirty = false
 
-    private var connectTimeout: Scheduled<Void>?
-    private var keepAliveTimer: Scheduled<Void>?
+    /// 1.5 x the client's keep-alive (zero: no check).
     private var keepAlive = TimeAmount.zero
+    /// When the socket opened (until CONNECT), then when a packet last came (with a keep-alive).
+    /// The worker's sweep checks it, so no connection holds a timer of its own.
     private var lastRead = NIODeadline.now()
 
     /// Output held back in the batch buffer beyond this counts as "socket cannot take more".
@@ -55,7 +55,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// is logged, so connections carry no metadata storage.
     private var logger: Logger {
         var logger = broker.logger
-        logger[metadataKey: "address"] = "\(address)"
+        logger[metadataKey: "address"] = "\(clientInfo.address)"
         if !clientInfo.clientID.isEmpty { logger[metadataKey: "client"] = "\(clientInfo.clientID)" }
         return logger
     }
@@ -70,7 +70,8 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        clientInfo.address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        lastRead = .now()
         worker.connections[ObjectIdentifier(self)] = self
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
         counted = true
@@ -79,10 +80,19 @@ final class ConnectionHandler: ChannelInboundHandler {
             logger.info("refusing connection: max_connections \(max) reached")
             state = .closed
             context.close(promise: nil)
-            return
         }
-        connectTimeout = context.eventLoop.assumeIsolated().scheduleTask(in: broker.configuration.limits.connectTimeout) { [self] in
-            if case .awaitingConnect = state { closeWithWill(reason: "no CONNECT within connect_timeout") }
+    }
+
+    /// The worker's periodic check: closes a socket that sent no CONNECT within connect_timeout,
+    /// and a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24).
+    func checkTimeouts(now: NIODeadline) {
+        switch state {
+        case .awaitingConnect where now - lastRead >= broker.configuration.limits.connectTimeout:
+            closeWithWill(reason: "no CONNECT within connect_timeout")
+        case .connected where keepAlive != .zero && now - lastRead >= keepAlive:
+            closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
+        default:
+            break
         }
     }
 
@@ -190,8 +200,6 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     private func handleConnect(_ connect: ConnectPacket) {
-        connectTimeout?.cancel()
-        connectTimeout = nil
         var clientID = connect.clientID
         if clientID.isEmpty {
             guard connect.cleanSession else { return refuse(.identifierRejected, "empty client id with clean session 0") }
@@ -200,10 +208,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
         }
-        self.clientInfo = ClientInfo(clientID: clientID, username: connect.username, address: address)
+        clientInfo.clientID = clientID
+        clientInfo.username = connect.username
 
         let request = ConnectRequest(
-            clientID: clientID, username: connect.username, password: connect.password, address: address,
+            clientID: clientID, username: connect.username, password: connect.password, address: clientInfo.address,
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive)
         switch broker.hooks.authenticate(request, worker: worker.index) {
         case .refuse(let code):
@@ -240,7 +249,6 @@ final class ConnectionHandler: ChannelInboundHandler {
         self.session = session
         state = .connected
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
-        scheduleKeepAliveCheck()
         logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
         broker.hooks.connected(clientInfo, worker: worker.index)
         session.resume(broker: broker)
@@ -365,18 +373,6 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     // MARK: - Keep-alive
 
-    private func scheduleKeepAliveCheck() {
-        guard keepAlive != .zero, let loop = context?.eventLoop else { return }
-        keepAliveTimer = loop.assumeIsolated().scheduleTask(deadline: lastRead + keepAlive) { [self] in
-            guard case .connected = state else { return }
-            if NIODeadline.now() - lastRead >= keepAlive {
-                closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
-            } else {
-                scheduleKeepAliveCheck()
-            }
-        }
-    }
-
     // MARK: - Closing
 
     /// Closes this connection for a protocol violation, a timeout, or a takeover: one log line,
@@ -399,8 +395,6 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
     private func detach(publishWill: Bool, reason: String) {
-        connectTimeout?.cancel()
-        keepAliveTimer?.cancel()
         let wasConnected: Bool
         if case .connected = state { wasConnected = true } else { wasConnected = false }
         state = .closed

@@ -1,3 +1,4 @@
+import DequeModule
 import Logging
 import MQTTCore
 import NIOCore
@@ -28,8 +29,8 @@ final class Session: @unchecked Sendable {
     var connection: ConnectionHandler?
     var subscriptions: [String: QoS] = [:]
     private(set) var inflight: [Inflight] = []
-    /// Starts with room for one: most sessions never queue, and an idle connection should cost little.
-    private(set) var queue = CircularBuffer<Delivery>(initialCapacity: 1)
+    /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
+    private(set) var queue = Deque<Delivery>()
     var awaitingPubrel: Set<UInt16> = []
     private var lastPacketID: UInt16 = 0
     /// Messages dropped since the queue last drained (for one log line per episode).

@@ -71,6 +71,17 @@ final class Worker: @unchecked Sendable {
         }
     }
 
+    // MARK: - Timeouts
+
+    /// Checks every connection's connect timeout and keep-alive every `period` (one task per
+    /// worker, as Mosquitto checks in its loop, instead of a timer per connection).
+    func startTimeoutSweep(every period: TimeAmount) {
+        loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+            let now = NIODeadline.now()
+            for connection in self.connections.values { connection.checkTimeouts(now: now) }
+        }
+    }
+
     // MARK: - Output batching
 
     /// Starts a batch (a connection's reads, a mailbox drain) that ends with `flushDirty()`.
