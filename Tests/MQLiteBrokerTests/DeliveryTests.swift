@@ -213,7 +213,7 @@ struct DeliveryTests {
         try await withBroker(configure: { $0.limits.maxQueued = 20 }) { b in
             let slow = try await b.client("slow")
             try await slow.subscribe("flood", qos: .atLeastOnce)
-            try await slow.channel.setOption(.autoRead, value: false)
+            try await slow.channel.setOption(.autoRead, value: false).get()
             let pub = try await b.client("pub")
             let payload = ByteBuffer(repeating: 0x41, count: 16 * 1024)
             // 4000 x 16 KiB = 64 MiB, far more than the socket buffers hold.
@@ -233,7 +233,7 @@ struct DeliveryTests {
             }
             #expect(acks == 2000)
             // The slow subscriber is still connected and gets messages once it reads again.
-            try await slow.channel.setOption(.autoRead, value: true)
+            try await slow.channel.setOption(.autoRead, value: true).get()
             slow.channel.read()
             let first = try await slow.expectPublish()
             #expect(first.topicString == "flood")
