@@ -84,8 +84,9 @@ public struct ClientInfo: Sendable {
 /// The broker's extension points. The broker calls every method on the event loop of the
 /// connection concerned (`worker` is that loop's index), synchronously, so an implementation may
 /// keep per-worker state without locks. The scripting layer implements this protocol; the broker
-/// never imports it.
-public protocol BrokerHooks: Sendable {
+/// never imports it. Hooks are objects, so that the broker reaches them through one reference
+/// (no existential copy per publish).
+public protocol BrokerHooks: AnyObject, Sendable {
     /// Authentication. Called once per CONNECT that passed protocol checks.
     func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision
     /// Authorisation, once per accepted connection: access rules that the broker enforces natively
@@ -118,6 +119,6 @@ extension BrokerHooks {
 }
 
 /// No hooks: every default above.
-public struct NoHooks: BrokerHooks {
+public final class NoHooks: BrokerHooks {
     public init() {}
 }

@@ -244,12 +244,12 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                         for i in 1...lua_rawlen(L, -1) {
                             lua_rawgeti(L, -1, lua_Integer(i))
                             guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
-                            messages.append(try readMessage(L, vm, base: message, payloadString: payloadString))
+                            messages.append(try readMessage(L, base: message, payloadString: payloadString))
                             mqlite_pop(L, 1)
                         }
                         return .replace(messages)
                     }
-                    return .change(try readMessage(L, vm, base: message, payloadString: payloadString))
+                    return .change(try readMessage(L, base: message, payloadString: payloadString))
                 default:
                     throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
                 }
@@ -312,34 +312,35 @@ private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookR
 }
 
 /// `{ topic=, payload=, qos=, retain= }` on top of the stack; missing fields keep `base`'s.
-private func readMessage(_ L: LuaState, _ vm: LuaVM, base: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> HookedMessage {
+/// One pass over the table's entries (a returned table usually holds one or two) rather than a
+/// lookup per field.
+private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> HookedMessage {
     var message = base
-    func get(_ field: LuaVM.Field) {
-        vm.pushField(field)
-        lua_rawget(L, -2)
+    let table = lua_gettop(L)
+    lua_pushnil(L)
+    while lua_next(L, table) != 0 {
+        defer { mqlite_pop(L, 1) }  // the value; the key stays for lua_next
+        guard lua_type(L, -2) == LUA_TSTRING, let key = L.rawBytes(at: -2) else { continue }
+        switch key.count {
+        case 5 where key.elementsEqual("topic".utf8):
+            message.topic = try readString(L, -1, "topic")
+        case 7 where key.elementsEqual("payload".utf8):
+            let type = lua_type(L, -1)
+            guard type == LUA_TSTRING || type == LUA_TNUMBER else {
+                throw HookResultError("payload must be a string, not a \(typeName(L, -1))")
+            }
+            // (A number is converted in its value slot; lua_next needs only the key untouched.)
+            let bytes = L.rawBytes(at: -1)!
+            if bytes.baseAddress != UnsafeRawPointer(payloadString) { message.payload = ByteBuffer(bytes: bytes) }
+        case 3 where key.elementsEqual("qos".utf8):
+            message.qos = try readQoS(L, -1, "qos")
+        case 6 where key.elementsEqual("retain".utf8):
+            guard lua_type(L, -1) == LUA_TBOOLEAN else { throw HookResultError("retain must be a boolean, not a \(typeName(L, -1))") }
+            message.retain = lua_toboolean(L, -1) != 0
+        default:
+            continue
+        }
     }
-    get(.topic)
-    if lua_type(L, -1) != LUA_TNIL { message.topic = try readString(L, -1, "topic") }
-    mqlite_pop(L, 1)
-    get(.payload)
-    switch lua_type(L, -1) {
-    case LUA_TNIL: break
-    case LUA_TSTRING, LUA_TNUMBER:
-        let bytes = L.rawBytes(at: -1)!
-        if bytes.baseAddress != UnsafeRawPointer(payloadString) { message.payload = ByteBuffer(bytes: bytes) }
-    default: throw HookResultError("payload must be a string, not a \(typeName(L, -1))")
-    }
-    mqlite_pop(L, 1)
-    get(.qos)
-    if lua_type(L, -1) != LUA_TNIL { message.qos = try readQoS(L, -1, "qos") }
-    mqlite_pop(L, 1)
-    get(.retain)
-    switch lua_type(L, -1) {
-    case LUA_TNIL: break
-    case LUA_TBOOLEAN: message.retain = lua_toboolean(L, -1) != 0
-    default: throw HookResultError("retain must be a boolean, not a \(typeName(L, -1))")
-    }
-    mqlite_pop(L, 1)
     return message
 }
 

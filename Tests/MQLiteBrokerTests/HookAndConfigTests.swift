@@ -6,7 +6,7 @@ import MQLiteTestSupport
 import Testing
 
 /// Hooks with fixed rules, to show that each hook point changes what clients see.
-struct RuleHooks: BrokerHooks {
+final class RuleHooks: BrokerHooks {
     func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
         switch request.username {
         case "wrong": return .refuse(.badUsernameOrPassword)
