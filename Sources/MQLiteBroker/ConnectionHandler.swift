@@ -458,20 +458,18 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        var topic = message.topic
-        var payload = message.payload
-        if payload.readableBytes > largePayloadThreshold {
+        if message.payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()
-            var header = context.channel.allocator.buffer(capacity: topic.readableBytes + 9)
+            var header = context.channel.allocator.buffer(capacity: message.topic.readableBytes + 9)
             header.writePublishHeader(
-                topic: &topic, payloadLength: payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                topic: message.topic, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
             context.write(wrapOutboundOut(header), promise: nil)
-            context.write(wrapOutboundOut(payload), promise: nil)
+            context.write(wrapOutboundOut(message.payload), promise: nil)
             markDirty()
         } else {
             appendOutput {
-                $0.writePublish(topic: &topic, payload: &payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                $0.writePublish(topic: message.topic, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
             }
         }
     }

@@ -40,16 +40,14 @@ extension Message {
     /// The QoS 0 PUBLISH frame of a live delivery (RETAIN 0), to be shared by every QoS 0
     /// subscriber: header only when the payload is large (the payload then goes out as its own buffer).
     func encodeQoS0Frame() -> ByteBuffer {
-        var topic = self.topic
-        var payload = self.payload
         let large = payload.readableBytes > largePayloadThreshold
         let size = ByteBuffer.publishFrameSize(topicLength: topic.readableBytes, payloadLength: payload.readableBytes, qos: .atMostOnce)
         var frame = Self.allocator.buffer(capacity: large ? size - payload.readableBytes : size)
         if large {
             frame.writePublishHeader(
-                topic: &topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+                topic: topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         } else {
-            frame.writePublish(topic: &topic, payload: &payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+            frame.writePublish(topic: topic, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         }
         return frame
     }

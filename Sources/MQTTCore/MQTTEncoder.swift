@@ -7,9 +7,7 @@ extension ByteBuffer {
     public mutating func writeMQTTPacket(_ packet: MQTTPacket) {
         switch packet {
         case .publish(let p):
-            var topic = p.topic
-            var payload = p.payload
-            writePublish(topic: &topic, payload: &payload, qos: p.qos, retain: p.retain, dup: p.dup, packetID: p.packetID)
+            writePublish(topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, dup: p.dup, packetID: p.packetID)
         case .connect(let box):
             writeConnect(box.value)
         case .connack(let c):
@@ -54,16 +52,16 @@ extension ByteBuffer {
     /// Appends a whole PUBLISH. The topic and payload buffers are read from without moving their
     /// reader indices (they are `inout` only to avoid a copy-on-write check).
     public mutating func writePublish(
-        topic: inout ByteBuffer, payload: inout ByteBuffer, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?
+        topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?
     ) {
-        writePublishHeader(topic: &topic, payloadLength: payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+        writePublishHeader(topic: topic, payloadLength: payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
         writeImmutableBuffer(payload)
     }
 
     /// Appends a PUBLISH's fixed and variable header for a payload of `payloadLength` bytes that
     /// the caller writes next (or hands to the channel as its own buffer, to avoid copying it).
     public mutating func writePublishHeader(
-        topic: inout ByteBuffer, payloadLength: Int, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?
+        topic: ByteBuffer, payloadLength: Int, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?
     ) {
         let topicLength = topic.readableBytes
         let remaining = 2 + topicLength + (qos == .atMostOnce ? 0 : 2) + payloadLength
