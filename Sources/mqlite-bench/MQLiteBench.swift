@@ -104,15 +104,16 @@ struct MQLiteBench: AsyncParsableCommand {
         // go past its queue limit (1000 queued + in flight in `make bench`).
         let defaultWindow = payload >= 32 * 1024 ? 64 : q == .atMostOnce ? 1000 : 500
         let windowSize = window ?? defaultWindow
+        let (pubs, subs) = (publishers, subscribers)
         let run = try await loop.submit {
-            ThroughputRun(loop: loop, shape: shape, qos: q, publishers: publishers, subscribers: subscribers, window: windowSize)
+            ThroughputRun(loop: loop, shape: shape, qos: q, publishers: pubs, subscribers: subs, window: windowSize)
         }.get()
         let result = try await loop.flatSubmit {
             run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(10))
         }.get()
         try await loop.submit {
-            for c in subscribers { c.close() }
-            for p in publishers { p.connection.close() }
+            for c in subs { c.close() }
+            for p in pubs { p.connection.close() }
         }.get()
         return [
             "scenario": shape.rawValue, "qos": qos, "payload": payload, "clients": clients,
@@ -129,11 +130,12 @@ struct MQLiteBench: AsyncParsableCommand {
             let pub = Publisher(connection: try await connect(loop, "lpub\(i)"), topic: "\(prefix)/lat/\(i)", payload: makePayload(payload), qos: .atMostOnce)
             pairs.append((pub, sub))
         }
-        let run = try await loop.submit { LatencyRun(loop: loop, pairs: pairs, ratePerPublisher: rate) }.get()
+        let clients = pairs
+        let run = try await loop.submit { LatencyRun(loop: loop, pairs: clients, ratePerPublisher: rate) }.get()
         let r = try await loop.flatSubmit {
             run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(1))
         }.get()
-        try await loop.submit { for (p, s) in pairs { p.connection.close(); s.close() } }.get()
+        try await loop.submit { for (p, s) in clients { p.connection.close(); s.close() } }.get()
         return ["scenario": "latency", "clients": clients, "rate_per_client": rate, "payload": payload,
                 "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost]
     }

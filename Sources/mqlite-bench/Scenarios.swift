@@ -43,14 +43,13 @@ final class Publisher: @unchecked Sendable {
         self.connection = connection
         self.topic = topic
         self.payload = payload
-        var t = ByteBuffer(string: topic)
-        var p = payload
+        let t = ByteBuffer(string: topic)
         var prefix = ByteBuffer()
-        prefix.writePublishHeader(topic: &t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0)
+        prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0)
         prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 2))
         self.prefix = prefix
         var frame = ByteBuffer()
-        frame.writePublish(topic: &t, payload: &p, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+        frame.writePublish(topic: t, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         self.frameSize = frame.readableBytes
         var chunk = ByteBuffer()
         if qos == .atMostOnce {
@@ -180,6 +179,8 @@ final class ThroughputRun: @unchecked Sendable {
         pump()
         var startCount = 0
         var startTime = NIODeadline.now()
+        // Everything below runs on this run's loop.
+        let loop = self.loop.assumeIsolated()
         loop.scheduleTask(in: warmup) {
             startCount = self.delivered
             startTime = .now()
@@ -194,7 +195,7 @@ final class ThroughputRun: @unchecked Sendable {
                 if self.delivered >= expected || NIODeadline.now() > deadline {
                     promise.succeed(ThroughputResult(deliveriesPerSecond: rate, published: self.published, expected: expected, delivered: self.delivered))
                 } else {
-                    self.loop.scheduleTask(in: .milliseconds(10)) { check() }
+                    loop.scheduleTask(in: .milliseconds(10)) { check() }
                 }
             }
             check()
@@ -236,8 +237,7 @@ final class LatencyRun: @unchecked Sendable {
             for _ in 0..<perTick {
                 var payload = p.payload
                 payload.setInteger(NIODeadline.now().uptimeNanoseconds, at: payload.readerIndex)
-                var topic = ByteBuffer(string: p.topic)
-                batch.writePublish(topic: &topic, payload: &payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+                batch.writePublish(topic: ByteBuffer(string: p.topic), payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
             }
             published += perTick
             p.connection.write(batch)
