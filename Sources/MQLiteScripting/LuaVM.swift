@@ -37,7 +37,6 @@ final class LuaVM: @unchecked Sendable {
     struct Hook {
         let context: ScriptContext
         let ref: Int32
-        let filter: String?
     }
 
     enum Kind: String, CaseIterable {
@@ -176,7 +175,7 @@ final class LuaVM: @unchecked Sendable {
     func register(_ kind: Kind, functionAt index: Int32, filter: String?, context: ScriptContext) {
         lua_pushvalue(L, index)
         let ref = luaL_ref(L, mqlite_registryindex())
-        hookLists[kind.slot].append(Hook(context: context, ref: ref, filter: filter))
+        hookLists[kind.slot].append(Hook(context: context, ref: ref))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
     }
 
