@@ -62,12 +62,15 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = BenchEvent
     typealias OutboundOut = ByteBuffer
 
+    let loop: any EventLoop
     var context: ChannelHandlerContext?
     var onEvent: (BenchConnection, BenchEvent) -> Void = { _, _ in }
     var onReadComplete: (BenchConnection) -> Void = { _ in }
     var onClose: () -> Void = {}
     /// PUBACKs owed to the broker, written once per read batch.
     var pendingAcks: ByteBuffer?
+
+    init(loop: any EventLoop) { self.loop = loop }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
@@ -108,7 +111,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
         on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true
     ) -> EventLoopFuture<BenchConnection> {
         let promise = loop.makePromise(of: BenchConnection.self)
-        let handler = BenchConnection()
+        let handler = BenchConnection(loop: loop)
         ClientBootstrap(group: loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.maxMessagesPerRead, value: 16)
@@ -140,10 +143,14 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
         return promise.futureResult
     }
 
-    /// Subscribes and completes on SUBACK.
+    /// Subscribes and completes on SUBACK. Any thread.
     func subscribe(_ filter: String, qos: QoS) -> EventLoopFuture<Void> {
-        guard let context else { return context!.eventLoop.makeFailedFuture(BenchError("not connected")) }
-        let promise = context.eventLoop.makePromise(of: Void.self)
+        loop.flatSubmit { self.subscribeOnLoop(filter, qos: qos) }
+    }
+
+    private func subscribeOnLoop(_ filter: String, qos: QoS) -> EventLoopFuture<Void> {
+        guard let context else { return loop.makeFailedFuture(BenchError("not connected")) }
+        let promise = loop.makePromise(of: Void.self)
         let previous = onEvent
         onEvent = { c, event in
             if event == .suback {

@@ -14,15 +14,17 @@ struct MQLiteBench: AsyncParsableCommand {
             Throughput scenarios report deliveries per second over the measured interval, then stop \
             sending, wait for every outstanding message and report loss; a run that lost messages \
             exits 1. Publishers keep at most --window deliveries outstanding (and, at QoS 1, at most \
-            100 unacknowledged messages each).
+            100 unacknowledged messages each). `bare-nio-server` is no load: it serves --port with a \
+            SwiftNIO server that only holds its sockets (mqlite's channel options, one empty handler), \
+            until stopped, so that `connections --tcp-only` can measure what NIO itself keeps per socket.
             """
     )
 
     enum Scenario: String, ExpressibleByArgument, CaseIterable {
-        case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections
+        case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections, bareNIOServer = "bare-nio-server"
     }
 
-    @Argument(help: "fan-in, fan-out, pairs, latency or connections")
+    @Argument(help: "fan-in, fan-out, pairs, latency, connections or bare-nio-server")
     var scenario: Scenario
     @Option var host = "127.0.0.1"
     @Option var port = 1883
@@ -39,6 +41,7 @@ struct MQLiteBench: AsyncParsableCommand {
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
 
     func run() async throws {
+        if scenario == .bareNIOServer { return try await serveBareNIO() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
         let result: [String: Any]
@@ -50,6 +53,8 @@ struct MQLiteBench: AsyncParsableCommand {
                 result = try await latency(loop: loop)
             case .connections:
                 result = try await idleConnections(loop: loop)
+            case .bareNIOServer:
+                preconditionFailure("served above")
             }
         } catch {
             try? await group.shutdownGracefully()
@@ -62,6 +67,23 @@ struct MQLiteBench: AsyncParsableCommand {
             FileHandle.standardError.write(Data("mqlite-bench: \(lost) messages lost\n".utf8))
             throw ExitCode(1)
         }
+    }
+
+    /// The reference for memory per socket: a NIO server with the child options mqlite uses
+    /// (see `Broker.makeBootstrap`) and one handler that does nothing.
+    private func serveBareNIO() async throws {
+        final class Holder: ChannelInboundHandler, Sendable { typealias InboundIn = ByteBuffer }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 128, maximum: 256 * 1024))
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Holder()) }
+            }
+            .bind(host: host, port: port).get()
+        try await server.closeFuture.get()
     }
 
     private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false) async throws -> BenchConnection {
@@ -130,12 +152,12 @@ struct MQLiteBench: AsyncParsableCommand {
             let pub = Publisher(connection: try await connect(loop, "lpub\(i)"), topic: "\(prefix)/lat/\(i)", payload: makePayload(payload), qos: .atMostOnce)
             pairs.append((pub, sub))
         }
-        let clients = pairs
-        let run = try await loop.submit { LatencyRun(loop: loop, pairs: clients, ratePerPublisher: rate) }.get()
+        let runPairs = pairs
+        let run = try await loop.submit { LatencyRun(loop: loop, pairs: runPairs, ratePerPublisher: rate) }.get()
         let r = try await loop.flatSubmit {
             run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(1))
         }.get()
-        try await loop.submit { for (p, s) in clients { p.connection.close(); s.close() } }.get()
+        try await loop.submit { for (p, s) in runPairs { p.connection.close(); s.close() } }.get()
         return ["scenario": "latency", "clients": clients, "rate_per_client": rate, "payload": payload,
                 "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost]
     }

@@ -1,0 +1,75 @@
+"""The benchmark's load generator against the real broker: each scenario runs, counts and reports.
+
+Short runs of the debug build: these check that `make bench` can rely on the tool, not speed.
+"""
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = os.environ.get("MQLITE_BENCH_BIN", str(ROOT / ".build" / "debug" / "mqlite-bench"))
+
+
+def bench(port, *args):
+    r = subprocess.run([BENCH, *args, "--port", str(port), "--duration", "0.3", "--warmup", "0.1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("scenario,qos,payload", [
+    ("pairs", 0, 16), ("pairs", 1, 1024), ("fan-in", 1, 16), ("fan-out", 0, 65536),
+])
+def test_throughput_counts_every_delivery(broker, scenario, qos, payload):
+    r = bench(broker.port, scenario, "--qos", str(qos), "--payload", str(payload), "--clients", "3")
+    assert r["scenario"] == scenario and r["qos"] == qos and r["payload"] == payload
+    assert r["rate"] > 0
+    assert r["lost"] == 0
+    fanout = 3 if scenario == "fan-out" else 1
+    assert r["delivered"] == r["expected"] == r["published"] * fanout > 0
+
+
+def test_latency_reports_percentiles(broker):
+    r = bench(broker.port, "latency", "--clients", "2", "--rate", "500")
+    assert r["lost"] == 0
+    assert 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
+
+
+def test_connections_reads_the_broker_memory(broker):
+    # Each of the 200 gets CONNACK 0 before it counts (else the tool fails).
+    r = bench(broker.port, "connections", "--connections", "200", "--pid", str(broker.proc.pid))
+    assert r["connections"] == 200
+    assert r["rss_before"] > 0 and r["rss_after"] > 0
+    assert r["bytes_per_connection"] == (r["rss_after"] - r["rss_before"]) / 200
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bare_nio_server_holds_sockets():
+    port = free_port()
+    server = subprocess.Popen([BENCH, "bare-nio-server", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "bare-nio-server did not start"
+                time.sleep(0.1)
+        r = bench(port, "connections", "--connections", "200", "--tcp-only", "--pid", str(server.pid))
+        assert r["connections"] == 200 and r["rss_after"] > 0
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)
