@@ -55,8 +55,8 @@ final class LuaVM: @unchecked Sendable {
         }
     }
 
-    /// Field names of the hot on_publish tables, interned once and kept in the registry, so
-    /// that setting and reading them needs no C-string lookup.
+    /// Field names of the hot on_publish tables, interned once and kept at the bottom of the
+    /// VM's stack (slots 1...6, never popped), so that pushing one is a copy of a stack slot.
     enum Field: Int, CaseIterable {
         case clientID, username, topic, payload, qos, retain
 
@@ -71,7 +71,6 @@ final class LuaVM: @unchecked Sendable {
             }
         }
     }
-    private var fieldRefs: [Int32] = []
 
     let L: LuaState
     let worker: Int
@@ -84,6 +83,9 @@ final class LuaVM: @unchecked Sendable {
     private let publishFilters = TopicTrie<Int, Void>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
     private var publishMatches: [String: [Int]] = [:]
+    /// The last topic asked for and its hooks: publishers send runs of one topic.
+    private var lastTopic = ""
+    private var lastMatches: [Int] = []
     /// Set while a script's main chunk runs: hooks may be registered only then.
     var loading: ScriptContext?
 
@@ -97,7 +99,7 @@ final class LuaVM: @unchecked Sendable {
         mqlite_gc_generational(state)
         for field in Field.allCases {
             L.push(field.name)
-            fieldRefs.append(luaL_ref(L, mqlite_registryindex()))
+            precondition(lua_gettop(L) == Int32(field.rawValue + 1))
         }
         openSafeLibraries()
         for plugin in host.plugins {
@@ -184,7 +186,7 @@ final class LuaVM: @unchecked Sendable {
 
     /// Pushes a field name (interned at start-up).
     func pushField(_ field: Field) {
-        lua_rawgeti(L, mqlite_registryindex(), lua_Integer(fieldRefs[field.rawValue]))
+        lua_pushvalue(L, Int32(field.rawValue + 1))
     }
 
     // MARK: - Calling
@@ -218,12 +220,17 @@ final class LuaVM: @unchecked Sendable {
     /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per topic.
     func publishHooks(for topic: String) -> [Int] {
         if publishFilters.count == 0 { return [] }
-        if let cached = publishMatches[topic] { return cached }
+        if topic == lastTopic { return lastMatches }
+        if let cached = publishMatches[topic] {
+            (lastTopic, lastMatches) = (topic, cached)
+            return cached
+        }
         var indices: [Int] = []
         publishFilters.forEachMatch(topic: topic) { index, _ in indices.append(index) }
         indices.sort()
         if publishMatches.count >= Self.matchCacheLimit { publishMatches.removeAll(keepingCapacity: true) }
         publishMatches[topic] = indices
+        (lastTopic, lastMatches) = (topic, indices)
         return indices
     }
 
