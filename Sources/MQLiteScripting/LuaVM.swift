@@ -56,7 +56,8 @@ final class LuaVM: @unchecked Sendable {
     }
 
     /// Field names of the hot on_publish tables, interned once and kept at the bottom of the
-    /// VM's stack (slots 1...6, never popped), so that pushing one is a copy of a stack slot.
+    /// VM's stack (slots 1...6, never popped; `Repeating` strings follow), so that pushing one
+    /// is a copy of a stack slot.
     enum Field: Int, CaseIterable {
         case clientID, username, topic, payload, qos, retain
 
@@ -101,6 +102,7 @@ final class LuaVM: @unchecked Sendable {
             L.push(field.name)
             precondition(lua_gettop(L) == Int32(field.rawValue + 1))
         }
+        for _ in Repeating.allCases { L.push("") }
         openSafeLibraries()
         for plugin in host.plugins {
             try load(plugin)
@@ -187,6 +189,23 @@ final class LuaVM: @unchecked Sendable {
     /// Pushes a field name (interned at start-up).
     func pushField(_ field: Field) {
         lua_pushvalue(L, Int32(field.rawValue + 1))
+    }
+
+    /// Strings that repeat from one on_publish call to the next: the last of each is kept as a
+    /// Lua string in a stack slot (after the field names), so that pushing it again is a slot
+    /// copy rather than Lua hashing and interning its bytes.
+    enum Repeating: Int, CaseIterable { case topic, clientID }
+    private var repeated = Array(repeating: "", count: Repeating.allCases.count)
+
+    func push(_ string: String, repeating kind: Repeating) {
+        let slot = Int32(Field.allCases.count + 1 + kind.rawValue)
+        if string != repeated[kind.rawValue] {
+            L.push(string)
+            lua_copy(L, -1, slot)
+            repeated[kind.rawValue] = string
+        } else {
+            lua_pushvalue(L, slot)
+        }
     }
 
     // MARK: - Calling

@@ -223,9 +223,9 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                     push()
                     lua_rawset(L, -3)
                 }
-                set(.clientID) { L.push(client.clientID) }
+                set(.clientID) { vm.push(client.clientID, repeating: .clientID) }
                 if let username = client.username { set(.username) { L.push(username) } }
-                set(.topic) { L.push(message.topic) }
+                set(.topic) { vm.push(message.topic, repeating: .topic) }
                 set(.payload) {
                     L.push(message.payload)
                     payloadString = lua_tolstring(L, -1, nil)

@@ -191,6 +191,28 @@ struct HookReturnTests {
         }
     }
 
+    @Test("on_publish sees each message's own client id and topic, however publishers and topics alternate on one VM")
+    func onPublishAlternating() async throws {
+        let script = #"mqlite.on_publish("alt/#", function(m) return { payload = m.client_id .. " " .. m.topic .. " " .. m.payload } end)"#
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, _, _ in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("alt/#")
+            let long = "client-with-an-identifier-longer-than-fifteen-bytes"
+            let a = try await b.client(long)
+            let c = try await b.client("c")
+            var expected: [String] = []
+            for i in 0..<8 {
+                let (client, id) = i % 3 == 0 ? (a, long) : (c, "c")
+                let topic = i % 2 == 0 ? "alt/one" : "alt/a/much/longer/topic/name"
+                try await client.publish(topic, "\(i)", qos: .atLeastOnce)
+                expected.append("\(id) \(topic) \(i)")
+            }
+            var got: [String] = []
+            for _ in expected { got.append(payload(try await watcher.expectPublish())) }
+            #expect(got == expected)
+        }
+    }
+
     @Test("on_connected and on_disconnected are called, and mqlite.publish reaches subscribers")
     func notifications() async throws {
         let script = """
