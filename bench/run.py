@@ -29,7 +29,7 @@ WARMUP = os.environ.get("WARMUP", "0.5")
 BROKER_CPUS = os.environ.get("BROKER_CPUS", "0")   # both brokers get these cores
 CLIENT_CPUS = os.environ.get("CLIENT_CPUS", "1")   # the load generator gets these
 CONNECTIONS = os.environ.get("CONNECTIONS", "10000")
-LUA_REPEATS = int(os.environ.get("LUA_REPEATS", "3"))  # Lua runs per round (the hooked rate is noisy)
+REPEATS = int(os.environ.get("REPEATS", "3"))  # runs per round of the noisiest rows (latency, Lua)
 OUT = Path(os.environ.get("OUT", ROOT / "bench" / "results.md"))
 
 # Identical limits for both brokers: in-flight window, queue, no persistence, TCP_NODELAY, quiet logs.
@@ -162,9 +162,10 @@ def main():
             # Rows that need the same run (latency p99 and p50; Mosquitto's idle TCP sockets) share it.
             shared_runs = {}
             for label, args, metric, _ in scenarios:
-                for name in order:
+                repeats = REPEATS if args[0] == "latency" else 1
+                for rep, name in ((r, n) for r in range(repeats) for n in (order if r % 2 == 0 else order[::-1])):
                     process = stand_in.get(label, name) if name == "mqlite" else name
-                    key = (tuple(args), process)
+                    key = (tuple(args), process, rep)
                     if key in shared_runs:
                         res = shared_runs[key]
                     elif args[0] == "connections":
@@ -182,10 +183,10 @@ def main():
                     losses[(label, name)] = losses.get((label, name), 0) + (res.get("lost") or 0)
                     print(f"round {rnd + 1} {label:32} {name:10} {res.get(metric)} lost={res.get('lost')}", flush=True)
             # The Lua layer: pairs, QoS 0, 16 B, against the same build with and without plugins,
-            # LUA_REPEATS times per round in rotating order.
+            # REPEATS times per round in rotating order.
             variants = ["mqlite", "mqlite+lua-other", "mqlite+lua-hooked"]
-            for rep in range(LUA_REPEATS):
-                shift = (rnd * LUA_REPEATS + rep) % len(variants)
+            for rep in range(REPEATS):
+                shift = (rnd * REPEATS + rep) % len(variants)
                 for name in variants[shift:] + variants[:shift]:
                     res = run_bench(brokers[name], ["pairs", "--qos", "0", "--payload", "16"])
                     results.setdefault(("lua", name), []).append(res.get("rate"))
@@ -228,7 +229,7 @@ def main():
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     report = (f"# mqlite vs Mosquitto — {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n\n"
               f"Machine: {machine}. {mosq}. Brokers pinned to CPU {BROKER_CPUS} (mqlite with {workers} worker(s)), "
-              f"load generator to CPU {CLIENT_CPUS}. Medians of {ROUNDS} rounds ({ROUNDS * LUA_REPEATS} runs for the Lua rows), "
+              f"load generator to CPU {CLIENT_CPUS}. Medians of {ROUNDS} rounds ({ROUNDS * REPEATS} runs for the latency and Lua rows), "
               f"{DURATION} s measured after {WARMUP} s warm-up. "
               f"Rates are deliveries per second (messages received by subscribers).\n\n{text}\n")
     print("\n" + report)
