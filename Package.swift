@@ -97,6 +97,17 @@ let package = Package(
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
             ]
         ),
+        // The on_publish path in a loop, without sockets: for profiling the Lua layer (callgrind).
+        .executableTarget(
+            name: "mqlite-hookprof",
+            dependencies: [
+                "MQLiteBroker",
+                "MQLiteScripting",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Shared by the test targets: broker fixture and a minimal MQTT client.
         .target(
             name: "MQLiteTestSupport",
