@@ -41,7 +41,6 @@ struct MQLiteBench: AsyncParsableCommand {
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
 
     func run() async throws {
-        if scenario == .bareNIOServer { return try await serveBareNIO() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
         let result: [String: Any]
@@ -54,7 +53,7 @@ struct MQLiteBench: AsyncParsableCommand {
             case .connections:
                 result = try await idleConnections(loop: loop)
             case .bareNIOServer:
-                preconditionFailure("served above")
+                result = try await serveBareNIO(group: group)
             }
         } catch {
             try? await group.shutdownGracefully()
@@ -70,10 +69,9 @@ struct MQLiteBench: AsyncParsableCommand {
     }
 
     /// The reference for memory per socket: a NIO server with the child options mqlite uses
-    /// (see `Broker.makeBootstrap`) and one handler that does nothing.
-    private func serveBareNIO() async throws {
+    /// (see `Broker.makeBootstrap`) and one handler that does nothing. Serves until stopped.
+    private func serveBareNIO(group: MultiThreadedEventLoopGroup) async throws -> [String: Any] {
         final class Holder: ChannelInboundHandler, Sendable { typealias InboundIn = ByteBuffer }
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -84,6 +82,7 @@ struct MQLiteBench: AsyncParsableCommand {
             }
             .bind(host: host, port: port).get()
         try await server.closeFuture.get()
+        return ["scenario": "bare-nio-server", "lost": 0]
     }
 
     private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false) async throws -> BenchConnection {
