@@ -68,23 +68,16 @@ def cpu_count(cpus):
 
 
 class Broker:
-    def __init__(self, name, cmd, port, mqtt=True):
+    def __init__(self, name, cmd, port):
         self.name, self.port = name, port
         self.proc = subprocess.Popen(["taskset", "-c", BROKER_CPUS, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 20
         while time.time() < deadline:
-            if mqtt:
-                ready = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "up", "-m", "x"],
-                                       capture_output=True).returncode == 0
-            else:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    ready = True
-                except OSError:
-                    ready = False
-            if ready:
+            try:  # listening: every server here binds only once it is ready
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
-            time.sleep(0.2)
+            except OSError:
+                time.sleep(0.2)
         raise RuntimeError(f"{name} did not start")
 
     def stop(self):
@@ -97,7 +90,7 @@ class Broker:
 
 def fresh_broker(name, tmp, workers):
     if name == "bare-nio":
-        return Broker("bare SwiftNIO server", [str(BENCH), "bare-nio-server", "--port", "18912"], 18912, mqtt=False)
+        return Broker("bare SwiftNIO server", [str(BENCH), "bare-nio-server", "--port", "18912"], 18912)
     if name == "mosquitto":
         (tmp / "fresh-mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18910))
         return Broker("fresh mosquitto", ["mosquitto", "-c", str(tmp / "fresh-mosquitto.conf")], 18910)
@@ -116,7 +109,7 @@ def run_bench(broker, args):
 
 
 def main():
-    for tool in ("mosquitto", "mosquitto_pub", "taskset"):
+    for tool in ("mosquitto", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is missing (make bench installs it)")
     tmp = Path(tempfile.mkdtemp(prefix="mqlite-bench-"))
