@@ -23,6 +23,8 @@ public final class Broker: Sendable {
     private let retained = Mutex<[String: Message]>([:])
     private let serverChannels = Mutex<[any Channel]>([])
     let connectionCount = Atomic<Int>(0)
+    /// Connection handlers alive (a closed connection's must be freed: tests check it).
+    let connectionObjects = Atomic<Int>(0)
     /// Messages dropped for subscribers that could not keep up, since start.
     let droppedMessages = Atomic<Int>(0)
 
@@ -112,33 +114,56 @@ public final class Broker: Sendable {
 
     /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean
     /// session, discarding) whatever held that client id before. `completion` runs on `worker`'s
-    /// loop with the session and whether it was present.
+    /// loop with the session and whether it was present, or with nil when a newer CONNECT for the
+    /// same client id came meanwhile (MQTT-3.1.4-2: only the newest connection may keep it).
+    ///
+    /// Closing the old connection and attaching the new one happen on the session's owner loop,
+    /// the new connection attaching there only while its claim is still the latest; so however
+    /// many CONNECTs race for one client id, exactly one connection ends up attached.
     func openSession(
         clientID: String, cleanSession: Bool, on worker: Worker,
-        completion: @escaping @Sendable (Session, Bool) -> Void
+        completion: @escaping @Sendable (_ session: Session?, _ present: Bool) -> Void
     ) {
-        let (existing, fresh) = registry.withLock { registry -> (Session?, Session?) in
+        let (session, claim, present, replaced) = registry.withLock { registry -> (Session, Int, Bool, Session?) in
             let existing = registry[clientID]
-            if let existing, existing.persistent, !cleanSession { return (existing, nil) }
+            if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
             let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
+            // A connection still waiting to attach to the replaced session is superseded.
+            _ = existing?.claim()
             registry[clientID] = fresh
-            return (existing, fresh)
+            return (fresh, fresh.claim(), false, existing)
         }
-        if let fresh {
-            if let existing {
-                onOwner(of: existing) { owner in
-                    existing.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
-                    self.endSession(existing, worker: owner)
-                }
+        if let replaced {
+            onOwner(of: replaced) { owner in
+                replaced.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
+                self.endSession(replaced, worker: owner)
             }
-            completion(fresh, false)
+        }
+        // A session owned by this worker (a fresh one always is), on whose loop we are: at once.
+        if session.owner == worker.index && worker.loop.inEventLoop {
+            takeOver(session, claim: claim, present: present, on: worker, owner: worker, completion)
+        } else {
+            onOwner(of: session) { owner in self.takeOver(session, claim: claim, present: present, on: worker, owner: owner, completion) }
+        }
+    }
+
+    /// On the session's owner loop: closes the connection that holds the session and hands the
+    /// session to the claimant on `worker`, unless a newer claim came meanwhile.
+    private func takeOver(
+        _ session: Session, claim: Int, present: Bool, on worker: Worker, owner: Worker,
+        _ completion: @escaping @Sendable (Session?, Bool) -> Void
+    ) {
+        guard session.isLatest(claim: claim), !session.ended else {
+            if owner === worker { completion(nil, false) } else { worker.loop.execute { completion(nil, false) } }
             return
         }
-        let session = existing!
-        onOwner(of: session) { _ in
-            session.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
-            session.move(to: worker.index)
-            worker.loop.execute { completion(session, true) }
+        session.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
+        if owner === worker { return completion(session, present) }
+        session.move(to: worker.index)
+        worker.loop.execute {
+            // Superseded while moving: the newer claimant, queued on this loop, takes it over.
+            guard session.isLatest(claim: claim) else { return completion(nil, false) }
+            completion(session, present)
         }
     }
 
@@ -221,6 +246,8 @@ public final class Broker: Sendable {
 
     /// Number of client connections open now.
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }
+    /// Connection handlers still in memory: open connections, and closed ones not yet freed.
+    public var connectionObjectCount: Int { connectionObjects.load(ordering: .relaxed) }
     /// Messages dropped for slow subscribers since start.
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.

@@ -49,6 +49,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         self.broker = broker
         self.worker = worker
         self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize)
+        broker.connectionObjects.add(1, ordering: .relaxed)
+    }
+
+    deinit {
+        broker.connectionObjects.add(-1, ordering: .relaxed)
     }
 
     /// The broker's logger with this connection's client id and address. Built only when a line
@@ -67,6 +72,14 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+    }
+
+    /// The pipeline is torn down (the channel closed): let go of the context, which holds this
+    /// handler, so that neither outlives the connection, and of any buffered bytes.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        cumulation = nil
+        output = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -227,6 +240,11 @@ final class ConnectionHandler: ChannelInboundHandler {
 
         let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
         if !tables.isEmpty { acl = ClientACL(tables, clientID: clientID, username: connect.username) }
+        // A will is a message this client publishes later: its topic must be one the client may
+        // publish to (CONNACK 5, as Mosquitto answers).
+        if let will = connect.will, let acl, !acl.allowsPublish(topic: will.topic) {
+            return refuse(.notAuthorized, "will topic denied by ACL")
+        }
         will = connect.will
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
         lastRead = .now()
@@ -234,6 +252,10 @@ final class ConnectionHandler: ChannelInboundHandler {
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
         broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
+            guard let session else {
+                // A newer CONNECT with this client id won the session before this one attached.
+                return this.value.closeWithoutWill(reason: "taken over by a newer connection with the same client id")
+            }
             this.value.attach(session, sessionPresent: present)
         }
     }
@@ -269,14 +291,16 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func handlePublish(_ publish: PublishPacket, session: Session) {
         switch publish.qos {
         case .atMostOnce:
-            route(publish)
+            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .atLeastOnce:
-            route(publish)
+            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             writePacket(.puback(packetID: publish.packetID!))
         case .exactlyOnce:
             let id = publish.packetID!
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
-            if session.awaitingPubrel.insert(id).inserted { route(publish) }
+            if session.awaitingPubrel.insert(id).inserted {
+                route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            }
             writePacket(.pubrec(packetID: id))
         }
     }
@@ -292,32 +316,34 @@ final class ConnectionHandler: ChannelInboundHandler {
         return verdict
     }
 
-    private func route(_ publish: PublishPacket) {
-        guard mayPublish(publish.topic) else { return }
-        let message = Message(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
-        let route = worker.route(for: publish.topic)
+    /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
+    /// hooks if the topic is hooked, then routing.
+    private func route(topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool) {
+        guard mayPublish(topic) else { return }
+        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
+        let route = worker.route(for: topic)
         guard route.hooked else {
             worker.publish(message, along: route)
             return
         }
-        let hooked = HookedMessage(topic: publish.topicString, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+        let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
         case .deliver:
             worker.publish(message, along: route)
         case .drop:
             break
         case .change(let changed):
-            publishChanged(changed, original: hooked, from: publish, route: route)
+            publishChanged(changed, original: hooked, topic: topic, route: route)
         case .replace(let messages):
-            for changed in messages { publishChanged(changed, original: hooked, from: publish, route: route) }
+            for changed in messages { publishChanged(changed, original: hooked, topic: topic, route: route) }
         }
     }
 
-    /// Routes a message a publish hook produced in place of `publish`.
-    private func publishChanged(_ m: HookedMessage, original: HookedMessage, from publish: PublishPacket, route: Worker.Route) {
+    /// Routes a message a publish hook produced in place of the one on `topic`.
+    private func publishChanged(_ m: HookedMessage, original: HookedMessage, topic: ByteBuffer, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
         if m.topic == original.topic {
-            worker.publish(Message(topic: publish.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+            worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }
         do {
@@ -327,9 +353,9 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         // A rewritten topic is checked against the ACL again.
-        let topic = ByteBuffer(string: m.topic)
-        guard mayPublish(topic) else { return }
-        worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain))
+        let rewritten = ByteBuffer(string: m.topic)
+        guard mayPublish(rewritten) else { return }
+        worker.publish(Message(topic: rewritten, payload: m.payload, qos: m.qos, retain: m.retain))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
@@ -392,6 +418,14 @@ final class ConnectionHandler: ChannelInboundHandler {
         context?.close(promise: nil)
     }
 
+    /// Closes a connection that never got its session, without a will, with one log line.
+    private func closeWithoutWill(reason: String) {
+        if case .closed = state, session == nil { return }
+        logger.info("closing connection: \(reason)")
+        detach(publishWill: false, reason: reason)
+        context?.close(promise: nil)
+    }
+
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
     private func detach(publishWill: Bool, reason: String) {
@@ -403,7 +437,9 @@ final class ConnectionHandler: ChannelInboundHandler {
         if session.connection === self { session.connection = nil }
         if !session.persistent { broker.endSession(session, worker: worker) }
         if publishWill, let will {
-            worker.publish(Message(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain))
+            self.will = nil
+            // As any message of this client: the ACL and the publish hooks see it.
+            route(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain)
         }
         will = nil
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }

@@ -24,6 +24,9 @@ final class Session: @unchecked Sendable {
     /// Clean session 0: kept after disconnect, queueing QoS 1/2 messages.
     let persistent: Bool
     private let ownerIndex: Atomic<Int>
+    /// Bumped by every CONNECT that claims this client id (under the registry lock): a connection
+    /// may attach only while its claim is the latest, so exactly one, the newest, ends up attached.
+    private let claims = Atomic<Int>(0)
 
     // MARK: Owner-loop state
     var connection: ConnectionHandler?
@@ -51,6 +54,12 @@ final class Session: @unchecked Sendable {
 
     /// Index of the worker whose loop owns this session.
     var owner: Int { ownerIndex.load(ordering: .acquiring) }
+
+    /// Registers a new claim and returns it. Called under the registry lock.
+    func claim() -> Int { claims.add(1, ordering: .acquiringAndReleasing).newValue }
+
+    /// Whether `claim` is still the latest (no newer CONNECT for this client id since).
+    func isLatest(claim: Int) -> Bool { claims.load(ordering: .acquiring) == claim }
 
     /// Hands the session to another worker. Called on the current owner's loop, after detaching.
     func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }

@@ -1,0 +1,127 @@
+import MQLiteBroker
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+/// ACL tables for every client, and a publish hook on `hooked/#` that marks the payload.
+final class WillHooks: BrokerHooks {
+    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+        client.clientID.hasPrefix("limited") ? [ACLTable(publish: ["allowed/#", "hooked/#"], subscribe: ["#"])] : []
+    }
+
+    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
+        topic.readableBytesView.starts(with: "hooked/".utf8)
+    }
+
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+        var changed = message
+        changed.payload = ByteBuffer(string: "hooked(\(String(buffer: message.payload))) from \(client.clientID)")
+        return .change(changed)
+    }
+}
+
+@Suite("Hostile clients: takeover races, leaks, will bypasses")
+struct HardeningTests {
+    @Test("many CONNECTs at once for one persistent client id: exactly one connection stays, and the broker survives")
+    func takeoverRace() async throws {
+        try await withBroker { b in
+            let first = try await TestClient.open(port: b.port)
+            _ = try await first.connect(ConnectPacket(cleanSession: false, clientID: "racer"))
+            try await first.subscribe("race/#", qos: .atLeastOnce)
+            await first.disconnect()
+            let publisher = try await b.client("publisher")
+
+            for round in 0..<4 {
+                var clients: [TestClient] = []
+                for _ in 0..<50 { clients.append(try await TestClient.open(port: b.port)) }
+                // All CONNECTs in flight at once, then each client changes the session at once.
+                for c in clients { c.send(.connect(ConnectPacket(cleanSession: false, clientID: "racer"))) }
+                for c in clients {
+                    c.send(.subscribe(SubscribePacket(packetID: 7, subscriptions: [Subscription(filter: "race/\(round)", qos: .atLeastOnce)])))
+                    c.send(.unsubscribe(UnsubscribePacket(packetID: 8, filters: ["race/\(round)"])))
+                }
+                try await eventually("takeovers settle", timeout: .seconds(10)) { b.broker.openConnections == 2 }
+                var alive: [TestClient] = []
+                for c in clients {
+                    // Drain what came; a closed connection ends with .closed (the broker has
+                    // closed all but one, so only the survivor waits out the timeout).
+                    var closed = false
+                    while let event = await c.nextEvent(timeout: .seconds(1)) {
+                        if event == .closed { closed = true; break }
+                    }
+                    if !closed { alive.append(c) }
+                }
+                #expect(alive.count == 1, "round \(round): \(alive.count) connections hold client id racer")
+                // The survivor holds the session: it still gets what its subscription matches.
+                if let survivor = alive.first {
+                    try await publisher.publish("race/x", "round \(round)", qos: .atLeastOnce)
+                    let got = try await survivor.expectPublish()
+                    #expect(String(buffer: got.payload) == "round \(round)")
+                    survivor.send(.puback(packetID: got.packetID!))
+                    await survivor.abort()
+                }
+                try await eventually("connections closed") { b.broker.openConnections == 1 }
+            }
+        }
+    }
+
+    @Test("a closed connection frees its handler: sockets that close silently, after CONNECT, or mid-packet")
+    func closedConnectionsAreFreed() async throws {
+        try await withBroker { b in
+            let baseline = b.broker.connectionObjectCount
+            for i in 0..<300 {
+                let c = try await TestClient.open(port: b.port)
+                switch i % 3 {
+                case 0:
+                    break
+                case 1:
+                    _ = try await c.connect(ConnectPacket(clientID: "leak-\(i)"))
+                default:
+                    // Half of a 100 KB PUBLISH, then gone.
+                    _ = try await c.connect(ConnectPacket(clientID: "leak-\(i)"))
+                    c.sendRaw([0x30, 0xA0, 0x8D, 0x06, 0x00, 0x01, UInt8(ascii: "t")] + [UInt8](repeating: 1, count: 50_000))
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                await c.abort()
+            }
+            try await eventually("every handler freed", timeout: .seconds(10)) {
+                b.broker.openConnections == 0 && b.broker.connectionObjectCount == baseline
+            }
+        }
+    }
+
+    @Test("a will on a topic the ACL denies is refused at CONNECT (CONNACK 5); an allowed will still goes out")
+    func willChecksACL() async throws {
+        try await withBroker(hooks: WillHooks()) { b in
+            let sub = try await b.client("watcher")
+            try await sub.subscribe("#")
+            let bad = try await TestClient.open(port: b.port)
+            let will = Will(topic: "forbidden/x", payload: ByteBuffer(string: "bypass"), qos: .atMostOnce, retain: true)
+            #expect(try await bad.connect(ConnectPacket(clientID: "limited-1", will: will)).returnCode == .notAuthorized)
+            try await bad.expectClosed()
+            try await sub.expectNothing()
+            #expect(b.broker.retainedCount == 0)
+
+            let good = try await b.client("limited-2", will: Will(topic: "allowed/x", payload: ByteBuffer(string: "gone"), qos: .atMostOnce, retain: false))
+            await good.abort()
+            let got = try await sub.expectPublish()
+            #expect(got.topicString == "allowed/x")
+            #expect(String(buffer: got.payload) == "gone")
+        }
+    }
+
+    @Test("a will goes through the publish hooks like any message of its client")
+    func willThroughHooks() async throws {
+        try await withBroker(hooks: WillHooks()) { b in
+            let sub = try await b.client("watcher")
+            try await sub.subscribe("hooked/#")
+            let c = try await b.client("limited-3", will: Will(topic: "hooked/w", payload: ByteBuffer(string: "bye"), qos: .atMostOnce, retain: false))
+            await c.abort()
+            let got = try await sub.expectPublish()
+            #expect(String(buffer: got.payload) == "hooked(bye) from limited-3")
+        }
+    }
+}
