@@ -46,8 +46,13 @@ public final class Broker: Sendable {
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
         var bound: [SocketAddress] = []
-        for listener in configuration.listeners {
-            let channel = try await makeBootstrap().bind(host: listener.host, port: listener.port).get()
+        for (index, listener) in configuration.listeners.enumerated() {
+            let channel: any Channel
+            do {
+                channel = try await makeBootstrap().bind(host: listener.host, port: listener.port).get()
+            } catch {
+                throw ListenError(index: index, address: listener, underlying: error)
+            }
             serverChannels.withLock { $0.append(channel) }
             if let address = channel.localAddress {
                 bound.append(address)
@@ -157,7 +162,10 @@ public final class Broker: Sendable {
             if owner === worker { completion(nil, false) } else { worker.loop.execute { completion(nil, false) } }
             return
         }
-        session.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
+        // Clean session 0 taking over clean session 0: the session goes on, so the old
+        // connection's will is not published (Mosquitto). A clean session 1 on either side
+        // replaces the session instead (openSession), and that publishes the will.
+        session.connection?.closeWithoutWill(reason: "taken over by a new connection with the same client id")
         if owner === worker { return completion(session, present) }
         session.move(to: worker.index)
         worker.loop.execute {
@@ -252,4 +260,14 @@ public final class Broker: Sendable {
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
     public var retainedCount: Int { retained.withLock { $0.count } }
+}
+
+/// A listener that could not be bound (address in use, no such host or interface, no permission).
+public struct ListenError: Error, CustomStringConvertible {
+    /// Position of the listener in the configuration.
+    public var index: Int
+    public var address: ListenAddress
+    public var underlying: any Error
+
+    public var description: String { "cannot listen on \(address): \(underlying)" }
 }

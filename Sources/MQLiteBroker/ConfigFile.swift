@@ -38,6 +38,12 @@ public enum ConfigFile {
 
     /// Checks `text` as the contents of `file`.
     public static func parse(_ text: String, file: String) throws(ConfigError) -> BrokerConfiguration {
+        // TOML forbids control characters; the parser would stop reading at a NUL and silently
+        // ignore the rest of the file.
+        if let nul = text.utf8.firstIndex(of: 0) {
+            let line = text.utf8[..<nul].count(where: { $0 == UInt8(ascii: "\n") }) + 1
+            throw ConfigError(file: file, key: nil, problem: "NUL byte at line \(line) (not a text file?)")
+        }
         let root: TOMLTable
         do {
             root = try TOMLTable(string: text)
@@ -57,7 +63,7 @@ public enum ConfigFile {
 
         if let server = try top.table("server") {
             try server.allowOnly(["workers", "log_level"])
-            if let workers = try server.int("workers", in: 0...1024) { config.workers = workers }
+            if let workers = try server.int("workers", in: BrokerConfiguration.workerRange) { config.workers = workers }
             if let level = try server.string("log_level") {
                 guard let parsed = Logger.Level(rawValue: level) else {
                     throw server.error("log_level", "must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \"\(level)\"")
@@ -72,7 +78,7 @@ public enum ConfigFile {
                 try listener.allowOnly(["bind"])
                 guard let bind = try listener.string("bind") else { throw listener.error("bind", "is required") }
                 guard let address = ListenAddress(parsing: bind) else {
-                    throw listener.error("bind", "must be \"HOST:PORT\" with a port from 0 to 65535, not \"\(bind)\"")
+                    throw listener.error("bind", "must be \"HOST:PORT\" with a valid IPv4 or IPv6 address or host name and a port from 0 to 65535, not \"\(bind)\"")
                 }
                 config.listeners.append(address)
             }

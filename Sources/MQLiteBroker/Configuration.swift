@@ -34,6 +34,9 @@ public struct BrokerConfiguration: Sendable {
         self.baseDirectory = baseDirectory
     }
 
+    /// Accepted values of `workers` (the config file's and `-t`).
+    public static let workerRange = 0...1024
+
     /// The number of event loops this configuration asks for, with 0 resolved to the core count.
     public var resolvedWorkers: Int { workers > 0 ? workers : System.coreCount }
 }
@@ -48,18 +51,40 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
         self.port = port
     }
 
-    /// Parses `HOST:PORT` (`[::1]:1883` for IPv6).
+    /// Parses `HOST:PORT` (`[::1]:1883` for IPv6). HOST is an IPv4 address, an IPv6 address in
+    /// brackets, or a host name (RFC 1123 letters, digits, hyphens and dots); something that looks
+    /// like an IPv4 address but is not one (`256.1.1.1`) is refused.
     public init?(parsing text: String) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
             (0...65535).contains(port)
         else { return nil }
         var host = String(text[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        if host.isEmpty { return nil }
+        if host.hasPrefix("[") && host.hasSuffix("]") {
+            host = String(host.dropFirst().dropLast())
+            guard host.contains(":") else { return nil }  // brackets are for IPv6 only
+        }
+        guard Self.isValidHost(host) else { return nil }
         self.init(host: host, port: port)
     }
 
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    /// An IPv6 address, an IPv4 address (four numbers each at most 255), or an RFC 1123 host name.
+    static func isValidHost(_ host: String) -> Bool {
+        if host.contains(":") { return (try? SocketAddress(ipAddress: host, port: 0))?.protocol == .inet6 }
+        let digitsAndDots = host.utf8.allSatisfy { $0 == UInt8(ascii: ".") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }
+        if digitsAndDots { return (try? SocketAddress(ipAddress: host, port: 0))?.protocol == .inet }
+        func isNameByte(_ b: UInt8) -> Bool {
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b | 0x20) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b)
+                || b == UInt8(ascii: "-")
+        }
+        let labels = host.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        return host.utf8.count <= 253
+            && labels.allSatisfy { label in
+                (1...63).contains(label.count) && label.first != UInt8(ascii: "-") && label.last != UInt8(ascii: "-")
+                    && label.allSatisfy(isNameByte)
+            }
+    }
 }
 
 /// Resource limits (`[limits]` in the config file).

@@ -187,7 +187,10 @@ final class ConnectionHandler: ChannelInboundHandler {
         case .puback(let id):
             session.puback(id, broker: broker)
         case .pubrec(let id):
-            if session.pubrec(id) { writePacket(.pubrel(packetID: id)) }
+            // Answered with PUBREL even for an id not in flight (as Mosquitto), so a client that
+            // kept its state across a broker restart or a lost session completes its flow.
+            session.pubrec(id)
+            writePacket(.pubrel(packetID: id))
         case .pubcomp(let id):
             session.pubcomp(id, broker: broker)
         case .pubrel(let id):
@@ -288,20 +291,22 @@ final class ConnectionHandler: ChannelInboundHandler {
         context?.close(promise: nil)
     }
 
+    /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
+    /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
         switch publish.qos {
         case .atMostOnce:
             route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .atLeastOnce:
-            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             writePacket(.puback(packetID: publish.packetID!))
+            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .exactlyOnce:
             let id = publish.packetID!
+            writePacket(.pubrec(packetID: id))
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.awaitingPubrel.insert(id).inserted {
                 route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             }
-            writePacket(.pubrec(packetID: id))
         }
     }
 
@@ -418,8 +423,9 @@ final class ConnectionHandler: ChannelInboundHandler {
         context?.close(promise: nil)
     }
 
-    /// Closes a connection that never got its session, without a will, with one log line.
-    private func closeWithoutWill(reason: String) {
+    /// Closes without publishing the will, with one log line: a connection that never got its
+    /// session, or one whose persistent session a clean session 0 CONNECT takes over.
+    func closeWithoutWill(reason: String) {
         if case .closed = state, session == nil { return }
         logger.info("closing connection: \(reason)")
         detach(publishWill: false, reason: reason)

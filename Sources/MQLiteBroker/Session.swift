@@ -159,12 +159,11 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    /// Returns whether the id was one in flight (the caller then sends PUBREL).
-    func pubrec(_ id: UInt16) -> Bool {
-        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce }) else { return false }
+    /// Marks a QoS 2 message in flight as received (PUBREL is sent next); an unknown id is ignored.
+    func pubrec(_ id: UInt16) {
+        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce }) else { return }
         inflight[i].released = true
         inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
-        return true
     }
 
     func pubcomp(_ id: UInt16, broker: Broker) {

@@ -64,8 +64,14 @@ struct MQLite: AsyncParsableCommand {
         scripting?.bind(to: broker)
         do {
             _ = try await broker.start()
+        } catch let error as ListenError {
+            // A listener that cannot be bound is a configuration problem: name its key.
+            let key = bind.isEmpty ? "listener[\(error.index)].bind" : "-b"
+            printError("mqlite: \(ConfigError(file: bind.isEmpty ? (config ?? "defaults") : "command line", key: key, problem: error.description))")
+            await broker.shutdown()
+            throw ExitCode(2)
         } catch {
-            logger.critical("cannot listen: \(error)")
+            logger.critical("cannot start: \(error)")
             await broker.shutdown()
             throw ExitCode(1)
         }
@@ -101,7 +107,11 @@ struct MQLite: AsyncParsableCommand {
             }
         }
         if let threads {
-            guard threads >= 0 else { throw ConfigError(file: "command line", key: "-t", problem: "must be 0 or more") }
+            guard BrokerConfiguration.workerRange.contains(threads) else {
+                throw ConfigError(
+                    file: "command line", key: "-t",
+                    problem: "must be from \(BrokerConfiguration.workerRange.lowerBound) to \(BrokerConfiguration.workerRange.upperBound), not \(threads)")
+            }
             configuration.workers = threads
         }
         return configuration

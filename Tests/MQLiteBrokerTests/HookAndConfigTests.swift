@@ -145,6 +145,11 @@ struct ConfigFileTests {
             ("[limits]\nmax_inflight = \"3\"", "limits.max_inflight", "must be of type int, not string"),
             ("[limits]\nmax_inflight = 0", "limits.max_inflight", "must be from 1 to 65535, not 0"),
             ("[[listener]]\nbind = \"nowhere\"", "listener[0].bind", "HOST:PORT"),
+            ("[[listener]]\nbind = \"256.1.1.1:1883\"", "listener[0].bind", "valid IPv4"),
+            ("[[listener]]\nbind = \"1.2.3:1883\"", "listener[0].bind", "valid IPv4"),
+            ("[[listener]]\nbind = \"[1.2.3.4]:1883\"", "listener[0].bind", "valid IPv4"),
+            ("[[listener]]\nbind = \"bad_host!:1883\"", "listener[0].bind", "host name"),
+            ("[server]\nworkers = 100000", "server.workers", "must be from 0 to 1024"),
             ("[[listener]]\nport = 3", "listener[0].port", "unknown key"),
             ("[server]\nlog_level = \"loud\"", "server.log_level", "must be one of"),
             ("[auth]\nallow_anonymous = 1", "auth.allow_anonymous", "must be of type bool"),
@@ -163,6 +168,24 @@ struct ConfigFileTests {
             #expect(error.file == "test.conf")
             #expect(error.key == key)
             #expect(error.problem.contains(problem), "\(error.problem)")
+        }
+    }
+
+    @Test("hosts: IPv4, IPv6 in brackets, and host names are accepted")
+    func goodHosts() {
+        for text in ["0.0.0.0:1883", "127.0.0.1:0", "255.255.255.255:1", "[::]:1883", "[::1]:1", "[fe80::1%lo]:1", "localhost:1883", "mqtt-1.example.com:8883"] {
+            #expect(ListenAddress(parsing: text) != nil, "\(text)")
+        }
+    }
+
+    @Test("a NUL byte in the file is an error naming its line, not the end of the file")
+    func nulByte() {
+        do {
+            _ = try parse("[limits]\nmax_inflight = 3\n\u{0}\ncolour = 1")
+            Issue.record("accepted a NUL byte")
+        } catch {
+            #expect(error.file == "test.conf")
+            #expect(error.problem.contains("NUL byte at line 3"), "\(error.problem)")
         }
     }
 

@@ -153,6 +153,39 @@ def test_bad_config_stops_startup_with_file_key_and_problem(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_bad_listener_and_arguments_exit_2_naming_key_and_address(tmp_path):
+    from conftest import BINARY
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        conf = tmp_path / "busy.conf"
+        conf.write_text(f'[[listener]]\nbind = "127.0.0.1:{port}"\n')
+        r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, r.stderr
+        assert str(conf) in r.stderr and "listener[0].bind" in r.stderr and f"127.0.0.1:{port}" in r.stderr
+        assert "in use" in r.stderr
+        r = subprocess.run([BINARY, "-b", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "-b" in r.stderr and f"127.0.0.1:{port}" in r.stderr, r.stderr
+    finally:
+        holder.close()
+
+    bad_ip = tmp_path / "ip.conf"
+    bad_ip.write_text('[[listener]]\nbind = "256.1.1.1:1883"\n')
+    r = subprocess.run([BINARY, "-c", str(bad_ip), "--check"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "listener[0].bind" in r.stderr and "256.1.1.1" in r.stderr, r.stderr
+
+    nul = tmp_path / "nul.conf"
+    nul.write_bytes(b'[limits]\nmax_inflight = 3\n\x00\n[limits2]\n')
+    r = subprocess.run([BINARY, "-c", str(nul), "--check"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "NUL byte at line 3" in r.stderr, r.stderr
+
+    for threads in ["100000", "1025"]:
+        r = subprocess.run([BINARY, "-t", threads, "--check"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "-t" in r.stderr and "from 0 to 1024" in r.stderr, r.stderr
+
+
 def test_config_file_listener_and_sigterm():
     b = Broker([], config_text='[server]\nworkers = 2\n[[listener]]\nbind = "127.0.0.1:0"\n')
     try:
