@@ -98,6 +98,9 @@ public struct Limits: Sendable {
     /// Most messages held per client (offline, or waiting behind a full in-flight window or a
     /// socket that cannot take more); past it messages for that client are dropped and counted.
     public var maxQueued: Int
+    /// Most topic and payload bytes held per client in the same queue; 0 = no limit (Mosquitto's
+    /// `max_queued_bytes`). A message kept by many queues is stored once but counts in each.
+    public var maxQueuedBytes: Int
     /// Largest keep-alive a client may ask for; a larger one gets CONNACK 2 (as Mosquitto does).
     public var maxKeepAlive: Int
     /// How long a new socket may take to send CONNECT.
@@ -105,8 +108,9 @@ public struct Limits: Sendable {
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
-        maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10)
+        maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10)
     ) {
+        self.maxQueuedBytes = maxQueuedBytes
         self.maxPacketSize = maxPacketSize
         self.maxConnections = maxConnections
         self.maxInflight = maxInflight

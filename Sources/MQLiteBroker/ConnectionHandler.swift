@@ -44,6 +44,9 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     /// Output held back in the batch buffer beyond this counts as "socket cannot take more".
     private static let maxBatchedBytes = 1 << 20
+    /// Packets a client may send between CONNECT and CONNACK (reading pauses meanwhile; this
+    /// bounds what one read already brought).
+    static let maxPendingPackets = 1000
 
     init(broker: Broker, worker: Worker) {
         self.broker = broker
@@ -61,7 +64,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var logger: Logger {
         var logger = broker.logger
         logger[metadataKey: "address"] = "\(clientInfo.address)"
-        if !clientInfo.clientID.isEmpty { logger[metadataKey: "client"] = "\(clientInfo.clientID)" }
+        if !clientInfo.clientID.isEmpty { logger[metadataKey: "client"] = "\(LogText(clientInfo.clientID))" }
         return logger
     }
 
@@ -98,12 +101,16 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     /// The worker's periodic check: closes a socket that sent no CONNECT within connect_timeout,
     /// and a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24).
-    func checkTimeouts(now: NIODeadline) {
+    /// With `closing` false (a late sweep) it only tidies.
+    func checkTimeouts(now: NIODeadline, closing: Bool) {
         switch state {
-        case .awaitingConnect where now - lastRead >= broker.configuration.limits.connectTimeout:
+        case .awaitingConnect where closing && now - lastRead >= broker.configuration.limits.connectTimeout:
             closeWithWill(reason: "no CONNECT within connect_timeout")
-        case .connected where keepAlive != .zero && now - lastRead >= keepAlive:
+        case .connected where closing && keepAlive != .zero && now - lastRead >= keepAlive:
             closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
+        case .connected:
+            // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
+            session?.compactInflight()
         default:
             break
         }
@@ -172,6 +179,10 @@ final class ConnectionHandler: ChannelInboundHandler {
             guard case .connect(let connect) = packet else { return closeWithWill(reason: "first packet is \(packet.type), not CONNECT") }
             handleConnect(connect.value)
         case .opening(var pending):
+            // Reading is paused until the session is attached; this bounds what was already read.
+            guard pending.count < Self.maxPendingPackets else {
+                return closeWithWill(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
+            }
             pending.append(packet)
             state = .opening(pending: pending)
         case .connected:
@@ -252,6 +263,8 @@ final class ConnectionHandler: ChannelInboundHandler {
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
         lastRead = .now()
         state = .opening(pending: [])
+        // Nothing more is read until the session is attached (it may be held by another worker).
+        try? context?.channel.syncOptions?.setOption(.autoRead, value: false)
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
         broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
@@ -269,6 +282,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             if !session.persistent { broker.endSession(session, worker: worker) }
             return
         }
+        try? context?.channel.syncOptions?.setOption(.autoRead, value: true)
         session.connection = self
         session.receiveACL = (acl?.hasDenials ?? false) ? acl : nil
         self.session = session
@@ -284,7 +298,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     private func refuse(_ code: ConnectReturnCode, _ reason: String) {
-        logger.info("refusing CONNECT: \(reason)", metadata: ["return_code": "\(code.rawValue)"])
+        logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(code.rawValue)"])
         writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: code)))
         state = .closed
         flushOutput()
@@ -317,7 +331,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         let verdict = acl.allowsPublish(topic: String(buffer: topic))
         if aclVerdicts.count >= 1000 { aclVerdicts.removeAll(keepingCapacity: true) }
         aclVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
-        if !verdict { logger.debug("publish to \"\(String(buffer: topic))\" denied by ACL") }
+        if !verdict { logger.debug("publish to \"\(LogText(String(buffer: topic)))\" denied by ACL") }
         return verdict
     }
 
@@ -354,7 +368,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         do {
             try Topic.validateName(m.topic)
         } catch {
-            logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
+            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic))\": \(LogText(error.description))")
             return
         }
         // A rewritten topic is checked against the ACL again.
@@ -378,7 +392,7 @@ final class ConnectionHandler: ChannelInboundHandler {
                 continue
             case .rewrite(let newFilter, let maxQoS):
                 guard (try? Topic.validateFilter(newFilter)) != nil else {
-                    logger.info("subscribe hook produced an invalid filter \"\(newFilter)\"")
+                    logger.info("subscribe hook produced an invalid filter \"\(LogText(newFilter))\"")
                     codes.append(.failure)
                     continue
                 }
@@ -386,7 +400,7 @@ final class ConnectionHandler: ChannelInboundHandler {
                 qos = min(qos, maxQoS)
             }
             if let acl, !acl.allowsSubscribe(filter: filter) {
-                logger.debug("subscribe to \"\(filter)\" denied by ACL")
+                logger.debug("subscribe to \"\(LogText(filter))\" denied by ACL")
                 codes.append(.failure)
                 continue
             }
@@ -411,7 +425,8 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// client id may hand it to another worker right after.
     func closeWithWill(reason: String) {
         if case .closed = state, session == nil { return }
-        logger.info("closing connection: \(reason)")
+        // The reason may quote the client (a topic, a protocol name): bounded.
+        logger.info("closing connection: \(LogText(reason, limit: 512))")
         flushOutput()
         detach(publishWill: true, reason: reason)
         context?.close(promise: nil)
@@ -427,7 +442,8 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// session, or one whose persistent session a clean session 0 CONNECT takes over.
     func closeWithoutWill(reason: String) {
         if case .closed = state, session == nil { return }
-        logger.info("closing connection: \(reason)")
+        // The reason may quote the client (a topic, a protocol name): bounded.
+        logger.info("closing connection: \(LogText(reason, limit: 512))")
         detach(publishWill: false, reason: reason)
         context?.close(promise: nil)
     }
@@ -441,7 +457,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard let session else { return }
         self.session = nil
         if session.connection === self { session.connection = nil }
-        if !session.persistent { broker.endSession(session, worker: worker) }
+        if !session.persistent {
+            broker.endSession(session, worker: worker)
+        } else {
+            session.compactInflight()
+        }
         if publishWill, let will {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it.

@@ -8,15 +8,32 @@ struct Message: Sendable {
     var payload: ByteBuffer
     var qos: QoS
     var retain: Bool
+    /// Topic and payload hold only their own bytes (`compacted()` made them).
+    var isCompact = false
 
-    /// A copy that holds only its own bytes, so that keeping it does not pin a read buffer.
+    /// A copy that holds only its own bytes, so that keeping it does not pin a read buffer; the
+    /// message itself if it already does, so that every queue keeping it shares one copy.
     func compacted() -> Message {
+        if isCompact { return self }
         var storage = ByteBuffer()
         storage.reserveCapacity(topic.readableBytes + payload.readableBytes)
         storage.writeImmutableBuffer(topic)
         storage.writeImmutableBuffer(payload)
         let t = storage.readSlice(length: topic.readableBytes)!
-        return Message(topic: t, payload: storage, qos: qos, retain: retain)
+        return Message(topic: t, payload: storage, qos: qos, retain: retain, isCompact: true)
+    }
+
+    /// Bytes this message accounts for in a queue.
+    var size: Int { topic.readableBytes + payload.readableBytes }
+
+    /// Whether `other` is this very message: the same bytes in the same memory (then a compacted
+    /// copy of one serves the other).
+    func isSame(as other: Message) -> Bool {
+        func same(_ a: ByteBuffer, _ b: ByteBuffer) -> Bool {
+            a.readableBytes == b.readableBytes
+                && a.withUnsafeReadableBytes { x in b.withUnsafeReadableBytes { y in x.baseAddress == y.baseAddress } }
+        }
+        return qos == other.qos && retain == other.retain && same(payload, other.payload) && same(topic, other.topic)
     }
 }
 

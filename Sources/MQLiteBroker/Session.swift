@@ -34,6 +34,8 @@ final class Session: @unchecked Sendable {
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
+    /// Topic and payload bytes of the queued messages (for `max_queued_bytes`).
+    private var queuedBytes = 0
     var awaitingPubrel: Set<UInt16> = []
     private var lastPacketID: UInt16 = 0
     /// Messages dropped since the queue last drained (for one log line per episode).
@@ -67,21 +69,24 @@ final class Session: @unchecked Sendable {
     // MARK: - Delivery
 
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
-    func deliver(_ delivery: Delivery, broker: Broker) {
-        if ended { return }
-        if receiveACL != nil && !mayReceive(delivery.message.topic) { return }
+    /// Returns the compacted message when it queued one, so that the caller hands that copy to
+    /// the other sessions the message goes to (one copy however many queues keep it).
+    @discardableResult
+    func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
+        if ended { return nil }
+        if receiveACL != nil && !mayReceive(delivery.message.topic) { return nil }
         guard let connection else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
-            if persistent && delivery.qos != .atMostOnce { enqueue(delivery, broker: broker) }
-            return
+            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
+            return nil
         }
         if queue.isEmpty && connection.canWrite
             && (delivery.qos == .atMostOnce || inflight.count < broker.configuration.limits.maxInflight)
         {
             send(delivery, on: connection)
-        } else {
-            enqueue(delivery, broker: broker)
+            return nil
         }
+        return enqueue(delivery, broker: broker)
     }
 
     private func mayReceive(_ topic: ByteBuffer) -> Bool {
@@ -92,21 +97,33 @@ final class Session: @unchecked Sendable {
         return verdict
     }
 
-    private func enqueue(_ delivery: Delivery, broker: Broker) {
-        guard queue.count < broker.configuration.limits.maxQueued else {
+    private func enqueue(_ delivery: Delivery, broker: Broker) -> Message? {
+        let limits = broker.configuration.limits
+        let size = delivery.message.size
+        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
             droppedInEpisode += 1
             broker.droppedMessages.add(1, ordering: .relaxed)
             if droppedInEpisode == 1 {
                 broker.logger.info(
-                    "subscriber cannot keep up: queue full (max_queued \(broker.configuration.limits.maxQueued)), dropping messages",
-                    metadata: ["client": "\(clientID)"])
+                    "subscriber cannot keep up: queue full (max_queued \(limits.maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
+                    metadata: ["client": "\(LogText(clientID))"])
             }
-            return
+            return nil
         }
         var kept = delivery
         kept.message = delivery.message.compacted()
         kept.frame = nil
         queue.append(kept)
+        queuedBytes += size
+        return kept.message
+    }
+
+    /// Copies in-flight messages out of the read buffers they are slices of, so that a client
+    /// that is slow to acknowledge, or gone, does not pin a whole buffer per message.
+    func compactInflight() {
+        for i in inflight.indices where !inflight[i].message.isCompact && !inflight[i].released {
+            inflight[i].message = inflight[i].message.compacted()
+        }
     }
 
     private func send(_ delivery: Delivery, on connection: ConnectionHandler) {
@@ -129,10 +146,11 @@ final class Session: @unchecked Sendable {
         let maxInflight = broker.configuration.limits.maxInflight
         while let head = queue.first, connection.canWrite {
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
+            queuedBytes -= head.message.size
             send(queue.removeFirst(), on: connection)
         }
         if queue.isEmpty && droppedInEpisode > 0 {
-            broker.logger.info("subscriber caught up after dropping \(droppedInEpisode) messages", metadata: ["client": "\(clientID)"])
+            broker.logger.info("subscriber caught up after dropping \(droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
             droppedInEpisode = 0
         }
     }
@@ -185,6 +203,7 @@ final class Session: @unchecked Sendable {
         ended = true
         inflight.removeAll()
         queue.removeAll()
+        queuedBytes = 0
         awaitingPubrel.removeAll()
     }
 }

@@ -60,10 +60,15 @@ final class Worker: @unchecked Sendable {
             items.removeAll(keepingCapacity: true)
             return taken
         }
-        for (session, delivery) in items {
+        // A publish to several sessions here posts them one after another: the first that
+        // queues the message compacts it, and the others share that copy.
+        var shared: (source: Message, kept: Message)?
+        for (session, var delivery) in items {
             let owner = session.owner
             if owner == index {
-                session.deliver(delivery, broker: broker)
+                let original = delivery.message
+                if let shared, original.isSame(as: shared.source) { delivery.message = shared.kept }
+                if let kept = session.deliver(delivery, broker: broker) { shared = (original, kept) }
             } else {
                 // The session moved while this was in the mailbox.
                 broker.workers[owner].post(session, delivery)
@@ -75,10 +80,16 @@ final class Worker: @unchecked Sendable {
 
     /// Checks every connection's connect timeout and keep-alive every `period` (one task per
     /// worker, as Mosquitto checks in its loop, instead of a timer per connection).
+    ///
+    /// A sweep that runs late (the loop or the process was stalled) closes nothing: the packets
+    /// that kept those clients alive may be waiting, unread, behind it. The next one decides.
     func startTimeoutSweep(every period: TimeAmount) {
+        var last = NIODeadline.now()
         loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
             let now = NIODeadline.now()
-            for connection in self.connections.values { connection.checkTimeouts(now: now) }
+            let late = now - last > period * 2
+            last = now
+            for connection in self.connections.values { connection.checkTimeouts(now: now, closing: !late) }
         }
     }
 
@@ -123,6 +134,8 @@ final class Worker: @unchecked Sendable {
         if message.retain { broker.retain(message) }
         let targets = route.targets
         if targets.isEmpty { return }
+        // Once a session queues the message, the others get its compacted copy.
+        var message = message
         var qos0Frame: ByteBuffer?
         for target in targets {
             let qos = min(message.qos, target.qos)
@@ -135,7 +148,7 @@ final class Worker: @unchecked Sendable {
             }
             let owner = target.session.owner
             if owner == index {
-                target.session.deliver(delivery, broker: broker)
+                if let kept = target.session.deliver(delivery, broker: broker) { message = kept }
             } else {
                 broker.workers[owner].post(target.session, delivery)
             }

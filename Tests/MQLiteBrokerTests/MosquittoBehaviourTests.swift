@@ -64,3 +64,46 @@ struct MosquittoBehaviourTests {
         }
     }
 }
+
+@Suite("Memory that follows the client")
+struct BoundedMemoryTests {
+    @Test("max_queued_bytes caps an offline session's queue by size, counting the drops")
+    func maxQueuedBytes() async throws {
+        try await withBroker(configure: { $0.limits.maxQueuedBytes = 1000 }) { b in
+            let c = try await TestClient.open(port: b.port)
+            _ = try await c.connect(ConnectPacket(cleanSession: false, clientID: "offline"))
+            try await c.subscribe("q", qos: .atLeastOnce)
+            await c.disconnect()
+            let pub = try await b.client("pub")
+            // 99 bytes of payload + 1 of topic: ten fit in 1000 bytes.
+            for i in 0..<20 {
+                try await pub.publish("q", ByteBuffer(string: String(repeating: "\(i % 10)", count: 99)), qos: .atLeastOnce, id: UInt16(i + 1))
+            }
+            try await eventually("drops counted") { b.broker.droppedMessageCount == 10 }
+            let back = try await TestClient.open(port: b.port)
+            _ = try await back.connect(ConnectPacket(cleanSession: false, clientID: "offline"))
+            var got = 0
+            while let event = await back.nextEvent(timeout: .milliseconds(500)), case .packet(.publish(let p)) = event {
+                back.send(.puback(packetID: p.packetID!))
+                got += 1
+            }
+            #expect(got == 10)
+        }
+    }
+
+    @Test("log lines carry at most a bounded part of a client's id and topics")
+    func logsTruncateClientText() async throws {
+        try await withBroker { b in
+            let id = String(repeating: "i", count: 60_000)
+            let c = try await b.client(id)
+            c.send(.publish(PublishPacket(topic: ByteBuffer(string: String(repeating: "t/", count: 20_000) + "x"), payload: ByteBuffer(), qos: .atMostOnce)))
+            c.sendRaw([0x10, 0x00])  // a second CONNECT (truncated): closes with a log line
+            try await c.expectClosed()
+            try await eventually("close logged") { b.logMessages.contains { $0.contains("closing connection") } }
+            for line in b.logMessages {
+                #expect(line.utf8.count < 1200, "a log line of \(line.utf8.count) bytes")
+            }
+            #expect(b.logMessages.contains { $0.contains("(60000 bytes)") })
+        }
+    }
+}
