@@ -162,6 +162,7 @@ public final class Broker: Sendable {
             if owner === worker { completion(nil, false) } else { worker.loop.execute { completion(nil, false) } }
             return
         }
+        owner.sessionClaimed(session)
         // Clean session 0 taking over clean session 0: the session goes on, so the old
         // connection's will is not published (Mosquitto). A clean session 1 on either side
         // replaces the session instead (openSession), and that publishes the will.
@@ -183,9 +184,23 @@ public final class Broker: Sendable {
         }
     }
 
+    /// Discards an offline persistent session that expired, unless a CONNECT has claimed it since
+    /// it went offline (that connection keeps it). On its owner's loop.
+    func expire(_ session: Session, claim: Int, worker: Worker) {
+        let expired = registry.withLock { registry -> Bool in
+            guard registry[session.clientID] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
+            registry[session.clientID] = nil
+            return true
+        }
+        guard expired else { return }
+        logger.info("session expired after \(configuration.limits.sessionExpiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
+        endSession(session, worker: worker)
+    }
+
     /// Discards a session: its subscriptions, queue and registry entry. On its owner's loop.
     func endSession(_ session: Session, worker: Worker) {
         if session.ended { return }
+        worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
         let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()

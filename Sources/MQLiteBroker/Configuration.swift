@@ -105,11 +105,16 @@ public struct Limits: Sendable {
     public var maxKeepAlive: Int
     /// How long a new socket may take to send CONNECT.
     public var connectTimeout: TimeAmount
+    /// How long a persistent session may stay offline before it is removed; zero = forever
+    /// (Mosquitto's `persistent_client_expiration`).
+    public var sessionExpiry: TimeAmount
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
-        maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10)
+        maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10),
+        sessionExpiry: TimeAmount = .zero
     ) {
+        self.sessionExpiry = sessionExpiry
         self.maxQueuedBytes = maxQueuedBytes
         self.maxPacketSize = maxPacketSize
         self.maxConnections = maxConnections

@@ -279,7 +279,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func attach(_ session: Session, sessionPresent: Bool) {
         guard case .opening(let pending) = state else {
             // The connection went away while the session was being handed over.
-            if !session.persistent { broker.endSession(session, worker: worker) }
+            if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
         }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: true)
@@ -459,8 +459,9 @@ final class ConnectionHandler: ChannelInboundHandler {
         if session.connection === self { session.connection = nil }
         if !session.persistent {
             broker.endSession(session, worker: worker)
-        } else {
+        } else if !session.ended {
             session.compactInflight()
+            worker.sessionWentOffline(session)
         }
         if publishWill, let will {
             self.will = nil

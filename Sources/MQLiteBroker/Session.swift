@@ -63,6 +63,12 @@ final class Session: @unchecked Sendable {
     /// Whether `claim` is still the latest (no newer CONNECT for this client id since).
     func isLatest(claim: Int) -> Bool { claims.load(ordering: .acquiring) == claim }
 
+    /// The latest claim.
+    var latestClaim: Int { claims.load(ordering: .acquiring) }
+
+    /// Offline persistent session: since when, and the claim it was left at (owner loop).
+    var offline: (since: NIODeadline, claim: Int)?
+
     /// Hands the session to another worker. Called on the current owner's loop, after detaching.
     func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }
 

@@ -22,6 +22,8 @@ final class Worker: @unchecked Sendable {
     private var inBatch = false
     private var routeCache: [ByteBuffer: Route] = [:]
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
+    /// Persistent sessions owned here with no connection, for `session_expiry`.
+    var offlineSessions: [ObjectIdentifier: Session] = [:]
 
     /// What this worker knows about a topic: its subscribers, and whether publish hooks want
     /// it. Valid while neither the subscriptions nor the hooks have changed.
@@ -90,6 +92,35 @@ final class Worker: @unchecked Sendable {
             let late = now - last > period * 2
             last = now
             for connection in self.connections.values { connection.checkTimeouts(now: now, closing: !late) }
+            if !late { self.expireSessions(now: now) }
+        }
+    }
+
+    // MARK: - Offline sessions
+
+    /// A persistent session lost its connection (owner loop).
+    func sessionWentOffline(_ session: Session) {
+        guard broker.configuration.limits.sessionExpiry != .zero else { return }
+        session.offline = (.now(), session.latestClaim)
+        offlineSessions[ObjectIdentifier(session)] = session
+    }
+
+    /// A session is being taken over by a connection (owner loop, before it moves or attaches).
+    func sessionClaimed(_ session: Session) {
+        guard session.offline != nil else { return }
+        session.offline = nil
+        offlineSessions[ObjectIdentifier(session)] = nil
+    }
+
+    /// Removes persistent sessions offline for longer than `session_expiry`.
+    private func expireSessions(now: NIODeadline) {
+        let expiry = broker.configuration.limits.sessionExpiry
+        guard expiry != .zero, !offlineSessions.isEmpty else { return }
+        for (id, session) in offlineSessions {
+            guard let offline = session.offline, now - offline.since >= expiry else { continue }
+            offlineSessions[id] = nil
+            session.offline = nil
+            broker.expire(session, claim: offline.claim, worker: self)
         }
     }
 

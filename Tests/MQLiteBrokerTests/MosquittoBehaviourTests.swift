@@ -107,3 +107,40 @@ struct BoundedMemoryTests {
         }
     }
 }
+
+@Suite("Session expiry")
+struct SessionExpiryTests {
+    @Test("a persistent session offline past session_expiry is removed: no session present, nothing queued")
+    func expires() async throws {
+        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(1); $0.limits.connectTimeout = .milliseconds(400) }) { b in
+            let c = try await TestClient.open(port: b.port)
+            _ = try await c.connect(ConnectPacket(cleanSession: false, clientID: "abandoned"))
+            try await c.subscribe("ex", qos: .atLeastOnce)
+            await c.disconnect()
+            try await eventually("expiry logged", timeout: .seconds(5)) { b.logMessages.contains { $0.contains("session expired") } }
+            let pub = try await b.client("pub")
+            try await pub.publish("ex", "after expiry", qos: .atLeastOnce)
+            let back = try await TestClient.open(port: b.port)
+            #expect(try await back.connect(ConnectPacket(cleanSession: false, clientID: "abandoned")).sessionPresent == false)
+            try await back.expectNothing()
+        }
+    }
+
+    @Test("a session back before session_expiry is kept, and its clock restarts at the next disconnect")
+    func keptWhenBackInTime() async throws {
+        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(2); $0.limits.connectTimeout = .milliseconds(400) }) { b in
+            let c = try await TestClient.open(port: b.port)
+            _ = try await c.connect(ConnectPacket(cleanSession: false, clientID: "returning"))
+            try await c.subscribe("kept", qos: .atLeastOnce)
+            await c.disconnect()
+            try await Task.sleep(for: .milliseconds(1200))
+            let back = try await TestClient.open(port: b.port)
+            #expect(try await back.connect(ConnectPacket(cleanSession: false, clientID: "returning")).sessionPresent)
+            try await Task.sleep(for: .milliseconds(1200))  // 2.4 s since the first disconnect, online
+            await back.disconnect()
+            let again = try await TestClient.open(port: b.port)
+            #expect(try await again.connect(ConnectPacket(cleanSession: false, clientID: "returning")).sessionPresent)
+            #expect(!b.logMessages.contains { $0.contains("session expired") })
+        }
+    }
+}
