@@ -35,6 +35,14 @@ final class Worker: @unchecked Sendable {
     }
 
     private static let routeCacheLimit = 10_000
+    /// Bytes the route cache may hold: its keys are copies of topics, and each route lists its
+    /// subscribers, so long topics and crowded ones fill it sooner.
+    private static let routeCacheByteLimit = 8 << 20
+    private var routeCacheBytes = 0
+
+    private static func routeCost(topic: ByteBuffer, route: Route) -> Int {
+        64 + topic.readableBytes + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride
+    }
 
     init(index: Int, loop: any EventLoop, broker: Broker) {
         self.index = index
@@ -198,9 +206,19 @@ final class Worker: @unchecked Sendable {
         let route = Route(
             generation: current, hookGeneration: hookGeneration, targets: targets,
             hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
-        if routeCache.count >= Self.routeCacheLimit { routeCache.removeAll(keepingCapacity: true) }
+        // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
+        // wants would only fill the cache.
+        if targets.isEmpty && !route.hooked { return route }
+        let cost = Self.routeCost(topic: topic, route: route)
+        if routeCache.count >= Self.routeCacheLimit || routeCacheBytes + cost > Self.routeCacheByteLimit {
+            routeCache.removeAll(keepingCapacity: true)
+            routeCacheBytes = 0
+        }
         // The key is copied so that the cache does not pin the read buffer.
-        routeCache[ByteBuffer(bytes: topic.readableBytesView)] = route
+        if let replaced = routeCache.updateValue(route, forKey: ByteBuffer(bytes: topic.readableBytesView)) {
+            routeCacheBytes -= Self.routeCost(topic: topic, route: replaced)
+        }
+        routeCacheBytes += cost
         return route
     }
 }

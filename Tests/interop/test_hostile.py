@@ -151,3 +151,37 @@ def test_unacknowledged_messages_do_not_pin_read_buffers(broker):
     assert grown < 12_000, f"RSS grew {grown} KiB: in-flight 16 B messages pin their read buffers"
     pub.close()
     sub.close()
+
+
+def test_long_distinct_topics_do_not_fill_caches(broker):
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"topics"))
+    read_exactly(pub, 4)
+    sub = socket.create_connection(("127.0.0.1", broker.port))
+    sub.sendall(connect_packet(b"everything") + subscribe_packet(b"#", 0))
+    read_exactly(sub, 4 + 5)
+    time.sleep(0.3)
+    before = rss_kib(broker.proc.pid)
+    received = 0
+    sub.setblocking(False)
+    for i in range(2000):
+        topic = (b"%05d" % i) + b"t" * 60_000
+        pub.sendall(publish_packet(topic, b"x"))
+        try:
+            while True:
+                chunk = sub.recv(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except BlockingIOError:
+            pass
+    sub.setblocking(True)
+    sub.settimeout(10)
+    while received < 2000 * 60_000:
+        received += len(sub.recv(1 << 20))
+    time.sleep(0.5)
+    grown = rss_kib(broker.proc.pid) - before
+    # 120 MB of distinct topics went through; the route cache keeps at most 8 MiB a worker.
+    assert grown < 40_000, f"RSS grew {grown} KiB after 2,000 distinct 60 KB topics"
+    pub.close()
+    sub.close()
