@@ -411,7 +411,9 @@ final class ConnectionHandler: ChannelInboundHandler {
         writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
         for (filter, qos) in granted {
             for message in broker.retainedMessages(matching: filter) {
-                session.deliver(Delivery(message: message, qos: min(qos, message.qos), retain: true, frame: nil), broker: broker)
+                // Every retained message that matches is sent (MQTT-3.3.1-6): past what the
+                // socket takes now, they wait in the queue, outside its limits, as it drains.
+                session.deliver(Delivery(message: message, qos: min(qos, message.qos), retain: true, frame: nil), broker: broker, unlimited: true)
             }
         }
     }
@@ -543,5 +545,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard let context else { return }
         writeBatch()
         context.flush()
+        // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
+        if let session, session.hasQueued, context.channel.isWritable, case .connected = state { session.pump(broker: broker) }
     }
 }

@@ -77,13 +77,15 @@ final class Session: @unchecked Sendable {
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
     /// Returns the compacted message when it queued one, so that the caller hands that copy to
     /// the other sessions the message goes to (one copy however many queues keep it).
+    /// `unlimited`: queued past `max_queued` and `max_queued_bytes` (retained messages sent on
+    /// SUBSCRIBE, which must all go out).
     @discardableResult
-    func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
+    func deliver(_ delivery: Delivery, broker: Broker, unlimited: Bool = false) -> Message? {
         if ended { return nil }
         if receiveACL != nil && !mayReceive(delivery.message.topic) { return nil }
         guard let connection else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
-            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
+            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker, unlimited: unlimited) }
             return nil
         }
         if queue.isEmpty && connection.canWrite
@@ -92,8 +94,11 @@ final class Session: @unchecked Sendable {
             send(delivery, on: connection)
             return nil
         }
-        return enqueue(delivery, broker: broker)
+        return enqueue(delivery, broker: broker, unlimited: unlimited)
     }
+
+    /// Whether messages wait in the queue.
+    var hasQueued: Bool { !queue.isEmpty }
 
     private func mayReceive(_ topic: ByteBuffer) -> Bool {
         if let verdict = receiveVerdicts[topic] { return verdict }
@@ -103,10 +108,10 @@ final class Session: @unchecked Sendable {
         return verdict
     }
 
-    private func enqueue(_ delivery: Delivery, broker: Broker) -> Message? {
+    private func enqueue(_ delivery: Delivery, broker: Broker, unlimited: Bool) -> Message? {
         let limits = broker.configuration.limits
         let size = delivery.message.size
-        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
+        guard unlimited || queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
             droppedInEpisode += 1
             broker.droppedMessages.add(1, ordering: .relaxed)
             if droppedInEpisode == 1 {

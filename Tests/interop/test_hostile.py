@@ -185,3 +185,59 @@ def test_long_distinct_topics_do_not_fill_caches(broker):
     assert grown < 40_000, f"RSS grew {grown} KiB after 2,000 distinct 60 KB topics"
     pub.close()
     sub.close()
+
+
+def read_packets(sock, count, timeout=60):
+    """Reads `count` MQTT packets; returns their first bytes (type and flags)."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    kinds = []
+    pos = 0
+    while len(kinds) < count:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"closed after {len(kinds)} packets")
+        buf += chunk
+        while True:
+            if len(buf) - pos < 2:
+                break
+            length, shift, i = 0, 0, pos + 1
+            while i < len(buf):
+                length |= (buf[i] & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not buf[i - 1] & 0x80:
+                    break
+            else:
+                break
+            if len(buf) - i < length:
+                break
+            kinds.append(buf[pos])
+            pos = i + length
+        if pos > 1 << 20:
+            del buf[:pos]
+            pos = 0
+    return kinds
+
+
+def test_every_retained_message_reaches_a_wildcard_subscriber(broker):
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"retainer"))
+    read_exactly(pub, 4)
+    total = 100_000
+    batch = bytearray()
+    for i in range(total):
+        body = publish_packet(b"r/%d/%d" % (i // 1000, i % 1000), b"v%d" % i)
+        batch += bytes([body[0] | 0x01]) + body[1:]  # RETAIN
+        if len(batch) > 1 << 16:
+            pub.sendall(batch)
+            batch.clear()
+    pub.sendall(batch + b"\xc0\x00")  # PINGREQ: answered once all is handled
+    read_exactly(pub, 2)
+    sub = socket.create_connection(("127.0.0.1", broker.port))
+    sub.sendall(connect_packet(b"allretained") + subscribe_packet(b"#", 0))
+    kinds = read_packets(sub, 2 + total)
+    publishes = [k for k in kinds if k >> 4 == 3]
+    assert len(publishes) == total and all(k & 0x01 for k in publishes)
+    pub.close()
+    sub.close()
