@@ -106,7 +106,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         switch state {
         case .awaitingConnect where closing && now - lastRead >= broker.configuration.limits.connectTimeout:
             closeWithWill(reason: "no CONNECT within connect_timeout")
-        case .connected where closing && keepAlive != .zero && now - lastRead >= keepAlive:
+        case .connected where closing && keepAlive != .zero && now - lastRead >= keepAlive && holdBack == nil:
             closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
         case .connected:
             // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
@@ -135,12 +135,18 @@ final class ConnectionHandler: ChannelInboundHandler {
             pending.writeBuffer(&buffer)
             buffer = pending
         }
+        process(&buffer)
+    }
+
+    /// Decodes and handles the packets in `buffer`, keeping what is left (an incomplete packet,
+    /// or everything after the point where back-pressure paused this client) for later.
+    private func process(_ buffer: inout ByteBuffer) {
         do {
-            while let packet = try decoder.decode(buffer: &buffer) {
+            while holdBack == nil, let packet = try decoder.decode(buffer: &buffer) {
                 handle(packet)
                 if case .closed = state { return }
             }
-            // Keep only an incomplete packet, moved to the front so the buffer does not grow.
+            // Keep only what is left, moved to the front so the buffer does not grow.
             if buffer.readableBytes > 0 {
                 buffer.discardReadBytes()
                 cumulation = buffer
@@ -342,7 +348,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
         let route = worker.route(for: topic)
         guard route.hooked else {
-            worker.publish(message, along: route)
+            if worker.publish(message, along: route) { holdBackIfCongested(route.targets) }
             return
         }
         let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
@@ -418,6 +424,57 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
+    // MARK: - Back-pressure
+
+    /// Reading is paused because a subscriber of what this client publishes, one that is still
+    /// reading, is over half its queue budget, or another worker's mailbox is full: the
+    /// subscribers this waits for. What was already read waits in `cumulation`.
+    private var holdBack: [(session: Session, qos: QoS)]?
+
+    /// After a publish that found a subscriber queue or a mailbox filling up: pause reading this
+    /// client until they drain (rechecked every 2 ms), so that the subscribers keeping up lose
+    /// nothing. A subscriber that makes no progress stops counting after a while
+    /// (`Session.stallTimeout`) and has its messages dropped instead.
+    private func holdBackIfCongested(_ targets: [(session: Session, qos: QoS)]) {
+        guard holdBack == nil, worker.isCongested(targets, excluding: session) else { return }
+        holdBack = targets
+        try? context?.channel.syncOptions?.setOption(.autoRead, value: false)
+        scheduleHoldBackCheck()
+    }
+
+    /// Waits for the next check: woken by a worker whose mailbox drains, or polled every 2 ms
+    /// while a subscriber's queue is the reason.
+    private func scheduleHoldBackCheck() {
+        guard !holdBackCheckPending else { return }
+        holdBackCheckPending = true
+        let this = NIOLoopBound(self, eventLoop: worker.loop)
+        let loop = worker.loop
+        if let full = broker.workers.first(where: { $0 !== worker && $0.mailboxIsFull }) {
+            full.whenMailboxDrains { loop.execute { this.value.checkHoldBack() } }
+        } else {
+            loop.scheduleTask(in: .milliseconds(2)) { this.value.checkHoldBack() }
+        }
+    }
+
+    private var holdBackCheckPending = false
+
+    private func checkHoldBack() {
+        holdBackCheckPending = false
+        guard let targets = holdBack, case .connected = state else {
+            holdBack = nil
+            return
+        }
+        if worker.isCongested(targets, excluding: session) { return scheduleHoldBackCheck() }
+        holdBack = nil
+        if var pending = cumulation {
+            cumulation = nil
+            worker.beginBatch()
+            process(&pending)
+            worker.flushDirty()
+        }
+        if holdBack == nil, case .connected = state { try? context?.channel.syncOptions?.setOption(.autoRead, value: true) }
+    }
+
     // MARK: - Keep-alive
 
     // MARK: - Closing
@@ -458,7 +515,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         state = .closed
         guard let session else { return }
         self.session = nil
-        if session.connection === self { session.connection = nil }
+        if session.connection === self { session.disconnected() }
         if !session.persistent {
             broker.endSession(session, worker: worker)
         } else if !session.ended {

@@ -36,6 +36,53 @@ final class Session: @unchecked Sendable {
     private(set) var queue = Deque<Delivery>()
     /// Topic and payload bytes of the queued messages (for `max_queued_bytes`).
     private var queuedBytes = 0
+
+    // Slow-consumer policy. A connected session whose queue is over half its budget while it is
+    // still making progress is congested: publishers to it are held back (TCP back-pressure) until
+    // it is under a quarter. One that made no progress for `stallTimeout` is not: messages to it
+    // are dropped past its budget instead, so a stalled client cannot slow anyone down.
+    static let stallTimeout = TimeAmount.seconds(1)
+    /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not.
+    private let congestedUntil = Atomic<UInt64>(0)
+    /// When the queue last moved (or started to fill after being empty).
+    private var lastProgress = NIODeadline.distantPast
+
+    /// Cheap hint for the publish path: congestion may need checking.
+    var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
+
+    func isCongested(now: NIODeadline) -> Bool {
+        let until = congestedUntil.load(ordering: .relaxed)
+        return until != 0 && now.uptimeNanoseconds < until
+    }
+
+    private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
+        queue.count >= max(limits.maxQueued / divisor, 1) || (limits.maxQueuedBytes > 0 && queuedBytes >= limits.maxQueuedBytes / divisor)
+    }
+
+    /// After the queue grew: congested if over half the budget and still making progress.
+    private func checkCongestion(_ limits: Limits) {
+        guard connection != nil else { return }
+        if queue.count == 1 { lastProgress = .now() }  // it kept up until now
+        guard isOver(fraction: 2, limits) else { return }
+        let until = lastProgress + Self.stallTimeout
+        if until > .now() { congestedUntil.store(until.uptimeNanoseconds, ordering: .relaxed) }
+    }
+
+    /// After the queue moved: still congested while over a quarter of the budget.
+    private func progressed(_ limits: Limits) {
+        lastProgress = .now()
+        if !isOver(fraction: 4, limits) {
+            congestedUntil.store(0, ordering: .relaxed)
+        } else if mayBeCongested {
+            congestedUntil.store((lastProgress + Self.stallTimeout).uptimeNanoseconds, ordering: .relaxed)
+        }
+    }
+
+    /// The connection went away: an offline queue holds no publisher back.
+    func disconnected() {
+        connection = nil
+        congestedUntil.store(0, ordering: .relaxed)
+    }
     var awaitingPubrel: Set<UInt16> = []
     private var lastPacketID: UInt16 = 0
     /// Messages dropped since the queue last drained (for one log line per episode).
@@ -126,6 +173,7 @@ final class Session: @unchecked Sendable {
         kept.frame = nil
         queue.append(kept)
         queuedBytes += size
+        checkCongestion(limits)
         return kept.message
     }
 
@@ -155,11 +203,14 @@ final class Session: @unchecked Sendable {
     func pump(broker: Broker) {
         guard let connection, !ended else { return }
         let maxInflight = broker.configuration.limits.maxInflight
+        var sent = false
         while let head = queue.first, connection.canWrite {
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
             queuedBytes -= head.message.size
             send(queue.removeFirst(), on: connection)
+            sent = true
         }
+        if sent { progressed(broker.configuration.limits) }
         if queue.isEmpty && droppedInEpisode > 0 {
             broker.logger.info("subscriber caught up after dropping \(droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
             droppedInEpisode = 0
@@ -215,6 +266,7 @@ final class Session: @unchecked Sendable {
         inflight.removeAll()
         queue.removeAll()
         queuedBytes = 0
+        congestedUntil.store(0, ordering: .relaxed)
         awaitingPubrel.removeAll()
     }
 }

@@ -48,18 +48,52 @@ final class Worker: @unchecked Sendable {
         self.index = index
         self.loop = loop
         self.broker = broker
+        self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
     }
 
     // MARK: - Mailbox
 
     /// Hands a delivery for a session owned by this worker. Any thread. The loop is woken once per
     /// batch: only the post that finds the mailbox empty schedules a drain.
-    func post(_ session: Session, _ delivery: Delivery) {
-        let wasEmpty = mailbox.withLock { items in
+    /// Returns whether the mailbox is over its high-water mark (the publisher should hold back).
+    @discardableResult
+    func post(_ session: Session, _ delivery: Delivery) -> Bool {
+        let count = mailbox.withLock { items in
             items.append((session, delivery))
-            return items.count == 1
+            return items.count
         }
-        if wasEmpty { loop.execute { self.drainMailbox() } }
+        mailboxCount.store(count, ordering: .relaxed)
+        if count == 1 { loop.execute { self.drainMailbox() } }
+        return count > mailboxHighWater
+    }
+
+    /// Deliveries waiting in the mailbox (as of the last post or drain).
+    private let mailboxCount = Atomic<Int>(0)
+    /// Past this many waiting deliveries publishers on other workers hold back (a quarter of
+    /// max_queued, so that one drain cannot overflow a queue), until it is under a quarter of that.
+    private let mailboxHighWater: Int
+    private var mailboxLowWater: Int { mailboxHighWater / 4 }
+    /// Publishers to wake once the mailbox is drained.
+    private let drainWaiters = Mutex<[@Sendable () -> Void]>([])
+    private let hasDrainWaiters = Atomic<Bool>(false)
+
+    /// Whether the mailbox is over its low-water mark.
+    var mailboxIsFull: Bool { mailboxCount.load(ordering: .relaxed) > mailboxLowWater }
+
+    /// Runs `wake` (on the draining thread) once the mailbox is under its low-water mark.
+    func whenMailboxDrains(_ wake: @escaping @Sendable () -> Void) {
+        drainWaiters.withLock { $0.append(wake) }
+        hasDrainWaiters.store(true, ordering: .releasing)
+        if !mailboxIsFull { wakeDrainWaiters() }
+    }
+
+    private func wakeDrainWaiters() {
+        guard hasDrainWaiters.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        let waiters = drainWaiters.withLock { waiters in
+            defer { waiters.removeAll() }
+            return waiters
+        }
+        for wake in waiters { wake() }
     }
 
     private func drainMailbox() {
@@ -68,8 +102,10 @@ final class Worker: @unchecked Sendable {
         let items = mailbox.withLock { items in
             let taken = items
             items.removeAll(keepingCapacity: true)
+            mailboxCount.store(0, ordering: .relaxed)
             return taken
         }
+        wakeDrainWaiters()
         // A publish to several sessions here posts them one after another: the first that
         // queues the message compacts it, and the others share that copy.
         var shared: (source: Message, kept: Message)?
@@ -168,11 +204,14 @@ final class Worker: @unchecked Sendable {
         publish(message, along: route(for: message.topic))
     }
 
-    /// As `publish(_:)`, with the route already looked up.
-    func publish(_ message: Message, along route: Route) {
+    /// As `publish(_:)`, with the route already looked up. Returns whether a subscriber's queue
+    /// or a mailbox is filling up (then `isCongested` tells whether to hold the publisher back).
+    @discardableResult
+    func publish(_ message: Message, along route: Route) -> Bool {
         if message.retain { broker.retain(message) }
         let targets = route.targets
-        if targets.isEmpty { return }
+        if targets.isEmpty { return false }
+        var filling = false
         // Once a session queues the message, the others get its compacted copy.
         var message = message
         var qos0Frame: ByteBuffer?
@@ -188,10 +227,20 @@ final class Worker: @unchecked Sendable {
             let owner = target.session.owner
             if owner == index {
                 if let kept = target.session.deliver(delivery, broker: broker) { message = kept }
-            } else {
-                broker.workers[owner].post(target.session, delivery)
+            } else if broker.workers[owner].post(target.session, delivery) {
+                filling = true
             }
+            if target.session.mayBeCongested { filling = true }
         }
+        return filling
+    }
+
+    /// Whether a publisher to `targets` should wait: one of them (not its own session) is
+    /// congested, or a mailbox of another worker is over its low-water mark.
+    func isCongested(_ targets: [(session: Session, qos: QoS)], excluding own: Session?) -> Bool {
+        let now = NIODeadline.now()
+        for target in targets where target.session !== own && target.session.isCongested(now: now) { return true }
+        return broker.workers.contains { $0 !== self && $0.mailboxIsFull }
     }
 
     /// The route of a topic, from this worker's cache while subscriptions and hooks are unchanged:

@@ -3,7 +3,7 @@ import socket
 import struct
 import time
 
-from conftest import wait_for
+from conftest import Broker, wait_for
 
 
 def rss_kib(pid):
@@ -126,7 +126,18 @@ def test_offline_queues_share_one_copy_of_a_message(broker):
     assert grown < 200_000, f"RSS grew {grown} KiB for 60 MB queued to 8 offline sessions"
 
 
-def test_unacknowledged_messages_do_not_pin_read_buffers(broker):
+def test_unacknowledged_messages_do_not_pin_read_buffers():
+    # A fixed mmap threshold: buffers of 128 KiB or more are mapped and unmapped (glibc otherwise
+    # raises the threshold and keeps freed ones in its heap), so RSS shows what is really held.
+    broker = Broker(["-t", "2"], config_text='[[listener]]\nbind = "127.0.0.1:0"\n[limits]\nmax_inflight = 100\n',
+                    env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    try:
+        pin_read_buffers(broker)
+    finally:
+        broker.stop()
+
+
+def pin_read_buffers(broker):
     sub = socket.create_connection(("127.0.0.1", broker.port))
     sub.sendall(persistent_connect(b"neverack") + subscribe_packet(b"small", 1))
     read_exactly(sub, 4 + 5)
@@ -135,20 +146,21 @@ def test_unacknowledged_messages_do_not_pin_read_buffers(broker):
     pub = socket.create_connection(("127.0.0.1", broker.port))
     pub.sendall(connect_packet(b"pinner"))
     read_exactly(pub, 4)
-    for i in range(32):
+    for i in range(100):
         # A 16-byte message read in the same buffer as a 900 KB one nobody wants.
         pub.sendall(publish_packet(b"nobody", b"x" * 900_000) + publish_packet(b"small", b"0123456789abcdef", qos=1, packet_id=i + 1))
         read_exactly(pub, 4)
-    # The subscriber reads but never acknowledges: 32 messages in flight.
+    # The subscriber reads but never acknowledges: 100 messages in flight.
     got = 0
     sub.settimeout(5)
     data = b""
-    while got < 32:
+    while got < 100:
         data += sub.recv(65536)
         got = data.count(b"0123456789abcdef")
     time.sleep(1.5)  # a few timeout sweeps
     grown = rss_kib(broker.proc.pid) - before
-    assert grown < 12_000, f"RSS grew {grown} KiB: in-flight 16 B messages pin their read buffers"
+    # Pinned, they would hold 100 read buffers of ~900 KB (90 MB).
+    assert grown < 20_000, f"RSS grew {grown} KiB: in-flight 16 B messages pin their read buffers"
     pub.close()
     sub.close()
 
@@ -187,11 +199,12 @@ def test_long_distinct_topics_do_not_fill_caches(broker):
     sub.close()
 
 
-def read_packets(sock, count, timeout=60):
-    """Reads `count` MQTT packets; returns their first bytes (type and flags)."""
+def read_packets(sock, count, timeout=60, kinds=None):
+    """Reads `count` MQTT packets; returns their first bytes (type and flags). A timeout or a
+    close ends it early (raising), with what came so far in `kinds`."""
     sock.settimeout(timeout)
     buf = bytearray()
-    kinds = []
+    kinds = [] if kinds is None else kinds
     pos = 0
     while len(kinds) < count:
         chunk = sock.recv(1 << 20)
@@ -241,3 +254,50 @@ def test_every_retained_message_reaches_a_wildcard_subscriber(broker):
     assert len(publishes) == total and all(k & 0x01 for k in publishes)
     pub.close()
     sub.close()
+
+
+def test_slow_consumer_drops_only_for_the_stalled(broker):
+    """A burst to two subscribers: one never reads, one reads steadily but slower than the
+    publisher sends. The reading one must get (nearly) everything; only the stalled one loses."""
+    import threading
+    total = 256 * 235  # sent in chunks of 256
+    frame = publish_packet(b"burst", b"m" * 1024)
+    stalled = socket.create_connection(("127.0.0.1", broker.port))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(connect_packet(b"stalled") + subscribe_packet(b"burst", 0))
+    read_exactly(stalled, 4 + 5)  # then never reads again
+    reader = socket.create_connection(("127.0.0.1", broker.port))
+    reader.sendall(connect_packet(b"reader") + subscribe_packet(b"burst", 0))
+    read_exactly(reader, 4 + 5)
+    received = {"bytes": 0}
+
+    def read_slowly():
+        reader.settimeout(10)
+        try:
+            while received["bytes"] < total * len(frame):
+                chunk = reader.recv(32768)
+                if not chunk:
+                    return
+                received["bytes"] += len(chunk)
+                time.sleep(0.004)  # ~8 MB/s at most: slower than the publisher
+        except OSError:
+            pass
+
+    t = threading.Thread(target=read_slowly)
+    t.start()
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"burster"))
+    read_exactly(pub, 4)
+    chunk = frame * 256
+    peak = 0
+    for i in range(total // 256):
+        pub.sendall(chunk)
+        if i % 64 == 0:
+            peak = max(peak, rss_kib(broker.proc.pid))
+    t.join(120)
+    got = received["bytes"] // len(frame)
+    assert got >= total * 0.999, f"the reading subscriber got {got} of {total}\n" + broker.log()[-3000:]
+    assert "cannot keep up" in broker.log() and "stalled" in broker.log()
+    assert peak < 400_000, f"broker RSS {peak} KiB during the burst"
+    for s in (pub, reader, stalled):
+        s.close()
