@@ -98,7 +98,12 @@ public final class Broker: Sendable {
     /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
     /// loop; publish hooks do not see it.
     public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
-        try Topic.validateName(topic)
+        do {
+            try Topic.validateName(topic, maxLevels: configuration.limits.maxTopicLevels)
+        } catch {
+            logger.info("plugin publish rejected: \(error)")
+            throw error
+        }
         let worker = workers[index % workers.count]
         let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
         if worker.loop.inEventLoop {
@@ -225,4 +230,6 @@ public final class Broker: Sendable {
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
     public var retainedCount: Int { retained.withLock { $0.count } }
+    /// Nodes of the subscription trie (tests: emptied branches are pruned).
+    public var subscriptionNodeCount: Int { subscriptions.withLock { $0.nodeCount } }
 }

@@ -80,13 +80,14 @@ public enum ConfigFile {
         }
 
         if let limits = try top.table("limits") {
-            try limits.allowOnly(["max_packet_size", "max_connections", "max_inflight", "max_queued", "max_keep_alive", "connect_timeout"])
+            try limits.allowOnly(["max_packet_size", "max_connections", "max_inflight", "max_queued", "max_keep_alive", "connect_timeout", "max_topic_levels"])
             if let v = try limits.int("max_packet_size", in: 2...268_435_455) { config.limits.maxPacketSize = v }
             if let v = try limits.int("max_connections", in: 0...Int(Int32.max)) { config.limits.maxConnections = v }
             if let v = try limits.int("max_inflight", in: 1...65535) { config.limits.maxInflight = v }
             if let v = try limits.int("max_queued", in: 0...Int(Int32.max)) { config.limits.maxQueued = v }
             if let v = try limits.int("max_keep_alive", in: 0...65535) { config.limits.maxKeepAlive = v }
             if let v = try limits.seconds("connect_timeout") { config.limits.connectTimeout = v }
+            if let v = try limits.int("max_topic_levels", in: 1...65535) { config.limits.maxTopicLevels = v }
         }
 
         if let auth = try top.table("auth") {

@@ -77,11 +77,15 @@ public struct Limits: Sendable {
     public var maxKeepAlive: Int
     /// How long a new socket may take to send CONNECT.
     public var connectTimeout: TimeAmount
+    /// Most levels in a topic name or filter (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will, and topics
+    /// plugins produce); more is a protocol error. 200 is Mosquitto's limit.
+    public var maxTopicLevels: Int
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
-        maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10)
+        maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10), maxTopicLevels: Int = 200
     ) {
+        self.maxTopicLevels = maxTopicLevels
         self.maxPacketSize = maxPacketSize
         self.maxConnections = maxConnections
         self.maxInflight = maxInflight

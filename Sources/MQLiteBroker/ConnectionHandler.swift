@@ -48,7 +48,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     init(broker: Broker, worker: Worker) {
         self.broker = broker
         self.worker = worker
-        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize)
+        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
     }
 
     /// The broker's logger with this connection's client id and address. Built only when a line
@@ -321,7 +321,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         do {
-            try Topic.validateName(m.topic)
+            try Topic.validateName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
         } catch {
             logger.info("publish hook produced an invalid topic \"\(m.topic)\": \(error)")
             return
@@ -346,8 +346,10 @@ final class ConnectionHandler: ChannelInboundHandler {
                 codes.append(.failure)
                 continue
             case .rewrite(let newFilter, let maxQoS):
-                guard (try? Topic.validateFilter(newFilter)) != nil else {
-                    logger.info("subscribe hook produced an invalid filter \"\(newFilter)\"")
+                do {
+                    try Topic.validateFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
+                } catch {
+                    logger.info("subscribe hook produced an invalid filter \"\(newFilter)\": \(error)")
                     codes.append(.failure)
                     continue
                 }
