@@ -20,7 +20,10 @@ public final class Broker: Sendable {
     private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
     /// Bumped on every subscription change, so that workers know when their route caches are stale.
     let subscriptionGeneration = Atomic<Int>(0)
-    private let retained = Mutex<[String: Message]>([:])
+    /// Retained messages by topic, in a topic tree (see `retainedMessages(matching:)`).
+    private let retained = Mutex(RetainedTree<Message>())
+    /// Nodes a retained scan visits per hold of the retained lock.
+    static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])
     let connectionCount = Atomic<Int>(0)
     /// Messages dropped for subscribers that could not keep up, since start.
@@ -205,21 +208,30 @@ public final class Broker: Sendable {
 
     // MARK: - Retained messages
 
-    /// Keeps the last retained message of a topic; an empty payload clears it.
+    /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
+    /// tree's branch left empty).
     func retain(_ message: Message) {
         let topic = String(buffer: message.topic)
         if message.payload.readableBytes == 0 {
-            retained.withLock { _ = $0.removeValue(forKey: topic) }
+            retained.withLock { $0.remove(topic) }
         } else {
             let kept = message.compacted()
-            retained.withLock { $0[topic] = kept }
+            retained.withLock { $0.set(topic, kept) }
         }
     }
 
+    /// The retained messages `filter` matches, parent topics before their children. The walk
+    /// follows the filter through the tree, so it costs what it matches; it is done in chunks
+    /// of `retainedScanChunk` nodes, each under the lock, so a wide filter (`#` over many
+    /// retained messages) never holds the lock for long and retained publishes on other workers
+    /// go on between chunks. A message set or cleared during the walk may or may not be seen.
     func retainedMessages(matching filter: String) -> [Message] {
-        retained.withLock { store in
-            store.compactMap { Topic.matches(filter: filter, topic: $0.key) ? $0.value : nil }
+        var scan = retained.withLock { $0.scan(matching: filter) }
+        var found: [Message] = []
+        while !scan.isDone {
+            retained.withLock { $0.continueScan(&scan, limit: Self.retainedScanChunk, into: &found) }
         }
+        return found
     }
 
     // MARK: - Introspection (tests, logs)
@@ -230,6 +242,8 @@ public final class Broker: Sendable {
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
     public var retainedCount: Int { retained.withLock { $0.count } }
+    /// Nodes of the retained topic tree (tests: cleared branches are pruned).
+    public var retainedNodeCount: Int { retained.withLock { $0.nodeCount } }
     /// Nodes of the subscription trie (tests: emptied branches are pruned).
     public var subscriptionNodeCount: Int { subscriptions.withLock { $0.nodeCount } }
 }
