@@ -58,10 +58,19 @@ public final class Broker: Sendable {
         return bound
     }
 
+    /// How long a listener waits before accepting again after running out of file descriptors.
+    static let acceptBackoff = TimeAmount.milliseconds(250)
+
     private func makeBootstrap() -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            // Out of file descriptors: pause accepting (logged once) instead of retrying at once.
+            .serverChannelInitializer { [logger] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AcceptBackoff(logger: logger, backoff: Self.acceptBackoff))
+                }
+            }
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             // NIO keeps each channel's last receive buffer for reuse: start it small, so an idle
