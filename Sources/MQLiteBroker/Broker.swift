@@ -20,7 +20,10 @@ public final class Broker: Sendable {
     private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
     /// Bumped on every subscription change, so that workers know when their route caches are stale.
     let subscriptionGeneration = Atomic<Int>(0)
-    private let retained = Mutex<[String: Message]>([:])
+    /// Retained messages by topic, in a topic tree (see `retainedMessages(matching:)`).
+    private let retained = Mutex(RetainedTree<Message>())
+    /// Nodes a retained scan visits per hold of the retained lock.
+    static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])
     let connectionCount = Atomic<Int>(0)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
@@ -62,10 +65,19 @@ public final class Broker: Sendable {
         return bound
     }
 
+    /// How long a listener waits before accepting again after running out of file descriptors.
+    static let acceptBackoff = TimeAmount.milliseconds(250)
+
     private func makeBootstrap() -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            // Out of file descriptors: pause accepting (logged once) instead of retrying at once.
+            .serverChannelInitializer { [logger] channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AcceptBackoff(logger: logger, backoff: Self.acceptBackoff))
+                }
+            }
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             // NIO keeps each channel's last receive buffer for reuse: start it small, so an idle
@@ -105,7 +117,12 @@ public final class Broker: Sendable {
     /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
     /// loop; publish hooks do not see it.
     public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
-        try Topic.validateName(topic)
+        do {
+            try Topic.validateName(topic, maxLevels: configuration.limits.maxTopicLevels)
+        } catch {
+            logger.info("plugin publish rejected: \(LogText(error.description))")
+            throw error
+        }
         let worker = workers[index % workers.count]
         let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
         if worker.loop.inEventLoop {
@@ -248,21 +265,30 @@ public final class Broker: Sendable {
 
     // MARK: - Retained messages
 
-    /// Keeps the last retained message of a topic; an empty payload clears it.
+    /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
+    /// tree's branch left empty).
     func retain(_ message: Message) {
         let topic = String(buffer: message.topic)
         if message.payload.readableBytes == 0 {
-            retained.withLock { _ = $0.removeValue(forKey: topic) }
+            retained.withLock { $0.remove(topic) }
         } else {
             let kept = message.compacted()
-            retained.withLock { $0[topic] = kept }
+            retained.withLock { $0.set(topic, kept) }
         }
     }
 
+    /// The retained messages `filter` matches, parent topics before their children. The walk
+    /// follows the filter through the tree, so it costs what it matches; it is done in chunks
+    /// of `retainedScanChunk` nodes, each under the lock, so a wide filter (`#` over many
+    /// retained messages) never holds the lock for long and retained publishes on other workers
+    /// go on between chunks. A message set or cleared during the walk may or may not be seen.
     func retainedMessages(matching filter: String) -> [Message] {
-        retained.withLock { store in
-            store.compactMap { Topic.matches(filter: filter, topic: $0.key) ? $0.value : nil }
+        var scan = retained.withLock { $0.scan(matching: filter) }
+        var found: [Message] = []
+        while !scan.isDone {
+            retained.withLock { $0.continueScan(&scan, limit: Self.retainedScanChunk, into: &found) }
         }
+        return found
     }
 
     // MARK: - Introspection (tests, logs)
@@ -275,6 +301,10 @@ public final class Broker: Sendable {
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
     public var retainedCount: Int { retained.withLock { $0.count } }
+    /// Nodes of the retained topic tree (tests: cleared branches are pruned).
+    public var retainedNodeCount: Int { retained.withLock { $0.nodeCount } }
+    /// Nodes of the subscription trie (tests: emptied branches are pruned).
+    public var subscriptionNodeCount: Int { subscriptions.withLock { $0.nodeCount } }
 }
 
 /// A listener that could not be bound (address in use, no such host or interface, no permission).

@@ -108,13 +108,17 @@ public struct Limits: Sendable {
     /// How long a persistent session may stay offline before it is removed; zero = forever
     /// (Mosquitto's `persistent_client_expiration`).
     public var sessionExpiry: TimeAmount
+    /// Most levels in a topic name or filter (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will, and topics
+    /// plugins produce); more is a protocol error. 200 is Mosquitto's limit.
+    public var maxTopicLevels: Int
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
         maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10),
-        sessionExpiry: TimeAmount = .zero
+        sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200
     ) {
         self.sessionExpiry = sessionExpiry
+        self.maxTopicLevels = maxTopicLevels
         self.maxQueuedBytes = maxQueuedBytes
         self.maxPacketSize = maxPacketSize
         self.maxConnections = maxConnections

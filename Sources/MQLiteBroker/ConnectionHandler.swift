@@ -51,7 +51,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     init(broker: Broker, worker: Worker) {
         self.broker = broker
         self.worker = worker
-        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize)
+        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
         broker.connectionObjects.add(1, ordering: .relaxed)
     }
 
@@ -372,7 +372,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         do {
-            try Topic.validateName(m.topic)
+            try Topic.validateName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
         } catch {
             logger.info("publish hook produced an invalid topic \"\(LogText(m.topic))\": \(LogText(error.description))")
             return
@@ -397,8 +397,10 @@ final class ConnectionHandler: ChannelInboundHandler {
                 codes.append(.failure)
                 continue
             case .rewrite(let newFilter, let maxQoS):
-                guard (try? Topic.validateFilter(newFilter)) != nil else {
-                    logger.info("subscribe hook produced an invalid filter \"\(LogText(newFilter))\"")
+                do {
+                    try Topic.validateFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
+                } catch {
+                    logger.info("subscribe hook produced an invalid filter \"\(LogText(newFilter))\": \(LogText(error.description))")
                     codes.append(.failure)
                     continue
                 }

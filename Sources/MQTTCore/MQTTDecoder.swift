@@ -11,9 +11,12 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
 
     /// The largest remaining length accepted.
     public let maxPacketSize: Int
+    /// The most levels a topic name (PUBLISH, will) or filter (SUBSCRIBE, UNSUBSCRIBE) may have.
+    public let maxTopicLevels: Int
 
-    public init(maxPacketSize: Int = 1 << 20) {
+    public init(maxPacketSize: Int = 1 << 20, maxTopicLevels: Int = .max) {
         self.maxPacketSize = maxPacketSize
+        self.maxTopicLevels = maxTopicLevels
     }
 
     public mutating func decode(buffer: inout ByteBuffer) throws -> MQTTPacket? {
@@ -24,7 +27,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         guard buffer.readableBytes >= header.headerLength + header.remainingLength else { return nil }
         buffer.moveReaderIndex(forwardBy: header.headerLength)
         var body = buffer.readSlice(length: header.remainingLength)!
-        return try Self.parseBody(type: header.type, flags: header.flags, body: &body)
+        return try Self.parseBody(type: header.type, flags: header.flags, body: &body, maxTopicLevels: maxTopicLevels)
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> MQTTPacket? {
@@ -73,12 +76,14 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
 
     // MARK: - Bodies
 
-    static func parseBody(type: PacketType, flags: UInt8, body: inout ByteBuffer) throws(MQTTProtocolError) -> MQTTPacket {
+    static func parseBody(
+        type: PacketType, flags: UInt8, body: inout ByteBuffer, maxTopicLevels: Int = .max
+    ) throws(MQTTProtocolError) -> MQTTPacket {
         switch type {
         case .publish:
-            return .publish(try parsePublish(flags: flags, body: &body))
+            return .publish(try parsePublish(flags: flags, body: &body, maxTopicLevels: maxTopicLevels))
         case .connect:
-            return .connect(try parseConnect(body: &body))
+            return .connect(try parseConnect(body: &body, maxTopicLevels: maxTopicLevels))
         case .connack:
             guard body.readableBytes == 2 else { throw .unexpectedLength(.connack, length: body.readableBytes) }
             let ackFlags: UInt8 = body.readInteger()!
@@ -95,7 +100,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             var subscriptions: [Subscription] = []
             while body.readableBytes > 0 {
                 let filter = try readString(type, &body)
-                try Topic.validateFilter(filter)
+                try Topic.validateFilter(filter, maxLevels: maxTopicLevels)
                 guard let options: UInt8 = body.readInteger() else { throw .truncated(type) }
                 guard options & 0xFC == 0, let qos = QoS(rawValue: options) else { throw .invalidSubscriptionOptions(options) }
                 subscriptions.append(Subscription(filter: filter, qos: qos))
@@ -120,7 +125,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             var filters: [String] = []
             while body.readableBytes > 0 {
                 let filter = try readString(type, &body)
-                try Topic.validateFilter(filter)
+                try Topic.validateFilter(filter, maxLevels: maxTopicLevels)
                 filters.append(filter)
             }
             if filters.isEmpty { throw .noTopicFilters(type) }
@@ -131,12 +136,12 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         }
     }
 
-    static func parsePublish(flags: UInt8, body: inout ByteBuffer) throws(MQTTProtocolError) -> PublishPacket {
+    static func parsePublish(flags: UInt8, body: inout ByteBuffer, maxTopicLevels: Int = .max) throws(MQTTProtocolError) -> PublishPacket {
         let qos = QoS(rawValue: (flags >> 1) & 0x03)!
         guard let topicLength: UInt16 = body.readInteger(),
             let topic = body.readSlice(length: Int(topicLength))
         else { throw .truncated(.publish) }
-        try Topic.validateName(topic)
+        try Topic.validateName(topic, maxLevels: maxTopicLevels)
         var packetID: UInt16?
         if qos != .atMostOnce {
             packetID = try readPacketID(.publish, &body)
@@ -144,7 +149,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         return PublishPacket(topic: topic, payload: body, qos: qos, retain: flags & 1 == 1, dup: flags & 0x08 != 0, packetID: packetID)
     }
 
-    static func parseConnect(body: inout ByteBuffer) throws(MQTTProtocolError) -> ConnectPacket {
+    static func parseConnect(body: inout ByteBuffer, maxTopicLevels: Int = .max) throws(MQTTProtocolError) -> ConnectPacket {
         let name = try readString(.connect, &body)
         guard let level: UInt8 = body.readInteger() else { throw .truncated(.connect) }
         guard (name == "MQTT" && level == 4) || (name == "MQIsdp" && level == 3) else {
@@ -167,7 +172,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         var will: Will?
         if hasWill {
             let topic = try readString(.connect, &body)
-            try Topic.validateName(topic)
+            try Topic.validateName(topic, maxLevels: maxTopicLevels)
             let payload = try readBinary(.connect, &body)
             will = Will(topic: topic, payload: payload, qos: QoS(rawValue: willQoSBits)!, retain: willRetain)
         }

@@ -23,6 +23,8 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     case invalidTopicName(String)
     /// A topic filter that is empty or has a misplaced `#` or `+`.
     case invalidTopicFilter(String)
+    /// A topic name or filter with more levels than the configured `max_topic_levels`.
+    case tooManyTopicLevels(levels: Int, limit: Int)
     /// CONNECT's reserved flag bit is set.
     case connectReservedFlag
     /// CONNECT asks for will QoS 3.
@@ -55,6 +57,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .nullCharacter: "string contains U+0000"
         case .invalidTopicName(let n): "invalid topic name \"\(n)\""
         case .invalidTopicFilter(let f): "invalid topic filter \"\(f)\""
+        case .tooManyTopicLevels(let l, let limit): "topic of \(l) levels is over max_topic_levels \(limit)"
         case .connectReservedFlag: "CONNECT reserved flag is set"
         case .invalidWillQoS: "CONNECT will QoS is 3"
         case .willFlagsWithoutWill: "CONNECT will QoS or retain set without the will flag"

@@ -3,14 +3,19 @@ import NIOCore
 /// Topic name and topic filter rules of MQTT 3.1.1 §4.7.
 public enum Topic {
     /// Validates a topic name given as raw bytes, as it sits in a PUBLISH: non-empty, well-formed
-    /// UTF-8, no U+0000 and no wildcard. Pure ASCII (the usual case) is checked without allocating.
-    public static func validateName(_ bytes: ByteBuffer) throws(MQTTProtocolError) {
+    /// UTF-8, no U+0000, no wildcard, and at most `maxLevels` levels. Pure ASCII (the usual case)
+    /// is checked without allocating, in one pass that also counts the levels.
+    public static func validateName(_ bytes: ByteBuffer, maxLevels: Int = .max) throws(MQTTProtocolError) {
         let count = bytes.readableBytes
         if count == 0 { throw .invalidTopicName("") }
+        var levels = 1
         let verdict: UInt8 = bytes.withUnsafeReadableBytes { raw in
             var high = false
+            var slashes = 0
+            defer { levels = slashes + 1 }
             for byte in raw {
                 switch byte {
+                case UInt8(ascii: "/"): slashes &+= 1
                 case 0: return 1
                 case UInt8(ascii: "+"), UInt8(ascii: "#"): return 2
                 case 0x80...: high = true
@@ -20,25 +25,27 @@ public enum Topic {
             return high ? 3 : 0
         }
         switch verdict {
-        case 0: return
+        case 0: break
         case 1: throw .nullCharacter
         case 2: throw .invalidTopicName(String(buffer: bytes))
         default:
             if String(validating: bytes.readableBytesView, as: UTF8.self) == nil { throw .invalidUTF8 }
         }
+        if levels > maxLevels { throw .tooManyTopicLevels(levels: levels, limit: maxLevels) }
     }
 
     /// Validates a topic name held as a `String`.
-    public static func validateName(_ name: String) throws(MQTTProtocolError) {
-        try validateName(ByteBuffer(string: name))
+    public static func validateName(_ name: String, maxLevels: Int = .max) throws(MQTTProtocolError) {
+        try validateName(ByteBuffer(string: name), maxLevels: maxLevels)
     }
 
-    /// Validates a topic filter: non-empty, no U+0000, `#` only as the whole last level and `+`
-    /// only as a whole level.
-    public static func validateFilter(_ filter: String) throws(MQTTProtocolError) {
+    /// Validates a topic filter: non-empty, no U+0000, `#` only as the whole last level, `+`
+    /// only as a whole level, and at most `maxLevels` levels.
+    public static func validateFilter(_ filter: String, maxLevels: Int = .max) throws(MQTTProtocolError) {
         if filter.isEmpty { throw .invalidTopicFilter(filter) }
         if filter.utf8.contains(0) { throw .nullCharacter }
         let levels = filter.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
+        if levels.count > maxLevels { throw .tooManyTopicLevels(levels: levels.count, limit: maxLevels) }
         for (index, level) in levels.enumerated() {
             let hasHash = level.contains(UInt8(ascii: "#"))
             let hasPlus = level.contains(UInt8(ascii: "+"))

@@ -112,7 +112,7 @@ struct BoundedMemoryTests {
 struct SessionExpiryTests {
     @Test("a persistent session offline past session_expiry is removed: no session present, nothing queued")
     func expires() async throws {
-        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(1); $0.limits.connectTimeout = .milliseconds(400) }) { b in
+        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(1); $0.limits.connectTimeout = .seconds(2) }) { b in
             let c = try await TestClient.open(port: b.port)
             _ = try await c.connect(ConnectPacket(cleanSession: false, clientID: "abandoned"))
             try await c.subscribe("ex", qos: .atLeastOnce)
@@ -128,7 +128,7 @@ struct SessionExpiryTests {
 
     @Test("a session back before session_expiry is kept, and its clock restarts at the next disconnect")
     func keptWhenBackInTime() async throws {
-        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(2); $0.limits.connectTimeout = .milliseconds(400) }) { b in
+        try await withBroker(configure: { $0.limits.sessionExpiry = .seconds(2); $0.limits.connectTimeout = .seconds(2) }) { b in
             let c = try await TestClient.open(port: b.port)
             _ = try await c.connect(ConnectPacket(cleanSession: false, clientID: "returning"))
             try await c.subscribe("kept", qos: .atLeastOnce)

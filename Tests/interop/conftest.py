@@ -17,7 +17,7 @@ BINARY = os.environ.get("MQLITE_BIN", str(ROOT / ".build" / "debug" / "mqlite"))
 class Broker:
     """One mqlite process; `port` is the port it logged as bound."""
 
-    def __init__(self, args, config_text=None, env=None):
+    def __init__(self, args, config_text=None, env=None, preexec_fn=None):
         self.dir = tempfile.TemporaryDirectory()
         cmd = [BINARY]
         if config_text is not None:
@@ -25,8 +25,9 @@ class Broker:
             path.write_text(config_text)
             cmd += ["-c", str(path)]
         cmd += args
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=None if env is None else {**os.environ, **env})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
+            env=None if env is None else {**os.environ, **env})
         self.lines = []
         self.port = None
         bound = threading.Event()
