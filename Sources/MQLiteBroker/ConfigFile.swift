@@ -100,7 +100,12 @@ public enum ConfigFile {
             let path = script.hasPrefix("/") ? script : URL(fileURLWithPath: directory).appendingPathComponent(script).path
             var options: [String: ConfigValue] = [:]
             if let table = try plugin.table("options")?.table {
-                for key in table.keys { options[key] = ConfigFile.value(table[key]!) }
+                for key in table.keys {
+                    guard let value = ConfigFile.value(table[key]!, depth: 1) else {
+                        throw plugin.error("options.\(key)", "nested deeper than \(ConfigFile.maxOptionDepth) levels")
+                    }
+                    options[key] = value
+                }
             }
             config.plugins.append(PluginConfiguration(script: path, options: options))
         }
@@ -118,20 +123,35 @@ public enum ConfigFile {
         return config
     }
 
-    /// A TOML value as plugin options see it (dates and times become their TOML text).
-    static func value(_ v: TOMLValueConvertible) -> ConfigValue {
+    /// Most nested arrays/tables in a plugin's options (the options table itself is level 1);
+    /// the same limit as `mqlite.json`'s.
+    public static let maxOptionDepth = 64
+
+    /// A TOML value as plugin options see it (dates and times become their TOML text); nil if it
+    /// nests deeper than `maxOptionDepth` (which bounds this recursion).
+    static func value(_ v: TOMLValueConvertible, depth: Int) -> ConfigValue? {
         switch v.type {
         case .string: return .string(v.string!)
         case .int: return .int(v.int!)
         case .double: return .double(v.double!)
         case .bool: return .bool(v.bool!)
         case .array:
+            guard depth < maxOptionDepth else { return nil }
             let array = v.array!
-            return .array((0..<array.count).map { value(array[$0]) })
+            var result: [ConfigValue] = []
+            for index in 0..<array.count {
+                guard let item = value(array[index], depth: depth + 1) else { return nil }
+                result.append(item)
+            }
+            return .array(result)
         case .table:
+            guard depth < maxOptionDepth else { return nil }
             let table = v.table!
             var result: [String: ConfigValue] = [:]
-            for key in table.keys { result[key] = value(table[key]!) }
+            for key in table.keys {
+                guard let item = value(table[key]!, depth: depth + 1) else { return nil }
+                result[key] = item
+            }
             return .table(result)
         default: return .string(v.debugDescription)
         }

@@ -157,7 +157,11 @@ final class LuaVM: @unchecked Sendable {
         // The script's own environment: its globals persist between calls and are not shared
         // with other scripts; everything standard is reached through _G.
         mqlite_newtable(L)
-        HostLibrary.push(into: L, context: context, options: plugin.options)
+        do {
+            try HostLibrary.push(into: L, context: context, options: plugin.options)
+        } catch {
+            throw ScriptError(script: plugin.script, message: "options: \(error.message)")
+        }
         lua_setfield(L, -2, "mqlite")
         mqlite_newtable(L)
         lua_getglobal(L, "_G")
@@ -292,23 +296,30 @@ extension LuaState {
         buffer.withUnsafeReadableBytes { push(bytes: $0) }
     }
 
-    func push(_ value: ConfigValue) {
+    /// Pushes a config value (plugin options). Nesting deeper than `LuaJSON.maxDepth` is refused:
+    /// the recursion is bounded by it, and each level makes room on the Lua stack first.
+    func push(_ value: ConfigValue, depth: Int = 0) throws(HookResultError) {
         switch value {
         case .string(let s): push(s)
         case .int(let i): lua_pushinteger(self, lua_Integer(i))
         case .double(let d): lua_pushnumber(self, d)
         case .bool(let b): lua_pushboolean(self, b ? 1 : 0)
         case .array(let items):
-            lua_createtable(self, Int32(items.count), 0)
+            guard depth < LuaJSON.maxDepth else { throw HookResultError("nested deeper than \(LuaJSON.maxDepth) levels") }
+            guard lua_checkstack(self, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(self, Int32(clamping: items.count), 0)
             for (i, item) in items.enumerated() {
-                push(item)
+                do { try push(item, depth: depth + 1) } catch { mqlite_pop(self, 1); throw error }
                 lua_rawseti(self, -2, lua_Integer(i + 1))
             }
         case .table(let fields):
-            lua_createtable(self, 0, Int32(fields.count))
+            guard depth < LuaJSON.maxDepth else { throw HookResultError("nested deeper than \(LuaJSON.maxDepth) levels") }
+            guard lua_checkstack(self, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(self, 0, Int32(clamping: fields.count))
             for (key, item) in fields {
-                push(item)
-                lua_setfield(self, -2, key)
+                push(key)
+                do { try push(item, depth: depth + 1) } catch { mqlite_pop(self, 2); throw error }
+                lua_rawset(self, -3)
             }
         }
     }
