@@ -111,8 +111,10 @@ public enum ConfigFile {
         }
 
         if let scripting = try top.table("scripting") {
-            try scripting.allowOnly(["instruction_limit", "on_error"])
+            try scripting.allowOnly(["instruction_limit", "time_limit", "memory_limit", "on_error"])
             if let v = try scripting.int("instruction_limit", in: 1000...Int(Int32.max)) { config.scripting.instructionLimit = v }
+            if let v = try scripting.number("time_limit", in: 0.01...3600) { config.scripting.timeLimit = v }
+            if let v = try scripting.int("memory_limit", in: (1 << 20)...(64 << 30)) { config.scripting.memoryLimit = v }
             if let v = try scripting.string("on_error") {
                 guard let policy = ScriptingConfiguration.OnError(rawValue: v) else {
                     throw scripting.error("on_error", "must be \"deny\" or \"allow\", not \"\(v)\"")
@@ -216,6 +218,14 @@ private struct Section {
 
     func bool(_ key: String) throws(ConfigError) -> Bool? {
         try value(key, .bool)?.bool
+    }
+
+    /// A number (integer or fractional) within `range`.
+    func number(_ key: String, in range: ClosedRange<Double>) throws(ConfigError) -> Double? {
+        guard let v = try value(key, .int, .double) else { return nil }
+        let number = v.double ?? Double(v.int!)
+        guard range.contains(number) else { throw error(key, "must be from \(range.lowerBound) to \(range.upperBound), not \(number)") }
+        return number
     }
 
     /// A positive number of seconds, integer or fractional.

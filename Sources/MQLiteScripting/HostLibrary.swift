@@ -184,6 +184,14 @@ enum HostLibrary {
         guard let path = string(L, 1) else { return fail(L, "mqlite.read_file(path)") }
         let base = context(L).vm.host.baseDirectory
         let full = path.hasPrefix("/") ? path : URL(fileURLWithPath: base).appendingPathComponent(path).path
+        // A file larger than what is left of the memory budget would only fail later: refuse it
+        // before reading (host code may overdraw the budget, see shim.h, but not by a whole file).
+        let remaining = mqlite_memory_remaining(context(L).vm.control)
+        if let size = (try? FileManager.default.attributesOfItem(atPath: full))?[.size] as? NSNumber, size.uint64Value > UInt64(remaining) {
+            lua_pushnil(L)
+            L.push("\(full) is larger (\(size) bytes) than what is left of scripting.memory_limit")
+            return 2
+        }
         guard let data = FileManager.default.contents(atPath: full) else {
             lua_pushnil(L)
             L.push("cannot read \(full)")

@@ -92,11 +92,21 @@ final class LuaVM: @unchecked Sendable {
 
     private static let matchCacheLimit = 10_000
 
+    /// The state's budgets (memory, instructions) and its link to the watchdog (time). Allocated
+    /// here and freed after `lua_close`, since the state's allocator uses it to the end.
+    let control: UnsafeMutablePointer<mqlite_control>
+
     init(worker: Int, host: ScriptingHost) throws(ScriptError) {
-        guard let state = luaL_newstate() else { throw ScriptError(script: "-", message: "cannot create a Lua state") }
+        let control = UnsafeMutablePointer<mqlite_control>.allocate(capacity: 1)
+        guard let state = mqlite_newstate(control, host.scripting.memoryLimit, Int64(host.scripting.instructionLimit)) else {
+            control.deallocate()
+            throw ScriptError(script: "-", message: "cannot create a Lua state")
+        }
+        self.control = control
         self.L = state
         self.worker = worker
         self.host = host
+        LuaWatchdog.shared.register(control, owner: ObjectIdentifier(host), timeLimit: host.scripting.timeLimit)
         mqlite_gc_generational(state)
         for field in Field.allCases {
             L.push(field.name)
@@ -110,7 +120,9 @@ final class LuaVM: @unchecked Sendable {
     }
 
     deinit {
+        LuaWatchdog.shared.unregister(control)
         lua_close(L)
+        control.deallocate()
     }
 
     // MARK: - Loading
@@ -130,6 +142,11 @@ final class LuaVM: @unchecked Sendable {
             lua_pushnil(L)
             lua_setglobal(L, name)
         }
+        // Pattern functions with a bounded worst case, and no finalizers (see shim.h).
+        lua_getglobal(L, "string")
+        mqlite_bound_patterns(L, -1)
+        mqlite_pop(L, 1)
+        mqlite_guard_setmetatable(L)
         lua_getglobal(L, "os")
         for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
             lua_pushnil(L)
@@ -171,10 +188,11 @@ final class LuaVM: @unchecked Sendable {
 
         loading = context
         defer { loading = nil }
-        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
-        let status = mqlite_pcall(L, 0, 0, 0)
-        mqlite_set_instruction_limit(L, 0)
+        let status = mqlite_call(L, 0, 0)
         guard status == LUA_OK else {
+            if status == LUA_ERRMEM {
+                throw ScriptError(script: plugin.script, message: "not enough memory: the script needs more than scripting.memory_limit (\(host.scripting.memoryLimit) bytes)")
+            }
             throw ScriptError(script: plugin.script, message: L.string(at: -1) ?? "error while loading")
         }
     }
@@ -225,11 +243,10 @@ final class LuaVM: @unchecked Sendable {
         defer { lua_settop(L, base) }
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
-        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
-        let status = mqlite_pcall(L, arguments, results, 0)
-        mqlite_set_instruction_limit(L, 0)
+        let status = mqlite_call(L, arguments, results)
         guard status == LUA_OK else {
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: L.string(at: -1) ?? "error")
+            let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
+            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: message)
             return nil
         }
         do {

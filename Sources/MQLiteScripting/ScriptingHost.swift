@@ -56,6 +56,18 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         self.broker = broker
     }
 
+    /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
+    /// instructions, or between two start positions of a pattern search): for shutdown, so that no
+    /// script keeps a worker loop busy. There is no way back.
+    public func stop() {
+        LuaWatchdog.shared.stopAll(owner: ObjectIdentifier(self))
+    }
+
+    /// Bytes allocated by the Lua state of `worker` (0 if it has none); for tests and logs.
+    public func memoryUsed(worker: Int) -> Int {
+        slots[worker].vm.map { Int(mqlite_memory_used($0.control)) } ?? 0
+    }
+
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
 
