@@ -181,7 +181,8 @@ final class LuaVM: @unchecked Sendable {
         }
         lua_setfield(L, -2, "mqlite")
         mqlite_newtable(L)
-        lua_getglobal(L, "_G")
+        // The real global table, read raw (a script loaded before may have given _G a metatable).
+        lua_rawgeti(L, mqlite_registryindex(), lua_Integer(LUA_RIDX_GLOBALS))
         lua_setfield(L, -2, "__index")
         lua_setmetatable(L, -2)
         _ = lua_setupvalue(L, -2, 1)  // the chunk's _ENV
@@ -249,6 +250,8 @@ final class LuaVM: @unchecked Sendable {
             host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: message)
             return nil
         }
+        // Results are read with raw access only (no metamethod can run outside the call's
+        // limits); `read` rejects tables that have a metatable.
         do {
             return try read(L)
         } catch {
