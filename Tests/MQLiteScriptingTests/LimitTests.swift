@@ -41,7 +41,7 @@ struct TimeLimitTests {
                 let start = clock.now
                 try await c.publish(topic, "x", qos: .atLeastOnce)  // the PUBACK comes once the hook has returned
                 let elapsed = clock.now - start
-                #expect(elapsed < .seconds(2), "\(topic) took \(elapsed)")
+                #expect(elapsed < .seconds(5), "\(topic) took \(elapsed)")  // ~0.2 s; the margin is for a loaded machine
                 #expect(host.failureCount == index + 1, "\(topic)")
                 // Another client on the same worker is served at once afterwards.
                 let other = try await b.client("other-\(index)")
@@ -68,7 +68,7 @@ struct TimeLimitTests {
             let start = clock.now
             try await c.publish("spin", "x", qos: .atLeastOnce)
             let elapsed = clock.now - start
-            #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(2), "\(elapsed)")
+            #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(5), "\(elapsed)")  // without the time limit: over a minute
             #expect(host.failureCount == 1)
             try await eventually("log") { b.logMessages.contains { $0.contains("time limit exceeded") } }
             try await c.publish("ok", "x")
@@ -88,7 +88,7 @@ struct TimeLimitTests {
             let start = clock.now
             host.stop()
             #expect(try await c.expectPacket() == .puback(packetID: 1))
-            #expect(clock.now - start < .seconds(2))
+            #expect(clock.now - start < .seconds(5))
             #expect(host.failureCount == 1)
         }
     }
