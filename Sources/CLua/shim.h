@@ -284,6 +284,14 @@ static double mqlite_attempt_cost(const char *p, size_t lp, size_t i, double n) 
     return cost;
 }
 
+/// Whether `p` holds a pattern special character (the whole length: a pattern may hold '\0').
+static int mqlite_has_specials(const char *p, size_t lp) {
+    for (size_t i = 0; i < lp; i++) {
+        if (p[i] != '\0' && strchr("^$*+?.([%-", p[i]) != NULL) return 1;
+    }
+    return 0;
+}
+
 static int mqlite_too_complex(lua_State *L, size_t n) {
     return luaL_error(L, "pattern too complex for a subject of %d bytes (see PLUGINS.md, Patterns)", (int)n);
 }
@@ -305,7 +313,7 @@ static int mqlite_find_aux(lua_State *L, int find) {
     if (init < 0) init = -init > (lua_Integer)ls ? 1 : (lua_Integer)ls + init + 1;
     else if (init == 0) init = 1;
     if (init > (lua_Integer)ls + 1) return mqlite_call_original(L);
-    if (find && (lua_toboolean(L, 4) || strpbrk(p, "^$*+?.([%-") == NULL)) return mqlite_call_original(L);  /* plain */
+    if (find && (lua_toboolean(L, 4) || !mqlite_has_specials(p, lp))) return mqlite_call_original(L);  /* plain */
     double n = (double)ls - (double)init + 1;
     int anchored = lp > 0 && p[0] == '^';
     double attempt = mqlite_attempt_cost(p, lp, anchored ? 1 : 0, n);
@@ -334,23 +342,27 @@ static int mqlite_find_aux(lua_State *L, int find) {
 static int mqlite_str_find(lua_State *L) { return mqlite_find_aux(L, 1); }
 static int mqlite_str_match(lua_State *L) { return mqlite_find_aux(L, 0); }
 
-/// string.gmatch and string.gsub: the whole search must fit the budget.
-static int mqlite_str_search_all(lua_State *L) {
+/// string.gmatch (gsub = 0) and string.gsub (gsub = 1): the whole search must fit the budget.
+/// (In gmatch a leading '^' is no anchor: every start position is tried.)
+static int mqlite_search_all(lua_State *L, int gsub) {
     size_t ls, lp;
     luaL_checklstring(L, 1, &ls);
     const char *p = luaL_checklstring(L, 2, &lp);
     double n = (double)ls;
-    int anchored = lp > 0 && p[0] == '^';
+    int anchored = gsub && lp > 0 && p[0] == '^';
     double cost = mqlite_attempt_cost(p, lp, anchored ? 1 : 0, n) * (anchored ? 1 : n + 1);
     if (cost > MQLITE_PATTERN_BUDGET) return mqlite_too_complex(L, ls);
     return mqlite_call_original(L);
 }
 
+static int mqlite_str_gmatch(lua_State *L) { return mqlite_search_all(L, 0); }
+static int mqlite_str_gsub(lua_State *L) { return mqlite_search_all(L, 1); }
+
 /// Replaces find, match, gmatch and gsub in the string table at `index` (which is also the string
 /// metatable's __index, so s:find(...) uses them too) with the bounded versions.
 static inline void mqlite_bound_patterns(lua_State *L, int index) {
     static const struct { const char *name; lua_CFunction fn; } wrappers[] = {
-        {"find", mqlite_str_find}, {"match", mqlite_str_match}, {"gmatch", mqlite_str_search_all}, {"gsub", mqlite_str_search_all},
+        {"find", mqlite_str_find}, {"match", mqlite_str_match}, {"gmatch", mqlite_str_gmatch}, {"gsub", mqlite_str_gsub},
     };
     index = lua_absindex(L, index);
     for (size_t i = 0; i < sizeof wrappers / sizeof wrappers[0]; i++) {

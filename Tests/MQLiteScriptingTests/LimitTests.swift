@@ -27,6 +27,7 @@ struct TimeLimitTests {
               if m.topic == "slow/single" then return { payload = tostring(subject:find("a*b")) } end
               if m.topic == "slow/gsub" then return { payload = (subject:gsub("a-b", "")) } end
               if m.topic == "slow/match" then return { payload = tostring(string.match(subject, "(a+)(a+)b")) } end
+              if m.topic == "slow/nul" then return { payload = tostring(string.rep("\\0", 20000):find("\\0.-.-b")) } end
               if m.topic == "slow/fine" then
                 return { payload = tostring(("x=1;y=22"):match("y=(%d+)")) .. " " .. tostring(subject:find("aaa", 1, true)) .. " " .. tostring((subject .. "b"):find("a+b")) }
               end
@@ -37,7 +38,7 @@ struct TimeLimitTests {
             try await watcher.subscribe("slow/#")
             let c = try await b.client("c")
             let clock = ContinuousClock()
-            for (index, topic) in ["slow/nested", "slow/single", "slow/gsub", "slow/match"].enumerated() {
+            for (index, topic) in ["slow/nested", "slow/single", "slow/gsub", "slow/match", "slow/nul"].enumerated() {
                 let start = clock.now
                 try await c.publish(topic, "x", qos: .atLeastOnce)  // the PUBACK comes once the hook has returned
                 let elapsed = clock.now - start
