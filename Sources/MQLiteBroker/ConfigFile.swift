@@ -112,14 +112,21 @@ public enum ConfigFile {
             let path = script.hasPrefix("/") ? script : URL(fileURLWithPath: directory).appendingPathComponent(script).path
             var options: [String: ConfigValue] = [:]
             if let table = try plugin.table("options")?.table {
-                for key in table.keys { options[key] = ConfigFile.value(table[key]!) }
+                for key in table.keys {
+                    guard let value = ConfigFile.value(table[key]!, depth: 1) else {
+                        throw plugin.error("options.\(key)", "nested deeper than \(ConfigFile.maxOptionDepth) levels")
+                    }
+                    options[key] = value
+                }
             }
             config.plugins.append(PluginConfiguration(script: path, options: options))
         }
 
         if let scripting = try top.table("scripting") {
-            try scripting.allowOnly(["instruction_limit", "on_error"])
+            try scripting.allowOnly(["instruction_limit", "time_limit", "memory_limit", "on_error"])
             if let v = try scripting.int("instruction_limit", in: 1000...Int(Int32.max)) { config.scripting.instructionLimit = v }
+            if let v = try scripting.number("time_limit", in: 0.01...3600) { config.scripting.timeLimit = v }
+            if let v = try scripting.int("memory_limit", in: (1 << 20)...(64 << 30)) { config.scripting.memoryLimit = v }
             if let v = try scripting.string("on_error") {
                 guard let policy = ScriptingConfiguration.OnError(rawValue: v) else {
                     throw scripting.error("on_error", "must be \"deny\" or \"allow\", not \"\(v)\"")
@@ -130,20 +137,35 @@ public enum ConfigFile {
         return config
     }
 
-    /// A TOML value as plugin options see it (dates and times become their TOML text).
-    static func value(_ v: TOMLValueConvertible) -> ConfigValue {
+    /// Most nested arrays/tables in a plugin's options (the options table itself is level 1);
+    /// the same limit as `mqlite.json`'s.
+    public static let maxOptionDepth = 64
+
+    /// A TOML value as plugin options see it (dates and times become their TOML text); nil if it
+    /// nests deeper than `maxOptionDepth` (which bounds this recursion).
+    static func value(_ v: TOMLValueConvertible, depth: Int) -> ConfigValue? {
         switch v.type {
         case .string: return .string(v.string!)
         case .int: return .int(v.int!)
         case .double: return .double(v.double!)
         case .bool: return .bool(v.bool!)
         case .array:
+            guard depth < maxOptionDepth else { return nil }
             let array = v.array!
-            return .array((0..<array.count).map { value(array[$0]) })
+            var result: [ConfigValue] = []
+            for index in 0..<array.count {
+                guard let item = value(array[index], depth: depth + 1) else { return nil }
+                result.append(item)
+            }
+            return .array(result)
         case .table:
+            guard depth < maxOptionDepth else { return nil }
             let table = v.table!
             var result: [String: ConfigValue] = [:]
-            for key in table.keys { result[key] = value(table[key]!) }
+            for key in table.keys {
+                guard let item = value(table[key]!, depth: depth + 1) else { return nil }
+                result[key] = item
+            }
             return .table(result)
         default: return .string(v.debugDescription)
         }
@@ -208,6 +230,14 @@ private struct Section {
 
     func bool(_ key: String) throws(ConfigError) -> Bool? {
         try value(key, .bool)?.bool
+    }
+
+    /// A number (integer or fractional) within `range`.
+    func number(_ key: String, in range: ClosedRange<Double>) throws(ConfigError) -> Double? {
+        guard let v = try value(key, .int, .double) else { return nil }
+        let number = v.double ?? Double(v.int!)
+        guard range.contains(number) else { throw error(key, "must be from \(range.lowerBound) to \(range.upperBound), not \(number)") }
+        return number
     }
 
     /// A positive number of seconds, integer or fractional.

@@ -162,10 +162,16 @@ public struct ScriptingConfiguration: Sendable, Equatable {
 
     /// Lua VM instructions one hook call may run before it fails.
     public var instructionLimit: Int
+    /// Seconds one hook call may take (wall clock, time in C functions included) before it fails.
+    public var timeLimit: Double
+    /// Bytes each Lua state (one per worker) may allocate; past it the allocation, and the call, fails.
+    public var memoryLimit: Int
     public var onError: OnError
 
-    public init(instructionLimit: Int = 1_000_000, onError: OnError = .deny) {
+    public init(instructionLimit: Int = 1_000_000, timeLimit: Double = 0.1, memoryLimit: Int = 64 << 20, onError: OnError = .deny) {
         self.instructionLimit = instructionLimit
+        self.timeLimit = timeLimit
+        self.memoryLimit = memoryLimit
         self.onError = onError
     }
 }

@@ -12,14 +12,16 @@ import NIOCore
 enum HostLibrary {
     typealias Function = @convention(c) (OpaquePointer?) -> Int32
 
-    static func push(into L: LuaState, context: ScriptContext, options: [String: ConfigValue]) {
+    /// Pushes the `mqlite` table of one script. Throws if the options cannot be handed over
+    /// (nested deeper than `LuaJSON.maxDepth`).
+    static func push(into L: LuaState, context: ScriptContext, options: [String: ConfigValue]) throws(HookResultError) {
         let owner = Unmanaged.passUnretained(context).toOpaque()
         func function(_ name: String, _ fn: Function) {
             mqlite_pushfunction(L, fn, owner)
             lua_setfield(L, -2, name)
         }
         mqlite_newtable(L)
-        L.push(.table(options))
+        do { try L.push(.table(options)) } catch { mqlite_pop(L, 1); throw error }
         lua_setfield(L, -2, "options")
         L.setField("config_dir", context.vm.host.baseDirectory)
         L.setField("worker", context.vm.worker)
@@ -182,6 +184,14 @@ enum HostLibrary {
         guard let path = string(L, 1) else { return fail(L, "mqlite.read_file(path)") }
         let base = context(L).vm.host.baseDirectory
         let full = path.hasPrefix("/") ? path : URL(fileURLWithPath: base).appendingPathComponent(path).path
+        // A file larger than what is left of the memory budget would only fail later: refuse it
+        // before reading (host code may overdraw the budget, see shim.h, but not by a whole file).
+        let remaining = mqlite_memory_remaining(context(L).vm.control)
+        if let size = (try? FileManager.default.attributesOfItem(atPath: full))?[.size] as? NSNumber, size.uint64Value > UInt64(remaining) {
+            lua_pushnil(L)
+            L.push("\(full) is larger (\(size) bytes) than what is left of scripting.memory_limit")
+            return 2
+        }
         guard let data = FileManager.default.contents(atPath: full) else {
             lua_pushnil(L)
             L.push("cannot read \(full)")
@@ -271,13 +281,27 @@ enum HostLibrary {
 
     static let jsonDecode: Function = { L in
         let L = L!
-        guard let text = bytes(L, 1) else { return fail(L, "mqlite.json.decode(string)") }
+        guard let text = L.rawBytes(at: 1) else { return fail(L, "mqlite.json.decode(string)") }
+        // Deeper text never reaches the parser (whose recursion this bounds) nor the Lua stack.
+        guard LuaJSON.nestingDepth(text, limit: LuaJSON.maxDepth) <= LuaJSON.maxDepth else {
+            lua_pushnil(L)
+            L.push("nesting deeper than \(LuaJSON.maxDepth)")
+            return 2
+        }
         guard let value = try? JSONSerialization.jsonObject(with: Data(text), options: [.fragmentsAllowed]) else {
             lua_pushnil(L)
             L.push("invalid JSON")
             return 2
         }
-        LuaJSON.push(L, value)
+        let top = lua_gettop(L)
+        do throws(HookResultError) {
+            try LuaJSON.push(L, value)
+        } catch {
+            lua_settop(L, top)
+            lua_pushnil(L)
+            L.push(error.message)
+            return 2
+        }
         return 1
     }
 }

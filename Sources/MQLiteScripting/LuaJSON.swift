@@ -4,9 +4,15 @@ import Foundation
 /// Lua values ⇄ Foundation JSON objects for `mqlite.json`. A table whose keys are exactly 1...n
 /// is an array; any other table is an object (its keys must be strings); an empty table is `{}`.
 /// JSON null decodes to nil.
+///
+/// Nesting is limited to `maxDepth` levels both ways, which bounds every recursion here (and
+/// Foundation's parser, which never sees deeper text); each level makes room on the Lua stack
+/// before it pushes (Lua guarantees only LUA_MINSTACK = 20 free slots to a C function).
 enum LuaJSON {
+    /// Most nested arrays/objects (tables) in a value that is encoded or decoded.
+    static let maxDepth = 64
+
     static func toJSON(_ L: LuaState, _ index: Int32, depth: Int) throws(HookResultError) -> Any {
-        guard depth < 64 else { throw HookResultError("nesting deeper than 64 (a cycle?)") }
         let index = lua_absindex(L, index)
         switch lua_type(L, index) {
         case LUA_TNIL, LUA_TNONE: return NSNull()
@@ -22,6 +28,9 @@ enum LuaJSON {
             }
             return s
         case LUA_TTABLE:
+            guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth) (a cycle?)") }
+            // lua_next needs two slots, the recursion one more.
+            guard lua_checkstack(L, 4) != 0 else { throw HookResultError("Lua stack exhausted") }
             let length = Int(lua_rawlen(L, index))
             var count = 0
             var allStrings = true
@@ -61,7 +70,42 @@ enum LuaJSON {
         }
     }
 
-    static func push(_ L: LuaState, _ value: Any) {
+    /// The deepest nesting of arrays and objects in JSON `text` (brackets outside strings),
+    /// counted without recursion; stops as soon as it passes `limit`.
+    static func nestingDepth(_ text: UnsafeRawBufferPointer, limit: Int) -> Int {
+        var depth = 0
+        var deepest = 0
+        var inString = false
+        var escaped = false
+        for byte in text {
+            if inString {
+                if escaped {
+                    escaped = false
+                } else if byte == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if byte == UInt8(ascii: "\"") {
+                    inString = false
+                }
+                continue
+            }
+            switch byte {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                depth += 1
+                if depth > deepest {
+                    deepest = depth
+                    if deepest > limit { return deepest }
+                }
+            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
+            default: break
+            }
+        }
+        return deepest
+    }
+
+    /// Pushes a decoded value. Its nesting was checked (at most `maxDepth`) before parsing; the
+    /// depth is checked again so that the recursion is bounded whatever the parser returned.
+    static func push(_ L: LuaState, _ value: Any, depth: Int = 0) throws(HookResultError) {
         switch value {
         case let s as String:
             L.push(s)
@@ -75,16 +119,21 @@ enum LuaJSON {
                 lua_pushinteger(L, n.int64Value)
             }
         case let array as [Any]:
-            lua_createtable(L, Int32(array.count), 0)
+            guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth)") }
+            guard lua_checkstack(L, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(L, Int32(clamping: array.count), 0)
             for (i, item) in array.enumerated() {
-                push(L, item)
+                do { try push(L, item, depth: depth + 1) } catch { mqlite_pop(L, 1); throw error }
                 lua_rawseti(L, -2, lua_Integer(i + 1))
             }
         case let object as [String: Any]:
-            lua_createtable(L, 0, Int32(object.count))
+            guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth)") }
+            guard lua_checkstack(L, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(L, 0, Int32(clamping: object.count))
             for (key, item) in object {
-                push(L, item)
-                lua_setfield(L, -2, key)
+                L.push(key)
+                do { try push(L, item, depth: depth + 1) } catch { mqlite_pop(L, 2); throw error }
+                lua_rawset(L, -3)
             }
         default:
             lua_pushnil(L)

@@ -92,11 +92,21 @@ final class LuaVM: @unchecked Sendable {
 
     private static let matchCacheLimit = 10_000
 
+    /// The state's budgets (memory, instructions) and its link to the watchdog (time). Allocated
+    /// here and freed after `lua_close`, since the state's allocator uses it to the end.
+    let control: UnsafeMutablePointer<mqlite_control>
+
     init(worker: Int, host: ScriptingHost) throws(ScriptError) {
-        guard let state = luaL_newstate() else { throw ScriptError(script: "-", message: "cannot create a Lua state") }
+        let control = UnsafeMutablePointer<mqlite_control>.allocate(capacity: 1)
+        guard let state = mqlite_newstate(control, host.scripting.memoryLimit, Int64(host.scripting.instructionLimit)) else {
+            control.deallocate()
+            throw ScriptError(script: "-", message: "cannot create a Lua state")
+        }
+        self.control = control
         self.L = state
         self.worker = worker
         self.host = host
+        LuaWatchdog.shared.register(control, owner: ObjectIdentifier(host), timeLimit: host.scripting.timeLimit)
         mqlite_gc_generational(state)
         for field in Field.allCases {
             L.push(field.name)
@@ -110,7 +120,9 @@ final class LuaVM: @unchecked Sendable {
     }
 
     deinit {
+        LuaWatchdog.shared.unregister(control)
         lua_close(L)
+        control.deallocate()
     }
 
     // MARK: - Loading
@@ -130,6 +142,11 @@ final class LuaVM: @unchecked Sendable {
             lua_pushnil(L)
             lua_setglobal(L, name)
         }
+        // Pattern functions with a bounded worst case, and no finalizers (see shim.h).
+        lua_getglobal(L, "string")
+        mqlite_bound_patterns(L, -1)
+        mqlite_pop(L, 1)
+        mqlite_guard_setmetatable(L)
         lua_getglobal(L, "os")
         for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
             lua_pushnil(L)
@@ -157,20 +174,26 @@ final class LuaVM: @unchecked Sendable {
         // The script's own environment: its globals persist between calls and are not shared
         // with other scripts; everything standard is reached through _G.
         mqlite_newtable(L)
-        HostLibrary.push(into: L, context: context, options: plugin.options)
+        do {
+            try HostLibrary.push(into: L, context: context, options: plugin.options)
+        } catch {
+            throw ScriptError(script: plugin.script, message: "options: \(error.message)")
+        }
         lua_setfield(L, -2, "mqlite")
         mqlite_newtable(L)
-        lua_getglobal(L, "_G")
+        // The real global table, read raw (a script loaded before may have given _G a metatable).
+        lua_rawgeti(L, mqlite_registryindex(), lua_Integer(LUA_RIDX_GLOBALS))
         lua_setfield(L, -2, "__index")
         lua_setmetatable(L, -2)
         _ = lua_setupvalue(L, -2, 1)  // the chunk's _ENV
 
         loading = context
         defer { loading = nil }
-        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
-        let status = mqlite_pcall(L, 0, 0, 0)
-        mqlite_set_instruction_limit(L, 0)
+        let status = mqlite_call(L, 0, 0)
         guard status == LUA_OK else {
+            if status == LUA_ERRMEM {
+                throw ScriptError(script: plugin.script, message: "not enough memory: the script needs more than scripting.memory_limit (\(host.scripting.memoryLimit) bytes)")
+            }
             throw ScriptError(script: plugin.script, message: L.string(at: -1) ?? "error while loading")
         }
     }
@@ -221,13 +244,14 @@ final class LuaVM: @unchecked Sendable {
         defer { lua_settop(L, base) }
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
-        mqlite_set_instruction_limit(L, Int32(clamping: host.scripting.instructionLimit))
-        let status = mqlite_pcall(L, arguments, results, 0)
-        mqlite_set_instruction_limit(L, 0)
+        let status = mqlite_call(L, arguments, results)
         guard status == LUA_OK else {
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: L.string(at: -1) ?? "error")
+            let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
+            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: message)
             return nil
         }
+        // Results are read with raw access only (no metamethod can run outside the call's
+        // limits); `read` rejects tables that have a metatable.
         do {
             return try read(L)
         } catch {
@@ -292,23 +316,30 @@ extension LuaState {
         buffer.withUnsafeReadableBytes { push(bytes: $0) }
     }
 
-    func push(_ value: ConfigValue) {
+    /// Pushes a config value (plugin options). Nesting deeper than `LuaJSON.maxDepth` is refused:
+    /// the recursion is bounded by it, and each level makes room on the Lua stack first.
+    func push(_ value: ConfigValue, depth: Int = 0) throws(HookResultError) {
         switch value {
         case .string(let s): push(s)
         case .int(let i): lua_pushinteger(self, lua_Integer(i))
         case .double(let d): lua_pushnumber(self, d)
         case .bool(let b): lua_pushboolean(self, b ? 1 : 0)
         case .array(let items):
-            lua_createtable(self, Int32(items.count), 0)
+            guard depth < LuaJSON.maxDepth else { throw HookResultError("nested deeper than \(LuaJSON.maxDepth) levels") }
+            guard lua_checkstack(self, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(self, Int32(clamping: items.count), 0)
             for (i, item) in items.enumerated() {
-                push(item)
+                do { try push(item, depth: depth + 1) } catch { mqlite_pop(self, 1); throw error }
                 lua_rawseti(self, -2, lua_Integer(i + 1))
             }
         case .table(let fields):
-            lua_createtable(self, 0, Int32(fields.count))
+            guard depth < LuaJSON.maxDepth else { throw HookResultError("nested deeper than \(LuaJSON.maxDepth) levels") }
+            guard lua_checkstack(self, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
+            lua_createtable(self, 0, Int32(clamping: fields.count))
             for (key, item) in fields {
-                push(item)
-                lua_setfield(self, -2, key)
+                push(key)
+                do { try push(item, depth: depth + 1) } catch { mqlite_pop(self, 2); throw error }
+                lua_rawset(self, -3)
             }
         }
     }

@@ -56,6 +56,18 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         self.broker = broker
     }
 
+    /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
+    /// instructions, or between two start positions of a pattern search): for shutdown, so that no
+    /// script keeps a worker loop busy. There is no way back.
+    public func stop() {
+        LuaWatchdog.shared.stopAll(owner: ObjectIdentifier(self))
+    }
+
+    /// Bytes allocated by the Lua state of `worker` (0 if it has none); for tests and logs.
+    public func memoryUsed(worker: Int) -> Int {
+        slots[worker].vm.map { Int(mqlite_memory_used($0.control)) } ?? 0
+    }
+
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
 
@@ -150,16 +162,28 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         guard let vm = vm(worker) else { return [] }
         var tables: [ACLTable] = []
         for hook in vm.hooks(.authorize) {
+            // A malformed answer (not a table or nil, an unknown key, a wrong type, an invalid
+            // filter, a metatable) is a mistake in the script, not a runtime failure: it denies
+            // everything whatever on_error says, so that a typo can never allow everything.
+            var malformed: HookResultError?
             let answer = vm.call(hook, .authorize, results: 1, push: { L in
                 pushClient(L, client)
                 return 1
             }, read: { L throws(HookResultError) -> ACLTable? in
-                switch lua_type(L, -1) {
-                case LUA_TNIL: return nil
-                case LUA_TTABLE: return try readACL(L)
-                default: throw HookResultError("on_authorize must return a table or nil, not a \(typeName(L, -1))")
+                do throws(HookResultError) {
+                    switch lua_type(L, -1) {
+                    case LUA_TNIL: return nil
+                    case LUA_TTABLE: return try readACL(L)
+                    default: throw HookResultError("on_authorize must return a table or nil, not a \(typeName(L, -1))")
+                    }
+                } catch {
+                    malformed = error
+                    return .denyAll
                 }
             })
+            if let malformed {
+                reportFailure(script: hook.context.name, hook: LuaVM.Kind.authorize.rawValue, message: "\(malformed.message) (the client may do nothing)")
+            }
             switch answer {
             case .some(.some(let table)): tables.append(table)
             case .some(.none): break
@@ -186,9 +210,10 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 case LUA_TNUMBER:
                     return .rewrite(filter: request.filter, qos: try readQoS(L, -1, "on_subscribe's QoS"))
                 case LUA_TTABLE:
-                    lua_getfield(L, -1, "filter")
+                    try requirePlainTable(L, -1, "on_subscribe's result")
+                    rawField(L, -1, "filter")
                     let filter = lua_type(L, -1) == LUA_TNIL ? request.filter : try readString(L, -1, "filter")
-                    lua_getfield(L, -2, "qos")
+                    rawField(L, -2, "qos")
                     let qos = lua_type(L, -1) == LUA_TNIL ? request.qos : try readQoS(L, -1, "qos")
                     return .rewrite(filter: filter, qos: qos)
                 default:
@@ -238,12 +263,14 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 case LUA_TNIL: return nil
                 case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .deliver : .drop
                 case LUA_TTABLE:
+                    try requirePlainTable(L, -1, "on_publish's result")
                     // A list of message tables (one in, many out), or one message table.
                     if lua_rawlen(L, -1) > 0 {
                         var messages: [HookedMessage] = []
                         for i in 1...lua_rawlen(L, -1) {
                             lua_rawgeti(L, -1, lua_Integer(i))
                             guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
+                            try requirePlainTable(L, -1, "on_publish list item \(i)")
                             messages.append(try readMessage(L, base: message, payloadString: payloadString))
                             mqlite_pop(L, 1)
                         }
@@ -293,6 +320,23 @@ private func pushClient(_ L: LuaState, _ client: ClientInfo) {
     L.setField("client_id", client.clientID)
     L.setField("username", client.username)
     L.setField("address", client.address)
+}
+
+/// Results are plain data: a table with a metatable could run Lua code (__index, __len, __pairs,
+/// __eq, __tostring, __close, ...) outside the call's limits, so it is refused as a whole. Every
+/// result is read with raw access only (lua_rawget, lua_rawgeti, lua_rawlen, lua_next).
+private func requirePlainTable(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) {
+    if lua_getmetatable(L, index) != 0 {
+        mqlite_pop(L, 1)
+        throw HookResultError("\(what) must be a plain table, not one with a metatable")
+    }
+}
+
+/// Pushes `table[key]` (raw) for the table at `index`.
+private func rawField(_ L: LuaState, _ index: Int32, _ key: String) {
+    let table = lua_absindex(L, index)
+    L.push(key)
+    lua_rawget(L, table)
 }
 
 private func readString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String {
@@ -346,12 +390,14 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
 
 /// `{ publish = {...}, subscribe = {...}, deny = {...} }` on top of the stack.
 private func readACL(_ L: LuaState) throws(HookResultError) -> ACLTable {
+    try requirePlainTable(L, -1, "on_authorize's table")
     func list(_ key: String) throws(HookResultError) -> [String]? {
-        lua_getfield(L, -1, key)
+        rawField(L, -1, key)
         defer { mqlite_pop(L, 1) }
         switch lua_type(L, -1) {
         case LUA_TNIL: return nil
         case LUA_TTABLE:
+            try requirePlainTable(L, -1, key)
             var patterns: [String] = []
             let count = lua_rawlen(L, -1)
             if count > 0 {

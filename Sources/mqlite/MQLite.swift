@@ -92,8 +92,20 @@ struct MQLite: AsyncParsableCommand {
             logger.info("received signal \(signal), stopping")
             break
         }
+        // A hook that is running (or about to) fails at its next check, so that no script keeps
+        // a worker loop, and so shutdown, waiting. Should a loop still not answer (a C function
+        // that does not return), the process exits anyway once the deadline passes.
+        scripting?.stop()
+        let deadline = Self.shutdownDeadline
+        DispatchQueue.global().asyncAfter(deadline: .now() + deadline) {
+            FileHandle.standardError.write(Data("mqlite: shutdown did not finish within \(deadline) s, exiting\n".utf8))
+            Foundation.exit(1)
+        }
         await broker.shutdown()
     }
+
+    /// Seconds a stop request may take before the process exits without finishing the close.
+    static let shutdownDeadline = 5.0
 
     /// The config file (or defaults) with the command-line overrides applied.
     func makeConfiguration() throws -> BrokerConfiguration {

@@ -1,0 +1,175 @@
+import Foundation
+import Logging
+import MQLiteBroker
+import MQLiteScripting
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Testing
+
+/// Resident memory of this process, from /proc/self/status.
+private func residentBytes() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+        let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+        let kB = Int(line.split(separator: " ", omittingEmptySubsequences: true)[1])
+    else { return 0 }
+    return kB * 1024
+}
+
+@Suite("Lua hardening: time limit")
+struct TimeLimitTests {
+    @Test("a pathological pattern fails at once or within time_limit; the worker and other clients carry on")
+    func pathologicalPatterns() async throws {
+        let script = """
+            local subject = string.rep("a", 20000)
+            mqlite.on_publish("slow/#", function(m)
+              if m.topic == "slow/nested" then return { payload = tostring(subject:find(".-.-b")) } end
+              if m.topic == "slow/single" then return { payload = tostring(subject:find("a*b")) } end
+              if m.topic == "slow/gsub" then return { payload = (subject:gsub("a-b", "")) } end
+              if m.topic == "slow/match" then return { payload = tostring(string.match(subject, "(a+)(a+)b")) } end
+              if m.topic == "slow/nul" then return { payload = tostring(string.rep("\\0", 20000):find("\\0.-.-b")) } end
+              if m.topic == "slow/fine" then
+                return { payload = tostring(("x=1;y=22"):match("y=(%d+)")) .. " " .. tostring(subject:find("aaa", 1, true)) .. " " .. tostring((subject .. "b"):find("a+b")) }
+              end
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 0.2; $0.workers = 1 }) { b, host, _ in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("slow/#")
+            let c = try await b.client("c")
+            let clock = ContinuousClock()
+            for (index, topic) in ["slow/nested", "slow/single", "slow/gsub", "slow/match", "slow/nul"].enumerated() {
+                let start = clock.now
+                try await c.publish(topic, "x", qos: .atLeastOnce)  // the PUBACK comes once the hook has returned
+                let elapsed = clock.now - start
+                #expect(elapsed < .seconds(5), "\(topic) took \(elapsed)")  // ~0.2 s; the margin is for a loaded machine
+                #expect(host.failureCount == index + 1, "\(topic)")
+                // Another client on the same worker is served at once afterwards.
+                let other = try await b.client("other-\(index)")
+                try await other.publish("plain", "x")
+                try await other.ping()
+            }
+            try await c.publish("slow/fine", "x")
+            #expect(payload(try await watcher.expectPublish()) == "22 1 1")
+            try await eventually("log") { b.logMessages.contains { $0.contains("pattern too complex") } }
+            try await eventually("log") { b.logMessages.contains { $0.contains("time limit exceeded") } }
+        }
+    }
+
+    @Test("while true do end fails by time even with the largest instruction_limit")
+    func loopFailsByTime() async throws {
+        let script = """
+            mqlite.on_publish("spin", function(m) while true do end end)
+            mqlite.on_publish("ok", function(m) return { payload = "served" } end)
+            """
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 0.2; $0.scripting.instructionLimit = Int(Int32.max) }) { b, host, _ in
+            let c = try await b.client("c")
+            try await c.subscribe("ok")
+            let clock = ContinuousClock()
+            let start = clock.now
+            try await c.publish("spin", "x", qos: .atLeastOnce)
+            let elapsed = clock.now - start
+            #expect(elapsed >= .milliseconds(200) && elapsed < .seconds(5), "\(elapsed)")  // without the time limit: over a minute
+            #expect(host.failureCount == 1)
+            try await eventually("log") { b.logMessages.contains { $0.contains("time limit exceeded") } }
+            try await c.publish("ok", "x")
+            #expect(payload(try await c.expectPublish()) == "served")
+        }
+    }
+
+    @Test("stop() ends a running hook at once")
+    func stopEndsRunningHook() async throws {
+        let script = #"mqlite.on_publish("spin", function(m) while true do end end)"#
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 3600; $0.scripting.instructionLimit = Int(Int32.max) }) { b, host, _ in
+            let c = try await b.client("c")
+            c.send(.publish(PublishPacket(topic: ByteBuffer(string: "spin"), payload: ByteBuffer(string: "x"), qos: .atLeastOnce, retain: false, packetID: 1)))
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(host.failureCount == 0)  // still spinning
+            let clock = ContinuousClock()
+            let start = clock.now
+            host.stop()
+            #expect(try await c.expectPacket() == .puback(packetID: 1))
+            #expect(clock.now - start < .seconds(5))
+            #expect(host.failureCount == 1)
+        }
+    }
+}
+
+@Suite("Lua hardening: memory limit")
+struct MemoryLimitTests {
+    @Test("a hook that keeps 8 MiB per call fails once over memory_limit; RSS stays bounded; the broker still serves")
+    func keepsGrowing() async throws {
+        let script = """
+            kept = {}
+            mqlite.on_publish("grow", function(m)
+              kept[#kept + 1] = string.rep(m.payload, 8 * 1024 * 1024)
+              return { payload = tostring(#kept) }
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.memoryLimit = 48 << 20; $0.workers = 1; $0.scripting.timeLimit = 5 }) { b, host, _ in
+            let sink = try await b.client("sink")
+            try await sink.subscribe("grow")
+            let c = try await b.client("c")
+            let before = residentBytes()
+            var delivered = 0
+            for _ in 0..<40 {
+                try await c.publish("grow", "x", qos: .atLeastOnce)
+            }
+            try await c.ping()
+            while let event = await sink.nextEvent(timeout: .milliseconds(500)) {
+                if case .packet(.publish) = event { delivered += 1 }
+            }
+            // 48 MiB hold at most 5 copies of 8 MiB (string.rep needs a buffer as large as the result).
+            #expect(delivered >= 2 && delivered <= 5, "\(delivered)")
+            #expect(host.failureCount == 40 - delivered)
+            #expect(host.memoryUsed(worker: 0) <= 56 << 20, "\(host.memoryUsed(worker: 0))")
+            let grown = residentBytes() - before
+            #expect(grown < 150 << 20, "RSS grew by \(grown >> 20) MiB")
+            try await eventually("log") { b.logMessages.contains { $0.contains("not enough memory") } }
+            let other = try await b.client("other")
+            try await other.subscribe("plain")
+            try await other.publish("plain", "still served")
+            #expect(payload(try await other.expectPublish()) == "still served")
+        }
+    }
+
+    @Test("a script that allocates past memory_limit while loading fails to load, with its path and a clear message")
+    func loadTooBig() throws {
+        let script = """
+            local t = {}
+            for i = 1, 20 do t[i] = string.rep("x", 8 * 1024 * 1024) .. i end
+            """
+        do {
+            _ = try loadScript(script, configure: { $0.scripting.memoryLimit = 32 << 20 })
+            Issue.record("a script keeping 160 MiB loaded with memory_limit = 32 MiB")
+        } catch {
+            let error = try #require(error as? ScriptError)
+            #expect(error.script.hasSuffix("s0.lua"))
+            #expect(error.message.contains("memory_limit"), "\(error.message)")
+        }
+    }
+
+    @Test("the config file reads time_limit and memory_limit, with their ranges")
+    func configKeys() throws {
+        let config = try ConfigFile.parse("[scripting]\ntime_limit = 0.5\nmemory_limit = 16777216\n", file: "t.conf")
+        #expect(config.scripting.timeLimit == 0.5)
+        #expect(config.scripting.memoryLimit == 16 << 20)
+        let defaults = try ConfigFile.parse("", file: "t.conf")
+        #expect(defaults.scripting.timeLimit == 0.1 && defaults.scripting.memoryLimit == 64 << 20)
+        for bad in ["time_limit = 0", "time_limit = \"1\"", "memory_limit = 1000", "memory_limit = 68719476737"] {
+            #expect(throws: ConfigError.self, "\(bad)") { try ConfigFile.parse("[scripting]\n\(bad)\n", file: "t.conf") }
+        }
+    }
+
+    @Test("setmetatable refuses __gc (finalizers would run outside every limit)")
+    func noFinalizers() throws {
+        let script = """
+            local ok, message = pcall(setmetatable, {}, { __gc = function() while true do end end })
+            assert(not ok and message:find("__gc"), tostring(message))
+            local mt = {}
+            local t = setmetatable({}, mt)
+            assert(getmetatable(t) == mt)
+            """
+        _ = try loadScript(script)
+    }
+}

@@ -1,0 +1,104 @@
+import Foundation
+import Logging
+import MQLiteBroker
+import MQLiteScripting
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Testing
+
+@Suite("Lua hardening: hostile return values")
+struct HostileResultTests {
+    @Test("results with metatables (__index that errors or loops, __len, __pairs) are bad returns: logged, counted, on_error applies; nothing crashes or hangs")
+    func metatables() async throws {
+        let script = """
+            local raising = setmetatable({}, { __index = function() error("x") end })
+            local looping = setmetatable({}, { __index = function() while true do end end })
+            mqlite.on_authorize(function(c)
+              if c.client_id == "raise" then return setmetatable({}, { __index = function() error("x") end }) end
+              if c.client_id == "loop" then return setmetatable({}, { __index = function() while true do end end }) end
+              if c.client_id == "listmeta" then return { publish = setmetatable({}, { __len = function() return 5 end, __index = function() error("x") end }) } end
+              return nil
+            end)
+            mqlite.on_subscribe(function(s)
+              if s.filter == "raise" then return raising end
+              if s.filter == "loop" then return looping end
+              return nil
+            end)
+            mqlite.on_publish("p/#", function(m)
+              if m.topic == "p/raise" then return raising end
+              if m.topic == "p/loop" then return looping end
+              if m.topic == "p/list" then return { setmetatable({}, { __pairs = function() error("x") end, __index = function() error("y") end }) } end
+              return true
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.onError = .allow }) { b, host, _ in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("#")
+            // on_authorize: a table with a metatable denies everything (a malformed ACL), even with on_error = allow.
+            for id in ["raise", "loop", "listmeta"] {
+                let c = try await b.client(id)
+                #expect(try await c.subscribe([("any/#", .atMostOnce)]) == [.failure], "\(id)")
+                try await c.publish("any/topic", "x")
+                try await c.ping()
+            }
+            try await watcher.expectNothing()
+            #expect(host.failureCount == 3)
+            // on_subscribe and on_publish: bad returns (SUBACK 0x80 would need on_error = deny; with allow it is no opinion).
+            let c = try await b.client("c")
+            #expect(try await c.subscribe([("raise", .atMostOnce), ("loop", .atMostOnce)]) == [.granted(.atMostOnce), .granted(.atMostOnce)])
+            #expect(host.failureCount == 5)
+            for topic in ["p/raise", "p/loop", "p/list"] { try await c.publish(topic, "dropped") }
+            try await c.publish("p/fine", "delivered")
+            let got = try await watcher.expectPublish()
+            #expect(got.topicString == "p/fine")
+            #expect(host.failureCount == 8)
+            try await eventually("log") { b.logMessages.contains { $0.contains("must be a plain table, not one with a metatable") } }
+        }
+    }
+}
+
+@Suite("Lua hardening: malformed ACL tables")
+struct MalformedACLTests {
+    @Test("a malformed on_authorize table (unknown key, wrong type, invalid filter, not a table) denies everything, even with on_error = allow; a runtime error still follows on_error")
+    func malformedDeniesAll() async throws {
+        let script = """
+            mqlite.on_authorize(function(c)
+              if c.client_id == "typo" then return { publsh = { "#" } } end
+              if c.client_id == "type" then return { publish = "#" } end
+              if c.client_id == "item" then return { subscribe = { 42 } } end
+              if c.client_id == "filter" then return { publish = { "a/#/b" } } end
+              if c.client_id == "number" then return 42 end
+              if c.client_id == "error" then error("runtime failure") end
+              return nil
+            end)
+            """
+        for policy in [ScriptingConfiguration.OnError.allow, .deny] {
+            try await withScripts([script], configure: { $0.scripting.onError = policy }) { b, host, _ in
+                let watcher = try await b.client("watcher")
+                try await watcher.subscribe("#")
+                for id in ["typo", "type", "item", "filter", "number"] {
+                    let c = try await b.client(id)
+                    #expect(try await c.subscribe([("#", .atMostOnce), ("a/b", .atMostOnce)]) == [.failure, .failure], "\(id) \(policy)")
+                    try await c.publish("a/b", "from \(id)", qos: .atLeastOnce)
+                    try await c.publish("\(id)/x", "from \(id)")
+                    try await c.ping()
+                }
+                try await watcher.expectNothing()
+                #expect(host.failureCount == 5)
+                try await eventually("log") { b.logMessages.contains { $0.contains("publsh") && $0.contains("may do nothing") } }
+                // A runtime error follows on_error: allow = no restriction, deny = nothing allowed.
+                let failing = try await b.client("error")
+                let expected: [SubackReturnCode] = policy == .allow ? [.granted(.atMostOnce)] : [.failure]
+                #expect(try await failing.subscribe([("a/b", .atMostOnce)]) == expected, "\(policy)")
+                try await failing.publish("a/b", "runtime")
+                if policy == .allow {
+                    #expect(payload(try await watcher.expectPublish()) == "runtime")
+                } else {
+                    try await failing.ping()
+                    try await watcher.expectNothing()
+                }
+            }
+        }
+    }
+}
