@@ -270,7 +270,7 @@ public final class Broker: Sendable {
     func retain(_ message: Message) {
         let topic = String(buffer: message.topic)
         if message.payload.readableBytes == 0 {
-            retained.withLock { $0.remove(topic) }
+            retained.withLock { _ = $0.remove(topic) }
         } else {
             let kept = message.compacted()
             retained.withLock { $0.set(topic, kept) }
