@@ -83,18 +83,28 @@ public struct ClientACL: Sendable {
         return true
     }
 
-    /// Whether any table denies something (only then do deliveries need checking).
-    public var hasDenials: Bool { tables.contains { !$0.deny.isEmpty } }
+    /// Whether any table limits what the client may receive (only then do deliveries need checking).
+    public var restrictsReceiving: Bool { tables.contains { !$0.deny.isEmpty || $0.subscribe != nil } }
 
-    /// Whether a message on `topic` may be delivered to the client (no deny pattern matches it).
+    /// Whether a message on `topic` may be delivered to the client: every table that lists what
+    /// it may subscribe to has a pattern matching the topic, and no deny pattern matches it.
+    /// Checked on every delivery (as Mosquitto checks read access), not only at SUBSCRIBE: a
+    /// persistent session's subscriptions outlive the connection, and the next client to take
+    /// the session over may have other rights.
     public func allowsReceive(topic: String) -> Bool {
-        !tables.contains { table in table.deny.contains { Topic.matches(filter: $0, topic: topic) } }
+        for table in tables {
+            if table.deny.contains(where: { Topic.matches(filter: $0, topic: topic) }) { return false }
+            if let allowed = table.subscribe, !allowed.contains(where: { Topic.matches(filter: $0, topic: topic) }) { return false }
+        }
+        return true
     }
 
-    /// Whether every topic that `filter` matches is matched by `pattern`.
+    /// Whether every topic that `filter` matches is matched by `pattern`. As in matching, a
+    /// pattern starting with a wildcard says nothing about `$` topics (§4.7.2).
     static func covers(_ pattern: String, _ filter: String) -> Bool {
         let p = Topic.levels(pattern)
         let f = Topic.levels(filter)
+        if filter.utf8.first == UInt8(ascii: "$"), let first = p.first, first == "+" || first == "#" { return false }
         for (i, level) in p.enumerated() {
             if level == "#" { return true }
             guard i < f.count else { return false }

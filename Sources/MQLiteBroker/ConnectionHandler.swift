@@ -290,7 +290,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: true)
         session.connection = self
-        session.receiveACL = (acl?.hasDenials ?? false) ? acl : nil
+        session.receiveACL = (acl?.restrictsReceiving ?? false) ? acl : nil
         self.session = session
         state = .connected
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))

@@ -40,12 +40,17 @@ final class Session: @unchecked Sendable {
     // Slow-consumer policy. A connected session whose queue is over half its budget while it is
     // still making progress is congested: publishers to it are held back (TCP back-pressure) until
     // it is under a quarter. One that made no progress for `stallTimeout` is not: messages to it
-    // are dropped past its budget instead, so a stalled client cannot slow anyone down.
+    // are dropped past its budget instead, so a stalled client cannot slow anyone down. Nor can a
+    // slow one for long: a congestion episode holds publishers back for at most `maxHoldBack` in
+    // all; after that, until its queue is back under a quarter, it is treated as stalled.
     static let stallTimeout = TimeAmount.seconds(1)
+    static let maxHoldBack = TimeAmount.seconds(1)
     /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not.
     private let congestedUntil = Atomic<UInt64>(0)
     /// When the queue last moved (or started to fill after being empty).
     private var lastProgress = NIODeadline.distantPast
+    /// When the current episode over half the budget began.
+    private var congestionStart: NIODeadline?
 
     /// Cheap hint for the publish path: congestion may need checking.
     var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
@@ -59,13 +64,21 @@ final class Session: @unchecked Sendable {
         queue.count >= max(limits.maxQueued / divisor, 1) || (limits.maxQueuedBytes > 0 && queuedBytes >= limits.maxQueuedBytes / divisor)
     }
 
+    /// Sets how long publishers wait for this session: while it progresses, within the episode's
+    /// hold-back allowance.
+    private func holdPublishers(now: NIODeadline) {
+        let start = congestionStart ?? now
+        congestionStart = start
+        let until = min(lastProgress + Self.stallTimeout, start + Self.maxHoldBack)
+        congestedUntil.store(until > now ? until.uptimeNanoseconds : 0, ordering: .relaxed)
+    }
+
     /// After the queue grew: congested if over half the budget and still making progress.
     private func checkCongestion(_ limits: Limits) {
         guard connection != nil else { return }
         if queue.count == 1 { lastProgress = .now() }  // it kept up until now
-        guard isOver(fraction: 2, limits) else { return }
-        let until = lastProgress + Self.stallTimeout
-        if until > .now() { congestedUntil.store(until.uptimeNanoseconds, ordering: .relaxed) }
+        guard isOver(fraction: 2, limits), congestionStart == nil || mayBeCongested else { return }
+        holdPublishers(now: .now())
     }
 
     /// After the queue moved: still congested while over a quarter of the budget.
@@ -73,8 +86,9 @@ final class Session: @unchecked Sendable {
         lastProgress = .now()
         if !isOver(fraction: 4, limits) {
             congestedUntil.store(0, ordering: .relaxed)
+            congestionStart = nil
         } else if mayBeCongested {
-            congestedUntil.store((lastProgress + Self.stallTimeout).uptimeNanoseconds, ordering: .relaxed)
+            holdPublishers(now: lastProgress)
         }
     }
 
@@ -82,6 +96,7 @@ final class Session: @unchecked Sendable {
     func disconnected() {
         connection = nil
         congestedUntil.store(0, ordering: .relaxed)
+        congestionStart = nil
     }
     var awaitingPubrel: Set<UInt16> = []
     private var lastPacketID: UInt16 = 0
@@ -267,6 +282,7 @@ final class Session: @unchecked Sendable {
         queue.removeAll()
         queuedBytes = 0
         congestedUntil.store(0, ordering: .relaxed)
+        congestionStart = nil
         awaitingPubrel.removeAll()
     }
 }

@@ -125,3 +125,44 @@ struct HardeningTests {
         }
     }
 }
+
+/// Each user may subscribe within its own name only; `+/secret` is denied to everyone.
+final class PerUserHooks: BrokerHooks {
+    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+        guard let user = client.username else { return [] }
+        return [ACLTable(publish: ["#"], subscribe: ["\(user)/#", "$x/#"], deny: ["+/secret"])]
+    }
+}
+
+@Suite("ACLs on delivery")
+struct ACLDeliveryTests {
+    @Test("a client taking over another user's persistent session receives nothing its own ACL does not allow")
+    func inheritedSessionFollowsNewACL() async throws {
+        try await withBroker(hooks: PerUserHooks()) { b in
+            let alice = try await TestClient.open(port: b.port)
+            _ = try await alice.connect(ConnectPacket(cleanSession: false, clientID: "dashboard", username: "alice"))
+            try await alice.subscribe("alice/#", qos: .atLeastOnce)
+            await alice.disconnect()
+            let bob = try await TestClient.open(port: b.port)
+            #expect(try await bob.connect(ConnectPacket(cleanSession: false, clientID: "dashboard", username: "bob")).sessionPresent)
+            let phone = try await b.client("phone", username: "alice")
+            try await phone.publish("alice/diary", "alice-private", qos: .atLeastOnce)
+            try await bob.expectNothing()
+            // alice, back on her session, gets what is hers.
+            await bob.disconnect()
+            let again = try await TestClient.open(port: b.port)
+            _ = try await again.connect(ConnectPacket(cleanSession: false, clientID: "dashboard", username: "alice"))
+            try await phone.publish("alice/diary", "for alice", qos: .atLeastOnce, id: 2)
+            #expect(String(buffer: try await again.expectPublish().payload) == "for alice")
+        }
+    }
+
+    @Test("deny patterns starting with a wildcard say nothing about $ topics, for SUBSCRIBE as for delivery")
+    func dollarRuleInCovers() async throws {
+        try await withBroker(hooks: PerUserHooks()) { b in
+            let c = try await b.client("c", username: "carol")
+            #expect(try await c.subscribe([("$x/secret", .atMostOnce)]) == [.granted(.atMostOnce)])
+            #expect(try await c.subscribe([("carol/secret", .atMostOnce)], id: 2) == [.failure])
+        }
+    }
+}

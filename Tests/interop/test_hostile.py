@@ -301,3 +301,84 @@ def test_slow_consumer_drops_only_for_the_stalled(broker):
     assert peak < 400_000, f"broker RSS {peak} KiB during the burst"
     for s in (pub, reader, stalled):
         s.close()
+
+
+def test_a_slow_acknowledger_cannot_hold_publishers_back_for_long(broker):
+    """A QoS 1 subscriber to everything that acknowledges each message half a second late: the
+    publisher is held back at most a second per episode, so another subscriber keeps getting data."""
+    import threading
+    slow = socket.create_connection(("127.0.0.1", broker.port))
+    slow.sendall(connect_packet(b"slowacker") + subscribe_packet(b"#", 1))
+    read_exactly(slow, 4 + 5)
+    bystander = socket.create_connection(("127.0.0.1", broker.port))
+    bystander.sendall(connect_packet(b"bystander") + subscribe_packet(b"a/#", 0))
+    read_exactly(bystander, 4 + 5)
+    stop = threading.Event()
+
+    def ack_slowly():
+        slow.settimeout(0.5)
+        buf = b""
+        while not stop.is_set():
+            try:
+                buf += slow.recv(65536)
+            except OSError:
+                continue
+            # Acknowledge one QoS 1 PUBLISH (the first whose id we can read), late.
+            i = buf.find(b"\x32")
+            if i >= 0 and len(buf) > i + 6:
+                tlen = struct.unpack("!H", buf[i + 2:i + 4])[0]
+                if len(buf) >= i + 4 + tlen + 2:
+                    pid = buf[i + 4 + tlen:i + 6 + tlen]
+                    buf = buf[i + 6 + tlen:]
+                    time.sleep(0.5)
+                    slow.sendall(b"\x40\x02" + pid)
+
+    counts = []
+
+    def count_bystander():
+        bystander.settimeout(0.2)
+        while not stop.is_set():
+            start, got = time.monotonic(), 0
+            while time.monotonic() - start < 1:
+                try:
+                    got += len(bystander.recv(1 << 20))
+                except OSError:
+                    pass
+            counts.append(got)
+
+    threads = [threading.Thread(target=ack_slowly), threading.Thread(target=count_bystander)]
+    for t in threads:
+        t.start()
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"flooder"))
+    read_exactly(pub, 4)
+
+    def drain_acks():
+        pub.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                pub.recv(1 << 20)
+            except OSError:
+                pass
+
+    threads.append(threading.Thread(target=drain_acks))
+    threads[-1].start()
+    pub.setblocking(False)
+    # QoS 1: what reaches the slow subscriber waits for its late acknowledgements.
+    frame = b"".join(publish_packet(b"a/b", b"z" * 100, qos=1, packet_id=i + 1) for i in range(100))
+    pending = memoryview(frame)
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        try:
+            pending = pending[pub.send(pending):]
+            if not pending:
+                pending = memoryview(frame)
+        except BlockingIOError:
+            time.sleep(0.005)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    # After the first episode (at most a second held back), data keeps flowing every second.
+    assert len(counts) >= 5 and all(c > 0 for c in counts[2:6]), f"bytes per second to the bystander: {counts}"
+    for s in (pub, slow, bystander):
+        s.close()
