@@ -69,6 +69,12 @@ final class ConnectionHandler: ChannelInboundHandler {
         self.context = context
     }
 
+    /// The context holds this handler: keeping it past removal (the channel's close) would keep
+    /// both, and through `broker`, everything, alive forever.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
     func channelActive(context: ChannelHandlerContext) {
         clientInfo.address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
         lastRead = .now()
