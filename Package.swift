@@ -108,6 +108,24 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The fuzz targets' harnesses (docs/FUZZING.md), shared by the libFuzzer executable and
+        // the regression tests that replay what the fuzzer found.
+        .target(
+            name: "MQLiteFuzzing",
+            dependencies: [
+                "MQTTCore",
+                "MQLiteBroker",
+                "MQLiteScripting",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // libFuzzer entry points; built with --sanitize=fuzzer by `make fuzz` (Fuzz/run.sh).
+        .executableTarget(
+            name: "mqlite-fuzz",
+            dependencies: ["MQLiteFuzzing"]
+        ),
         // Shared by the test targets: broker fixture and a minimal MQTT client.
         .target(
             name: "MQLiteTestSupport",
@@ -153,6 +171,14 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryLogging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "MQLiteFuzzTests",
+            dependencies: [
+                "MQLiteFuzzing",
+                "MQTTCore",
+                .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
     ],

@@ -1,9 +1,9 @@
 import CLua
 import Foundation
 
-/// Lua values ⇄ Foundation JSON objects for `mqlite.json`. A table whose keys are exactly 1...n
-/// is an array; any other table is an object (its keys must be strings); an empty table is `{}`.
-/// JSON null decodes to nil.
+/// Lua values ⇄ Foundation JSON objects for `mqlite.json`. A table whose keys are all positive
+/// integers is an array, with null for the missing items up to the largest; any other table is an
+/// object (its keys must be strings); an empty table is `{}`. JSON null decodes to nil.
 ///
 /// Nesting is limited to `maxDepth` levels both ways, which bounds every recursion here (and
 /// Foundation's parser, which never sees deeper text); each level makes room on the Lua stack
@@ -11,6 +11,8 @@ import Foundation
 enum LuaJSON {
     /// Most nested arrays/objects (tables) in a value that is encoded or decoded.
     static let maxDepth = 64
+    /// The largest index of a table encoded as an array (its holes become nulls).
+    static let maxArrayLength = 1 << 20
 
     static func toJSON(_ L: LuaState, _ index: Int32, depth: Int) throws(HookResultError) -> Any {
         let index = lua_absindex(L, index)
@@ -31,17 +33,27 @@ enum LuaJSON {
             guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth) (a cycle?)") }
             // lua_next needs two slots, the recursion one more.
             guard lua_checkstack(L, 4) != 0 else { throw HookResultError("Lua stack exhausted") }
-            let length = Int(lua_rawlen(L, index))
             var count = 0
             var allStrings = true
+            // Keys all positive integers: an array, its missing items null (JSON null decodes to
+            // nil, so a decoded array with nulls is a table with holes).
+            var allPositiveIntegers = true
+            var length = 0
             lua_pushnil(L)
             while lua_next(L, index) != 0 {
                 count += 1
                 if lua_type(L, -2) != LUA_TSTRING { allStrings = false }
+                if lua_isinteger(L, -2) != 0, case let i = lua_tointegerx(L, -2, nil), i >= 1 {
+                    length = max(length, Int(clamping: i))
+                } else {
+                    allPositiveIntegers = false
+                }
                 mqlite_pop(L, 1)
             }
-            if length > 0 && count == length {
+            if count > 0 && allPositiveIntegers {
+                guard length <= maxArrayLength else { throw HookResultError("array index \(length) is past \(maxArrayLength)") }
                 var array: [Any] = []
+                array.reserveCapacity(length)
                 for i in 1...length {
                     lua_rawgeti(L, index, lua_Integer(i))
                     defer { mqlite_pop(L, 1) }

@@ -1,0 +1,49 @@
+import Foundation
+import Logging
+import MQLiteBroker
+import MQLiteScripting
+import MQTTCore
+import NIOCore
+import Testing
+
+/// Found by the json fuzz target: `mqlite.json.encode` refused what `mqlite.json.decode` made of an
+/// array with a null in it (a Lua table with a hole), with "table mixes list items and non-string
+/// keys". Tables whose keys are all positive integers now encode as arrays, holes as null.
+@Suite("mqlite.json round trips")
+struct JSONRoundTripTests {
+    /// The payload an on_publish hook that runs `script` on `m.payload` hands back, or nil if the
+    /// hook failed (the message is dropped).
+    func transform(_ payload: String, _ script: String) throws -> String? {
+        let dir = try scriptFolder(["mqlite.on_publish(\"#\", function(m) return { payload = \(script) } end)"])
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var configuration = BrokerConfiguration(workers: 1, listeners: [])
+        configuration.plugins = [PluginConfiguration(script: dir.appendingPathComponent("s0.lua").path)]
+        let host = try ScriptingHost(configuration: configuration, logger: Logger(label: "test"))
+        let message = HookedMessage(topic: "t", payload: ByteBuffer(string: payload), qos: .atMostOnce, retain: false)
+        switch host.interceptPublish(message, from: ClientInfo(clientID: "c", username: nil, address: "-"), worker: 0) {
+        case .change(let changed): return String(buffer: changed.payload)
+        case .drop: return nil
+        case let other: Issue.record("unexpected \(other)"); return nil
+        }
+    }
+
+    @Test("arrays with nulls survive decode and encode")
+    func nullsInArrays() throws {
+        let roundTrip = "mqlite.json.encode(mqlite.json.decode(m.payload))"
+        #expect(try transform("[1,null,3]", roundTrip) == "[1,null,3]")
+        #expect(try transform(#"{"a":[null,"x"],"b":[[null,null,1]]}"#, roundTrip) == #"{"a":[null,"x"],"b":[[null,null,1]]}"#)
+        // Trailing nulls are not kept: nothing in the table says they were there.
+        #expect(try transform("[1,null]", roundTrip) == "[1]")
+        #expect(try transform("[null]", roundTrip) == "{}")
+    }
+
+    @Test("tables with integer keys encode as arrays; other keys still fail")
+    func integerKeys() throws {
+        #expect(try transform("", #"mqlite.json.encode({ [3] = "c", [1] = "a" })"#) == #"["a",null,"c"]"#)
+        #expect(try transform("", #"mqlite.json.encode({ "a", "b" })"#) == #"["a","b"]"#)
+        #expect(try transform("", #"mqlite.json.encode({ [1] = "a", x = 1 })"#) == nil)
+        #expect(try transform("", #"mqlite.json.encode({ [0] = "a" })"#) == nil)
+        #expect(try transform("", #"mqlite.json.encode({ [1.5] = "a" })"#) == nil)
+        #expect(try transform("", #"mqlite.json.encode({ [1 << 21] = "far" })"#) == nil)
+    }
+}
