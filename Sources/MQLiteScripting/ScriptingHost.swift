@@ -68,6 +68,12 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         slots[worker].vm.map { Int(mqlite_memory_used($0.control)) } ?? 0
     }
 
+    /// Bytes held by the on_publish match cache of `worker`'s Lua state (topics, index arrays and
+    /// a fixed overhead per entry); for tests. Read it while that worker runs no hook.
+    public func publishMatchCacheBytes(worker: Int) -> Int {
+        slots[worker].vm?.matchCacheBytes ?? 0
+    }
+
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
 
