@@ -106,14 +106,16 @@ enum HostLibrary {
 
     // MARK: - Functions
 
-    /// `mqlite.log(level, message)`; level is "debug", "info", "warning" or "error".
+    /// `mqlite.log(level, message)`; level is "debug", "info", "warning" or "error". The message is
+    /// logged up to 4 KB (marked with its full size when longer).
     static let log: Function = { L in
         let L = L!
         guard let level = string(L, 1), let message = string(L, 2) else { return fail(L, "mqlite.log(level, message)") }
         let levels: [String: Logger.Level] = ["trace": .trace, "debug": .debug, "info": .info, "notice": .notice, "warning": .warning, "error": .error]
         guard let parsed = levels[level] else { return fail(L, "mqlite.log: unknown level \"\(level)\"") }
         let ctx = context(L)
-        ctx.vm.host.logger.log(level: parsed, "\(message)", metadata: ["script": "\(ctx.name)"])
+        // The script's own text, which may quote what clients send: cut to 4 KB.
+        ctx.vm.host.logger.log(level: parsed, "\(LogText(message, limit: 4096))", metadata: ["script": "\(ctx.name)"])
         return 0
     }
 

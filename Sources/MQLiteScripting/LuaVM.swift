@@ -250,7 +250,7 @@ final class LuaVM: @unchecked Sendable {
         let status = mqlite_call(L, arguments, results)
         guard status == LUA_OK else {
             let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: message)
+            host.reportFailure(hook.context, hook: kind, message: message)
             return nil
         }
         // Results are read with raw access only (no metamethod can run outside the call's
@@ -258,7 +258,7 @@ final class LuaVM: @unchecked Sendable {
         do {
             return try read(L)
         } catch {
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: error.message)
+            host.reportFailure(hook.context, hook: kind, message: error.message)
             return nil
         }
     }

@@ -29,4 +29,43 @@ struct BoundedMemoryTests {
             #expect(host.failureCount == 0)
         }
     }
+
+    @Test("a hook whose error holds the payload, failing 1,000 times: one log line per 10 s with the suppressed count next, truncated, one rate-limit entry")
+    func failureLogRateLimited() async throws {
+        let script = #"mqlite.on_publish("err/#", function(m) error("bad payload: " .. m.payload) end)"#
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, host, _ in
+            let c = try await b.client("c")
+            let filler = String(repeating: "y", count: 4000)
+            for i in 0..<1000 {
+                try await c.publish("err/x", "payload-\(i)-\(filler)")
+            }
+            try await c.ping()
+            #expect(host.failureCount == 1000)
+            var lines = b.logMessages.filter { $0.contains("Lua hook failed") }
+            #expect(lines.count == 1, "\(lines.count) lines")
+            #expect(lines.allSatisfy { $0.utf8.count < 1024 }, "\(lines.map(\.utf8.count))")
+            #expect(host.failureLogEntries <= 1, "\(host.failureLogEntries)")
+            // Ten seconds later the next failure is logged, with the count of those suppressed.
+            try await Task.sleep(for: .milliseconds(10_200))
+            try await c.publish("err/x", "last")
+            try await c.ping()
+            lines = b.logMessages.filter { $0.contains("Lua hook failed") }
+            #expect(lines.count == 2, "\(lines.count) lines")
+            #expect(lines.last?.contains("999") == true, "\(lines.last ?? "")")
+            #expect(host.failureLogEntries <= 1)
+        }
+    }
+
+    @Test("mqlite.log truncates the script's message to 4 KB")
+    func scriptLogTruncated() async throws {
+        let script = #"mqlite.on_publish("log", function(m) mqlite.log("warning", "echo " .. string.rep(m.payload, 100000)) end)"#
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, host, _ in
+            let c = try await b.client("c")
+            try await c.publish("log", "ab", qos: .atLeastOnce)
+            let lines = b.logMessages.filter { $0.contains("echo abab") }
+            #expect(lines.count == 1)
+            #expect(lines.allSatisfy { $0.utf8.count < 5000 }, "\(lines.map(\.utf8.count))")
+            #expect(host.failureCount == 0)
+        }
+    }
 }
