@@ -18,7 +18,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     let logger: Logger
     let workers: Int
     /// `mqlite.kv`, shared by every VM.
-    let kv = SharedKV()
+    let kv: SharedKV
 
     private let slots: [Slot]
     private let generation = Atomic<Int>(0)
@@ -51,6 +51,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         self.allowAnonymous = configuration.allowAnonymous
         self.logger = logger
         self.workers = configuration.resolvedWorkers
+        self.kv = SharedKV(maxBytes: configuration.scripting.kvMaxBytes)
         self.slots = (0..<workers).map { _ in Slot() }
         for (index, slot) in slots.enumerated() {
             slot.vm = try LuaVM(worker: index, host: self)
@@ -83,6 +84,9 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     /// Entries of the failure log's rate limit (one per script and hook); for tests.
     public var failureLogEntries: Int { failureLog.withLock { $0.count } }
+
+    /// Bytes held by `mqlite.kv` (keys, values and a fixed overhead per entry).
+    public var kvBytes: Int { kv.bytes }
 
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
