@@ -167,11 +167,16 @@ public struct ScriptingConfiguration: Sendable, Equatable {
     /// Bytes each Lua state (one per worker) may allocate; past it the allocation, and the call, fails.
     public var memoryLimit: Int
     public var onError: OnError
+    /// Bytes `mqlite.kv` may hold (keys, values and a fixed overhead per entry), shared by every
+    /// worker; past it `kv.set` and `kv.incr` of a new key fail.
+    public var kvMaxBytes: Int
 
-    public init(instructionLimit: Int = 1_000_000, timeLimit: Double = 0.1, memoryLimit: Int = 64 << 20, onError: OnError = .deny) {
+    public init(instructionLimit: Int = 1_000_000, timeLimit: Double = 0.1, memoryLimit: Int = 64 << 20, onError: OnError = .deny,
+                kvMaxBytes: Int = 64 << 20) {
         self.instructionLimit = instructionLimit
         self.timeLimit = timeLimit
         self.memoryLimit = memoryLimit
         self.onError = onError
+        self.kvMaxBytes = kvMaxBytes
     }
 }

@@ -106,14 +106,16 @@ enum HostLibrary {
 
     // MARK: - Functions
 
-    /// `mqlite.log(level, message)`; level is "debug", "info", "warning" or "error".
+    /// `mqlite.log(level, message)`; level is "debug", "info", "warning" or "error". The message is
+    /// logged up to 4 KB (marked with its full size when longer).
     static let log: Function = { L in
         let L = L!
         guard let level = string(L, 1), let message = string(L, 2) else { return fail(L, "mqlite.log(level, message)") }
         let levels: [String: Logger.Level] = ["trace": .trace, "debug": .debug, "info": .info, "notice": .notice, "warning": .warning, "error": .error]
         guard let parsed = levels[level] else { return fail(L, "mqlite.log: unknown level \"\(level)\"") }
         let ctx = context(L)
-        ctx.vm.host.logger.log(level: parsed, "\(message)", metadata: ["script": "\(ctx.name)"])
+        // The script's own text, which may quote what clients send: cut to 4 KB.
+        ctx.vm.host.logger.log(level: parsed, "\(LogText(message, limit: 4096))", metadata: ["script": "\(ctx.name)"])
         return 0
     }
 
@@ -203,6 +205,9 @@ enum HostLibrary {
 
     // MARK: - kv
 
+    /// The error of a set past `[scripting] kv_max_bytes`.
+    static let kvFull = "mqlite.kv: kv_max_bytes reached"
+
     static let kvGet: Function = { L in
         let L = L!
         guard let key = string(L, 1) else { return fail(L, "mqlite.kv.get(key)") }
@@ -224,12 +229,22 @@ enum HostLibrary {
         default: return fail(L, "mqlite.kv.set: values are strings, numbers or booleans")
         }
         var ttl: Double?
-        if lua_type(L, 3) == LUA_TNUMBER {
+        // Any number of seconds (clamped to 0...1e9 by the store), but not NaN.
+        if lua_type(L, 3) == LUA_TNUMBER && !lua_tonumberx(L, 3, nil).isNaN {
             ttl = lua_tonumberx(L, 3, nil)
         } else if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
             return fail(L, "mqlite.kv.set: ttl must be a number of seconds")
         }
-        context(L).vm.host.kv.set(key, value, ttl: ttl)
+        let kv = context(L).vm.host.kv
+        guard let value else {
+            kv.delete(key)
+            return 0
+        }
+        do throws(SharedKV.Failure) {
+            try kv.set(key, value, ttl: ttl)
+        } catch {
+            return fail(L, kvFull)
+        }
         return 0
     }
 
@@ -242,15 +257,20 @@ enum HostLibrary {
             guard lua_isinteger(L, 2) != 0 else { return fail(L, "mqlite.kv.incr: by must be an integer") }
             by = lua_tointegerx(L, 2, nil)
         }
-        guard let value = context(L).vm.host.kv.incr(key, by: by) else { return fail(L, "mqlite.kv.incr: \"\(key)\" holds a value that is not an integer") }
-        lua_pushinteger(L, value)
-        return 1
+        do throws(SharedKV.Failure) {
+            lua_pushinteger(L, try context(L).vm.host.kv.incr(key, by: by))
+            return 1
+        } catch .notInteger {
+            return fail(L, "mqlite.kv.incr: \"\(key)\" holds a value that is not an integer")
+        } catch {
+            return fail(L, kvFull)
+        }
     }
 
     static let kvDelete: Function = { L in
         let L = L!
         guard let key = string(L, 1) else { return fail(L, "mqlite.kv.delete(key)") }
-        context(L).vm.host.kv.set(key, nil, ttl: nil)
+        context(L).vm.host.kv.delete(key)
         return 0
     }
 

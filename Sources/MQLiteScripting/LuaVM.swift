@@ -91,6 +91,9 @@ final class LuaVM: @unchecked Sendable {
     var loading: ScriptContext?
 
     private static let matchCacheLimit = 10_000
+    /// Bytes the match cache may hold, counted by `matchCost`.
+    static let matchCacheByteLimit = 1 << 20
+    private var publishMatchBytes = 0
 
     /// The state's budgets (memory, instructions) and its link to the watchdog (time). Allocated
     /// here and freed after `lua_close`, since the state's allocator uses it to the end.
@@ -247,7 +250,7 @@ final class LuaVM: @unchecked Sendable {
         let status = mqlite_call(L, arguments, results)
         guard status == LUA_OK else {
             let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: message)
+            host.reportFailure(hook.context, hook: kind, message: message)
             return nil
         }
         // Results are read with raw access only (no metamethod can run outside the call's
@@ -255,12 +258,16 @@ final class LuaVM: @unchecked Sendable {
         do {
             return try read(L)
         } catch {
-            host.reportFailure(script: hook.context.name, hook: kind.rawValue, message: error.message)
+            host.reportFailure(hook.context, hook: kind, message: error.message)
             return nil
         }
     }
 
-    /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per topic.
+    /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per
+    /// topic that some hook matches. The cache holds at most `matchCacheLimit` topics and
+    /// `matchCacheByteLimit` bytes (topics up to 64 KiB would otherwise let 10,000 entries keep
+    /// hundreds of megabytes); past either it starts over. A topic no hook matches is not kept: it
+    /// costs a trie walk each time, as the broker's own route cache does for topics that go nowhere.
     func publishHooks(for topic: String) -> [Int] {
         if publishFilters.count == 0 { return [] }
         if topic == lastTopic { return lastMatches }
@@ -271,12 +278,28 @@ final class LuaVM: @unchecked Sendable {
         var indices: [Int] = []
         publishFilters.forEachMatch(topic: topic) { index, _ in indices.append(index) }
         indices.sort()
-        if publishMatches.count >= Self.matchCacheLimit { publishMatches.removeAll(keepingCapacity: true) }
-        publishMatches[topic] = indices
         (lastTopic, lastMatches) = (topic, indices)
+        if indices.isEmpty { return indices }
+        let cost = Self.matchCost(topic: topic, indices: indices)
+        if publishMatches.count >= Self.matchCacheLimit || publishMatchBytes + cost > Self.matchCacheByteLimit {
+            publishMatches.removeAll(keepingCapacity: true)
+            publishMatchBytes = 0
+        }
+        publishMatches[topic] = indices
+        publishMatchBytes += cost
         return indices
     }
 
+    /// What one match-cache entry costs against `matchCacheByteLimit`: the topic's bytes, the
+    /// index array and a fixed overhead.
+    static func matchCost(topic: String, indices: [Int]) -> Int {
+        64 + topic.utf8.count + indices.count * MemoryLayout<Int>.stride
+    }
+
+    /// The match cache's size, counted entry by entry (for tests; run on the VM's worker or while it is idle).
+    var matchCacheBytes: Int {
+        publishMatches.reduce(0) { $0 + Self.matchCost(topic: $1.key, indices: $1.value) }
+    }
 }
 
 /// Why a hook's return value was not acceptable.

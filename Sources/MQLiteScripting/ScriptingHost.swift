@@ -18,7 +18,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     let logger: Logger
     let workers: Int
     /// `mqlite.kv`, shared by every VM.
-    let kv = SharedKV()
+    let kv: SharedKV
 
     private let slots: [Slot]
     private let generation = Atomic<Int>(0)
@@ -27,7 +27,14 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     /// and not weak: a weak reference would put the broker's refcounts on the slow path.
     nonisolated(unsafe) private(set) unowned(unsafe) var broker: Broker?
     private let failures = Atomic<Int>(0)
-    private let lastLogged = Mutex<[String: ContinuousClock.Instant]>([:])
+    /// The failure log's rate limit: per script and hook, when it last logged and how many
+    /// failures it has not logged since. One entry per script and hook, whatever the messages.
+    private let failureLog = Mutex<[String: FailureLog]>([:])
+    private struct FailureLog {
+        var logged: ContinuousClock.Instant
+        var suppressed: Int
+    }
+    static let failureLogInterval: Duration = .seconds(10)
 
     /// A worker's current VM; touched only on that worker's loop (after creation).
     private final class Slot {
@@ -44,6 +51,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         self.allowAnonymous = configuration.allowAnonymous
         self.logger = logger
         self.workers = configuration.resolvedWorkers
+        self.kv = SharedKV(maxBytes: configuration.scripting.kvMaxBytes)
         self.slots = (0..<workers).map { _ in Slot() }
         for (index, slot) in slots.enumerated() {
             slot.vm = try LuaVM(worker: index, host: self)
@@ -67,6 +75,18 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func memoryUsed(worker: Int) -> Int {
         slots[worker].vm.map { Int(mqlite_memory_used($0.control)) } ?? 0
     }
+
+    /// Bytes held by the on_publish match cache of `worker`'s Lua state (topics, index arrays and
+    /// a fixed overhead per entry); for tests. Read it while that worker runs no hook.
+    public func publishMatchCacheBytes(worker: Int) -> Int {
+        slots[worker].vm?.matchCacheBytes ?? 0
+    }
+
+    /// Entries of the failure log's rate limit (one per script and hook); for tests.
+    public var failureLogEntries: Int { failureLog.withLock { $0.count } }
+
+    /// Bytes held by `mqlite.kv` (keys, values and a fixed overhead per entry).
+    public var kvBytes: Int { kv.bytes }
 
     /// Hook calls that failed (errors, instruction limit, bad return values) since start.
     public var failureCount: Int { failures.load(ordering: .relaxed) }
@@ -100,21 +120,30 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return slot.vm
     }
 
-    /// Logs a failed hook call (never its arguments), counts it, and keeps the log to one line
-    /// per script, hook and message every ten seconds.
-    func reportFailure(script: String, hook: String, message: String) {
+    /// Logs a failed hook call (never its arguments) and counts it. At most one line per script and
+    /// hook every ten seconds, whatever the message (an error may quote a payload, so keying on it
+    /// would log every call); the next line says how many failures were not logged. Lua's message
+    /// is cut to 512 bytes.
+    func reportFailure(_ context: ScriptContext, hook: LuaVM.Kind, message: String) {
         let total = failures.add(1, ordering: .relaxed).newValue
-        let key = "\(script)|\(hook)|\(message)"
+        let key = "\(context.script)|\(hook.rawValue)"
         let now = ContinuousClock.now
-        let shouldLog = lastLogged.withLock { last -> Bool in
-            if let previous = last[key], now - previous < .seconds(10) { return false }
-            if last.count > 1000 { last.removeAll() }
-            last[key] = now
-            return true
+        let suppressed = failureLog.withLock { log -> Int? in
+            if var entry = log[key], now - entry.logged < Self.failureLogInterval {
+                entry.suppressed += 1
+                log[key] = entry
+                return nil
+            }
+            let suppressed = log[key]?.suppressed ?? 0
+            log[key] = FailureLog(logged: now, suppressed: 0)
+            return suppressed
         }
-        if shouldLog {
-            logger.warning("Lua hook failed", metadata: ["script": "\(script)", "hook": "\(hook)", "error": "\(message)", "failures": "\(total)"])
-        }
+        guard let suppressed else { return }
+        var metadata: Logger.Metadata = [
+            "script": "\(context.name)", "hook": "\(hook.rawValue)", "error": "\(LogText(message, limit: 512))", "failures": "\(total)",
+        ]
+        if suppressed > 0 { metadata["suppressed"] = "\(suppressed)" }
+        logger.warning("Lua hook failed", metadata: metadata)
     }
 
     private var failClosed: Bool { scripting.onError == .deny }
@@ -182,7 +211,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 }
             })
             if let malformed {
-                reportFailure(script: hook.context.name, hook: LuaVM.Kind.authorize.rawValue, message: "\(malformed.message) (the client may do nothing)")
+                reportFailure(hook.context, hook: .authorize, message: "\(malformed.message) (the client may do nothing)")
             }
             switch answer {
             case .some(.some(let table)): tables.append(table)

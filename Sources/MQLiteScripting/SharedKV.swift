@@ -1,54 +1,232 @@
+import Dispatch
 import Synchronization
 
 /// `mqlite.kv`: a small key-value store shared by every script on every worker, with optional
-/// expiry. One lock, held only for a dictionary operation.
-final class SharedKV: Sendable {
+/// expiry and a bound on its size. One lock, held for a dictionary operation and a bounded sweep.
+///
+/// Memory: every entry counts its key's bytes, its value's bytes (8 for a number or boolean) and
+/// `entryOverhead`; past `maxBytes` a set that would add to the total is refused. Expired entries
+/// leave without being read: expiries are kept in a min-heap, and every operation removes up to
+/// `sweepPerOperation` expired entries from its top (each heap entry is pushed once and popped
+/// once: O(log n) per set, amortized), a timer sweeps every second what no operation did, and a
+/// set that would go past `maxBytes` first removes every expired entry.
+final class SharedKV: @unchecked Sendable {  // the timer is set in init and only cancelled in deinit
     enum Value: Sendable, Equatable {
         case string([UInt8])
         case int(Int64)
         case double(Double)
         case bool(Bool)
+
+        var byteCount: Int {
+            if case .string(let bytes) = self { return bytes.count }
+            return 8
+        }
     }
+
+    enum Failure: Error {
+        /// `maxBytes` reached.
+        case full
+        /// `incr` of a key that holds something other than an integer.
+        case notInteger
+    }
+
+    /// Bytes counted per entry besides its key and value: the dictionary slot, the entry, the
+    /// string headers and its expiry in the heap.
+    static let entryOverhead = 96
+    static let sweepPerOperation = 16
+    static let sweepInterval: Duration = .seconds(1)
+
+    let maxBytes: Int
 
     private struct Entry {
         var value: Value
         var expires: ContinuousClock.Instant?
+        var cost: Int
     }
 
-    private let entries = Mutex<[String: Entry]>([:])
+    private struct Expiry {
+        let at: ContinuousClock.Instant
+        let key: String
+    }
+
+    private struct State {
+        var entries: [String: Entry] = [:]
+        var bytes = 0
+        /// Min-heap of expiries by `at`. An expiry is stale once its key was deleted or set again
+        /// (the entry no longer has that `at`); stale ones are skipped when popped, and dropped
+        /// all at once when they outnumber the live ones.
+        var heap: [Expiry] = []
+        /// Entries that have an expiry (live heap entries).
+        var expiring = 0
+
+        func isLive(_ expiry: Expiry) -> Bool { entries[expiry.key]?.expires == expiry.at }
+
+        mutating func remove(_ key: String) {
+            guard let old = entries.removeValue(forKey: key) else { return }
+            bytes -= old.cost
+            if old.expires != nil { expiring -= 1 }
+        }
+
+        mutating func put(_ key: String, _ entry: Entry) {
+            if let old = entries.updateValue(entry, forKey: key) {
+                bytes -= old.cost
+                if old.expires != nil { expiring -= 1 }
+            }
+            bytes += entry.cost
+            guard let at = entry.expires else { return }
+            expiring += 1
+            push(Expiry(at: at, key: key))
+            if heap.count > 2 * expiring + 64 { compact() }
+        }
+
+        /// Removes expired entries from the top of the heap: at most `limit` heap entries are
+        /// looked at. Returns how many were.
+        @discardableResult
+        mutating func removeExpired(now: ContinuousClock.Instant, limit: Int) -> Int {
+            var popped = 0
+            while popped < limit, let top = heap.first, top.at <= now {
+                pop()
+                popped += 1
+                if isLive(top) { remove(top.key) }
+            }
+            return popped
+        }
+
+        private mutating func compact() {
+            let entries = self.entries  // (not copied: only read)
+            heap.removeAll { entries[$0.key]?.expires != $0.at }
+            var i = heap.count / 2
+            while i > 0 {
+                i -= 1
+                siftDown(i)
+            }
+        }
+
+        private mutating func push(_ expiry: Expiry) {
+            heap.append(expiry)
+            var child = heap.count - 1
+            while child > 0 {
+                let parent = (child - 1) / 2
+                guard heap[child].at < heap[parent].at else { break }
+                heap.swapAt(child, parent)
+                child = parent
+            }
+        }
+
+        private mutating func pop() {
+            let last = heap.removeLast()
+            guard !heap.isEmpty else { return }
+            heap[0] = last
+            siftDown(0)
+        }
+
+        private mutating func siftDown(_ start: Int) {
+            var parent = start
+            while true {
+                var smallest = parent
+                for child in [2 * parent + 1, 2 * parent + 2] where child < heap.count && heap[child].at < heap[smallest].at {
+                    smallest = child
+                }
+                if smallest == parent { return }
+                heap.swapAt(parent, smallest)
+                parent = smallest
+            }
+        }
+    }
+
+    private let state = Mutex<State>(State())
+    private let timer: DispatchSourceTimer
+
+    init(maxBytes: Int) {
+        self.maxBytes = maxBytes
+        timer = DispatchSource.makeTimerSource(queue: .global(qos: .utility))
+        let interval = DispatchTimeInterval.milliseconds(Int(Self.sweepInterval.components.seconds * 1000))
+        timer.schedule(deadline: .now() + interval, repeating: interval, leeway: .milliseconds(100))
+        timer.setEventHandler { [weak self] in self?.sweep() }
+        timer.resume()
+    }
+
+    deinit {
+        timer.cancel()
+    }
+
+    private static func cost(_ key: String, _ value: Value) -> Int {
+        entryOverhead + key.utf8.count + value.byteCount
+    }
+
+    /// Bytes held: keys, values and `entryOverhead` per entry, expired entries not yet swept included.
+    var bytes: Int { state.withLock { $0.bytes } }
+
+    /// Removes every expired entry, a thousand at a time so that the lock is never held long.
+    func sweep() {
+        let now = ContinuousClock.now
+        while state.withLock({ $0.removeExpired(now: now, limit: 1024) }) == 1024 {}
+    }
 
     func get(_ key: String) -> Value? {
         let now = ContinuousClock.now
-        return entries.withLock { entries in
-            guard let entry = entries[key] else { return nil }
+        return state.withLock { state in
+            state.removeExpired(now: now, limit: Self.sweepPerOperation)
+            guard let entry = state.entries[key] else { return nil }
             if let expires = entry.expires, expires <= now {
-                entries[key] = nil
+                state.remove(key)
                 return nil
             }
             return entry.value
         }
     }
 
-    /// Stores `value` (nil deletes) for `ttl` seconds, or until replaced.
-    func set(_ key: String, _ value: Value?, ttl: Double?) {
-        let expires = ttl.map { ContinuousClock.now + .milliseconds(Int64($0 * 1000)) }
-        entries.withLock { entries in
-            entries[key] = value.map { Entry(value: $0, expires: expires) }
+    /// Stores `value` for `ttl` seconds (clamped to 0...1e9), or until replaced. Fails with
+    /// `.full` if that would take the store past `maxBytes`.
+    func set(_ key: String, _ value: Value, ttl: Double?) throws(Failure) {
+        let now = ContinuousClock.now
+        let expires = ttl.map { now + .nanoseconds(Int64(min(max($0, 0), 1e9) * 1e9)) }
+        let entry = Entry(value: value, expires: expires, cost: Self.cost(key, value))
+        let stored = state.withLock { state -> Bool in
+            state.removeExpired(now: now, limit: Self.sweepPerOperation)
+            guard fits(&state, key: key, cost: entry.cost, now: now) else { return false }
+            state.put(key, entry)
+            return true
+        }
+        if !stored { throw .full }
+    }
+
+    func delete(_ key: String) {
+        let now = ContinuousClock.now
+        state.withLock { state in
+            state.removeExpired(now: now, limit: Self.sweepPerOperation)
+            state.remove(key)
         }
     }
 
-    /// Adds `by` to an integer (a missing or expired key counts as 0); nil if the key holds
-    /// something else. Keeps the key's expiry.
-    func incr(_ key: String, by: Int64) -> Int64? {
+    /// Adds `by` to an integer (a missing or expired key counts as 0) and returns the new value.
+    /// Keeps the key's expiry. Fails with `.notInteger` if the key holds something else, and with
+    /// `.full` if the key is new and would take the store past `maxBytes`.
+    func incr(_ key: String, by: Int64) throws(Failure) -> Int64 {
         let now = ContinuousClock.now
-        return entries.withLock { entries -> Int64? in
-            var entry = entries[key] ?? Entry(value: .int(0), expires: nil)
-            if let expires = entry.expires, expires <= now { entry = Entry(value: .int(0), expires: nil) }
-            guard case .int(let current) = entry.value else { return nil }
-            let next = current &+ by
-            entry.value = .int(next)
-            entries[key] = entry
-            return next
+        let result = state.withLock { state -> Result<Int64, Failure> in
+            state.removeExpired(now: now, limit: Self.sweepPerOperation)
+            if var entry = state.entries[key], entry.expires.map({ $0 > now }) ?? true {
+                guard case .int(let current) = entry.value else { return .failure(.notInteger) }
+                let next = current &+ by
+                entry.value = .int(next)
+                state.entries[key] = entry  // same size, same expiry
+                return .success(next)
+            }
+            let entry = Entry(value: .int(by), expires: nil, cost: Self.cost(key, .int(by)))
+            guard fits(&state, key: key, cost: entry.cost, now: now) else { return .failure(.full) }
+            state.put(key, entry)
+            return .success(by)
         }
+        return try result.get()
+    }
+
+    /// Whether an entry of `cost` bytes can replace `key`'s (if any) within `maxBytes`; if not at
+    /// first, after every expired entry has been removed.
+    private func fits(_ state: inout State, key: String, cost: Int, now: ContinuousClock.Instant) -> Bool {
+        func fitsNow() -> Bool { state.bytes - (state.entries[key]?.cost ?? 0) + cost <= maxBytes }
+        if fitsNow() { return true }
+        state.removeExpired(now: now, limit: .max)
+        return fitsNow()
     }
 }

@@ -51,8 +51,10 @@ struct TimeLimitTests {
             }
             try await c.publish("slow/fine", "x")
             #expect(payload(try await watcher.expectPublish()) == "22 1 1")
+            // The first failure is logged; the others, of the same script and hook within 10 s, are
+            // only counted (the log keeps one line per script and hook every 10 s). The time limit's
+            // message is checked by the next test.
             try await eventually("log") { b.logMessages.contains { $0.contains("pattern too complex") } }
-            try await eventually("log") { b.logMessages.contains { $0.contains("time limit exceeded") } }
         }
     }
 
