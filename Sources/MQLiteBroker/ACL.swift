@@ -104,13 +104,15 @@ public struct ClientACL: Sendable {
     static func covers(_ pattern: String, _ filter: String) -> Bool {
         let p = Topic.levels(pattern)
         let f = Topic.levels(filter)
-        if filter.utf8.first == UInt8(ascii: "$"), let first = p.first, first == "+" || first == "#" { return false }
+        // Levels compared byte for byte (Substring == is Unicode canonical equivalence).
+        func same(_ a: Substring, _ b: Substring) -> Bool { a.utf8.elementsEqual(b.utf8) }
+        if filter.utf8.first == UInt8(ascii: "$"), let first = p.first, same(first, "+") || same(first, "#") { return false }
         for (i, level) in p.enumerated() {
-            if level == "#" { return true }
+            if same(level, "#") { return true }
             guard i < f.count else { return false }
-            if f[i] == "#" { return false }
-            if level == "+" { continue }
-            if f[i] == "+" || f[i] != level { return false }
+            if same(f[i], "#") { return false }
+            if same(level, "+") { continue }
+            if same(f[i], "+") || !same(f[i], level) { return false }
         }
         return p.count == f.count
     }

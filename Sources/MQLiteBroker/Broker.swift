@@ -15,7 +15,8 @@ public final class Broker: Sendable {
     /// Set once in `init`, read-only afterwards.
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
-    private let registry = Mutex<[String: Session]>([:])
+    /// Client id (compared byte for byte) → session.
+    private let registry = Mutex<[ByteText: Session]>([:])
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
     /// Bumped on every subscription change, so that workers know when their route caches are stale.
@@ -147,12 +148,12 @@ public final class Broker: Sendable {
         completion: @escaping @Sendable (_ session: Session?, _ present: Bool) -> Void
     ) {
         let (session, claim, present, replaced) = registry.withLock { registry -> (Session, Int, Bool, Session?) in
-            let existing = registry[clientID]
+            let existing = registry[ByteText(clientID)]
             if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
             let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
             // A connection still waiting to attach to the replaced session is superseded.
             _ = existing?.claim()
-            registry[clientID] = fresh
+            registry[ByteText(clientID)] = fresh
             return (fresh, fresh.claim(), false, existing)
         }
         if let replaced {
@@ -205,8 +206,8 @@ public final class Broker: Sendable {
     /// it went offline (that connection keeps it). On its owner's loop.
     func expire(_ session: Session, claim: Int, worker: Worker) {
         let expired = registry.withLock { registry -> Bool in
-            guard registry[session.clientID] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
-            registry[session.clientID] = nil
+            guard registry[ByteText(session.clientID)] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
+            registry[ByteText(session.clientID)] = nil
             return true
         }
         guard expired else { return }
@@ -219,7 +220,7 @@ public final class Broker: Sendable {
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
-        let filters = Array(session.subscriptions.keys)
+        let filters = session.subscriptions.keys.map { String($0.text) }
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptions.withLock { trie in
@@ -228,14 +229,14 @@ public final class Broker: Sendable {
             }
         }
         registry.withLock { registry in
-            if registry[session.clientID] === session { registry[session.clientID] = nil }
+            if registry[ByteText(session.clientID)] === session { registry[ByteText(session.clientID)] = nil }
         }
     }
 
     // MARK: - Subscriptions
 
     func subscribe(_ session: Session, filter: String, qos: QoS) {
-        session.subscriptions[filter] = qos
+        session.subscriptions[ByteText(filter)] = qos
         subscriptions.withLock { trie in
             trie.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos))
             subscriptionGeneration.add(1, ordering: .releasing)
@@ -243,7 +244,7 @@ public final class Broker: Sendable {
     }
 
     func unsubscribe(_ session: Session, filter: String) {
-        guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
+        guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
         subscriptions.withLock { trie in
             trie.remove(filter: filter, key: ObjectIdentifier(session))
             subscriptionGeneration.add(1, ordering: .releasing)

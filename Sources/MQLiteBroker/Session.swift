@@ -30,7 +30,8 @@ final class Session: @unchecked Sendable {
 
     // MARK: Owner-loop state
     var connection: ConnectionHandler?
-    var subscriptions: [String: QoS] = [:]
+    /// Filter (compared byte for byte) → granted QoS.
+    var subscriptions: [ByteText: QoS] = [:]
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()

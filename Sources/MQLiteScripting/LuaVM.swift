@@ -83,7 +83,7 @@ final class LuaVM: @unchecked Sendable {
     /// on_publish filters → index into `hooks[.publish]`.
     private let publishFilters = TopicTrie<Int, Void>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
-    private var publishMatches: [String: [Int]] = [:]
+    private var publishMatches: [ByteText: [Int]] = [:]
     /// The last topic asked for and its hooks: publishers send runs of one topic.
     private var lastTopic = ""
     private var lastMatches: [Int] = []
@@ -225,7 +225,8 @@ final class LuaVM: @unchecked Sendable {
 
     func push(_ string: String, repeating kind: Repeating) {
         let slot = Int32(Field.allCases.count + 1 + kind.rawValue)
-        if string != repeated[kind.rawValue] {
+        // Byte for byte: a canonically equivalent string with other bytes must not reuse the slot.
+        if !string.utf8.elementsEqual(repeated[kind.rawValue].utf8) {
             L.push(string)
             lua_copy(L, -1, slot)
             repeated[kind.rawValue] = string
@@ -270,8 +271,9 @@ final class LuaVM: @unchecked Sendable {
     /// costs a trie walk each time, as the broker's own route cache does for topics that go nowhere.
     func publishHooks(for topic: String) -> [Int] {
         if publishFilters.count == 0 { return [] }
-        if topic == lastTopic { return lastMatches }
-        if let cached = publishMatches[topic] {
+        // Topics compared byte for byte, as the trie matches them.
+        if topic.utf8.elementsEqual(lastTopic.utf8) { return lastMatches }
+        if let cached = publishMatches[ByteText(topic)] {
             (lastTopic, lastMatches) = (topic, cached)
             return cached
         }
@@ -285,7 +287,7 @@ final class LuaVM: @unchecked Sendable {
             publishMatches.removeAll(keepingCapacity: true)
             publishMatchBytes = 0
         }
-        publishMatches[topic] = indices
+        publishMatches[ByteText(topic)] = indices
         publishMatchBytes += cost
         return indices
     }
@@ -298,7 +300,7 @@ final class LuaVM: @unchecked Sendable {
 
     /// The match cache's size, counted entry by entry (for tests; run on the VM's worker or while it is idle).
     var matchCacheBytes: Int {
-        publishMatches.reduce(0) { $0 + Self.matchCost(topic: $1.key, indices: $1.value) }
+        publishMatches.reduce(0) { $0 + Self.matchCost(topic: String($1.key.text), indices: $1.value) }
     }
 }
 

@@ -1,3 +1,4 @@
+import MQTTCore
 import Dispatch
 import Synchronization
 
@@ -50,7 +51,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     }
 
     private struct State {
-        var entries: [String: Entry] = [:]
+        /// Keys compared byte for byte (not by Unicode equivalence: "josé" in two spellings are two keys).
+        var entries: [ByteText: Entry] = [:]
         var bytes = 0
         /// Min-heap of expiries by `at`. An expiry is stale once its key was deleted or set again
         /// (the entry no longer has that `at`); stale ones are skipped when popped, and dropped
@@ -59,16 +61,16 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         /// Entries that have an expiry (live heap entries).
         var expiring = 0
 
-        func isLive(_ expiry: Expiry) -> Bool { entries[expiry.key]?.expires == expiry.at }
+        func isLive(_ expiry: Expiry) -> Bool { entries[ByteText(expiry.key)]?.expires == expiry.at }
 
         mutating func remove(_ key: String) {
-            guard let old = entries.removeValue(forKey: key) else { return }
+            guard let old = entries.removeValue(forKey: ByteText(key)) else { return }
             bytes -= old.cost
             if old.expires != nil { expiring -= 1 }
         }
 
         mutating func put(_ key: String, _ entry: Entry) {
-            if let old = entries.updateValue(entry, forKey: key) {
+            if let old = entries.updateValue(entry, forKey: ByteText(key)) {
                 bytes -= old.cost
                 if old.expires != nil { expiring -= 1 }
             }
@@ -94,7 +96,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
         private mutating func compact() {
             let entries = self.entries  // (not copied: only read)
-            heap.removeAll { entries[$0.key]?.expires != $0.at }
+            heap.removeAll { entries[ByteText($0.key)]?.expires != $0.at }
             var i = heap.count / 2
             while i > 0 {
                 i -= 1
@@ -167,7 +169,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         let now = ContinuousClock.now
         return state.withLock { state in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
-            guard let entry = state.entries[key] else { return nil }
+            guard let entry = state.entries[ByteText(key)] else { return nil }
             if let expires = entry.expires, expires <= now {
                 state.remove(key)
                 return nil
@@ -206,11 +208,11 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         let now = ContinuousClock.now
         let result = state.withLock { state -> Result<Int64, Failure> in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
-            if var entry = state.entries[key], entry.expires.map({ $0 > now }) ?? true {
+            if var entry = state.entries[ByteText(key)], entry.expires.map({ $0 > now }) ?? true {
                 guard case .int(let current) = entry.value else { return .failure(.notInteger) }
                 let next = current &+ by
                 entry.value = .int(next)
-                state.entries[key] = entry  // same size, same expiry
+                state.entries[ByteText(key)] = entry  // same size, same expiry
                 return .success(next)
             }
             let entry = Entry(value: .int(by), expires: nil, cost: Self.cost(key, .int(by)))
@@ -224,7 +226,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     /// Whether an entry of `cost` bytes can replace `key`'s (if any) within `maxBytes`; if not at
     /// first, after every expired entry has been removed.
     private func fits(_ state: inout State, key: String, cost: Int, now: ContinuousClock.Instant) -> Bool {
-        func fitsNow() -> Bool { state.bytes - (state.entries[key]?.cost ?? 0) + cost <= maxBytes }
+        func fitsNow() -> Bool { state.bytes - (state.entries[ByteText(key)]?.cost ?? 0) + cost <= maxBytes }
         if fitsNow() { return true }
         state.removeExpired(now: now, limit: .max)
         return fitsNow()

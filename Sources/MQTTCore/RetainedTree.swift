@@ -15,7 +15,7 @@
 /// live in a `Mutex`; its state must only be touched under that lock.
 public final class RetainedTree<Value>: @unchecked Sendable {
     final class Node {
-        var children: [Substring: Node] = [:]
+        var children: [ByteText: Node] = [:]
         var value: Value?
     }
 
@@ -31,12 +31,12 @@ public final class RetainedTree<Value>: @unchecked Sendable {
     public func set(_ topic: String, _ value: Value) {
         var node = root
         for level in topic.split(separator: "/", omittingEmptySubsequences: false) {
-            if let next = node.children[level] {
+            if let next = node.children[ByteText(level)] {
                 node = next
             } else {
                 let next = Node()
                 // The key holds only this level's bytes, not the whole topic string.
-                node.children[Substring(String(level))] = next
+                node.children[ByteText(String(level))] = next
                 nodeCount += 1
                 node = next
             }
@@ -52,7 +52,7 @@ public final class RetainedTree<Value>: @unchecked Sendable {
         var path: [(parent: Node, level: Substring)] = []
         var node = root
         for level in topic.split(separator: "/", omittingEmptySubsequences: false) {
-            guard let next = node.children[level] else { return false }
+            guard let next = node.children[ByteText(level)] else { return false }
             path.append((node, level))
             node = next
         }
@@ -60,7 +60,7 @@ public final class RetainedTree<Value>: @unchecked Sendable {
         node.value = nil
         count -= 1
         while node.value == nil, node.children.isEmpty, let (parent, level) = path.popLast() {
-            parent.children[level] = nil
+            parent.children[ByteText(level)] = nil
             nodeCount -= 1
             node = parent
         }
@@ -71,7 +71,7 @@ public final class RetainedTree<Value>: @unchecked Sendable {
     public func value(of topic: String) -> Value? {
         var node = root
         for level in topic.split(separator: "/", omittingEmptySubsequences: false) {
-            guard let next = node.children[level] else { return nil }
+            guard let next = node.children[ByteText(level)] else { return nil }
             node = next
         }
         return node.value
@@ -115,18 +115,18 @@ public final class RetainedTree<Value>: @unchecked Sendable {
                     if let value = node.value { out.append(value) }
                     continue
                 }
-                let level = scan.levels[index]
+                let level = ByteText(scan.levels[index])
                 // Wildcards at the first level do not match topics starting with '$' (§4.7.2).
                 let atRoot = node === root
                 switch level {
-                case "#":
+                case _ where level.isExactly("#"):
                     // "a/#" also matches "a" itself: the parent level (§4.7.1.2).
                     if let value = node.value { out.append(value) }
-                    for (key, child) in node.children where !(atRoot && key.utf8.first == UInt8(ascii: "$")) {
+                    for (key, child) in node.children where !(atRoot && key.text.utf8.first == UInt8(ascii: "$")) {
                         scan.pending.append(.subtree(child))
                     }
-                case "+":
-                    for (key, child) in node.children where !(atRoot && key.utf8.first == UInt8(ascii: "$")) {
+                case _ where level.isExactly("+"):
+                    for (key, child) in node.children where !(atRoot && key.text.utf8.first == UInt8(ascii: "$")) {
                         scan.pending.append(.match(child, index: index + 1))
                     }
                 default:

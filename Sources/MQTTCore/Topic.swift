@@ -79,3 +79,27 @@ public enum Topic {
         topic.split(separator: "/", omittingEmptySubsequences: false)
     }
 }
+
+/// Text compared and hashed as its UTF-8 bytes. Swift's `String` and `Substring` compare by
+/// Unicode canonical equivalence ("é" equals "e" + U+0301, U+212A KELVIN SIGN equals "K"), but
+/// MQTT compares topic names, filters and client ids byte for byte, with no normalisation
+/// (MQTT-4.7.3-4): every map keyed by them uses this, or two clients could share a session, a
+/// subscription or an ACL pattern by sending different bytes.
+public struct ByteText: Hashable, Sendable {
+    public let text: Substring
+
+    public init(_ text: Substring) { self.text = text }
+    public init(_ text: String) { self.text = text[...] }
+
+    public static func == (a: ByteText, b: ByteText) -> Bool { a.text.utf8.elementsEqual(b.text.utf8) }
+
+    public func hash(into hasher: inout Hasher) {
+        var copy = text
+        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+    }
+
+    /// Whether the text is exactly these ASCII bytes.
+    public func isExactly(_ ascii: StaticString) -> Bool {
+        ascii.withUTF8Buffer { text.utf8.elementsEqual($0) }
+    }
+}

@@ -11,25 +11,27 @@ public final class TopicTrie<Key: Hashable, Value> {
     private final class Node {
         /// Children by level, wildcards apart: one lookup per level on the match path, and the
         /// `+` and `#` children without hashing.
-        var children: [Substring: Node] = [:]
+        var children: [ByteText: Node] = [:]
         var plus: Node?
         var hash: Node?
         var entries: [Key: Value] = [:]
         var isEmpty: Bool { entries.isEmpty && children.isEmpty && plus == nil && hash == nil }
 
         func child(_ level: Substring) -> Node? {
-            switch level {
-            case "+": plus
-            case "#": hash
-            default: children[level]
-            }
+            let key = ByteText(level)
+            if key.isExactly("+") { return plus }
+            if key.isExactly("#") { return hash }
+            return children[key]
         }
 
         func setChild(_ level: Substring, _ node: Node?) {
-            switch level {
-            case "+": plus = node
-            case "#": hash = node
-            default: children[level] = node
+            let key = ByteText(level)
+            if key.isExactly("+") {
+                plus = node
+            } else if key.isExactly("#") {
+                hash = node
+            } else {
+                children[key] = node
             }
         }
     }
@@ -99,7 +101,7 @@ public final class TopicTrie<Key: Hashable, Value> {
             if let levelStart = start {
                 let levelEnd = utf8[levelStart...].firstIndex(of: UInt8(ascii: "/")) ?? utf8.endIndex
                 let next: String.Index? = levelEnd == utf8.endIndex ? nil : utf8.index(after: levelEnd)
-                let exact = node.children.isEmpty ? nil : node.children[topic[levelStart..<levelEnd]]
+                let exact = node.children.isEmpty ? nil : node.children[ByteText(topic[levelStart..<levelEnd])]
                 let plus = wildcards ? node.plus : nil
                 if let exact {
                     if let plus { pending.append((plus, next)) }

@@ -166,3 +166,61 @@ struct ACLDeliveryTests {
         }
     }
 }
+
+/// Each client may use only `devices/<its client id>/#`.
+final class OwnDeviceHooks: BrokerHooks {
+    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+        client.clientID == "backend" ? [] : [ACLTable(publish: ["devices/%c/#"], subscribe: ["devices/%c/#"])]
+    }
+}
+
+@Suite("Byte-exact client ids and topics (no Unicode normalisation, MQTT-4.7.3-4)")
+struct ByteExactTests {
+    // "é" precomposed and decomposed, "K" and U+212A KELVIN SIGN: equal as Swift Strings, not as bytes.
+    let composed = "jos\u{E9}", decomposed = "jose\u{301}"
+
+    @Test("client ids that differ in bytes are different clients, even when Unicode-equivalent")
+    func clientIDs() async throws {
+        #expect(composed == decomposed)  // what Swift's String says
+        try await withBroker { b in
+            let victim = try await TestClient.open(port: b.port)
+            _ = try await victim.connect(ConnectPacket(cleanSession: false, clientID: composed))
+            try await victim.subscribe("x", qos: .atLeastOnce)
+            let attacker = try await TestClient.open(port: b.port)
+            #expect(try await attacker.connect(ConnectPacket(cleanSession: false, clientID: decomposed)).sessionPresent == false)
+            try await victim.ping()  // not taken over
+        }
+    }
+
+    @Test("topics and filters match byte for byte: no delivery across equivalent spellings, and no retained message overwritten")
+    func topics() async throws {
+        try await withBroker { b in
+            let sub = try await b.client("sub")
+            try await sub.subscribe("devices/Kx/cmd")
+            try await sub.subscribe("cafe\u{301}")
+            let pub = try await b.client("pub")
+            try await pub.publish("devices/\u{212A}x/cmd", "kelvin")
+            try await pub.publish("caf\u{E9}", "composed")
+            try await sub.expectNothing()
+            try await pub.publish("devices/Kx/state", "kept", retain: true)
+            try await pub.publish("devices/\u{212A}x/state", "", retain: true)
+            try await pub.ping()
+            #expect(b.broker.retainedCount == 1)
+            // Unsubscribing one spelling leaves the other.
+            try await sub.subscribe("caf\u{E9}")
+            sub.send(.unsubscribe(UnsubscribePacket(packetID: 9, filters: ["cafe\u{301}"])))
+            #expect(try await sub.expectPacket() == .unsuback(packetID: 9))
+            try await pub.publish("caf\u{E9}", "still subscribed")
+            #expect(String(buffer: try await sub.expectPublish().payload) == "still subscribed")
+        }
+    }
+
+    @Test("ACL patterns with %c cover only the client's own bytes")
+    func aclPatterns() async throws {
+        try await withBroker(hooks: OwnDeviceHooks()) { b in
+            let attacker = try await b.client(decomposed)
+            #expect(try await attacker.subscribe([("devices/\(composed)/#", .atMostOnce)]) == [.failure])
+            #expect(try await attacker.subscribe([("devices/\(decomposed)/#", .atMostOnce)], id: 2) == [.granted(.atMostOnce)])
+        }
+    }
+}
