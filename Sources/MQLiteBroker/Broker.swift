@@ -283,6 +283,18 @@ public final class Broker: Sendable {
     /// of `retainedScanChunk` nodes, each under the lock, so a wide filter (`#` over many
     /// retained messages) never holds the lock for long and retained publishes on other workers
     /// go on between chunks. A message set or cleared during the walk may or may not be seen.
+    /// A walk of the retained messages matching `filter`, to be continued in steps.
+    func retainedScan(matching filter: String) -> RetainedTree<Message>.Scan {
+        retained.withLock { $0.scan(matching: filter) }
+    }
+
+    /// The next retained messages of `scan`: at most `limit` nodes are visited, under the lock.
+    func continueRetainedScan(_ scan: inout RetainedTree<Message>.Scan, limit: Int) -> [Message] {
+        var found: [Message] = []
+        retained.withLock { $0.continueScan(&scan, limit: limit, into: &found) }
+        return found
+    }
+
     func retainedMessages(matching filter: String) -> [Message] {
         var scan = retained.withLock { $0.scan(matching: filter) }
         var found: [Message] = []

@@ -166,6 +166,15 @@ final class ConnectionHandler: ChannelInboundHandler {
         worker.flushDirty()
     }
 
+    /// Pumps the session again once the loop has served others.
+    func pumpSoon() {
+        let this = NIOLoopBound(self, eventLoop: worker.loop)
+        worker.loop.execute {
+            let handler = this.value
+            if let session = handler.session, case .connected = handler.state { session.pump(broker: handler.broker) }
+        }
+    }
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable, let session, case .connected = state { session.pump(broker: broker) }
     }
@@ -417,12 +426,11 @@ final class ConnectionHandler: ChannelInboundHandler {
             granted.append((filter, qos))
         }
         writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
-        for (filter, qos) in granted {
-            for message in broker.retainedMessages(matching: filter) {
-                // Every retained message that matches is sent (MQTT-3.3.1-6): past what the
-                // socket takes now, they wait in the queue, outside its limits, as it drains.
-                session.deliver(Delivery(message: message, qos: min(qos, message.qos), retain: true, frame: nil), broker: broker, unlimited: true)
-            }
+        // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
+        // tree as the socket drains. A filter granted twice in one packet is walked once.
+        var seen = Set<ByteText>()
+        for (filter, qos) in granted.reversed() where seen.insert(ByteText(filter)).inserted {
+            session.sendRetained(matching: filter, qos: qos, broker: broker)
         }
     }
 

@@ -96,6 +96,7 @@ final class Session: @unchecked Sendable {
     /// The connection went away: an offline queue holds no publisher back.
     func disconnected() {
         connection = nil
+        retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
         congestionStart = nil
     }
@@ -140,15 +141,13 @@ final class Session: @unchecked Sendable {
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
     /// Returns the compacted message when it queued one, so that the caller hands that copy to
     /// the other sessions the message goes to (one copy however many queues keep it).
-    /// `unlimited`: queued past `max_queued` and `max_queued_bytes` (retained messages sent on
-    /// SUBSCRIBE, which must all go out).
     @discardableResult
-    func deliver(_ delivery: Delivery, broker: Broker, unlimited: Bool = false) -> Message? {
+    func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
         if ended { return nil }
         if receiveACL != nil && !mayReceive(delivery.message.topic) { return nil }
         guard let connection else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
-            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker, unlimited: unlimited) }
+            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
             return nil
         }
         if queue.isEmpty && connection.canWrite
@@ -157,11 +156,38 @@ final class Session: @unchecked Sendable {
             send(delivery, on: connection)
             return nil
         }
-        return enqueue(delivery, broker: broker, unlimited: unlimited)
+        return enqueue(delivery, broker: broker)
     }
 
-    /// Whether messages wait in the queue.
-    var hasQueued: Bool { !queue.isEmpty }
+    /// Whether messages wait in the queue, or retained messages still to be sent.
+    var hasQueued: Bool { !queue.isEmpty || !retainedBacklog.isEmpty }
+
+    // MARK: - Retained messages on SUBSCRIBE
+
+    /// Walks of the retained tree still to deliver, one per granted filter, in SUBSCRIBE order.
+    /// They are continued only when the queue is empty and the socket can take more, a few
+    /// hundred nodes at a time: neither memory nor a worker's time follows how many retained
+    /// messages match, only what the client reads.
+    private var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
+    private static let retainedStep = 256
+
+    func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
+        guard connection != nil, !ended else { return }
+        retainedBacklog.append((broker.retainedScan(matching: filter), qos))
+        pump(broker: broker)
+    }
+
+    /// Delivers the next step of retained messages; whether there was anything to walk.
+    private func continueRetained(broker: Broker) -> Bool {
+        guard var head = retainedBacklog.first else { return false }
+        let step = max(1, min(Self.retainedStep, broker.configuration.limits.maxQueued))
+        let messages = broker.continueRetainedScan(&head.scan, limit: step)
+        if head.scan.isDone { retainedBacklog.removeFirst() } else { retainedBacklog[retainedBacklog.startIndex] = head }
+        for message in messages {
+            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil), broker: broker)
+        }
+        return true
+    }
 
     private func mayReceive(_ topic: ByteBuffer) -> Bool {
         if let verdict = receiveVerdicts[topic] { return verdict }
@@ -171,10 +197,10 @@ final class Session: @unchecked Sendable {
         return verdict
     }
 
-    private func enqueue(_ delivery: Delivery, broker: Broker, unlimited: Bool) -> Message? {
+    private func enqueue(_ delivery: Delivery, broker: Broker) -> Message? {
         let limits = broker.configuration.limits
         let size = delivery.message.size
-        guard unlimited || queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
+        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
             droppedInEpisode += 1
             broker.droppedMessages.add(1, ordering: .relaxed)
             if droppedInEpisode == 1 {
@@ -220,7 +246,20 @@ final class Session: @unchecked Sendable {
         guard let connection, !ended else { return }
         let maxInflight = broker.configuration.limits.maxInflight
         var sent = false
-        while let head = queue.first, connection.canWrite {
+        var retainedSteps = 0
+        while connection.canWrite, !ended {
+            guard let head = queue.first else {
+                // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
+                // that delivers little (an ACL holds most back) yields the loop now and then.
+                guard !retainedBacklog.isEmpty else { break }
+                retainedSteps += 1
+                if retainedSteps > 16 {
+                    connection.pumpSoon()
+                    break
+                }
+                _ = continueRetained(broker: broker)
+                continue
+            }
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
             queuedBytes -= head.message.size
             send(queue.removeFirst(), on: connection)
@@ -281,6 +320,7 @@ final class Session: @unchecked Sendable {
         ended = true
         inflight.removeAll()
         queue.removeAll()
+        retainedBacklog.removeAll()
         queuedBytes = 0
         congestedUntil.store(0, ordering: .relaxed)
         congestionStart = nil

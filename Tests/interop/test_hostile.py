@@ -382,3 +382,49 @@ def test_a_slow_acknowledger_cannot_hold_publishers_back_for_long(broker):
     assert len(counts) >= 5 and all(c > 0 for c in counts[2:6]), f"bytes per second to the bystander: {counts}"
     for s in (pub, slow, bystander):
         s.close()
+
+
+def test_retained_on_subscribe_is_fetched_as_the_client_reads(broker):
+    """1,000 retained messages and one SUBSCRIBE naming `h/#` a thousand times, from a client that
+    never reads: the worker goes on serving others, and memory does not follow the filters."""
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"retainer"))
+    read_exactly(pub, 4)
+    batch = b"".join(bytes([0x31]) + publish_packet(b"h/%d" % i, b"r" * 200)[1:] for i in range(1000))
+    pub.sendall(batch + b"\xc0\x00")
+    read_exactly(pub, 2)
+    before = rss_kib(broker.proc.pid)
+    # SUBSCRIBE h/# x 1000 (QoS 0), clean session 0, and never read.
+    filters = b"".join(struct.pack("!H", 3) + b"h/#" + b"\x00" for _ in range(1000))
+    body = struct.pack("!H", 1) + filters
+    header = bytearray([0x82])
+    remaining = len(body)
+    while True:
+        byte, remaining = remaining % 128, remaining // 128
+        header.append(byte | (0x80 if remaining else 0))
+        if not remaining:
+            break
+    hog = socket.create_connection(("127.0.0.1", broker.port))
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.sendall(persistent_connect(b"hog") + bytes(header) + body)
+    # Other clients, on both workers, get their PINGRESP promptly meanwhile.
+    others = []
+    for i in range(4):
+        s = socket.create_connection(("127.0.0.1", broker.port))
+        s.sendall(connect_packet(b"other%d" % i))
+        read_exactly(s, 4)
+        others.append(s)
+    worst = 0.0
+    for _ in range(5):
+        for s in others:
+            start = time.monotonic()
+            s.sendall(b"\xc0\x00")
+            read_exactly(s, 2)
+            worst = max(worst, time.monotonic() - start)
+        time.sleep(0.1)
+    grown = rss_kib(broker.proc.pid) - before
+    assert worst < 1.0, f"a PINGREQ waited {worst:.2f} s while the hog's SUBSCRIBE was served"
+    assert grown < 30_000, f"RSS grew {grown} KiB for one SUBSCRIBE of 1,000 copies of h/#"
+    hog.close()
+    for s in others + [pub]:
+        s.close()
