@@ -14,6 +14,16 @@ def rss_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
+def remaining_length(n):
+    """MQTT's variable-length encoding of a remaining length."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def connect_packet(client_id):
     body = b"\x00\x04MQTT\x04\x02\x00\x00" + struct.pack("!H", len(client_id)) + client_id
     return bytes([0x10, len(body)]) + body
@@ -53,14 +63,7 @@ def test_half_sent_publishes_give_memory_back(broker):
         s = socket.create_connection(("127.0.0.1", broker.port))
         s.sendall(connect_packet(b"half%d" % i))
         # A PUBLISH announcing 1,000,000 bytes, of which 900 KB come.
-        remaining = 1_000_000
-        header = bytearray([0x30])
-        while True:
-            byte, remaining = remaining % 128, remaining // 128
-            header.append(byte | (0x80 if remaining else 0))
-            if not remaining:
-                break
-        s.sendall(bytes(header) + b"\x00\x01t" + b"x" * 900_000)
+        s.sendall(b"\x30" + remaining_length(1_000_000) + b"\x00\x01t" + b"x" * 900_000)
         socks.append(s)
     # The broker holds the partial packets while the sockets are open.
     assert wait_for(lambda: rss_kib(broker.proc.pid) - before > 100_000, 20), "partial packets not buffered?"
@@ -72,14 +75,7 @@ def test_half_sent_publishes_give_memory_back(broker):
 
 def publish_packet(topic, payload, qos=0, packet_id=1):
     body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", packet_id) if qos else b"") + payload
-    header = bytearray([0x30 | (qos << 1)])
-    remaining = len(body)
-    while True:
-        byte, remaining = remaining % 128, remaining // 128
-        header.append(byte | (0x80 if remaining else 0))
-        if not remaining:
-            break
-    return bytes(header) + body
+    return bytes([0x30 | (qos << 1)]) + remaining_length(len(body)) + body
 
 
 def persistent_connect(client_id):
@@ -397,13 +393,7 @@ def test_retained_on_subscribe_is_fetched_as_the_client_reads(broker):
     # SUBSCRIBE h/# x 1000 (QoS 0), clean session 0, and never read.
     filters = b"".join(struct.pack("!H", 3) + b"h/#" + b"\x00" for _ in range(1000))
     body = struct.pack("!H", 1) + filters
-    header = bytearray([0x82])
-    remaining = len(body)
-    while True:
-        byte, remaining = remaining % 128, remaining // 128
-        header.append(byte | (0x80 if remaining else 0))
-        if not remaining:
-            break
+    header = b"\x82" + remaining_length(len(body))
     hog = socket.create_connection(("127.0.0.1", broker.port))
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     hog.sendall(persistent_connect(b"hog") + bytes(header) + body)
