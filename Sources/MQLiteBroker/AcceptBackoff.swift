@@ -9,7 +9,7 @@ import NIOCore
 
 /// On a listener: when `accept` fails for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM),
 /// stops accepting for `backoff`, then tries again; logs the first failure of an episode and
-/// the recovery (the first connection accepted after it).
+/// the recovery (the first connection accepted after it), at most one episode per 10 s.
 ///
 /// Why not NIO's `AcceptBackoffHandler`: it delays the listener's next `read()`, but when every
 /// `accept` of a read cycle fails, NIO's server channel keeps its read pending and its interest
@@ -28,6 +28,11 @@ final class AcceptBackoff: ChannelInboundHandler, RemovableChannelHandler {
     private var failing = false
     private var failures = 0
     private var resume: Scheduled<Void>?
+    /// When an episode was last logged: at the fd limit, one freed descriptor ends an episode and
+    /// the next accept starts another, so episodes are logged at most once per `logInterval`.
+    private var lastLogged: NIODeadline?
+    private var episodeLogged = false
+    private static let logInterval = TimeAmount.seconds(10)
 
     init(logger: Logger, backoff: TimeAmount) {
         self.logger = logger
@@ -45,7 +50,7 @@ final class AcceptBackoff: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if failing {
             failing = false
-            logger.notice("accepting connections again, after \(failures) failed accepts")
+            if episodeLogged { logger.notice("accepting connections again, after \(failures) failed accepts") }
         }
         context.fireChannelRead(data)
     }
@@ -58,9 +63,14 @@ final class AcceptBackoff: ChannelInboundHandler, RemovableChannelHandler {
         failures = failing ? failures + 1 : 1
         if !failing {
             failing = true
-            logger.error(
-                "cannot accept connections: \(error) (out of file descriptors? raise `ulimit -n`); pausing accepts, retrying every \(backoff.nanoseconds / 1_000_000) ms"
-            )
+            let now = NIODeadline.now()
+            episodeLogged = lastLogged.map { now - $0 >= Self.logInterval } ?? true
+            if episodeLogged {
+                lastLogged = now
+                logger.error(
+                    "cannot accept connections: \(error) (out of file descriptors? raise `ulimit -n`); pausing accepts, retrying every \(backoff.nanoseconds / 1_000_000) ms"
+                )
+            }
         }
         guard resume == nil, let options = context.channel.syncOptions else { return }
         try? options.setOption(.autoRead, value: false)
