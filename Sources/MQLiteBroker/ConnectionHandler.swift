@@ -356,14 +356,11 @@ final class ConnectionHandler: ChannelInboundHandler {
         guard mayPublish(topic) else { return }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
         let route = worker.route(for: topic)
-        guard route.hooked else {
-            if worker.publish(message, along: route) { holdBackIfCongested(route.targets) }
-            return
-        }
+        guard route.hooked else { return publish(message, along: route) }
         let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
         case .deliver:
-            worker.publish(message, along: route)
+            publish(message, along: route)
         case .drop:
             break
         case .change(let changed):
@@ -373,11 +370,17 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
+    /// Routes a message of this client, holding the client back if a subscriber it reaches is
+    /// congested (the same for messages as sent and as hooks changed them).
+    private func publish(_ message: Message, along route: Worker.Route) {
+        if worker.publish(message, along: route) { holdBackIfCongested(route.targets) }
+    }
+
     /// Routes a message a publish hook produced in place of the one on `topic`.
     private func publishChanged(_ m: HookedMessage, original: HookedMessage, topic: ByteBuffer, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
         if m.topic.utf8.elementsEqual(original.topic.utf8) {
-            worker.publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+            publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }
         do {
@@ -389,7 +392,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         // A rewritten topic is checked against the ACL again.
         let rewritten = ByteBuffer(string: m.topic)
         guard mayPublish(rewritten) else { return }
-        worker.publish(Message(topic: rewritten, payload: m.payload, qos: m.qos, retain: m.retain))
+        publish(Message(topic: rewritten, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: rewritten))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {

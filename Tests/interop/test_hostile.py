@@ -255,6 +255,21 @@ def test_every_retained_message_reaches_a_wildcard_subscriber(broker):
 def test_slow_consumer_drops_only_for_the_stalled(broker):
     """A burst to two subscribers: one never reads, one reads steadily but slower than the
     publisher sends. The reading one must get (nearly) everything; only the stalled one loses."""
+    burst_to_a_stalled_and_a_slow_reader(broker)
+
+
+def test_slow_consumer_policy_also_holds_back_hooked_publishers(tmp_path):
+    """The same with an on_publish hook that changes every message of the burst."""
+    script = tmp_path / "touch.lua"
+    script.write_text('mqlite.on_publish("burst", function(m) return { payload = m.payload } end)\n')
+    b = Broker(["-t", "2"], config_text=f'[[listener]]\nbind = "127.0.0.1:0"\n[[plugin]]\nscript = "{script}"\n')
+    try:
+        burst_to_a_stalled_and_a_slow_reader(b)
+    finally:
+        b.stop()
+
+
+def burst_to_a_stalled_and_a_slow_reader(broker):
     import threading
     total = 256 * 235  # sent in chunks of 256
     frame = publish_packet(b"burst", b"m" * 1024)
