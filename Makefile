@@ -40,10 +40,8 @@ test: test-deps
 # coverage and ASan), then each target for FUZZ_SECONDS. `make test` ends with the short run.
 FUZZ_SECONDS ?= 600
 FUZZ_TARGETS ?= decoder connection json config
-# The config target is left out of the smoke run: toml++ (inside TOMLKit) still fails assertions
-# on malformed files within a minute or so (Fuzz/known/README.md), which would fail every run.
-FUZZ_SMOKE_SECONDS ?= 20
-FUZZ_SMOKE_TARGETS ?= decoder connection json
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SMOKE_TARGETS ?= decoder connection json config
 
 fuzz-build: deps
 	$(SWIFT) build --scratch-path .build-fuzz --product mqlite-fuzz --sanitize=fuzzer -Xswiftc -sanitize=fuzzer,address
@@ -51,7 +49,7 @@ fuzz-build: deps
 fuzz: fuzz-build
 	Fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
-# FUZZ_SMOKE_SECONDS for each of FUZZ_SMOKE_TARGETS (20 s x 3: a minute in all); fails on any
+# FUZZ_SMOKE_SECONDS for each of FUZZ_SMOKE_TARGETS (15 s x 4: a minute in all); fails on any
 # crash or hang.
 fuzz-smoke: fuzz-build
 	Fuzz/run.sh $(FUZZ_SMOKE_SECONDS) $(FUZZ_SMOKE_TARGETS)

@@ -152,6 +152,7 @@ let package = Package(
             name: "MQLiteBrokerTests",
             dependencies: [
                 "MQLiteBroker",
+                .product(name: "TOMLKit", package: "TOMLKit"),
                 "MQLiteTestSupport",
                 "MQTTCore",
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -44,6 +44,12 @@ public enum ConfigFile {
             let line = text.utf8[..<nul].count(where: { $0 == UInt8(ascii: "\n") }) + 1
             throw ConfigError(file: file, key: nil, problem: "NUL byte at line \(line) (not a text file?)")
         }
+        // Only well-formed text reaches toml++: it fails assertions on some malformed files
+        // (TOMLSyntax explains).
+        if let failure = TOMLSyntax.check(text) {
+            throw ConfigError(
+                file: file, key: nil, problem: "TOML syntax error at line \(failure.line), column \(failure.column): \(failure.problem)")
+        }
         let root: TOMLTable
         do {
             root = try TOMLTable(string: text)

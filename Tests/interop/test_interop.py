@@ -181,6 +181,15 @@ def test_bad_listener_and_arguments_exit_2_naming_key_and_address(tmp_path):
     r = subprocess.run([BINARY, "-c", str(nul), "--check"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "NUL byte at line 3" in r.stderr, r.stderr
 
+    # Malformed files on which the TOML library (toml++ inside TOMLKit) failed an assertion and
+    # aborted the process (Fuzz/regressions/config/): a syntax error and exit 2 instead.
+    for i, (text, where) in enumerate([(b"[#", "line 1, column 2"), (b"[server]\no=[}", "line 2, column 4"),
+                                       (b"e=6979-05-27T:", "line 1, column 14"), (b"\xef\xbb\xbf[\x97\x96", "")]):
+        bad = tmp_path / f"toml{i}.conf"
+        bad.write_bytes(text)
+        r = subprocess.run([BINARY, "-c", str(bad), "--check"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and str(bad) in r.stderr and where in r.stderr, (text, r.returncode, r.stderr)
+
     for threads in ["100000", "1025"]:
         r = subprocess.run([BINARY, "-t", threads, "--check"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "-t" in r.stderr and "from 0 to 1024" in r.stderr, r.stderr
