@@ -16,7 +16,7 @@ public final class Broker: Sendable {
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
     /// Client id (compared byte for byte) → session.
-    private let registry = Mutex<[ByteText: Session]>([:])
+    private let registry = Mutex<[ClientIDKey: Session]>([:])
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
     /// Bumped on every subscription change, so that workers know when their route caches are stale.
@@ -148,12 +148,12 @@ public final class Broker: Sendable {
         completion: @escaping @Sendable (_ session: Session?, _ present: Bool) -> Void
     ) {
         let (session, claim, present, replaced) = registry.withLock { registry -> (Session, Int, Bool, Session?) in
-            let existing = registry[ByteText(clientID)]
+            let existing = registry[ClientIDKey(clientID)]
             if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
             let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
             // A connection still waiting to attach to the replaced session is superseded.
             _ = existing?.claim()
-            registry[ByteText(clientID)] = fresh
+            registry[ClientIDKey(clientID)] = fresh
             return (fresh, fresh.claim(), false, existing)
         }
         if let replaced {
@@ -206,8 +206,8 @@ public final class Broker: Sendable {
     /// it went offline (that connection keeps it). On its owner's loop.
     func expire(_ session: Session, claim: Int, worker: Worker) {
         let expired = registry.withLock { registry -> Bool in
-            guard registry[ByteText(session.clientID)] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
-            registry[ByteText(session.clientID)] = nil
+            guard registry[ClientIDKey(session.clientID)] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
+            registry[ClientIDKey(session.clientID)] = nil
             return true
         }
         guard expired else { return }
@@ -229,7 +229,7 @@ public final class Broker: Sendable {
             }
         }
         registry.withLock { registry in
-            if registry[ByteText(session.clientID)] === session { registry[ByteText(session.clientID)] = nil }
+            if registry[ClientIDKey(session.clientID)] === session { registry[ClientIDKey(session.clientID)] = nil }
         }
     }
 
@@ -328,4 +328,19 @@ public struct ListenError: Error, CustomStringConvertible {
     public var underlying: any Error
 
     public var description: String { "cannot listen on \(address): \(underlying)" }
+}
+
+/// A client id as the registry's key: compared and hashed byte for byte, as `ByteText`, but
+/// half its size (a `String`, not a `Substring`): the registry holds one per client.
+private struct ClientIDKey: Hashable {
+    let id: String
+
+    init(_ id: String) { self.id = id }
+
+    static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.utf8.elementsEqual(b.id.utf8) }
+
+    func hash(into hasher: inout Hasher) {
+        var copy = id
+        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+    }
 }

@@ -17,24 +17,26 @@ final class ConnectionHandler: ChannelInboundHandler {
         case closed
     }
 
+    // Stored properties are laid out in this order: references and words first, then the
+    // single-byte ones together, so that an idle connection's handler stays in a small malloc
+    // size class (the will, which most clients do not set, is boxed for the same reason).
     private let broker: Broker
     private let worker: Worker
     private var context: ChannelHandlerContext?
-    private var decoder: MQTTDecoder
-    /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
-    /// connection holds no read buffer.
-    private var cumulation: ByteBuffer?
-    private var state = State.awaitingConnect
     private var session: Session?
-    private var will: Will?
+    private var will: Box<Will>?
     /// Access rules from the `authorize` hook, enforced here for the life of the connection.
     private var acl: ClientACL?
     /// Publish verdicts per topic for this client, so the ACL is matched once per topic.
     private var aclVerdicts: [ByteBuffer: Bool] = [:]
-    private var counted = false
-
+    /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
+    /// connection holds no read buffer.
+    private var cumulation: ByteBuffer?
     private var output: ByteBuffer?
+    private var state = State.awaitingConnect
+    private var counted = false
     private var isDirty = false
+    private var holdBackCheckPending = false
 
     /// 1.5 x the client's keep-alive (zero: no check).
     private var keepAlive = TimeAmount.zero
@@ -51,7 +53,6 @@ final class ConnectionHandler: ChannelInboundHandler {
     init(broker: Broker, worker: Worker) {
         self.broker = broker
         self.worker = worker
-        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
         broker.connectionObjects.add(1, ordering: .relaxed)
     }
 
@@ -141,6 +142,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// Decodes and handles the packets in `buffer`, keeping what is left (an incomplete packet,
     /// or everything after the point where back-pressure paused this client) for later.
     private func process(_ buffer: inout ByteBuffer) {
+        var decoder = worker.decoder  // stateless: the limits only
         do {
             while holdBack == nil, let packet = try decoder.decode(buffer: &buffer) {
                 handle(packet)
@@ -274,7 +276,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         if let will = connect.will, let acl, !acl.allowsPublish(topic: will.topic) {
             return refuse(.notAuthorized, "will topic denied by ACL")
         }
-        will = connect.will
+        will = connect.will.map(Box.init)
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
         lastRead = .now()
         state = .opening(pending: [])
@@ -469,8 +471,6 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private var holdBackCheckPending = false
-
     private func checkHoldBack() {
         holdBackCheckPending = false
         guard let targets = holdBack, case .connected = state else {
@@ -535,7 +535,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             session.compactInflight()
             worker.sessionWentOffline(session)
         }
-        if publishWill, let will {
+        if publishWill, let will = will?.value {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it.
             route(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain)

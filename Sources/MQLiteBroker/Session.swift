@@ -21,8 +21,6 @@ final class Session: @unchecked Sendable {
     }
 
     let clientID: String
-    /// Clean session 0: kept after disconnect, queueing QoS 1/2 messages.
-    let persistent: Bool
     private let ownerIndex: Atomic<Int>
     /// Bumped by every CONNECT that claims this client id (under the registry lock): a connection
     /// may attach only while its claim is the latest, so exactly one, the newest, ends up attached.
@@ -35,8 +33,43 @@ final class Session: @unchecked Sendable {
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
-    /// Topic and payload bytes of the queued messages (for `max_queued_bytes`).
-    private var queuedBytes = 0
+    var awaitingPubrel: Set<UInt16> = []
+    /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not. Read
+    /// by other workers' publish paths, so it is here rather than in `occasional`.
+    private let congestedUntil = Atomic<UInt64>(0)
+    private var occasional: Occasional?
+    private var lastPacketID: UInt16 = 0
+    /// Clean session 0: kept after disconnect, queueing QoS 1/2 messages.
+    let persistent: Bool
+    /// Set when the session is discarded; deliveries that still arrive are ignored.
+    var ended = false
+
+    /// What most sessions never need: a queue's accounting and congestion, an ACL that restricts
+    /// receiving, an offline session's expiry, retained messages still to send. Made on first
+    /// use, so that the session of an idle connection stays small (one malloc size class of 128
+    /// bytes instead of 224).
+    private final class Occasional {
+        /// Topic and payload bytes of the queued messages (for `max_queued_bytes`).
+        var queuedBytes = 0
+        /// When the queue last moved (or started to fill after being empty).
+        var lastProgress = NIODeadline.distantPast
+        /// When the current episode over half the budget began.
+        var congestionStart: NIODeadline?
+        /// Messages dropped since the queue last drained (for one log line per episode).
+        var droppedInEpisode = 0
+        var receiveACL: ClientACL?
+        var receiveVerdicts: [ByteBuffer: Bool] = [:]
+        var offline: (since: NIODeadline, claim: Int)?
+        /// See `sendRetained`.
+        var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
+    }
+
+    private var more: Occasional {
+        if let occasional { return occasional }
+        let made = Occasional()
+        occasional = made
+        return made
+    }
 
     // Slow-consumer policy. A connected session whose queue is over half its budget while it is
     // still making progress is congested: publishers to it are held back (TCP back-pressure) until
@@ -46,12 +79,6 @@ final class Session: @unchecked Sendable {
     // all; after that, until its queue is back under a quarter, it is treated as stalled.
     static let stallTimeout = TimeAmount.seconds(1)
     static let maxHoldBack = TimeAmount.seconds(1)
-    /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not.
-    private let congestedUntil = Atomic<UInt64>(0)
-    /// When the queue last moved (or started to fill after being empty).
-    private var lastProgress = NIODeadline.distantPast
-    /// When the current episode over half the budget began.
-    private var congestionStart: NIODeadline?
 
     /// Cheap hint for the publish path: congestion may need checking.
     var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
@@ -62,55 +89,57 @@ final class Session: @unchecked Sendable {
     }
 
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
-        queue.count >= max(limits.maxQueued / divisor, 1) || (limits.maxQueuedBytes > 0 && queuedBytes >= limits.maxQueuedBytes / divisor)
+        queue.count >= max(limits.maxQueued / divisor, 1)
+            || (limits.maxQueuedBytes > 0 && (occasional?.queuedBytes ?? 0) >= limits.maxQueuedBytes / divisor)
     }
 
     /// Sets how long publishers wait for this session: while it progresses, within the episode's
     /// hold-back allowance.
     private func holdPublishers(now: NIODeadline) {
-        let start = congestionStart ?? now
-        congestionStart = start
-        let until = min(lastProgress + Self.stallTimeout, start + Self.maxHoldBack)
+        let more = self.more
+        let start = more.congestionStart ?? now
+        more.congestionStart = start
+        let until = min(more.lastProgress + Self.stallTimeout, start + Self.maxHoldBack)
         congestedUntil.store(until > now ? until.uptimeNanoseconds : 0, ordering: .relaxed)
     }
 
     /// After the queue grew: congested if over half the budget and still making progress.
     private func checkCongestion(_ limits: Limits) {
         guard connection != nil else { return }
-        if queue.count == 1 { lastProgress = .now() }  // it kept up until now
-        guard isOver(fraction: 2, limits), congestionStart == nil || mayBeCongested else { return }
+        if queue.count == 1 { more.lastProgress = .now() }  // it kept up until now
+        guard isOver(fraction: 2, limits), occasional?.congestionStart == nil || mayBeCongested else { return }
         holdPublishers(now: .now())
     }
 
     /// After the queue moved: still congested while over a quarter of the budget.
     private func progressed(_ limits: Limits) {
-        lastProgress = .now()
+        let now = NIODeadline.now()
+        more.lastProgress = now
         if !isOver(fraction: 4, limits) {
             congestedUntil.store(0, ordering: .relaxed)
-            congestionStart = nil
+            occasional?.congestionStart = nil
         } else if mayBeCongested {
-            holdPublishers(now: lastProgress)
+            holdPublishers(now: now)
         }
     }
 
     /// The connection went away: an offline queue holds no publisher back.
     func disconnected() {
         connection = nil
-        retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
+        occasional?.retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
-        congestionStart = nil
+        occasional?.congestionStart = nil
     }
-    var awaitingPubrel: Set<UInt16> = []
-    private var lastPacketID: UInt16 = 0
-    /// Messages dropped since the queue last drained (for one log line per episode).
-    private var droppedInEpisode = 0
-    /// Set when the session is discarded; deliveries that still arrive are ignored.
-    var ended = false
+
     /// The client's ACL when it denies topics: deliveries on denied topics are held back.
     var receiveACL: ClientACL? {
-        didSet { receiveVerdicts.removeAll() }
+        get { occasional?.receiveACL }
+        set {
+            guard newValue != nil || occasional != nil else { return }
+            more.receiveACL = newValue
+            more.receiveVerdicts.removeAll()
+        }
     }
-    private var receiveVerdicts: [ByteBuffer: Bool] = [:]
 
     init(clientID: String, persistent: Bool, owner: Int) {
         self.clientID = clientID
@@ -131,7 +160,13 @@ final class Session: @unchecked Sendable {
     var latestClaim: Int { claims.load(ordering: .acquiring) }
 
     /// Offline persistent session: since when, and the claim it was left at (owner loop).
-    var offline: (since: NIODeadline, claim: Int)?
+    var offline: (since: NIODeadline, claim: Int)? {
+        get { occasional?.offline }
+        set {
+            guard newValue != nil || occasional != nil else { return }
+            more.offline = newValue
+        }
+    }
 
     /// Hands the session to another worker. Called on the current owner's loop, after detaching.
     func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }
@@ -144,7 +179,7 @@ final class Session: @unchecked Sendable {
     @discardableResult
     func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
         if ended { return nil }
-        if receiveACL != nil && !mayReceive(delivery.message.topic) { return nil }
+        if let occasional, occasional.receiveACL != nil, !mayReceive(delivery.message.topic, occasional) { return nil }
         guard let connection else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
             if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
@@ -160,7 +195,7 @@ final class Session: @unchecked Sendable {
     }
 
     /// Whether messages wait in the queue, or retained messages still to be sent.
-    var hasQueued: Bool { !queue.isEmpty || !retainedBacklog.isEmpty }
+    var hasQueued: Bool { !queue.isEmpty || !(occasional?.retainedBacklog.isEmpty ?? true) }
 
     // MARK: - Retained messages on SUBSCRIBE
 
@@ -168,42 +203,46 @@ final class Session: @unchecked Sendable {
     /// They are continued only when the queue is empty and the socket can take more, a few
     /// hundred nodes at a time: neither memory nor a worker's time follows how many retained
     /// messages match, only what the client reads.
-    private var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
     private static let retainedStep = 256
 
     func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
         guard connection != nil, !ended else { return }
-        retainedBacklog.append((broker.retainedScan(matching: filter), qos))
+        more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))
         pump(broker: broker)
     }
 
     /// Delivers the next step of retained messages; whether there was anything to walk.
     private func continueRetained(broker: Broker) -> Bool {
-        guard var head = retainedBacklog.first else { return false }
+        guard let occasional, var head = occasional.retainedBacklog.first else { return false }
         let step = max(1, min(Self.retainedStep, broker.configuration.limits.maxQueued))
         let messages = broker.continueRetainedScan(&head.scan, limit: step)
-        if head.scan.isDone { retainedBacklog.removeFirst() } else { retainedBacklog[retainedBacklog.startIndex] = head }
+        if head.scan.isDone {
+            occasional.retainedBacklog.removeFirst()
+        } else {
+            occasional.retainedBacklog[occasional.retainedBacklog.startIndex] = head
+        }
         for message in messages {
             deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil), broker: broker)
         }
         return true
     }
 
-    private func mayReceive(_ topic: ByteBuffer) -> Bool {
-        if let verdict = receiveVerdicts[topic] { return verdict }
-        let verdict = receiveACL?.allowsReceive(topic: String(buffer: topic)) ?? true
-        if receiveVerdicts.count >= 1000 { receiveVerdicts.removeAll(keepingCapacity: true) }
-        receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+    private func mayReceive(_ topic: ByteBuffer, _ occasional: Occasional) -> Bool {
+        if let verdict = occasional.receiveVerdicts[topic] { return verdict }
+        let verdict = occasional.receiveACL?.allowsReceive(topic: String(buffer: topic)) ?? true
+        if occasional.receiveVerdicts.count >= 1000 { occasional.receiveVerdicts.removeAll(keepingCapacity: true) }
+        occasional.receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
         return verdict
     }
 
     private func enqueue(_ delivery: Delivery, broker: Broker) -> Message? {
         let limits = broker.configuration.limits
         let size = delivery.message.size
-        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || queuedBytes + size <= limits.maxQueuedBytes) else {
-            droppedInEpisode += 1
+        let more = self.more
+        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || more.queuedBytes + size <= limits.maxQueuedBytes) else {
+            more.droppedInEpisode += 1
             broker.droppedMessages.add(1, ordering: .relaxed)
-            if droppedInEpisode == 1 {
+            if more.droppedInEpisode == 1 {
                 broker.logger.info(
                     "subscriber cannot keep up: queue full (max_queued \(limits.maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
                     metadata: ["client": "\(LogText(clientID))"])
@@ -214,7 +253,7 @@ final class Session: @unchecked Sendable {
         kept.message = delivery.message.compacted()
         kept.frame = nil
         queue.append(kept)
-        queuedBytes += size
+        more.queuedBytes += size
         checkCongestion(limits)
         return kept.message
     }
@@ -251,7 +290,7 @@ final class Session: @unchecked Sendable {
             guard let head = queue.first else {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
                 // that delivers little (an ACL holds most back) yields the loop now and then.
-                guard !retainedBacklog.isEmpty else { break }
+                guard hasQueued else { break }
                 retainedSteps += 1
                 if retainedSteps > 16 {
                     connection.pumpSoon()
@@ -261,14 +300,14 @@ final class Session: @unchecked Sendable {
                 continue
             }
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
-            queuedBytes -= head.message.size
+            more.queuedBytes -= head.message.size
             send(queue.removeFirst(), on: connection)
             sent = true
         }
         if sent { progressed(broker.configuration.limits) }
-        if queue.isEmpty && droppedInEpisode > 0 {
-            broker.logger.info("subscriber caught up after dropping \(droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
-            droppedInEpisode = 0
+        if queue.isEmpty, let occasional, occasional.droppedInEpisode > 0 {
+            broker.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
+            occasional.droppedInEpisode = 0
         }
     }
 
@@ -320,10 +359,10 @@ final class Session: @unchecked Sendable {
         ended = true
         inflight.removeAll()
         queue.removeAll()
-        retainedBacklog.removeAll()
-        queuedBytes = 0
+        occasional?.retainedBacklog.removeAll()
+        occasional?.queuedBytes = 0
         congestedUntil.store(0, ordering: .relaxed)
-        congestionStart = nil
+        occasional?.congestionStart = nil
         awaitingPubrel.removeAll()
     }
 }

@@ -49,7 +49,12 @@ final class Worker: @unchecked Sendable {
         self.loop = loop
         self.broker = broker
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
+        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
     }
+
+    /// The packet decoder, with the configured limits; it keeps no state between packets, so the
+    /// worker's connections share it rather than each holding a copy.
+    let decoder: MQTTDecoder
 
     // MARK: - Mailbox
 
