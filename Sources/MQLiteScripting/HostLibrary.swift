@@ -210,7 +210,7 @@ enum HostLibrary {
 
     static let kvGet: Function = { L in
         let L = L!
-        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.get(key)") }
+        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.get(key)") }
         pushKV(L, context(L).vm.host.kv.get(key))
         return 1
     }
@@ -218,7 +218,7 @@ enum HostLibrary {
     /// `mqlite.kv.set(key, value[, ttl_seconds])`; a nil value deletes.
     static let kvSet: Function = { L in
         let L = L!
-        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.set(key, value[, ttl_seconds])") }
+        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.set(key, value[, ttl_seconds])") }
         let value: SharedKV.Value?
         switch lua_type(L, 2) {
         case LUA_TNIL, LUA_TNONE: value = nil
@@ -251,7 +251,7 @@ enum HostLibrary {
     /// `mqlite.kv.incr(key[, by])` → the new integer value.
     static let kvIncr: Function = { L in
         let L = L!
-        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.incr(key[, by])") }
+        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.incr(key[, by])") }
         var by: Int64 = 1
         if lua_type(L, 2) != LUA_TNONE && lua_type(L, 2) != LUA_TNIL {
             guard lua_isinteger(L, 2) != 0 else { return fail(L, "mqlite.kv.incr: by must be an integer") }
@@ -261,7 +261,7 @@ enum HostLibrary {
             lua_pushinteger(L, try context(L).vm.host.kv.incr(key, by: by))
             return 1
         } catch .notInteger {
-            return fail(L, "mqlite.kv.incr: \"\(key)\" holds a value that is not an integer")
+            return fail(L, "mqlite.kv.incr: \"\(LogText(String(decoding: key, as: UTF8.self)))\" holds a value that is not an integer")
         } catch {
             return fail(L, kvFull)
         }
@@ -269,7 +269,7 @@ enum HostLibrary {
 
     static let kvDelete: Function = { L in
         let L = L!
-        guard let key = string(L, 1) else { return fail(L, "mqlite.kv.delete(key)") }
+        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.delete(key)") }
         context(L).vm.host.kv.delete(key)
         return 0
     }

@@ -1,4 +1,3 @@
-import MQTTCore
 import Dispatch
 import Synchronization
 
@@ -47,12 +46,13 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
     private struct Expiry {
         let at: ContinuousClock.Instant
-        let key: String
+        let key: [UInt8]
     }
 
     private struct State {
-        /// Keys compared byte for byte (not by Unicode equivalence: "josé" in two spellings are two keys).
-        var entries: [ByteText: Entry] = [:]
+        /// Keys are the bytes of the Lua string: not decoded (invalid UTF-8 would collide as U+FFFD)
+        /// nor compared by Unicode equivalence ("josé" in two spellings are two keys).
+        var entries: [[UInt8]: Entry] = [:]
         var bytes = 0
         /// Min-heap of expiries by `at`. An expiry is stale once its key was deleted or set again
         /// (the entry no longer has that `at`); stale ones are skipped when popped, and dropped
@@ -61,16 +61,16 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         /// Entries that have an expiry (live heap entries).
         var expiring = 0
 
-        func isLive(_ expiry: Expiry) -> Bool { entries[ByteText(expiry.key)]?.expires == expiry.at }
+        func isLive(_ expiry: Expiry) -> Bool { entries[expiry.key]?.expires == expiry.at }
 
-        mutating func remove(_ key: String) {
-            guard let old = entries.removeValue(forKey: ByteText(key)) else { return }
+        mutating func remove(_ key: [UInt8]) {
+            guard let old = entries.removeValue(forKey: key) else { return }
             bytes -= old.cost
             if old.expires != nil { expiring -= 1 }
         }
 
-        mutating func put(_ key: String, _ entry: Entry) {
-            if let old = entries.updateValue(entry, forKey: ByteText(key)) {
+        mutating func put(_ key: [UInt8], _ entry: Entry) {
+            if let old = entries.updateValue(entry, forKey: key) {
                 bytes -= old.cost
                 if old.expires != nil { expiring -= 1 }
             }
@@ -96,7 +96,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
         private mutating func compact() {
             let entries = self.entries  // (not copied: only read)
-            heap.removeAll { entries[ByteText($0.key)]?.expires != $0.at }
+            heap.removeAll { entries[$0.key]?.expires != $0.at }
             var i = heap.count / 2
             while i > 0 {
                 i -= 1
@@ -152,8 +152,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         timer.cancel()
     }
 
-    private static func cost(_ key: String, _ value: Value) -> Int {
-        entryOverhead + key.utf8.count + value.byteCount
+    private static func cost(_ key: [UInt8], _ value: Value) -> Int {
+        entryOverhead + key.count + value.byteCount
     }
 
     /// Bytes held: keys, values and `entryOverhead` per entry, expired entries not yet swept included.
@@ -165,11 +165,11 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         while state.withLock({ $0.removeExpired(now: now, limit: 1024) }) == 1024 {}
     }
 
-    func get(_ key: String) -> Value? {
+    func get(_ key: [UInt8]) -> Value? {
         let now = ContinuousClock.now
         return state.withLock { state in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
-            guard let entry = state.entries[ByteText(key)] else { return nil }
+            guard let entry = state.entries[key] else { return nil }
             if let expires = entry.expires, expires <= now {
                 state.remove(key)
                 return nil
@@ -180,7 +180,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
     /// Stores `value` for `ttl` seconds (clamped to 0...1e9), or until replaced. Fails with
     /// `.full` if that would take the store past `maxBytes`.
-    func set(_ key: String, _ value: Value, ttl: Double?) throws(Failure) {
+    func set(_ key: [UInt8], _ value: Value, ttl: Double?) throws(Failure) {
         let now = ContinuousClock.now
         let expires = ttl.map { now + .nanoseconds(Int64(min(max($0, 0), 1e9) * 1e9)) }
         let entry = Entry(value: value, expires: expires, cost: Self.cost(key, value))
@@ -193,7 +193,7 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         if !stored { throw .full }
     }
 
-    func delete(_ key: String) {
+    func delete(_ key: [UInt8]) {
         let now = ContinuousClock.now
         state.withLock { state in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
@@ -204,15 +204,15 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     /// Adds `by` to an integer (a missing or expired key counts as 0) and returns the new value.
     /// Keeps the key's expiry. Fails with `.notInteger` if the key holds something else, and with
     /// `.full` if the key is new and would take the store past `maxBytes`.
-    func incr(_ key: String, by: Int64) throws(Failure) -> Int64 {
+    func incr(_ key: [UInt8], by: Int64) throws(Failure) -> Int64 {
         let now = ContinuousClock.now
         let result = state.withLock { state -> Result<Int64, Failure> in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
-            if var entry = state.entries[ByteText(key)], entry.expires.map({ $0 > now }) ?? true {
+            if var entry = state.entries[key], entry.expires.map({ $0 > now }) ?? true {
                 guard case .int(let current) = entry.value else { return .failure(.notInteger) }
                 let next = current &+ by
                 entry.value = .int(next)
-                state.entries[ByteText(key)] = entry  // same size, same expiry
+                state.entries[key] = entry  // same size, same expiry
                 return .success(next)
             }
             let entry = Entry(value: .int(by), expires: nil, cost: Self.cost(key, .int(by)))
@@ -225,8 +225,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
     /// Whether an entry of `cost` bytes can replace `key`'s (if any) within `maxBytes`; if not at
     /// first, after every expired entry has been removed.
-    private func fits(_ state: inout State, key: String, cost: Int, now: ContinuousClock.Instant) -> Bool {
-        func fitsNow() -> Bool { state.bytes - (state.entries[ByteText(key)]?.cost ?? 0) + cost <= maxBytes }
+    private func fits(_ state: inout State, key: [UInt8], cost: Int, now: ContinuousClock.Instant) -> Bool {
+        func fitsNow() -> Bool { state.bytes - (state.entries[key]?.cost ?? 0) + cost <= maxBytes }
         if fitsNow() { return true }
         state.removeExpired(now: now, limit: .max)
         return fitsNow()

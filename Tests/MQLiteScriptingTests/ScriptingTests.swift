@@ -250,6 +250,11 @@ struct HostLibraryTests {
                 out.recent = math.abs(mqlite.time() - os.time()) < 5
                 out.opt = mqlite.options.greeting .. " " .. mqlite.options.list[2] .. " " .. tostring(mqlite.options.nested.n)
                 local ok, err = pcall(mqlite.kv.incr, "k2")
+                -- Keys are bytes: two that are not UTF-8 stay two keys.
+                mqlite.kv.set("\\xff", 1); mqlite.kv.set("\\xfe", 2)
+                out.binary_keys = mqlite.kv.get("\\xff") == 1 and mqlite.kv.get("\\xfe") == 2
+                mqlite.kv.delete("\\xff")
+                out.binary_keys = out.binary_keys and mqlite.kv.get("\\xff") == nil and mqlite.kv.get("\\xfe") == 2
                 out.worker_is_number = math.type(mqlite.worker) == "integer"
               end
               return { topic = "res/" .. m.topic, payload = mqlite.json.encode(out) }
@@ -287,6 +292,7 @@ struct HostLibraryTests {
             #expect(misc["recent"] as? Bool == true)
             #expect(misc["opt"] as? String == "hi two 3")
             #expect(misc["worker_is_number"] as? Bool == true)
+            #expect(misc["binary_keys"] as? Bool == true)
             #expect(host.failureCount == 0)
         }
     }
