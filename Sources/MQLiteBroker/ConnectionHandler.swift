@@ -171,14 +171,16 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// Pumps the session again once the loop has served others.
     func pumpSoon() {
         let this = NIOLoopBound(self, eventLoop: worker.loop)
-        worker.loop.execute {
-            let handler = this.value
-            if let session = handler.session, case .connected = handler.state { session.pump(broker: handler.broker) }
-        }
+        worker.loop.execute { this.value.pump() }
+    }
+
+    /// Sends what the session has queued, if connected.
+    private func pump() {
+        if let session, case .connected = state { session.pump(broker: broker) }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let session, case .connected = state { session.pump(broker: broker) }
+        if context.channel.isWritable { pump() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -280,8 +282,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
         lastRead = .now()
         state = .opening(pending: [])
-        // Nothing more is read until the session is attached (it may be held by another worker).
-        try? context?.channel.syncOptions?.setOption(.autoRead, value: false)
+        updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
         broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
@@ -299,11 +300,11 @@ final class ConnectionHandler: ChannelInboundHandler {
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
         }
-        try? context?.channel.syncOptions?.setOption(.autoRead, value: true)
         session.connection = self
         session.receiveACL = (acl?.restrictsReceiving ?? false) ? acl : nil
         self.session = session
         state = .connected
+        updateReading()
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
         logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
         broker.hooks.connected(clientInfo, worker: worker.index)
@@ -453,7 +454,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     private func holdBackIfCongested(_ targets: [(session: Session, qos: QoS)]) {
         guard holdBack == nil, worker.isCongested(targets, excluding: session) else { return }
         holdBack = targets
-        try? context?.channel.syncOptions?.setOption(.autoRead, value: false)
+        updateReading()
         scheduleHoldBackCheck()
     }
 
@@ -485,7 +486,22 @@ final class ConnectionHandler: ChannelInboundHandler {
             process(&pending)
             worker.flushDirty()
         }
-        if holdBack == nil, case .connected = state { try? context?.channel.syncOptions?.setOption(.autoRead, value: true) }
+        if holdBack == nil { updateReading() }
+    }
+
+    /// Reads from the socket while waiting for CONNECT and while connected, but not between
+    /// CONNECT and CONNACK (the session may be held by another worker; what one read already
+    /// brought waits, at most `maxPendingPackets`), nor while back-pressure holds this client
+    /// back (what was read waits in `cumulation`).
+    private func updateReading() {
+        let reading: Bool
+        switch state {
+        case .awaitingConnect: reading = true
+        case .opening: reading = false
+        case .connected: reading = holdBack == nil
+        case .closed: return
+        }
+        try? context?.channel.syncOptions?.setOption(.autoRead, value: reading)
     }
 
     // MARK: - Keep-alive
