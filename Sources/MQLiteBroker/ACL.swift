@@ -105,7 +105,7 @@ public struct ClientACL: Sendable {
         let p = Topic.levels(pattern)
         let f = Topic.levels(filter)
         // Levels compared byte for byte (Substring == is Unicode canonical equivalence).
-        func same(_ a: Substring, _ b: Substring) -> Bool { a.utf8.elementsEqual(b.utf8) }
+        func same(_ a: Substring, _ b: Substring) -> Bool { a.hasSameUTF8(as: b) }
         if filter.utf8.first == UInt8(ascii: "$"), let first = p.first, same(first, "+") || same(first, "#") { return false }
         for (i, level) in p.enumerated() {
             if same(level, "#") { return true }

@@ -337,7 +337,7 @@ private struct ClientIDKey: Hashable {
 
     init(_ id: String) { self.id = id }
 
-    static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.utf8.elementsEqual(b.id.utf8) }
+    static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.hasSameUTF8(as: b.id) }
 
     func hash(into hasher: inout Hasher) {
         var copy = id

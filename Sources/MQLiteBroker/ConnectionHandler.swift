@@ -382,7 +382,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// Routes a message a publish hook produced in place of the one on `topic`.
     private func publishChanged(_ m: HookedMessage, original: HookedMessage, topic: ByteBuffer, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
-        if m.topic.utf8.elementsEqual(original.topic.utf8) {
+        if m.topic.hasSameUTF8(as: original.topic) {
             publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }

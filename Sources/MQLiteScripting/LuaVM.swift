@@ -226,7 +226,7 @@ final class LuaVM: @unchecked Sendable {
     func push(_ string: String, repeating kind: Repeating) {
         let slot = Int32(Field.allCases.count + 1 + kind.rawValue)
         // Byte for byte: a canonically equivalent string with other bytes must not reuse the slot.
-        if !string.utf8.elementsEqual(repeated[kind.rawValue].utf8) {
+        if !string.hasSameUTF8(as: repeated[kind.rawValue]) {
             L.push(string)
             lua_copy(L, -1, slot)
             repeated[kind.rawValue] = string
@@ -272,7 +272,7 @@ final class LuaVM: @unchecked Sendable {
     func publishHooks(for topic: String) -> [Int] {
         if publishFilters.count == 0 { return [] }
         // Topics compared byte for byte, as the trie matches them.
-        if topic.utf8.elementsEqual(lastTopic.utf8) { return lastMatches }
+        if topic.hasSameUTF8(as: lastTopic) { return lastMatches }
         if let cached = publishMatches[ByteText(topic)] {
             (lastTopic, lastMatches) = (topic, cached)
             return cached
