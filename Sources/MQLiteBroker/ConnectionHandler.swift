@@ -1,6 +1,7 @@
 import Logging
 import MQTTCore
 import NIOCore
+import NIOSSL
 
 /// One client connection: decodes packets, runs the MQTT 3.1.1 protocol for that client, and
 /// batches its output. Lives on its channel's event loop for its whole life.
@@ -19,6 +20,8 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     private let broker: Broker
     private let worker: Worker
+    /// The listener this connection came in on (its bind string, and TLS if it has it).
+    private let listener: RunningListener
     private var context: ChannelHandlerContext?
     private var decoder: MQTTDecoder
     /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
@@ -48,9 +51,11 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// bounds what one read already brought).
     static let maxPendingPackets = 1000
 
-    init(broker: Broker, worker: Worker) {
+    init(broker: Broker, worker: Worker, listener: RunningListener) {
         self.broker = broker
         self.worker = worker
+        self.listener = listener
+        self.clientInfo = ClientInfo(clientID: "", username: nil, address: "?", listener: listener.bind)
         self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
         broker.connectionObjects.add(1, ordering: .relaxed)
     }
@@ -69,7 +74,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     /// Who this client is (for hooks and logs); set once CONNECT has given the client id.
-    private var clientInfo = ClientInfo(clientID: "", username: nil, address: "?")
+    private var clientInfo: ClientInfo
 
     // MARK: - Channel events
 
@@ -180,6 +185,19 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if listener.tls != nil {
+            // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
+            // during it). Logged with a rate limit, so that a scanner cannot flood the log.
+            if case .awaitingConnect = state {
+                listener.logHandshakeFailure("\(error)", logger: logger)
+                state = .closed
+                context.close(promise: nil)
+                return
+            }
+            // A TCP close without TLS close_notify: the connection is lost, as a plain one would
+            // be (channelInactive follows).
+            if let tlsError = error as? NIOSSLError, case .uncleanShutdown = tlsError { return }
+        }
         closeWithWill(reason: "\(error)")
         worker.flushDirty()
     }
@@ -250,25 +268,41 @@ final class ConnectionHandler: ChannelInboundHandler {
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
         }
+        var username = connect.username
+        var password = connect.password
+        if let tls = listener.tls {
+            // Once per connection: the handshake is done (CONNECT came through it).
+            let info = clientTLSInfo(tls)
+            clientInfo.tls = info
+            if tls.useIdentityAsUsername {
+                // As Mosquitto: the certificate's CN replaces whatever user name and password the
+                // client sent (require_certificate guarantees a verified certificate).
+                guard let cn = info.certificate?.commonName, !cn.isEmpty else {
+                    return refuse(.notAuthorized, "client certificate has no CN (use_identity_as_username)")
+                }
+                username = cn
+                password = nil
+            }
+        }
         clientInfo.clientID = clientID
-        clientInfo.username = connect.username
+        clientInfo.username = username
 
         let request = ConnectRequest(
-            clientID: clientID, username: connect.username, password: connect.password, address: clientInfo.address,
-            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive)
+            clientID: clientID, username: username, password: password, address: clientInfo.address,
+            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: listener.bind, tls: clientInfo.tls)
         switch broker.hooks.authenticate(request, worker: worker.index) {
         case .refuse(let code):
             return refuse(code, "refused by authentication hook")
         case .accept:
             break
         case .pass:
-            if connect.username == nil && !broker.configuration.allowAnonymous {
+            if username == nil && !broker.configuration.allowAnonymous {
                 return refuse(.notAuthorized, "anonymous clients are not allowed")
             }
         }
 
         let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
-        if !tables.isEmpty { acl = ClientACL(tables, clientID: clientID, username: connect.username) }
+        if !tables.isEmpty { acl = ClientACL(tables, clientID: clientID, username: username) }
         // A will is a message this client publishes later: its topic must be one the client may
         // publish to (CONNACK 5, as Mosquitto answers).
         if let will = connect.will, let acl, !acl.allowsPublish(topic: will.topic) {
@@ -289,6 +323,18 @@ final class ConnectionHandler: ChannelInboundHandler {
             }
             this.value.attach(session, sessionPresent: present)
         }
+    }
+
+    /// What the TLS handshake told of the client: its certificate, which was verified against
+    /// `cafile` if the listener has one (a certificate that failed would have failed the handshake;
+    /// without `cafile` none is asked for).
+    private func clientTLSInfo(_ tls: TLSSettings) -> TLSClientInfo {
+        let usernameFromCertificate = tls.useIdentityAsUsername
+        guard let handler = try? context?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+            let peer = handler.peerCertificate, tls.cafile != nil
+        else { return TLSClientInfo(verified: false, certificate: nil, usernameFromCertificate: usernameFromCertificate) }
+        let certificate = ClientCertificate(peer)
+        return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
     }
 
     private func attach(_ session: Session, sessionPresent: Bool) {

@@ -9,14 +9,23 @@ public struct ConnectRequest: Sendable {
     public var address: String
     public var cleanSession: Bool
     public var keepAlive: UInt16
+    /// The bind string of the listener the client came in on.
+    public var listener: String
+    /// On TLS listeners, what the handshake told of the client; nil on plain ones.
+    public var tls: TLSClientInfo?
 
-    public init(clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16) {
+    public init(
+        clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16,
+        listener: String = "", tls: TLSClientInfo? = nil
+    ) {
         self.clientID = clientID
         self.username = username
         self.password = password
         self.address = address
         self.cleanSession = cleanSession
         self.keepAlive = keepAlive
+        self.listener = listener
+        self.tls = tls
     }
 }
 
@@ -73,11 +82,17 @@ public struct ClientInfo: Sendable {
     public var clientID: String
     public var username: String?
     public var address: String
+    /// The bind string of the listener the client came in on.
+    public var listener: String
+    /// On TLS listeners, what the handshake told of the client; nil on plain ones.
+    public var tls: TLSClientInfo?
 
-    public init(clientID: String, username: String?, address: String) {
+    public init(clientID: String, username: String?, address: String, listener: String = "", tls: TLSClientInfo? = nil) {
         self.clientID = clientID
         self.username = username
         self.address = address
+        self.listener = listener
+        self.tls = tls
     }
 }
 
