@@ -55,18 +55,18 @@ public final class Broker: Sendable {
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
         var bound: [SocketAddress] = []
-        for (index, configuration) in configuration.listeners.enumerated() {
+        for (index, listenerConfiguration) in configuration.listeners.enumerated() {
             // One TLS context per TLS listener, built before anything listens (file I/O).
             var context: NIOSSLContext?
-            if let tls = configuration.tls {
+            if let tls = listenerConfiguration.tls {
                 do {
                     context = try tls.makeContext()
                 } catch {
                     throw TLSSetupError(index: index, error: error)
                 }
             }
-            let listener = RunningListener(index: index, configuration: configuration, context: context)
-            let address = configuration.address
+            let listener = RunningListener(index: index, configuration: listenerConfiguration, context: context)
+            let address = listenerConfiguration.address
             let channel: any Channel
             do {
                 channel = try await makeBootstrap(for: listener).bind(host: address.host, port: address.port).get()

@@ -50,7 +50,9 @@ public struct ListenerConfiguration: Sendable, Equatable {
         case mqtt
     }
 
+    /// Where to listen (`bind`).
     public var address: ListenAddress
+    /// What is spoken there (`protocol`).
     public var kind: Kind
     /// TLS on this listener (nil: plain TCP).
     public var tls: TLSSettings?

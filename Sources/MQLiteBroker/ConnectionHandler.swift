@@ -192,6 +192,7 @@ final class ConnectionHandler: ChannelInboundHandler {
                 listener.logHandshakeFailure("\(error)", logger: logger)
                 state = .closed
                 context.close(promise: nil)
+                worker.flushDirty()
                 return
             }
             // A TCP close without TLS close_notify: the connection is lost, as a plain one would

@@ -97,7 +97,9 @@ public struct TLSSettings: Sendable, Equatable {
 
 /// A TLS setting that cannot be used: the listener's key (`certfile`, `keyfile`, `cafile`) and why.
 public struct TLSSettingsError: Error, Equatable, CustomStringConvertible {
+    /// The listener's key at fault (`certfile`, `keyfile` or `cafile`).
     public var key: String
+    /// What is wrong, naming the file.
     public var problem: String
 
     public init(key: String, problem: String) {
@@ -112,6 +114,7 @@ public struct TLSSettingsError: Error, Equatable, CustomStringConvertible {
 public struct TLSSetupError: Error, CustomStringConvertible {
     /// Position of the listener in the configuration.
     public var index: Int
+    /// Which file, and why.
     public var error: TLSSettingsError
 
     public var description: String { error.problem }
