@@ -50,6 +50,21 @@ bind = "127.0.0.1:{port}"
 max_inflight = 32
 max_queued = 1000
 """
+# TLS: one more listener on each broker, with the same certificate and key (made below with
+# openssl), TLS 1.3 with TLS_AES_128_GCM_SHA256 on both (Mosquitto restricted to it; BoringSSL, in
+# mqlite and in the load generator, picks it first on CPUs with AES instructions).
+MOSQUITTO_TLS = """listener {port} 127.0.0.1
+certfile {dir}/server.crt
+keyfile {dir}/server.key
+tls_version tlsv1.3
+ciphers_tls1.3 TLS_AES_128_GCM_SHA256
+"""
+MQLITE_TLS = """[[listener]]
+bind = "127.0.0.1:{port}"
+certfile = "{dir}/server.crt"
+keyfile = "{dir}/server.key"
+"""
+TLS_PORTS = {"mqlite": 18904, "mosquitto": 18905}
 PLUGIN = """[[plugin]]
 script = "{script}"
 """
@@ -98,6 +113,29 @@ def fresh_broker(name, tmp, workers):
     return Broker("fresh mqlite", [str(MQLITE), "-c", str(tmp / "fresh-mqlite.conf")], 18911)
 
 
+def make_certificates(tmp):
+    """A CA and a server certificate for 127.0.0.1 (EC P-256), for both brokers' TLS listeners."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=mqlite bench CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "server.ext")
+    # Mosquitto started as root reads its key after switching to the mosquitto user: a throwaway
+    # key in a folder that user can read.
+    os.chmod(tmp, 0o755)
+    os.chmod(tmp / "server.key", 0o644)
+    return tmp / "ca.crt"
+
+
+class Port:
+    """A broker's other listener (its TLS one)."""
+    def __init__(self, port):
+        self.port = port
+
+
 def run_bench(broker, args):
     cmd = ["taskset", "-c", CLIENT_CPUS, str(BENCH), *args, "--port", str(broker.port),
            "--duration", DURATION, "--warmup", WARMUP]
@@ -109,15 +147,16 @@ def run_bench(broker, args):
 
 
 def main():
-    for tool in ("mosquitto", "taskset"):
+    for tool in ("mosquitto", "taskset", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is missing (make bench installs it)")
     tmp = Path(tempfile.mkdtemp(prefix="mqlite-bench-"))
     workers = cpu_count(BROKER_CPUS)
     (tmp / "hooked.lua").write_text(HOOKED_LUA)
     (tmp / "other.lua").write_text(OTHER_LUA)
+    ca = make_certificates(tmp)
     configs = {
-        "mqlite": MQLITE_CONF.format(workers=workers, port=18901),
+        "mqlite": MQLITE_CONF.format(workers=workers, port=18901) + MQLITE_TLS.format(port=TLS_PORTS["mqlite"], dir=tmp),
         "mqlite+lua-other": MQLITE_CONF.format(workers=workers, port=18902) + PLUGIN.format(script=tmp / "other.lua"),
         "mqlite+lua-hooked": MQLITE_CONF.format(workers=workers, port=18903) + PLUGIN.format(script=tmp / "hooked.lua"),
     }
@@ -126,7 +165,7 @@ def main():
         path = tmp / f"{name}.conf"
         path.write_text(configs[name])
         brokers[name] = Broker(name, [str(MQLITE), "-c", str(path)], port)
-    (tmp / "mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18900))
+    (tmp / "mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18900) + MOSQUITTO_TLS.format(port=TLS_PORTS["mosquitto"], dir=tmp))
     brokers["mosquitto"] = Broker("mosquitto", ["mosquitto", "-c", str(tmp / "mosquitto.conf")], 18900)
 
     # (label, bench arguments, metric, target kind)
@@ -136,6 +175,9 @@ def main():
             for payload in (16, 1024, 65536):
                 target = None if payload == 65536 else (1.5 if qos == 0 else 1.3)
                 scenarios.append((f"{shape} qos{qos} {payload}B", [shape, "--qos", str(qos), "--payload", str(payload)], "rate", target))
+    # Throughput over TLS, each broker's TLS listener (issue 11: at least 1.5x Mosquitto).
+    tls_label = "pairs qos0 1024B TLS"
+    scenarios.append((tls_label, ["pairs", "--qos", "0", "--payload", "1024", "--tls-ca", str(ca)], "rate", 1.5))
     scenarios.append(("latency p99 (10 x 2000/s)", ["latency"], "p99_us", "lower"))
     scenarios.append(("latency p50 (10 x 2000/s)", ["latency"], "p50_us", None))
     scenarios.append((f"memory/idle connection ({CONNECTIONS})", ["connections", "--connections", CONNECTIONS], "bytes_per_connection", "lower"))
@@ -169,6 +211,8 @@ def main():
                             res = run_bench(fresh, args + ["--pid", str(fresh.proc.pid)])
                         finally:
                             fresh.stop()
+                    elif label == tls_label:
+                        res = run_bench(Port(TLS_PORTS[name]), args)
                     else:
                         res = run_bench(brokers[name], args)
                     shared_runs[key] = res

@@ -8,6 +8,8 @@
 -- A client that gives a user name must be in the file with the right password. An unknown user
 -- and a wrong password both get CONNACK 4 (bad user name or password), so the answer does not
 -- tell which user names exist. A client without a user name is left to [auth] allow_anonymous.
+-- A client whose user name is its certificate's CN (a TLS listener with use_identity_as_username)
+-- is not checked here: the TLS handshake authenticated it, as in Mosquitto.
 -- The file is read when the script loads: send SIGHUP to re-read it.
 
 local path = mqlite.options.password_file
@@ -28,7 +30,7 @@ end
 mqlite.log("debug", ("password_file: %d users from %s"):format(count, path))
 
 mqlite.on_connect(function(c)
-  if c.username == nil then
+  if c.username == nil or (c.tls and c.tls.use_identity_as_username) then
     return nil
   end
   local hash = users[c.username]

@@ -14,7 +14,7 @@ extension Broker {
             .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker))
+                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker, listener: self.unboundListener))
                 }
             }
             .withConnectedSocket(descriptor)

@@ -2,6 +2,7 @@ import Logging
 import MQTTCore
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// The MQTT broker: a pool of event loops (one `Worker` each), the listeners, and the state
@@ -26,6 +27,10 @@ public final class Broker: Sendable {
     /// Nodes a retained scan visits per hold of the retained lock.
     static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])
+    /// The listeners started so far (their TLS contexts are replaced on reload).
+    private let runningListeners = Mutex<[RunningListener]>([])
+    /// Stands for a listener for connections served from a socketpair (the fuzzer's).
+    let unboundListener = RunningListener(unboundNamed: "socketpair")
     let connectionCount = Atomic<Int>(0)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
     let connectionObjects = Atomic<Int>(0)
@@ -50,26 +55,52 @@ public final class Broker: Sendable {
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
         var bound: [SocketAddress] = []
-        for (index, listener) in configuration.listeners.enumerated() {
+        for (index, listenerConfiguration) in configuration.listeners.enumerated() {
+            // One TLS context per TLS listener, built before anything listens (file I/O).
+            var context: NIOSSLContext?
+            if let tls = listenerConfiguration.tls {
+                do {
+                    context = try tls.makeContext()
+                } catch {
+                    throw TLSSetupError(index: index, error: error)
+                }
+            }
+            let listener = RunningListener(index: index, configuration: listenerConfiguration, context: context)
+            let address = listenerConfiguration.address
             let channel: any Channel
             do {
-                channel = try await makeBootstrap().bind(host: listener.host, port: listener.port).get()
+                channel = try await makeBootstrap(for: listener).bind(host: address.host, port: address.port).get()
             } catch {
-                throw ListenError(index: index, address: listener, underlying: error)
+                throw ListenError(index: index, address: address, underlying: error)
             }
             serverChannels.withLock { $0.append(channel) }
-            if let address = channel.localAddress {
-                bound.append(address)
-                logger.info("listening on \(address.ipAddress ?? listener.host):\(address.port ?? listener.port)")
+            runningListeners.withLock { $0.append(listener) }
+            if let local = channel.localAddress {
+                bound.append(local)
+                logger.info("listening on \(local.ipAddress ?? address.host):\(local.port ?? address.port)\(context == nil ? "" : " (TLS)")")
             }
         }
         return bound
     }
 
+    /// Re-reads the certificate files of every TLS listener (SIGHUP): new handshakes use them,
+    /// connections already open keep theirs. A listener whose files cannot be used keeps its
+    /// running context; the log says why. Blocking file I/O: call it off the event loops.
+    public func reloadCertificates() {
+        for listener in runningListeners.withLock({ $0 }) where listener.tls != nil {
+            do {
+                try listener.reloadContext()
+                logger.info("listener[\(listener.index)] \(listener.bind): certificates reloaded")
+            } catch {
+                logger.error("listener[\(listener.index)] \(listener.bind): keeping the running certificates: \(error)")
+            }
+        }
+    }
+
     /// How long a listener waits before accepting again after running out of file descriptors.
     static let acceptBackoff = TimeAmount.milliseconds(250)
 
-    private func makeBootstrap() -> ServerBootstrap {
+    private func makeBootstrap(for listener: RunningListener) -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -88,7 +119,11 @@ public final class Broker: Sendable {
             .childChannelInitializer { [self] channel in
                 let worker = self.worker(for: channel.eventLoop)
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker))
+                    // TLS first; plain listeners get nothing but the connection handler.
+                    if listener.tls != nil, let context = listener.currentContext {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker, listener: listener))
                 }
             }
     }

@@ -81,12 +81,20 @@ public enum ConfigFile {
         if let listeners = try top.arrayOfTables("listener") {
             config.listeners = []
             for listener in listeners {
-                try listener.allowOnly(["bind"])
+                try listener.allowOnly(["bind", "protocol", "certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username"])
                 guard let bind = try listener.string("bind") else { throw listener.error("bind", "is required") }
                 guard let address = ListenAddress(parsing: bind) else {
                     throw listener.error("bind", "must be \"HOST:PORT\" with a valid IPv4 or IPv6 address or host name and a port from 0 to 65535, not \"\(bind)\"")
                 }
-                config.listeners.append(address)
+                var kind = ListenerConfiguration.Kind.mqtt
+                if let name = try listener.string("protocol") {
+                    guard let parsed = ListenerConfiguration.Kind(rawValue: name) else {
+                        throw listener.error("protocol", "must be \(ListenerConfiguration.Kind.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")), not \"\(name)\"")
+                    }
+                    kind = parsed
+                }
+                let tls = try tlsSettings(listener, directory: directory)
+                config.listeners.append(ListenerConfiguration(address, kind: kind, tls: tls))
             }
             if config.listeners.isEmpty { throw top.error("listener", "needs at least one [[listener]]") }
         }
@@ -142,6 +150,42 @@ public enum ConfigFile {
             }
         }
         return config
+    }
+
+    /// A listener's TLS keys, checked against each other and against the files they name (read
+    /// and parsed here, so that `--check` and startup stop on a file that cannot be used).
+    private static func tlsSettings(_ listener: Section, directory: String) throws(ConfigError) -> TLSSettings? {
+        func path(_ key: String) throws(ConfigError) -> String? {
+            guard let value = try listener.string(key) else { return nil }
+            guard !value.isEmpty else { throw listener.error(key, "must be a file name, not empty") }
+            return value.hasPrefix("/") ? value : URL(fileURLWithPath: directory).appendingPathComponent(value).path
+        }
+        let certfile = try path("certfile")
+        let keyfile = try path("keyfile")
+        let cafile = try path("cafile")
+        let requireCertificate = try listener.bool("require_certificate") ?? false
+        let useIdentity = try listener.bool("use_identity_as_username") ?? false
+        guard let certfile, let keyfile else {
+            if certfile != nil { throw listener.error("keyfile", "is required with certfile (TLS needs both)") }
+            if keyfile != nil { throw listener.error("certfile", "is required with keyfile (TLS needs both)") }
+            for key in ["cafile", "require_certificate", "use_identity_as_username"] where listener.table[key] != nil {
+                throw listener.error(key, "needs certfile and keyfile (TLS) on this listener")
+            }
+            return nil
+        }
+        if requireCertificate && cafile == nil {
+            throw listener.error("require_certificate", "needs cafile (the CAs that sign client certificates)")
+        }
+        if useIdentity && !requireCertificate {
+            throw listener.error("use_identity_as_username", "needs require_certificate = true (as in Mosquitto)")
+        }
+        let settings = TLSSettings(certfile: certfile, keyfile: keyfile, cafile: cafile, requireCertificate: requireCertificate, useIdentityAsUsername: useIdentity)
+        do {
+            _ = try settings.makeContext()
+        } catch {
+            throw listener.error(error.key, error.problem)
+        }
+        return settings
     }
 
     /// Most nested arrays/tables in a plugin's options (the options table itself is level 1);

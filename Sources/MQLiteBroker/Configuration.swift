@@ -7,7 +7,7 @@ public struct BrokerConfiguration: Sendable {
     /// Event loops (worker threads); 0 means one per core.
     public var workers: Int
     public var logLevel: Logger.Level
-    public var listeners: [ListenAddress]
+    public var listeners: [ListenerConfiguration]
     public var limits: Limits
     /// With false and no hook to check credentials, clients without a user name get CONNACK 5.
     public var allowAnonymous: Bool
@@ -19,7 +19,7 @@ public struct BrokerConfiguration: Sendable {
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,
-        listeners: [ListenAddress] = [ListenAddress(host: "0.0.0.0", port: 1883)],
+        listeners: [ListenerConfiguration] = [ListenerConfiguration(ListenAddress(host: "0.0.0.0", port: 1883))],
         limits: Limits = Limits(), allowAnonymous: Bool = true,
         plugins: [PluginConfiguration] = [], scripting: ScriptingConfiguration = ScriptingConfiguration(),
         baseDirectory: String = "."
@@ -39,6 +39,32 @@ public struct BrokerConfiguration: Sendable {
 
     /// The number of event loops this configuration asks for, with 0 resolved to the core count.
     public var resolvedWorkers: Int { workers > 0 ? workers : System.coreCount }
+}
+
+/// One `[[listener]]`: where to listen and what is spoken there. Each listener has its kind (the
+/// protocol on top of TCP) and, optionally, TLS.
+public struct ListenerConfiguration: Sendable, Equatable {
+    /// What a listener speaks (`protocol` in the config file).
+    public enum Kind: String, Sendable, CaseIterable {
+        /// MQTT straight over TCP (or TLS).
+        case mqtt
+    }
+
+    /// Where to listen (`bind`).
+    public var address: ListenAddress
+    /// What is spoken there (`protocol`).
+    public var kind: Kind
+    /// TLS on this listener (nil: plain TCP).
+    public var tls: TLSSettings?
+
+    public init(_ address: ListenAddress, kind: Kind = .mqtt, tls: TLSSettings? = nil) {
+        self.address = address
+        self.kind = kind
+        self.tls = tls
+    }
+
+    /// The bind string (`HOST:PORT`), as scripts see it in `c.listener`.
+    public var bind: String { address.description }
 }
 
 /// A `HOST:PORT` to listen on; port 0 asks the kernel for an ephemeral port.

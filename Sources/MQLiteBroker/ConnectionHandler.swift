@@ -1,6 +1,7 @@
 import Logging
 import MQTTCore
 import NIOCore
+import NIOSSL
 
 /// One client connection: decodes packets, runs the MQTT 3.1.1 protocol for that client, and
 /// batches its output. Lives on its channel's event loop for its whole life.
@@ -19,16 +20,16 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     // Stored properties are laid out in this order: references and words first, then the
     // single-byte ones together, so that an idle connection's handler stays in a small malloc
-    // size class (the will, which most clients do not set, is boxed for the same reason).
+    // size class (`IdleFootprintTests`). For the same reason what most clients do not have (a
+    // will, access rules) is kept out of line, and `clientInfo` refers to the listener.
     private let broker: Broker
     private let worker: Worker
     private var context: ChannelHandlerContext?
     private var session: Session?
     private var will: Box<Will>?
-    /// Access rules from the `authorize` hook, enforced here for the life of the connection.
-    private var acl: ClientACL?
-    /// Publish verdicts per topic for this client, so the ACL is matched once per topic.
-    private var aclVerdicts: [ByteBuffer: Bool] = [:]
+    /// Access rules from the `authorize` hook, enforced here for the life of the connection;
+    /// nil (no storage at all) for a client that has none.
+    private var access: Access?
     /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
     /// connection holds no read buffer.
     private var cumulation: ByteBuffer?
@@ -38,8 +39,9 @@ final class ConnectionHandler: ChannelInboundHandler {
     private var isDirty = false
     private var holdBackCheckPending = false
 
-    /// 1.5 x the client's keep-alive (zero: no check).
-    private var keepAlive = TimeAmount.zero
+    /// 1.5 x the client's keep-alive (zero: no check), in 32 bits beside the flags above.
+    private var keepAliveMilliseconds: UInt32 = 0
+    private var keepAlive: TimeAmount { .milliseconds(Int64(keepAliveMilliseconds)) }
     /// When the socket opened (until CONNECT), then when a packet last came (with a keep-alive).
     /// The worker's sweep checks it, so no connection holds a timer of its own.
     private var lastRead = NIODeadline.now()
@@ -50,9 +52,10 @@ final class ConnectionHandler: ChannelInboundHandler {
     /// bounds what one read already brought).
     static let maxPendingPackets = 1000
 
-    init(broker: Broker, worker: Worker) {
+    init(broker: Broker, worker: Worker, listener: RunningListener) {
         self.broker = broker
         self.worker = worker
+        self.clientInfo = ClientInfo(clientID: "", username: nil, address: "?", origin: listener)
         broker.connectionObjects.add(1, ordering: .relaxed)
     }
 
@@ -70,7 +73,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     /// Who this client is (for hooks and logs); set once CONNECT has given the client id.
-    private var clientInfo = ClientInfo(clientID: "", username: nil, address: "?")
+    private var clientInfo: ClientInfo
 
     // MARK: - Channel events
 
@@ -130,7 +133,7 @@ final class ConnectionHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
-        if keepAlive != .zero { lastRead = .now() }
+        if keepAliveMilliseconds != 0 { lastRead = .now() }
         if var pending = cumulation {
             cumulation = nil
             pending.writeBuffer(&buffer)
@@ -184,6 +187,20 @@ final class ConnectionHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if clientInfo.origin.tls != nil {
+            // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
+            // during it). Logged with a rate limit, so that a scanner cannot flood the log.
+            if case .awaitingConnect = state {
+                clientInfo.origin.logHandshakeFailure("\(error)", logger: logger)
+                state = .closed
+                context.close(promise: nil)
+                worker.flushDirty()
+                return
+            }
+            // A TCP close without TLS close_notify: the connection is lost, as a plain one would
+            // be (channelInactive follows).
+            if let tlsError = error as? NIOSSLError, case .uncleanShutdown = tlsError { return }
+        }
         closeWithWill(reason: "\(error)")
         worker.flushDirty()
     }
@@ -254,32 +271,48 @@ final class ConnectionHandler: ChannelInboundHandler {
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
         }
+        var username = connect.username
+        var password = connect.password
+        if let tls = clientInfo.origin.tls {
+            // Once per connection: the handshake is done (CONNECT came through it).
+            let info = clientTLSInfo(tls)
+            clientInfo.tls = info
+            if tls.useIdentityAsUsername {
+                // As Mosquitto: the certificate's CN replaces whatever user name and password the
+                // client sent (require_certificate guarantees a verified certificate).
+                guard let cn = info.certificate?.commonName, !cn.isEmpty else {
+                    return refuse(.notAuthorized, "client certificate has no CN (use_identity_as_username)")
+                }
+                username = cn
+                password = nil
+            }
+        }
         clientInfo.clientID = clientID
-        clientInfo.username = connect.username
+        clientInfo.username = username
 
         let request = ConnectRequest(
-            clientID: clientID, username: connect.username, password: connect.password, address: clientInfo.address,
-            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive)
+            clientID: clientID, username: username, password: password, address: clientInfo.address,
+            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
         switch broker.hooks.authenticate(request, worker: worker.index) {
         case .refuse(let code):
             return refuse(code, "refused by authentication hook")
         case .accept:
             break
         case .pass:
-            if connect.username == nil && !broker.configuration.allowAnonymous {
+            if username == nil && !broker.configuration.allowAnonymous {
                 return refuse(.notAuthorized, "anonymous clients are not allowed")
             }
         }
 
         let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
-        if !tables.isEmpty { acl = ClientACL(tables, clientID: clientID, username: connect.username) }
+        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: username)) }
         // A will is a message this client publishes later: its topic must be one the client may
         // publish to (CONNACK 5, as Mosquitto answers).
-        if let will = connect.will, let acl, !acl.allowsPublish(topic: will.topic) {
+        if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
             return refuse(.notAuthorized, "will topic denied by ACL")
         }
         will = connect.will.map(Box.init)
-        keepAlive = .milliseconds(Int64(connect.keepAlive) * 1500)
+        keepAliveMilliseconds = UInt32(connect.keepAlive) * 1500
         lastRead = .now()
         state = .opening(pending: [])
         updateReading()
@@ -294,6 +327,18 @@ final class ConnectionHandler: ChannelInboundHandler {
         }
     }
 
+    /// What the TLS handshake told of the client: its certificate, which was verified against
+    /// `cafile` if the listener has one (a certificate that failed would have failed the handshake;
+    /// without `cafile` none is asked for).
+    private func clientTLSInfo(_ tls: TLSSettings) -> TLSClientInfo {
+        let usernameFromCertificate = tls.useIdentityAsUsername
+        guard let handler = try? context?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+            let peer = handler.peerCertificate, tls.cafile != nil
+        else { return TLSClientInfo(verified: false, certificate: nil, usernameFromCertificate: usernameFromCertificate) }
+        let certificate = ClientCertificate(peer)
+        return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
+    }
+
     private func attach(_ session: Session, sessionPresent: Bool) {
         guard case .opening(let pending) = state else {
             // The connection went away while the session was being handed over.
@@ -301,7 +346,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             return
         }
         session.connection = self
-        session.receiveACL = (acl?.restrictsReceiving ?? false) ? acl : nil
+        session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
         state = .connected
         updateReading()
@@ -344,11 +389,11 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
     private func mayPublish(_ topic: ByteBuffer) -> Bool {
-        guard let acl else { return true }
-        if let verdict = aclVerdicts[topic] { return verdict }
-        let verdict = acl.allowsPublish(topic: String(buffer: topic))
-        if aclVerdicts.count >= 1000 { aclVerdicts.removeAll(keepingCapacity: true) }
-        aclVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+        guard let access else { return true }
+        if let verdict = access.verdicts[topic] { return verdict }
+        let verdict = access.acl.allowsPublish(topic: String(buffer: topic))
+        if access.verdicts.count >= 1000 { access.verdicts.removeAll(keepingCapacity: true) }
+        access.verdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
         if !verdict { logger.debug("publish to \"\(LogText(String(buffer: topic)))\" denied by ACL") }
         return verdict
     }
@@ -422,7 +467,7 @@ final class ConnectionHandler: ChannelInboundHandler {
                 filter = newFilter
                 qos = min(qos, maxQoS)
             }
-            if let acl, !acl.allowsSubscribe(filter: filter) {
+            if let access, !access.acl.allowsSubscribe(filter: filter) {
                 logger.debug("subscribe to \"\(LogText(filter))\" denied by ACL")
                 codes.append(.failure)
                 continue
@@ -634,4 +679,12 @@ final class ConnectionHandler: ChannelInboundHandler {
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
         if let session, session.hasQueued, context.channel.isWritable, case .connected = state { session.pump(broker: broker) }
     }
+}
+
+/// A client's access rules and, so that they are matched once per topic, its publish verdicts.
+private final class Access {
+    let acl: ClientACL
+    var verdicts: [ByteBuffer: Bool] = [:]
+
+    init(_ acl: ClientACL) { self.acl = acl }
 }

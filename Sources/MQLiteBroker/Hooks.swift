@@ -9,14 +9,23 @@ public struct ConnectRequest: Sendable {
     public var address: String
     public var cleanSession: Bool
     public var keepAlive: UInt16
+    /// The bind string of the listener the client came in on.
+    public var listener: String
+    /// On TLS listeners, what the handshake told of the client; nil on plain ones.
+    public var tls: TLSClientInfo?
 
-    public init(clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16) {
+    public init(
+        clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16,
+        listener: String = "", tls: TLSClientInfo? = nil
+    ) {
         self.clientID = clientID
         self.username = username
         self.password = password
         self.address = address
         self.cleanSession = cleanSession
         self.keepAlive = keepAlive
+        self.listener = listener
+        self.tls = tls
     }
 }
 
@@ -73,11 +82,25 @@ public struct ClientInfo: Sendable {
     public var clientID: String
     public var username: String?
     public var address: String
+    /// On TLS listeners, what the handshake told of the client; nil on plain ones.
+    public var tls: TLSClientInfo?
+    /// The listener the client came in on: a reference rather than a copy of its bind string,
+    /// since every connection's handler holds a `ClientInfo` (memory per idle connection).
+    let origin: RunningListener
 
-    public init(clientID: String, username: String?, address: String) {
+    /// The bind string of the listener the client came in on.
+    public var listener: String { origin.bind }
+
+    public init(clientID: String, username: String?, address: String, listener: String = "", tls: TLSClientInfo? = nil) {
+        self.init(clientID: clientID, username: username, address: address, origin: RunningListener(unboundNamed: listener), tls: tls)
+    }
+
+    init(clientID: String, username: String?, address: String, origin: RunningListener, tls: TLSClientInfo? = nil) {
         self.clientID = clientID
         self.username = username
         self.address = address
+        self.origin = origin
+        self.tls = tls
     }
 }
 

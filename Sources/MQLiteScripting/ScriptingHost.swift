@@ -154,13 +154,15 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         guard let vm = vm(worker) else { return .pass }
         for hook in vm.hooks(.connect) {
             let answer = vm.call(hook, .connect, results: 2, push: { L in
-                lua_createtable(L, 0, 6)
+                lua_createtable(L, 0, 8)
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
                 L.setField("password", request.password)
                 L.setField("address", request.address)
                 L.setField("clean_session", request.cleanSession)
                 L.setField("keep_alive", Int(request.keepAlive))
+                L.setField("listener", request.listener)
+                if let tls = request.tls { pushTLS(L, tls) }
                 return 1
             }, read: { L throws(HookResultError) -> ConnectDecision in
                 switch lua_type(L, -2) {
@@ -345,10 +347,33 @@ private func typeName(_ L: LuaState, _ index: Int32) -> String {
 }
 
 private func pushClient(_ L: LuaState, _ client: ClientInfo) {
-    lua_createtable(L, 0, 3)
+    lua_createtable(L, 0, 5)
     L.setField("client_id", client.clientID)
     L.setField("username", client.username)
     L.setField("address", client.address)
+    L.setField("listener", client.listener)
+    if let tls = client.tls { pushTLS(L, tls) }
+}
+
+/// Sets `tls` in the table on top of the stack: `{ verified, subject, cn, sans, fingerprint,
+/// not_after }`, the certificate's fields absent without one.
+private func pushTLS(_ L: LuaState, _ tls: TLSClientInfo) {
+    lua_createtable(L, 0, 7)
+    L.setField("verified", tls.verified)
+    if tls.usernameFromCertificate { L.setField("use_identity_as_username", true) }
+    if let certificate = tls.certificate {
+        L.setField("subject", certificate.subject)
+        L.setField("cn", certificate.commonName)
+        L.setField("fingerprint", certificate.fingerprint)
+        L.setField("not_after", certificate.notAfter)
+        lua_createtable(L, Int32(certificate.subjectAlternativeNames.count), 0)
+        for (index, name) in certificate.subjectAlternativeNames.enumerated() {
+            L.push(name)
+            lua_rawseti(L, -2, lua_Integer(index + 1))
+        }
+        lua_setfield(L, -2, "sans")
+    }
+    lua_setfield(L, -2, "tls")
 }
 
 /// Results are plain data: a table with a metatable could run Lua code (__index, __len, __pairs,

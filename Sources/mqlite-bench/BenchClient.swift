@@ -1,6 +1,7 @@
 import MQTTCore
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// What the benchmark needs to know of an incoming packet: no topic or payload copies.
 enum BenchEvent: Equatable {
@@ -108,7 +109,8 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Opens a connection, sends CONNECT and completes on CONNACK 0.
     static func connect(
-        on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true
+        on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true,
+        tls: NIOSSLContext? = nil
     ) -> EventLoopFuture<BenchConnection> {
         let promise = loop.makePromise(of: BenchConnection.self)
         let handler = BenchConnection(loop: loop)
@@ -117,6 +119,11 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
             .channelOption(.maxMessagesPerRead, value: 16)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        // The certificate is checked against --tls-ca, not against the host name
+                        // (the benchmark connects to an address).
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil))
+                    }
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(BenchDecoder(readTimestamps: readTimestamps)))
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
@@ -129,9 +136,12 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
                 case .success(let channel):
                     let connection = handler
                     guard sendConnect else { return promise.succeed(connection) }
+                    // Closed before CONNACK (a failed TLS handshake, a plain port): fail, not hang.
+                    connection.onClose = { promise.fail(BenchError("connection closed before CONNACK for \(clientID)")) }
                     connection.onEvent = { c, event in
                         if case .connack(let code) = event {
                             c.onEvent = { _, _ in }
+                            c.onClose = {}
                             if code == 0 { promise.succeed(c) } else { promise.fail(BenchError("CONNACK \(code) for \(clientID)")) }
                         }
                     }

@@ -3,6 +3,7 @@ import Foundation
 import MQTTCore
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// `mqlite-bench`: drives any MQTT 3.1.1 broker on 127.0.0.1 and prints one JSON line of results.
 @main
@@ -39,19 +40,31 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "connections: broker pid, for its resident memory") var pid: Int?
     @Option(help: "Topic prefix") var prefix = "bench"
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
+    @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
+
+    /// The client TLS context for every connection of the run (nil: plain TCP). TLS 1.2 or 1.3 as
+    /// the broker offers, BoringSSL's default cipher preferences.
+    private func makeTLSContext() throws -> NIOSSLContext? {
+        guard let tlsCa else { return nil }
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .file(tlsCa)
+        configuration.certificateVerification = .noHostnameVerification
+        return try NIOSSLContext(configuration: configuration)
+    }
 
     func run() async throws {
+        let tls = try makeTLSContext()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loop = group.next()
         let result: [String: Any]
         do {
             switch scenario {
             case .fanIn, .fanOut, .pairs:
-                result = try await throughput(loop: loop, shape: Shape(rawValue: scenario.rawValue)!)
+                result = try await throughput(loop: loop, shape: Shape(rawValue: scenario.rawValue)!, tls: tls)
             case .latency:
-                result = try await latency(loop: loop)
+                result = try await latency(loop: loop, tls: tls)
             case .connections:
-                result = try await idleConnections(loop: loop)
+                result = try await idleConnections(loop: loop, tls: tls)
             case .bareNIOServer:
                 result = try await serveBareNIO(group: group)
             }
@@ -85,40 +98,43 @@ struct MQLiteBench: AsyncParsableCommand {
         return ["scenario": "bare-nio-server", "lost": 0]
     }
 
-    private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false) async throws -> BenchConnection {
-        try await BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps).get()
+    private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?) async throws -> BenchConnection {
+        try await BenchConnection.connect(
+            on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps,
+            tls: tlsContext
+        ).get()
     }
 
     private func makePayload(_ size: Int) -> ByteBuffer {
         ByteBuffer(bytes: (0..<max(size, 8)).map { UInt8(truncatingIfNeeded: $0) })
     }
 
-    private func throughput(loop: any EventLoop, shape: Shape) async throws -> [String: Any] {
+    private func throughput(loop: any EventLoop, shape: Shape, tls: NIOSSLContext?) async throws -> [String: Any] {
         let q = QoS(rawValue: UInt8(qos)) ?? .atMostOnce
         let body = ByteBuffer(bytes: (0..<payload).map { UInt8(truncatingIfNeeded: $0) })
         var publishers: [Publisher] = []
         var subscribers: [BenchConnection] = []
         switch shape {
         case .fanIn:
-            let sub = try await connect(loop, "sub")
+            let sub = try await connect(loop, "sub", tls: tls)
             try await sub.subscribe("\(prefix)/in/+", qos: q).get()
             subscribers = [sub]
             for i in 0..<clients {
-                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)"), topic: "\(prefix)/in/\(i)", payload: body, qos: q))
+                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)", tls: tls), topic: "\(prefix)/in/\(i)", payload: body, qos: q))
             }
         case .fanOut:
             for i in 0..<clients {
-                let sub = try await connect(loop, "sub\(i)")
+                let sub = try await connect(loop, "sub\(i)", tls: tls)
                 try await sub.subscribe("\(prefix)/out", qos: q).get()
                 subscribers.append(sub)
             }
-            publishers = [Publisher(connection: try await connect(loop, "pub"), topic: "\(prefix)/out", payload: body, qos: q)]
+            publishers = [Publisher(connection: try await connect(loop, "pub", tls: tls), topic: "\(prefix)/out", payload: body, qos: q)]
         case .pairs:
             for i in 0..<clients {
-                let sub = try await connect(loop, "sub\(i)")
+                let sub = try await connect(loop, "sub\(i)", tls: tls)
                 try await sub.subscribe("\(prefix)/pair/\(i)", qos: q).get()
                 subscribers.append(sub)
-                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)"), topic: "\(prefix)/pair/\(i)", payload: body, qos: q))
+                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)", tls: tls), topic: "\(prefix)/pair/\(i)", payload: body, qos: q))
             }
         }
         // Enough in flight to keep the pipe full, not so much that a broker must queue megabytes or
@@ -139,16 +155,16 @@ struct MQLiteBench: AsyncParsableCommand {
         return [
             "scenario": shape.rawValue, "qos": qos, "payload": payload, "clients": clients,
             "rate": result.deliveriesPerSecond.rounded(), "published": result.published,
-            "expected": result.expected, "delivered": result.delivered, "lost": result.lost,
+            "expected": result.expected, "delivered": result.delivered, "lost": result.lost, "tls": tls != nil,
         ]
     }
 
-    private func latency(loop: any EventLoop) async throws -> [String: Any] {
+    private func latency(loop: any EventLoop, tls: NIOSSLContext?) async throws -> [String: Any] {
         var pairs: [(Publisher, BenchConnection)] = []
         for i in 0..<clients {
-            let sub = try await connect(loop, "lsub\(i)", timestamps: true)
+            let sub = try await connect(loop, "lsub\(i)", timestamps: true, tls: tls)
             try await sub.subscribe("\(prefix)/lat/\(i)", qos: .atMostOnce).get()
-            let pub = Publisher(connection: try await connect(loop, "lpub\(i)"), topic: "\(prefix)/lat/\(i)", payload: makePayload(payload), qos: .atMostOnce)
+            let pub = Publisher(connection: try await connect(loop, "lpub\(i)", tls: tls), topic: "\(prefix)/lat/\(i)", payload: makePayload(payload), qos: .atMostOnce)
             pairs.append((pub, sub))
         }
         let runPairs = pairs
@@ -161,7 +177,7 @@ struct MQLiteBench: AsyncParsableCommand {
                 "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost]
     }
 
-    private func idleConnections(loop: any EventLoop) async throws -> [String: Any] {
+    private func idleConnections(loop: any EventLoop, tls: NIOSSLContext?) async throws -> [String: Any] {
         guard let pid, let before = residentBytes(pid: pid) else { throw ValidationError("connections needs --pid of the broker") }
         var open: [BenchConnection] = []
         let batch = 250
@@ -169,7 +185,7 @@ struct MQLiteBench: AsyncParsableCommand {
         while index < connections {
             let count = min(batch, connections - index)
             let futures = (0..<count).map { i in
-                BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-idle-\(index + i)", sendConnect: !tcpOnly)
+                BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-idle-\(index + i)", sendConnect: !tcpOnly, tls: tls)
             }
             for f in futures { open.append(try await f.get()) }
             index += count

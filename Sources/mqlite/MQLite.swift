@@ -70,6 +70,11 @@ struct MQLite: AsyncParsableCommand {
             printError("mqlite: \(ConfigError(file: bind.isEmpty ? (config ?? "defaults") : "command line", key: key, problem: error.description))")
             await broker.shutdown()
             throw ExitCode(2)
+        } catch let error as TLSSetupError {
+            // A certificate file that changed since the check above.
+            printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "listener[\(error.index)].\(error.error.key)", problem: error.description))")
+            await broker.shutdown()
+            throw ExitCode(2)
         } catch {
             logger.critical("cannot start: \(error)")
             await broker.shutdown()
@@ -78,6 +83,8 @@ struct MQLite: AsyncParsableCommand {
         logger.info("mqlite started with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
         for await signal in signals {
             if signal == SIGHUP {
+                // New TLS handshakes use the re-read certificate files (a bad file keeps the old).
+                broker.reloadCertificates()
                 guard let scripting else {
                     logger.info("SIGHUP: no plugins to reload")
                     continue
@@ -115,7 +122,7 @@ struct MQLite: AsyncParsableCommand {
                 guard let address = ListenAddress(parsing: text) else {
                     throw ConfigError(file: "command line", key: "-b", problem: "must be HOST:PORT, not \"\(text)\"")
                 }
-                return address
+                return ListenerConfiguration(address)
             }
         }
         if let threads {

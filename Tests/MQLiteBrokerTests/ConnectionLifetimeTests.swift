@@ -62,7 +62,7 @@ struct IdleFootprintTests {
         defer { try? broker.stopLoops() }
         let session = Session(clientID: "a-client-id-longer-than-15", persistent: true, owner: 0)
         #expect(Self.mallocSize(session) <= 120)
-        let handler = ConnectionHandler(broker: broker, worker: broker.workers[0])
+        let handler = ConnectionHandler(broker: broker, worker: broker.workers[0], listener: RunningListener(unboundNamed: "test"))
         #expect(Self.mallocSize(handler) <= 216)
     }
     #endif

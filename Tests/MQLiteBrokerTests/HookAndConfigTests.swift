@@ -119,7 +119,7 @@ struct ConfigFileTests {
             """)
         #expect(config.workers == 3)
         #expect(config.logLevel == .debug)
-        #expect(config.listeners == [ListenAddress(host: "127.0.0.1", port: 0), ListenAddress(host: "::1", port: 1884)])
+        #expect(config.listeners.map(\.address) == [ListenAddress(host: "127.0.0.1", port: 0), ListenAddress(host: "::1", port: 1884)])
         #expect(config.limits.maxPacketSize == 2048)
         #expect(config.limits.maxConnections == 10)
         #expect(config.limits.maxInflight == 5)
@@ -132,7 +132,7 @@ struct ConfigFileTests {
     @Test("defaults when the file is empty")
     func defaults() throws {
         let config = try parse("")
-        #expect(config.listeners == [ListenAddress(host: "0.0.0.0", port: 1883)])
+        #expect(config.listeners.map(\.address) == [ListenAddress(host: "0.0.0.0", port: 1883)])
         #expect(config.limits.maxPacketSize == 1 << 20 && config.limits.maxInflight == 32 && config.limits.maxQueued == 1000)
         #expect(config.allowAnonymous)
         #expect(config.workers == 0)

@@ -516,7 +516,7 @@ struct ShippedPluginTests {
             .joined(separator: "\n")
         var config = try ConfigFile.parse(text, file: path)
         config.workers = 2
-        config.listeners = [ListenAddress(host: "127.0.0.1", port: 0)]
+        config.listeners = [ListenerConfiguration(ListenAddress(host: "127.0.0.1", port: 0))]
         return config
     }
 

@@ -46,7 +46,7 @@ public func withBroker(
     prepare: (Broker) -> Void = { _ in },
     _ body: (BrokerFixture) async throws -> Void
 ) async throws {
-    var config = BrokerConfiguration(workers: workers, listeners: [ListenAddress(host: "127.0.0.1", port: 0)])
+    var config = BrokerConfiguration(workers: workers, listeners: [ListenerConfiguration(ListenAddress(host: "127.0.0.1", port: 0))])
     configure(&config)
     let logs = InMemoryLogHandler()
     let logger = Logger(label: "mqlite-test", factory: { _ in logs })

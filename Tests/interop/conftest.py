@@ -17,7 +17,7 @@ BINARY = os.environ.get("MQLITE_BIN", str(ROOT / ".build" / "debug" / "mqlite"))
 class Broker:
     """One mqlite process; `port` is the port it logged as bound."""
 
-    def __init__(self, args, config_text=None, env=None, preexec_fn=None):
+    def __init__(self, args, config_text=None, env=None, preexec_fn=None, listeners=1):
         self.dir = tempfile.TemporaryDirectory()
         cmd = [BINARY]
         if config_text is not None:
@@ -30,20 +30,25 @@ class Broker:
             env=None if env is None else {**os.environ, **env})
         self.lines = []
         self.port = None
+        # Every port logged as bound, in listener order (`port` is the first).
+        self.ports = []
         bound = threading.Event()
 
         def reader():
             for line in self.proc.stdout:
                 self.lines.append(line)
                 m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-                if m and self.port is None:
-                    self.port = int(m.group(1))
-                    bound.set()
+                if m:
+                    self.ports.append(int(m.group(1)))
+                    if self.port is None:
+                        self.port = self.ports[0]
+                    if len(self.ports) >= listeners:
+                        bound.set()
             bound.set()
 
         self.thread = threading.Thread(target=reader, daemon=True)
         self.thread.start()
-        if not bound.wait(30) or self.port is None:
+        if not bound.wait(30) or len(self.ports) < listeners:
             self.stop()
             raise RuntimeError("mqlite did not start:\n" + "".join(self.lines))
 

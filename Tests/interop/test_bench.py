@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from test_tls import certs, tls_config  # noqa: F401 (certs is a fixture)
+from test_tls import start as start_tls
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = os.environ.get("MQLITE_BENCH_BIN", str(ROOT / ".build" / "debug" / "mqlite-bench"))
 
@@ -73,3 +76,19 @@ def test_bare_nio_server_holds_sockets():
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_pairs_over_tls(certs):
+    """--tls-ca: every connection over TLS, the broker's certificate checked against the CA."""
+    b = start_tls(tls_config(certs))
+    try:
+        secure = b.ports[1]
+        r = bench(secure, "pairs", "--qos", "0", "--payload", "1024", "--clients", "3", "--tls-ca", str(certs / "ca.crt"))
+        assert r["tls"] is True and r["lost"] == 0
+        assert r["delivered"] == r["expected"] == r["published"] > 0
+        # A CA that did not sign the broker's certificate: the handshake fails, and so does the run.
+        r = subprocess.run([BENCH, "pairs", "--port", str(secure), "--clients", "1", "--duration", "0.3", "--warmup", "0.1",
+                            "--tls-ca", str(certs / "other-ca.crt")], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+    finally:
+        b.stop()
