@@ -42,10 +42,13 @@ struct DistinguishedName {
         self.rdns = rdns
     }
 
-    /// The first common name, as Mosquitto takes it for `use_identity_as_username`.
+    /// The first common name that is text, as Mosquitto takes it for `use_identity_as_username`
+    /// (a CN that is not valid text of its string type has none: see `text`).
     var commonName: String? {
         for rdn in rdns {
-            for attribute in rdn where attribute.type == Self.commonNameOID { return attribute.text }
+            for attribute in rdn where attribute.type == Self.commonNameOID {
+                if let text = attribute.text { return text }
+            }
         }
         return nil
     }
@@ -71,20 +74,23 @@ struct DistinguishedName {
         "0.9.2342.19200300.100.1.1": "UID", "0.9.2342.19200300.100.1.25": "DC", "1.2.840.113549.1.9.1": "emailAddress",
     ]
 
-    /// RFC 4514 section 2.4: `"+,;<>\` escaped, and a leading `#` or space and a trailing space.
+    /// RFC 4514 section 2.4: `"+,;<>\` escaped, and a leading `#` or space and a trailing space;
+    /// control characters as `\XX` (as OpenSSL's RFC 2253 output). Scalar by scalar: a `,`
+    /// followed by a combining mark is one `Character` that is not `","`, and must be escaped too.
     static func escape(_ value: String) -> String {
         var out = ""
-        let characters = Array(value)
-        for (index, character) in characters.enumerated() {
-            switch character {
+        let scalars = Array(value.unicodeScalars)
+        for (index, scalar) in scalars.enumerated() {
+            switch scalar {
             case "\"", "+", ",", ";", "<", ">", "\\":
-                out += "\\" + String(character)
-            case "#" where index == 0, " " where index == 0 || index == characters.count - 1:
-                out += "\\" + String(character)
-            case "\u{0}":
-                out += "\\00"
+                out += "\\" + String(scalar)
+            case "#" where index == 0, " " where index == 0 || index == scalars.count - 1:
+                out += "\\" + String(scalar)
+            case "\u{0}"..."\u{1F}", "\u{7F}":
+                let hex = String(scalar.value, radix: 16, uppercase: true)
+                out += "\\" + (hex.count == 1 ? "0" : "") + hex
             default:
-                out.append(character)
+                out.unicodeScalars.append(scalar)
             }
         }
         return out
@@ -95,7 +101,8 @@ struct DistinguishedName {
         guard case .primitive(let bytes) = node.content else { return nil }
         switch node.identifier {
         case .utf8String, .printableString, .ia5String, .visibleString, .numericString:
-            return String(decoding: bytes, as: UTF8.self)
+            // Not repaired: two different byte strings must not read as the same user name.
+            return String(validating: bytes, as: UTF8.self)
         case .teletexString:
             // T.61 in practice holds Latin-1 (as OpenSSL reads it).
             return String(String.UnicodeScalarView(bytes.map { Unicode.Scalar($0) }))

@@ -8,7 +8,10 @@
 /// what the grammar does not (a key defined twice, a table redefined, integers out of range).
 ///
 /// It reads the UTF-8 bytes once, builds nothing, and keeps an explicit stack for nested arrays
-/// and inline tables (no recursion per nesting level), refusing more than `maxDepth` of them.
+/// and inline tables (no recursion per nesting level). Nesting is bounded: tables (from headers
+/// and dotted keys), arrays and inline tables at most `maxDepth` deep, since toml++ frees what it
+/// built recursively. It also refuses `\u0000`, valid TOML that TOMLKit would cut short at the
+/// NUL (it hands strings over as C strings).
 public enum TOMLSyntax {
     public struct Failure: Error, Equatable {
         public var line: Int
@@ -16,7 +19,7 @@ public enum TOMLSyntax {
         public var problem: String
     }
 
-    /// Most arrays and inline tables nested in one value.
+    /// Most tables, arrays and inline tables nested in one another (`a.b = [[1]]` is 3 deep).
     public static let maxDepth = 100
 
     /// nil if `text` is well-formed TOML 1.0; otherwise where and why it is not.
@@ -130,25 +133,27 @@ private struct Scanner {
     // MARK: Document
 
     mutating func document() throws(SyntaxError) {
+        var tableDepth = 0  // of the last table header
         while !atEnd {
             skipSpaces()
             switch peek {
             case nil: return
             case 0x23, 0x0A, 0x0D: break
-            case 0x5B: try tableHeader()
-            default: try keyValue()
+            case 0x5B: tableDepth = try tableHeader()
+            default: try keyValue(depth: tableDepth)
             }
             try endOfLine()
         }
     }
 
-    /// `[key]` or `[[key]]`.
-    mutating func tableHeader() throws(SyntaxError) {
+    /// `[key]` or `[[key]]`; returns how deep the table is.
+    mutating func tableHeader() throws(SyntaxError) -> Int {
         i += 1
         let arrayOfTables = peek == 0x5B
         if arrayOfTables { i += 1 }
         skipSpaces()
-        try key()
+        let depth = try key()
+        try checkDepth(depth)
         skipSpaces()
         guard peek == 0x5D else { throw unexpected("']' to close the table header") }
         i += 1
@@ -156,21 +161,31 @@ private struct Scanner {
             guard peek == 0x5D else { throw unexpected("']]' to close the array-of-tables header") }
             i += 1
         }
+        return depth
     }
 
-    /// `key = value`.
-    mutating func keyValue() throws(SyntaxError) {
-        try key()
+    func checkDepth(_ depth: Int) throws(SyntaxError) {
+        guard depth <= TOMLSyntax.maxDepth else {
+            throw error("tables, arrays and inline tables nested deeper than \(TOMLSyntax.maxDepth)")
+        }
+    }
+
+    /// `key = value` in a table `depth` deep.
+    mutating func keyValue(depth: Int) throws(SyntaxError) {
+        let segments = try key()
+        try checkDepth(depth + segments - 1)
         skipSpaces()
         guard peek == 0x3D else { throw unexpected("'=' after the key") }
         i += 1
         skipSpaces()
-        try value()
+        try value(depth: depth + segments - 1)
     }
 
-    /// A simple or dotted key.
-    mutating func key() throws(SyntaxError) {
+    /// A simple or dotted key; returns its number of parts.
+    mutating func key() throws(SyntaxError) -> Int {
+        var segments = 0
         while true {
+            segments += 1
             switch peek {
             case 0x22: try basicString(multiline: false)
             case 0x27: try literalString(multiline: false)
@@ -180,7 +195,7 @@ private struct Scanner {
             }
             let save = i
             skipSpaces()
-            guard peek == 0x2E else { i = save; return }
+            guard peek == 0x2E else { i = save; return segments }
             i += 1
             skipSpaces()
         }
@@ -190,36 +205,40 @@ private struct Scanner {
 
     private enum Container { case array, inlineTable }
 
-    /// One value; arrays and inline tables nest through an explicit stack.
-    mutating func value() throws(SyntaxError) {
-        var stack: [Container] = []
+    /// One value, in a table `depth` deep; arrays and inline tables nest through an explicit
+    /// stack, each with its depth (an inline table's, for its current key, with the key's parts).
+    mutating func value(depth: Int) throws(SyntaxError) {
+        var stack: [(container: Container, depth: Int)] = []
+        var depth = depth
         expectValue: while true {
             switch peek {
             case 0x5B:  // [
-                guard stack.count < TOMLSyntax.maxDepth else { throw error("arrays and inline tables nested deeper than \(TOMLSyntax.maxDepth)") }
+                try checkDepth(depth + 1)
                 i += 1
-                stack.append(.array)
+                stack.append((.array, depth))
+                depth += 1
                 try skipBlankLines()
                 if peek != 0x5D { continue expectValue }
                 i += 1
-                stack.removeLast()
+                depth = stack.removeLast().depth
             case 0x7B:  // {
-                guard stack.count < TOMLSyntax.maxDepth else { throw error("arrays and inline tables nested deeper than \(TOMLSyntax.maxDepth)") }
+                try checkDepth(depth + 1)
                 i += 1
-                stack.append(.inlineTable)
+                stack.append((.inlineTable, depth))
                 skipSpaces()
                 if peek != 0x7D {
-                    try inlineKey()
+                    depth = stack[stack.count - 1].depth + 1 + (try inlineKey()) - 1
+                    try checkDepth(depth)
                     continue expectValue
                 }
                 i += 1
-                stack.removeLast()
+                depth = stack.removeLast().depth
             default:
                 try scalar()
             }
             // After a value: close containers or go on to the next item.
             while let top = stack.last {
-                switch top {
+                switch top.container {
                 case .array:
                     try skipBlankLines()
                     if peek == 0x2C {
@@ -229,31 +248,33 @@ private struct Scanner {
                     }
                     guard peek == 0x5D else { throw unexpected("',' or ']' in the array") }
                     i += 1
-                    stack.removeLast()
+                    depth = stack.removeLast().depth
                 case .inlineTable:
                     skipSpaces()
                     if peek == 0x2C {
                         i += 1
                         skipSpaces()
-                        try inlineKey()
+                        depth = top.depth + 1 + (try inlineKey()) - 1
+                        try checkDepth(depth)
                         continue expectValue
                     }
                     guard peek == 0x7D else { throw unexpected("',' or '}' in the inline table (which must fit on one line)") }
                     i += 1
-                    stack.removeLast()
+                    depth = stack.removeLast().depth
                 }
             }
             return
         }
     }
 
-    /// `key =` inside an inline table, up to the value.
-    mutating func inlineKey() throws(SyntaxError) {
-        try key()
+    /// `key =` inside an inline table, up to the value; returns the key's number of parts.
+    mutating func inlineKey() throws(SyntaxError) -> Int {
+        let segments = try key()
         skipSpaces()
         guard peek == 0x3D else { throw unexpected("'=' after the key") }
         i += 1
         skipSpaces()
+        return segments
     }
 
     /// A string, boolean, number, date or time.
@@ -303,6 +324,8 @@ private struct Scanner {
                 i += 1
             }
             guard Unicode.Scalar(scalar) != nil else { throw error("\\\(Character(Unicode.Scalar(c))) escape of a value that is not a Unicode scalar") }
+            // Valid TOML, but TOMLKit would silently cut the string at the NUL.
+            guard scalar != 0 else { throw error("\\\(Character(Unicode.Scalar(c))) escape of NUL (U+0000) is not allowed in mqlite's config") }
         case 0x20, 0x09, 0x0A, 0x0D:
             // A line-ending backslash: blanks, a line break, then blanks and line breaks are skipped.
             guard multiline else { throw error("a backslash must start an escape sequence") }

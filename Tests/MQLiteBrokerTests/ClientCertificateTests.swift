@@ -50,6 +50,12 @@ Lb9vwFU+bTbGMptaHzf80kOhZkhyqhv3epA=
         #expect(DistinguishedName.escape("#x y ") == ##"\#x y\ "##)
         #expect(DistinguishedName.escape(" lead") == #"\ lead"#)
         #expect(DistinguishedName.escape("in#side") == "in#side")
+        // Scalar by scalar: a separator followed by a combining mark or a joiner (one Character
+        // in Swift) is escaped all the same, so that a subject cannot fake an RDN.
+        #expect(DistinguishedName.escape("evil,\u{301}O=x") == "evil\\,\u{301}O=x")
+        #expect(DistinguishedName.escape("a+\u{200D}b") == "a\\+\u{200D}b")
+        // Control characters as \XX, as OpenSSL prints them.
+        #expect(DistinguishedName.escape("a\nb\u{1B}c\u{7F}\u{0}") == #"a\0Ab\1Bc\7F\00"#)
     }
 
     @Test("not a certificate: no subject")

@@ -34,6 +34,11 @@ import TOMLKit
         "[[products]]\nname = \"Hammer\"\nsku = 738594937\n\n[[products]]  # empty table within the array\n\n[[products]]\nname = \"Nail\"\n[[fruits]]\nname = \"apple\"\n[fruits.physical]\ncolor = \"red\"\n[[fruits.varieties]]\nname = \"red delicious\"\n[[ fruits.varieties ]]\nname = \"granny smith\"",
         "[server]\nworkers = 2 # comment ünïcode\n[[listener]]\nbind = \"127.0.0.1:1883\"",
         "a = [" + String(repeating: "[", count: 99) + String(repeating: "]", count: 100),
+        // 100 deep with tables from a header and dotted keys, then arrays and inline tables.
+        "[" + Array(repeating: "t", count: 98).joined(separator: ".") + "]\nx.y = [1]",
+        "a = { b.c = { d = [ [1] ] } }",
+        Array(repeating: "k", count: 101).joined(separator: ".") + " = 1",
+        "u = \"\\u0001 and \\u00e9\"",
     ]
 
     @Test("valid TOML passes the check and TOMLKit reads it", arguments: valid)
@@ -67,6 +72,13 @@ import TOMLKit
         // Arrays and inline tables.
         ("a = [1, 2", 1, 10), ("a = {x = 1,}", 1, 12), ("a = {x = 1\n}", 1, 11), ("a = {x = 1 y = 2}", 1, 12), ("a = {x}", 1, 7),
         ("a = " + String(repeating: "[", count: 101), 1, 105),
+        // Tables nest too: a header, dotted keys and inline tables count with the arrays.
+        ("[" + Array(repeating: "t", count: 101).joined(separator: ".") + "]", 1, 203),
+        (Array(repeating: "k", count: 102).joined(separator: ".") + " = 1", 1, 204),
+        ("[" + Array(repeating: "t", count: 98).joined(separator: ".") + "]\nx.y.z.w = 1", 2, 8),
+        ("[" + Array(repeating: "t", count: 98).joined(separator: ".") + "]\nx = { y = [ [ 1 ] ] }", 2, 13),
+        // Valid TOML, but TOMLKit would cut the string at the NUL.
+        ("a = \"x\\u0000y\"", 1, 13), ("a = \"\\U00000000\"", 1, 16),
     ]
 
     @Test("malformed TOML is refused with its line and column, before toml++ reads it")
