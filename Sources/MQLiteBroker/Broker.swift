@@ -374,8 +374,5 @@ private struct ClientIDKey: Hashable {
 
     static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.hasSameUTF8(as: b.id) }
 
-    func hash(into hasher: inout Hasher) {
-        var copy = id
-        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
-    }
+    func hash(into hasher: inout Hasher) { id.hashUTF8(into: &hasher) }
 }

@@ -99,10 +99,7 @@ public struct ByteText: Hashable, Sendable {
 
     public static func == (a: ByteText, b: ByteText) -> Bool { a.text.hasSameUTF8(as: b.text) }
 
-    public func hash(into hasher: inout Hasher) {
-        var copy = text
-        copy.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
-    }
+    public func hash(into hasher: inout Hasher) { text.hashUTF8(into: &hasher) }
 
     /// Whether the text is exactly these ASCII bytes.
     public func isExactly(_ ascii: StaticString) -> Bool {
@@ -128,5 +125,12 @@ extension StringProtocol {
         }
         if let compared, let same = compared { return same }
         return a.elementsEqual(b)
+    }
+
+    /// Hashes the UTF-8 bytes (agrees with `hasSameUTF8`, not with `==`).
+    @inlinable
+    public func hashUTF8(into hasher: inout Hasher) {
+        let hashed: Void? = utf8.withContiguousStorageIfAvailable { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+        if hashed == nil { Array(utf8).withUnsafeBytes { hasher.combine(bytes: $0) } }
     }
 }
