@@ -7,15 +7,6 @@ import MQTTCore
 import NIOCore
 import Testing
 
-/// Resident memory of this process, from /proc/self/status.
-private func residentBytes() -> Int {
-    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-        let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-        let kB = Int(line.split(separator: " ", omittingEmptySubsequences: true)[1])
-    else { return 0 }
-    return kB * 1024
-}
-
 @Suite("Lua hardening: time limit")
 struct TimeLimitTests {
     @Test("a pathological pattern fails at once or within time_limit; the worker and other clients carry on")
@@ -99,7 +90,9 @@ struct TimeLimitTests {
 
 @Suite("Lua hardening: memory limit")
 struct MemoryLimitTests {
-    @Test("a hook that keeps 8 MiB per call fails once over memory_limit; RSS stays bounded; the broker still serves")
+    // Resident memory is checked on the real binary (test_lua_limits.py): in this process other
+    // tests run at the same time and their memory would count against this one.
+    @Test("a hook that keeps 8 MiB per call fails once over memory_limit; the broker still serves")
     func keepsGrowing() async throws {
         let script = """
             kept = {}
@@ -112,7 +105,6 @@ struct MemoryLimitTests {
             let sink = try await b.client("sink")
             try await sink.subscribe("grow")
             let c = try await b.client("c")
-            let before = residentBytes()
             var delivered = 0
             for _ in 0..<40 {
                 try await c.publish("grow", "x", qos: .atLeastOnce)
@@ -125,8 +117,6 @@ struct MemoryLimitTests {
             #expect(delivered >= 2 && delivered <= 5, "\(delivered)")
             #expect(host.failureCount == 40 - delivered)
             #expect(host.memoryUsed(worker: 0) <= 56 << 20, "\(host.memoryUsed(worker: 0))")
-            let grown = residentBytes() - before
-            #expect(grown < 150 << 20, "RSS grew by \(grown >> 20) MiB")
             try await eventually("log") { b.logMessages.contains { $0.contains("not enough memory") } }
             let other = try await b.client("other")
             try await other.subscribe("plain")
