@@ -11,6 +11,8 @@ import Synchronization
 public final class Broker: Sendable {
     public let configuration: BrokerConfiguration
     let hooks: any BrokerHooks
+    /// Told of every session change (a store of sessions would be one); nil: nobody listens.
+    let sessionObserver: (any SessionObserver)?
     let logger: Logger
     let group: MultiThreadedEventLoopGroup
     /// Set once in `init`, read-only afterwards.
@@ -20,8 +22,6 @@ public final class Broker: Sendable {
     private let registry = Mutex<[ClientIDKey: Session]>([:])
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
-    /// Bumped on every subscription change, so that workers know when their route caches are stale.
-    let subscriptionGeneration = Atomic<Int>(0)
     /// Retained messages by topic, in a topic tree (see `retainedMessages(matching:)`).
     private let retained = Mutex(RetainedTree<Message>())
     /// Nodes a retained scan visits per hold of the retained lock.
@@ -37,14 +37,19 @@ public final class Broker: Sendable {
     /// Messages dropped for subscribers that could not keep up, since start.
     let droppedMessages = Atomic<Int>(0)
 
-    public init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
+    public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
+        self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
+    }
+
+    init(configuration: BrokerConfiguration, hooks: any BrokerHooks, sessionObserver: (any SessionObserver)?, logger: Logger) {
         self.configuration = configuration
         self.hooks = hooks
+        self.sessionObserver = sessionObserver
         self.logger = logger
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
         var loops: [any EventLoop] = []
         for loop in group.makeIterator() { loops.append(loop) }
-        self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self) }
+        self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self, workerCount: loops.count) }
     }
 
     // MARK: - Lifecycle
@@ -193,7 +198,7 @@ public final class Broker: Sendable {
         }
         if let replaced {
             onOwner(of: replaced) { owner in
-                replaced.connection?.closeWithWill(reason: "taken over by a new connection with the same client id")
+                replaced.outbound?.takenOver(publishWill: true)
                 self.endSession(replaced, worker: owner)
             }
         }
@@ -219,7 +224,7 @@ public final class Broker: Sendable {
         // Clean session 0 taking over clean session 0: the session goes on, so the old
         // connection's will is not published (Mosquitto). A clean session 1 on either side
         // replaces the session instead (openSession), and that publishes the will.
-        session.connection?.closeWithoutWill(reason: "taken over by a new connection with the same client id")
+        session.outbound?.takenOver(publishWill: false)
         if owner === worker { return completion(session, present) }
         session.move(to: worker.index)
         worker.loop.execute {
@@ -241,11 +246,12 @@ public final class Broker: Sendable {
     /// it went offline (that connection keeps it). On its owner's loop.
     func expire(_ session: Session, claim: Int, worker: Worker) {
         let expired = registry.withLock { registry -> Bool in
-            guard registry[ClientIDKey(session.clientID)] === session, session.isLatest(claim: claim), session.connection == nil else { return false }
+            guard registry[ClientIDKey(session.clientID)] === session, session.isLatest(claim: claim), session.outbound == nil else { return false }
             registry[ClientIDKey(session.clientID)] = nil
             return true
         }
         guard expired else { return }
+        sessionObserver?.session(session, .expired)
         logger.info("session expired after \(configuration.limits.sessionExpiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
         endSession(session, worker: worker)
     }
@@ -255,13 +261,14 @@ public final class Broker: Sendable {
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
+        sessionObserver?.session(session, .ended)
         let filters = session.subscriptions.keys.map { String($0.text) }
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptions.withLock { trie in
                 for filter in filters { trie.remove(filter: filter, key: ObjectIdentifier(session)) }
-                subscriptionGeneration.add(1, ordering: .releasing)
             }
+            for worker in workers { worker.subscriptionsChanged(filters) }
         }
         registry.withLock { registry in
             if registry[ClientIDKey(session.clientID)] === session { registry[ClientIDKey(session.clientID)] = nil }
@@ -274,28 +281,30 @@ public final class Broker: Sendable {
         session.subscriptions[ByteText(filter)] = qos
         subscriptions.withLock { trie in
             trie.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos))
-            subscriptionGeneration.add(1, ordering: .releasing)
         }
+        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
     }
 
     func unsubscribe(_ session: Session, filter: String) {
         guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
         subscriptions.withLock { trie in
             trie.remove(filter: filter, key: ObjectIdentifier(session))
-            subscriptionGeneration.add(1, ordering: .releasing)
         }
+        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        sessionObserver?.session(session, .unsubscribed(filter: filter))
     }
 
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
-    /// matching subscriptions; and the generation this was read at.
-    func matchSubscribers(topic: String) -> ([(session: Session, qos: QoS)], Int) {
+    /// matching subscriptions.
+    func matchSubscribers(topic: String) -> [(session: Session, qos: QoS)] {
         subscriptions.withLock { trie in
             var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
             trie.forEachMatch(topic: topic) { key, entry in
                 if let existing = found[key], existing.qos >= entry.qos { return }
                 found[key] = entry
             }
-            return (Array(found.values), subscriptionGeneration.load(ordering: .relaxed))
+            return Array(found.values)
         }
     }
 
@@ -340,6 +349,11 @@ public final class Broker: Sendable {
     }
 
     // MARK: - Introspection (tests, logs)
+
+    /// The worker that owns the session of `clientID`, if there is one.
+    func owner(ofClient clientID: String) -> Int? {
+        registry.withLock { $0[ClientIDKey(clientID)]?.owner }
+    }
 
     /// Number of client connections open now.
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }

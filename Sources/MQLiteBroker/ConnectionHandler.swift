@@ -5,7 +5,7 @@ import NIOSSL
 
 /// One client connection: decodes packets, runs the MQTT 3.1.1 protocol for that client, and
 /// batches its output. Lives on its channel's event loop for its whole life.
-final class ConnectionHandler: ChannelInboundHandler {
+final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
@@ -236,7 +236,7 @@ final class ConnectionHandler: ChannelInboundHandler {
         case .pubrec(let id):
             // Answered with PUBREL even for an id not in flight (as Mosquitto), so a client that
             // kept its state across a broker restart or a lost session completes its flow.
-            session.pubrec(id)
+            session.pubrec(id, broker: broker)
             writePacket(.pubrel(packetID: id))
         case .pubcomp(let id):
             session.pubcomp(id, broker: broker)
@@ -345,7 +345,7 @@ final class ConnectionHandler: ChannelInboundHandler {
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
         }
-        session.connection = self
+        session.outbound = self
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
         state = .connected
@@ -589,7 +589,10 @@ final class ConnectionHandler: ChannelInboundHandler {
         state = .closed
         guard let session else { return }
         self.session = nil
-        if session.connection === self { session.disconnected() }
+        if session.outbound === self {
+            session.disconnected()
+            broker.sessionObserver?.session(session, .detached)
+        }
         if !session.persistent {
             broker.endSession(session, worker: worker)
         } else if !session.ended {
@@ -637,6 +640,15 @@ final class ConnectionHandler: ChannelInboundHandler {
 
     func writePacket(_ packet: MQTTPacket) {
         appendOutput { $0.writeMQTTPacket(packet) }
+    }
+
+    func writePubrel(packetID: UInt16) {
+        writePacket(.pubrel(packetID: packetID))
+    }
+
+    func takenOver(publishWill: Bool) {
+        let reason = "taken over by a new connection with the same client id"
+        if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason) }
     }
 
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in

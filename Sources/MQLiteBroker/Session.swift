@@ -4,8 +4,55 @@ import MQTTCore
 import NIOCore
 import Synchronization
 
+/// Where a session's messages go: a client's connection today; a bridge link, `$SYS` or a test
+/// sink as well. The session decides what is sent and when (window, queue, retained walk, packet
+/// ids); the outbound only writes. Called on the session's owner loop only.
+protocol SessionOutbound: AnyObject {
+    /// Whether it can take more now (else deliveries wait in the session's queue).
+    var canWrite: Bool { get }
+    func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool)
+    /// A QoS 0 PUBLISH frame shared by every QoS 0 subscriber of one publish
+    /// (`Message.encodeQoS0Frame`); `payload` goes out after it when the frame leaves it out.
+    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer)
+    func writePubrel(packetID: UInt16)
+    /// Asks for `Session.pump` again once the loop has served others.
+    func pumpSoon()
+    /// A newer connection takes the session over: let go of it and close, publishing the will
+    /// or not.
+    func takenOver(publishWill: Bool)
+}
+
+/// What happened to a session, for whoever must follow it (`SessionObserver`): the single tap a
+/// store keeping sessions across restarts uses. Reported on the session's owner loop, after the
+/// change.
+enum SessionEvent {
+    case subscribed(filter: String, qos: QoS)
+    case unsubscribed(filter: String)
+    /// A message was kept in the queue for later (offline, window full, or the socket full).
+    case queued(Delivery)
+    /// A QoS 1/2 message went out with `packetID` and waits for its acknowledgement.
+    case inflightAdded(packetID: UInt16, Delivery)
+    /// PUBREC came for a QoS 2 message: only its PUBREL/PUBCOMP remain.
+    case released(packetID: UInt16)
+    /// The in-flight message with this id is done (PUBACK, or PUBCOMP).
+    case acknowledged(packetID: UInt16)
+    /// Its connection went away; a persistent session stays.
+    case detached
+    /// Offline past `session_expiry`: it is discarded next (`ended`).
+    case expired
+    /// Discarded: clean session, taken over by a clean session, or expired.
+    case ended
+}
+
+/// Follows every session's changes (`SessionEvent`). Called on the session's owner loop, so an
+/// implementation must hand work elsewhere itself and not block.
+protocol SessionObserver: Sendable {
+    func session(_ session: Session, _ event: SessionEvent)
+}
+
 /// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
-/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL.
+/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
+/// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
 ///
 /// Everything but `owner` is touched only on the event loop of the worker that owns the session
 /// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
@@ -27,7 +74,8 @@ final class Session: @unchecked Sendable {
     private let claims = Atomic<Int>(0)
 
     // MARK: Owner-loop state
-    var connection: ConnectionHandler?
+    /// Where messages go now; nil while no connection (or link) holds the session.
+    var outbound: (any SessionOutbound)?
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [ByteText: QoS] = [:]
     private(set) var inflight: [Inflight] = []
@@ -105,7 +153,7 @@ final class Session: @unchecked Sendable {
 
     /// After the queue grew: congested if over half the budget and still making progress.
     private func checkCongestion(_ limits: Limits) {
-        guard connection != nil else { return }
+        guard outbound != nil else { return }
         if queue.count == 1 { more.lastProgress = .now() }  // it kept up until now
         guard isOver(fraction: 2, limits), occasional?.congestionStart == nil || mayBeCongested else { return }
         holdPublishers(now: .now())
@@ -125,7 +173,7 @@ final class Session: @unchecked Sendable {
 
     /// The connection went away: an offline queue holds no publisher back.
     func disconnected() {
-        connection = nil
+        outbound = nil
         occasional?.retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
@@ -180,15 +228,15 @@ final class Session: @unchecked Sendable {
     func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
         if ended { return nil }
         if let occasional, occasional.receiveACL != nil, !mayReceive(delivery.message.topic, occasional) { return nil }
-        guard let connection else {
+        guard let outbound else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
             if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
             return nil
         }
-        if queue.isEmpty && connection.canWrite
+        if queue.isEmpty && outbound.canWrite
             && (delivery.qos == .atMostOnce || inflight.count < broker.configuration.limits.maxInflight)
         {
-            send(delivery, on: connection)
+            send(delivery, on: outbound, broker: broker)
             return nil
         }
         return enqueue(delivery, broker: broker)
@@ -206,7 +254,7 @@ final class Session: @unchecked Sendable {
     private static let retainedStep = 256
 
     func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
-        guard connection != nil, !ended else { return }
+        guard outbound != nil, !ended else { return }
         more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))
         pump(broker: broker)
     }
@@ -255,6 +303,7 @@ final class Session: @unchecked Sendable {
         queue.append(kept)
         more.queuedBytes += size
         checkCongestion(limits)
+        broker.sessionObserver?.session(self, .queued(kept))
         return kept.message
     }
 
@@ -266,34 +315,35 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    private func send(_ delivery: Delivery, on connection: ConnectionHandler) {
+    private func send(_ delivery: Delivery, on outbound: any SessionOutbound, broker: Broker) {
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame {
-                connection.writeQoS0(frame: frame, payload: delivery.message.payload)
+                outbound.writeQoS0(frame: frame, payload: delivery.message.payload)
             } else {
-                connection.writePublish(delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
+                outbound.writePublish(delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
         } else {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false))
-            connection.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+            outbound.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+            broker.sessionObserver?.session(self, .inflightAdded(packetID: id, delivery))
         }
     }
 
     /// Sends queued messages while the window and the socket allow.
     func pump(broker: Broker) {
-        guard let connection, !ended else { return }
+        guard let outbound, !ended else { return }
         let maxInflight = broker.configuration.limits.maxInflight
         var sent = false
         var retainedSteps = 0
-        while connection.canWrite, !ended {
+        while outbound.canWrite, !ended {
             guard let head = queue.first else {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
                 // that delivers little (an ACL holds most back) yields the loop now and then.
                 guard hasQueued else { break }
                 retainedSteps += 1
                 if retainedSteps > 16 {
-                    connection.pumpSoon()
+                    outbound.pumpSoon()
                     break
                 }
                 _ = continueRetained(broker: broker)
@@ -301,7 +351,7 @@ final class Session: @unchecked Sendable {
             }
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
             more.queuedBytes -= head.message.size
-            send(queue.removeFirst(), on: connection)
+            send(queue.removeFirst(), on: outbound, broker: broker)
             sent = true
         }
         if sent { progressed(broker.configuration.limits) }
@@ -313,12 +363,12 @@ final class Session: @unchecked Sendable {
 
     /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
     func resume(broker: Broker) {
-        guard let connection else { return }
+        guard let outbound else { return }
         for entry in inflight {
             if entry.released {
-                connection.writePacket(.pubrel(packetID: entry.id))
+                outbound.writePubrel(packetID: entry.id)
             } else {
-                connection.writePublish(entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+                outbound.writePublish(entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
             }
         }
         pump(broker: broker)
@@ -329,25 +379,30 @@ final class Session: @unchecked Sendable {
     func puback(_ id: UInt16, broker: Broker) {
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
             inflight.remove(at: i)
+            broker.sessionObserver?.session(self, .acknowledged(packetID: id))
             pump(broker: broker)
         }
     }
 
     /// Marks a QoS 2 message in flight as received (PUBREL is sent next); an unknown id is ignored.
-    func pubrec(_ id: UInt16) {
-        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce }) else { return }
+    func pubrec(_ id: UInt16, broker: Broker) {
+        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
         inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
+        broker.sessionObserver?.session(self, .released(packetID: id))
     }
 
     func pubcomp(_ id: UInt16, broker: Broker) {
         if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
             inflight.remove(at: i)
+            broker.sessionObserver?.session(self, .acknowledged(packetID: id))
             pump(broker: broker)
         }
     }
 
-    private func nextPacketID() -> UInt16 {
+    /// The next packet id for an outgoing QoS 1/2 message: 1 to 65535 in turn, skipping ids
+    /// still in flight (MQTT-2.3.1-2: never 0, never one in use).
+    func nextPacketID() -> UInt16 {
         repeat {
             lastPacketID = lastPacketID == UInt16.max ? 1 : lastPacketID + 1
         } while inflight.contains(where: { $0.id == lastPacketID })

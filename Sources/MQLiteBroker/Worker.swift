@@ -14,6 +14,10 @@ final class Worker: @unchecked Sendable {
     unowned(unsafe) let broker: Broker
 
     private let mailbox = Mutex<[(Session, Delivery)]>([])
+    /// Filters whose subscriptions changed since this worker's route cache last looked (another
+    /// worker's SUBSCRIBE, UNSUBSCRIBE or session end). Only the routes they match are dropped.
+    private let changedFilters = Mutex<ChangedFilters>(ChangedFilters())
+    private let hasChangedFilters = Atomic<Bool>(false)
 
     // MARK: Loop-only state
     private var dirty: [ConnectionHandler] = []
@@ -21,14 +25,22 @@ final class Worker: @unchecked Sendable {
     /// Inside a batch whose end flushes (one connection's reads, or a mailbox drain).
     private var inBatch = false
     private var routeCache: [ByteBuffer: Route] = [:]
+    /// The mailbox's items while a drain handles them: swapped with the mailbox's array under
+    /// the lock, so that neither is reallocated once both have grown.
+    private var draining: [(Session, Delivery)] = []
+    /// Deliveries of the current publish for sessions owned by other workers, by worker: posted
+    /// once per publish and worker, one lock each, however many sessions they are for.
+    private var outgoing: [[(Session, Delivery)]]
+    /// Changed filters taken from `changedFilters`, kept for their capacity.
+    private var changedScratch = ChangedFilters()
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
 
     /// What this worker knows about a topic: its subscribers, and whether publish hooks want
-    /// it. Valid while neither the subscriptions nor the hooks have changed.
+    /// it. Valid until a filter matching the topic changes its subscribers (then the route is
+    /// dropped from the cache) or the hooks are reloaded.
     struct Route {
-        var generation: Int
         var hookGeneration: Int
         var targets: [(session: Session, qos: QoS)]
         var hooked: Bool
@@ -44,10 +56,11 @@ final class Worker: @unchecked Sendable {
         64 + topic.readableBytes + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride
     }
 
-    init(index: Int, loop: any EventLoop, broker: Broker) {
+    init(index: Int, loop: any EventLoop, broker: Broker, workerCount: Int) {
         self.index = index
         self.loop = loop
         self.broker = broker
+        self.outgoing = Array(repeating: [], count: workerCount)
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
         self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
     }
@@ -67,8 +80,25 @@ final class Worker: @unchecked Sendable {
             items.append((session, delivery))
             return items.count
         }
+        return posted(count: count, added: 1)
+    }
+
+    /// Hands several deliveries at once, under one hold of the lock; empties `batch`, keeping
+    /// its capacity. Any thread.
+    @discardableResult
+    func post(batch: inout [(Session, Delivery)]) -> Bool {
+        let added = batch.count
+        let count = mailbox.withLock { items in
+            items.append(contentsOf: batch)
+            return items.count
+        }
+        batch.removeAll(keepingCapacity: true)
+        return posted(count: count, added: added)
+    }
+
+    private func posted(count: Int, added: Int) -> Bool {
         mailboxCount.store(count, ordering: .relaxed)
-        if count == 1 { loop.execute { self.drainMailbox() } }
+        if count == added { loop.execute { self.drainMailbox() } }
         return count > mailboxHighWater
     }
 
@@ -104,17 +134,17 @@ final class Worker: @unchecked Sendable {
     private func drainMailbox() {
         beginBatch()
         defer { flushDirty() }
-        let items = mailbox.withLock { items in
-            let taken = items
-            items.removeAll(keepingCapacity: true)
+        assertOnLoop()
+        mailbox.withLock { items in
+            swap(&items, &draining)
             mailboxCount.store(0, ordering: .relaxed)
-            return taken
         }
+        defer { draining.removeAll(keepingCapacity: true) }
         wakeDrainWaiters()
         // A publish to several sessions here posts them one after another: the first that
         // queues the message compacts it, and the others share that copy.
         var shared: (source: Message, kept: Message)?
-        for (session, var delivery) in items {
+        for (session, var delivery) in draining {
             let owner = session.owner
             if owner == index {
                 let original = delivery.message
@@ -232,10 +262,13 @@ final class Worker: @unchecked Sendable {
             let owner = target.session.owner
             if owner == index {
                 if let kept = target.session.deliver(delivery, broker: broker) { message = kept }
-            } else if broker.workers[owner].post(target.session, delivery) {
-                filling = true
+            } else {
+                outgoing[owner].append((target.session, delivery))
             }
             if target.session.mayBeCongested { filling = true }
+        }
+        for owner in outgoing.indices where !outgoing[owner].isEmpty {
+            if broker.workers[owner].post(batch: &outgoing[owner]) { filling = true }
         }
         return filling
     }
@@ -248,25 +281,22 @@ final class Worker: @unchecked Sendable {
         return broker.workers.contains { $0 !== self && $0.mailboxIsFull }
     }
 
-    /// The route of a topic, from this worker's cache while subscriptions and hooks are unchanged:
-    /// one hash lookup per publish covers both "who subscribes" and "is it hooked".
+    /// The route of a topic, from this worker's cache while its subscribers and the hooks are
+    /// unchanged: one hash lookup per publish covers both "who subscribes" and "is it hooked".
     func route(for topic: ByteBuffer) -> Route {
-        let generation = broker.subscriptionGeneration.load(ordering: .acquiring)
+        if hasChangedFilters.load(ordering: .acquiring) { dropChangedRoutes() }
         let hookGeneration = broker.hooks.publishHookGeneration
-        if let cached = routeCache[topic], cached.generation == generation, cached.hookGeneration == hookGeneration {
+        if let cached = routeCache[topic], cached.hookGeneration == hookGeneration {
             return cached
         }
-        let (targets, current) = broker.matchSubscribers(topic: String(buffer: topic))
-        let route = Route(
-            generation: current, hookGeneration: hookGeneration, targets: targets,
-            hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
+        let targets = broker.matchSubscribers(topic: String(buffer: topic))
+        let route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
         // wants would only fill the cache.
         if targets.isEmpty && !route.hooked { return route }
         let cost = Self.routeCost(topic: topic, route: route)
         if routeCache.count >= Self.routeCacheLimit || routeCacheBytes + cost > Self.routeCacheByteLimit {
-            routeCache.removeAll(keepingCapacity: true)
-            routeCacheBytes = 0
+            clearRouteCache()
         }
         // The key is copied so that the cache does not pin the read buffer.
         if let replaced = routeCache.updateValue(route, forKey: ByteBuffer(bytes: topic.readableBytesView)) {
@@ -274,5 +304,96 @@ final class Worker: @unchecked Sendable {
         }
         routeCacheBytes += cost
         return route
+    }
+
+    /// Whether the route of `topic` is in the cache (tests).
+    func hasCachedRoute(for topic: String) -> Bool {
+        if hasChangedFilters.load(ordering: .acquiring) { dropChangedRoutes() }
+        return routeCache[ByteBuffer(string: topic)] != nil
+    }
+
+    private func clearRouteCache() {
+        routeCache.removeAll(keepingCapacity: true)
+        routeCacheBytes = 0
+    }
+
+    // MARK: - Route invalidation
+
+    /// Filters whose subscribers changed, as a worker's route cache must hear of them.
+    struct ChangedFilters {
+        /// Filters without wildcards: the one topic each matches, dropped by one lookup.
+        var exact: [ByteBuffer] = []
+        /// Filters with wildcards: every cached topic is matched against them.
+        var wildcard: [String] = []
+        /// Too many to handle one by one: drop the whole cache.
+        var overflow = false
+
+        static let limit = 1024
+
+        var isEmpty: Bool { exact.isEmpty && wildcard.isEmpty && !overflow }
+
+        mutating func add(_ filter: String) {
+            guard !overflow else { return }
+            if exact.count + wildcard.count >= Self.limit {
+                overflow = true
+                exact.removeAll()
+                wildcard.removeAll()
+            } else if filter.utf8.contains(where: { $0 == UInt8(ascii: "+") || $0 == UInt8(ascii: "#") }) {
+                wildcard.append(filter)
+            } else {
+                exact.append(ByteBuffer(string: filter))
+            }
+        }
+
+        mutating func removeAll() {
+            exact.removeAll(keepingCapacity: true)
+            wildcard.removeAll(keepingCapacity: true)
+            overflow = false
+        }
+    }
+
+    /// Tells this worker that the subscribers of `filters` changed: the routes of the topics they
+    /// match are stale. Any thread; called after the subscription index changed, so a route
+    /// looked up after this worker has dropped them sees the change.
+    func subscriptionsChanged<Filters: Sequence<String>>(_ filters: Filters) {
+        changedFilters.withLock { changed in
+            for filter in filters { changed.add(filter) }
+        }
+        hasChangedFilters.store(true, ordering: .releasing)
+    }
+
+    /// Matching a wildcard filter against every cached topic costs this many topic matches at
+    /// most per drop; past it the cache is emptied instead.
+    private static let wildcardScanLimit = 50_000
+
+    /// Drops the cached routes that changed filters match (on the loop, before a lookup).
+    private func dropChangedRoutes() {
+        hasChangedFilters.store(false, ordering: .releasing)
+        changedFilters.withLock { swap(&$0, &changedScratch) }
+        defer { changedScratch.removeAll() }
+        if routeCache.isEmpty { return }
+        if changedScratch.overflow || changedScratch.wildcard.count * routeCache.count > Self.wildcardScanLimit {
+            return clearRouteCache()
+        }
+        for topic in changedScratch.exact {
+            if let dropped = routeCache.removeValue(forKey: topic) { routeCacheBytes -= Self.routeCost(topic: topic, route: dropped) }
+        }
+        guard !changedScratch.wildcard.isEmpty else { return }
+        let filters = changedScratch.wildcard
+        let stale = routeCache.keys.filter { topic in
+            let name = String(buffer: topic)
+            return filters.contains { Topic.matches(filter: $0, topic: name) }
+        }
+        for topic in stale {
+            if let dropped = routeCache.removeValue(forKey: topic) { routeCacheBytes -= Self.routeCost(topic: topic, route: dropped) }
+        }
+    }
+
+    // MARK: - Checks
+
+    /// In debug builds: traps unless called on this worker's loop.
+    @inline(__always)
+    func assertOnLoop(file: StaticString = #fileID, line: UInt = #line) {
+        loop.assertInEventLoop(file: file, line: line)
     }
 }

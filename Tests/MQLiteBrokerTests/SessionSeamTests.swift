@@ -1,0 +1,320 @@
+import Logging
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Synchronization
+import Testing
+
+@testable import MQLiteBroker
+
+/// An outbound that only records: a session's behaviour (window, queue, packet ids, re-sending)
+/// is checked here without a socket.
+final class RecordingOutbound: SessionOutbound {
+    struct Sent: Equatable {
+        var topic: String
+        var payload: String
+        var qos: QoS
+        var packetID: UInt16?
+        var retain: Bool
+        var dup: Bool
+    }
+
+    var writable = true
+    var sent: [Sent] = []
+    var pubrels: [UInt16] = []
+    var takeovers: [Bool] = []
+    var pumpRequests = 0
+
+    var canWrite: Bool { writable }
+
+    func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
+        sent.append(Sent(topic: String(buffer: message.topic), payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
+    }
+
+    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
+        var frame = frame
+        var decoder = MQTTDecoder()
+        guard case .publish(let p)? = try? decoder.decode(buffer: &frame) else {
+            Issue.record("not a PUBLISH frame")
+            return
+        }
+        let body = p.payload.readableBytes == 0 ? payload : p.payload
+        sent.append(Sent(topic: String(buffer: p.topic), payload: String(buffer: body), qos: p.qos, packetID: nil, retain: p.retain, dup: p.dup))
+    }
+
+    func writePubrel(packetID: UInt16) { pubrels.append(packetID) }
+    func pumpSoon() { pumpRequests += 1 }
+    func takenOver(publishWill: Bool) { takeovers.append(publishWill) }
+}
+
+/// Records every session event, in order, as text.
+final class RecordingObserver: SessionObserver {
+    let events = Mutex<[String]>([])
+
+    func session(_ session: Session, _ event: SessionEvent) {
+        let text: String
+        switch event {
+        case .subscribed(let filter, let qos): text = "subscribed \(filter) \(qos.rawValue)"
+        case .unsubscribed(let filter): text = "unsubscribed \(filter)"
+        case .queued(let d): text = "queued \(String(buffer: d.message.payload))"
+        case .inflightAdded(let id, let d): text = "inflight \(id) \(String(buffer: d.message.payload))"
+        case .released(let id): text = "released \(id)"
+        case .acknowledged(let id): text = "acknowledged \(id)"
+        case .detached: text = "detached"
+        case .expired: text = "expired"
+        case .ended: text = "ended"
+        }
+        events.withLock { $0.append("\(session.clientID): \(text)") }
+    }
+
+    func of(_ client: String) -> [String] {
+        events.withLock { $0.filter { $0.hasPrefix(client + ": ") }.map { String($0.dropFirst(client.count + 2)) } }
+    }
+}
+
+/// A broker without listeners whose worker 0 runs `body` on its loop, where sessions live.
+private func onWorker<T: Sendable>(
+    configure: (inout Limits) -> Void = { _ in }, observer: (any SessionObserver)? = nil,
+    _ body: @escaping @Sendable (Broker) throws -> T
+) throws -> T {
+    var configuration = BrokerConfiguration(workers: 1, listeners: [])
+    configure(&configuration.limits)
+    var logger = Logger(label: "test")
+    logger.logLevel = .critical
+    let broker = Broker(configuration: configuration, hooks: NoHooks(), sessionObserver: observer, logger: logger)
+    defer { try? broker.stopLoops() }
+    return try broker.workers[0].loop.submit { try body(broker) }.wait()
+}
+
+private func delivery(_ payload: String, qos: QoS, topic: String = "t") -> Delivery {
+    Delivery(message: Message(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
+}
+
+@Suite("Session seam: a session without a socket")
+struct SessionSeamTests {
+    @Test("packet ids run 1...65535, wrap to 1 (never 0), and skip an id still in flight")
+    func packetIDWrap() throws {
+        let (first, ids, skipped) = try onWorker(configure: { $0.maxInflight = 2 }) { broker in
+            let session = Session(clientID: "wrap", persistent: false, owner: 0)
+            let out = RecordingOutbound()
+            session.outbound = out
+            session.deliver(delivery("held", qos: .atLeastOnce), broker: broker)  // id 1, never acknowledged
+            let held = out.sent[0].packetID!
+            var ids: [UInt16] = []
+            for i in 0..<(65535 + 10) {
+                session.deliver(delivery("m\(i)", qos: .atLeastOnce), broker: broker)
+                let id = out.sent.last!.packetID!
+                ids.append(id)
+                session.puback(id, broker: broker)
+            }
+            return (held, ids, ids.contains(held))
+        }
+        #expect(first == 1)
+        #expect(!ids.contains(0))
+        #expect(!skipped, "an id in flight was given out again")
+        #expect(ids.first == 2)
+        let wrapAt = try #require(ids.firstIndex(of: 65535))
+        #expect(wrapAt == 65533)
+        #expect(ids[wrapAt + 1] == 2, "after 65535 comes 1, which is in flight, so 2")
+        #expect(Set(ids[0...wrapAt]).count == wrapAt + 1)
+    }
+
+    @Test("offline, a persistent session queues QoS 1/2 up to max_queued, drops the rest and QoS 0, and sends the queue in order on resume")
+    func offlineQueueOverflow() throws {
+        let observer = RecordingObserver()
+        let (sent, dropped, events) = try onWorker(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer) { broker in
+            let session = Session(clientID: "offline", persistent: true, owner: 0)
+            for i in 0..<8 { session.deliver(delivery("q\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce), broker: broker) }
+            session.deliver(delivery("zero", qos: .atMostOnce), broker: broker)
+            let out = RecordingOutbound()
+            session.outbound = out
+            session.resume(broker: broker)
+            #expect(out.sent.count == 3, "the window is max_inflight")
+            // Acknowledging opens the window for the rest of the queue.
+            var acknowledged = 0
+            while acknowledged < out.sent.count {
+                let s = out.sent[acknowledged]
+                if s.qos == .atLeastOnce {
+                    session.puback(s.packetID!, broker: broker)
+                } else {
+                    session.pubrec(s.packetID!, broker: broker)
+                    session.pubcomp(s.packetID!, broker: broker)
+                }
+                acknowledged += 1
+            }
+            return (out.sent, broker.droppedMessageCount, observer.of("offline"))
+        }
+        #expect(sent.map(\.payload) == ["q0", "q1", "q2", "q3", "q4"])
+        #expect(sent.map(\.qos) == [.atLeastOnce, .exactlyOnce, .atLeastOnce, .exactlyOnce, .atLeastOnce])
+        #expect(sent.allSatisfy { !$0.dup })
+        #expect(dropped == 3)
+        #expect(events.prefix(5) == ["queued q0", "queued q1", "queued q2", "queued q3", "queued q4"])
+        #expect(events.filter { $0.hasPrefix("inflight") }.count == 5)
+        #expect(events.filter { $0.hasPrefix("acknowledged") }.count == 5)
+        #expect(events.filter { $0.hasPrefix("released") }.count == 2)
+    }
+
+    @Test("a window full of QoS 1 queues the rest; on a new outbound, in-flight messages go again with DUP and PUBREL for released QoS 2")
+    func resumeResends() throws {
+        let (before, after, pubrels) = try onWorker(configure: { $0.maxInflight = 2 }) { broker in
+            let session = Session(clientID: "resume", persistent: true, owner: 0)
+            let out = RecordingOutbound()
+            session.outbound = out
+            session.deliver(delivery("two", qos: .exactlyOnce), broker: broker)
+            session.deliver(delivery("one", qos: .atLeastOnce), broker: broker)
+            session.deliver(delivery("queued", qos: .atLeastOnce), broker: broker)
+            session.pubrec(out.sent[0].packetID!, broker: broker)
+            let before = out.sent
+            session.disconnected()
+            let again = RecordingOutbound()
+            session.outbound = again
+            session.resume(broker: broker)
+            return (before, again.sent, again.pubrels)
+        }
+        #expect(before.map(\.payload) == ["two", "one"])
+        #expect(pubrels == [before[0].packetID!])
+        #expect(after.map(\.payload) == ["one"])
+        #expect(after.first?.dup == true && after.first?.packetID == before[1].packetID)
+    }
+
+    @Test("a full socket queues; pump sends in order once it can write")
+    func backPressure() throws {
+        let sent = try onWorker { broker in
+            let session = Session(clientID: "bp", persistent: false, owner: 0)
+            let out = RecordingOutbound()
+            session.outbound = out
+            out.writable = false
+            for i in 0..<3 { session.deliver(delivery("m\(i)", qos: .atMostOnce), broker: broker) }
+            #expect(out.sent.isEmpty)
+            out.writable = true
+            session.deliver(delivery("m3", qos: .atMostOnce), broker: broker)  // behind the queue, not ahead of it
+            session.pump(broker: broker)
+            return out.sent.map(\.payload)
+        }
+        #expect(sent == ["m0", "m1", "m2", "m3"])
+    }
+}
+
+@Suite("Route cache")
+struct RouteCacheTests {
+    @Test("a subscription change drops only the cached routes its filter matches")
+    func perFilterInvalidation() throws {
+        let cached = try onWorker { broker in
+            let worker = broker.workers[0]
+            let a = Session(clientID: "a", persistent: false, owner: 0)
+            let b = Session(clientID: "b", persistent: false, owner: 0)
+            for topic in ["a/b", "c/d", "c/e", "$SYS/x"] {
+                broker.subscribe(a, filter: topic, qos: .atMostOnce)
+                _ = worker.route(for: ByteBuffer(string: topic))
+            }
+            var seen: [[String: Bool]] = []
+            func snapshot() { seen.append(Dictionary(uniqueKeysWithValues: ["a/b", "c/d", "c/e", "$SYS/x"].map { ($0, worker.hasCachedRoute(for: $0)) })) }
+            snapshot()
+            broker.subscribe(b, filter: "c/#", qos: .atMostOnce)  // c/d and c/e; not $SYS (wildcard first level)
+            snapshot()
+            for topic in ["c/d", "c/e"] { _ = worker.route(for: ByteBuffer(string: topic)) }
+            broker.unsubscribe(a, filter: "a/b")  // exactly a/b
+            snapshot()
+            broker.subscribe(b, filter: "#", qos: .atMostOnce)  // everything but $SYS/x
+            snapshot()
+            return seen
+        }
+        #expect(cached[0] == ["a/b": true, "c/d": true, "c/e": true, "$SYS/x": true])
+        #expect(cached[1] == ["a/b": true, "c/d": false, "c/e": false, "$SYS/x": true])
+        #expect(cached[2] == ["a/b": false, "c/d": true, "c/e": true, "$SYS/x": true])
+        #expect(cached[3] == ["a/b": false, "c/d": false, "c/e": false, "$SYS/x": true])
+    }
+}
+
+@Suite("Sessions across workers, and route caches")
+struct CrossWorkerTests {
+    @Test("a takeover on the other worker moves the session with its QoS 1/2 messages in flight and queued: each arrives once, in order")
+    func takeoverMovesInflightAndQueue() async throws {
+        try await withBroker(workers: 2, configure: { $0.limits.maxInflight = 2 }) { b in
+            let pub = try await b.client("pub")
+            let old = try await TestClient.open(port: b.port)
+            _ = try await old.connect(ConnectPacket(cleanSession: false, clientID: "mover"))
+            try await old.subscribe("mv/#", qos: .exactlyOnce)
+            let firstOwner = try #require(b.broker.owner(ofClient: "mover"))
+            try await pub.publish("mv/a", "a", qos: .atLeastOnce, id: 1)
+            try await pub.publish("mv/b", "b", qos: .exactlyOnce, id: 2)
+            try await pub.publish("mv/c", "c", qos: .atLeastOnce, id: 3)
+            try await pub.publish("mv/d", "d", qos: .exactlyOnce, id: 4)
+            let a = try await old.expectPublish()
+            let bb = try await old.expectPublish()
+            #expect([a, bb].map { String(buffer: $0.payload) } == ["a", "b"])
+            old.send(.pubrec(packetID: bb.packetID!))
+            #expect(try await old.expectPacket() == .pubrel(packetID: bb.packetID!))
+            try await old.expectNothing(for: .milliseconds(100))  // c and d wait: the window is full
+
+            // The next connection is accepted on the other worker (round robin after `old`).
+            let new = try await TestClient.open(port: b.port)
+            #expect(try await new.connect(ConnectPacket(cleanSession: false, clientID: "mover")).sessionPresent)
+            _ = try await old.expectClosed()
+            let newOwner = try #require(b.broker.owner(ofClient: "mover"))
+            #expect(newOwner != firstOwner, "the session did not move: the test proves nothing")
+
+            // In flight first, in their original order (MQTT-4.4.0-1): the QoS 1 again with DUP,
+            // then PUBREL for the released QoS 2.
+            let again = try await new.expectPublish()
+            #expect(String(buffer: again.payload) == "a" && again.dup && again.packetID == a.packetID)
+            #expect(try await new.expectPacket() == .pubrel(packetID: bb.packetID!))
+            new.send(.puback(packetID: a.packetID!))
+            new.send(.pubcomp(packetID: bb.packetID!))
+            let c = try await new.expectPublish()
+            let d = try await new.expectPublish()
+            #expect([c, d].map { String(buffer: $0.payload) } == ["c", "d"])
+            #expect(!c.dup && !d.dup)
+            new.send(.puback(packetID: c.packetID!))
+            new.send(.pubrec(packetID: d.packetID!))
+            #expect(try await new.expectPacket() == .pubrel(packetID: d.packetID!))
+            new.send(.pubcomp(packetID: d.packetID!))
+            try await new.expectNothing()
+
+            // Live messages reach it on its new worker.
+            try await pub.publish("mv/live", "live", qos: .atLeastOnce, id: 5)
+            #expect(String(buffer: try await new.expectPublish().payload) == "live")
+        }
+    }
+
+    @Test("a cached route follows subscription changes on any worker: new exact and wildcard subscribers, unsubscribe, session end, and a flood of changes")
+    func routeCacheInvalidation() async throws {
+        try await withBroker(workers: 2) { b in
+            let pub = try await b.client("pub")
+            let s1 = try await b.client("s1")
+            try await s1.subscribe("ri/x")
+            try await pub.publish("ri/x", "1")  // the route is cached on pub's worker now
+            #expect(String(buffer: try await s1.expectPublish().payload) == "1")
+
+            let s2 = try await b.client("s2")
+            try await s2.subscribe("ri/x")
+            try await pub.publish("ri/x", "2")
+            #expect(String(buffer: try await s1.expectPublish().payload) == "2")
+            #expect(String(buffer: try await s2.expectPublish().payload) == "2")
+
+            let s3 = try await b.client("s3")
+            try await s3.subscribe("ri/+")
+            try await pub.publish("ri/x", "3")
+            for s in [s1, s2, s3] { #expect(String(buffer: try await s.expectPublish().payload) == "3") }
+
+            s1.send(.unsubscribe(UnsubscribePacket(packetID: 9, filters: ["ri/x"])))
+            #expect(try await s1.expectPacket() == .unsuback(packetID: 9))
+            try await pub.publish("ri/x", "4")
+            for s in [s2, s3] { #expect(String(buffer: try await s.expectPublish().payload) == "4") }
+            try await s1.expectNothing(for: .milliseconds(100))
+
+            await s2.disconnect()
+            try await eventually("s2 gone") { b.broker.owner(ofClient: "s2") == nil }
+            try await pub.publish("ri/x", "5")
+            #expect(String(buffer: try await s3.expectPublish().payload) == "5")
+
+            // More changes at once than a worker tracks one by one: its whole cache is dropped.
+            let s4 = try await b.client("s4")
+            let many = (0..<1500).map { ("many/\($0)", QoS.atMostOnce) } + [("ri/#", .atMostOnce)]
+            #expect(try await s4.subscribe(many).count == 1501)
+            try await pub.publish("ri/x", "6")
+            for s in [s3, s4] { #expect(String(buffer: try await s.expectPublish().payload) == "6") }
+            try await s1.expectNothing(for: .milliseconds(100))
+        }
+    }
+}
