@@ -178,6 +178,11 @@ def main():
     # Throughput over TLS, each broker's TLS listener (issue 11: at least 1.5x Mosquitto).
     tls_label = "pairs qos0 1024B TLS"
     scenarios.append((tls_label, ["pairs", "--qos", "0", "--payload", "1024", "--tls-ca", str(ca)], "rate", 1.5))
+    # Subscription churn beside full-rate traffic (issue 10): 200 more clients connect, subscribe
+    # and disconnect in a loop; the rate must stay within 10% of the same run without them.
+    churn_base, churn_label = "pairs qos0 16B x20", "pairs qos0 16B x20, 200 clients churning"
+    scenarios.append((churn_base, ["pairs", "--qos", "0", "--payload", "16", "--clients", "20"], "rate", None))
+    scenarios.append((churn_label, ["pairs", "--qos", "0", "--payload", "16", "--clients", "20", "--churn", "200"], "rate", None))
     scenarios.append(("latency p99 (10 x 2000/s)", ["latency"], "p99_us", "lower"))
     scenarios.append(("latency p50 (10 x 2000/s)", ["latency"], "p50_us", None))
     scenarios.append((f"memory/idle connection ({CONNECTIONS})", ["connections", "--connections", CONNECTIONS], "bytes_per_connection", "lower"))
@@ -217,6 +222,8 @@ def main():
                         res = run_bench(brokers[name], args)
                     shared_runs[key] = res
                     results.setdefault((label, name), []).append(res.get(metric))
+                    if res.get("churn"):
+                        results.setdefault(("churn cycles", name), []).append(res.get("churn_cycles_per_second"))
                     losses[(label, name)] = losses.get((label, name), 0) + (res.get("lost") or 0)
                     print(f"round {rnd + 1} {label:32} {name:10} {res.get(metric)} lost={res.get('lost')}", flush=True)
             # The Lua layer: pairs, QoS 0, 16 B, against the same build with and without plugins,
@@ -251,6 +258,15 @@ def main():
             goal, ok = "", None
         unit = " us" if metric.endswith("_us") else " B" if metric.startswith("bytes") else "/s"
         rows.append((label, fmt(a, unit), fmt(b, unit), f"{ratio:.2f}" if ratio else "-", loss, goal, mark(ok)))
+    # Churn: each broker's rate with churn against its own rate without, and the churn achieved.
+    with_churn = {n: median(churn_label, n) for n in ("mqlite", "mosquitto")}
+    without = {n: median(churn_base, n) for n in ("mqlite", "mosquitto")}
+    kept = {n: with_churn[n] / without[n] if with_churn[n] and without[n] else None for n in with_churn}
+    cycles = {n: median("churn cycles", n) for n in with_churn}
+    rows.append(("churn: rate with / without 200 churning clients (pairs qos0 16B x20)",
+                 f"{kept['mqlite']:.2f} ({fmt(cycles['mqlite'], '/s')} cycles)" if kept["mqlite"] else "-",
+                 f"{kept['mosquitto']:.2f} ({fmt(cycles['mosquitto'], '/s')} cycles)" if kept["mosquitto"] else "-",
+                 "-", "", ">= 0.9 of mqlite without churn", mark(kept["mqlite"] is not None and kept["mqlite"] >= 0.9)))
     base = median("lua", "mqlite")
     for name, target in (("mqlite+lua-other", 0.97), ("mqlite+lua-hooked", 0.5)):
         v = median("lua", name)

@@ -4,6 +4,7 @@ import MQTTCore
 import NIOCore
 import NIOPosix
 import NIOSSL
+import Synchronization
 
 /// `mqlite-bench`: drives any MQTT 3.1.1 broker on 127.0.0.1 and prints one JSON line of results.
 @main
@@ -39,6 +40,8 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "connections: how many idle clients") var connections = 10_000
     @Option(help: "connections: broker pid, for its resident memory") var pid: Int?
     @Option(help: "Topic prefix") var prefix = "bench"
+    @Option(help: "fan-in, fan-out, pairs: this many more clients connect, subscribe (one exact and one wildcard filter) and disconnect in a loop meanwhile, on a loop of their own") var churn = 0
+    @Option(help: "Milliseconds each churning client waits between its cycles") var churnPause = 100
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
     @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
 
@@ -145,9 +148,17 @@ struct MQLiteBench: AsyncParsableCommand {
         let run = try await loop.submit {
             ThroughputRun(loop: loop, shape: shape, qos: q, publishers: pubs, subscribers: subs, window: windowSize)
         }.get()
+        if churn > 0 {
+            // One CPU serves both: the measured clients yield to the churning ones, so that the
+            // churn happens at the pace asked whatever the broker's throughput (a fast broker
+            // would otherwise starve the churn of the load generator's CPU, and get less of it).
+            try await loop.submit { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10) }.get()  // 0: this thread (Linux keeps nice per thread)
+        }
+        let churning = churn > 0 ? Churn(clients: churn, pause: .milliseconds(Int64(churnPause)), host: host, port: port, prefix: prefix, tls: tls) : nil
         let result = try await loop.flatSubmit {
             run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(10))
         }.get()
+        let churnCycles = try await churning?.stop() ?? 0
         try await loop.submit {
             for c in subs { c.close() }
             for p in pubs { p.connection.close() }
@@ -156,6 +167,7 @@ struct MQLiteBench: AsyncParsableCommand {
             "scenario": shape.rawValue, "qos": qos, "payload": payload, "clients": clients,
             "rate": result.deliveriesPerSecond.rounded(), "published": result.published,
             "expected": result.expected, "delivered": result.delivered, "lost": result.lost, "tls": tls != nil,
+            "churn": churn, "churn_cycles_per_second": (Double(churnCycles) / (warmup + duration)).rounded(),
         ]
     }
 
@@ -196,5 +208,52 @@ struct MQLiteBench: AsyncParsableCommand {
         try await loop.submit { for c in snapshot { c.close() } }.get()
         return ["scenario": "connections", "connections": connections, "rss_before": before, "rss_after": after,
                 "bytes_per_connection": Double(after - before) / Double(connections), "lost": 0]
+    }
+}
+
+/// Clients that connect, subscribe to a filter of their own and a wildcard one, and disconnect, over
+/// and over, on an event loop of their own: the subscription churn of a broker with devices coming
+/// and going, beside the measured traffic.
+final class Churn: Sendable {
+    private final class State: Sendable {
+        let value = Mutex<(running: Bool, cycles: Int, failures: Int)>((true, 0, 0))
+        func withLock<T>(_ body: (inout (running: Bool, cycles: Int, failures: Int)) -> T) -> T { value.withLock { body(&$0) } }
+    }
+
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private let state = State()
+    private let tasks: [Task<Void, Never>]
+
+    init(clients: Int, pause: TimeAmount, host: String, port: Int, prefix: String, tls: NIOSSLContext?) {
+        var tasks: [Task<Void, Never>] = []
+        let loop = group.next()
+        let state = self.state
+        for i in 0..<clients {
+            tasks.append(Task {
+                while state.withLock({ $0.running }) {
+                    do {
+                        let c = try await BenchConnection.connect(
+                            on: loop, host: host, port: port, clientID: "\(prefix)-churn-\(i)", tls: tls
+                        ).get()
+                        try await c.subscribe("\(prefix)/churn/\(i)", qos: .atMostOnce).get()
+                        try await c.subscribe("\(prefix)/churn/\(i)/+", qos: .atMostOnce).get()
+                        try await loop.submit { c.close() }.get()
+                        state.withLock { $0.cycles += 1 }
+                    } catch {
+                        state.withLock { $0.failures += 1 }
+                    }
+                    try? await Task.sleep(nanoseconds: UInt64(pause.nanoseconds))
+                }
+            })
+        }
+        self.tasks = tasks
+    }
+
+    /// Stops the clients and returns how many cycles they completed.
+    func stop() async throws -> Int {
+        state.withLock { $0.running = false }
+        for task in tasks { await task.value }
+        try await group.shutdownGracefully()
+        return state.withLock { $0.cycles }
     }
 }
