@@ -29,10 +29,12 @@ run: build-release
 	.build/release/mqlite -c $(CONFIG)
 
 # One build of everything, then every test target from it: the Swift unit and integration tests,
-# then the interop tests (mosquitto clients, paho-mqtt) against the built binary.
+# the hot path's allocation counts (debug thresholds), then the interop tests (mosquitto clients,
+# paho-mqtt) against the built binary.
 test: test-deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+	LD_PRELOAD=$(CURDIR)/.build/debug/libMallocInterposerSwift.so .build/debug/mqlite-alloc bench/allocations.json
 	MQLITE_BIN=.build/debug/mqlite $(PYTHON) -m pytest -q Tests/interop
 	$(MAKE) fuzz-smoke
 

@@ -6,6 +6,9 @@
 // malloc is the broker's (and NIO's). Counting is done by ordo-one/malloc-interposer, which must
 // be preloaded: `make bench` runs
 //   LD_PRELOAD=.build/release/libMallocInterposerSwift.so .build/release/mqlite-alloc bench/allocations.json
+// and `make test` the same from .build/debug. The thresholds file has one set per build ("release",
+// "debug"): an unoptimized build allocates more, but as repeatably, so a new allocation per
+// message shows in either.
 import Foundation
 import Logging
 import MQLiteBroker
@@ -121,7 +124,13 @@ struct AllocationCheck {
     static func run() async throws {
         let arguments = CommandLine.arguments
         guard arguments.count == 2 else { throw Failure("usage: mqlite-alloc THRESHOLDS.json") }
-        let thresholds = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: arguments[1]))) as? [String: Double] ?? [:]
+        #if DEBUG
+        let build = "debug"
+        #else
+        let build = "release"
+        #endif
+        let file = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: arguments[1]))) as? [String: [String: Double]]
+        guard let thresholds = file?[build] else { throw Failure("\(arguments[1]) has no \"\(build)\" thresholds") }
 
         // Is the interposer loaded? A counted window around a real allocation must see it.
         MallocInterposerSwift.initialize()
@@ -130,7 +139,7 @@ struct AllocationCheck {
         MallocInterposerSwift.unhook()
         probe.deallocate()
         guard MallocInterposerSwift.getStatistics().mallocCount > 0 else {
-            throw Failure("malloc-interposer is not loaded: run with LD_PRELOAD=.build/release/libMallocInterposerSwift.so")
+            throw Failure("malloc-interposer is not loaded: run with LD_PRELOAD=.build/\(build)/libMallocInterposerSwift.so")
         }
 
         var logger = Logger(label: "mqlite-alloc")
@@ -145,7 +154,7 @@ struct AllocationCheck {
             let perMessage = try measure(port: port, subscribers: subscribers, batches: 2000, batch: 10)
             let limit = thresholds[key]
             let verdict = limit.map { perMessage <= $0 ? "ok (threshold \($0))" : "OVER THRESHOLD \($0)" } ?? "no threshold"
-            print(String(format: "%@: %.2f allocations per message, %@", key, perMessage, verdict))
+            print(String(format: "%@ (%@ build): %.2f allocations per message, %@", key, build, perMessage, verdict))
             if let limit, perMessage > limit { failed = true }
         }
         await broker.shutdown()
