@@ -32,5 +32,6 @@ extension Broker {
     /// whose connections are all closed (the fuzzer's); `shutdown()` is the general one.
     package func stopLoops() throws {
         try group.syncShutdownGracefully()
+        loopsStopped()
     }
 }

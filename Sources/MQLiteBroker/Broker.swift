@@ -15,7 +15,8 @@ public final class Broker: Sendable {
     let sessionObserver: (any SessionObserver)?
     let logger: Logger
     let group: MultiThreadedEventLoopGroup
-    /// Set once in `init`, read-only afterwards.
+    /// Set once in `init`, read-only while the loops run; emptied once they have stopped, which
+    /// frees the workers (they hold the broker: see `Worker.broker`).
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
     /// Client id (compared byte for byte) → session.
@@ -150,7 +151,13 @@ public final class Broker: Sendable {
             }.get()
         }
         try? await group.shutdownGracefully()
+        loopsStopped()
         logger.info("stopped")
+    }
+
+    /// Lets go of the workers once their loops have stopped (nothing reads them any more).
+    func loopsStopped() {
+        workers = []
     }
 
     // MARK: - Publishing from outside a connection
@@ -164,6 +171,7 @@ public final class Broker: Sendable {
             logger.info("plugin publish rejected: \(LogText(error.description))")
             throw error
         }
+        guard !workers.isEmpty else { return }  // stopped
         let worker = workers[index % workers.count]
         let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
         if worker.loop.inEventLoop {
@@ -258,6 +266,8 @@ public final class Broker: Sendable {
 
     /// Discards a session: its subscriptions, queue and registry entry. On its owner's loop.
     func endSession(_ session: Session, worker: Worker) {
+        worker.assertOnLoop()
+        assert(session.owner == worker.index, "a session ended off its owner")
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
@@ -278,6 +288,7 @@ public final class Broker: Sendable {
     // MARK: - Subscriptions
 
     func subscribe(_ session: Session, filter: String, qos: QoS) {
+        workers[session.owner].assertOnLoop()
         session.subscriptions[ByteText(filter)] = qos
         subscriptions.withLock { trie in
             trie.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos))
@@ -287,6 +298,7 @@ public final class Broker: Sendable {
     }
 
     func unsubscribe(_ session: Session, filter: String) {
+        workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
         subscriptions.withLock { trie in
             trie.remove(filter: filter, key: ObjectIdentifier(session))

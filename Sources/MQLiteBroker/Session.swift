@@ -219,6 +219,12 @@ final class Session: @unchecked Sendable {
     /// Hands the session to another worker. Called on the current owner's loop, after detaching.
     func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }
 
+    /// In debug builds: traps unless called on the loop of the worker that owns this session.
+    @inline(__always)
+    private func assertOnOwner(_ broker: Broker, file: StaticString = #fileID, line: UInt = #line) {
+        assert(broker.workers[owner].loop.inEventLoop, "session state touched off its owner's loop", file: file, line: line)
+    }
+
     // MARK: - Delivery
 
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
@@ -226,6 +232,7 @@ final class Session: @unchecked Sendable {
     /// the other sessions the message goes to (one copy however many queues keep it).
     @discardableResult
     func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
+        assertOnOwner(broker)
         if ended { return nil }
         if let occasional, occasional.receiveACL != nil, !mayReceive(delivery.message.topic, occasional) { return nil }
         guard let outbound else {
@@ -254,6 +261,7 @@ final class Session: @unchecked Sendable {
     private static let retainedStep = 256
 
     func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
+        assertOnOwner(broker)
         guard outbound != nil, !ended else { return }
         more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))
         pump(broker: broker)
@@ -332,6 +340,7 @@ final class Session: @unchecked Sendable {
 
     /// Sends queued messages while the window and the socket allow.
     func pump(broker: Broker) {
+        assertOnOwner(broker)
         guard let outbound, !ended else { return }
         let maxInflight = broker.configuration.limits.maxInflight
         var sent = false
@@ -363,6 +372,7 @@ final class Session: @unchecked Sendable {
 
     /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
     func resume(broker: Broker) {
+        assertOnOwner(broker)
         guard let outbound else { return }
         for entry in inflight {
             if entry.released {
@@ -377,6 +387,7 @@ final class Session: @unchecked Sendable {
     // MARK: - Acknowledgements of outgoing messages
 
     func puback(_ id: UInt16, broker: Broker) {
+        assertOnOwner(broker)
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
             inflight.remove(at: i)
             broker.sessionObserver?.session(self, .acknowledged(packetID: id))
@@ -386,6 +397,7 @@ final class Session: @unchecked Sendable {
 
     /// Marks a QoS 2 message in flight as received (PUBREL is sent next); an unknown id is ignored.
     func pubrec(_ id: UInt16, broker: Broker) {
+        assertOnOwner(broker)
         guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
         inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
@@ -393,6 +405,7 @@ final class Session: @unchecked Sendable {
     }
 
     func pubcomp(_ id: UInt16, broker: Broker) {
+        assertOnOwner(broker)
         if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
             inflight.remove(at: i)
             broker.sessionObserver?.session(self, .acknowledged(packetID: id))

@@ -10,8 +10,10 @@ import Synchronization
 final class Worker: @unchecked Sendable {
     let index: Int
     let loop: any EventLoop
-    /// The broker owns its workers and outlives them: no reference counting on the hot path.
-    unowned(unsafe) let broker: Broker
+    /// Strong, so that reading it costs nothing on the hot path. The broker and its workers live
+    /// and go together: `Broker.shutdown()` (or `stopLoops()`) breaks the cycle once the loops
+    /// have stopped.
+    let broker: Broker
 
     private let mailbox = Mutex<[(Session, Delivery)]>([])
     /// Filters whose subscriptions changed since this worker's route cache last looked (another
@@ -179,6 +181,7 @@ final class Worker: @unchecked Sendable {
 
     /// A persistent session lost its connection (owner loop).
     func sessionWentOffline(_ session: Session) {
+        assertOnLoop()
         guard broker.configuration.limits.sessionExpiry != .zero else { return }
         session.offline = (.now(), session.latestClaim)
         offlineSessions[ObjectIdentifier(session)] = session
@@ -186,6 +189,7 @@ final class Worker: @unchecked Sendable {
 
     /// A session is being taken over by a connection (owner loop, before it moves or attaches).
     func sessionClaimed(_ session: Session) {
+        assertOnLoop()
         guard session.offline != nil else { return }
         session.offline = nil
         offlineSessions[ObjectIdentifier(session)] = nil
@@ -207,6 +211,7 @@ final class Worker: @unchecked Sendable {
 
     /// Starts a batch (a connection's reads, a mailbox drain) that ends with `flushDirty()`.
     func beginBatch() {
+        assertOnLoop()
         inBatch = true
     }
 
@@ -214,6 +219,7 @@ final class Worker: @unchecked Sendable {
     /// output from anywhere else (timers, takeover, a completed session hand-over) is flushed by
     /// one task, once the loop has handled its current events.
     func markDirty(_ connection: ConnectionHandler) {
+        assertOnLoop()
         dirty.append(connection)
         if !inBatch && !flushScheduled {
             flushScheduled = true
@@ -243,6 +249,7 @@ final class Worker: @unchecked Sendable {
     /// or a mailbox is filling up (then `isCongested` tells whether to hold the publisher back).
     @discardableResult
     func publish(_ message: Message, along route: Route) -> Bool {
+        assertOnLoop()
         if message.retain { broker.retain(message) }
         let targets = route.targets
         if targets.isEmpty { return false }
@@ -284,6 +291,7 @@ final class Worker: @unchecked Sendable {
     /// The route of a topic, from this worker's cache while its subscribers and the hooks are
     /// unchanged: one hash lookup per publish covers both "who subscribes" and "is it hooked".
     func route(for topic: ByteBuffer) -> Route {
+        assertOnLoop()
         if hasChangedFilters.load(ordering: .acquiring) { dropChangedRoutes() }
         let hookGeneration = broker.hooks.publishHookGeneration
         if let cached = routeCache[topic], cached.hookGeneration == hookGeneration {

@@ -16,8 +16,8 @@ public struct ScriptError: Error, CustomStringConvertible, Sendable {
 /// What one script sees while it loads and runs: its own `mqlite` table and `_ENV`. The C
 /// functions of the host library find it through their upvalue.
 final class ScriptContext {
-    /// The VM owns its contexts and outlives them.
-    unowned(unsafe) let vm: LuaVM
+    /// The VM owns its contexts and outlives them (checked: a context used after its VM traps).
+    unowned let vm: LuaVM
     let script: String
     /// Short name for logs (the file name).
     let name: String
@@ -75,8 +75,8 @@ final class LuaVM: @unchecked Sendable {
 
     let L: LuaState
     let worker: Int
-    /// The host owns its VMs and outlives them.
-    unowned(unsafe) let host: ScriptingHost
+    /// The host owns its VMs and outlives them (checked: a VM used after its host traps).
+    unowned let host: ScriptingHost
     private var contexts: [ScriptContext] = []
     /// Registered hooks per kind (indexed by `Kind.slot`), in load order.
     private var hookLists: [[Hook]] = Array(repeating: [], count: Kind.allCases.count)

@@ -23,9 +23,16 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     private let slots: [Slot]
     private let generation = Atomic<Int>(0)
     private let pending = Mutex<[LuaVM?]>([])
-    /// Set once by `bind(to:)` before the broker starts. Not retained (the broker holds this host),
-    /// and not weak: a weak reference would put the broker's refcounts on the slow path.
-    nonisolated(unsafe) private(set) unowned(unsafe) var broker: Broker?
+    /// Set by `bind(to:)` before the broker starts. Not retained (the broker holds this host), and
+    /// not weak: a weak reference would put the broker's refcounts on the slow path. Unowned,
+    /// checked: the broker outlives the hooks it runs, and a use after it would trap.
+    private let boundBroker = Mutex<UnownedBroker?>(nil)
+    private struct UnownedBroker: Sendable {
+        unowned let broker: Broker
+    }
+
+    /// The broker this host serves, once bound (read by `mqlite.publish`, off the hot path).
+    var broker: Broker? { boundBroker.withLock { $0?.broker } }
     private let failures = Atomic<Int>(0)
     /// The failure log's rate limit: per script and hook, when it last logged and how many
     /// failures it has not logged since. One entry per script and hook, whatever the messages.
@@ -61,7 +68,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     /// Lets `mqlite.publish` reach the broker. Call before the broker starts; the broker must
     /// outlive its hooks (it does: it owns them).
     public func bind(to broker: Broker) {
-        self.broker = broker
+        boundBroker.withLock { $0 = UnownedBroker(broker: broker) }
     }
 
     /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
