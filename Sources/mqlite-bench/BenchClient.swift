@@ -128,7 +128,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-            .connect(host: host, port: port)
+            .connect(to: address(host, port))
             .whenComplete { result in
                 switch result {
                 case .failure(let error):
@@ -177,6 +177,12 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func close() { context?.close(promise: nil) }
+}
+
+/// The address to connect to: an IP address as it is (no resolver: a storm of connects would queue
+/// a name lookup each), else the name resolved.
+private func address(_ host: String, _ port: Int) -> SocketAddress {
+    (try? SocketAddress(ipAddress: host, port: port)) ?? (try! SocketAddress.makeAddressResolvingHost(host, port: port))
 }
 
 struct BenchError: Error, CustomStringConvertible {

@@ -23,7 +23,7 @@ struct MQLiteBench: AsyncParsableCommand {
     )
 
     enum Scenario: String, ExpressibleByArgument, CaseIterable {
-        case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections, bareNIOServer = "bare-nio-server"
+        case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections, storm, bareNIOServer = "bare-nio-server"
     }
 
     @Argument(help: "fan-in, fan-out, pairs, latency, connections or bare-nio-server")
@@ -37,8 +37,8 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "Seconds measured") var duration = 3.0
     @Option(help: "Most deliveries outstanding per subscriber (default: by payload size and QoS; keep it under the broker's max_queued + max_inflight)") var window: Int?
     @Option(help: "latency: messages per second per publisher") var rate = 2000
-    @Option(help: "connections: how many idle clients") var connections = 10_000
-    @Option(help: "connections: broker pid, for its resident memory") var pid: Int?
+    @Option(help: "connections: how many idle clients; storm: how many clients connect at once") var connections = 10_000
+    @Option(help: "connections: broker pid, for its resident memory; latency: for its CPU time per message") var pid: Int?
     @Option(help: "Topic prefix") var prefix = "bench"
     @Option(help: "fan-in, fan-out, pairs: this many more clients connect, subscribe (one exact and one wildcard filter) and disconnect in a loop meanwhile, on a loop of their own") var churn = 0
     @Option(help: "Milliseconds each churning client waits between its cycles") var churnPause = 100
@@ -68,6 +68,8 @@ struct MQLiteBench: AsyncParsableCommand {
                 result = try await latency(loop: loop, tls: tls)
             case .connections:
                 result = try await idleConnections(loop: loop, tls: tls)
+            case .storm:
+                result = try await storm(loop: loop, tls: tls)
             case .bareNIOServer:
                 result = try await serveBareNIO(group: group)
             }
@@ -182,11 +184,60 @@ struct MQLiteBench: AsyncParsableCommand {
         let runPairs = pairs
         let run = try await loop.submit { LatencyRun(loop: loop, pairs: runPairs, ratePerPublisher: rate) }.get()
         let r = try await loop.flatSubmit {
-            run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(1))
+            run.run(warmup: .nanoseconds(Int64(warmup * 1e9)), duration: .nanoseconds(Int64(duration * 1e9)), drain: .seconds(1), brokerPID: pid)
         }.get()
+        let (cpu, received) = try await loop.submit { (run.brokerCPU, run.samples.count) }.get()
         try await loop.submit { for (p, s) in runPairs { p.connection.close(); s.close() } }.get()
-        return ["scenario": "latency", "clients": clients, "rate_per_client": rate, "payload": payload,
-                "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost]
+        var result: [String: Any] = [
+            "scenario": "latency", "clients": clients, "rate_per_client": rate, "payload": payload,
+            "p50_us": r.p50, "p99_us": r.p99, "max_us": r.max, "lost": r.lost, "received": received,
+        ]
+        if let cpu, received > 0 {
+            result["broker_cpu_seconds"] = cpu
+            result["cpu_seconds_per_100k"] = cpu / Double(received) * 100_000
+        }
+        return result
+    }
+
+    /// `connections` clients connect at once (TCP, CONNECT, CONNACK), at most `window` of them
+    /// under way at a time (a new one starts as one is done): the seconds until the last CONNACK,
+    /// as after a broker restart or a network outage.
+    private func storm(loop: any EventLoop, tls: NIOSSLContext?) async throws -> [String: Any] {
+        final class Storm: @unchecked Sendable {  // loop-only
+            var next = 0
+            var done = 0
+            var open: [BenchConnection] = []
+            var firstError: String?
+        }
+        let total = connections
+        let state = Storm()
+        let finished = loop.makePromise(of: Void.self)
+        let start = ContinuousClock.now
+        let (host, port, prefix) = (self.host, self.port, self.prefix)
+        loop.execute {
+            @Sendable func startOne() {
+                let i = state.next
+                state.next += 1
+                BenchConnection.connect(on: loop, host: host, port: port, clientID: "\(prefix)-storm-\(i)", tls: tls).whenComplete { result in
+                    switch result {
+                    case .success(let c): state.open.append(c)
+                    case .failure(let error): if state.firstError == nil { state.firstError = "\(error)" }
+                    }
+                    state.done += 1
+                    if state.next < total { startOne() } else if state.done == total { finished.succeed(()) }
+                }
+            }
+            for _ in 0..<min(1000, total) { startOne() }
+        }
+        try await finished.futureResult.get()
+        let elapsed = ContinuousClock.now - start
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let (open, firstError) = try await loop.submit { (state.open, state.firstError) }.get()
+        let failed = total - open.count
+        if let firstError { FileHandle.standardError.write(Data("mqlite-bench: \(failed) clients failed to connect, the first: \(firstError)\n".utf8)) }
+        try await loop.submit { for c in open { c.close() } }.get()
+        try await Task.sleep(for: .seconds(1))  // let the broker see them go before the next scenario
+        return ["scenario": "storm", "connections": connections, "connected": open.count, "seconds": seconds, "lost": failed]
     }
 
     private func idleConnections(loop: any EventLoop, tls: NIOSSLContext?) async throws -> [String: Any] {

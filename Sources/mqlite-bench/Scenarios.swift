@@ -209,6 +209,10 @@ final class LatencyRun: @unchecked Sendable {
     let loop: any EventLoop
     let pairs: [(Publisher, BenchConnection)]
     let perTick: Int
+    /// Under 1000 messages a second, a publisher sends once every this many ticks (of 1 ms),
+    /// the publishers spread over the ticks.
+    let ticksPerMessage: Int
+    private var ticks = 0
     var samples: [UInt64] = []
     var recording = false
     var sending = true
@@ -219,6 +223,7 @@ final class LatencyRun: @unchecked Sendable {
         self.loop = loop
         self.pairs = pairs
         self.perTick = max(1, ratePerPublisher / 1000)
+        self.ticksPerMessage = ratePerPublisher >= 1000 ? 1 : 1000 / max(1, ratePerPublisher)
         samples.reserveCapacity(pairs.count * ratePerPublisher * 10)
         for (_, subscriber) in pairs {
             subscriber.onEvent = { [unowned self] _, event in
@@ -232,7 +237,21 @@ final class LatencyRun: @unchecked Sendable {
 
     private func tick() {
         guard sending else { return }
-        for (p, _) in pairs {
+        if ticksPerMessage == 1 { return send(tick: 0) }
+        // Slow publishers keep their rate even when the timer runs late: every tick due so far.
+        let now = NIODeadline.now()
+        if firstTick == nil { firstTick = now }
+        let due = Int((now - firstTick!).nanoseconds / 1_000_000)
+        while ticks <= due {
+            send(tick: ticks)
+            ticks += 1
+        }
+    }
+
+    private var firstTick: NIODeadline?
+
+    private func send(tick: Int) {
+        for (i, (p, _)) in pairs.enumerated() where ticksPerMessage == 1 || (tick + i) % ticksPerMessage == 0 {
             var batch = ByteBuffer()
             for _ in 0..<perTick {
                 var payload = p.payload
@@ -245,11 +264,19 @@ final class LatencyRun: @unchecked Sendable {
         }
     }
 
-    func run(warmup: TimeAmount, duration: TimeAmount, drain: TimeAmount) -> EventLoopFuture<(p50: Double, p99: Double, max: Double, lost: Int)> {
+    /// CPU seconds the broker (`pid`) used while recording, when a pid is given.
+    private(set) var brokerCPU: Double?
+
+    func run(warmup: TimeAmount, duration: TimeAmount, drain: TimeAmount, brokerPID: Int? = nil) -> EventLoopFuture<(p50: Double, p99: Double, max: Double, lost: Int)> {
         let promise = loop.makePromise(of: (p50: Double, p99: Double, max: Double, lost: Int).self)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(1)) { [unowned self] _ in self.tick() }
-        loop.scheduleTask(in: warmup) { self.recording = true }
+        var cpuAtStart: Double?
+        loop.scheduleTask(in: warmup) {
+            self.recording = true
+            cpuAtStart = brokerPID.flatMap(cpuSeconds(pid:))
+        }
         loop.scheduleTask(in: warmup + duration) {
+            if let start = cpuAtStart, let end = brokerPID.flatMap(cpuSeconds(pid:)) { self.brokerCPU = end - start }
             self.recording = false
             self.sending = false
             ticker.cancel()
@@ -263,6 +290,17 @@ final class LatencyRun: @unchecked Sendable {
         }
         return promise.futureResult
     }
+}
+
+/// User plus system CPU time of a process so far, in seconds, from /proc (clock ticks of 10 ms).
+func cpuSeconds(pid: Int) -> Double? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        let end = stat.lastIndex(of: ")")
+    else { return nil }
+    // After "pid (comm)": state is field 3; utime and stime are fields 14 and 15.
+    let fields = stat[stat.index(after: end)...].split(separator: " ")
+    guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
 }
 
 /// Resident memory of a process, in bytes, from /proc.
