@@ -22,6 +22,9 @@ let package = Package(
         // DER parsing for client certificate subjects (already a dependency of swift-crypto's extras).
         .package(url: "https://github.com/apple/swift-asn1.git", from: "1.0.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
+        // The broker is a Service: graceful shutdown on SIGTERM/SIGINT in a ServiceGroup, beside
+        // whatever else a process runs (the executable adds its SIGHUP reloader).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
         // Deque: a session's queue that costs nothing until something is queued (NIO uses it too).
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
@@ -51,6 +54,7 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: releaseSpeed
         ),
@@ -81,6 +85,8 @@ let package = Package(
                 "MQLiteScripting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),
         // Load generator for the side-by-side benchmark with Mosquitto (`make bench`).

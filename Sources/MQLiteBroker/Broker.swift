@@ -33,6 +33,8 @@ public final class Broker: Sendable {
     /// Stands for a listener for connections served from a socketpair (the fuzzer's).
     let unboundListener = RunningListener(unboundNamed: "socketpair")
     let connectionCount = Atomic<Int>(0)
+    /// Set by the first `start()`.
+    private let started = Atomic<Bool>(false)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
     let connectionObjects = Atomic<Int>(0)
     /// Messages dropped for subscribers that could not keep up, since start.
@@ -57,6 +59,7 @@ public final class Broker: Sendable {
 
     /// Binds every configured listener and returns the addresses actually bound (real ports).
     public func start() async throws -> [SocketAddress] {
+        guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw AlreadyStarted() }
         // Timeouts are checked to within this: a quarter of connect_timeout, at most half a second.
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
@@ -138,8 +141,10 @@ public final class Broker: Sendable {
         workers.first { $0.loop === loop }!
     }
 
-    /// Stops accepting, closes every client connection, and stops the event loops.
+    /// Stops accepting, closes every client connection, and stops the event loops. The hooks are
+    /// told first (`BrokerHooks.stop`), so that none keeps a loop busy meanwhile.
     public func shutdown() async {
+        hooks.stop()
         let channels = serverChannels.withLock { channels in
             defer { channels.removeAll() }
             return channels
@@ -366,6 +371,13 @@ public final class Broker: Sendable {
     func owner(ofClient clientID: String) -> Int? {
         registry.withLock { $0[ClientIDKey(clientID)]?.owner }
     }
+
+    /// The ports the listeners bound, in listener order (as `start()` returned them; a broker run
+    /// as a `Service` is asked here).
+    public var boundPorts: [Int] { serverChannels.withLock { $0.compactMap { $0.localAddress?.port } } }
+
+    /// Whether `start()` has been called.
+    public var isStarted: Bool { started.load(ordering: .acquiring) }
 
     /// Number of client connections open now.
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }

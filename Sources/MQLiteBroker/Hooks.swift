@@ -128,6 +128,9 @@ public protocol BrokerHooks: AnyObject, Sendable {
     /// Notifications.
     func connected(_ client: ClientInfo, worker: Int)
     func disconnected(_ client: ClientInfo, reason: String, worker: Int)
+    /// The broker is stopping: a hook running now, or called later, should end at once, so that
+    /// no hook keeps a worker loop (and so the shutdown) waiting. Any thread.
+    func stop()
 }
 
 extension BrokerHooks {
@@ -139,6 +142,7 @@ extension BrokerHooks {
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
+    public func stop() {}
 }
 
 /// No hooks: every default above.

@@ -266,17 +266,17 @@ final class LatencyRun: @unchecked Sendable {
 
     /// CPU seconds the broker (`pid`) used while recording, when a pid is given.
     private(set) var brokerCPU: Double?
+    private var cpuAtStart: Double?
 
     func run(warmup: TimeAmount, duration: TimeAmount, drain: TimeAmount, brokerPID: Int? = nil) -> EventLoopFuture<(p50: Double, p99: Double, max: Double, lost: Int)> {
         let promise = loop.makePromise(of: (p50: Double, p99: Double, max: Double, lost: Int).self)
         let ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(1)) { [unowned self] _ in self.tick() }
-        var cpuAtStart: Double?
         loop.scheduleTask(in: warmup) {
             self.recording = true
-            cpuAtStart = brokerPID.flatMap(cpuSeconds(pid:))
+            self.cpuAtStart = brokerPID.flatMap(cpuSeconds(pid:))
         }
         loop.scheduleTask(in: warmup + duration) {
-            if let start = cpuAtStart, let end = brokerPID.flatMap(cpuSeconds(pid:)) { self.brokerCPU = end - start }
+            if let start = self.cpuAtStart, let end = brokerPID.flatMap(cpuSeconds(pid:)) { self.brokerCPU = end - start }
             self.recording = false
             self.sending = false
             ticker.cancel()

@@ -4,6 +4,8 @@ import Foundation
 import Logging
 import MQLiteBroker
 import MQLiteScripting
+import ServiceLifecycle
+import UnixSignals
 
 /// `mqlite -c mqlite.conf`: parse, build a configuration, run the broker until SIGINT/SIGTERM.
 @main
@@ -57,58 +59,32 @@ struct MQLite: AsyncParsableCommand {
             return
         }
 
-        // Signals are caught from before the first socket is bound (the stream keeps them until
-        // read), so a stop request never meets the default action and skips the graceful close.
-        let signals = Self.signals([SIGINT, SIGTERM, SIGHUP])
+        // The broker and the SIGHUP reloader run in a service group, which turns SIGTERM and
+        // SIGINT into a graceful shutdown (its signal handlers are in place before the broker
+        // binds anything, so a stop request never meets the default action).
         let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger)
         scripting?.bind(to: broker)
+        let group = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [.init(service: broker), .init(service: Reloader(broker: broker, scripting: scripting, logger: logger))],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        logger.info("mqlite starting with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
         do {
-            _ = try await broker.start()
+            try await group.run()
         } catch let error as ListenError {
             // A listener that cannot be bound is a configuration problem: name its key.
             let key = bind.isEmpty ? "listener[\(error.index)].bind" : "-b"
             printError("mqlite: \(ConfigError(file: bind.isEmpty ? (config ?? "defaults") : "command line", key: key, problem: error.description))")
-            await broker.shutdown()
             throw ExitCode(2)
         } catch let error as TLSSetupError {
             // A certificate file that changed since the check above.
             printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "listener[\(error.index)].\(error.error.key)", problem: error.description))")
-            await broker.shutdown()
             throw ExitCode(2)
         } catch {
-            logger.critical("cannot start: \(error)")
-            await broker.shutdown()
+            logger.critical("cannot run: \(error)")
             throw ExitCode(1)
         }
-        logger.info("mqlite started with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
-        for await signal in signals {
-            if signal == SIGHUP {
-                // New TLS handshakes use the re-read certificate files (a bad file keeps the old).
-                broker.reloadCertificates()
-                guard let scripting else {
-                    logger.info("SIGHUP: no plugins to reload")
-                    continue
-                }
-                do {
-                    try scripting.reload()
-                } catch {
-                    logger.error("reload failed, keeping the running scripts: \(error)")
-                }
-                continue
-            }
-            logger.info("received signal \(signal), stopping")
-            break
-        }
-        // A hook that is running (or about to) fails at its next check, so that no script keeps
-        // a worker loop, and so shutdown, waiting. Should a loop still not answer (a C function
-        // that does not return), the process exits anyway once the deadline passes.
-        scripting?.stop()
-        let deadline = Self.shutdownDeadline
-        DispatchQueue.global().asyncAfter(deadline: .now() + deadline) {
-            FileHandle.standardError.write(Data("mqlite: shutdown did not finish within \(deadline) s, exiting\n".utf8))
-            Foundation.exit(1)
-        }
-        await broker.shutdown()
     }
 
     /// Seconds a stop request may take before the process exits without finishing the close.
@@ -139,24 +115,42 @@ struct MQLite: AsyncParsableCommand {
     private func printError(_ message: String) {
         FileHandle.standardError.write(Data((message + "\n").utf8))
     }
-
-    /// The given signals as they arrive (their default handling is turned off). The sources live
-    /// as long as the process.
-    static func signals(_ numbers: [Int32]) -> AsyncStream<Int32> {
-        let (stream, continuation) = AsyncStream<Int32>.makeStream()
-        for number in numbers {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(number) }
-            source.resume()
-            SignalSources.keep(source)
-        }
-        return stream
-    }
 }
 
-/// Keeps signal sources alive for the life of the process.
-private enum SignalSources {
-    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
-    static func keep(_ source: any DispatchSourceSignal) { sources.append(source) }
+/// The executable's second service: SIGHUP re-reads certificate files and reloads the plugins; on
+/// the group's graceful shutdown it arms the deadline past which the process exits anyway (should
+/// a loop not answer: a C function that does not return).
+struct Reloader: Service {
+    let broker: Broker
+    let scripting: ScriptingHost?
+    let logger: Logger
+
+    func run() async throws {
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let logger = self.logger
+        await withGracefulShutdownHandler {
+            for await _ in hangups.cancelOnGracefulShutdown() { reload() }
+        } onGracefulShutdown: {
+            logger.info("stopping")
+            let deadline = MQLite.shutdownDeadline
+            DispatchQueue.global().asyncAfter(deadline: .now() + deadline) {
+                FileHandle.standardError.write(Data("mqlite: shutdown did not finish within \(deadline) s, exiting\n".utf8))
+                Foundation.exit(1)
+            }
+        }
+    }
+
+    private func reload() {
+        // New TLS handshakes use the re-read certificate files (a bad file keeps the old).
+        broker.reloadCertificates()
+        guard let scripting else {
+            logger.info("SIGHUP: no plugins to reload")
+            return
+        }
+        do {
+            try scripting.reload()
+        } catch {
+            logger.error("reload failed, keeping the running scripts: \(error)")
+        }
+    }
 }
