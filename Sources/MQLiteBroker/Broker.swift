@@ -20,11 +20,11 @@ public final class Broker: Sendable {
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
     /// Client id (compared byte for byte) → session.
-    private let registry = Mutex<[ClientIDKey: Session]>([:])
+    private let registry: any SessionRegistry
     /// Filter → subscribed sessions and their granted QoS.
-    private let subscriptions = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
-    /// Retained messages by topic, in a topic tree (see `retainedMessages(matching:)`).
-    private let retained = Mutex(RetainedTree<Message>())
+    private let subscriptions: any SubscriptionIndex
+    /// Retained messages by topic (see `retainedScan(matching:)`).
+    private let retained: any RetainedStore
     /// Nodes a retained scan visits per hold of the retained lock.
     static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])
@@ -44,7 +44,15 @@ public final class Broker: Sendable {
         self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
     }
 
-    init(configuration: BrokerConfiguration, hooks: any BrokerHooks, sessionObserver: (any SessionObserver)?, logger: Logger) {
+    /// A broker on the given stores (in memory unless told otherwise).
+    init(
+        configuration: BrokerConfiguration, hooks: any BrokerHooks, sessionObserver: (any SessionObserver)?, logger: Logger,
+        registry: any SessionRegistry = InMemorySessionRegistry(), subscriptions: any SubscriptionIndex = TrieSubscriptionIndex(),
+        retained: any RetainedStore = TreeRetainedStore()
+    ) {
+        self.registry = registry
+        self.subscriptions = subscriptions
+        self.retained = retained
         self.configuration = configuration
         self.hooks = hooks
         self.sessionObserver = sessionObserver
@@ -200,13 +208,13 @@ public final class Broker: Sendable {
         clientID: String, cleanSession: Bool, on worker: Worker,
         completion: @escaping @Sendable (_ session: Session?, _ present: Bool) -> Void
     ) {
-        let (session, claim, present, replaced) = registry.withLock { registry -> (Session, Int, Bool, Session?) in
-            let existing = registry[ClientIDKey(clientID)]
+        let (session, claim, present, replaced) = registry.update(clientID: clientID) { registered -> (Session, Int, Bool, Session?) in
+            let existing = registered
             if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
             let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
             // A connection still waiting to attach to the replaced session is superseded.
             _ = existing?.claim()
-            registry[ClientIDKey(clientID)] = fresh
+            registered = fresh
             return (fresh, fresh.claim(), false, existing)
         }
         if let replaced {
@@ -258,9 +266,9 @@ public final class Broker: Sendable {
     /// Discards an offline persistent session that expired, unless a CONNECT has claimed it since
     /// it went offline (that connection keeps it). On its owner's loop.
     func expire(_ session: Session, claim: Int, worker: Worker) {
-        let expired = registry.withLock { registry -> Bool in
-            guard registry[ClientIDKey(session.clientID)] === session, session.isLatest(claim: claim), session.outbound == nil else { return false }
-            registry[ClientIDKey(session.clientID)] = nil
+        let expired = registry.update(clientID: session.clientID) { registered -> Bool in
+            guard registered === session, session.isLatest(claim: claim), session.outbound == nil else { return false }
+            registered = nil
             return true
         }
         guard expired else { return }
@@ -280,13 +288,11 @@ public final class Broker: Sendable {
         let filters = session.subscriptions.keys.map { String($0.text) }
         session.subscriptions.removeAll()
         if !filters.isEmpty {
-            subscriptions.withLock { trie in
-                for filter in filters { trie.remove(filter: filter, key: ObjectIdentifier(session)) }
-            }
+            subscriptions.remove(filters: filters, session: session)
             for worker in workers { worker.subscriptionsChanged(filters) }
         }
-        registry.withLock { registry in
-            if registry[ClientIDKey(session.clientID)] === session { registry[ClientIDKey(session.clientID)] = nil }
+        registry.update(clientID: session.clientID) { registered in
+            if registered === session { registered = nil }
         }
     }
 
@@ -295,9 +301,7 @@ public final class Broker: Sendable {
     func subscribe(_ session: Session, filter: String, qos: QoS) {
         workers[session.owner].assertOnLoop()
         session.subscriptions[ByteText(filter)] = qos
-        subscriptions.withLock { trie in
-            trie.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos))
-        }
+        subscriptions.insert(filter: filter, session: session, qos: qos)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
     }
@@ -305,9 +309,7 @@ public final class Broker: Sendable {
     func unsubscribe(_ session: Session, filter: String) {
         workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
-        subscriptions.withLock { trie in
-            trie.remove(filter: filter, key: ObjectIdentifier(session))
-        }
+        subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .unsubscribed(filter: filter))
     }
@@ -315,14 +317,7 @@ public final class Broker: Sendable {
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
     func matchSubscribers(topic: String) -> [(session: Session, qos: QoS)] {
-        subscriptions.withLock { trie in
-            var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
-            trie.forEachMatch(topic: topic) { key, entry in
-                if let existing = found[key], existing.qos >= entry.qos { return }
-                found[key] = entry
-            }
-            return Array(found.values)
-        }
+        subscriptions.matches(topic: topic)
     }
 
     // MARK: - Retained messages
@@ -332,10 +327,9 @@ public final class Broker: Sendable {
     func retain(_ message: Message) {
         let topic = String(buffer: message.topic)
         if message.payload.readableBytes == 0 {
-            retained.withLock { _ = $0.remove(topic) }
+            retained.remove(topic: topic)
         } else {
-            let kept = message.compacted()
-            retained.withLock { $0.set(topic, kept) }
+            retained.set(topic: topic, message.compacted())
         }
     }
 
@@ -346,22 +340,18 @@ public final class Broker: Sendable {
     /// go on between chunks. A message set or cleared during the walk may or may not be seen.
     /// A walk of the retained messages matching `filter`, to be continued in steps.
     func retainedScan(matching filter: String) -> RetainedTree<Message>.Scan {
-        retained.withLock { $0.scan(matching: filter) }
+        retained.scan(matching: filter)
     }
 
     /// The next retained messages of `scan`: at most `limit` nodes are visited, under the lock.
     func continueRetainedScan(_ scan: inout RetainedTree<Message>.Scan, limit: Int) -> [Message] {
-        var found: [Message] = []
-        retained.withLock { $0.continueScan(&scan, limit: limit, into: &found) }
-        return found
+        retained.continueScan(&scan, limit: limit)
     }
 
     func retainedMessages(matching filter: String) -> [Message] {
-        var scan = retained.withLock { $0.scan(matching: filter) }
+        var scan = retained.scan(matching: filter)
         var found: [Message] = []
-        while !scan.isDone {
-            retained.withLock { $0.continueScan(&scan, limit: Self.retainedScanChunk, into: &found) }
-        }
+        while !scan.isDone { found += retained.continueScan(&scan, limit: Self.retainedScanChunk) }
         return found
     }
 
@@ -369,7 +359,7 @@ public final class Broker: Sendable {
 
     /// The worker that owns the session of `clientID`, if there is one.
     func owner(ofClient clientID: String) -> Int? {
-        registry.withLock { $0[ClientIDKey(clientID)]?.owner }
+        registry.session(for: clientID)?.owner
     }
 
     /// The ports the listeners bound, in listener order (as `start()` returned them; a broker run
@@ -386,11 +376,11 @@ public final class Broker: Sendable {
     /// Messages dropped for slow subscribers since start.
     public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
-    public var retainedCount: Int { retained.withLock { $0.count } }
+    public var retainedCount: Int { retained.count }
     /// Nodes of the retained topic tree (tests: cleared branches are pruned).
-    public var retainedNodeCount: Int { retained.withLock { $0.nodeCount } }
+    public var retainedNodeCount: Int { retained.nodeCount }
     /// Nodes of the subscription trie (tests: emptied branches are pruned).
-    public var subscriptionNodeCount: Int { subscriptions.withLock { $0.nodeCount } }
+    public var subscriptionNodeCount: Int { subscriptions.nodeCount }
 }
 
 /// A listener that could not be bound (address in use, no such host or interface, no permission).
@@ -401,16 +391,4 @@ public struct ListenError: Error, CustomStringConvertible {
     public var underlying: any Error
 
     public var description: String { "cannot listen on \(address): \(underlying)" }
-}
-
-/// A client id as the registry's key: compared and hashed byte for byte, as `ByteText`, but
-/// half its size (a `String`, not a `Substring`): the registry holds one per client.
-private struct ClientIDKey: Hashable {
-    let id: String
-
-    init(_ id: String) { self.id = id }
-
-    static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.hasSameUTF8(as: b.id) }
-
-    func hash(into hasher: inout Hasher) { id.hashUTF8(into: &hasher) }
 }

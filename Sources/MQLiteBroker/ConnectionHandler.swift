@@ -241,7 +241,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .pubcomp(let id):
             session.pubcomp(id, broker: broker)
         case .pubrel(let id):
-            session.awaitingPubrel.remove(id)
+            session.released(inbound: id)
             writePacket(.pubcomp(packetID: id))
         case .subscribe(let subscribe):
             handleSubscribe(subscribe.value, session: session)
@@ -381,7 +381,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let id = publish.packetID!
             writePacket(.pubrec(packetID: id))
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
-            if session.awaitingPubrel.insert(id).inserted {
+            if session.receivedQoS2(id) {
                 route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             }
         }

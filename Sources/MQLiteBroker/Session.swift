@@ -81,7 +81,6 @@ final class Session: @unchecked Sendable {
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
-    var awaitingPubrel: Set<UInt16> = []
     /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not. Read
     /// by other workers' publish paths, so it is here rather than in `occasional`.
     private let congestedUntil = Atomic<UInt64>(0)
@@ -93,7 +92,8 @@ final class Session: @unchecked Sendable {
     var ended = false
 
     /// What most sessions never need: a queue's accounting and congestion, an ACL that restricts
-    /// receiving, an offline session's expiry, retained messages still to send. Made on first
+    /// receiving, an offline session's expiry, retained messages still to send, inbound QoS 2
+    /// ids (most clients publish at QoS 0 or 1). Made on first
     /// use, so that the session of an idle connection stays small (one malloc size class of 128
     /// bytes instead of 224).
     private final class Occasional {
@@ -108,6 +108,8 @@ final class Session: @unchecked Sendable {
         var receiveACL: ClientACL?
         var receiveVerdicts: [ByteBuffer: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
+        /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
+        var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
     }
@@ -384,6 +386,19 @@ final class Session: @unchecked Sendable {
         pump(broker: broker)
     }
 
+    // MARK: - Inbound QoS 2
+
+    /// Records an inbound QoS 2 PUBLISH id until its PUBREL; whether it is new (a re-sent
+    /// PUBLISH whose id still awaits PUBREL is not delivered again).
+    func receivedQoS2(_ id: UInt16) -> Bool {
+        more.awaitingPubrel.insert(id).inserted
+    }
+
+    /// PUBREL came for an inbound QoS 2 id.
+    func released(inbound id: UInt16) {
+        occasional?.awaitingPubrel.remove(id)
+    }
+
     // MARK: - Acknowledgements of outgoing messages
 
     func puback(_ id: UInt16, broker: Broker) {
@@ -431,6 +446,6 @@ final class Session: @unchecked Sendable {
         occasional?.queuedBytes = 0
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
-        awaitingPubrel.removeAll()
+        occasional?.awaitingPubrel.removeAll()
     }
 }

@@ -1,0 +1,129 @@
+import MQTTCore
+import NIOCore
+import Synchronization
+
+// The state the workers share, each behind a small protocol so that another implementation (one
+// kept in SQLite, say) can stand in for the in-memory one the broker makes by default. Every
+// method is thread-safe and short; none does I/O while holding a lock that the publish path takes.
+
+/// Client id → session. The broker's takeover rules run inside `update`, atomically for the
+/// registry as a whole, so that racing CONNECTs for one client id see each other.
+protocol SessionRegistry: Sendable {
+    /// Runs `body` with the session registered for `clientID` (nil if none); what `body` leaves
+    /// there is registered.
+    func update<T>(clientID: String, _ body: (inout Session?) -> T) -> T
+    /// The session registered for `clientID`.
+    func session(for clientID: String) -> Session?
+}
+
+/// Filters → the sessions subscribed and their granted QoS. A change here must be told to the
+/// workers' route caches (`Worker.subscriptionsChanged`); the broker does that.
+protocol SubscriptionIndex: Sendable {
+    func insert(filter: String, session: Session, qos: QoS)
+    func remove(filters: [String], session: Session)
+    /// Every session whose filters match `topic`, once each, with the highest QoS among its
+    /// matching subscriptions.
+    func matches(topic: String) -> [(session: Session, qos: QoS)]
+    /// Nodes of the index (tests: emptied branches are pruned).
+    var nodeCount: Int { get }
+}
+
+/// Retained messages by topic, walked in steps by SUBSCRIBE (`scan`, then `continueScan` until
+/// the scan is done), so that neither a lock nor a worker is held for long by a wide filter.
+protocol RetainedStore: Sendable {
+    typealias Scan = RetainedTree<Message>.Scan
+    /// Keeps `message` (already compacted) as the retained message of `topic`.
+    func set(topic: String, _ message: Message)
+    /// Clears the retained message of `topic`, if any.
+    func remove(topic: String)
+    func scan(matching filter: String) -> Scan
+    /// The next retained messages of `scan`, visiting at most `limit` nodes.
+    func continueScan(_ scan: inout Scan, limit: Int) -> [Message]
+    var count: Int { get }
+    var nodeCount: Int { get }
+}
+
+// MARK: - In memory
+
+final class InMemorySessionRegistry: SessionRegistry {
+    private let sessions = Mutex<[ClientIDKey: Session]>([:])
+
+    func update<T>(clientID: String, _ body: (inout Session?) -> T) -> T {
+        sessions.withLock { sessions in
+            let key = ClientIDKey(clientID)
+            var session = sessions[key]
+            defer { sessions[key] = session }
+            return body(&session)
+        }
+    }
+
+    func session(for clientID: String) -> Session? {
+        sessions.withLock { $0[ClientIDKey(clientID)] }
+    }
+}
+
+/// The subscription trie behind one lock.
+final class TrieSubscriptionIndex: SubscriptionIndex {
+    private let trie = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
+
+    func insert(filter: String, session: Session, qos: QoS) {
+        trie.withLock { $0.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos)) }
+    }
+
+    func remove(filters: [String], session: Session) {
+        trie.withLock { trie in
+            for filter in filters { trie.remove(filter: filter, key: ObjectIdentifier(session)) }
+        }
+    }
+
+    func matches(topic: String) -> [(session: Session, qos: QoS)] {
+        trie.withLock { trie in
+            var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
+            trie.forEachMatch(topic: topic) { key, entry in
+                if let existing = found[key], existing.qos >= entry.qos { return }
+                found[key] = entry
+            }
+            return Array(found.values)
+        }
+    }
+
+    var nodeCount: Int { trie.withLock { $0.nodeCount } }
+}
+
+/// The retained topic tree behind one lock; a scan holds it for one step at a time.
+final class TreeRetainedStore: RetainedStore {
+    private let tree = Mutex(RetainedTree<Message>())
+
+    func set(topic: String, _ message: Message) {
+        tree.withLock { $0.set(topic, message) }
+    }
+
+    func remove(topic: String) {
+        tree.withLock { _ = $0.remove(topic) }
+    }
+
+    func scan(matching filter: String) -> Scan {
+        tree.withLock { $0.scan(matching: filter) }
+    }
+
+    func continueScan(_ scan: inout Scan, limit: Int) -> [Message] {
+        var found: [Message] = []
+        tree.withLock { $0.continueScan(&scan, limit: limit, into: &found) }
+        return found
+    }
+
+    var count: Int { tree.withLock { $0.count } }
+    var nodeCount: Int { tree.withLock { $0.nodeCount } }
+}
+
+/// A client id as the registry's key: compared and hashed byte for byte, as `ByteText`, but
+/// half its size (a `String`, not a `Substring`): the registry holds one per client.
+struct ClientIDKey: Hashable {
+    let id: String
+
+    init(_ id: String) { self.id = id }
+
+    static func == (a: ClientIDKey, b: ClientIDKey) -> Bool { a.id.hasSameUTF8(as: b.id) }
+
+    func hash(into hasher: inout Hasher) { id.hashUTF8(into: &hasher) }
+}
