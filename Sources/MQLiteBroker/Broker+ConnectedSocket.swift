@@ -31,7 +31,7 @@ extension Broker {
     /// Stops the event loops at once, from a thread outside them. For a broker without listeners
     /// whose connections are all closed (the fuzzer's); `shutdown()` is the general one.
     package func stopLoops() throws {
-        try group.syncShutdownGracefully()
+        if ownsGroup { try group.syncShutdownGracefully() }
         loopsStopped()
     }
 }

@@ -14,7 +14,9 @@ public final class Broker: Sendable {
     /// Told of every session change (a store of sessions would be one); nil: nobody listens.
     let sessionObserver: (any SessionObserver)?
     let logger: Logger
-    let group: MultiThreadedEventLoopGroup
+    let group: any EventLoopGroup
+    /// Whether the broker made `group` (then it shuts it down), or was given it.
+    let ownsGroup: Bool
     /// Set once in `init`, read-only while the loops run; emptied once they have stopped, which
     /// frees the workers (they hold the broker: see `Worker.broker`).
     nonisolated(unsafe) private(set) var workers: [Worker] = []
@@ -44,11 +46,13 @@ public final class Broker: Sendable {
         self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
     }
 
-    /// A broker on the given stores (in memory unless told otherwise).
+    /// A broker on the given stores (in memory unless told otherwise), with one worker per loop of
+    /// `group` (by default a `MultiThreadedEventLoopGroup` of `workers` threads, which the broker
+    /// owns and stops; a group given is left running: tests give an `EmbeddedEventLoop`).
     init(
         configuration: BrokerConfiguration, hooks: any BrokerHooks, sessionObserver: (any SessionObserver)?, logger: Logger,
         registry: any SessionRegistry = InMemorySessionRegistry(), subscriptions: any SubscriptionIndex = TrieSubscriptionIndex(),
-        retained: any RetainedStore = TreeRetainedStore()
+        retained: any RetainedStore = TreeRetainedStore(), group: (any EventLoopGroup)? = nil
     ) {
         self.registry = registry
         self.subscriptions = subscriptions
@@ -57,9 +61,10 @@ public final class Broker: Sendable {
         self.hooks = hooks
         self.sessionObserver = sessionObserver
         self.logger = logger
-        self.group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
+        self.ownsGroup = group == nil
         var loops: [any EventLoop] = []
-        for loop in group.makeIterator() { loops.append(loop) }
+        for loop in self.group.makeIterator() { loops.append(loop) }
         self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self, workerCount: loops.count) }
     }
 
@@ -163,7 +168,7 @@ public final class Broker: Sendable {
                 for connection in worker.connections.values { connection.closeForShutdown() }
             }.get()
         }
-        try? await group.shutdownGracefully()
+        if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")
     }

@@ -1,0 +1,91 @@
+import Logging
+import MQTTCore
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import MQLiteBroker
+
+/// Connections on `EmbeddedChannel`s of one `EmbeddedEventLoop`, the broker's only worker: the
+/// protocol as the handler runs it, with no socket and no thread.
+private struct EmbeddedBroker {
+    let loop = EmbeddedEventLoop()
+    let broker: Broker
+
+    init(configure: (inout BrokerConfiguration) -> Void = { _ in }) {
+        var configuration = BrokerConfiguration(workers: 1, listeners: [])
+        configure(&configuration)
+        var logger = Logger(label: "embedded")
+        logger.logLevel = .critical
+        broker = Broker(configuration: configuration, hooks: NoHooks(), sessionObserver: nil, logger: logger, group: loop)
+    }
+
+    func connection() throws -> EmbeddedChannel {
+        let handler = ConnectionHandler(broker: broker, worker: broker.workers[0], listener: RunningListener(unboundNamed: "embedded"))
+        let channel = EmbeddedChannel(handler: handler, loop: loop)
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
+        return channel
+    }
+}
+
+extension EmbeddedChannel {
+    func send(_ packets: MQTTPacket...) throws {
+        var buffer = ByteBuffer()
+        for packet in packets { buffer.writeMQTTPacket(packet) }
+        try writeInbound(buffer)
+    }
+
+    /// Every packet the broker wrote since the last call.
+    func received() throws -> [MQTTPacket] {
+        var bytes = ByteBuffer()
+        while var chunk = try readOutbound(as: ByteBuffer.self) { bytes.writeBuffer(&chunk) }
+        var decoder = MQTTDecoder()
+        var packets: [MQTTPacket] = []
+        while let packet = try decoder.decode(buffer: &bytes) { packets.append(packet) }
+        return packets
+    }
+}
+
+@Suite("Connections on EmbeddedChannel (no sockets)")
+struct EmbeddedConnectionTests {
+    @Test("CONNECT, SUBSCRIBE and a QoS 1 PUBLISH between two connections; a second CONNECT closes the connection")
+    func publishBetweenConnections() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let sub = try b.connection()
+        try sub.send(.connect(ConnectPacket(clientID: "sub")))
+        #expect(try sub.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted))])
+        try sub.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "a/+", qos: .atLeastOnce)])))
+        #expect(try sub.received() == [.suback(SubackPacket(packetID: 1, returnCodes: [.granted(.atLeastOnce)]))])
+
+        let pub = try b.connection()
+        try pub.send(.connect(ConnectPacket(clientID: "pub")), .publish(PublishPacket(topic: "a/b", payload: "hello", qos: .atLeastOnce, packetID: 7)))
+        #expect(try pub.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), .puback(packetID: 7)])
+        let delivered = try sub.received()
+        guard case .publish(let p)? = delivered.first, delivered.count == 1 else {
+            Issue.record("expected one PUBLISH, got \(delivered)")
+            return
+        }
+        #expect(String(buffer: p.topic) == "a/b" && String(buffer: p.payload) == "hello" && p.qos == .atLeastOnce && p.packetID == 1)
+
+        try pub.send(.connect(ConnectPacket(clientID: "pub")))
+        #expect(!pub.isActive, "a second CONNECT must close the connection")
+        #expect(try sub.received().isEmpty)
+        _ = try sub.finish()
+    }
+
+    @Test("packets before CONNECT close the connection without CONNACK; a bad protocol level gets CONNACK 1 then close")
+    func beforeConnect() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let early = try b.connection()
+        try early.send(.pingreq)
+        #expect(!early.isActive)
+        #expect(try early.received().isEmpty)
+
+        let old = try b.connection()
+        try old.send(.connect(ConnectPacket(protocolName: "MQTT", protocolLevel: 5, clientID: "v5")))
+        #expect(try old.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion))])
+        #expect(!old.isActive)
+    }
+}
