@@ -18,7 +18,7 @@ struct ServiceTests {
         let group = ServiceGroup(services: [broker], logger: logger)
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
-            try await eventually("bound") { broker.isStarted && broker.boundPorts.first != nil }
+            try await eventually("bound", timeout: .seconds(30)) { broker.isStarted && broker.boundPorts.first != nil }
             let port = try #require(broker.boundPorts.first)
             let client = try await TestClient.open(port: port)
             #expect(try await client.connect(ConnectPacket(clientID: "svc")).returnCode == .accepted)

@@ -72,18 +72,25 @@ final class RecordingObserver: SessionObserver {
     }
 }
 
-/// A broker without listeners whose worker 0 runs `body` on its loop, where sessions live.
+/// A broker without listeners whose worker 0 runs `body` on its loop, where sessions live. The
+/// test awaits it (no thread of the test pool blocks meanwhile).
 private func onWorker<T: Sendable>(
     configure: (inout Limits) -> Void = { _ in }, observer: (any SessionObserver)? = nil,
     _ body: @escaping @Sendable (Broker) throws -> T
-) throws -> T {
+) async throws -> T {
     var configuration = BrokerConfiguration(workers: 1, listeners: [])
     configure(&configuration.limits)
     var logger = Logger(label: "test")
     logger.logLevel = .critical
     let broker = Broker(configuration: configuration, hooks: NoHooks(), sessionObserver: observer, logger: logger)
-    defer { try? broker.stopLoops() }
-    return try broker.workers[0].loop.submit { try body(broker) }.wait()
+    do {
+        let result = try await broker.workers[0].loop.submit { try body(broker) }.get()
+        await broker.shutdown()
+        return result
+    } catch {
+        await broker.shutdown()
+        throw error
+    }
 }
 
 private func delivery(_ payload: String, qos: QoS, topic: String = "t") -> Delivery {
@@ -93,8 +100,8 @@ private func delivery(_ payload: String, qos: QoS, topic: String = "t") -> Deliv
 @Suite("Session seam: a session without a socket")
 struct SessionSeamTests {
     @Test("packet ids run 1...65535, wrap to 1 (never 0), and skip an id still in flight")
-    func packetIDWrap() throws {
-        let (first, ids, skipped) = try onWorker(configure: { $0.maxInflight = 2 }) { broker in
+    func packetIDWrap() async throws {
+        let (first, ids, skipped) = try await onWorker(configure: { $0.maxInflight = 2 }) { broker in
             let session = Session(clientID: "wrap", persistent: false, owner: 0)
             let out = RecordingOutbound()
             session.outbound = out
@@ -120,9 +127,9 @@ struct SessionSeamTests {
     }
 
     @Test("offline, a persistent session queues QoS 1/2 up to max_queued, drops the rest and QoS 0, and sends the queue in order on resume")
-    func offlineQueueOverflow() throws {
+    func offlineQueueOverflow() async throws {
         let observer = RecordingObserver()
-        let (sent, dropped, events) = try onWorker(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer) { broker in
+        let (sent, dropped, events) = try await onWorker(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer) { broker in
             let session = Session(clientID: "offline", persistent: true, owner: 0)
             for i in 0..<8 { session.deliver(delivery("q\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce), broker: broker) }
             session.deliver(delivery("zero", qos: .atMostOnce), broker: broker)
@@ -155,8 +162,8 @@ struct SessionSeamTests {
     }
 
     @Test("a window full of QoS 1 queues the rest; on a new outbound, in-flight messages go again with DUP and PUBREL for released QoS 2")
-    func resumeResends() throws {
-        let (before, after, pubrels) = try onWorker(configure: { $0.maxInflight = 2 }) { broker in
+    func resumeResends() async throws {
+        let (before, after, pubrels) = try await onWorker(configure: { $0.maxInflight = 2 }) { broker in
             let session = Session(clientID: "resume", persistent: true, owner: 0)
             let out = RecordingOutbound()
             session.outbound = out
@@ -178,8 +185,8 @@ struct SessionSeamTests {
     }
 
     @Test("a full socket queues; pump sends in order once it can write")
-    func backPressure() throws {
-        let sent = try onWorker { broker in
+    func backPressure() async throws {
+        let sent = try await onWorker { broker in
             let session = Session(clientID: "bp", persistent: false, owner: 0)
             let out = RecordingOutbound()
             session.outbound = out
@@ -198,8 +205,8 @@ struct SessionSeamTests {
 @Suite("Route cache")
 struct RouteCacheTests {
     @Test("a subscription change drops only the cached routes its filter matches")
-    func perFilterInvalidation() throws {
-        let cached = try onWorker { broker in
+    func perFilterInvalidation() async throws {
+        let cached = try await onWorker { broker in
             let worker = broker.workers[0]
             let a = Session(clientID: "a", persistent: false, owner: 0)
             let b = Session(clientID: "b", persistent: false, owner: 0)
