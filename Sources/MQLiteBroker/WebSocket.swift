@@ -151,12 +151,14 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // An HTTP parse error or a request over the limits: answered 400 (if nothing was yet).
+        // An HTTP parse error or a request over the limits (or the client gone mid-request):
+        // answered 400, logged with the listener's rate limit. After a refusal the connection is
+        // closing, and what the decoder still has to say (the request cut short at EOF) adds
+        // nothing: not passed on, so that it is not logged once more for every connection.
         guard case .done = state else {
             let reason = error is HTTPParserError ? "malformed HTTP request (\(error))" : "\(error)"
             return refuse(context: context, status: .badRequest, reason: reason, headers: [:])
         }
-        context.fireErrorCaught(error)
     }
 
     enum Answer: Equatable {
