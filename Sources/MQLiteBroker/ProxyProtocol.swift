@@ -41,7 +41,8 @@ public struct ProxyHeader: Sendable, Equatable {
         for (offset, byte) in zip(v1Prefix.indices, view) where v1Prefix[offset] != byte {
             throw ProxyHeaderError(offset == 0 ? .missing : .invalidV1("does not start with \"PROXY \""))
         }
-        guard let lf = view.firstIndex(of: 0x0A) else {
+        // The line end is looked for only where it may be (bounded work for any input).
+        guard let lf = view.prefix(maxV1Length).firstIndex(of: 0x0A) else {
             if view.count >= maxV1Length { throw ProxyHeaderError(.tooLong) }
             return nil
         }
