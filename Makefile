@@ -5,8 +5,9 @@ CONFIG ?= config/mqlite.conf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages: Lua 5.4 (built against), the test clients (mosquitto_pub/_sub), and Mosquitto
-# itself (mosquitto_passwd for the plugin tests, and the broker `make bench` compares against).
-APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients openssl
+# itself (mosquitto_passwd for the plugin tests, and the broker `make bench` compares against), and
+# Chromium (headless: a real browser speaks MQTT over a WebSocket listener in the interop tests).
+APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients openssl chromium
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 
@@ -41,9 +42,9 @@ test: test-deps
 # Fuzzing (docs/FUZZING.md): one libFuzzer build (its own scratch folder: every module built with
 # coverage and ASan), then each target for FUZZ_SECONDS. `make test` ends with the short run.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= decoder connection json config
+FUZZ_TARGETS ?= decoder connection json config proxy
 FUZZ_SMOKE_SECONDS ?= 15
-FUZZ_SMOKE_TARGETS ?= decoder connection json config
+FUZZ_SMOKE_TARGETS ?= decoder connection json config proxy
 
 fuzz-build: deps
 	$(SWIFT) build --scratch-path .build-fuzz --product mqlite-fuzz --sanitize=fuzzer -Xswiftc -sanitize=fuzzer,address
@@ -51,7 +52,7 @@ fuzz-build: deps
 fuzz: fuzz-build
 	Fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
-# FUZZ_SMOKE_SECONDS for each of FUZZ_SMOKE_TARGETS (15 s x 4: a minute in all); fails on any
+# FUZZ_SMOKE_SECONDS for each of FUZZ_SMOKE_TARGETS (15 s x 5: 75 s in all); fails on any
 # crash or hang.
 fuzz-smoke: fuzz-build
 	Fuzz/run.sh $(FUZZ_SMOKE_SECONDS) $(FUZZ_SMOKE_TARGETS)

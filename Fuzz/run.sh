@@ -4,14 +4,14 @@
 # Exits non-zero if any target found a crash, a hang (-timeout) or ran out of memory; the input
 # that did it is left in .build-fuzz/findings/ and the log's end is printed.
 #
-#   Fuzz/run.sh SECONDS [TARGET...]      targets: decoder connection json config (default: all)
+#   Fuzz/run.sh SECONDS [TARGET...]      targets: decoder connection json config proxy (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=$1
 shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decoder connection json config)
+[ ${#targets[@]} -gt 0 ] || targets=(decoder connection json config proxy)
 bin=${FUZZ_BIN:-.build-fuzz/debug/mqlite-fuzz}
 findings=.build-fuzz/findings
 mkdir -p "$findings"

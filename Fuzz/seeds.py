@@ -3,7 +3,7 @@
 what the target exercises. `Fuzz/run.sh` calls it for a temporary corpus on every run, so nothing
 generated is kept in the repository.
 
-    Fuzz/seeds.py TARGET OUTDIR      TARGET: decoder, connection, json or config
+    Fuzz/seeds.py TARGET OUTDIR      TARGET: decoder, connection, json, config or proxy
 """
 import os
 import struct
@@ -261,7 +261,32 @@ on_error = "allow"
     return seeds
 
 
-SEEDS = {"decoder": decoder_seeds, "connection": connection_seeds, "json": json_seeds, "config": config_seeds}
+def proxy_seeds():
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def v2(command, family, body):
+        return sig + bytes([0x20 | command, family]) + struct.pack(">H", len(body)) + body
+
+    inet = bytes([203, 0, 113, 7, 10, 0, 0, 1]) + struct.pack(">HH", 51000, 1883)
+    inet6 = bytes(15) + b"\x07" + bytes(15) + b"\x01" + struct.pack(">HH", 51000, 1883)
+    after = connect("c")
+    return {
+        "v1-tcp4": b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 1883\r\n" + after,
+        "v1-tcp6": b"PROXY TCP6 2001:db8::1 2001:db8::2 4242 1883\r\n" + after,
+        "v1-unknown": b"PROXY UNKNOWN\r\n" + after,
+        "v1-longest": b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",
+        "v2-inet": v2(1, 0x11, inet) + after,
+        "v2-inet6-tlv": v2(1, 0x21, inet6 + b"\x02\x00\x0cmqtt.example") + after,
+        "v2-local": v2(0, 0x11, inet) + after,
+        "v2-unspec": v2(1, 0x00, b"") + after,
+        "v2-unix": v2(1, 0x31, bytes(216)),
+        "v2-dgram": v2(1, 0x12, inet),
+        "mqtt": after,
+    }
+
+
+SEEDS = {"decoder": decoder_seeds, "connection": connection_seeds, "json": json_seeds, "config": config_seeds,
+         "proxy": proxy_seeds}
 
 
 def main():

@@ -99,7 +99,12 @@ public final class Broker: Sendable {
             runningListeners.withLock { $0.append(listener) }
             if let local = channel.localAddress {
                 bound.append(local)
-                logger.info("listening on \(local.ipAddress ?? address.host):\(local.port ?? address.port)\(context == nil ? "" : " (TLS)")")
+                var traits: [String] = []
+                if listenerConfiguration.kind == .websockets { traits.append("WebSocket") }
+                if context != nil { traits.append("TLS") }
+                if listenerConfiguration.proxyProtocol { traits.append("PROXY protocol") }
+                let suffix = traits.isEmpty ? "" : " (\(traits.joined(separator: ", ")))"
+                logger.info("listening on \(local.ipAddress ?? address.host):\(local.port ?? address.port)\(suffix)")
             }
         }
         return bound
@@ -141,14 +146,33 @@ public final class Broker: Sendable {
             .childChannelInitializer { [self] channel in
                 let worker = self.worker(for: channel.eventLoop)
                 return channel.eventLoop.makeCompletedFuture {
-                    // TLS first; plain listeners get nothing but the connection handler.
-                    if listener.tls != nil, let context = listener.currentContext {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker, listener: listener))
+                    try self.configurePipeline(channel.pipeline.syncOperations, listener: listener, worker: worker)
                 }
             }
     }
+
+    /// The handlers of an accepted connection, in order: the PROXY protocol header's reader, TLS,
+    /// the HTTP upgrade to WebSocket (each only where the listener has it), then the connection
+    /// handler, which sees the MQTT byte stream whatever came before it. Plain MQTT listeners get
+    /// nothing but the connection handler.
+    private func configurePipeline(_ pipeline: ChannelPipeline.SynchronousOperations, listener: RunningListener, worker: Worker) throws {
+        if listener.proxyProtocol {
+            try pipeline.addHandler(ProxyProtocolHandler(listener: listener, logger: logger, timeout: proxyHeaderTimeout))
+        }
+        if listener.tls != nil, let context = listener.currentContext {
+            try pipeline.addHandler(NIOSSLServerHandler(context: context))
+        }
+        if listener.kind == .websockets {
+            try WebSocketUpgradeHandler.addHandlers(
+                to: pipeline, listener: listener, logger: logger,
+                maxFrameSize: WebSocketLimits.maxFrameSize(maxPacketSize: configuration.limits.maxPacketSize))
+        }
+        try pipeline.addHandler(ConnectionHandler(broker: self, worker: worker, listener: listener))
+    }
+
+    /// How long a connection on a `proxy_protocol` listener may take to send its header:
+    /// connect_timeout, at most 10 s (a load balancer sends it at once).
+    var proxyHeaderTimeout: TimeAmount { min(configuration.limits.connectTimeout, .seconds(10)) }
 
     func worker(for loop: any EventLoop) -> Worker {
         workers.first { $0.loop === loop }!

@@ -81,7 +81,9 @@ public enum ConfigFile {
         if let listeners = try top.arrayOfTables("listener") {
             config.listeners = []
             for listener in listeners {
-                try listener.allowOnly(["bind", "protocol", "certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username"])
+                try listener.allowOnly([
+                    "bind", "protocol", "proxy_protocol", "certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username",
+                ])
                 guard let bind = try listener.string("bind") else { throw listener.error("bind", "is required") }
                 guard let address = ListenAddress(parsing: bind) else {
                     throw listener.error("bind", "must be \"HOST:PORT\" with a valid IPv4 or IPv6 address or host name and a port from 0 to 65535, not \"\(bind)\"")
@@ -89,12 +91,13 @@ public enum ConfigFile {
                 var kind = ListenerConfiguration.Kind.mqtt
                 if let name = try listener.string("protocol") {
                     guard let parsed = ListenerConfiguration.Kind(rawValue: name) else {
-                        throw listener.error("protocol", "must be \(ListenerConfiguration.Kind.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")), not \"\(name)\"")
+                        throw listener.error("protocol", "must be one of \(ListenerConfiguration.Kind.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")), not \"\(name)\"")
                     }
                     kind = parsed
                 }
+                let proxyProtocol = try listener.bool("proxy_protocol") ?? false
                 let tls = try tlsSettings(listener, directory: directory)
-                config.listeners.append(ListenerConfiguration(address, kind: kind, tls: tls))
+                config.listeners.append(ListenerConfiguration(address, kind: kind, tls: tls, proxyProtocol: proxyProtocol))
             }
             if config.listeners.isEmpty { throw top.error("listener", "needs at least one [[listener]]") }
         }

@@ -48,6 +48,8 @@ public struct ListenerConfiguration: Sendable, Equatable {
     public enum Kind: String, Sendable, CaseIterable {
         /// MQTT straight over TCP (or TLS).
         case mqtt
+        /// MQTT over WebSocket (RFC 6455, subprotocol `mqtt`), over TCP or TLS (`ws://`, `wss://`).
+        case websockets
     }
 
     /// Where to listen (`bind`).
@@ -56,11 +58,15 @@ public struct ListenerConfiguration: Sendable, Equatable {
     public var kind: Kind
     /// TLS on this listener (nil: plain TCP).
     public var tls: TLSSettings?
+    /// Every connection starts with a PROXY protocol (v1 or v2) header naming the real client
+    /// (`proxy_protocol`): for listeners behind a load balancer.
+    public var proxyProtocol: Bool
 
-    public init(_ address: ListenAddress, kind: Kind = .mqtt, tls: TLSSettings? = nil) {
+    public init(_ address: ListenAddress, kind: Kind = .mqtt, tls: TLSSettings? = nil, proxyProtocol: Bool = false) {
         self.address = address
         self.kind = kind
         self.tls = tls
+        self.proxyProtocol = proxyProtocol
     }
 
     /// The bind string (`HOST:PORT`), as scripts see it in `c.listener`.

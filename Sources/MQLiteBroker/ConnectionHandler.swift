@@ -103,6 +103,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
     }
 
+    /// A PROXY protocol header named the client (`ProxyProtocolHandler`): that is its address.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let proxied = event as? ProxiedAddressEvent { clientInfo.address = proxied.address.addressText }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     /// The worker's periodic check: closes a socket that sent no CONNECT within connect_timeout,
     /// and a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24).
     /// With `closing` false (a late sweep) it only tidies.
@@ -187,7 +193,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if clientInfo.origin.tls != nil {
+        if clientInfo.origin.tls != nil, !(error is WebSocketTransportError) {
             // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
             // during it). Logged with a rate limit, so that a scanner cannot flood the log.
             if case .awaitingConnect = state {

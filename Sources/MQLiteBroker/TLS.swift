@@ -130,6 +130,10 @@ final class RunningListener: Sendable {
     /// `c.listener` for scripts.
     let bind: String
     let tls: TLSSettings?
+    /// What is spoken on top of TCP (or TLS): MQTT, or MQTT over WebSocket.
+    let kind: ListenerConfiguration.Kind
+    /// Connections start with a PROXY protocol header (`proxy_protocol`).
+    let proxyProtocol: Bool
     private let context: Mutex<NIOSSLContext?>
     private let failureLog = Mutex<(logged: ContinuousClock.Instant?, suppressed: Int)>((nil, 0))
     /// Handshake failures are logged at info at most once per this; the others at debug.
@@ -139,6 +143,8 @@ final class RunningListener: Sendable {
         self.index = index
         self.bind = configuration.bind
         self.tls = configuration.tls
+        self.kind = configuration.kind
+        self.proxyProtocol = configuration.proxyProtocol
         self.context = Mutex(context)
     }
 
@@ -147,6 +153,8 @@ final class RunningListener: Sendable {
         self.index = -1
         self.bind = bind
         self.tls = nil
+        self.kind = .mqtt
+        self.proxyProtocol = false
         self.context = Mutex(nil)
     }
 
@@ -165,6 +173,13 @@ final class RunningListener: Sendable {
     /// most once per `failureLogInterval` for the listener, with the count not logged since;
     /// otherwise at debug, so a scanner cannot flood the log.
     func logHandshakeFailure(_ reason: String, logger: Logger) {
+        logRefusal("closing TLS connection before CONNECT (handshake failed or aborted): \(LogText(reason, limit: 512))", logger: logger)
+    }
+
+    /// Logs a connection refused before CONNECT (a failed TLS handshake, a bad PROXY protocol
+    /// header or WebSocket upgrade): at info at most once per `failureLogInterval` for the
+    /// listener, with the count not logged since; otherwise at debug.
+    func logRefusal(_ message: String, logger: Logger) {
         let now = ContinuousClock.now
         let suppressed = failureLog.withLock { log -> Int? in
             if let last = log.logged, now - last < Self.failureLogInterval {
@@ -174,13 +189,13 @@ final class RunningListener: Sendable {
             defer { log = (now, 0) }
             return log.suppressed
         }
-        let message: Logger.Message = "closing TLS connection before CONNECT (handshake failed or aborted): \(LogText(reason, limit: 512))"
+        let line: Logger.Message = "\(LogText(message, limit: 600))"
         if let suppressed {
             var metadata: Logger.Metadata = ["listener": "\(bind)"]
             if suppressed > 0 { metadata["suppressed"] = "\(suppressed)" }
-            logger.info(message, metadata: metadata)
+            logger.info(line, metadata: metadata)
         } else {
-            logger.debug(message, metadata: ["listener": "\(bind)"])
+            logger.debug(line, metadata: ["listener": "\(bind)"])
         }
     }
 }

@@ -5,8 +5,9 @@ public enum FuzzTarget {
     case connection(ConnectionFuzzer)
     case json(JSONFuzzer)
     case config
+    case proxy
 
-    public static let names = ["decoder", "connection", "json", "config"]
+    public static let names = ["decoder", "connection", "json", "config", "proxy"]
 
     public struct UnknownTarget: Error, CustomStringConvertible {
         public var name: String
@@ -19,6 +20,7 @@ public enum FuzzTarget {
         case "connection": self = .connection(try ConnectionFuzzer())
         case "json": self = .json(try JSONFuzzer())
         case "config": self = .config
+        case "proxy": self = .proxy
         default: throw UnknownTarget(name: name)
         }
     }
@@ -29,6 +31,7 @@ public enum FuzzTarget {
         case .connection(let fuzzer): fuzzer.run(data)
         case .json(let fuzzer): fuzzer.run(data)
         case .config: ConfigFuzzer.run(data)
+        case .proxy: ProxyFuzzer.run(data)
         }
     }
 }

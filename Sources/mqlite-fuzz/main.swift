@@ -1,6 +1,6 @@
 // libFuzzer entry points for mqlite's fuzz targets (see docs/FUZZING.md). Built by `make fuzz`
 // with `--sanitize=fuzzer`; libFuzzer supplies `main`, so this file holds declarations only.
-// The target is chosen by MQLITE_FUZZ_TARGET: decoder, connection, json or config.
+// The target is chosen by MQLITE_FUZZ_TARGET: decoder, connection, json, config or proxy.
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -153,6 +153,11 @@ struct ConfigFileTests {
             ("[[listener]]\nport = 3", "listener[0].port", "unknown key"),
             ("[server]\nlog_level = \"loud\"", "server.log_level", "must be one of"),
             ("[auth]\nallow_anonymous = 1", "auth.allow_anonymous", "must be of type bool"),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"", "listener[0].protocol", "must be one of \"mqtt\", \"websockets\", not \"http\""),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"WebSockets\"", "listener[0].protocol", "not \"WebSockets\""),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"yes\"", "listener[0].proxy_protocol", "must be of type bool, not string"),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = 1", "listener[0].proxy_protocol", "must be of type bool, not int"),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nproxy = true", "listener[0].proxy", "unknown key"),
             ("colour = \"red\"", "colour", "unknown key"),
             ("limits = 3", "limits", "must be of type table"),
             ("[[plugin]]\noptions = {}", "plugin[0].script", "is required"),
@@ -169,6 +174,28 @@ struct ConfigFileTests {
             #expect(error.key == key)
             #expect(error.problem.contains(problem), "\(error.problem)")
         }
+    }
+
+    @Test("listener protocol and proxy_protocol")
+    func listenerKinds() throws {
+        let config = try parse(
+            """
+            [[listener]]
+            bind = "127.0.0.1:1883"
+            [[listener]]
+            bind = "127.0.0.1:8080"
+            protocol = "websockets"
+            [[listener]]
+            bind = "127.0.0.1:1884"
+            protocol = "mqtt"
+            proxy_protocol = true
+            [[listener]]
+            bind = "127.0.0.1:8081"
+            protocol = "websockets"
+            proxy_protocol = false
+            """)
+        #expect(config.listeners.map(\.kind) == [.mqtt, .websockets, .mqtt, .websockets])
+        #expect(config.listeners.map(\.proxyProtocol) == [false, false, true, false])
     }
 
     @Test("hosts: IPv4, IPv6 in brackets, and host names are accepted")

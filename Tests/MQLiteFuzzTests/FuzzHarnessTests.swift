@@ -100,4 +100,13 @@ final class FuzzHarnessTests: XCTestCase {
     func testConnectionRegressions() throws { try replay("connection") }
     func testJSONRegressions() throws { try replay("json") }
     func testConfigRegressions() throws { try replay("config") }
+    func testProxyRegressions() throws { try replay("proxy") }
+
+    func testProxyHarnessAcceptsHeadersAndRefusals() {
+        let connect = bytes(connect("c"))
+        for input in [Array("PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n".utf8) + connect, Array("PROXY TCP4 1.2.3.4".utf8), connect,
+                      [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00] + connect] {
+            input.withUnsafeBytes { ProxyFuzzer.run($0) }
+        }
+    }
 }

@@ -331,7 +331,8 @@ BAD_CONFIGS = [
     ('certfile = "server.crt"\nkeyfile = "server.key"\ncafile = "ca.crt"\nuse_identity_as_username = true\n',
      "use_identity_as_username", "require_certificate"),
     ('certfile = "server.crt"\nkeyfile = "server.key"\nrequire_certificate = true\n', "require_certificate", "cafile"),
-    ('protocol = "websockets"\n', "protocol", '"websockets"'),
+    ('protocol = "http"\n', "protocol", 'not "http"'),
+    ('proxy_protocol = "yes"\n', "proxy_protocol", "must be of type bool"),
     ('certfile = "server.crt"\nkeyfile = "server.key"\ntls_version = "tlsv1.2"\n', "tls_version", "unknown key"),
 ]
 
