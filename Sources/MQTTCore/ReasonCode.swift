@@ -110,11 +110,15 @@ public enum ReasonCode: UInt8, Sendable, CaseIterable {
 
     private var isAllowedInDisconnect: Bool {
         switch self {
-        case .grantedQoS1, .grantedQoS2, .noMatchingSubscribers, .noSubscriptionExisted, .continueAuthentication,
-            .reAuthenticate, .unsupportedProtocolVersion, .clientIdentifierNotValid, .badUserNameOrPassword,
-            .serverUnavailable, .banned, .badAuthenticationMethod, .packetIdentifierNotFound:
-            false
-        default: true
+        case .normalDisconnection, .disconnectWithWillMessage, .unspecifiedError, .malformedPacket, .protocolError,
+            .implementationSpecificError, .notAuthorized, .serverBusy, .serverShuttingDown, .keepAliveTimeout,
+            .sessionTakenOver, .topicFilterInvalid, .topicNameInvalid, .receiveMaximumExceeded, .topicAliasInvalid,
+            .packetTooLarge, .messageRateTooHigh, .quotaExceeded, .administrativeAction, .payloadFormatInvalid,
+            .retainNotSupported, .qosNotSupported, .useAnotherServer, .serverMoved, .sharedSubscriptionsNotSupported,
+            .connectionRateExceeded, .maximumConnectTime, .subscriptionIdentifiersNotSupported,
+            .wildcardSubscriptionsNotSupported:
+            true
+        default: false
         }
     }
 }

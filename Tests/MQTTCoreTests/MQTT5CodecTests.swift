@@ -438,6 +438,7 @@ struct MQTT5ValidationTests {
         expectError([0x40, 0x03, 0, 1, 0x04], .invalidReasonCode(.puback, 0x04))
         expectError([0x70, 0x03, 0, 1, 0x10], .invalidReasonCode(.pubcomp, 0x10))
         expectError([0xE0, 0x01, 0x01], .invalidReasonCode(.disconnect, 0x01))
+        expectError([0xE0, 0x01, 0x91], .invalidReasonCode(.disconnect, 0x91))
         expectError([0xF0, 0x01, 0x80], .invalidReasonCode(.auth, 0x80))
         expectError([0x20, 0x03, 0, 0x10, 0], .invalidReasonCode(.connack, 0x10))
         expectError([0x90, 0x04, 0, 1, 0, 0x03], .invalidReasonCode(.suback, 0x03))
@@ -621,5 +622,20 @@ struct MQTTPropertiesTests {
         #expect(ReasonCode.packetTooLarge.rawValue == 0x95 && ReasonCode.malformedPacket.rawValue == 0x81)
         #expect(ReasonCode.protocolError.rawValue == 0x82 && ReasonCode.payloadFormatInvalid.rawValue == 0x99)
         #expect(ReasonCode.unsupportedProtocolVersion.rawValue == 0x84)
+    }
+
+    @Test("each packet allows the reason codes of its table in §3")
+    func reasonCodeTables() {
+        let counts: [(PacketType, Int)] = [
+            (.connack, 22), (.puback, 9), (.pubrec, 9), (.pubrel, 2), (.pubcomp, 2), (.suback, 12), (.unsuback, 7),
+            (.disconnect, 29), (.auth, 3), (.publish, 0), (.connect, 0),
+        ]
+        for (type, count) in counts {
+            #expect(ReasonCode.allCases.filter { $0.isAllowed(in: type) }.count == count, "\(type)")
+        }
+        #expect(ReasonCode.disconnectWithWillMessage.isAllowed(in: .disconnect))
+        #expect(!ReasonCode.packetIdentifierInUse.isAllowed(in: .disconnect))
+        #expect(ReasonCode.packetIdentifierNotFound.isAllowed(in: .pubcomp))
+        #expect(!ReasonCode.serverBusy.isAllowed(in: .puback))
     }
 }
