@@ -62,7 +62,9 @@ public enum DecoderFuzzer {
 
     /// Decodes `stream` delivered in reads of the given sizes (cycled; 0 = all that is left), the
     /// way `ConnectionHandler` does: decode until nil, keep the rest, append the next read.
-    static func decode(_ sizes: [Int], _ stream: UnsafeRawBufferPointer, _ initial: MQTTDecoder) -> Outcome {
+    static func decode(
+        _ sizes: [Int], _ stream: UnsafeRawBufferPointer, _ initial: MQTTDecoder = MQTTDecoder(maxPacketSize: maxPacketSize)
+    ) -> Outcome {
         var decoder = initial
         var outcome = Outcome()
         var buffer = ByteBuffer()
