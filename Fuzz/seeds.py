@@ -124,12 +124,84 @@ def every_packet():
     }
 
 
+# MQTT 5 (the decoder target also decodes every input as MQTT 5).
+
+def props(*items):
+    body = b"".join(items)
+    return remaining_length(len(body)) + body
+
+
+def p_byte(i, v): return bytes([i, v])
+def p_u16(i, v): return bytes([i]) + struct.pack(">H", v)
+def p_u32(i, v): return bytes([i]) + struct.pack(">I", v)
+def p_str(i, v): return bytes([i]) + s(v)
+def p_vbi(i, v): return bytes([i]) + remaining_length(v)
+def p_user(k, v): return bytes([0x26]) + s(k) + s(v)
+
+
+def connect5(client_id, properties=props(), will=None, username=None, password=None, clean=True, keep_alive=60):
+    flags = 0x02 if clean else 0
+    payload = s(client_id)
+    if will is not None:
+        topic, message, qos, retain, will_properties = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        payload += will_properties + s(topic) + s(message)
+    if username is not None:
+        flags |= 0x80
+        payload += s(username)
+    if password is not None:
+        flags |= 0x40
+        payload += s(password)
+    return packet(0x10, s("MQTT") + bytes([5, flags]) + struct.pack(">H", keep_alive) + properties + payload)
+
+
+def v5_packets():
+    """MQTT 5 packets of every type, with properties."""
+    message = (p_byte(0x01, 1), p_u32(0x02, 60), p_str(0x03, "text/plain"), p_str(0x08, "reply/to"),
+               p_str(0x09, b"\x00\x01"), p_user("k", "v"), p_user("k", "w"))
+    return {
+        "v5-connect": connect5("c5", props(p_u32(0x11, 3600), p_u16(0x21, 10), p_u32(0x27, 65536), p_u16(0x22, 5),
+                                           p_byte(0x17, 0), p_byte(0x19, 1), p_user("a", "1"),
+                                           p_str(0x15, "PLAIN"), p_str(0x16, b"secret"))),
+        "v5-connect-will-password-only": connect5("", will=("w/t", "bye", 1, True, props(p_u32(0x18, 5), *message)),
+                                                  password=b"pw", clean=False),
+        "v5-connack": packet(0x20, b"\x00\x00" + props(
+            p_u32(0x11, 120), p_str(0x12, "auto-1"), p_u16(0x13, 30), p_str(0x1A, "resp/"), p_str(0x1C, "other"),
+            p_str(0x1F, "hi"), p_u16(0x21, 100), p_u16(0x22, 10), p_byte(0x24, 1), p_byte(0x25, 0),
+            p_u32(0x27, 1 << 20), p_byte(0x28, 1), p_byte(0x29, 0), p_byte(0x2A, 0), p_user("n", "1"))),
+        "v5-connack-refused": packet(0x20, b"\x00\x8a" + props(p_str(0x1F, "banned"))),
+        "v5-publish-qos1": packet(0x32, s("a/b") + struct.pack(">H", 7) + props(
+            *message, p_vbi(0x0B, 1), p_vbi(0x0B, 268435455), p_u16(0x23, 4)) + b"hello"),
+        "v5-publish-alias": packet(0x30, s("") + props(p_u16(0x23, 4)) + b"aliased"),
+        "v5-publish-plain": packet(0x34, s("x") + struct.pack(">H", 9) + props() + b""),
+        "v5-puback-reason-props": packet(0x40, struct.pack(">H", 1) + b"\x10" + props(p_str(0x1F, "none"), p_user("a", "b"))),
+        "v5-pubrec-reason": packet(0x50, struct.pack(">H", 2) + b"\x97"),
+        "v5-pubrel-not-found": packet(0x62, struct.pack(">H", 3) + b"\x92" + props()),
+        "v5-pubcomp-props": packet(0x70, struct.pack(">H", 4) + b"\x00" + props(p_user("k", "v"))),
+        "v5-subscribe": packet(0x82, struct.pack(">H", 5) + props(p_vbi(0x0B, 42), p_user("u", "v")) +
+                               s("a/+") + bytes([0x2E]) + s("$share/g/x") + bytes([0x10]) + s("#") + bytes([0x01])),
+        "v5-suback": packet(0x90, struct.pack(">H", 5) + props(p_str(0x1F, "partly")) + bytes([0, 1, 2, 0x80, 0x87, 0xA2])),
+        "v5-unsubscribe": packet(0xA2, struct.pack(">H", 6) + props(p_user("x", "y")) + s("a/+") + s("#")),
+        "v5-unsuback": packet(0xB0, struct.pack(">H", 6) + props(p_str(0x1F, "ok")) + bytes([0x00, 0x11])),
+        "v5-disconnect-will": packet(0xE0, b"\x04"),
+        "v5-disconnect-props": packet(0xE0, b"\x00" + props(p_u32(0x11, 0), p_str(0x1C, "other"), p_str(0x1F, "bye"))),
+        "v5-auth": packet(0xF0, b"\x18" + props(p_str(0x15, "SCRAM-SHA-1"), p_str(0x16, bytes(range(40))), p_str(0x1F, "step"))),
+        "v5-auth-empty": packet(0xF0),
+    }
+
+
 def decoder_seeds():
     """Control byte (read sizes), then a client's stream."""
     seeds = {}
     packets = every_packet()
     for name, data in packets.items():
         seeds[name] = b"\x00" + data
+    v5 = v5_packets()
+    for name, data in v5.items():
+        seeds[name] = b"\x00" + data
+    seeds["v5-all-at-once"] = b"\x00" + b"".join(v5.values())
+    seeds["v5-all-1-byte-reads"] = b"\x11" + b"".join(v5.values())
+    seeds["v5-then-311-connect"] = b"\x00" + v5["v5-publish-qos1"] + connect("c1") + unsuback(3) + publish("a/b", "x")
     seeds["all-at-once"] = b"\x00" + b"".join(packets.values())
     seeds["all-1-byte-reads"] = b"\x11" + b"".join(packets.values())
     seeds["all-mixed-reads"] = b"\x73" + b"".join(packets.values())

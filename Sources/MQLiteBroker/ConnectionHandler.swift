@@ -265,6 +265,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             closeWithWill(reason: "second CONNECT")
         case .connack, .suback, .unsuback, .pingresp:
             closeWithWill(reason: "\(packet.type) is sent by servers only")
+        case .ackV5, .unsubackV5, .disconnectV5, .auth:
+            closeWithWill(reason: "\(packet.type) with MQTT 5 fields: AUTH and reason codes are MQTT 5 only")
         }
     }
 

@@ -220,6 +220,8 @@ public final class ConnectionFuzzer {
                     break
                 case .connect, .subscribe, .unsubscribe, .pingreq, .disconnect:
                     preconditionFailure("the broker sent a client a \(packet.type)")
+                case .ackV5, .unsubackV5, .disconnectV5, .auth:
+                    preconditionFailure("the broker sent an MQTT 3.1.1 client an MQTT 5 \(packet.type)")
                 }
                 if packets.isEmpty, packet.type != .connack {
                     preconditionFailure("the broker's first packet to a client is a \(packet.type), not CONNACK")

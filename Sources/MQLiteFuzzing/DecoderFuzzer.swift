@@ -2,10 +2,12 @@ import MQTTCore
 import NIOCore
 
 /// Fuzz target `decoder`: the input is a byte stream a client might send, after one control byte
-/// that picks how it is split into reads. Checked:
+/// that picks how it is split into reads. The stream is decoded twice: as the broker does (MQTT
+/// 3.1.1, level 5 refused), and as MQTT 5 (level 5 accepted; a CONNECT of level 3 or 4 switches
+/// the rest of the stream to 3.1.1). Checked, for each:
 /// - decoding in those chunks gives the same packets, and the same error, as decoding it whole;
-/// - every decoded packet encodes (MQTTEncoder) to bytes that decode to the same packet, and a
-///   PUBLISH's encoded size is what `publishFrameSize` predicts;
+/// - every decoded packet encodes (MQTTEncoder, in the version it was decoded as) to bytes that
+///   decode to the same packet, and a PUBLISH's encoded size is what `publishFrameSize` predicts;
 /// - the filters of every SUBSCRIBE, put in a `TopicTrie`, match exactly the PUBLISH topics that
 ///   `Topic.matches` says they match, and removing them all empties the trie.
 public enum DecoderFuzzer {
@@ -19,38 +21,51 @@ public enum DecoderFuzzer {
         guard let control = data.first else { return }
         let stream = UnsafeRawBufferPointer(rebasing: data.dropFirst())
 
-        let whole = decode([stream.count], stream)
         let sizes = [chunkSizes[Int(control & 0x0F)], chunkSizes[Int(control >> 4)]]
-        let chunked = decode(sizes, stream)
-        precondition(
-            whole.packets == chunked.packets && whole.error == chunked.error,
-            "decoding in chunks of \(sizes) differs from decoding at once: \(chunked) vs \(whole)")
+        for decoder in decoders {
+            let whole = decode([stream.count], stream, decoder)
+            let chunked = decode(sizes, stream, decoder)
+            precondition(
+                whole.packets == chunked.packets && whole.error == chunked.error,
+                "decoding in chunks of \(sizes) differs from decoding at once: \(chunked) vs \(whole)")
 
-        var filters: [String] = []
-        var topics: [String] = []
-        for packet in whole.packets {
-            checkRoundTrip(packet)
-            switch packet {
-            case .subscribe(let box): filters += box.value.subscriptions.map(\.filter)
-            case .unsubscribe(let box): filters += box.value.filters
-            case .publish(let publish): topics.append(publish.topicString)
-            case .connect(let box): if let will = box.value.will { topics.append(will.topic) }
-            default: break
+            var filters: [String] = []
+            var topics: [String] = []
+            for (packet, version) in zip(whole.packets, whole.versions) {
+                checkRoundTrip(packet, version: version)
+                switch packet {
+                case .subscribe(let box): filters += box.value.subscriptions.map(\.filter)
+                case .unsubscribe(let box): filters += box.value.filters
+                // An MQTT 5 PUBLISH may have an empty topic (a topic alias): not a topic to match.
+                case .publish(let publish): if publish.topic.readableBytes > 0 { topics.append(publish.topicString) }
+                case .connect(let box): if let will = box.value.will { topics.append(will.topic) }
+                default: break
+                }
             }
+            checkTrie(filters: filters, topics: topics)
         }
-        checkTrie(filters: filters, topics: topics)
     }
+
+    /// The broker's decoder (3.1.1 until a CONNECT says 3.1; level 5 refused), and an MQTT 5 one.
+    static var decoders: [MQTTDecoder] {[
+        MQTTDecoder(maxPacketSize: maxPacketSize),
+        MQTTDecoder(maxPacketSize: maxPacketSize, protocolVersion: .v5, acceptedVersions: .all),
+    ]}
 
     struct Outcome: CustomStringConvertible {
         var packets: [MQTTPacket] = []
+        /// The version each packet was decoded as.
+        var versions: [ProtocolVersion] = []
         var error: String?
         var description: String { "\(packets.count) packets, error: \(error ?? "none")" }
     }
 
     /// Decodes `stream` delivered in reads of the given sizes (cycled; 0 = all that is left), the
     /// way `ConnectionHandler` does: decode until nil, keep the rest, append the next read.
-    static func decode(_ sizes: [Int], _ stream: UnsafeRawBufferPointer) -> Outcome {
-        var decoder = MQTTDecoder(maxPacketSize: maxPacketSize)
+    static func decode(
+        _ sizes: [Int], _ stream: UnsafeRawBufferPointer, _ initial: MQTTDecoder = MQTTDecoder(maxPacketSize: maxPacketSize)
+    ) -> Outcome {
+        var decoder = initial
         var outcome = Outcome()
         var buffer = ByteBuffer()
         var offset = 0
@@ -62,8 +77,11 @@ public enum DecoderFuzzer {
             buffer.writeBytes(UnsafeRawBufferPointer(rebasing: stream[offset..<end]))
             offset = end
             do {
+                var version = decoder.protocolVersion
                 while let packet = try decoder.decode(buffer: &buffer) {
                     outcome.packets.append(packet)
+                    outcome.versions.append(version)
+                    version = decoder.protocolVersion
                 }
             } catch {
                 outcome.error = "\(error)"
@@ -73,18 +91,22 @@ public enum DecoderFuzzer {
         return outcome
     }
 
-    static func checkRoundTrip(_ packet: MQTTPacket) {
+    static func checkRoundTrip(_ packet: MQTTPacket, version: ProtocolVersion) {
         var encoded = ByteBuffer()
-        encoded.writeMQTTPacket(packet)
+        encoded.writeMQTTPacket(packet, version: version)
         if case .publish(let p) = packet {
-            let expected = ByteBuffer.publishFrameSize(topicLength: p.topic.readableBytes, payloadLength: p.payload.readableBytes, qos: p.qos)
+            let (t, n) = (p.topic.readableBytes, p.payload.readableBytes)
+            let expected =
+                version == .v5
+                ? ByteBuffer.publishFrameSize(topicLength: t, payloadLength: n, qos: p.qos, properties: p.properties)
+                : ByteBuffer.publishFrameSize(topicLength: t, payloadLength: n, qos: p.qos)
             precondition(encoded.readableBytes == expected, "PUBLISH encoded to \(encoded.readableBytes) bytes, publishFrameSize says \(expected)")
         }
         let length = encoded.readableBytes
-        var decoder = MQTTDecoder(maxPacketSize: Int.max)
+        let decoder = MQTTDecoder(maxPacketSize: Int.max, acceptedVersions: .all)
         let again: MQTTPacket?
         do {
-            again = try decoder.decode(buffer: &encoded)
+            again = try decoder.decode(buffer: &encoded, version: version)
         } catch {
             preconditionFailure("re-encoded \(packet.type) does not decode: \(error)")
         }

@@ -1,11 +1,16 @@
 import NIOCore
 
-/// Decodes MQTT 3.1.1 packets from a byte stream.
+/// Decodes MQTT packets (3.1, 3.1.1 and 5.0) from a byte stream.
 ///
 /// A parser step: it answers "need more data" (`nil`) or a packet. The fixed header is checked as
 /// soon as its bytes are there, and the remaining length against `maxPacketSize` before any of
 /// the body is waited for, so an oversized packet is refused without being buffered.
 /// PUBLISH topic and payload come out as slices of the read buffer.
+///
+/// Packets are read as `protocolVersion` (3.1.1 until a CONNECT says otherwise), except CONNECT,
+/// which is read in the layout of the level it carries. A level outside `acceptedVersions` is
+/// refused with `MQTTProtocolError.unsupportedProtocol`, which a server answers with CONNACK 1
+/// (3.1.1) or reason code 0x84 (5.0).
 public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     public typealias InboundOut = MQTTPacket
 
@@ -13,21 +18,44 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     public let maxPacketSize: Int
     /// The most levels a topic name (PUBLISH, will) or filter (SUBSCRIBE, UNSUBSCRIBE) may have.
     public let maxTopicLevels: Int
+    /// The version `decode(buffer:)` reads packets as. Each CONNECT it decodes sets it to the
+    /// CONNECT's level; a decoder that is copied per read (the broker's, stateless) stays at its
+    /// initial value, and `decode(buffer:version:)` names the version per call instead.
+    public var protocolVersion: ProtocolVersion
+    /// The protocol levels a CONNECT may ask for; 3.1 and 3.1.1 by default, so MQTT 5 clients are
+    /// refused until the broker speaks it.
+    public let acceptedVersions: ProtocolVersionSet
 
-    public init(maxPacketSize: Int = 1 << 20, maxTopicLevels: Int = .max) {
+    public init(
+        maxPacketSize: Int = 1 << 20, maxTopicLevels: Int = .max, protocolVersion: ProtocolVersion = .v3_1_1,
+        acceptedVersions: ProtocolVersionSet = .mqtt3
+    ) {
         self.maxPacketSize = maxPacketSize
         self.maxTopicLevels = maxTopicLevels
+        self.protocolVersion = protocolVersion
+        self.acceptedVersions = acceptedVersions
     }
 
+    /// Decodes one packet as `protocolVersion`; a CONNECT switches `protocolVersion` to its level.
     public mutating func decode(buffer: inout ByteBuffer) throws -> MQTTPacket? {
-        guard let header = try Self.peekFixedHeader(buffer) else { return nil }
+        let packet = try decode(buffer: &buffer, version: protocolVersion)
+        if case .connect(let connect)? = packet, let version = connect.value.protocolVersion {
+            protocolVersion = version
+        }
+        return packet
+    }
+
+    /// Decodes one packet as `version` (a CONNECT as its own level), leaving `protocolVersion` as
+    /// it is: for a decoder shared by many connections, each with its own negotiated version.
+    public func decode(buffer: inout ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> MQTTPacket? {
+        guard let header = try Self.peekFixedHeader(buffer, version: version) else { return nil }
         if header.remainingLength > maxPacketSize {
             throw MQTTProtocolError.packetTooLarge(length: header.remainingLength, limit: maxPacketSize)
         }
         guard buffer.readableBytes >= header.headerLength + header.remainingLength else { return nil }
         buffer.moveReaderIndex(forwardBy: header.headerLength)
         var body = buffer.readSlice(length: header.remainingLength)!
-        return try Self.parseBody(type: header.type, flags: header.flags, body: &body, maxTopicLevels: maxTopicLevels)
+        return try parseBody(type: header.type, flags: header.flags, body: &body, version: version)
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> MQTTPacket? {
@@ -43,9 +71,9 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         var headerLength: Int
     }
 
-    static func peekFixedHeader(_ buffer: ByteBuffer) throws(MQTTProtocolError) -> FixedHeader? {
+    static func peekFixedHeader(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> FixedHeader? {
         guard let first: UInt8 = buffer.getInteger(at: buffer.readerIndex) else { return nil }
-        let type = try checkTypeAndFlags(first)
+        let type = try checkTypeAndFlags(first, version: version)
         var length = 0
         var multiplier = 1
         var offset = 1
@@ -60,8 +88,10 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         return FixedHeader(type: type, flags: first & 0x0F, remainingLength: length, headerLength: offset)
     }
 
-    static func checkTypeAndFlags(_ first: UInt8) throws(MQTTProtocolError) -> PacketType {
-        guard let type = PacketType(rawValue: first >> 4) else { throw .invalidPacketType(first >> 4) }
+    static func checkTypeAndFlags(_ first: UInt8, version: ProtocolVersion) throws(MQTTProtocolError) -> PacketType {
+        guard let type = PacketType(rawValue: first >> 4), type != .auth || version == .v5 else {
+            throw .invalidPacketType(first >> 4)
+        }
         let flags = first & 0x0F
         switch type {
         case .publish:
@@ -76,30 +106,27 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
 
     // MARK: - Bodies
 
-    static func parseBody(
-        type: PacketType, flags: UInt8, body: inout ByteBuffer, maxTopicLevels: Int = .max
-    ) throws(MQTTProtocolError) -> MQTTPacket {
+    func parseBody(type: PacketType, flags: UInt8, body: inout ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> MQTTPacket {
+        if type == .publish { return .publish(try parsePublish(flags: flags, body: &body, version: version)) }
+        if type == .connect { return .connect(try parseConnect(body: &body)) }
+        if version == .v5 { return try parseV5Body(type: type, body: &body) }
         switch type {
-        case .publish:
-            return .publish(try parsePublish(flags: flags, body: &body, maxTopicLevels: maxTopicLevels))
-        case .connect:
-            return .connect(try parseConnect(body: &body, maxTopicLevels: maxTopicLevels))
         case .connack:
             guard body.readableBytes == 2 else { throw .unexpectedLength(.connack, length: body.readableBytes) }
             let ackFlags: UInt8 = body.readInteger()!
             let code: UInt8 = body.readInteger()!
             guard ackFlags & 0xFE == 0, let rc = ConnectReturnCode(rawValue: code) else { throw .invalidConnack }
             return .connack(ConnackPacket(sessionPresent: ackFlags & 1 == 1, returnCode: rc))
-        case .puback: return .puback(packetID: try parseAck(type, &body))
-        case .pubrec: return .pubrec(packetID: try parseAck(type, &body))
-        case .pubrel: return .pubrel(packetID: try parseAck(type, &body))
-        case .pubcomp: return .pubcomp(packetID: try parseAck(type, &body))
-        case .unsuback: return .unsuback(packetID: try parseAck(type, &body))
+        case .puback: return .puback(packetID: try Self.parseAck(type, &body))
+        case .pubrec: return .pubrec(packetID: try Self.parseAck(type, &body))
+        case .pubrel: return .pubrel(packetID: try Self.parseAck(type, &body))
+        case .pubcomp: return .pubcomp(packetID: try Self.parseAck(type, &body))
+        case .unsuback: return .unsuback(packetID: try Self.parseAck(type, &body))
         case .subscribe:
-            let id = try readPacketID(type, &body)
+            let id = try Self.readPacketID(type, &body)
             var subscriptions: [Subscription] = []
             while body.readableBytes > 0 {
-                let filter = try readString(type, &body)
+                let filter = try Self.readString(type, &body)
                 try Topic.validateFilter(filter, maxLevels: maxTopicLevels)
                 guard let options: UInt8 = body.readInteger() else { throw .truncated(type) }
                 guard options & 0xFC == 0, let qos = QoS(rawValue: options) else { throw .invalidSubscriptionOptions(options) }
@@ -108,7 +135,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             if subscriptions.isEmpty { throw .noTopicFilters(type) }
             return .subscribe(SubscribePacket(packetID: id, subscriptions: subscriptions))
         case .suback:
-            let id = try readPacketID(type, &body)
+            let id = try Self.readPacketID(type, &body)
             var codes: [SubackReturnCode] = []
             while let raw: UInt8 = body.readInteger() {
                 if raw == 0x80 {
@@ -121,40 +148,52 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             }
             return .suback(SubackPacket(packetID: id, returnCodes: codes))
         case .unsubscribe:
-            let id = try readPacketID(type, &body)
-            var filters: [String] = []
-            while body.readableBytes > 0 {
-                let filter = try readString(type, &body)
-                try Topic.validateFilter(filter, maxLevels: maxTopicLevels)
-                filters.append(filter)
-            }
-            if filters.isEmpty { throw .noTopicFilters(type) }
+            let id = try Self.readPacketID(type, &body)
+            let filters = try readFilters(type, &body)
             return .unsubscribe(UnsubscribePacket(packetID: id, filters: filters))
         case .pingreq, .pingresp, .disconnect:
-            guard body.readableBytes == 0 else { throw .unexpectedLength(type, length: body.readableBytes) }
+            try Self.expectEmpty(type, body)
             return type == .pingreq ? .pingreq : type == .pingresp ? .pingresp : .disconnect
+        case .connect, .publish, .auth:
+            preconditionFailure("\(type) is parsed above or refused by checkTypeAndFlags")
         }
     }
 
-    static func parsePublish(flags: UInt8, body: inout ByteBuffer, maxTopicLevels: Int = .max) throws(MQTTProtocolError) -> PublishPacket {
+    func parsePublish(flags: UInt8, body: inout ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> PublishPacket {
         let qos = QoS(rawValue: (flags >> 1) & 0x03)!
         guard let topicLength: UInt16 = body.readInteger(),
             let topic = body.readSlice(length: Int(topicLength))
         else { throw .truncated(.publish) }
-        try Topic.validateName(topic, maxLevels: maxTopicLevels)
+        if version != .v5 {
+            try Topic.validateName(topic, maxLevels: maxTopicLevels)
+        }
         var packetID: UInt16?
         if qos != .atMostOnce {
-            packetID = try readPacketID(.publish, &body)
+            packetID = try Self.readPacketID(.publish, &body)
         }
-        return PublishPacket(topic: topic, payload: body, qos: qos, retain: flags & 1 == 1, dup: flags & 0x08 != 0, packetID: packetID)
+        var properties = MQTTProperties()
+        if version == .v5 {
+            properties = try MQTTProperties.read(.publish, from: &body)
+            // An empty topic stands for the one a topic alias names (§3.3.2.3.4).
+            if topic.readableBytes != 0 || properties.topicAlias == nil {
+                try Topic.validateName(topic, maxLevels: maxTopicLevels)
+            }
+            if properties.payloadFormatIndicator == .utf8, !Self.isValidUTF8(body) { throw .payloadFormatInvalid }
+        }
+        return PublishPacket(
+            topic: topic, payload: body, qos: qos, retain: flags & 1 == 1, dup: flags & 0x08 != 0, packetID: packetID,
+            properties: properties)
     }
 
-    static func parseConnect(body: inout ByteBuffer, maxTopicLevels: Int = .max) throws(MQTTProtocolError) -> ConnectPacket {
-        let name = try readString(.connect, &body)
+    /// CONNECT, in the layout of the protocol level it carries (read first).
+    func parseConnect(body: inout ByteBuffer) throws(MQTTProtocolError) -> ConnectPacket {
+        let name = try Self.readString(.connect, &body)
         guard let level: UInt8 = body.readInteger() else { throw .truncated(.connect) }
-        guard (name == "MQTT" && level == 4) || (name == "MQIsdp" && level == 3) else {
+        let known = name == "MQTT" ? (level == 4 || level == 5) : (name == "MQIsdp" && level == 3)
+        guard known, let version = ProtocolVersion(rawValue: level), acceptedVersions.contains(version) else {
             throw .unsupportedProtocol(name: name, level: level)
         }
+        let isV5 = version == .v5
         guard let flags: UInt8 = body.readInteger(), let keepAlive: UInt16 = body.readInteger() else {
             throw .truncated(.connect)
         }
@@ -166,22 +205,40 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         let hasUsername = flags & 0x80 != 0
         if willQoSBits == 3 { throw .invalidWillQoS }
         if !hasWill && (willQoSBits != 0 || willRetain) { throw .willFlagsWithoutWill }
-        if hasPassword && !hasUsername { throw .passwordWithoutUsername }
+        // MQTT 5 allows a password without a user name (§3.1.2.9).
+        if hasPassword && !hasUsername && !isV5 { throw .passwordWithoutUsername }
+        let properties = isV5 ? try MQTTProperties.read(.connect, from: &body) : MQTTProperties()
 
-        let clientID = try readString(.connect, &body)
+        let clientID = try Self.readString(.connect, &body)
         var will: Will?
+        var willProperties = MQTTProperties()
         if hasWill {
-            let topic = try readString(.connect, &body)
+            if isV5 { willProperties = try MQTTProperties.read(.will, from: &body) }
+            let topic = try Self.readString(.connect, &body)
             try Topic.validateName(topic, maxLevels: maxTopicLevels)
-            let payload = try readBinary(.connect, &body)
+            let payload = try Self.readBinary(.connect, &body)
+            if willProperties.payloadFormatIndicator == .utf8, !Self.isValidUTF8(payload) { throw .payloadFormatInvalid }
             will = Will(topic: topic, payload: payload, qos: QoS(rawValue: willQoSBits)!, retain: willRetain)
         }
-        let username = hasUsername ? try readString(.connect, &body) : nil
-        let password = hasPassword ? try readBinary(.connect, &body) : nil
+        let username = hasUsername ? try Self.readString(.connect, &body) : nil
+        let password = hasPassword ? try Self.readBinary(.connect, &body) : nil
         if body.readableBytes != 0 { throw .unexpectedLength(.connect, length: body.readableBytes) }
         return ConnectPacket(
             protocolName: name, protocolLevel: level, cleanSession: flags & 0x02 != 0, keepAlive: keepAlive,
-            clientID: clientID, will: will, username: username, password: password)
+            clientID: clientID, will: will, username: username, password: password,
+            properties: properties, willProperties: willProperties)
+    }
+
+    /// The topic filters of UNSUBSCRIBE, at least one.
+    func readFilters(_ type: PacketType, _ body: inout ByteBuffer) throws(MQTTProtocolError) -> [String] {
+        var filters: [String] = []
+        while body.readableBytes > 0 {
+            let filter = try Self.readString(type, &body)
+            try Topic.validateFilter(filter, maxLevels: maxTopicLevels)
+            filters.append(filter)
+        }
+        if filters.isEmpty { throw .noTopicFilters(type) }
+        return filters
     }
 
     // MARK: - Fields
@@ -189,6 +246,10 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     static func parseAck(_ type: PacketType, _ body: inout ByteBuffer) throws(MQTTProtocolError) -> UInt16 {
         guard body.readableBytes == 2 else { throw .unexpectedLength(type, length: body.readableBytes) }
         return try readPacketID(type, &body)
+    }
+
+    static func expectEmpty(_ type: PacketType, _ body: ByteBuffer) throws(MQTTProtocolError) {
+        guard body.readableBytes == 0 else { throw .unexpectedLength(type, length: body.readableBytes) }
     }
 
     static func readPacketID(_ type: PacketType, _ body: inout ByteBuffer) throws(MQTTProtocolError) -> UInt16 {
@@ -210,5 +271,31 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         if bytes.readableBytesView.contains(0) { throw .nullCharacter }
         guard let string = String(validating: bytes.readableBytesView, as: UTF8.self) else { throw .invalidUTF8 }
         return string
+    }
+
+    /// A variable byte integer (MQTT 5.0 §1.5.5): at most four bytes, so at most 268,435,455.
+    static func readVariableByteInteger(_ type: PacketType, _ body: inout ByteBuffer) throws(MQTTProtocolError) -> Int {
+        var value = 0
+        for shift in stride(from: 0, to: 28, by: 7) {
+            guard let byte: UInt8 = body.readInteger() else { throw .truncated(type) }
+            value |= Int(byte & 0x7F) << shift
+            if byte & 0x80 == 0 { return value }
+        }
+        throw .malformedVariableByteInteger(type)
+    }
+
+    /// Whether `bytes` are well-formed UTF-8, checked in place (no copy, no `String`).
+    static func isValidUTF8(_ bytes: ByteBuffer) -> Bool {
+        bytes.withUnsafeReadableBytes { raw in
+            var parser = Unicode.UTF8.ForwardParser()
+            var iterator = raw.makeIterator()
+            while true {
+                switch parser.parseScalar(from: &iterator) {
+                case .valid: continue
+                case .emptyInput: return true
+                case .error: return false
+                }
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
-/// Why a byte stream is not valid MQTT 3.1.1. Each rule has its own case so that a log line (and a
-/// test) says exactly which one was broken.
+/// Why a byte stream is not valid MQTT (3.1.1 or 5.0). Each rule has its own case so that a log
+/// line (and a test) says exactly which one was broken; `reasonCode` gives the MQTT 5 reason code
+/// a CONNACK or DISCONNECT reports it with.
 public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
-    /// The type nibble is 0 or 15.
+    /// The type nibble is 0, or 15 (AUTH) before MQTT 5.
     case invalidPacketType(UInt8)
     /// The fixed header's flag bits are not the ones the packet type requires.
     case reservedFlags(PacketType, flags: UInt8)
@@ -44,6 +45,29 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     /// CONNACK's reserved acknowledge flags or an unknown return code (client side).
     case invalidConnack
 
+    // MQTT 5
+
+    /// A variable byte integer in the body (property length, subscription identifier) runs
+    /// past four bytes.
+    case malformedVariableByteInteger(PacketType)
+    /// The property length runs past the end of the packet.
+    case propertyLengthOverrun(PacketType, length: Int, available: Int)
+    /// A property identifier MQTT 5 does not define.
+    case unknownProperty(PacketType, identifier: UInt8)
+    /// A property MQTT 5 does not allow in this packet (CONNECT stands for its will properties too).
+    case propertyNotAllowed(PacketType, PropertyIdentifier)
+    /// A property given twice (only user properties, and subscription identifiers in PUBLISH, repeat).
+    case duplicateProperty(PacketType, PropertyIdentifier)
+    /// A property value MQTT 5 forbids: 0 where it is not allowed, a flag other than 0 or 1, a
+    /// QoS above 1 as maximum QoS, authentication data without a method.
+    case invalidPropertyValue(PacketType, PropertyIdentifier)
+    /// A reason code MQTT 5 does not allow in this packet.
+    case invalidReasonCode(PacketType, UInt8)
+    /// A payload marked as UTF-8 (payload format indicator 1) that is not well-formed UTF-8.
+    case payloadFormatInvalid
+    /// A subscription with the no-local option on a shared subscription (`$share/...`).
+    case noLocalOnSharedSubscription(String)
+
     public var description: String {
         switch self {
         case .invalidPacketType(let t): "invalid packet type \(t)"
@@ -67,6 +91,39 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .invalidSubscriptionOptions(let o): "SUBSCRIBE options byte 0x\(String(o, radix: 16)) is invalid"
         case .zeroPacketID(let t): "\(t) with packet identifier 0"
         case .invalidConnack: "invalid CONNACK"
+        case .malformedVariableByteInteger(let t): "variable byte integer longer than 4 bytes in \(t)"
+        case .propertyLengthOverrun(let t, let l, let a): "\(t) property length \(l) runs past the \(a) bytes left"
+        case .unknownProperty(let t, let id): "unknown property identifier 0x\(String(id, radix: 16)) in \(t)"
+        case .propertyNotAllowed(let t, let id): "property \(id) is not allowed in \(t)"
+        case .duplicateProperty(let t, let id): "property \(id) appears twice in \(t)"
+        case .invalidPropertyValue(let t, let id): "invalid value of property \(id) in \(t)"
+        case .invalidReasonCode(let t, let c): "reason code 0x\(String(c, radix: 16)) is not allowed in \(t)"
+        case .payloadFormatInvalid: "payload marked as UTF-8 is not well-formed UTF-8"
+        case .noLocalOnSharedSubscription(let f): "no local option on shared subscription \"\(f)\""
+        }
+    }
+
+    /// The MQTT 5 reason code that reports this error in CONNACK or DISCONNECT (§4.13): malformed
+    /// packet for bytes that cannot be parsed, protocol error for parsed packets that break a rule.
+    public var reasonCode: ReasonCode {
+        switch self {
+        case .invalidPacketType, .reservedFlags, .malformedRemainingLength, .truncated, .unexpectedLength,
+            .invalidQoS, .invalidUTF8, .nullCharacter, .connectReservedFlag, .invalidWillQoS, .willFlagsWithoutWill,
+            .passwordWithoutUsername, .invalidConnack, .malformedVariableByteInteger, .propertyLengthOverrun,
+            .unknownProperty:
+            .malformedPacket
+        case .packetTooLarge: .packetTooLarge
+        case .invalidTopicName: .topicNameInvalid
+        case .invalidTopicFilter: .topicFilterInvalid
+        case .tooManyTopicLevels: .implementationSpecificError
+        case .unsupportedProtocol: .unsupportedProtocolVersion
+        case .noTopicFilters, .zeroPacketID, .propertyNotAllowed, .duplicateProperty, .invalidPropertyValue,
+            .invalidReasonCode, .noLocalOnSharedSubscription:
+            .protocolError
+        case .invalidSubscriptionOptions(let options):
+            // Retain handling 3 is a protocol error (§3.8.3.1); reserved bits or QoS 3 are malformed.
+            options & 0xC0 == 0 && options & 0x03 != 3 ? .protocolError : .malformedPacket
+        case .payloadFormatInvalid: .payloadFormatInvalid
         }
     }
 }
