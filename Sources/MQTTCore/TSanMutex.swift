@@ -9,14 +9,14 @@ import Synchronization
 /// compare-and-swap inlined into the caller (TSan sees it), but a contended one in
 /// `_lockSlow`/`_unlockSlow`, futex calls inside the uninstrumented Synchronization library (TSan
 /// does not see them). Every contended hand-off then looks like a race on the state the lock
-/// guards (the mailbox, the retained tree, the test client's events). This type shadows
-/// `Synchronization.Mutex` in every module that imports MQTTCore (a module's declarations shadow
-/// those of the modules it imports), locks the same standard `Mutex`, and marks the section with
-/// `__tsan_acquire`/`__tsan_release` on an address of its own: what is guarded by the lock is
-/// still checked, and only its hand-offs stop being reported.
+/// guards (the mailbox, the retained tree, the test client's events). This type locks the same
+/// standard `Mutex` and marks the section with `__tsan_acquire`/`__tsan_release` on an address of
+/// its own: what the lock guards is still checked, only its hand-offs stop being reported.
 ///
-/// Not in normal builds: there `Mutex` is `Synchronization.Mutex` itself.
-public final class Mutex<Value>: Sendable {
+/// Each module that uses `Mutex` has `typealias Mutex = TSanMutex` under `#if MQLITE_TSAN`
+/// (its `Mutex+TSan.swift`), which shadows `Synchronization.Mutex` in that module. Not in normal
+/// builds: there `Mutex` is `Synchronization.Mutex` itself.
+public final class TSanMutex<Value>: Sendable {
     private let lock: Synchronization.Mutex<Value>
 
     public init(_ initialValue: sending Value) {
