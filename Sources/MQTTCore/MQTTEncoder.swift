@@ -77,17 +77,7 @@ extension ByteBuffer {
     public mutating func writePublishHeader(
         topic: ByteBuffer, payloadLength: Int, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?
     ) {
-        let topicLength = topic.readableBytes
-        let remaining = 2 + topicLength + (qos == .atMostOnce ? 0 : 2) + payloadLength
-        var first: UInt8 = 0x30 | (qos.rawValue << 1)
-        if retain { first |= 0x01 }
-        if dup { first |= 0x08 }
-        reserveCapacity(minimumWritableBytes: 5 + remaining - payloadLength)
-        writeInteger(first)
-        writeRemainingLength(remaining)
-        writeInteger(UInt16(topicLength))
-        writeImmutableBuffer(topic)
-        if qos != .atMostOnce { writeInteger(packetID ?? 0) }
+        writePublishHeader(topic: topic, payloadLength: payloadLength, qos: qos, retain: retain, dup: dup, packetID: packetID, propertiesSize: 0)
     }
 
     /// The MQTT 5 PUBLISH header: as the 3.1.1 one, with the properties after the packet identifier.
@@ -95,8 +85,19 @@ extension ByteBuffer {
         topic: ByteBuffer, payloadLength: Int, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?,
         properties: MQTTProperties
     ) {
+        writePublishHeader(
+            topic: topic, payloadLength: payloadLength, qos: qos, retain: retain, dup: dup, packetID: packetID,
+            propertiesSize: properties.encodedSizeWithLength)
+        writeMQTTProperties(properties)
+    }
+
+    /// Fixed header, topic and packet id of a PUBLISH whose properties (`propertiesSize` bytes with
+    /// their length; 0 in 3.1.1) and payload follow.
+    @inline(__always)
+    private mutating func writePublishHeader(
+        topic: ByteBuffer, payloadLength: Int, qos: QoS, retain: Bool, dup: Bool, packetID: UInt16?, propertiesSize: Int
+    ) {
         let topicLength = topic.readableBytes
-        let propertiesSize = properties.encodedSizeWithLength
         let remaining = 2 + topicLength + (qos == .atMostOnce ? 0 : 2) + propertiesSize + payloadLength
         var first: UInt8 = 0x30 | (qos.rawValue << 1)
         if retain { first |= 0x01 }
@@ -107,7 +108,6 @@ extension ByteBuffer {
         writeInteger(UInt16(topicLength))
         writeImmutableBuffer(topic)
         if qos != .atMostOnce { writeInteger(packetID ?? 0) }
-        writeMQTTProperties(properties)
     }
 
     /// Size of the whole PUBLISH frame for these lengths.
