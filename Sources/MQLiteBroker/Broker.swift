@@ -343,6 +343,31 @@ public final class Broker: Sendable {
         sessionObserver?.session(session, .unsubscribed(filter: filter))
     }
 
+    /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
+    /// have rewritten it): the session remembers the name, so that UNSUBSCRIBE of it removes
+    /// `filter`; a filter the name stood for before goes when no other name maps to it.
+    func subscribe(_ session: Session, named name: String, as filter: String, qos: QoS) {
+        guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, qos: qos) }
+        let replaced = session.withSubscriptionNames { names in
+            names.subscribed(name: name, as: filter) { session.subscriptions[ByteText($0)] != nil }
+        }
+        subscribe(session, filter: filter, qos: qos)
+        if let replaced { unsubscribe(session, filter: replaced) }
+    }
+
+    /// UNSUBSCRIBE of the client's filter `name`: removes what it was subscribed as (unless
+    /// another name of the client still maps to that). Returns that filter.
+    @discardableResult
+    func unsubscribe(_ session: Session, named name: String) -> String {
+        guard session.hasRenamedSubscriptions else {
+            unsubscribe(session, filter: name)
+            return name
+        }
+        let (mapped, removed) = session.withSubscriptionNames { names in (names.filter(named: name), names.unsubscribed(name: name)) }
+        if let removed { unsubscribe(session, filter: removed) }
+        return mapped
+    }
+
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
     func matchSubscribers(topic: String) -> [(session: Session, qos: QoS)] {

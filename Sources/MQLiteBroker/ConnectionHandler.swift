@@ -215,7 +215,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             handleSubscribe(subscribe, session: session)
         case .unsubscribe(let unsubscribe):
             guard let session else { return }
-            for filter in unsubscribe.filters { broker.unsubscribe(session, filter: filter) }
+            for filter in unsubscribe.filters {
+                let subscribed = broker.unsubscribe(session, named: filter)
+                broker.hooks.unsubscribed(
+                    UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed),
+                    worker: worker.index)
+            }
             writePacket(.unsuback(packetID: unsubscribe.packetID))
         case .ping:
             writePacket(.pingresp)
@@ -434,7 +439,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 codes.append(.failure)
                 continue
             }
-            broker.subscribe(session, filter: filter, qos: qos)
+            broker.subscribe(session, named: subscription.filter, as: filter, qos: qos)
             codes.append(.granted(qos))
             granted.append((filter, qos))
         }

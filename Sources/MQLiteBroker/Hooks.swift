@@ -53,6 +53,23 @@ public struct SubscribeRequest: Sendable {
     }
 }
 
+/// What an UNSUBSCRIBE hook is told: one filter of an UNSUBSCRIBE packet.
+public struct UnsubscribeRequest: Sendable {
+    public var clientID: String
+    public var username: String?
+    /// The filter as the client sent it.
+    public var filter: String
+    /// What it was subscribed as (an `on_subscribe` rewrite), else `filter`.
+    public var subscribed: String
+
+    public init(clientID: String, username: String?, filter: String, subscribed: String) {
+        self.clientID = clientID
+        self.username = username
+        self.filter = filter
+        self.subscribed = subscribed
+    }
+}
+
 /// A hook's answer to one SUBSCRIBE filter.
 public enum SubscribeDecision: Sendable, Equatable {
     /// Allow as asked.
@@ -117,6 +134,8 @@ public protocol BrokerHooks: AnyObject, Sendable {
     func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
     /// Subscribe authorisation, once per filter.
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
+    /// A notification, once per filter of an UNSUBSCRIBE.
+    func unsubscribed(_ request: UnsubscribeRequest, worker: Int)
     /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see; `false` keeps the
     /// message on the zero-copy path. The broker caches the answer per topic and worker (in its
     /// route cache) until `publishHookGeneration` changes.
@@ -137,6 +156,7 @@ extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
+    public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {}
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }

@@ -112,6 +112,8 @@ final class Session: @unchecked Sendable {
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
+        /// Filters the client named that an `on_subscribe` hook rewrote.
+        var names = SubscriptionNames()
     }
 
     private var more: Occasional {
@@ -189,6 +191,14 @@ final class Session: @unchecked Sendable {
             more.receiveACL = newValue
             more.receiveVerdicts.removeAll()
         }
+    }
+
+    /// Whether an `on_subscribe` hook rewrote a filter this client still names.
+    var hasRenamedSubscriptions: Bool { !(occasional?.names.isEmpty ?? true) }
+
+    /// The filters the client named and what they are subscribed as (owner loop).
+    func withSubscriptionNames<T>(_ body: (inout SubscriptionNames) -> T) -> T {
+        body(&more.names)
     }
 
     init(clientID: String, persistent: Bool, owner: Int) {

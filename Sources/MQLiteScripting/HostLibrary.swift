@@ -31,6 +31,7 @@ enum HostLibrary {
         function("on_publish", onPublish)
         function("on_connected", onConnected)
         function("on_disconnected", onDisconnected)
+        function("on_unsubscribe", onUnsubscribe)
         function("log", log)
         function("publish", publish)
         function("topic_matches", topicMatches)
@@ -103,6 +104,7 @@ enum HostLibrary {
     static let onPublish: Function = { L in register(L!, .publish, filtered: true) }
     static let onConnected: Function = { L in register(L!, .connected) }
     static let onDisconnected: Function = { L in register(L!, .disconnected) }
+    static let onUnsubscribe: Function = { L in register(L!, .unsubscribe) }
 
     // MARK: - Functions
 

@@ -42,6 +42,7 @@ final class LuaVM: @unchecked Sendable {
     enum Kind: String, CaseIterable {
         case connect = "on_connect", authorize = "on_authorize", subscribe = "on_subscribe"
         case publish = "on_publish", connected = "on_connected", disconnected = "on_disconnected"
+        case unsubscribe = "on_unsubscribe"
 
         var slot: Int {
             switch self {
@@ -51,6 +52,7 @@ final class LuaVM: @unchecked Sendable {
             case .publish: 3
             case .connected: 4
             case .disconnected: 5
+            case .unsubscribe: 6
             }
         }
     }

@@ -264,6 +264,20 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return .allow
     }
 
+    public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {
+        guard let vm = vm(worker) else { return }
+        for hook in vm.hooks(.unsubscribe) {
+            _ = vm.call(hook, .unsubscribe, results: 0, push: { L in
+                lua_createtable(L, 0, 4)
+                L.setField("client_id", request.clientID)
+                L.setField("username", request.username)
+                L.setField("filter", request.filter)
+                L.setField("subscribed", request.subscribed)
+                return 1
+            }, read: { _ in () })
+        }
+    }
+
     public var publishHookGeneration: Int { generation.load(ordering: .acquiring) }
 
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
