@@ -223,6 +223,35 @@ public final class Broker: Sendable {
         }
     }
 
+    // MARK: - Clients, for plugins
+
+    /// Closes the connection of `clientID`, on whichever worker holds it; its will is published,
+    /// as on any connection loss. Whether it was connected. Any thread; the close happens once
+    /// the owner's loop gets to it (never inside the caller's hook).
+    public func disconnect(clientID: String, reason: String) -> Bool {
+        guard let session = registry.session(for: clientID), session.isOnline else { return false }
+        onOwner(of: session) { _ in session.outbound?.disconnect(reason: reason) }
+        return true
+    }
+
+    /// Asks the hooks for the access rules of `clientID` again (`authorize`), and drops the
+    /// subscriptions the new rules no longer allow. Whether it was connected. Any thread.
+    public func reauthorize(clientID: String) -> Bool {
+        guard let session = registry.session(for: clientID), session.isOnline else { return false }
+        onOwner(of: session) { _ in session.outbound?.reauthorize() }
+        return true
+    }
+
+    /// `reauthorize` for every connected client (after a reload of the hooks): as Mosquitto
+    /// applies a reloaded acl_file to the clients already connected.
+    public func reauthorizeAll() {
+        for worker in workers {
+            worker.loop.execute {
+                for connection in worker.connections.values { connection.reauthorize() }
+            }
+        }
+    }
+
     // MARK: - Sessions
 
     /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean

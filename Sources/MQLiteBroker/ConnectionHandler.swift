@@ -601,6 +601,25 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writePacket(.pubrel(packetID: packetID))
     }
 
+    func disconnect(reason: String) {
+        closeWithWill(reason: reason)
+        worker.flushDirty()
+    }
+
+    func reauthorize() {
+        guard machine.isConnected, let session else { return }
+        let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
+        access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
+        session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
+        guard let acl = access?.acl else { return }
+        let revoked = session.subscriptions.keys.map { String($0.text) }.filter { !acl.allowsSubscribe(filter: $0) }
+        for filter in revoked {
+            broker.unsubscribe(session, filter: filter)
+            if session.hasRenamedSubscriptions { session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) } }
+        }
+        if !revoked.isEmpty { logger.info("access rules changed: \(revoked.count) subscriptions removed") }
+    }
+
     func takenOver(publishWill: Bool) {
         let reason = "taken over by a new connection with the same client id"
         if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason) }

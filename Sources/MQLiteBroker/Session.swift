@@ -20,6 +20,11 @@ protocol SessionOutbound: AnyObject {
     /// A newer connection takes the session over: let go of it and close, publishing the will
     /// or not.
     func takenOver(publishWill: Bool)
+    /// A plugin closes the client (`Broker.disconnect`): close, publishing the will.
+    func disconnect(reason: String)
+    /// The access rules may have changed (a reload, `Broker.reauthorize`): ask the hooks again,
+    /// and drop the subscriptions the new rules no longer allow.
+    func reauthorize()
 }
 
 /// What happened to a session, for whoever must follow it (`SessionObserver`): the single tap a
@@ -75,7 +80,12 @@ final class Session: @unchecked Sendable {
 
     // MARK: Owner-loop state
     /// Where messages go now; nil while no connection (or link) holds the session.
-    var outbound: (any SessionOutbound)?
+    var outbound: (any SessionOutbound)? {
+        didSet { online.store(outbound != nil, ordering: .relaxed) }
+    }
+    /// Whether an outbound holds the session, for other threads (`Broker.disconnect`).
+    private let online = Atomic<Bool>(false)
+    var isOnline: Bool { online.load(ordering: .relaxed) }
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [ByteText: QoS] = [:]
     private(set) var inflight: [Inflight] = []

@@ -34,6 +34,8 @@ enum HostLibrary {
         function("on_unsubscribe", onUnsubscribe)
         function("log", log)
         function("publish", publish)
+        function("disconnect", disconnect)
+        function("reauthorize", reauthorize)
         function("topic_matches", topicMatches)
         function("time", time)
         function("sha256", sha256)
@@ -141,6 +143,29 @@ enum HostLibrary {
             return fail(L, "mqlite.publish: \(error)")
         }
         return 0
+    }
+
+    /// `mqlite.disconnect(client_id[, reason])` → whether the client was connected. It is closed
+    /// on its own worker once the calling hook has returned; its will is published.
+    static let disconnect: Function = { L in
+        let L = L!
+        guard let clientID = string(L, 1) else { return fail(L, "mqlite.disconnect(client_id[, reason])") }
+        let ctx = context(L)
+        let reason = string(L, 2).map { "disconnected by \(ctx.name): \($0)" } ?? "disconnected by \(ctx.name)"
+        guard let broker = ctx.vm.host.broker else { return fail(L, "mqlite.disconnect: the broker is not running yet") }
+        lua_pushboolean(L, broker.disconnect(clientID: clientID, reason: reason) ? 1 : 0)
+        return 1
+    }
+
+    /// `mqlite.reauthorize(client_id)` → whether the client was connected. Its `on_authorize`
+    /// runs again on its own worker (once the calling hook has returned); subscriptions the new
+    /// rules do not allow are removed.
+    static let reauthorize: Function = { L in
+        let L = L!
+        guard let clientID = string(L, 1) else { return fail(L, "mqlite.reauthorize(client_id)") }
+        guard let broker = context(L).vm.host.broker else { return fail(L, "mqlite.reauthorize: the broker is not running yet") }
+        lua_pushboolean(L, broker.reauthorize(clientID: clientID) ? 1 : 0)
+        return 1
     }
 
     /// `mqlite.topic_matches(filter, topic)` → boolean.

@@ -99,7 +99,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public var failureCount: Int { failures.load(ordering: .relaxed) }
 
     /// Loads every script into fresh VMs; if all load, they replace the running ones (each worker
-    /// switches at its next hook call). If any fails, the running scripts stay and the error is thrown.
+    /// switches at its next hook call), and every connected client's `on_authorize` runs again
+    /// in them. If any fails, the running scripts stay and the error is thrown.
     public func reload() throws(ScriptError) {
         var fresh: [LuaVM?] = []
         for index in 0..<workers {
@@ -108,6 +109,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         pending.withLock { $0 = fresh }
         generation.add(1, ordering: .releasing)
         logger.info("scripts reloaded (\(plugins.count) plugins)")
+        // Connected clients get the access rules of the new scripts (live revocation).
+        broker?.reauthorizeAll()
     }
 
     /// The VM of `worker`, switching to a reloaded one first if there is one.

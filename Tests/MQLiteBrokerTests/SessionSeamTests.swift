@@ -45,6 +45,8 @@ final class RecordingOutbound: SessionOutbound {
     func writePubrel(packetID: UInt16) { pubrels.append(packetID) }
     func pumpSoon() { pumpRequests += 1 }
     func takenOver(publishWill: Bool) { takeovers.append(publishWill) }
+    func disconnect(reason: String) {}
+    func reauthorize() {}
 }
 
 /// Records every session event, in order, as text.

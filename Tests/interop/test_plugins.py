@@ -98,6 +98,43 @@ def test_acl_file_and_rewrite_with_mosquitto_clients(tmp_path):
         assert b.stop() == 0
 
 
+def test_acl_revoked_by_editing_the_file_and_sighup_while_subscribed(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    mosquitto_passwd(passwd, "alice", "secret")
+    mosquitto_passwd(passwd, "bob", "pw")
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read sensors/#\ntopic read news/#\nuser bob\ntopic write sensors/#\ntopic write news/#\n")
+    b = start_broker(config(tmp_path, [
+        ("password_file.lua", '{ password_file = "passwd" }'),
+        ("acl_file.lua", '{ acl_file = "acl" }'),
+    ]))
+    try:
+        alice = paho_client("paho-alice")
+        alice.username_pw_set("alice", "secret")
+        start(alice, b.port)
+        alice.subscribe([("sensors/#", 0), ("news/#", 0)])
+        time.sleep(0.5)
+        bob = ["-u", "bob", "-P", "pw"]
+        pub(b.port, *bob, "-t", "sensors/t1", "-m", "before")
+        assert wait_for(lambda: [m.payload for m in alice.messages] == [b"before"])
+
+        # alice may no longer read sensors/#: her subscription goes at the reload, while she stays connected.
+        acl.write_text("user alice\ntopic read news/#\nuser bob\ntopic write sensors/#\ntopic write news/#\n")
+        b.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "1 subscriptions removed" in b.log()), b.log()
+        pub(b.port, *bob, "-t", "sensors/t1", "-m", "after")
+        pub(b.port, *bob, "-t", "news/n1", "-m", "still allowed")
+        assert wait_for(lambda: len(alice.messages) == 2)
+        time.sleep(0.3)
+        assert [m.payload for m in alice.messages] == [b"before", b"still allowed"]
+        assert alice.is_connected()
+        alice.disconnect()
+        alice.loop_stop()
+    finally:
+        assert b.stop() == 0
+
+
 def test_json_envelope_with_mosquitto_clients(tmp_path):
     b = start_broker(config(tmp_path, [("json_envelope.lua", '{ filters = ["telemetry/#"] }')]))
     try:
