@@ -225,6 +225,11 @@ public final class Broker: Sendable {
 
     // MARK: - Clients, for plugins
 
+    /// The event loop of worker `index` (plugins schedule their timers there); nil once stopped.
+    public func eventLoop(ofWorker index: Int) -> (any EventLoop)? {
+        workers.indices.contains(index) ? workers[index].loop : nil
+    }
+
     /// Closes the connection of `clientID`, on whichever worker holds it; its will is published,
     /// as on any connection loss. Whether it was connected. Any thread; the close happens once
     /// the owner's loop gets to it (never inside the caller's hook).

@@ -32,6 +32,8 @@ enum HostLibrary {
         function("on_connected", onConnected)
         function("on_disconnected", onDisconnected)
         function("on_unsubscribe", onUnsubscribe)
+        function("every", every)
+        function("after", after)
         function("log", log)
         function("publish", publish)
         function("disconnect", disconnect)
@@ -107,6 +109,26 @@ enum HostLibrary {
     static let onConnected: Function = { L in register(L!, .connected) }
     static let onDisconnected: Function = { L in register(L!, .disconnected) }
     static let onUnsubscribe: Function = { L in register(L!, .unsubscribe) }
+
+    /// `mqlite.every(seconds, fn)` and `mqlite.after(seconds, fn)`: registered while the script
+    /// loads, run on worker 0's state (`ScriptingHost.startTimers`).
+    private static func registerTimer(_ L: LuaState, repeats: Bool) -> Int32 {
+        let name = repeats ? "mqlite.every" : "mqlite.after"
+        let context = context(L)
+        guard context.vm.loading === context else { return fail(L, "\(name): timers can only be registered while the script loads") }
+        var isNumber: Int32 = 0
+        let seconds = lua_tonumberx(L, 1, &isNumber)
+        guard isNumber != 0, seconds >= 0.01, seconds <= 31_536_000 else {
+            return fail(L, "\(name)(seconds, function): seconds must be a number from 0.01 to 31536000")
+        }
+        guard lua_type(L, 2) == LUA_TFUNCTION else { return fail(L, "\(name)(seconds, function): expects a function") }
+        guard context.vm.timers.count < LuaVM.maxTimers else { return fail(L, "\(name): more than \(LuaVM.maxTimers) timers") }
+        context.vm.registerTimer(functionAt: 2, interval: .nanoseconds(Int64(seconds * 1e9)), repeats: repeats, context: context)
+        return 0
+    }
+
+    static let every: Function = { L in registerTimer(L!, repeats: true) }
+    static let after: Function = { L in registerTimer(L!, repeats: false) }
 
     // MARK: - Functions
 

@@ -43,6 +43,8 @@ final class LuaVM: @unchecked Sendable {
         case connect = "on_connect", authorize = "on_authorize", subscribe = "on_subscribe"
         case publish = "on_publish", connected = "on_connected", disconnected = "on_disconnected"
         case unsubscribe = "on_unsubscribe"
+        /// `mqlite.every` and `mqlite.after` (not hooks, but called and failing as they do).
+        case timer = "timer"
 
         var slot: Int {
             switch self {
@@ -53,6 +55,7 @@ final class LuaVM: @unchecked Sendable {
             case .connected: 4
             case .disconnected: 5
             case .unsubscribe: 6
+            case .timer: 7
             }
         }
     }
@@ -91,6 +94,17 @@ final class LuaVM: @unchecked Sendable {
     private var lastMatches: [Int] = []
     /// Set while a script's main chunk runs: hooks may be registered only then.
     var loading: ScriptContext?
+
+    /// A function `mqlite.every` (repeating) or `mqlite.after` registered.
+    struct Timer {
+        let hook: Hook
+        let interval: TimeAmount
+        let repeats: Bool
+    }
+    /// Timers, in load order; only worker 0's VM runs them (`ScriptingHost`).
+    private(set) var timers: [Timer] = []
+    /// Most timers one VM may register (a script registering them in a loop is a mistake).
+    static let maxTimers = 1000
 
     private static let matchCacheLimit = 10_000
     /// Bytes the match cache may hold, counted by `matchCost`.
@@ -209,6 +223,13 @@ final class LuaVM: @unchecked Sendable {
         let ref = luaL_ref(L, mqlite_registryindex())
         hookLists[kind.slot].append(Hook(context: context, ref: ref))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+    }
+
+    /// Registers the function at `index` as a timer (called from `mqlite.every`/`mqlite.after`).
+    func registerTimer(functionAt index: Int32, interval: TimeAmount, repeats: Bool, context: ScriptContext) {
+        lua_pushvalue(L, index)
+        let ref = luaL_ref(L, mqlite_registryindex())
+        timers.append(Timer(hook: Hook(context: context, ref: ref), interval: interval, repeats: repeats))
     }
 
     /// The hooks of one kind, in load order.

@@ -69,12 +69,76 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     /// outlive its hooks (it does: it owns them).
     public func bind(to broker: Broker) {
         boundBroker.withLock { $0 = UnownedBroker(broker: broker) }
+        startTimers()
+    }
+
+    // MARK: - Timers
+
+    /// The scheduled timers of worker 0's state (touched on worker 0's loop, and by `stop`).
+    private let timerTasks = Mutex<(tasks: [TimerTask], stopped: Bool)>(([], false))
+
+    private enum TimerTask {
+        case once(Scheduled<Void>)
+        case repeating(RepeatedTask)
+
+        func cancel() {
+            switch self {
+            case .once(let task): task.cancel()
+            case .repeating(let task): task.cancel()
+            }
+        }
+    }
+
+    /// Schedules the timers (`mqlite.every`, `mqlite.after`) of worker 0's current state on its
+    /// loop, cancelling those of a state it replaces. Timers run in that one state, whatever the
+    /// number of workers (every worker's state registers them; only worker 0's run).
+    private func startTimers() {
+        guard let loop = broker?.eventLoop(ofWorker: 0) else { return }
+        loop.execute { self.scheduleTimers(on: loop) }
+    }
+
+    private func scheduleTimers(on loop: any EventLoop) {
+        let previous = timerTasks.withLock { state in
+            defer { state.tasks = [] }
+            return state.tasks
+        }
+        for task in previous { task.cancel() }
+        guard let vm = vm(0), !vm.timers.isEmpty else { return }
+        // A repeating timer's next run counts from the end of the last (slow runs do not pile
+        // up). A failing call is reported as a hook failure and keeps its schedule.
+        let tasks: [TimerTask] = vm.timers.indices.map { index in
+            let timer = vm.timers[index]
+            let run: @Sendable () -> Void = { [weak vm] in
+                guard let vm, vm === self.slots[0].vm else { return }
+                _ = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () })
+            }
+            if timer.repeats {
+                return .repeating(loop.scheduleRepeatedTask(initialDelay: timer.interval, delay: timer.interval) { _ in run() })
+            }
+            return .once(loop.scheduleTask(in: timer.interval, run))
+        }
+        let stopped = timerTasks.withLock { state in
+            if !state.stopped { state.tasks = tasks }
+            return state.stopped
+        }
+        if stopped { for task in tasks { task.cancel() } }
+    }
+
+    /// Cancels every timer (shutdown).
+    private func stopTimers() {
+        let tasks = timerTasks.withLock { state in
+            state.stopped = true
+            defer { state.tasks = [] }
+            return state.tasks
+        }
+        for task in tasks { task.cancel() }
     }
 
     /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
     /// instructions, or between two start positions of a pattern search): for shutdown, so that no
     /// script keeps a worker loop busy. There is no way back.
     public func stop() {
+        stopTimers()
         LuaWatchdog.shared.stopAll(owner: ObjectIdentifier(self))
     }
 
@@ -109,8 +173,10 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         pending.withLock { $0 = fresh }
         generation.add(1, ordering: .releasing)
         logger.info("scripts reloaded (\(plugins.count) plugins)")
-        // Connected clients get the access rules of the new scripts (live revocation).
+        // Connected clients get the access rules of the new scripts (live revocation), and the
+        // old state's timers stop as the new state's start.
         broker?.reauthorizeAll()
+        startTimers()
     }
 
     /// The VM of `worker`, switching to a reloaded one first if there is one.

@@ -135,6 +135,31 @@ def test_acl_revoked_by_editing_the_file_and_sighup_while_subscribed(tmp_path):
         assert b.stop() == 0
 
 
+def test_presence_publishes_retained_online_and_offline(tmp_path):
+    b = start_broker(config(tmp_path, [("presence.lua", '{ topic = "presence/%c" }')]))
+    try:
+        watcher = sub_process(b.port, "-i", "watcher", "-t", "presence/#", "-v", "-C", "5")
+        time.sleep(0.5)
+        device = paho_client("device-7")
+        start(device, b.port)
+        time.sleep(0.3)
+        device.loop_stop()
+        device.socket().close()  # a lost connection, no DISCONNECT, no will configured
+        pub(b.port, "-i", "tidy", "-t", "x", "-m", "y")  # connects and disconnects cleanly
+        out, err = watcher.communicate(timeout=15)
+        lines = out.splitlines()
+        assert lines[0] == "presence/watcher online", out  # retained, sent on SUBSCRIBE
+        assert lines[1:] == ["presence/device-7 online", "presence/device-7 offline",
+                             "presence/tidy online", "presence/tidy offline"], (out, err)
+        # Retained: a back end that subscribes later sees the last state of each device.
+        late = sub_process(b.port, "-i", "late", "-t", "presence/#", "-v", "-C", "4", "-W", "5")
+        out, err = late.communicate(timeout=15)
+        assert sorted(out.splitlines()) == ["presence/device-7 offline", "presence/late online", "presence/tidy offline",
+                                            "presence/watcher offline"], (out, err)
+    finally:
+        assert b.stop() == 0
+
+
 def test_json_envelope_with_mosquitto_clients(tmp_path):
     b = start_broker(config(tmp_path, [("json_envelope.lua", '{ filters = ["telemetry/#"] }')]))
     try:
