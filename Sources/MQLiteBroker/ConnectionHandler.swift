@@ -620,6 +620,30 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if !revoked.isEmpty { logger.info("access rules changed: \(revoked.count) subscriptions removed") }
     }
 
+    func interceptDelivery(_ message: Message) -> Message? {
+        let hooked = HookedMessage(topic: String(buffer: message.topic), payload: message.payload, qos: message.qos, retain: message.retain)
+        switch broker.hooks.interceptDelivery(hooked, to: clientInfo, worker: worker.index) {
+        case .deliver:
+            return message
+        case .drop:
+            return nil
+        case .change(let topic, let payload):
+            var changed = message
+            if !topic.hasSameUTF8(as: hooked.topic) {
+                do {
+                    try Topic.validateName(topic, maxLevels: broker.configuration.limits.maxTopicLevels)
+                } catch {
+                    logger.info("delivery hook produced an invalid topic \"\(LogText(topic))\": \(LogText(error.description))")
+                    return nil
+                }
+                changed.topic = ByteBuffer(string: topic)
+            }
+            changed.payload = payload
+            changed.isCompact = false
+            return changed
+        }
+    }
+
     func takenOver(publishWill: Bool) {
         let reason = "taken over by a new connection with the same client id"
         if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason) }

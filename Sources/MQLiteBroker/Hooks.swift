@@ -94,6 +94,15 @@ public enum PublishDecision: Sendable, Equatable {
     case replace([HookedMessage])
 }
 
+/// A hook's answer to a message on its way to one subscriber.
+public enum DeliveryDecision: Sendable, Equatable {
+    case deliver
+    /// Not to this subscriber.
+    case drop
+    /// This topic and payload for this subscriber only.
+    case change(topic: String, payload: ByteBuffer)
+}
+
 /// Identity of the client that caused a hook call.
 public struct ClientInfo: Sendable {
     public var clientID: String
@@ -144,6 +153,12 @@ public protocol BrokerHooks: AnyObject, Sendable {
     var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
+    /// Whether delivery hooks want messages on `topic` (cached per topic and worker in the route
+    /// cache, as `isPublishHooked`); `false` keeps deliveries on the shared path.
+    func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool
+    /// Per-subscriber interception, on the subscriber's worker, only for topics where
+    /// `isDeliverHooked` said true: live messages, queued ones as they go out, retained ones.
+    func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision
     /// Notifications.
     func connected(_ client: ClientInfo, worker: Int)
     func disconnected(_ client: ClientInfo, reason: String, worker: Int)
@@ -160,6 +175,8 @@ extension BrokerHooks {
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
+    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
     public func stop() {}

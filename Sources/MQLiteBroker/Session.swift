@@ -25,6 +25,9 @@ protocol SessionOutbound: AnyObject {
     /// The access rules may have changed (a reload, `Broker.reauthorize`): ask the hooks again,
     /// and drop the subscriptions the new rules no longer allow.
     func reauthorize()
+    /// A delivery whose topic delivery hooks want, as it goes out: the message to send (changed
+    /// or not), or nil for none.
+    func interceptDelivery(_ message: Message) -> Message?
 }
 
 /// What happened to a session, for whoever must follow it (`SessionObserver`): the single tap a
@@ -300,7 +303,8 @@ final class Session: @unchecked Sendable {
             occasional.retainedBacklog[occasional.retainedBacklog.startIndex] = head
         }
         for message in messages {
-            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil), broker: broker)
+            let hooked = broker.hooks.isDeliverHooked(topic: message.topic, worker: owner)
+            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked), broker: broker)
         }
         return true
     }
@@ -346,6 +350,16 @@ final class Session: @unchecked Sendable {
     }
 
     private func send(_ delivery: Delivery, on outbound: any SessionOutbound, broker: Broker) {
+        var delivery = delivery
+        if delivery.hooked {
+            guard let message = outbound.interceptDelivery(delivery.message) else { return }
+            if !message.isSame(as: delivery.message) {
+                // For this subscriber only: its own frame, and its ACL asked about the new topic.
+                if let occasional, occasional.receiveACL != nil, !mayReceive(message.topic, occasional) { return }
+                delivery.message = message
+                delivery.frame = nil
+            }
+        }
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame {
                 outbound.writeQoS0(frame: frame, payload: delivery.message.payload)

@@ -32,6 +32,7 @@ enum HostLibrary {
         function("on_connected", onConnected)
         function("on_disconnected", onDisconnected)
         function("on_unsubscribe", onUnsubscribe)
+        function("on_deliver", onDeliver)
         function("every", every)
         function("after", after)
         function("log", log)
@@ -90,7 +91,7 @@ enum HostLibrary {
         var filter: String?
         if filtered {
             guard let f = string(L, 1), (try? Topic.validateFilter(f)) != nil else {
-                return fail(L, "mqlite.on_publish: first argument must be a valid topic filter")
+                return fail(L, "mqlite.\(kind.rawValue): first argument must be a valid topic filter")
             }
             filter = f
         }
@@ -109,6 +110,7 @@ enum HostLibrary {
     static let onConnected: Function = { L in register(L!, .connected) }
     static let onDisconnected: Function = { L in register(L!, .disconnected) }
     static let onUnsubscribe: Function = { L in register(L!, .unsubscribe) }
+    static let onDeliver: Function = { L in register(L!, .deliver, filtered: true) }
 
     /// `mqlite.every(seconds, fn)` and `mqlite.after(seconds, fn)`: registered while the script
     /// loads, run on worker 0's state (`ScriptingHost.startTimers`).

@@ -45,6 +45,7 @@ final class LuaVM: @unchecked Sendable {
         case unsubscribe = "on_unsubscribe"
         /// `mqlite.every` and `mqlite.after` (not hooks, but called and failing as they do).
         case timer = "timer"
+        case deliver = "on_deliver"
 
         var slot: Int {
             switch self {
@@ -56,6 +57,7 @@ final class LuaVM: @unchecked Sendable {
             case .disconnected: 5
             case .unsubscribe: 6
             case .timer: 7
+            case .deliver: 8
             }
         }
     }
@@ -87,6 +89,8 @@ final class LuaVM: @unchecked Sendable {
     private var hookLists: [[Hook]] = Array(repeating: [], count: Kind.allCases.count)
     /// on_publish filters → index into `hooks[.publish]`.
     private let publishFilters = TopicTrie<Int, Void>()
+    /// on_deliver filters → index into `hooks[.deliver]`.
+    private let deliverFilters = TopicTrie<Int, Void>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
     private var publishMatches: [ByteText: [Int]] = [:]
     /// The last topic asked for and its hooks: publishers send runs of one topic.
@@ -223,6 +227,7 @@ final class LuaVM: @unchecked Sendable {
         let ref = luaL_ref(L, mqlite_registryindex())
         hookLists[kind.slot].append(Hook(context: context, ref: ref))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+        if kind == .deliver, let filter { deliverFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
     }
 
     /// Registers the function at `index` as a timer (called from `mqlite.every`/`mqlite.after`).
@@ -313,6 +318,16 @@ final class LuaVM: @unchecked Sendable {
         publishMatches[ByteText(topic)] = indices
         publishMatchBytes += cost
         return indices
+    }
+
+    /// Indices (in load order) of the on_deliver hooks whose filter matches `topic`. Not cached
+    /// here: the broker asks once per topic for live messages (its route cache), and once per
+    /// retained message sent on SUBSCRIBE.
+    func deliverHooks(for topic: String) -> [Int] {
+        if deliverFilters.count == 0 { return [] }
+        var indices: [Int] = []
+        deliverFilters.forEachMatch(topic: topic) { index, _ in indices.append(index) }
+        return indices.sorted()
     }
 
     /// What one match-cache entry costs against `matchCacheByteLimit`: the topic's bytes, the

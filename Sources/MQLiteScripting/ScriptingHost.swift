@@ -409,6 +409,53 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return .deliver
     }
 
+    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool {
+        guard let vm = vm(worker), !vm.hooks(.deliver).isEmpty else { return false }
+        return !vm.deliverHooks(for: String(buffer: topic)).isEmpty
+    }
+
+    public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision {
+        guard let vm = vm(worker) else { return .deliver }
+        let all = vm.hooks(.deliver)
+        var current = message
+        var changed = false
+        for index in vm.deliverHooks(for: message.topic) {
+            var payloadString: UnsafePointer<CChar>?
+            let answer = vm.call(all[index], .deliver, results: 1, push: { L in
+                lua_createtable(L, 0, 6)
+                L.setField("client_id", client.clientID)
+                L.setField("username", client.username)
+                L.setField("topic", current.topic)
+                L.push("payload")
+                L.push(current.payload)
+                payloadString = lua_tolstring(L, -1, nil)
+                lua_rawset(L, -3)
+                L.setField("qos", Int(current.qos.rawValue))
+                L.setField("retain", current.retain)
+                return 1
+            }, read: { L throws(HookResultError) -> HookedMessage? in
+                switch lua_type(L, -1) {
+                case LUA_TNIL: return current
+                case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? current : nil
+                case LUA_TTABLE:
+                    try requirePlainTable(L, -1, "on_deliver's result")
+                    var result = try readMessage(L, base: current, payloadString: payloadString)
+                    // Only topic and payload may change per subscriber.
+                    result.qos = current.qos
+                    result.retain = current.retain
+                    return result
+                default:
+                    throw HookResultError("on_deliver must return a boolean, a table or nil, not a \(typeName(L, -1))")
+                }
+            })
+            // A failed call does not deliver to this subscriber (as a failed on_publish drops).
+            guard let answer, let next = answer else { return .drop }
+            if next != current { changed = true }
+            current = next
+        }
+        return changed ? .change(topic: current.topic, payload: current.payload) : .deliver
+    }
+
     public func connected(_ client: ClientInfo, worker: Int) {
         notify(.connected, client: client, reason: nil, worker: worker)
     }

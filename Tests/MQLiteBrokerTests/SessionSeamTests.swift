@@ -47,6 +47,7 @@ final class RecordingOutbound: SessionOutbound {
     func takenOver(publishWill: Bool) { takeovers.append(publishWill) }
     func disconnect(reason: String) {}
     func reauthorize() {}
+    func interceptDelivery(_ message: Message) -> Message? { message }
 }
 
 /// Records every session event, in order, as text.
