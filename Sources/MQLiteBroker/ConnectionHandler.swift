@@ -413,6 +413,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
         var codes: [SubackReturnCode] = []
         var granted: [(String, QoS)] = []
+        var refusedForLimit = false  // logged once per packet
         for subscription in subscribe.subscriptions {
             let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
             var filter = subscription.filter
@@ -436,6 +437,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
             if let access, !access.acl.allowsSubscribe(filter: filter) {
                 logger.debug("subscribe to \"\(LogText(filter))\" denied by ACL")
+                codes.append(.failure)
+                continue
+            }
+            let limit = broker.configuration.limits.maxSubscriptions
+            if limit > 0, session.subscriptions.count >= limit, session.subscriptions[ByteText(filter)] == nil {
+                if !refusedForLimit { logger.info("subscribe refused: the client holds max_subscriptions (\(limit)) filters") }
+                refusedForLimit = true
                 codes.append(.failure)
                 continue
             }
