@@ -399,7 +399,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func mayPublish(_ topic: ByteBuffer) -> Bool {
         guard let access else { return true }
         if let verdict = access.verdicts[topic] { return verdict }
-        let verdict = access.acl.allowsPublish(topic: String(buffer: topic))
+        let verdict = access.acl.allowsPublish(topic: TopicName(alreadyValidated: topic))
         if access.verdicts.count >= 1000 { access.verdicts.removeAll(keepingCapacity: true) }
         access.verdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
         if !verdict { logger.debug("publish to \"\(LogText(String(buffer: topic)))\" denied by ACL") }

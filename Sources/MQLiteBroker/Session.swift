@@ -287,7 +287,7 @@ final class Session: @unchecked Sendable {
 
     private func mayReceive(_ topic: ByteBuffer, _ occasional: Occasional) -> Bool {
         if let verdict = occasional.receiveVerdicts[topic] { return verdict }
-        let verdict = occasional.receiveACL?.allowsReceive(topic: String(buffer: topic)) ?? true
+        let verdict = occasional.receiveACL?.allowsReceive(topic: TopicName(alreadyValidated: topic)) ?? true
         if occasional.receiveVerdicts.count >= 1000 { occasional.receiveVerdicts.removeAll(keepingCapacity: true) }
         occasional.receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
         return verdict

@@ -64,7 +64,7 @@ final class InMemorySessionRegistry: SessionRegistry {
 
 /// The subscription trie behind one lock.
 final class TrieSubscriptionIndex: SubscriptionIndex {
-    private let trie = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
+    private let trie = Mutex(TopicTrie<[ObjectIdentifier: (session: Session, qos: QoS)]>())
 
     func insert(filter: String, session: Session, qos: QoS) {
         trie.withLock { $0.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos)) }
