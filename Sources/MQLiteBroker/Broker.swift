@@ -314,7 +314,7 @@ public final class Broker: Sendable {
         worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
         sessionObserver?.session(session, .ended)
-        let filters = session.subscriptions.keys.map { String($0.text) }
+        let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptions.remove(filters: filters, session: session)
@@ -327,17 +327,17 @@ public final class Broker: Sendable {
 
     // MARK: - Subscriptions
 
-    func subscribe(_ session: Session, filter: String, qos: QoS) {
+    func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
         workers[session.owner].assertOnLoop()
-        session.subscriptions[ByteText(filter)] = qos
+        session.subscriptions[filter] = qos
         subscriptions.insert(filter: filter, session: session, qos: qos)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
     }
 
-    func unsubscribe(_ session: Session, filter: String) {
+    func unsubscribe(_ session: Session, filter: TopicFilter) {
         workers[session.owner].assertOnLoop()
-        guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
+        guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .unsubscribed(filter: filter))
@@ -345,7 +345,7 @@ public final class Broker: Sendable {
 
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
-    func matchSubscribers(topic: String) -> [(session: Session, qos: QoS)] {
+    func matchSubscribers(topic: TopicName) -> [(session: Session, qos: QoS)] {
         subscriptions.matches(topic: topic)
     }
 
@@ -354,7 +354,7 @@ public final class Broker: Sendable {
     /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
     /// tree's branch left empty).
     func retain(_ message: Message) {
-        let topic = String(buffer: message.topic)
+        let topic = TopicName(alreadyValidated: message.topic)
         if message.payload.readableBytes == 0 {
             retained.remove(topic: topic)
         } else {
@@ -368,7 +368,7 @@ public final class Broker: Sendable {
     /// retained messages) never holds the lock for long and retained publishes on other workers
     /// go on between chunks. A message set or cleared during the walk may or may not be seen.
     /// A walk of the retained messages matching `filter`, to be continued in steps.
-    func retainedScan(matching filter: String) -> RetainedTree<Message>.Scan {
+    func retainedScan(matching filter: TopicFilter) -> RetainedTree<Message>.Scan {
         retained.scan(matching: filter)
     }
 
@@ -377,7 +377,7 @@ public final class Broker: Sendable {
         retained.continueScan(&scan, limit: limit)
     }
 
-    func retainedMessages(matching filter: String) -> [Message] {
+    func retainedMessages(matching filter: TopicFilter) -> [Message] {
         var scan = retained.scan(matching: filter)
         var found: [Message] = []
         while !scan.isDone { found += retained.continueScan(&scan, limit: Self.retainedScanChunk) }

@@ -252,7 +252,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .subscribe(let subscribe):
             handleSubscribe(subscribe.value, session: session)
         case .unsubscribe(let unsubscribe):
-            for filter in unsubscribe.value.filters { broker.unsubscribe(session, filter: filter) }
+            for filter in unsubscribe.value.filters { broker.unsubscribe(session, filter: TopicFilter(alreadyValidated: filter)) }
             writePacket(.unsuback(packetID: unsubscribe.value.packetID))
         case .pingreq:
             writePacket(.pingresp)
@@ -396,22 +396,24 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
-    private func mayPublish(_ topic: ByteBuffer) -> Bool {
+    private func mayPublish(_ topic: TopicName) -> Bool {
         guard let access else { return true }
         if let verdict = access.verdicts[topic] { return verdict }
-        let verdict = access.acl.allowsPublish(topic: TopicName(alreadyValidated: topic))
+        let verdict = access.acl.allowsPublish(topic: topic)
         if access.verdicts.count >= 1000 { access.verdicts.removeAll(keepingCapacity: true) }
-        access.verdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
-        if !verdict { logger.debug("publish to \"\(LogText(String(buffer: topic)))\" denied by ACL") }
+        access.verdicts[topic.copied()] = verdict
+        if !verdict { logger.debug("publish to \"\(LogText(topic.string))\" denied by ACL") }
         return verdict
     }
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
     private func route(topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool) {
-        guard mayPublish(topic) else { return }
+        // Validated by the decoder (or at CONNECT, for the will): only its hash is computed here.
+        let name = TopicName(alreadyValidated: topic)
+        guard mayPublish(name) else { return }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
-        let route = worker.route(for: topic)
+        let route = worker.route(for: name)
         guard route.hooked else { return publish(message, along: route) }
         let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
@@ -439,24 +441,24 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }
+        let rewritten: TopicName
         do {
-            try Topic.validateName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
+            rewritten = try TopicName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
         } catch {
             logger.info("publish hook produced an invalid topic \"\(LogText(m.topic))\": \(LogText(error.description))")
             return
         }
         // A rewritten topic is checked against the ACL again.
-        let rewritten = ByteBuffer(string: m.topic)
         guard mayPublish(rewritten) else { return }
-        publish(Message(topic: rewritten, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: rewritten))
+        publish(Message(topic: rewritten.bytes, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: rewritten))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
         var codes: [SubackReturnCode] = []
-        var granted: [(String, QoS)] = []
+        var granted: [(TopicFilter, QoS)] = []
         for subscription in subscribe.subscriptions {
             let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
-            var filter = subscription.filter
+            var filter = TopicFilter(alreadyValidated: subscription.filter)
             var qos = subscription.qos
             switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
             case .allow:
@@ -466,17 +468,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 continue
             case .rewrite(let newFilter, let maxQoS):
                 do {
-                    try Topic.validateFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
+                    filter = try TopicFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
                 } catch {
                     logger.info("subscribe hook produced an invalid filter \"\(LogText(newFilter))\": \(LogText(error.description))")
                     codes.append(.failure)
                     continue
                 }
-                filter = newFilter
                 qos = min(qos, maxQoS)
             }
             if let access, !access.acl.allowsSubscribe(filter: filter) {
-                logger.debug("subscribe to \"\(LogText(filter))\" denied by ACL")
+                logger.debug("subscribe to \"\(LogText(filter.string))\" denied by ACL")
                 codes.append(.failure)
                 continue
             }
@@ -487,8 +488,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
         // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
         // tree as the socket drains. A filter granted twice in one packet is walked once.
-        var seen = Set<ByteText>()
-        for (filter, qos) in granted.reversed() where seen.insert(ByteText(filter)).inserted {
+        var seen = Set<TopicFilter>()
+        for (filter, qos) in granted.reversed() where seen.insert(filter).inserted {
             session.sendRetained(matching: filter, qos: qos, broker: broker)
         }
     }
@@ -704,7 +705,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 /// A client's access rules and, so that they are matched once per topic, its publish verdicts.
 private final class Access {
     let acl: ClientACL
-    var verdicts: [ByteBuffer: Bool] = [:]
+    var verdicts: [TopicName: Bool] = [:]
 
     init(_ acl: ClientACL) { self.acl = acl }
 }

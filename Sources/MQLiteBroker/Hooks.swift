@@ -117,10 +117,10 @@ public protocol BrokerHooks: AnyObject, Sendable {
     func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
     /// Subscribe authorisation, once per filter.
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
-    /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see; `false` keeps the
+    /// Whether `topic` (a PUBLISH's topic) is one the hooks want to see; `false` keeps the
     /// message on the zero-copy path. The broker caches the answer per topic and worker (in its
     /// route cache) until `publishHookGeneration` changes.
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool
     /// Changes whenever the answers of `isPublishHooked` may have changed (a reload).
     var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
@@ -137,7 +137,7 @@ extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
-    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func isPublishHooked(topic: TopicName, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}

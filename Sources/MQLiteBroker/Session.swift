@@ -26,8 +26,8 @@ protocol SessionOutbound: AnyObject {
 /// store keeping sessions across restarts uses. Reported on the session's owner loop, after the
 /// change.
 enum SessionEvent {
-    case subscribed(filter: String, qos: QoS)
-    case unsubscribed(filter: String)
+    case subscribed(filter: TopicFilter, qos: QoS)
+    case unsubscribed(filter: TopicFilter)
     /// A message was kept in the queue for later (offline, window full, or the socket full).
     case queued(Delivery)
     /// A QoS 1/2 message went out with `packetID` and waits for its acknowledgement.
@@ -77,7 +77,7 @@ final class Session: @unchecked Sendable {
     /// Where messages go now; nil while no connection (or link) holds the session.
     var outbound: (any SessionOutbound)?
     /// Filter (compared byte for byte) → granted QoS.
-    var subscriptions: [ByteText: QoS] = [:]
+    var subscriptions: [TopicFilter: QoS] = [:]
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
@@ -262,7 +262,7 @@ final class Session: @unchecked Sendable {
     /// messages match, only what the client reads.
     private static let retainedStep = 256
 
-    func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
+    func sendRetained(matching filter: TopicFilter, qos: QoS, broker: Broker) {
         assertOnOwner(broker)
         guard outbound != nil, !ended else { return }
         more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))

@@ -266,10 +266,10 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     public var publishHookGeneration: Int { generation.load(ordering: .acquiring) }
 
-    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
+    public func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
         guard let vm = vm(worker) else { return false }
         // Asked once per topic (the broker caches the answer in its route cache).
-        return !vm.publishHooks(for: String(buffer: topic)).isEmpty
+        return !vm.publishHooks(for: topic.string).isEmpty
     }
 
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {

@@ -130,6 +130,26 @@ public struct TopicFilter: Hashable, Sendable, CustomStringConvertible {
         self.hashBits = UInt32(truncatingIfNeeded: hasher.finalize())
     }
 
+    /// A filter the decoder has already validated (one of a SUBSCRIBE or UNSUBSCRIBE): only the
+    /// level count, the wildcard flag and the hash are computed. `string` must be a valid filter.
+    package init(alreadyValidated string: String) {
+        var slashes = 0
+        var wildcards = false
+        for byte in string.utf8 {
+            switch byte {
+            case UInt8(ascii: "/"): slashes &+= 1
+            case UInt8(ascii: "+"), UInt8(ascii: "#"): wildcards = true
+            default: continue
+            }
+        }
+        self.string = string
+        self.slashes = UInt16(truncatingIfNeeded: slashes)
+        self.hasWildcards = wildcards
+        var hasher = Hasher()
+        string.hashUTF8(into: &hasher)
+        self.hashBits = UInt32(truncatingIfNeeded: hasher.finalize())
+    }
+
     public var description: String { string }
     /// Number of levels (one more than the number of `/`).
     @inlinable public var levelCount: Int { Int(slashes) + 1 }

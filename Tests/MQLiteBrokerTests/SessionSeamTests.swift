@@ -211,18 +211,18 @@ struct RouteCacheTests {
             let a = Session(clientID: "a", persistent: false, owner: 0)
             let b = Session(clientID: "b", persistent: false, owner: 0)
             for topic in ["a/b", "c/d", "c/e", "$SYS/x"] {
-                broker.subscribe(a, filter: topic, qos: .atMostOnce)
-                _ = worker.route(for: ByteBuffer(string: topic))
+                broker.subscribe(a, filter: try TopicFilter(topic), qos: .atMostOnce)
+                _ = worker.route(for: try TopicName(topic))
             }
             var seen: [[String: Bool]] = []
             func snapshot() { seen.append(Dictionary(uniqueKeysWithValues: ["a/b", "c/d", "c/e", "$SYS/x"].map { ($0, worker.hasCachedRoute(for: $0)) })) }
             snapshot()
-            broker.subscribe(b, filter: "c/#", qos: .atMostOnce)  // c/d and c/e; not $SYS (wildcard first level)
+            broker.subscribe(b, filter: try TopicFilter("c/#"), qos: .atMostOnce)  // c/d and c/e; not $SYS (wildcard first level)
             snapshot()
-            for topic in ["c/d", "c/e"] { _ = worker.route(for: ByteBuffer(string: topic)) }
-            broker.unsubscribe(a, filter: "a/b")  // exactly a/b
+            for topic in ["c/d", "c/e"] { _ = worker.route(for: try TopicName(topic)) }
+            broker.unsubscribe(a, filter: try TopicFilter("a/b"))  // exactly a/b
             snapshot()
-            broker.subscribe(b, filter: "#", qos: .atMostOnce)  // everything but $SYS/x
+            broker.subscribe(b, filter: try TopicFilter("#"), qos: .atMostOnce)  // everything but $SYS/x
             snapshot()
             return seen
         }

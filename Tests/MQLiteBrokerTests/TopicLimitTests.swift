@@ -20,8 +20,8 @@ final class DeepRewriteHooks: BrokerHooks {
         request.filter == "deep/in" ? .rewrite(filter: levels("+", 201), qos: .atMostOnce) : .allow
     }
 
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
-        topic.readableBytesView.elementsEqual("deep/out".utf8)
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
+        topic.bytes.readableBytesView.elementsEqual("deep/out".utf8)
     }
 
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
