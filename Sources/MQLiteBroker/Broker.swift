@@ -207,15 +207,16 @@ public final class Broker: Sendable {
     /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
     /// loop; publish hooks do not see it.
     public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
+        let name: TopicName
         do {
-            try Topic.validateName(topic, maxLevels: configuration.limits.maxTopicLevels)
+            name = try TopicName(topic, maxLevels: configuration.limits.maxTopicLevels)
         } catch {
             logger.info("plugin publish rejected: \(LogText(error.description))")
             throw error
         }
         guard !workers.isEmpty else { return }  // stopped
         let worker = workers[index % workers.count]
-        let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
+        let message = Message(topic: name, payload: payload, qos: qos, retain: retain)
         if worker.loop.inEventLoop {
             worker.publish(message)
         } else {
@@ -354,7 +355,7 @@ public final class Broker: Sendable {
     /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
     /// tree's branch left empty).
     func retain(_ message: Message) {
-        let topic = TopicName(alreadyValidated: message.topic)
+        let topic = message.topic
         if message.payload.readableBytes == 0 {
             retained.remove(topic: topic)
         } else {

@@ -379,18 +379,20 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
+        // Validated by the decoder: only its level count and hash are computed here.
+        let topic = TopicName(alreadyValidated: publish.topic)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .atLeastOnce:
             writePacket(.puback(packetID: publish.packetID!))
-            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .exactlyOnce:
             let id = publish.packetID!
             writePacket(.pubrec(packetID: id))
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
-                route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             }
         }
     }
@@ -408,23 +410,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    private func route(topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool) {
-        // Validated by the decoder (or at CONNECT, for the will): only its hash is computed here.
-        let name = TopicName(alreadyValidated: topic)
-        guard mayPublish(name) else { return }
+    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool) {
+        guard mayPublish(topic) else { return }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
-        let route = worker.route(for: name)
+        let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
-        let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
+        // The hooks see the same message (no String, no copy made for them).
+        let hooked = message
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
         case .deliver:
             publish(message, along: route)
         case .drop:
             break
         case .change(let changed):
-            publishChanged(changed, original: hooked, topic: topic, route: route)
+            publishChanged(changed, original: hooked, route: route)
         case .replace(let messages):
-            for changed in messages { publishChanged(changed, original: hooked, topic: topic, route: route) }
+            for changed in messages { publishChanged(changed, original: hooked, route: route) }
         }
     }
 
@@ -435,22 +436,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Routes a message a publish hook produced in place of the one on `topic`.
-    private func publishChanged(_ m: HookedMessage, original: HookedMessage, topic: ByteBuffer, route: Worker.Route) {
+    private func publishChanged(_ m: HookedMessage, original: HookedMessage, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
-        if m.topic.hasSameUTF8(as: original.topic) {
-            publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+        if m.topic == original.topic {
+            publish(Message(topic: original.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }
-        let rewritten: TopicName
-        do {
-            rewritten = try TopicName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
-        } catch {
-            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic))\": \(LogText(error.description))")
+        // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
+        let limit = broker.configuration.limits.maxTopicLevels
+        guard m.topic.levelCount <= limit else {
+            let error = MQTTProtocolError.tooManyTopicLevels(levels: m.topic.levelCount, limit: limit)
+            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic.string))\": \(LogText(error.description))")
             return
         }
         // A rewritten topic is checked against the ACL again.
-        guard mayPublish(rewritten) else { return }
-        publish(Message(topic: rewritten.bytes, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: rewritten))
+        guard mayPublish(m.topic) else { return }
+        publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: m.topic))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
@@ -611,7 +612,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if publishWill, let will = will?.value {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it.
-            route(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain)
+            route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain)
         }
         will = nil
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }
@@ -678,15 +679,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if message.payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()
-            var header = context.channel.allocator.buffer(capacity: message.topic.readableBytes + 9)
+            var header = context.channel.allocator.buffer(capacity: message.topic.count + 9)
             header.writePublishHeader(
-                topic: message.topic, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(message.payload), promise: nil)
             markDirty()
         } else {
             appendOutput {
-                $0.writePublish(topic: message.topic, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                $0.writePublish(topic: message.topic.bytes, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
             }
         }
     }

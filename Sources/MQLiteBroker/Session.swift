@@ -106,7 +106,7 @@ final class Session: @unchecked Sendable {
         /// Messages dropped since the queue last drained (for one log line per episode).
         var droppedInEpisode = 0
         var receiveACL: ClientACL?
-        var receiveVerdicts: [ByteBuffer: Bool] = [:]
+        var receiveVerdicts: [TopicName: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
@@ -285,11 +285,11 @@ final class Session: @unchecked Sendable {
         return true
     }
 
-    private func mayReceive(_ topic: ByteBuffer, _ occasional: Occasional) -> Bool {
+    private func mayReceive(_ topic: TopicName, _ occasional: Occasional) -> Bool {
         if let verdict = occasional.receiveVerdicts[topic] { return verdict }
-        let verdict = occasional.receiveACL?.allowsReceive(topic: TopicName(alreadyValidated: topic)) ?? true
+        let verdict = occasional.receiveACL?.allowsReceive(topic: topic) ?? true
         if occasional.receiveVerdicts.count >= 1000 { occasional.receiveVerdicts.removeAll(keepingCapacity: true) }
-        occasional.receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+        occasional.receiveVerdicts[topic.copied()] = verdict
         return verdict
     }
 
@@ -415,7 +415,7 @@ final class Session: @unchecked Sendable {
         assertOnOwner(broker)
         guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
-        inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
+        inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
         broker.sessionObserver?.session(self, .released(packetID: id))
     }
 

@@ -242,7 +242,7 @@ final class Worker: @unchecked Sendable {
     /// Stores or clears a retained message, then routes the message to every matching
     /// subscriber. On this worker's loop.
     func publish(_ message: Message) {
-        publish(message, along: route(for: TopicName(alreadyValidated: message.topic)))
+        publish(message, along: route(for: message.topic))
     }
 
     /// As `publish(_:)`, with the route already looked up. Returns whether a subscriber's queue

@@ -38,7 +38,7 @@ public enum DecoderFuzzer {
                 case .unsubscribe(let box): filters += box.value.filters
                 // An MQTT 5 PUBLISH may have an empty topic (a topic alias): not a topic to match.
                 case .publish(let publish): if publish.topic.readableBytes > 0 { topics.append(publish.topicString) }
-                case .connect(let box): if let will = box.value.will { topics.append(will.topic) }
+                case .connect(let box): if let will = box.value.will { topics.append(will.topic.string) }
                 default: break
                 }
             }

@@ -275,7 +275,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
         guard let vm = vm(worker) else { return .deliver }
         let all = vm.hooks(.publish)
-        for index in vm.publishHooks(for: message.topic) {
+        let topic = message.topic.string
+        for index in vm.publishHooks(for: topic) {
             // The Lua string holding the payload: a result that hands back the same string
             // (pointer-equal) keeps the original bytes, uncopied.
             var payloadString: UnsafePointer<CChar>?
@@ -288,7 +289,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 }
                 set(.clientID) { vm.push(client.clientID, repeating: .clientID) }
                 if let username = client.username { set(.username) { L.push(username) } }
-                set(.topic) { vm.push(message.topic, repeating: .topic) }
+                set(.topic) { vm.push(topic, repeating: .topic) }
                 set(.payload) {
                     L.push(message.payload)
                     payloadString = lua_tolstring(L, -1, nil)
@@ -428,7 +429,12 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
         guard lua_type(L, -2) == LUA_TSTRING, let key = L.rawBytes(at: -2) else { continue }
         switch key.count {
         case 5 where key.elementsEqual("topic".utf8):
-            message.topic = try readString(L, -1, "topic")
+            let topic = try readString(L, -1, "topic")
+            do {
+                message.topic = try TopicName(topic)
+            } catch {
+                throw HookResultError("topic \"\(topic)\" is not a valid topic name: \(error.description)")
+            }
         case 7 where key.elementsEqual("payload".utf8):
             let type = lua_type(L, -1)
             guard type == LUA_TSTRING || type == LUA_TNUMBER else {

@@ -104,6 +104,19 @@ public struct TopicName: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+extension TopicName: ExpressibleByStringLiteral {
+    /// A topic written in the source (`"sensors/temperature"`): it must be a valid topic name
+    /// (checked, a trap otherwise, as for any malformed constant). Topics from outside go
+    /// through `init(_:maxLevels:)`, which throws.
+    public init(stringLiteral value: String) {
+        do {
+            try self.init(value)
+        } catch {
+            preconditionFailure("\"\(value)\" is not a valid topic name: \(error)")
+        }
+    }
+}
+
 // MARK: - TopicFilter
 
 /// A validated MQTT topic filter (§4.7): non-empty, well-formed UTF-8, no U+0000, `#` only as

@@ -28,7 +28,7 @@ final class RecordingOutbound: SessionOutbound {
     var canWrite: Bool { writable }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        sent.append(Sent(topic: String(buffer: message.topic), payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
+        sent.append(Sent(topic: message.topic.string, payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
     }
 
     func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
@@ -93,8 +93,8 @@ private func onWorker<T: Sendable>(
     }
 }
 
-private func delivery(_ payload: String, qos: QoS, topic: String = "t") -> Delivery {
-    Delivery(message: Message(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
+private func delivery(_ payload: String, qos: QoS, topic: TopicName = "t") -> Delivery {
+    Delivery(message: Message(topic: topic, payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
 }
 
 @Suite("Session seam: a session without a socket")

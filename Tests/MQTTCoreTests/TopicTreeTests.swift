@@ -130,8 +130,8 @@ struct TopicLevelTests {
             (.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: deep, qos: .atMostOnce)])),
              .subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: ok, qos: .atMostOnce)]))),
             (.unsubscribe(UnsubscribePacket(packetID: 1, filters: [deep])), .unsubscribe(UnsubscribePacket(packetID: 1, filters: [ok]))),
-            (.connect(ConnectPacket(clientID: "c", will: Will(topic: deep, payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false))),
-             .connect(ConnectPacket(clientID: "c", will: Will(topic: ok, payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false)))),
+            (.connect(ConnectPacket(clientID: "c", will: Will(topic: try TopicName(deep), payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false))),
+             .connect(ConnectPacket(clientID: "c", will: Will(topic: try TopicName(ok), payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false)))),
         ]
         for (bad, good) in packets {
             var decoder = MQTTDecoder(maxTopicLevels: 200)
