@@ -23,10 +23,29 @@ public struct ACLTable: Sendable, Equatable {
 /// The access rules a client holds for the life of its connection, enforced in Swift on every
 /// PUBLISH and SUBSCRIBE: an action must be allowed by every table that lists it, and denied by none.
 public struct ClientACL: Sendable {
+    /// One list of patterns, `%c`/`%u` substituted: in the topic trie for matching topics, and
+    /// as filters for "does this pattern cover that subscription".
+    struct Patterns: Sendable {
+        let filters: [TopicFilter]
+        /// Immutable once built (shared read-only by copies of the ACL).
+        let trie: TopicTrie<Bool>
+
+        init(_ filters: [TopicFilter]) {
+            self.filters = filters
+            let trie = TopicTrie<Bool>()
+            for filter in filters { trie.set(filter.string, true) }
+            self.trie = trie
+        }
+
+        var isEmpty: Bool { filters.isEmpty }
+        func matches(_ topic: TopicName) -> Bool { !filters.isEmpty && trie.hasMatch(name: topic.string) }
+        func covers(_ filter: TopicFilter) -> Bool { filters.contains { $0.covers(filter) } }
+    }
+
     private struct Compiled: Sendable {
-        var publish: [String]?
-        var subscribe: [String]?
-        var deny: [String]
+        var publish: Patterns?
+        var subscribe: Patterns?
+        var deny: Patterns
     }
 
     private let tables: [Compiled]
@@ -34,25 +53,25 @@ public struct ClientACL: Sendable {
     /// Substitutes `%c` and `%u` once. A pattern whose substitution is impossible (no user name,
     /// or an id holding `/`, `+` or `#`) is left out: it matches nothing.
     public init(_ tables: [ACLTable], clientID: String, username: String?) {
-        func substitute(_ patterns: [String]) -> [String] {
-            patterns.compactMap { pattern in
-                var levels: [String] = []
-                for level in Topic.levels(pattern) {
-                    switch level {
-                    case "%c": levels.append(clientID)
-                    case "%u":
-                        guard let username else { return nil }
-                        levels.append(username)
-                    default: levels.append(String(level))
+        func substitute(_ patterns: [String]) -> Patterns {
+            Patterns(
+                patterns.compactMap { pattern in
+                    var levels: [String] = []
+                    for level in Topic.levels(pattern) {
+                        switch level {
+                        case "%c": levels.append(clientID)
+                        case "%u":
+                            guard let username else { return nil }
+                            levels.append(username)
+                        default: levels.append(String(level))
+                        }
+                        if level == "%c" || level == "%u" {
+                            let value = levels.last!
+                            if value.isEmpty || value.contains(where: { $0 == "/" || $0 == "+" || $0 == "#" }) { return nil }
+                        }
                     }
-                    if level == "%c" || level == "%u" {
-                        let value = levels.last!
-                        if value.isEmpty || value.contains(where: { $0 == "/" || $0 == "+" || $0 == "#" }) { return nil }
-                    }
-                }
-                let result = levels.joined(separator: "/")
-                return (try? Topic.validateFilter(result)) == nil ? nil : result
-            }
+                    return try? TopicFilter(levels.joined(separator: "/"))
+                })
         }
         self.tables = tables.map {
             Compiled(publish: $0.publish.map(substitute), subscribe: $0.subscribe.map(substitute), deny: substitute($0.deny))
@@ -60,27 +79,35 @@ public struct ClientACL: Sendable {
     }
 
     /// Whether the client may publish to `topic`.
-    public func allowsPublish(topic: String) -> Bool {
+    public func allowsPublish(topic: TopicName) -> Bool {
         for table in tables {
-            if table.deny.contains(where: { Topic.matches(filter: $0, topic: topic) }) { return false }
-            if let allowed = table.publish, !allowed.contains(where: { Topic.matches(filter: $0, topic: topic) }) {
-                return false
-            }
+            if table.deny.matches(topic) { return false }
+            if let allowed = table.publish, !allowed.matches(topic) { return false }
         }
         return true
+    }
+
+    /// Whether the client may publish to `topic` (false for an invalid topic name).
+    public func allowsPublish(topic: String) -> Bool {
+        guard let name = try? TopicName(topic) else { return false }
+        return allowsPublish(topic: name)
     }
 
     /// Whether the client may subscribe to `filter`: it must lie within an allowed pattern, and
     /// not wholly within a denied one (denied topics under a wider filter are held back on
     /// delivery, see `allowsReceive`).
-    public func allowsSubscribe(filter: String) -> Bool {
+    public func allowsSubscribe(filter: TopicFilter) -> Bool {
         for table in tables {
-            if table.deny.contains(where: { ClientACL.covers($0, filter) }) { return false }
-            if let allowed = table.subscribe, !allowed.contains(where: { ClientACL.covers($0, filter) }) {
-                return false
-            }
+            if table.deny.covers(filter) { return false }
+            if let allowed = table.subscribe, !allowed.covers(filter) { return false }
         }
         return true
+    }
+
+    /// Whether the client may subscribe to `filter` (false for an invalid filter).
+    public func allowsSubscribe(filter: String) -> Bool {
+        guard let filter = try? TopicFilter(filter) else { return false }
+        return allowsSubscribe(filter: filter)
     }
 
     /// Whether any table limits what the client may receive (only then do deliveries need checking).
@@ -91,29 +118,17 @@ public struct ClientACL: Sendable {
     /// Checked on every delivery (as Mosquitto checks read access), not only at SUBSCRIBE: a
     /// persistent session's subscriptions outlive the connection, and the next client to take
     /// the session over may have other rights.
-    public func allowsReceive(topic: String) -> Bool {
+    public func allowsReceive(topic: TopicName) -> Bool {
         for table in tables {
-            if table.deny.contains(where: { Topic.matches(filter: $0, topic: topic) }) { return false }
-            if let allowed = table.subscribe, !allowed.contains(where: { Topic.matches(filter: $0, topic: topic) }) { return false }
+            if table.deny.matches(topic) { return false }
+            if let allowed = table.subscribe, !allowed.matches(topic) { return false }
         }
         return true
     }
 
-    /// Whether every topic that `filter` matches is matched by `pattern`. As in matching, a
-    /// pattern starting with a wildcard says nothing about `$` topics (§4.7.2).
-    static func covers(_ pattern: String, _ filter: String) -> Bool {
-        let p = Topic.levels(pattern)
-        let f = Topic.levels(filter)
-        // Levels compared byte for byte (Substring == is Unicode canonical equivalence).
-        func same(_ a: Substring, _ b: Substring) -> Bool { a.hasSameUTF8(as: b) }
-        if filter.utf8.first == UInt8(ascii: "$"), let first = p.first, same(first, "+") || same(first, "#") { return false }
-        for (i, level) in p.enumerated() {
-            if same(level, "#") { return true }
-            guard i < f.count else { return false }
-            if same(f[i], "#") { return false }
-            if same(level, "+") { continue }
-            if same(f[i], "+") || !same(f[i], level) { return false }
-        }
-        return p.count == f.count
+    /// Whether a message on `topic` may be delivered to the client (false for an invalid name).
+    public func allowsReceive(topic: String) -> Bool {
+        guard let name = try? TopicName(topic) else { return false }
+        return allowsReceive(topic: name)
     }
 }

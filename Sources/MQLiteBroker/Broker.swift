@@ -216,15 +216,16 @@ public final class Broker: Sendable {
     /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
     /// loop; publish hooks do not see it.
     public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
+        let name: TopicName
         do {
-            try Topic.validateName(topic, maxLevels: configuration.limits.maxTopicLevels)
+            name = try TopicName(topic, maxLevels: configuration.limits.maxTopicLevels)
         } catch {
             logger.info("plugin publish rejected: \(LogText(error.description))")
             throw error
         }
         guard !workers.isEmpty else { return }  // stopped
         let worker = workers[index % workers.count]
-        let message = Message(topic: ByteBuffer(string: topic), payload: payload, qos: qos, retain: retain)
+        let message = Message(topic: name, payload: payload, qos: qos, retain: retain)
         if worker.loop.inEventLoop {
             worker.publish(message)
         } else {
@@ -357,7 +358,7 @@ public final class Broker: Sendable {
         worker.sessionClaimed(session)  // no longer waiting to expire
         session.clear()
         sessionObserver?.session(session, .ended)
-        let filters = session.subscriptions.keys.map { String($0.text) }
+        let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptions.remove(filters: filters, session: session)
@@ -370,17 +371,17 @@ public final class Broker: Sendable {
 
     // MARK: - Subscriptions
 
-    func subscribe(_ session: Session, filter: String, qos: QoS) {
+    func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
         workers[session.owner].assertOnLoop()
-        session.subscriptions[ByteText(filter)] = qos
+        session.subscriptions[filter] = qos
         subscriptions.insert(filter: filter, session: session, qos: qos)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
     }
 
-    func unsubscribe(_ session: Session, filter: String) {
+    func unsubscribe(_ session: Session, filter: TopicFilter) {
         workers[session.owner].assertOnLoop()
-        guard session.subscriptions.removeValue(forKey: ByteText(filter)) != nil else { return }
+        guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .unsubscribed(filter: filter))
@@ -389,10 +390,10 @@ public final class Broker: Sendable {
     /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
     /// have rewritten it): the session remembers the name, so that UNSUBSCRIBE of it removes
     /// `filter`; a filter the name stood for before goes when no other name maps to it.
-    func subscribe(_ session: Session, named name: String, as filter: String, qos: QoS) {
+    func subscribe(_ session: Session, named name: TopicFilter, as filter: TopicFilter, qos: QoS) {
         guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, qos: qos) }
         let replaced = session.withSubscriptionNames { names in
-            names.subscribed(name: name, as: filter) { session.subscriptions[ByteText($0)] != nil }
+            names.subscribed(name: name, as: filter) { session.subscriptions[$0] != nil }
         }
         subscribe(session, filter: filter, qos: qos)
         if let replaced { unsubscribe(session, filter: replaced) }
@@ -401,7 +402,7 @@ public final class Broker: Sendable {
     /// UNSUBSCRIBE of the client's filter `name`: removes what it was subscribed as (unless
     /// another name of the client still maps to that). Returns that filter.
     @discardableResult
-    func unsubscribe(_ session: Session, named name: String) -> String {
+    func unsubscribe(_ session: Session, named name: TopicFilter) -> TopicFilter {
         guard session.hasRenamedSubscriptions else {
             unsubscribe(session, filter: name)
             return name
@@ -413,7 +414,7 @@ public final class Broker: Sendable {
 
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
-    func matchSubscribers(topic: String) -> [(session: Session, qos: QoS)] {
+    func matchSubscribers(topic: TopicName) -> [(session: Session, qos: QoS)] {
         subscriptions.matches(topic: topic)
     }
 
@@ -422,7 +423,7 @@ public final class Broker: Sendable {
     /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
     /// tree's branch left empty).
     func retain(_ message: Message) {
-        let topic = String(buffer: message.topic)
+        let topic = message.topic
         if message.payload.readableBytes == 0 {
             retained.remove(topic: topic)
         } else {
@@ -436,7 +437,7 @@ public final class Broker: Sendable {
     /// retained messages) never holds the lock for long and retained publishes on other workers
     /// go on between chunks. A message set or cleared during the walk may or may not be seen.
     /// A walk of the retained messages matching `filter`, to be continued in steps.
-    func retainedScan(matching filter: String) -> RetainedTree<Message>.Scan {
+    func retainedScan(matching filter: TopicFilter) -> RetainedTree<Message>.Scan {
         retained.scan(matching: filter)
     }
 
@@ -445,7 +446,7 @@ public final class Broker: Sendable {
         retained.continueScan(&scan, limit: limit)
     }
 
-    func retainedMessages(matching filter: String) -> [Message] {
+    func retainedMessages(matching filter: TopicFilter) -> [Message] {
         var scan = retained.scan(matching: filter)
         var found: [Message] = []
         while !scan.isDone { found += retained.continueScan(&scan, limit: Self.retainedScanChunk) }

@@ -216,9 +216,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .unsubscribe(let unsubscribe):
             guard let session else { return }
             for filter in unsubscribe.filters {
-                let subscribed = broker.unsubscribe(session, named: filter)
+                let subscribed = broker.unsubscribe(session, named: TopicFilter(alreadyValidated: filter))
                 broker.hooks.unsubscribed(
-                    UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed),
+                    UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed.string),
                     worker: worker.index)
             }
             writePacket(.unsuback(packetID: unsubscribe.packetID))
@@ -338,50 +338,53 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
+        // Validated by the decoder: only its level count and hash are computed here.
+        let topic = TopicName(alreadyValidated: publish.topic)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .atLeastOnce:
             writePacket(.puback(packetID: publish.packetID!))
-            route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
         case .exactlyOnce:
             let id = publish.packetID!
             writePacket(.pubrec(packetID: id))
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
-                route(topic: publish.topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
             }
         }
     }
 
     /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
-    private func mayPublish(_ topic: ByteBuffer) -> Bool {
+    private func mayPublish(_ topic: TopicName) -> Bool {
         guard let access else { return true }
         if let verdict = access.verdicts[topic] { return verdict }
-        let verdict = access.acl.allowsPublish(topic: String(buffer: topic))
+        let verdict = access.acl.allowsPublish(topic: topic)
         if access.verdicts.count >= 1000 { access.verdicts.removeAll(keepingCapacity: true) }
-        access.verdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
-        if !verdict { logger.debug("publish to \"\(LogText(String(buffer: topic)))\" denied by ACL") }
+        access.verdicts[topic.copied()] = verdict
+        if !verdict { logger.debug("publish to \"\(LogText(topic.string))\" denied by ACL") }
         return verdict
     }
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    private func route(topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool) {
+    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool) {
         guard mayPublish(topic) else { return }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
         let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
-        let hooked = HookedMessage(topic: String(buffer: topic), payload: payload, qos: qos, retain: retain)
+        // The hooks see the same message (no String, no copy made for them).
+        let hooked = message
         switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
         case .deliver:
             publish(message, along: route)
         case .drop:
             break
         case .change(let changed):
-            publishChanged(changed, original: hooked, topic: topic, route: route)
+            publishChanged(changed, original: hooked, route: route)
         case .replace(let messages):
-            for changed in messages { publishChanged(changed, original: hooked, topic: topic, route: route) }
+            for changed in messages { publishChanged(changed, original: hooked, route: route) }
         }
     }
 
@@ -392,31 +395,32 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Routes a message a publish hook produced in place of the one on `topic`.
-    private func publishChanged(_ m: HookedMessage, original: HookedMessage, topic: ByteBuffer, route: Worker.Route) {
+    private func publishChanged(_ m: HookedMessage, original: HookedMessage, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
-        if m.topic.hasSameUTF8(as: original.topic) {
-            publish(Message(topic: topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+        if m.topic == original.topic {
+            publish(Message(topic: original.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
             return
         }
-        do {
-            try Topic.validateName(m.topic, maxLevels: broker.configuration.limits.maxTopicLevels)
-        } catch {
-            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic))\": \(LogText(error.description))")
+        // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
+        let limit = broker.configuration.limits.maxTopicLevels
+        guard m.topic.levelCount <= limit else {
+            let error = MQTTProtocolError.tooManyTopicLevels(levels: m.topic.levelCount, limit: limit)
+            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic.string))\": \(LogText(error.description))")
             return
         }
         // A rewritten topic is checked against the ACL again.
-        let rewritten = ByteBuffer(string: m.topic)
-        guard mayPublish(rewritten) else { return }
-        publish(Message(topic: rewritten, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: rewritten))
+        guard mayPublish(m.topic) else { return }
+        publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: m.topic))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
         var codes: [SubackReturnCode] = []
-        var granted: [(String, QoS)] = []
+        var granted: [(TopicFilter, QoS)] = []
         var refusedForLimit = false  // logged once per packet
         for subscription in subscribe.subscriptions {
             let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
-            var filter = subscription.filter
+            let named = TopicFilter(alreadyValidated: subscription.filter)
+            var filter = named
             var qos = subscription.qos
             switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
             case .allow:
@@ -426,36 +430,35 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 continue
             case .rewrite(let newFilter, let maxQoS):
                 do {
-                    try Topic.validateFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
+                    filter = try TopicFilter(newFilter, maxLevels: broker.configuration.limits.maxTopicLevels)
                 } catch {
                     logger.info("subscribe hook produced an invalid filter \"\(LogText(newFilter))\": \(LogText(error.description))")
                     codes.append(.failure)
                     continue
                 }
-                filter = newFilter
                 qos = min(qos, maxQoS)
             }
             if let access, !access.acl.allowsSubscribe(filter: filter) {
-                logger.debug("subscribe to \"\(LogText(filter))\" denied by ACL")
+                logger.debug("subscribe to \"\(LogText(filter.string))\" denied by ACL")
                 codes.append(.failure)
                 continue
             }
             let limit = broker.configuration.limits.maxSubscriptions
-            if limit > 0, session.subscriptions.count >= limit, session.subscriptions[ByteText(filter)] == nil {
+            if limit > 0, session.subscriptions.count >= limit, session.subscriptions[filter] == nil {
                 if !refusedForLimit { logger.info("subscribe refused: the client holds max_subscriptions (\(limit)) filters") }
                 refusedForLimit = true
                 codes.append(.failure)
                 continue
             }
-            broker.subscribe(session, named: subscription.filter, as: filter, qos: qos)
+            broker.subscribe(session, named: named, as: filter, qos: qos)
             codes.append(.granted(qos))
             granted.append((filter, qos))
         }
         writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
         // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
         // tree as the socket drains. A filter granted twice in one packet is walked once.
-        var seen = Set<ByteText>()
-        for (filter, qos) in granted.reversed() where seen.insert(ByteText(filter)).inserted {
+        var seen = Set<TopicFilter>()
+        for (filter, qos) in granted.reversed() where seen.insert(filter).inserted {
             session.sendRetained(matching: filter, qos: qos, broker: broker)
         }
     }
@@ -565,7 +568,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if publishWill, let will = will?.value {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it.
-            route(topic: ByteBuffer(string: will.topic), payload: will.payload, qos: will.qos, retain: will.retain)
+            route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain)
         }
         will = nil
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }
@@ -620,7 +623,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         guard let acl = access?.acl else { return }
-        let revoked = session.subscriptions.keys.map { String($0.text) }.filter { !acl.allowsSubscribe(filter: $0) }
+        let revoked = session.subscriptions.keys.filter { !acl.allowsSubscribe(filter: $0) }
         for filter in revoked {
             broker.unsubscribe(session, filter: filter)
             if session.hasRenamedSubscriptions { session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) } }
@@ -629,24 +632,21 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func interceptDelivery(_ message: Message) -> Message? {
-        let hooked = HookedMessage(topic: String(buffer: message.topic), payload: message.payload, qos: message.qos, retain: message.retain)
-        switch broker.hooks.interceptDelivery(hooked, to: clientInfo, worker: worker.index) {
+        switch broker.hooks.interceptDelivery(message, to: clientInfo, worker: worker.index) {
         case .deliver:
             return message
         case .drop:
             return nil
-        case .change(let topic, let payload):
-            var changed = message
-            if !topic.hasSameUTF8(as: hooked.topic) {
-                do {
-                    try Topic.validateName(topic, maxLevels: broker.configuration.limits.maxTopicLevels)
-                } catch {
-                    logger.info("delivery hook produced an invalid topic \"\(LogText(topic))\": \(LogText(error.description))")
-                    return nil
-                }
-                changed.topic = ByteBuffer(string: topic)
+        case .change(var changed):
+            // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
+            let limit = broker.configuration.limits.maxTopicLevels
+            guard changed.topic.levelCount <= limit else {
+                let error = MQTTProtocolError.tooManyTopicLevels(levels: changed.topic.levelCount, limit: limit)
+                logger.info("delivery hook produced an invalid topic \"\(LogText(changed.topic.string))\": \(LogText(error.description))")
+                return nil
             }
-            changed.payload = payload
+            changed.qos = message.qos
+            changed.retain = message.retain
             changed.isCompact = false
             return changed
         }
@@ -675,15 +675,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if message.payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()
-            var header = context.channel.allocator.buffer(capacity: message.topic.readableBytes + 9)
+            var header = context.channel.allocator.buffer(capacity: message.topic.count + 9)
             header.writePublishHeader(
-                topic: message.topic, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(message.payload), promise: nil)
             markDirty()
         } else {
             appendOutput {
-                $0.writePublish(topic: message.topic, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                $0.writePublish(topic: message.topic.bytes, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
             }
         }
     }
@@ -702,7 +702,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 /// A client's access rules and, so that they are matched once per topic, its publish verdicts.
 private final class Access {
     let acl: ClientACL
-    var verdicts: [ByteBuffer: Bool] = [:]
+    var verdicts: [TopicName: Bool] = [:]
 
     init(_ acl: ClientACL) { self.acl = acl }
 }

@@ -99,8 +99,8 @@ public enum DeliveryDecision: Sendable, Equatable {
     case deliver
     /// Not to this subscriber.
     case drop
-    /// This topic and payload for this subscriber only.
-    case change(topic: String, payload: ByteBuffer)
+    /// This message (its topic and payload changed) for this subscriber only.
+    case change(HookedMessage)
 }
 
 /// Identity of the client that caused a hook call.
@@ -145,17 +145,17 @@ public protocol BrokerHooks: AnyObject, Sendable {
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
     /// A notification, once per filter of an UNSUBSCRIBE.
     func unsubscribed(_ request: UnsubscribeRequest, worker: Int)
-    /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see; `false` keeps the
+    /// Whether `topic` (a PUBLISH's topic) is one the hooks want to see; `false` keeps the
     /// message on the zero-copy path. The broker caches the answer per topic and worker (in its
     /// route cache) until `publishHookGeneration` changes.
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool
     /// Changes whenever the answers of `isPublishHooked` may have changed (a reload).
     var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
     /// Whether delivery hooks want messages on `topic` (cached per topic and worker in the route
     /// cache, as `isPublishHooked`); `false` keeps deliveries on the shared path.
-    func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool
+    func isDeliverHooked(topic: TopicName, worker: Int) -> Bool
     /// Per-subscriber interception, on the subscriber's worker, only for topics where
     /// `isDeliverHooked` said true: live messages, queued ones as they go out, retained ones.
     func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision
@@ -172,10 +172,10 @@ extension BrokerHooks {
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
     public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {}
-    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func isPublishHooked(topic: TopicName, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
-    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool { false }
     public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}

@@ -1,30 +1,26 @@
 import MQTTCore
 import NIOCore
 
-/// An application message on its way through the broker. Topic and payload may be slices of the
-/// publisher's read buffer; `compacted()` copies them out before a message is kept for long.
-struct Message: Sendable {
-    var topic: ByteBuffer
-    var payload: ByteBuffer
-    var qos: QoS
-    var retain: Bool
-    /// Topic and payload hold only their own bytes (`compacted()` made them).
-    var isCompact = false
+/// An application message on its way through the broker: MQTTCore's one message type. Topic
+/// and payload may be slices of the publisher's read buffer; `compacted()` copies them out
+/// before a message is kept for long.
+typealias Message = ApplicationMessage
 
+extension ApplicationMessage {
     /// A copy that holds only its own bytes, so that keeping it does not pin a read buffer; the
     /// message itself if it already does, so that every queue keeping it shares one copy.
     func compacted() -> Message {
         if isCompact { return self }
         var storage = ByteBuffer()
-        storage.reserveCapacity(topic.readableBytes + payload.readableBytes)
-        storage.writeImmutableBuffer(topic)
+        storage.reserveCapacity(topic.count + payload.readableBytes)
+        storage.writeImmutableBuffer(topic.bytes)
         storage.writeImmutableBuffer(payload)
-        let t = storage.readSlice(length: topic.readableBytes)!
-        return Message(topic: t, payload: storage, qos: qos, retain: retain, isCompact: true)
+        let t = storage.readSlice(length: topic.count)!
+        return Message(topic: topic.rebased(onto: t), payload: storage, qos: qos, retain: retain, isCompact: true)
     }
 
     /// Bytes this message accounts for in a queue.
-    var size: Int { topic.readableBytes + payload.readableBytes }
+    var size: Int { topic.count + payload.readableBytes }
 
     /// Whether `other` is this very message: the same bytes in the same memory (then a compacted
     /// copy of one serves the other).
@@ -33,7 +29,7 @@ struct Message: Sendable {
             a.readableBytes == b.readableBytes
                 && a.withUnsafeReadableBytes { x in b.withUnsafeReadableBytes { y in x.baseAddress == y.baseAddress } }
         }
-        return qos == other.qos && retain == other.retain && same(payload, other.payload) && same(topic, other.topic)
+        return qos == other.qos && retain == other.retain && same(payload, other.payload) && same(topic.bytes, other.topic.bytes)
     }
 }
 
@@ -53,20 +49,20 @@ struct Delivery: Sendable {
     var hooked = false
 }
 
-extension Message {
+extension ApplicationMessage {
     private static let allocator = ByteBufferAllocator()
 
     /// The QoS 0 PUBLISH frame of a live delivery (RETAIN 0), to be shared by every QoS 0
     /// subscriber: header only when the payload is large (the payload then goes out as its own buffer).
     func encodeQoS0Frame() -> ByteBuffer {
         let large = payload.readableBytes > largePayloadThreshold
-        let size = ByteBuffer.publishFrameSize(topicLength: topic.readableBytes, payloadLength: payload.readableBytes, qos: .atMostOnce)
+        let size = ByteBuffer.publishFrameSize(topicLength: topic.count, payloadLength: payload.readableBytes, qos: .atMostOnce)
         var frame = Self.allocator.buffer(capacity: large ? size - payload.readableBytes : size)
         if large {
             frame.writePublishHeader(
-                topic: topic, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+                topic: topic.bytes, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         } else {
-            frame.writePublish(topic: topic, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+            frame.writePublish(topic: topic.bytes, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
         }
         return frame
     }

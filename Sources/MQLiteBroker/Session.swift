@@ -34,8 +34,8 @@ protocol SessionOutbound: AnyObject {
 /// store keeping sessions across restarts uses. Reported on the session's owner loop, after the
 /// change.
 enum SessionEvent {
-    case subscribed(filter: String, qos: QoS)
-    case unsubscribed(filter: String)
+    case subscribed(filter: TopicFilter, qos: QoS)
+    case unsubscribed(filter: TopicFilter)
     /// A message was kept in the queue for later (offline, window full, or the socket full).
     case queued(Delivery)
     /// A QoS 1/2 message went out with `packetID` and waits for its acknowledgement.
@@ -90,7 +90,7 @@ final class Session: @unchecked Sendable {
     private let online = Atomic<Bool>(false)
     var isOnline: Bool { online.load(ordering: .relaxed) }
     /// Filter (compared byte for byte) → granted QoS.
-    var subscriptions: [ByteText: QoS] = [:]
+    var subscriptions: [TopicFilter: QoS] = [:]
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
@@ -119,7 +119,7 @@ final class Session: @unchecked Sendable {
         /// Messages dropped since the queue last drained (for one log line per episode).
         var droppedInEpisode = 0
         var receiveACL: ClientACL?
-        var receiveVerdicts: [ByteBuffer: Bool] = [:]
+        var receiveVerdicts: [TopicName: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
@@ -285,7 +285,7 @@ final class Session: @unchecked Sendable {
     /// messages match, only what the client reads.
     private static let retainedStep = 256
 
-    func sendRetained(matching filter: String, qos: QoS, broker: Broker) {
+    func sendRetained(matching filter: TopicFilter, qos: QoS, broker: Broker) {
         assertOnOwner(broker)
         guard outbound != nil, !ended else { return }
         more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))
@@ -309,11 +309,11 @@ final class Session: @unchecked Sendable {
         return true
     }
 
-    private func mayReceive(_ topic: ByteBuffer, _ occasional: Occasional) -> Bool {
+    private func mayReceive(_ topic: TopicName, _ occasional: Occasional) -> Bool {
         if let verdict = occasional.receiveVerdicts[topic] { return verdict }
-        let verdict = occasional.receiveACL?.allowsReceive(topic: String(buffer: topic)) ?? true
+        let verdict = occasional.receiveACL?.allowsReceive(topic: topic) ?? true
         if occasional.receiveVerdicts.count >= 1000 { occasional.receiveVerdicts.removeAll(keepingCapacity: true) }
-        occasional.receiveVerdicts[ByteBuffer(bytes: topic.readableBytesView)] = verdict
+        occasional.receiveVerdicts[topic.copied()] = verdict
         return verdict
     }
 
@@ -449,7 +449,7 @@ final class Session: @unchecked Sendable {
         assertOnOwner(broker)
         guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
-        inflight[i].message = Message(topic: ByteBuffer(), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
+        inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
         broker.sessionObserver?.session(self, .released(packetID: id))
     }
 

@@ -19,11 +19,11 @@ protocol SessionRegistry: Sendable {
 /// Filters → the sessions subscribed and their granted QoS. A change here must be told to the
 /// workers' route caches (`Worker.subscriptionsChanged`); the broker does that.
 protocol SubscriptionIndex: Sendable {
-    func insert(filter: String, session: Session, qos: QoS)
-    func remove(filters: [String], session: Session)
+    func insert(filter: TopicFilter, session: Session, qos: QoS)
+    func remove(filters: [TopicFilter], session: Session)
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
-    func matches(topic: String) -> [(session: Session, qos: QoS)]
+    func matches(topic: TopicName) -> [(session: Session, qos: QoS)]
     /// Nodes of the index (tests: emptied branches are pruned).
     var nodeCount: Int { get }
 }
@@ -33,10 +33,10 @@ protocol SubscriptionIndex: Sendable {
 protocol RetainedStore: Sendable {
     typealias Scan = RetainedTree<Message>.Scan
     /// Keeps `message` (already compacted) as the retained message of `topic`.
-    func set(topic: String, _ message: Message)
+    func set(topic: TopicName, _ message: Message)
     /// Clears the retained message of `topic`, if any.
-    func remove(topic: String)
-    func scan(matching filter: String) -> Scan
+    func remove(topic: TopicName)
+    func scan(matching filter: TopicFilter) -> Scan
     /// The next retained messages of `scan`, visiting at most `limit` nodes.
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message]
     var count: Int { get }
@@ -62,24 +62,25 @@ final class InMemorySessionRegistry: SessionRegistry {
     }
 }
 
-/// The subscription trie behind one lock.
+/// The subscription trie (filters → sessions) behind one lock.
 final class TrieSubscriptionIndex: SubscriptionIndex {
-    private let trie = Mutex(TopicTrie<ObjectIdentifier, (session: Session, qos: QoS)>())
+    private let trie = Mutex(TopicTrie<[ObjectIdentifier: (session: Session, qos: QoS)]>())
 
-    func insert(filter: String, session: Session, qos: QoS) {
-        trie.withLock { $0.insert(filter: filter, key: ObjectIdentifier(session), value: (session, qos)) }
+    func insert(filter: TopicFilter, session: Session, qos: QoS) {
+        trie.withLock { $0.insert(filter: filter.string, key: ObjectIdentifier(session), value: (session, qos)) }
     }
 
-    func remove(filters: [String], session: Session) {
+    func remove(filters: [TopicFilter], session: Session) {
         trie.withLock { trie in
-            for filter in filters { trie.remove(filter: filter, key: ObjectIdentifier(session)) }
+            for filter in filters { trie.remove(filter: filter.string, key: ObjectIdentifier(session)) }
         }
     }
 
-    func matches(topic: String) -> [(session: Session, qos: QoS)] {
-        trie.withLock { trie in
+    func matches(topic: TopicName) -> [(session: Session, qos: QoS)] {
+        let name = topic.string
+        return trie.withLock { trie in
             var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
-            trie.forEachMatch(topic: topic) { key, entry in
+            trie.forEachMatch(topic: name) { key, entry in
                 if let existing = found[key], existing.qos >= entry.qos { return }
                 found[key] = entry
             }
@@ -90,20 +91,23 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
     var nodeCount: Int { trie.withLock { $0.nodeCount } }
 }
 
-/// The retained topic tree behind one lock; a scan holds it for one step at a time.
+/// The retained topic trie (names → messages) behind one lock; a scan holds it for one step at
+/// a time.
 final class TreeRetainedStore: RetainedStore {
     private let tree = Mutex(RetainedTree<Message>())
 
-    func set(topic: String, _ message: Message) {
-        tree.withLock { $0.set(topic, message) }
+    func set(topic: TopicName, _ message: Message) {
+        let path = topic.string
+        tree.withLock { $0.set(path, message) }
     }
 
-    func remove(topic: String) {
-        tree.withLock { _ = $0.remove(topic) }
+    func remove(topic: TopicName) {
+        let path = topic.string
+        tree.withLock { _ = $0.remove(path) }
     }
 
-    func scan(matching filter: String) -> Scan {
-        tree.withLock { $0.scan(matching: filter) }
+    func scan(matching filter: TopicFilter) -> Scan {
+        tree.withLock { $0.scan(matching: filter.string) }
     }
 
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message] {

@@ -26,7 +26,7 @@ final class Worker: @unchecked Sendable {
     private var flushScheduled = false
     /// Inside a batch whose end flushes (one connection's reads, or a mailbox drain).
     private var inBatch = false
-    private var routeCache: [ByteBuffer: Route] = [:]
+    private var routeCache: [TopicName: Route] = [:]
     /// The mailbox's items while a drain handles them: swapped with the mailbox's array under
     /// the lock, so that neither is reallocated once both have grown.
     private var draining: [(Session, Delivery)] = []
@@ -56,8 +56,8 @@ final class Worker: @unchecked Sendable {
     private static let routeCacheByteLimit = 8 << 20
     private var routeCacheBytes = 0
 
-    private static func routeCost(topic: ByteBuffer, route: Route) -> Int {
-        64 + topic.readableBytes + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride
+    private static func routeCost(topic: TopicName, route: Route) -> Int {
+        64 + topic.count + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride
     }
 
     init(index: Int, loop: any EventLoop, broker: Broker, workerCount: Int) {
@@ -292,14 +292,15 @@ final class Worker: @unchecked Sendable {
 
     /// The route of a topic, from this worker's cache while its subscribers and the hooks are
     /// unchanged: one hash lookup per publish covers both "who subscribes" and "is it hooked".
-    func route(for topic: ByteBuffer) -> Route {
+    /// The lookup hashes the topic's precomputed 32-bit hash, not its bytes.
+    func route(for topic: TopicName) -> Route {
         assertOnLoop()
         if hasChangedFilters.load(ordering: .acquiring) { dropChangedRoutes() }
         let hookGeneration = broker.hooks.publishHookGeneration
         if let cached = routeCache[topic], cached.hookGeneration == hookGeneration {
             return cached
         }
-        let targets = broker.matchSubscribers(topic: String(buffer: topic))
+        let targets = broker.matchSubscribers(topic: topic)
         var route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
         if !targets.isEmpty { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
@@ -310,7 +311,7 @@ final class Worker: @unchecked Sendable {
             clearRouteCache()
         }
         // The key is copied so that the cache does not pin the read buffer.
-        if let replaced = routeCache.updateValue(route, forKey: ByteBuffer(bytes: topic.readableBytesView)) {
+        if let replaced = routeCache.updateValue(route, forKey: topic.copied()) {
             routeCacheBytes -= Self.routeCost(topic: topic, route: replaced)
         }
         routeCacheBytes += cost
@@ -320,7 +321,8 @@ final class Worker: @unchecked Sendable {
     /// Whether the route of `topic` is in the cache (tests).
     func hasCachedRoute(for topic: String) -> Bool {
         if hasChangedFilters.load(ordering: .acquiring) { dropChangedRoutes() }
-        return routeCache[ByteBuffer(string: topic)] != nil
+        guard let name = try? TopicName(topic) else { return false }
+        return routeCache[name] != nil
     }
 
     private func clearRouteCache() {
@@ -333,9 +335,9 @@ final class Worker: @unchecked Sendable {
     /// Filters whose subscribers changed, as a worker's route cache must hear of them.
     struct ChangedFilters {
         /// Filters without wildcards: the one topic each matches, dropped by one lookup.
-        var exact: [ByteBuffer] = []
+        var exact: [TopicName] = []
         /// Filters with wildcards: every cached topic is matched against them.
-        var wildcard: [String] = []
+        var wildcard: [TopicFilter] = []
         /// Too many to handle one by one: drop the whole cache.
         var overflow = false
 
@@ -343,16 +345,16 @@ final class Worker: @unchecked Sendable {
 
         var isEmpty: Bool { exact.isEmpty && wildcard.isEmpty && !overflow }
 
-        mutating func add(_ filter: String) {
+        mutating func add(_ filter: TopicFilter) {
             guard !overflow else { return }
             if exact.count + wildcard.count >= Self.limit {
                 overflow = true
                 exact.removeAll()
                 wildcard.removeAll()
-            } else if filter.utf8.contains(where: { $0 == UInt8(ascii: "+") || $0 == UInt8(ascii: "#") }) {
-                wildcard.append(filter)
+            } else if let name = filter.exactName {
+                exact.append(name)
             } else {
-                exact.append(ByteBuffer(string: filter))
+                wildcard.append(filter)
             }
         }
 
@@ -366,7 +368,7 @@ final class Worker: @unchecked Sendable {
     /// Tells this worker that the subscribers of `filters` changed: the routes of the topics they
     /// match are stale. Any thread; called after the subscription index changed, so a route
     /// looked up after this worker has dropped them sees the change.
-    func subscriptionsChanged<Filters: Sequence<String>>(_ filters: Filters) {
+    func subscriptionsChanged<Filters: Sequence<TopicFilter>>(_ filters: Filters) {
         changedFilters.withLock { changed in
             for filter in filters { changed.add(filter) }
         }
@@ -391,10 +393,7 @@ final class Worker: @unchecked Sendable {
         }
         guard !changedScratch.wildcard.isEmpty else { return }
         let filters = changedScratch.wildcard
-        let stale = routeCache.keys.filter { topic in
-            let name = String(buffer: topic)
-            return filters.contains { Topic.matches(filter: $0, topic: name) }
-        }
+        let stale = routeCache.keys.filter { topic in filters.contains { $0.matches(topic) } }
         for topic in stale {
             if let dropped = routeCache.removeValue(forKey: topic) { routeCacheBytes -= Self.routeCost(topic: topic, route: dropped) }
         }

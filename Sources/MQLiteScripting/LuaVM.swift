@@ -88,9 +88,9 @@ final class LuaVM: @unchecked Sendable {
     /// Registered hooks per kind (indexed by `Kind.slot`), in load order.
     private var hookLists: [[Hook]] = Array(repeating: [], count: Kind.allCases.count)
     /// on_publish filters → index into `hooks[.publish]`.
-    private let publishFilters = TopicTrie<Int, Void>()
+    private let publishFilters = TopicTrie<[Int: Void]>()
     /// on_deliver filters → index into `hooks[.deliver]`.
-    private let deliverFilters = TopicTrie<Int, Void>()
+    private let deliverFilters = TopicTrie<[Int: Void]>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
     private var publishMatches: [ByteText: [Int]] = [:]
     /// The last topic asked for and its hooks: publishers send runs of one topic.

@@ -349,16 +349,17 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     public var publishHookGeneration: Int { generation.load(ordering: .acquiring) }
 
-    public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
+    public func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
         guard let vm = vm(worker) else { return false }
         // Asked once per topic (the broker caches the answer in its route cache).
-        return !vm.publishHooks(for: String(buffer: topic)).isEmpty
+        return !vm.publishHooks(for: topic.string).isEmpty
     }
 
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
         guard let vm = vm(worker) else { return .deliver }
         let all = vm.hooks(.publish)
-        for index in vm.publishHooks(for: message.topic) {
+        let topic = message.topic.string
+        for index in vm.publishHooks(for: topic) {
             // The Lua string holding the payload: a result that hands back the same string
             // (pointer-equal) keeps the original bytes, uncopied.
             var payloadString: UnsafePointer<CChar>?
@@ -371,7 +372,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 }
                 set(.clientID) { vm.push(client.clientID, repeating: .clientID) }
                 if let username = client.username { set(.username) { L.push(username) } }
-                set(.topic) { vm.push(message.topic, repeating: .topic) }
+                set(.topic) { vm.push(topic, repeating: .topic) }
                 set(.payload) {
                     L.push(message.payload)
                     payloadString = lua_tolstring(L, -1, nil)
@@ -409,9 +410,9 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return .deliver
     }
 
-    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool {
+    public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool {
         guard let vm = vm(worker), !vm.hooks(.deliver).isEmpty else { return false }
-        return !vm.deliverHooks(for: String(buffer: topic)).isEmpty
+        return !vm.deliverHooks(for: topic.string).isEmpty
     }
 
     public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision {
@@ -419,13 +420,13 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         let all = vm.hooks(.deliver)
         var current = message
         var changed = false
-        for index in vm.deliverHooks(for: message.topic) {
+        for index in vm.deliverHooks(for: message.topic.string) {
             var payloadString: UnsafePointer<CChar>?
             let answer = vm.call(all[index], .deliver, results: 1, push: { L in
                 lua_createtable(L, 0, 6)
                 L.setField("client_id", client.clientID)
                 L.setField("username", client.username)
-                L.setField("topic", current.topic)
+                L.setField("topic", current.topic.string)
                 L.push("payload")
                 L.push(current.payload)
                 payloadString = lua_tolstring(L, -1, nil)
@@ -453,7 +454,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             if next != current { changed = true }
             current = next
         }
-        return changed ? .change(topic: current.topic, payload: current.payload) : .deliver
+        return changed ? .change(current) : .deliver
     }
 
     public func connected(_ client: ClientInfo, worker: Int) {
@@ -558,7 +559,12 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
         guard lua_type(L, -2) == LUA_TSTRING, let key = L.rawBytes(at: -2) else { continue }
         switch key.count {
         case 5 where key.elementsEqual("topic".utf8):
-            message.topic = try readString(L, -1, "topic")
+            let topic = try readString(L, -1, "topic")
+            do {
+                message.topic = try TopicName(topic)
+            } catch {
+                throw HookResultError("topic \"\(topic)\" is not a valid topic name: \(error.description)")
+            }
         case 7 where key.elementsEqual("payload".utf8):
             let type = lua_type(L, -1)
             guard type == LUA_TSTRING || type == LUA_TNUMBER else {

@@ -214,8 +214,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         var willProperties = MQTTProperties()
         if hasWill {
             if isV5 { willProperties = try MQTTProperties.read(.will, from: &body) }
-            let topic = try Self.readString(.connect, &body)
-            try Topic.validateName(topic, maxLevels: maxTopicLevels)
+            let topic = try TopicName(try Self.readString(.connect, &body), maxLevels: maxTopicLevels)
             let payload = try Self.readBinary(.connect, &body)
             if willProperties.payloadFormatIndicator == .utf8, !Self.isValidUTF8(payload) { throw .payloadFormatInvalid }
             will = Will(topic: topic, payload: payload, qos: QoS(rawValue: willQoSBits)!, retain: willRetain)

@@ -136,7 +136,7 @@ extension ByteBuffer {
         if let will = c.will {
             flags |= 0x04 | (will.qos.rawValue << 3)
             if will.retain { flags |= 0x20 }
-            length += 2 + will.topic.utf8.count + 2 + will.payload.readableBytes
+            length += 2 + will.topic.count + 2 + will.payload.readableBytes
             if isV5 { length += c.willProperties.encodedSizeWithLength }
         }
         if let username = c.username {
@@ -157,7 +157,8 @@ extension ByteBuffer {
         writeMQTTString(c.clientID)
         if let will = c.will {
             if isV5 { writeMQTTProperties(c.willProperties) }
-            writeMQTTString(will.topic)
+            writeInteger(UInt16(will.topic.count))
+            writeImmutableBuffer(will.topic.bytes)
             writeInteger(UInt16(will.payload.readableBytes))
             writeImmutableBuffer(will.payload)
         }

@@ -18,19 +18,46 @@ public enum PacketType: UInt8, Sendable {
     case auth
 }
 
-/// An application message: topic, payload, QoS and retain flag. A will carried in CONNECT is one,
-/// and so is a message as the broker's hooks see it.
-public struct ApplicationMessage: Equatable, Sendable {
-    public var topic: String
+/// An application message: topic, payload, QoS and retain flag. The one message type, from
+/// decode to delivery: a PUBLISH routed by the broker, a will carried in CONNECT, a message as
+/// the broker's hooks see it, a retained or queued message.
+///
+/// The payload (and the topic's bytes) may be slices of the publisher's read buffer: nothing is
+/// copied on the way through unless the broker keeps the message (`isCompact` then says it holds
+/// only its own bytes). QoS and the two flags share one byte, so the whole is 55 bytes (stride
+/// 56: no larger than the broker's message was with a bare `ByteBuffer` topic).
+public struct ApplicationMessage: Sendable {
     public var payload: ByteBuffer
-    public var qos: QoS
-    public var retain: Bool
+    public var topic: TopicName
+    private var bits: UInt8
 
-    public init(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool) {
-        self.topic = topic
+    public init(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, isCompact: Bool = false) {
         self.payload = payload
-        self.qos = qos
-        self.retain = retain
+        self.topic = topic
+        self.bits = qos.rawValue | (retain ? 0x04 : 0) | (isCompact ? 0x08 : 0)
+    }
+
+    public var qos: QoS {
+        get { QoS(rawValue: bits & 0x03)! }
+        set { bits = (bits & ~0x03) | newValue.rawValue }
+    }
+
+    public var retain: Bool {
+        get { bits & 0x04 != 0 }
+        set { bits = newValue ? bits | 0x04 : bits & ~0x04 }
+    }
+
+    /// Topic and payload hold only their own bytes (the broker made a compacted copy).
+    public var isCompact: Bool {
+        get { bits & 0x08 != 0 }
+        set { bits = newValue ? bits | 0x08 : bits & ~0x08 }
+    }
+}
+
+extension ApplicationMessage: Equatable {
+    /// Same topic, payload, QoS and retain flag (whether it is compacted does not matter).
+    public static func == (a: ApplicationMessage, b: ApplicationMessage) -> Bool {
+        a.topic == b.topic && a.payload == b.payload && a.qos == b.qos && a.retain == b.retain
     }
 }
 

@@ -10,8 +10,9 @@ import Darwin
 public enum Topic {
     /// Validates a topic name given as raw bytes, as it sits in a PUBLISH: non-empty, well-formed
     /// UTF-8, no U+0000, no wildcard, and at most `maxLevels` levels. Pure ASCII (the usual case)
-    /// is checked without allocating, in one pass that also counts the levels.
-    public static func validateName(_ bytes: ByteBuffer, maxLevels: Int = .max) throws(MQTTProtocolError) {
+    /// is checked without allocating, in one pass that also counts the levels. Returns the level count.
+    @discardableResult
+    public static func validateName(_ bytes: ByteBuffer, maxLevels: Int = .max) throws(MQTTProtocolError) -> Int {
         let count = bytes.readableBytes
         if count == 0 { throw .invalidTopicName("") }
         var levels = 1
@@ -38,46 +39,92 @@ public enum Topic {
             if String(validating: bytes.readableBytesView, as: UTF8.self) == nil { throw .invalidUTF8 }
         }
         if levels > maxLevels { throw .tooManyTopicLevels(levels: levels, limit: maxLevels) }
+        return levels
     }
 
-    /// Validates a topic name held as a `String`.
-    public static func validateName(_ name: String, maxLevels: Int = .max) throws(MQTTProtocolError) {
+    /// Validates a topic name held as a `String`. Returns the level count.
+    @discardableResult
+    public static func validateName(_ name: String, maxLevels: Int = .max) throws(MQTTProtocolError) -> Int {
         try validateName(ByteBuffer(string: name), maxLevels: maxLevels)
     }
 
     /// Validates a topic filter: non-empty, no U+0000, `#` only as the whole last level, `+`
-    /// only as a whole level, and at most `maxLevels` levels.
-    public static func validateFilter(_ filter: String, maxLevels: Int = .max) throws(MQTTProtocolError) {
+    /// only as a whole level, and at most `maxLevels` levels. Returns the level count and whether
+    /// a level is a wildcard.
+    @discardableResult
+    public static func validateFilter(_ filter: String, maxLevels: Int = .max) throws(MQTTProtocolError) -> (levels: Int, wildcards: Bool) {
         if filter.isEmpty { throw .invalidTopicFilter(filter) }
         if filter.utf8.contains(0) { throw .nullCharacter }
         let levels = filter.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
         if levels.count > maxLevels { throw .tooManyTopicLevels(levels: levels.count, limit: maxLevels) }
+        var wildcards = false
         for (index, level) in levels.enumerated() {
             let hasHash = level.contains(UInt8(ascii: "#"))
             let hasPlus = level.contains(UInt8(ascii: "+"))
             if hasHash && (level.count != 1 || index != levels.count - 1) { throw .invalidTopicFilter(filter) }
             if hasPlus && level.count != 1 { throw .invalidTopicFilter(filter) }
+            if hasHash || hasPlus { wildcards = true }
+        }
+        return (levels.count, wildcards)
+    }
+
+    /// Whether `filter` matches `topic` (both valid). See `TopicFilter.matches(_:)`.
+    public static func matches(filter: String, topic: String) -> Bool {
+        var f = filter
+        var t = topic
+        return f.withUTF8 { f in t.withUTF8 { t in matches(filter: UnsafeRawBufferPointer(f), name: UnsafeRawBufferPointer(t)) } }
+    }
+
+    /// MQTT's matching rule, the one implementation of it: whether the filter bytes match the
+    /// topic name bytes (both valid). `+` matches one whole level (an empty one too), `#` the
+    /// rest including the parent level ("a/#" matches "a"), and a filter starting with a wildcard
+    /// does not match a topic starting with `$` (§4.7.1, §4.7.2). One loop over the bytes: no
+    /// recursion, no allocation.
+    public static func matches(filter: UnsafeRawBufferPointer, name: UnsafeRawBufferPointer) -> Bool {
+        let slash = UInt8(ascii: "/")
+        let plus = UInt8(ascii: "+")
+        let hash = UInt8(ascii: "#")
+        let fc = filter.count
+        let nc = name.count
+        if nc > 0, name[0] == UInt8(ascii: "$"), fc > 0, filter[0] == plus || filter[0] == hash { return false }
+        var f = 0
+        var n = 0
+        while true {
+            // f and n are at the start of a level of each.
+            if f < fc && filter[f] == hash { return true }
+            if f < fc && filter[f] == plus && (f + 1 == fc || filter[f + 1] == slash) {
+                f += 1
+                while n < nc && name[n] != slash { n += 1 }
+            } else {
+                while f < fc && filter[f] != slash {
+                    if n >= nc || name[n] != filter[f] { return false }
+                    f += 1
+                    n += 1
+                }
+                if n < nc && name[n] != slash { return false }
+            }
+            // Both at the end of a level.
+            let filterEnded = f == fc
+            let nameEnded = n == nc
+            if filterEnded { return nameEnded }
+            if nameEnded { return f + 2 == fc && filter[f + 1] == hash }
+            f += 1
+            n += 1
         }
     }
 
-    /// Whether `filter` matches `topic`. Filters starting with a wildcard do not match topics
-    /// starting with `$` (§4.7.2).
-    public static func matches(filter: String, topic: String) -> Bool {
-        let f = filter.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
-        let t = topic.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false)
-        if topic.utf8.first == UInt8(ascii: "$"), let first = f.first,
-            first.elementsEqual("+".utf8) || first.elementsEqual("#".utf8)
-        {
-            return false
-        }
+    /// Calls `body` with each level of `bytes` (split at `/`, empty levels kept), in order.
+    public static func forEachLevel(_ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> Void) rethrows {
+        var start = 0
         var i = 0
-        while i < f.count {
-            if f[i].elementsEqual("#".utf8) { return true }
-            if i >= t.count { return false }
-            if !f[i].elementsEqual("+".utf8) && !f[i].elementsEqual(t[i]) { return false }
+        let count = bytes.count
+        while i <= count {
+            if i == count || bytes[i] == UInt8(ascii: "/") {
+                try body(UnsafeRawBufferPointer(rebasing: bytes[start..<i]))
+                start = i + 1
+            }
             i += 1
         }
-        return i == t.count
     }
 
     /// Splits a topic or filter into its levels (empty levels kept).

@@ -12,8 +12,8 @@ final class WillHooks: BrokerHooks {
         client.clientID.hasPrefix("limited") ? [ACLTable(publish: ["allowed/#", "hooked/#"], subscribe: ["#"])] : []
     }
 
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
-        topic.readableBytesView.starts(with: "hooked/".utf8)
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
+        topic.bytes.readableBytesView.starts(with: "hooked/".utf8)
     }
 
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {

@@ -22,8 +22,8 @@ final class RuleHooks: BrokerHooks {
         return .allow
     }
 
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
-        topic.readableBytesView.starts(with: "hooked/".utf8)
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
+        topic.bytes.readableBytesView.starts(with: "hooked/".utf8)
     }
 
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {

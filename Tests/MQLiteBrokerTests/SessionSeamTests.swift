@@ -28,7 +28,7 @@ final class RecordingOutbound: SessionOutbound {
     var canWrite: Bool { writable }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        sent.append(Sent(topic: String(buffer: message.topic), payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
+        sent.append(Sent(topic: message.topic.string, payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
     }
 
     func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
@@ -96,8 +96,8 @@ private func onWorker<T: Sendable>(
     }
 }
 
-private func delivery(_ payload: String, qos: QoS, topic: String = "t") -> Delivery {
-    Delivery(message: Message(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
+private func delivery(_ payload: String, qos: QoS, topic: TopicName = "t") -> Delivery {
+    Delivery(message: Message(topic: topic, payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
 }
 
 @Suite("Session seam: a session without a socket")
@@ -214,18 +214,18 @@ struct RouteCacheTests {
             let a = Session(clientID: "a", persistent: false, owner: 0)
             let b = Session(clientID: "b", persistent: false, owner: 0)
             for topic in ["a/b", "c/d", "c/e", "$SYS/x"] {
-                broker.subscribe(a, filter: topic, qos: .atMostOnce)
-                _ = worker.route(for: ByteBuffer(string: topic))
+                broker.subscribe(a, filter: try TopicFilter(topic), qos: .atMostOnce)
+                _ = worker.route(for: try TopicName(topic))
             }
             var seen: [[String: Bool]] = []
             func snapshot() { seen.append(Dictionary(uniqueKeysWithValues: ["a/b", "c/d", "c/e", "$SYS/x"].map { ($0, worker.hasCachedRoute(for: $0)) })) }
             snapshot()
-            broker.subscribe(b, filter: "c/#", qos: .atMostOnce)  // c/d and c/e; not $SYS (wildcard first level)
+            broker.subscribe(b, filter: try TopicFilter("c/#"), qos: .atMostOnce)  // c/d and c/e; not $SYS (wildcard first level)
             snapshot()
-            for topic in ["c/d", "c/e"] { _ = worker.route(for: ByteBuffer(string: topic)) }
-            broker.unsubscribe(a, filter: "a/b")  // exactly a/b
+            for topic in ["c/d", "c/e"] { _ = worker.route(for: try TopicName(topic)) }
+            broker.unsubscribe(a, filter: try TopicFilter("a/b"))  // exactly a/b
             snapshot()
-            broker.subscribe(b, filter: "#", qos: .atMostOnce)  // everything but $SYS/x
+            broker.subscribe(b, filter: try TopicFilter("#"), qos: .atMostOnce)  // everything but $SYS/x
             snapshot()
             return seen
         }

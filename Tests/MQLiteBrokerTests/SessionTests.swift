@@ -7,7 +7,7 @@ import Testing
 @Suite("Sessions, takeover and wills")
 struct SessionTests {
     func will(_ client: String, qos: QoS = .atMostOnce, retain: Bool = false) -> Will {
-        Will(topic: "wills/\(client)", payload: ByteBuffer(string: "\(client) gone"), qos: qos, retain: retain)
+        Will(topic: try! TopicName("wills/\(client)"), payload: ByteBuffer(string: "\(client) gone"), qos: qos, retain: retain)
     }
 
     @Test("clean session 1 starts and ends empty")

@@ -20,12 +20,12 @@ final class DeepRewriteHooks: BrokerHooks {
         request.filter == "deep/in" ? .rewrite(filter: levels("+", 201), qos: .atMostOnce) : .allow
     }
 
-    func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
-        topic.readableBytesView.elementsEqual("deep/out".utf8)
+    func isPublishHooked(topic: TopicName, worker: Int) -> Bool {
+        topic.bytes.readableBytesView.elementsEqual("deep/out".utf8)
     }
 
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
-        .change(HookedMessage(topic: levels("x", 201), payload: message.payload, qos: message.qos, retain: false))
+        .change(HookedMessage(topic: try! TopicName(levels("x", 201)), payload: message.payload, qos: message.qos, retain: false))
     }
 }
 
@@ -92,7 +92,7 @@ extension HeavyBrokerTests {
                     #expect(before.isEmpty, "\(id) got \(before)")
                 }
                 let w = try await TestClient.open(port: b.port)
-                w.send(.connect(ConnectPacket(clientID: "w", will: Will(topic: over, payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false))))
+                w.send(.connect(ConnectPacket(clientID: "w", will: Will(topic: try TopicName(over), payload: ByteBuffer(string: "w"), qos: .atMostOnce, retain: false))))
                 #expect(try await w.expectClosed().isEmpty)
                 let logged = b.logMessages.filter { $0.contains("topic of 201 levels is over max_topic_levels 200") }
                 #expect(logged.count == 4, "\(b.logMessages)")
