@@ -244,6 +244,7 @@ struct ConfigFileTests {
         let defaults = BrokerConfiguration()
         #expect(config.listeners == defaults.listeners)
         #expect(config.workers == defaults.workers)
+        #expect(config.sysInterval == defaults.sysInterval)
         #expect(config.limits.maxPacketSize == defaults.limits.maxPacketSize)
         #expect(config.limits.maxInflight == defaults.limits.maxInflight)
         #expect(config.limits.maxQueued == defaults.limits.maxQueued)
