@@ -222,3 +222,39 @@ def test_bad_sys_interval_exits_2(tmp_path):
         conf.write_text(f"[server]\nsys_interval = {value}\n")
         r = subprocess.run([BINARY, "-c", str(conf), "--check"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "server.sys_interval" in r.stderr and problem in r.stderr, (value, r.stderr)
+
+
+LUA = """
+mqlite.on_publish("lua/#", function(m)
+  if m.payload == "boom" then error("boom") end
+  if m.payload == "spin" then while true do end end
+  if m.payload == "bad" then return 42 end
+  if m.payload == "drop" then return false end
+  return true
+end)
+"""
+
+
+def test_lua_hook_calls_failures_and_durations(tmp_path):
+    script = tmp_path / "counted.lua"
+    script.write_text(LUA)
+    b = Broker([], config_text=metrics_config(extra=f'[[plugin]]\nscript = "{script}"\n[scripting]\ninstruction_limit = 100000\n'),
+               listeners=2)
+    try:
+        mqtt, http = b.ports
+        for payload in ["ok", "ok", "boom", "spin", "bad", "drop"]:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt), "-t", "lua/x", "-m", payload, "-q", "1"],
+                           check=True, timeout=20)
+        labels = 'script="counted.lua",hook="on_publish"'
+        m = scrape(http)
+        assert m[f"mqlite_lua_hook_calls_total{{{labels}}}"] == 6
+        assert m[f'mqlite_lua_hook_failures_total{{{labels},kind="error"}}'] == 1
+        assert m[f'mqlite_lua_hook_failures_total{{{labels},kind="instruction_limit"}}'] == 1
+        assert m[f'mqlite_lua_hook_failures_total{{{labels},kind="bad_return"}}'] == 1
+        assert m[f'mqlite_lua_hook_failures_total{{{labels},kind="time_limit"}}'] == 0
+        assert m[f"mqlite_lua_hook_duration_seconds_count{{{labels}}}"] == 6
+        assert m[f'mqlite_lua_hook_duration_seconds_bucket{{{labels},le="+Inf"}}'] == 6
+        # The hook's drops (its false, and its three failures) are messages dropped by a hook.
+        assert m['mqlite_messages_dropped_total{reason="hook"}'] == 4
+    finally:
+        b.stop()
