@@ -73,6 +73,9 @@ script = "{script}"
 # A trivial transform on the hooked topic, and hooks loaded on other topics only.
 HOOKED_LUA = 'mqlite.on_publish("bench/#", function(m) return { payload = m.payload } end)\n'
 OTHER_LUA = ('mqlite.on_publish("other/#", function(m) return { payload = m.payload } end)\n'
+             'mqlite.on_deliver("other/#", function(d) return { payload = d.payload } end)\n'
+             'mqlite.on_unsubscribe(function(u) end)\n'
+             'mqlite.every(1, function() end)\n'
              'mqlite.on_subscribe(function(s) return nil end)\n')
 # Metrics on (issue 11): an http listener scraped every second during the row, $SYS every second.
 METRICS_PORT = 18907

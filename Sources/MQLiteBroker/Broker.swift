@@ -258,6 +258,40 @@ public final class Broker: Sendable {
         }
     }
 
+    // MARK: - Clients, for plugins
+
+    /// The event loop of worker `index` (plugins schedule their timers there); nil once stopped.
+    public func eventLoop(ofWorker index: Int) -> (any EventLoop)? {
+        workers.indices.contains(index) ? workers[index].loop : nil
+    }
+
+    /// Closes the connection of `clientID`, on whichever worker holds it; its will is published,
+    /// as on any connection loss. Whether it was connected. Any thread; the close happens once
+    /// the owner's loop gets to it (never inside the caller's hook).
+    public func disconnect(clientID: String, reason: String) -> Bool {
+        guard let session = registry.session(for: clientID), session.isOnline else { return false }
+        onOwner(of: session) { _ in session.outbound?.disconnect(reason: reason) }
+        return true
+    }
+
+    /// Asks the hooks for the access rules of `clientID` again (`authorize`), and drops the
+    /// subscriptions the new rules no longer allow. Whether it was connected. Any thread.
+    public func reauthorize(clientID: String) -> Bool {
+        guard let session = registry.session(for: clientID), session.isOnline else { return false }
+        onOwner(of: session) { _ in session.outbound?.reauthorize() }
+        return true
+    }
+
+    /// `reauthorize` for every connected client (after a reload of the hooks): as Mosquitto
+    /// applies a reloaded acl_file to the clients already connected.
+    public func reauthorizeAll() {
+        for worker in workers {
+            worker.loop.execute {
+                for connection in worker.connections.values { connection.reauthorize() }
+            }
+        }
+    }
+
     // MARK: - Sessions
 
     /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean
@@ -378,6 +412,31 @@ public final class Broker: Sendable {
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .unsubscribed(filter: filter))
+    }
+
+    /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
+    /// have rewritten it): the session remembers the name, so that UNSUBSCRIBE of it removes
+    /// `filter`; a filter the name stood for before goes when no other name maps to it.
+    func subscribe(_ session: Session, named name: String, as filter: String, qos: QoS) {
+        guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, qos: qos) }
+        let replaced = session.withSubscriptionNames { names in
+            names.subscribed(name: name, as: filter) { session.subscriptions[ByteText($0)] != nil }
+        }
+        subscribe(session, filter: filter, qos: qos)
+        if let replaced { unsubscribe(session, filter: replaced) }
+    }
+
+    /// UNSUBSCRIBE of the client's filter `name`: removes what it was subscribed as (unless
+    /// another name of the client still maps to that). Returns that filter.
+    @discardableResult
+    func unsubscribe(_ session: Session, named name: String) -> String {
+        guard session.hasRenamedSubscriptions else {
+            unsubscribe(session, filter: name)
+            return name
+        }
+        let (mapped, removed) = session.withSubscriptionNames { names in (names.filter(named: name), names.unsubscribed(name: name)) }
+        if let removed { unsubscribe(session, filter: removed) }
+        return mapped
     }
 
     /// Every session whose filters match `topic`, once each, with the highest QoS among its

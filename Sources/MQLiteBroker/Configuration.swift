@@ -153,12 +153,16 @@ public struct Limits: Sendable {
     /// Most levels in a topic name or filter (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will, and topics
     /// plugins produce); more is a protocol error. 200 is Mosquitto's limit.
     public var maxTopicLevels: Int
+    /// Most subscriptions one client (session) may hold; 0 = no limit. Past it a SUBSCRIBE of a
+    /// new filter gets return code 0x80, so that no client grows the broker's memory at will.
+    public var maxSubscriptions: Int
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
         maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10),
-        sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200
+        sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200, maxSubscriptions: Int = 10_000
     ) {
+        self.maxSubscriptions = maxSubscriptions
         self.sessionExpiry = sessionExpiry
         self.maxTopicLevels = maxTopicLevels
         self.maxQueuedBytes = maxQueuedBytes

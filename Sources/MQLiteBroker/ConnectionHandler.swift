@@ -9,15 +9,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum State {
-        case awaitingConnect
-        /// CONNECT accepted; waiting for the session (maybe held by another worker). Packets that
-        /// arrive meanwhile are kept and handled once the session is attached.
-        case opening(pending: [MQTTPacket])
-        case connected
-        case closed
-    }
-
     // Stored properties are laid out in this order: references and words first, then the
     // single-byte ones together, so that an idle connection's handler stays in a small malloc
     // size class (`IdleFootprintTests`). For the same reason what most clients do not have (a
@@ -34,23 +25,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// connection holds no read buffer.
     private var cumulation: ByteBuffer?
     private var output: ByteBuffer?
-    private var state = State.awaitingConnect
+    /// The protocol's rules for this connection; this handler carries out what it decides.
+    private var machine = ConnectionStateMachine(now: .now())
     private var counted = false
     private var isDirty = false
     private var holdBackCheckPending = false
 
-    /// 1.5 x the client's keep-alive (zero: no check), in 32 bits beside the flags above.
-    private var keepAliveMilliseconds: UInt32 = 0
-    private var keepAlive: TimeAmount { .milliseconds(Int64(keepAliveMilliseconds)) }
-    /// When the socket opened (until CONNECT), then when a packet last came (with a keep-alive).
-    /// The worker's sweep checks it, so no connection holds a timer of its own.
-    private var lastRead = NIODeadline.now()
-
     /// Output held back in the batch buffer beyond this counts as "socket cannot take more".
     private static let maxBatchedBytes = 1 << 20
-    /// Packets a client may send between CONNECT and CONNACK (reading pauses meanwhile; this
-    /// bounds what one read already brought).
-    static let maxPendingPackets = 1000
 
     init(broker: Broker, worker: Worker, listener: RunningListener) {
         self.broker = broker
@@ -91,7 +73,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelActive(context: ChannelHandlerContext) {
         clientInfo.address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-        lastRead = .now()
+        machine = ConnectionStateMachine(now: .now())
         worker.connections[ObjectIdentifier(self)] = self
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
         counted = true
@@ -105,7 +87,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if max > 0 && open > max {
             worker.stats.refusedMaxConnections &+= 1
             logger.info("refusing connection: max_connections \(max) reached")
-            state = .closed
+            machine.closed()
             context.close(promise: nil)
         }
     }
@@ -116,19 +98,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// The worker's periodic check: closes a socket that sent no CONNECT within connect_timeout,
-    /// and a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24).
-    /// With `closing` false (a late sweep) it only tidies.
+    /// The worker's periodic check (no connection holds a timer of its own): connect_timeout and
+    /// keep-alive. With `closing` false (a late sweep) it only tidies.
     func checkTimeouts(now: NIODeadline, closing: Bool) {
-        switch state {
-        case .awaitingConnect where closing && now - lastRead >= broker.configuration.limits.connectTimeout:
-            closeWithWill(reason: "no CONNECT within connect_timeout")
-        case .connected where closing && keepAlive != .zero && now - lastRead >= keepAlive && holdBack == nil:
-            closeWithWill(reason: "keep-alive expired (no packet for \(keepAlive.nanoseconds / 1_000_000) ms)")
-        case .connected:
+        let limit = broker.configuration.limits.connectTimeout
+        switch machine.timeoutCheck(now: now, connectTimeout: limit, heldBack: holdBack != nil, closing: closing) {
+        case .close(let reason):
+            closeWithWill(reason: reason)
+        case .tidy:
             // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
             session?.compactInflight()
-        default:
+        case .none:
             break
         }
     }
@@ -149,7 +129,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
-        if keepAliveMilliseconds != 0 { lastRead = .now() }
+        machine.bytesRead(now: .now())
         if var pending = cumulation {
             cumulation = nil
             pending.writeBuffer(&buffer)
@@ -164,21 +144,21 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         var decoder = worker.decoder  // stateless: the limits only
         do {
             while holdBack == nil, let packet = try decoder.decode(buffer: &buffer) {
-                handle(packet)
-                if case .closed = state { return }
+                handle(machine.packetReceived(packet))
+                if machine.isClosed { return }
             }
             // Keep only what is left, moved to the front so the buffer does not grow.
             if buffer.readableBytes > 0 {
                 buffer.discardReadBytes()
                 cumulation = buffer
             }
-        } catch let error as MQTTProtocolError {
-            if case .unsupportedProtocol = error, case .awaitingConnect = state {
-                writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion)))
-            }
-            closeWithWill(reason: error.description)
         } catch {
-            closeWithWill(reason: "\(error)")
+            let (connack, reason) = machine.decodeFailed(error)
+            if let connack {
+                if Int(connack.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(connack.rawValue)] &+= 1 }
+                writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack)))
+            }
+            closeWithWill(reason: reason)
         }
     }
 
@@ -195,7 +175,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Sends what the session has queued, if connected.
     private func pump() {
-        if let session, case .connected = state { session.pump(broker: broker) }
+        if let session, machine.isConnected { session.pump(broker: broker) }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -206,9 +186,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if clientInfo.origin.tls != nil, !(error is WebSocketTransportError) {
             // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
             // during it). Logged with a rate limit, so that a scanner cannot flood the log.
-            if case .awaitingConnect = state {
+            if case .awaitingConnect = machine.state {
                 clientInfo.origin.logHandshakeFailure("\(error)", logger: logger)
-                state = .closed
+                machine.closed()
                 context.close(promise: nil)
                 worker.flushDirty()
                 return
@@ -223,60 +203,46 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     // MARK: - Packets
 
-    private func handle(_ packet: MQTTPacket) {
-        switch state {
-        case .closed:
-            return
-        case .awaitingConnect:
-            guard case .connect(let connect) = packet else { return closeWithWill(reason: "first packet is \(packet.type), not CONNECT") }
-            handleConnect(connect.value)
-        case .opening(var pending):
-            // Reading is paused until the session is attached; this bounds what was already read.
-            guard pending.count < Self.maxPendingPackets else {
-                return closeWithWill(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
-            }
-            pending.append(packet)
-            state = .opening(pending: pending)
-        case .connected:
-            handleConnected(packet)
-        }
-    }
-
-    private func handleConnected(_ packet: MQTTPacket) {
-        guard let session else { return }
-        switch packet {
+    /// Carries out what the state machine made of a packet.
+    private func handle(_ action: ConnectionStateMachine.PacketAction) {
+        switch action {
+        case .none:
+            break
+        case .connect(let connect):
+            handleConnect(connect)
         case .publish(let publish):
+            guard let session else { return }
             handlePublish(publish, session: session)
         case .puback(let id):
-            session.puback(id, broker: broker)
+            session?.puback(id, broker: broker)
         case .pubrec(let id):
-            // Answered with PUBREL even for an id not in flight (as Mosquitto), so a client that
-            // kept its state across a broker restart or a lost session completes its flow.
-            session.pubrec(id, broker: broker)
+            session?.pubrec(id, broker: broker)
             writePacket(.pubrel(packetID: id))
         case .pubcomp(let id):
-            session.pubcomp(id, broker: broker)
+            session?.pubcomp(id, broker: broker)
         case .pubrel(let id):
-            session.released(inbound: id)
+            session?.released(inbound: id)
             writePacket(.pubcomp(packetID: id))
         case .subscribe(let subscribe):
-            handleSubscribe(subscribe.value, session: session)
+            guard let session else { return }
+            handleSubscribe(subscribe, session: session)
         case .unsubscribe(let unsubscribe):
-            for filter in unsubscribe.value.filters { broker.unsubscribe(session, filter: filter) }
-            writePacket(.unsuback(packetID: unsubscribe.value.packetID))
-        case .pingreq:
+            guard let session else { return }
+            for filter in unsubscribe.filters {
+                let subscribed = broker.unsubscribe(session, named: filter)
+                broker.hooks.unsubscribed(
+                    UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed),
+                    worker: worker.index)
+            }
+            writePacket(.unsuback(packetID: unsubscribe.packetID))
+        case .ping:
             writePacket(.pingresp)
         case .disconnect:
-            // The will is discarded; anything after DISCONNECT is ignored.
             detach(publishWill: false, reason: "disconnected")
             flushOutput()
             context?.close(promise: nil)
-        case .connect:
-            closeWithWill(reason: "second CONNECT")
-        case .connack, .suback, .unsuback, .pingresp:
-            closeWithWill(reason: "\(packet.type) is sent by servers only")
-        case .ackV5, .unsubackV5, .disconnectV5, .auth:
-            closeWithWill(reason: "\(packet.type) with MQTT 5 fields: AUTH and reason codes are MQTT 5 only")
+        case .close(let reason):
+            closeWithWill(reason: reason)
         }
     }
 
@@ -330,9 +296,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             return refuse(.notAuthorized, "will topic denied by ACL")
         }
         will = connect.will.map(Box.init)
-        keepAliveMilliseconds = UInt32(connect.keepAlive) * 1500
-        lastRead = .now()
-        state = .opening(pending: [])
+        machine.connectAccepted(keepAlive: connect.keepAlive, now: .now())
         updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
@@ -358,7 +322,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func attach(_ session: Session, sessionPresent: Bool) {
-        guard case .opening(let pending) = state else {
+        guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
@@ -366,15 +330,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         session.outbound = self
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
-        state = .connected
         updateReading()
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
         logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
         broker.hooks.connected(clientInfo, worker: worker.index)
         session.resume(broker: broker)
-        for packet in pending {
-            guard case .connected = state else { break }
-            handleConnected(packet)
+        for packet in pending where machine.isConnected {
+            handle(machine.packetReceived(packet))
         }
     }
 
@@ -382,7 +344,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
         logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(code.rawValue)"])
         writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: code)))
-        state = .closed
+        machine.connectRefused()
         flushOutput()
         context?.close(promise: nil)
     }
@@ -470,6 +432,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
         var codes: [SubackReturnCode] = []
         var granted: [(String, QoS)] = []
+        var refusedForLimit = false  // logged once per packet
         for subscription in subscribe.subscriptions {
             let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
             var filter = subscription.filter
@@ -496,7 +459,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 codes.append(.failure)
                 continue
             }
-            broker.subscribe(session, filter: filter, qos: qos)
+            let limit = broker.configuration.limits.maxSubscriptions
+            if limit > 0, session.subscriptions.count >= limit, session.subscriptions[ByteText(filter)] == nil {
+                if !refusedForLimit { logger.info("subscribe refused: the client holds max_subscriptions (\(limit)) filters") }
+                refusedForLimit = true
+                codes.append(.failure)
+                continue
+            }
+            broker.subscribe(session, named: subscription.filter, as: filter, qos: qos)
             codes.append(.granted(qos))
             granted.append((filter, qos))
         }
@@ -543,7 +513,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func checkHoldBack() {
         holdBackCheckPending = false
-        guard let targets = holdBack, case .connected = state else {
+        guard let targets = holdBack, machine.isConnected else {
             holdBack = nil
             return
         }
@@ -558,22 +528,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if holdBack == nil { updateReading() }
     }
 
-    /// Reads from the socket while waiting for CONNECT and while connected, but not between
-    /// CONNECT and CONNACK (the session may be held by another worker; what one read already
-    /// brought waits, at most `maxPendingPackets`), nor while back-pressure holds this client
-    /// back (what was read waits in `cumulation`).
+    /// Reads from the socket when the state machine wants to (what was read while it does not
+    /// waits in `cumulation`, or in the machine before CONNACK).
     private func updateReading() {
-        let reading: Bool
-        switch state {
-        case .awaitingConnect: reading = true
-        case .opening: reading = false
-        case .connected: reading = holdBack == nil
-        case .closed: return
-        }
+        guard let reading = machine.wantsToRead(heldBack: holdBack != nil) else { return }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: reading)
     }
-
-    // MARK: - Keep-alive
 
     // MARK: - Closing
 
@@ -581,7 +541,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// and the will is published. The session is released at once, so a caller taking over the
     /// client id may hand it to another worker right after.
     func closeWithWill(reason: String) {
-        if case .closed = state, session == nil { return }
+        if machine.isClosed, session == nil { return }
         // The reason may quote the client (a topic, a protocol name): bounded.
         logger.info("closing connection: \(LogText(reason, limit: 512))")
         flushOutput()
@@ -598,7 +558,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Closes without publishing the will, with one log line: a connection that never got its
     /// session, or one whose persistent session a clean session 0 CONNECT takes over.
     func closeWithoutWill(reason: String) {
-        if case .closed = state, session == nil { return }
+        if machine.isClosed, session == nil { return }
         // The reason may quote the client (a topic, a protocol name): bounded.
         logger.info("closing connection: \(LogText(reason, limit: 512))")
         detach(publishWill: false, reason: reason)
@@ -608,9 +568,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
     private func detach(publishWill: Bool, reason: String) {
-        let wasConnected: Bool
-        if case .connected = state { wasConnected = true } else { wasConnected = false }
-        state = .closed
+        let wasConnected = machine.closed()
         guard let session else { return }
         self.session = nil
         if session.outbound === self {
@@ -636,7 +594,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// For metrics: what this connection's session holds, if it is connected. On the loop.
     func sessionLoad() -> (inflight: Int, queued: Int)? {
-        guard case .connected = state, let session else { return nil }
+        guard machine.isConnected, let session else { return nil }
         return (session.inflight.count, session.queue.count)
     }
 
@@ -674,6 +632,49 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func writePubrel(packetID: UInt16) {
         writePacket(.pubrel(packetID: packetID))
+    }
+
+    func disconnect(reason: String) {
+        closeWithWill(reason: reason)
+        worker.flushDirty()
+    }
+
+    func reauthorize() {
+        guard machine.isConnected, let session else { return }
+        let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
+        access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
+        session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
+        guard let acl = access?.acl else { return }
+        let revoked = session.subscriptions.keys.map { String($0.text) }.filter { !acl.allowsSubscribe(filter: $0) }
+        for filter in revoked {
+            broker.unsubscribe(session, filter: filter)
+            if session.hasRenamedSubscriptions { session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) } }
+        }
+        if !revoked.isEmpty { logger.info("access rules changed: \(revoked.count) subscriptions removed") }
+    }
+
+    func interceptDelivery(_ message: Message) -> Message? {
+        let hooked = HookedMessage(topic: String(buffer: message.topic), payload: message.payload, qos: message.qos, retain: message.retain)
+        switch broker.hooks.interceptDelivery(hooked, to: clientInfo, worker: worker.index) {
+        case .deliver:
+            return message
+        case .drop:
+            return nil
+        case .change(let topic, let payload):
+            var changed = message
+            if !topic.hasSameUTF8(as: hooked.topic) {
+                do {
+                    try Topic.validateName(topic, maxLevels: broker.configuration.limits.maxTopicLevels)
+                } catch {
+                    logger.info("delivery hook produced an invalid topic \"\(LogText(topic))\": \(LogText(error.description))")
+                    return nil
+                }
+                changed.topic = ByteBuffer(string: topic)
+            }
+            changed.payload = payload
+            changed.isCompact = false
+            return changed
+        }
     }
 
     func takenOver(publishWill: Bool) {
@@ -723,7 +724,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writeBatch()
         context.flush()
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
-        if let session, session.hasQueued, context.channel.isWritable, case .connected = state { session.pump(broker: broker) }
+        if let session, session.hasQueued, context.channel.isWritable, machine.isConnected { session.pump(broker: broker) }
     }
 }
 

@@ -53,6 +53,23 @@ public struct SubscribeRequest: Sendable {
     }
 }
 
+/// What an UNSUBSCRIBE hook is told: one filter of an UNSUBSCRIBE packet.
+public struct UnsubscribeRequest: Sendable {
+    public var clientID: String
+    public var username: String?
+    /// The filter as the client sent it.
+    public var filter: String
+    /// What it was subscribed as (an `on_subscribe` rewrite), else `filter`.
+    public var subscribed: String
+
+    public init(clientID: String, username: String?, filter: String, subscribed: String) {
+        self.clientID = clientID
+        self.username = username
+        self.filter = filter
+        self.subscribed = subscribed
+    }
+}
+
 /// A hook's answer to one SUBSCRIBE filter.
 public enum SubscribeDecision: Sendable, Equatable {
     /// Allow as asked.
@@ -75,6 +92,15 @@ public enum PublishDecision: Sendable, Equatable {
     case change(HookedMessage)
     /// Deliver these instead (zero, one or many).
     case replace([HookedMessage])
+}
+
+/// A hook's answer to a message on its way to one subscriber.
+public enum DeliveryDecision: Sendable, Equatable {
+    case deliver
+    /// Not to this subscriber.
+    case drop
+    /// This topic and payload for this subscriber only.
+    case change(topic: String, payload: ByteBuffer)
 }
 
 /// Identity of the client that caused a hook call.
@@ -117,6 +143,8 @@ public protocol BrokerHooks: AnyObject, Sendable {
     func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
     /// Subscribe authorisation, once per filter.
     func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
+    /// A notification, once per filter of an UNSUBSCRIBE.
+    func unsubscribed(_ request: UnsubscribeRequest, worker: Int)
     /// Whether `topic` (raw bytes of a PUBLISH) is one the hooks want to see; `false` keeps the
     /// message on the zero-copy path. The broker caches the answer per topic and worker (in its
     /// route cache) until `publishHookGeneration` changes.
@@ -125,6 +153,12 @@ public protocol BrokerHooks: AnyObject, Sendable {
     var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
     func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
+    /// Whether delivery hooks want messages on `topic` (cached per topic and worker in the route
+    /// cache, as `isPublishHooked`); `false` keeps deliveries on the shared path.
+    func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool
+    /// Per-subscriber interception, on the subscriber's worker, only for topics where
+    /// `isDeliverHooked` said true: live messages, queued ones as they go out, retained ones.
+    func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision
     /// Notifications.
     func connected(_ client: ClientInfo, worker: Int)
     func disconnected(_ client: ClientInfo, reason: String, worker: Int)
@@ -140,9 +174,12 @@ extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
     public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
+    public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {}
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
+    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool { false }
+    public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
     public func stop() {}

@@ -49,6 +49,8 @@ struct Delivery: Sendable {
     var retain: Bool
     /// For QoS 0: the frame encoded once for all QoS 0 subscribers of this publish.
     var frame: ByteBuffer?
+    /// An `on_deliver` hook matches the topic: the outbound asks it as the message goes out.
+    var hooked = false
 }
 
 extension Message {

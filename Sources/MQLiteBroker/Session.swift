@@ -20,6 +20,14 @@ protocol SessionOutbound: AnyObject {
     /// A newer connection takes the session over: let go of it and close, publishing the will
     /// or not.
     func takenOver(publishWill: Bool)
+    /// A plugin closes the client (`Broker.disconnect`): close, publishing the will.
+    func disconnect(reason: String)
+    /// The access rules may have changed (a reload, `Broker.reauthorize`): ask the hooks again,
+    /// and drop the subscriptions the new rules no longer allow.
+    func reauthorize()
+    /// A delivery whose topic delivery hooks want, as it goes out: the message to send (changed
+    /// or not), or nil for none.
+    func interceptDelivery(_ message: Message) -> Message?
 }
 
 /// What happened to a session, for whoever must follow it (`SessionObserver`): the single tap a
@@ -75,7 +83,12 @@ final class Session: @unchecked Sendable {
 
     // MARK: Owner-loop state
     /// Where messages go now; nil while no connection (or link) holds the session.
-    var outbound: (any SessionOutbound)?
+    var outbound: (any SessionOutbound)? {
+        didSet { online.store(outbound != nil, ordering: .relaxed) }
+    }
+    /// Whether an outbound holds the session, for other threads (`Broker.disconnect`).
+    private let online = Atomic<Bool>(false)
+    var isOnline: Bool { online.load(ordering: .relaxed) }
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [ByteText: QoS] = [:]
     private(set) var inflight: [Inflight] = []
@@ -112,6 +125,8 @@ final class Session: @unchecked Sendable {
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
+        /// Filters the client named that an `on_subscribe` hook rewrote.
+        var names = SubscriptionNames()
     }
 
     private var more: Occasional {
@@ -189,6 +204,14 @@ final class Session: @unchecked Sendable {
             more.receiveACL = newValue
             more.receiveVerdicts.removeAll()
         }
+    }
+
+    /// Whether an `on_subscribe` hook rewrote a filter this client still names.
+    var hasRenamedSubscriptions: Bool { !(occasional?.names.isEmpty ?? true) }
+
+    /// The filters the client named and what they are subscribed as (owner loop).
+    func withSubscriptionNames<T>(_ body: (inout SubscriptionNames) -> T) -> T {
+        body(&more.names)
     }
 
     init(clientID: String, persistent: Bool, owner: Int) {
@@ -280,7 +303,8 @@ final class Session: @unchecked Sendable {
             occasional.retainedBacklog[occasional.retainedBacklog.startIndex] = head
         }
         for message in messages {
-            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil), broker: broker)
+            let hooked = broker.hooks.isDeliverHooked(topic: message.topic, worker: owner)
+            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked), broker: broker)
         }
         return true
     }
@@ -326,6 +350,16 @@ final class Session: @unchecked Sendable {
     }
 
     private func send(_ delivery: Delivery, on outbound: any SessionOutbound, broker: Broker) {
+        var delivery = delivery
+        if delivery.hooked {
+            guard let message = outbound.interceptDelivery(delivery.message) else { return }
+            if !message.isSame(as: delivery.message) {
+                // For this subscriber only: its own frame, and its ACL asked about the new topic.
+                if let occasional, occasional.receiveACL != nil, !mayReceive(message.topic, occasional) { return }
+                delivery.message = message
+                delivery.frame = nil
+            }
+        }
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame {
                 outbound.writeQoS0(frame: frame, payload: delivery.message.payload)

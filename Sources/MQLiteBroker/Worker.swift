@@ -48,6 +48,8 @@ final class Worker: @unchecked Sendable {
         var hookGeneration: Int
         var targets: [(session: Session, qos: QoS)]
         var hooked: Bool
+        /// Delivery hooks want the topic (`BrokerHooks.isDeliverHooked`).
+        var deliverHooked = false
     }
 
     private static let routeCacheLimit = 10_000
@@ -262,7 +264,7 @@ final class Worker: @unchecked Sendable {
         var qos0Frame: ByteBuffer?
         for target in targets {
             let qos = min(message.qos, target.qos)
-            var delivery = Delivery(message: message, qos: qos, retain: false, frame: nil)
+            var delivery = Delivery(message: message, qos: qos, retain: false, frame: nil, hooked: route.deliverHooked)
             // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
             // straight into its batch buffer instead (no frame of its own to allocate).
             if qos == .atMostOnce && targets.count > 1 {
@@ -301,7 +303,8 @@ final class Worker: @unchecked Sendable {
             return cached
         }
         let targets = broker.matchSubscribers(topic: String(buffer: topic))
-        let route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
+        var route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
+        if !targets.isEmpty { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
         // wants would only fill the cache.
         if targets.isEmpty && !route.hooked { return route }

@@ -31,8 +31,14 @@ enum HostLibrary {
         function("on_publish", onPublish)
         function("on_connected", onConnected)
         function("on_disconnected", onDisconnected)
+        function("on_unsubscribe", onUnsubscribe)
+        function("on_deliver", onDeliver)
+        function("every", every)
+        function("after", after)
         function("log", log)
         function("publish", publish)
+        function("disconnect", disconnect)
+        function("reauthorize", reauthorize)
         function("topic_matches", topicMatches)
         function("time", time)
         function("sha256", sha256)
@@ -85,7 +91,7 @@ enum HostLibrary {
         var filter: String?
         if filtered {
             guard let f = string(L, 1), (try? Topic.validateFilter(f)) != nil else {
-                return fail(L, "mqlite.on_publish: first argument must be a valid topic filter")
+                return fail(L, "mqlite.\(kind.rawValue): first argument must be a valid topic filter")
             }
             filter = f
         }
@@ -103,6 +109,28 @@ enum HostLibrary {
     static let onPublish: Function = { L in register(L!, .publish, filtered: true) }
     static let onConnected: Function = { L in register(L!, .connected) }
     static let onDisconnected: Function = { L in register(L!, .disconnected) }
+    static let onUnsubscribe: Function = { L in register(L!, .unsubscribe) }
+    static let onDeliver: Function = { L in register(L!, .deliver, filtered: true) }
+
+    /// `mqlite.every(seconds, fn)` and `mqlite.after(seconds, fn)`: registered while the script
+    /// loads, run on worker 0's state (`ScriptingHost.startTimers`).
+    private static func registerTimer(_ L: LuaState, repeats: Bool) -> Int32 {
+        let name = repeats ? "mqlite.every" : "mqlite.after"
+        let context = context(L)
+        guard context.vm.loading === context else { return fail(L, "\(name): timers can only be registered while the script loads") }
+        var isNumber: Int32 = 0
+        let seconds = lua_tonumberx(L, 1, &isNumber)
+        guard isNumber != 0, seconds >= 0.01, seconds <= 31_536_000 else {
+            return fail(L, "\(name)(seconds, function): seconds must be a number from 0.01 to 31536000")
+        }
+        guard lua_type(L, 2) == LUA_TFUNCTION else { return fail(L, "\(name)(seconds, function): expects a function") }
+        guard context.vm.timers.count < LuaVM.maxTimers else { return fail(L, "\(name): more than \(LuaVM.maxTimers) timers") }
+        context.vm.registerTimer(functionAt: 2, interval: .nanoseconds(Int64(seconds * 1e9)), repeats: repeats, context: context)
+        return 0
+    }
+
+    static let every: Function = { L in registerTimer(L!, repeats: true) }
+    static let after: Function = { L in registerTimer(L!, repeats: false) }
 
     // MARK: - Functions
 
@@ -139,6 +167,29 @@ enum HostLibrary {
             return fail(L, "mqlite.publish: \(error)")
         }
         return 0
+    }
+
+    /// `mqlite.disconnect(client_id[, reason])` → whether the client was connected. It is closed
+    /// on its own worker once the calling hook has returned; its will is published.
+    static let disconnect: Function = { L in
+        let L = L!
+        guard let clientID = string(L, 1) else { return fail(L, "mqlite.disconnect(client_id[, reason])") }
+        let ctx = context(L)
+        let reason = string(L, 2).map { "disconnected by \(ctx.name): \($0)" } ?? "disconnected by \(ctx.name)"
+        guard let broker = ctx.vm.host.broker else { return fail(L, "mqlite.disconnect: the broker is not running yet") }
+        lua_pushboolean(L, broker.disconnect(clientID: clientID, reason: reason) ? 1 : 0)
+        return 1
+    }
+
+    /// `mqlite.reauthorize(client_id)` → whether the client was connected. Its `on_authorize`
+    /// runs again on its own worker (once the calling hook has returned); subscriptions the new
+    /// rules do not allow are removed.
+    static let reauthorize: Function = { L in
+        let L = L!
+        guard let clientID = string(L, 1) else { return fail(L, "mqlite.reauthorize(client_id)") }
+        guard let broker = context(L).vm.host.broker else { return fail(L, "mqlite.reauthorize: the broker is not running yet") }
+        lua_pushboolean(L, broker.reauthorize(clientID: clientID) ? 1 : 0)
+        return 1
     }
 
     /// `mqlite.topic_matches(filter, topic)` → boolean.

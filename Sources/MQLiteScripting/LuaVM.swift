@@ -46,6 +46,10 @@ final class LuaVM: @unchecked Sendable {
     enum Kind: String, CaseIterable {
         case connect = "on_connect", authorize = "on_authorize", subscribe = "on_subscribe"
         case publish = "on_publish", connected = "on_connected", disconnected = "on_disconnected"
+        case unsubscribe = "on_unsubscribe"
+        /// `mqlite.every` and `mqlite.after` (not hooks, but called and failing as they do).
+        case timer = "timer"
+        case deliver = "on_deliver"
 
         var slot: Int {
             switch self {
@@ -55,6 +59,9 @@ final class LuaVM: @unchecked Sendable {
             case .publish: 3
             case .connected: 4
             case .disconnected: 5
+            case .unsubscribe: 6
+            case .timer: 7
+            case .deliver: 8
             }
         }
     }
@@ -86,6 +93,8 @@ final class LuaVM: @unchecked Sendable {
     private var hookLists: [[Hook]] = Array(repeating: [], count: Kind.allCases.count)
     /// on_publish filters → index into `hooks[.publish]`.
     private let publishFilters = TopicTrie<Int, Void>()
+    /// on_deliver filters → index into `hooks[.deliver]`.
+    private let deliverFilters = TopicTrie<Int, Void>()
     /// Topic → indices of the on_publish hooks that match it, in load order.
     private var publishMatches: [ByteText: [Int]] = [:]
     /// The last topic asked for and its hooks: publishers send runs of one topic.
@@ -93,6 +102,17 @@ final class LuaVM: @unchecked Sendable {
     private var lastMatches: [Int] = []
     /// Set while a script's main chunk runs: hooks may be registered only then.
     var loading: ScriptContext?
+
+    /// A function `mqlite.every` (repeating) or `mqlite.after` registered.
+    struct Timer {
+        let hook: Hook
+        let interval: TimeAmount
+        let repeats: Bool
+    }
+    /// Timers, in load order; only worker 0's VM runs them (`ScriptingHost`).
+    private(set) var timers: [Timer] = []
+    /// Most timers one VM may register (a script registering them in a loop is a mistake).
+    static let maxTimers = 1000
 
     private static let matchCacheLimit = 10_000
     /// Bytes the match cache may hold, counted by `matchCost`.
@@ -211,6 +231,16 @@ final class LuaVM: @unchecked Sendable {
         let ref = luaL_ref(L, mqlite_registryindex())
         hookLists[kind.slot].append(Hook(context: context, ref: ref, stats: host.hookStats(worker: worker, context: context, kind: kind)))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+        if kind == .deliver, let filter { deliverFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+    }
+
+    /// Registers the function at `index` as a timer (called from `mqlite.every`/`mqlite.after`).
+    func registerTimer(functionAt index: Int32, interval: TimeAmount, repeats: Bool, context: ScriptContext) {
+        lua_pushvalue(L, index)
+        let ref = luaL_ref(L, mqlite_registryindex())
+        timers.append(Timer(
+            hook: Hook(context: context, ref: ref, stats: host.hookStats(worker: worker, context: context, kind: .timer)), interval: interval,
+            repeats: repeats))
     }
 
     /// The hooks of one kind, in load order.
@@ -308,6 +338,16 @@ final class LuaVM: @unchecked Sendable {
         publishMatches[ByteText(topic)] = indices
         publishMatchBytes += cost
         return indices
+    }
+
+    /// Indices (in load order) of the on_deliver hooks whose filter matches `topic`. Not cached
+    /// here: the broker asks once per topic for live messages (its route cache), and once per
+    /// retained message sent on SUBSCRIBE.
+    func deliverHooks(for topic: String) -> [Int] {
+        if deliverFilters.count == 0 { return [] }
+        var indices: [Int] = []
+        deliverFilters.forEachMatch(topic: topic) { index, _ in indices.append(index) }
+        return indices.sorted()
     }
 
     /// What one match-cache entry costs against `matchCacheByteLimit`: the topic's bytes, the

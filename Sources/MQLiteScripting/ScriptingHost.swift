@@ -87,6 +87,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         stats.withLock { stats in
             for stat in stats.values where stat.timer == nil { stat.timer = Self.makeTimer(stat, factory: factory) }
         }
+        startTimers()
     }
 
     private static func makeTimer(_ stat: HookStats, factory: any MetricsFactory) -> CoreMetrics.Timer {
@@ -111,10 +112,73 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return mine.map { HookCallStats(script: $0.script, hook: $0.hook, calls: $0.calls, failures: $0.failures) }
     }
 
+    // MARK: - Timers
+
+    /// The scheduled timers of worker 0's state (touched on worker 0's loop, and by `stop`).
+    private let timerTasks = Mutex<(tasks: [TimerTask], stopped: Bool)>(([], false))
+
+    private enum TimerTask {
+        case once(Scheduled<Void>)
+        case repeating(RepeatedTask)
+
+        func cancel() {
+            switch self {
+            case .once(let task): task.cancel()
+            case .repeating(let task): task.cancel()
+            }
+        }
+    }
+
+    /// Schedules the timers (`mqlite.every`, `mqlite.after`) of worker 0's current state on its
+    /// loop, cancelling those of a state it replaces. Timers run in that one state, whatever the
+    /// number of workers (every worker's state registers them; only worker 0's run).
+    private func startTimers() {
+        guard let loop = broker?.eventLoop(ofWorker: 0) else { return }
+        loop.execute { self.scheduleTimers(on: loop) }
+    }
+
+    private func scheduleTimers(on loop: any EventLoop) {
+        let previous = timerTasks.withLock { state in
+            defer { state.tasks = [] }
+            return state.tasks
+        }
+        for task in previous { task.cancel() }
+        guard let vm = vm(0), !vm.timers.isEmpty else { return }
+        // A repeating timer's next run counts from the end of the last (slow runs do not pile
+        // up). A failing call is reported as a hook failure and keeps its schedule.
+        let tasks: [TimerTask] = vm.timers.indices.map { index in
+            let timer = vm.timers[index]
+            let run: @Sendable () -> Void = { [weak vm] in
+                guard let vm, vm === self.slots[0].vm else { return }
+                _ = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () })
+            }
+            if timer.repeats {
+                return .repeating(loop.scheduleRepeatedTask(initialDelay: timer.interval, delay: timer.interval) { _ in run() })
+            }
+            return .once(loop.scheduleTask(in: timer.interval, run))
+        }
+        let stopped = timerTasks.withLock { state in
+            if !state.stopped { state.tasks = tasks }
+            return state.stopped
+        }
+        if stopped { for task in tasks { task.cancel() } }
+    }
+
+    /// Cancels every timer (shutdown).
+    private func stopTimers() {
+        let tasks = timerTasks.withLock { state in
+            state.stopped = true
+            defer { state.tasks = [] }
+            return state.tasks
+        }
+        for task in tasks { task.cancel() }
+    }
+
     /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
     /// instructions, or between two start positions of a pattern search): for shutdown, so that no
     /// script keeps a worker loop busy. There is no way back.
     public func stop() {
+        stopTimers()
         LuaWatchdog.shared.stopAll(owner: ObjectIdentifier(self))
     }
 
@@ -139,7 +203,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public var failureCount: Int { failures.load(ordering: .relaxed) }
 
     /// Loads every script into fresh VMs; if all load, they replace the running ones (each worker
-    /// switches at its next hook call). If any fails, the running scripts stay and the error is thrown.
+    /// switches at its next hook call), and every connected client's `on_authorize` runs again
+    /// in them. If any fails, the running scripts stay and the error is thrown.
     public func reload() throws(ScriptError) {
         var fresh: [LuaVM?] = []
         for index in 0..<workers {
@@ -148,6 +213,10 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         pending.withLock { $0 = fresh }
         generation.add(1, ordering: .releasing)
         logger.info("scripts reloaded (\(plugins.count) plugins)")
+        // Connected clients get the access rules of the new scripts (live revocation), and the
+        // old state's timers stop as the new state's start.
+        broker?.reauthorizeAll()
+        startTimers()
     }
 
     /// The VM of `worker`, switching to a reloaded one first if there is one.
@@ -305,6 +374,20 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return .allow
     }
 
+    public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {
+        guard let vm = vm(worker) else { return }
+        for hook in vm.hooks(.unsubscribe) {
+            _ = vm.call(hook, .unsubscribe, results: 0, push: { L in
+                lua_createtable(L, 0, 4)
+                L.setField("client_id", request.clientID)
+                L.setField("username", request.username)
+                L.setField("filter", request.filter)
+                L.setField("subscribed", request.subscribed)
+                return 1
+            }, read: { _ in () })
+        }
+    }
+
     public var publishHookGeneration: Int { generation.load(ordering: .acquiring) }
 
     public func isPublishHooked(topic: ByteBuffer, worker: Int) -> Bool {
@@ -365,6 +448,53 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             if let decision = answer { return decision }
         }
         return .deliver
+    }
+
+    public func isDeliverHooked(topic: ByteBuffer, worker: Int) -> Bool {
+        guard let vm = vm(worker), !vm.hooks(.deliver).isEmpty else { return false }
+        return !vm.deliverHooks(for: String(buffer: topic)).isEmpty
+    }
+
+    public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision {
+        guard let vm = vm(worker) else { return .deliver }
+        let all = vm.hooks(.deliver)
+        var current = message
+        var changed = false
+        for index in vm.deliverHooks(for: message.topic) {
+            var payloadString: UnsafePointer<CChar>?
+            let answer = vm.call(all[index], .deliver, results: 1, push: { L in
+                lua_createtable(L, 0, 6)
+                L.setField("client_id", client.clientID)
+                L.setField("username", client.username)
+                L.setField("topic", current.topic)
+                L.push("payload")
+                L.push(current.payload)
+                payloadString = lua_tolstring(L, -1, nil)
+                lua_rawset(L, -3)
+                L.setField("qos", Int(current.qos.rawValue))
+                L.setField("retain", current.retain)
+                return 1
+            }, read: { L throws(HookResultError) -> HookedMessage? in
+                switch lua_type(L, -1) {
+                case LUA_TNIL: return current
+                case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? current : nil
+                case LUA_TTABLE:
+                    try requirePlainTable(L, -1, "on_deliver's result")
+                    var result = try readMessage(L, base: current, payloadString: payloadString)
+                    // Only topic and payload may change per subscriber.
+                    result.qos = current.qos
+                    result.retain = current.retain
+                    return result
+                default:
+                    throw HookResultError("on_deliver must return a boolean, a table or nil, not a \(typeName(L, -1))")
+                }
+            })
+            // A failed call does not deliver to this subscriber (as a failed on_publish drops).
+            guard let answer, let next = answer else { return .drop }
+            if next != current { changed = true }
+            current = next
+        }
+        return changed ? .change(topic: current.topic, payload: current.payload) : .deliver
     }
 
     public func connected(_ client: ClientInfo, worker: Int) {

@@ -145,3 +145,31 @@ struct SessionExpiryTests {
         }
     }
 }
+
+@Suite("Subscriptions per client")
+struct SubscriptionLimitTests {
+    @Test("past max_subscriptions a new filter gets 0x80 and the trie stops growing; held filters can be re-subscribed; unsubscribing makes room")
+    func maxSubscriptions() async throws {
+        try await withBroker(configure: { $0.limits.maxSubscriptions = 100 }) { b in
+            let c = try await b.client("greedy")
+            // 2,000 distinct filters in 20 packets: only the first 100 are granted.
+            var granted = 0
+            for packet in 0..<20 {
+                let filters = (0..<100).map { ("greedy/\(packet)/\($0)", QoS.atMostOnce) }
+                let codes = try await c.subscribe(filters, id: UInt16(packet + 1))
+                granted += codes.filter { $0 != .failure }.count
+            }
+            #expect(granted == 100)
+            let nodes = b.broker.subscriptionNodeCount
+            #expect(nodes <= 1 + 1 + 100, "the trie holds the granted filters only: \(nodes) nodes")
+            #expect(try await c.subscribe([("greedy/0/5", .atLeastOnce), ("greedy/new", .atMostOnce)], id: 30) == [.granted(.atLeastOnce), .failure])
+            c.send(.unsubscribe(UnsubscribePacket(packetID: 31, filters: ["greedy/0/5"])))
+            #expect(try await c.expectPacket() == .unsuback(packetID: 31))
+            #expect(try await c.subscribe([("greedy/new", .atMostOnce)], id: 32) == [.granted(.atMostOnce)])
+            try await eventually("logged") { b.logMessages.contains { $0.contains("max_subscriptions (100)") } }
+            // Another client has its own allowance.
+            let other = try await b.client("other")
+            #expect(try await other.subscribe([("greedy/new", .atMostOnce)], id: 1) == [.granted(.atMostOnce)])
+        }
+    }
+}

@@ -45,6 +45,9 @@ final class RecordingOutbound: SessionOutbound {
     func writePubrel(packetID: UInt16) { pubrels.append(packetID) }
     func pumpSoon() { pumpRequests += 1 }
     func takenOver(publishWill: Bool) { takeovers.append(publishWill) }
+    func disconnect(reason: String) {}
+    func reauthorize() {}
+    func interceptDelivery(_ message: Message) -> Message? { message }
 }
 
 /// Records every session event, in order, as text.

@@ -143,6 +143,34 @@ struct HookReturnTests {
         }
     }
 
+    @Test("UNSUBSCRIBE of the filter a client named removes what on_subscribe rewrote it to; on_unsubscribe hears both")
+    func unsubscribeRewritten() async throws {
+        let script = """
+            mqlite.on_subscribe(function(s)
+              if s.filter == "mine/#" then return { filter = "tenant/" .. s.client_id .. "/#" } end
+            end)
+            mqlite.on_unsubscribe(function(u)
+              mqlite.publish("log/unsub", u.client_id .. " " .. (u.username or "-") .. " " .. u.filter .. " -> " .. u.subscribed)
+            end)
+            """
+        try await withScripts([script]) { b, _, _ in
+            let log = try await b.client("log")
+            try await log.subscribe("log/#")
+            let c = try await b.client("c1")
+            try await c.subscribe("mine/#")
+            let pub = try await b.client("pub")
+            try await pub.publish("tenant/c1/x", "before")
+            #expect(payload(try await c.expectPublish()) == "before")
+            let nodes = b.broker.subscriptionNodeCount
+            c.send(.unsubscribe(UnsubscribePacket(packetID: 9, filters: ["mine/#"])))
+            #expect(try await c.expectPacket() == .unsuback(packetID: 9))
+            try await pub.publish("tenant/c1/x", "after")
+            try await c.expectNothing()
+            #expect(b.broker.subscriptionNodeCount == nodes - 3, "tenant/c1/# is gone from the trie")
+            #expect(payload(try await log.expectPublish()) == "c1 - mine/# -> tenant/c1/#")
+        }
+    }
+
     @Test("on_publish: only hooked topics enter Lua; nil/true deliver, false drops (still acked), a table changes, a list fans out")
     func onPublish() async throws {
         let script = """

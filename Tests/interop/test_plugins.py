@@ -98,6 +98,68 @@ def test_acl_file_and_rewrite_with_mosquitto_clients(tmp_path):
         assert b.stop() == 0
 
 
+def test_acl_revoked_by_editing_the_file_and_sighup_while_subscribed(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    mosquitto_passwd(passwd, "alice", "secret")
+    mosquitto_passwd(passwd, "bob", "pw")
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read sensors/#\ntopic read news/#\nuser bob\ntopic write sensors/#\ntopic write news/#\n")
+    b = start_broker(config(tmp_path, [
+        ("password_file.lua", '{ password_file = "passwd" }'),
+        ("acl_file.lua", '{ acl_file = "acl" }'),
+    ]))
+    try:
+        alice = paho_client("paho-alice")
+        alice.username_pw_set("alice", "secret")
+        start(alice, b.port)
+        alice.subscribe([("sensors/#", 0), ("news/#", 0)])
+        time.sleep(0.5)
+        bob = ["-u", "bob", "-P", "pw"]
+        pub(b.port, *bob, "-t", "sensors/t1", "-m", "before")
+        assert wait_for(lambda: [m.payload for m in alice.messages] == [b"before"])
+
+        # alice may no longer read sensors/#: her subscription goes at the reload, while she stays connected.
+        acl.write_text("user alice\ntopic read news/#\nuser bob\ntopic write sensors/#\ntopic write news/#\n")
+        b.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "1 subscriptions removed" in b.log()), b.log()
+        pub(b.port, *bob, "-t", "sensors/t1", "-m", "after")
+        pub(b.port, *bob, "-t", "news/n1", "-m", "still allowed")
+        assert wait_for(lambda: len(alice.messages) == 2)
+        time.sleep(0.3)
+        assert [m.payload for m in alice.messages] == [b"before", b"still allowed"]
+        assert alice.is_connected()
+        alice.disconnect()
+        alice.loop_stop()
+    finally:
+        assert b.stop() == 0
+
+
+def test_presence_publishes_retained_online_and_offline(tmp_path):
+    b = start_broker(config(tmp_path, [("presence.lua", '{ topic = "presence/%c" }')]))
+    try:
+        watcher = sub_process(b.port, "-i", "watcher", "-t", "presence/#", "-v", "-C", "5")
+        time.sleep(0.5)
+        device = paho_client("device-7")
+        start(device, b.port)
+        time.sleep(0.3)
+        device.loop_stop()
+        device.socket().close()  # a lost connection, no DISCONNECT, no will configured
+        pub(b.port, "-i", "tidy", "-t", "x", "-m", "y")  # connects and disconnects cleanly
+        out, err = watcher.communicate(timeout=15)
+        lines = out.splitlines()
+        assert lines[0] == "presence/watcher online", out  # retained, sent on SUBSCRIBE
+        assert lines[1:] == ["presence/device-7 online", "presence/device-7 offline",
+                             "presence/tidy online", "presence/tidy offline"], (out, err)
+        # Retained: a back end that subscribes later sees the last state of each device.
+        late = sub_process(b.port, "-i", "late", "-t", "presence/#", "-v", "-C", "4", "-W", "5")
+        out, err = late.communicate(timeout=15)
+        assert sorted(out.splitlines()) == ["presence/device-7 offline", "presence/late online", "presence/tidy offline",
+                                            "presence/watcher offline"], (out, err)
+    finally:
+        assert b.stop() == 0
+
+
 def test_json_envelope_with_mosquitto_clients(tmp_path):
     b = start_broker(config(tmp_path, [("json_envelope.lua", '{ filters = ["telemetry/#"] }')]))
     try:

@@ -1,0 +1,207 @@
+import MQTTCore
+import NIOCore
+
+/// The MQTT 3.1.1 rules of one connection, as a value: it takes what happened (a packet, a decode
+/// error, the session arriving, a timeout sweep, the connection ending) and says what to do. It
+/// does no I/O and knows no broker; `ConnectionHandler` carries the actions out (hooks, routing,
+/// the session, the socket). Unit-tested without sockets in `ConnectionStateMachineTests`, as
+/// SwiftNIO tests its own state machines.
+///
+/// States: waiting for CONNECT → opening (CONNECT accepted, the session on its way; packets that
+/// arrive meanwhile are kept) → connected → closed. Closed is final: nothing more is handled.
+/// An action that closes the connection leaves the state as it was, so that `closed()` can tell
+/// whether a connected client went away (the hooks hear of that); the handler calls it as it closes.
+struct ConnectionStateMachine {
+    enum State {
+        case awaitingConnect
+        /// CONNECT accepted; waiting for the session (maybe held by another worker).
+        case opening(pending: [MQTTPacket])
+        case connected
+        case closed
+    }
+
+    /// Packets a client may send between CONNECT and CONNACK (reading pauses meanwhile; this
+    /// bounds what one read already brought).
+    static let maxPendingPackets = 1000
+
+    // Laid out to fill 24 bytes of the handler with its flags (`IdleFootprintTests`).
+    private(set) var state = State.awaitingConnect
+    /// When the socket opened (until CONNECT), then when a packet last came (with a keep-alive).
+    private(set) var lastRead: NIODeadline
+    /// 1.5 x the client's keep-alive in milliseconds (zero: no check).
+    private var keepAliveMilliseconds: UInt32 = 0
+
+    init(now: NIODeadline) {
+        lastRead = now
+    }
+
+    var keepAlive: TimeAmount { .milliseconds(Int64(keepAliveMilliseconds)) }
+
+    var isConnected: Bool {
+        if case .connected = state { return true }
+        return false
+    }
+
+    var isClosed: Bool {
+        if case .closed = state { return true }
+        return false
+    }
+
+    // MARK: - Reading
+
+    /// Bytes came from the client: with a keep-alive, that is what its timer counts from.
+    mutating func bytesRead(now: NIODeadline) {
+        if keepAliveMilliseconds != 0 { lastRead = now }
+    }
+
+    /// Whether the socket should be read: while waiting for CONNECT and while connected, but not
+    /// between CONNECT and CONNACK (the session may be held by another worker), nor while
+    /// back-pressure holds the client back. Nil once closed (leave the socket alone).
+    func wantsToRead(heldBack: Bool) -> Bool? {
+        switch state {
+        case .awaitingConnect: return true
+        case .opening: return false
+        case .connected: return !heldBack
+        case .closed: return nil
+        }
+    }
+
+    // MARK: - Packets
+
+    /// What a packet from the client asks for.
+    enum PacketAction: Equatable {
+        /// Nothing: the connection is closed, or the packet waits for the session.
+        case none
+        /// The first packet: authenticate, then `connectAccepted` or `connectRefused`.
+        case connect(ConnectPacket)
+        case publish(PublishPacket)
+        /// Outgoing QoS 1 acknowledged.
+        case puback(UInt16)
+        /// Outgoing QoS 2 received: release it, and answer PUBREL (even for an id not in flight,
+        /// as Mosquitto, so a client that kept its state across a lost session completes its flow).
+        case pubrec(UInt16)
+        /// Outgoing QoS 2 complete.
+        case pubcomp(UInt16)
+        /// Incoming QoS 2 released: forget the id, answer PUBCOMP.
+        case pubrel(UInt16)
+        case subscribe(SubscribePacket)
+        case unsubscribe(UnsubscribePacket)
+        /// Answer PINGRESP.
+        case ping
+        /// DISCONNECT: close without the will (then `closed()`: nothing after it is handled).
+        case disconnect
+        /// A protocol violation: close, publishing the will (then `closed()`).
+        case close(reason: String)
+    }
+
+    mutating func packetReceived(_ packet: MQTTPacket) -> PacketAction {
+        switch state {
+        case .closed:
+            return .none
+        case .awaitingConnect:
+            guard case .connect(let connect) = packet else { return .close(reason: "first packet is \(packet.type), not CONNECT") }
+            return .connect(connect.value)
+        case .opening(var pending):
+            guard pending.count < Self.maxPendingPackets else {
+                return .close(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
+            }
+            state = .closed  // so that the array is not shared while it grows
+            pending.append(packet)
+            state = .opening(pending: pending)
+            return .none
+        case .connected:
+            switch packet {
+            case .publish(let publish): return .publish(publish)
+            case .puback(let id): return .puback(id)
+            case .pubrec(let id): return .pubrec(id)
+            case .pubcomp(let id): return .pubcomp(id)
+            case .pubrel(let id): return .pubrel(id)
+            case .subscribe(let subscribe): return .subscribe(subscribe.value)
+            case .unsubscribe(let unsubscribe): return .unsubscribe(unsubscribe.value)
+            case .pingreq: return .ping
+            case .disconnect: return .disconnect
+            case .connect: return .close(reason: "second CONNECT")
+            case .connack, .suback, .unsuback, .pingresp: return .close(reason: "\(packet.type) is sent by servers only")
+            case .ackV5, .unsubackV5, .disconnectV5, .auth:
+                return .close(reason: "\(packet.type) with MQTT 5 fields: AUTH and reason codes are MQTT 5 only")
+            }
+        }
+    }
+
+    /// A packet could not be decoded: close (publishing the will, then `closed()`), answering
+    /// CONNACK first where the protocol asks (an unsupported protocol level in CONNECT gets
+    /// return code 1, MQTT-3.1.2-2).
+    func decodeFailed(_ error: any Error) -> (connack: ConnectReturnCode?, reason: String) {
+        var connack: ConnectReturnCode?
+        if case .unsupportedProtocol? = error as? MQTTProtocolError, case .awaitingConnect = state {
+            connack = .unacceptableProtocolVersion
+        }
+        return (connack, (error as? MQTTProtocolError)?.description ?? "\(error)")
+    }
+
+    // MARK: - CONNECT
+
+    /// The client is admitted (authenticated, will allowed): wait for its session, keep what
+    /// it sends meanwhile, and from now on check its keep-alive.
+    mutating func connectAccepted(keepAlive seconds: UInt16, now: NIODeadline) {
+        assert({ if case .awaitingConnect = state { return true } else { return false } }(), "CONNECT accepted twice")
+        keepAliveMilliseconds = UInt32(seconds) * 1500
+        lastRead = now
+        state = .opening(pending: [])
+    }
+
+    /// The client is refused (CONNACK with an error code, then close).
+    mutating func connectRefused() {
+        state = .closed
+    }
+
+    /// What to do with a session that arrived for this connection.
+    enum AttachAction: Equatable {
+        /// Attach it, answer CONNACK, then handle these packets (sent before CONNACK) in order.
+        case attach(pending: [MQTTPacket])
+        /// The connection went away meanwhile: give the session back (offline, or ended).
+        case giveBack
+    }
+
+    mutating func sessionArrived() -> AttachAction {
+        guard case .opening(let pending) = state else { return .giveBack }
+        state = .connected
+        return .attach(pending: pending)
+    }
+
+    // MARK: - Time
+
+    enum TimeoutAction: Equatable {
+        case none
+        /// Close, publishing the will.
+        case close(reason: String)
+        /// Connected and in time: let in-flight messages stop pinning read buffers.
+        case tidy
+    }
+
+    /// The worker's periodic sweep: a socket that sent no CONNECT within `connectTimeout` is
+    /// closed, and so is a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24) unless the
+    /// broker itself holds it back. With `closing` false (a late sweep) it only tidies.
+    func timeoutCheck(now: NIODeadline, connectTimeout: TimeAmount, heldBack: Bool, closing: Bool) -> TimeoutAction {
+        switch state {
+        case .awaitingConnect where closing && now - lastRead >= connectTimeout:
+            return .close(reason: "no CONNECT within connect_timeout")
+        case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack:
+            return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)")
+        case .connected:
+            return .tidy
+        default:
+            return .none
+        }
+    }
+
+    // MARK: - Closing
+
+    /// The connection ends (closed by either side): whether the client had been connected (the
+    /// hooks hear of a disconnect only then).
+    @discardableResult
+    mutating func closed() -> Bool {
+        defer { state = .closed }
+        return isConnected
+    }
+}

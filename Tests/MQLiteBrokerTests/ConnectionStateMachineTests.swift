@@ -1,0 +1,144 @@
+import MQTTCore
+import NIOCore
+import Testing
+
+@testable import MQLiteBroker
+
+/// The connection's protocol rules as a value: events in, actions out, no socket, no broker.
+@Suite("Connection state machine (no sockets)")
+struct ConnectionStateMachineTests {
+    private let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+    private let connect = ConnectPacket(keepAlive: 10, clientID: "c")
+
+    /// A machine that has accepted `connect` and got its session.
+    private func connected() -> ConnectionStateMachine {
+        var machine = ConnectionStateMachine(now: start)
+        #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
+        machine.connectAccepted(keepAlive: connect.keepAlive, now: start)
+        #expect(machine.sessionArrived() == .attach(pending: []))
+        return machine
+    }
+
+    @Test("the first packet must be CONNECT; anything else closes, and nothing is handled after closing")
+    func firstPacket() {
+        for packet: MQTTPacket in [.pingreq, .publish(PublishPacket(topic: "t", payload: "x")), .disconnect, .puback(packetID: 1)] {
+            var machine = ConnectionStateMachine(now: start)
+            #expect(machine.wantsToRead(heldBack: false) == true)
+            #expect(machine.packetReceived(packet) == .close(reason: "first packet is \(packet.type), not CONNECT"))
+            #expect(machine.closed() == false, "never connected: no disconnect for the hooks")
+            #expect(machine.packetReceived(.connect(connect)) == .none)
+            #expect(machine.wantsToRead(heldBack: false) == nil)
+        }
+        var machine = ConnectionStateMachine(now: start)
+        #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
+    }
+
+    @Test("between CONNECT and CONNACK reading stops and packets wait, in order, up to the limit")
+    func opening() {
+        var machine = ConnectionStateMachine(now: start)
+        _ = machine.packetReceived(.connect(connect))
+        machine.connectAccepted(keepAlive: 10, now: start)
+        #expect(machine.wantsToRead(heldBack: false) == false)
+        let early: [MQTTPacket] = (1...ConnectionStateMachine.maxPendingPackets).map { .puback(packetID: UInt16($0)) }
+        for packet in early { #expect(machine.packetReceived(packet) == .none) }
+        #expect(machine.isConnected == false)
+        // One more than the bound closes the connection.
+        var overflowing = machine
+        #expect(overflowing.packetReceived(.pingreq) == .close(reason: "more than 1000 packets before CONNACK"))
+
+        #expect(machine.sessionArrived() == .attach(pending: early))
+        #expect(machine.isConnected && machine.wantsToRead(heldBack: false) == true)
+        #expect(machine.wantsToRead(heldBack: true) == false, "back-pressure pauses reading")
+        // The kept packets are then handled as any packet of a connected client.
+        #expect(machine.packetReceived(early[0]) == .puback(1))
+    }
+
+    @Test("a session that arrives after the connection closed is given back")
+    func lateSession() {
+        var machine = ConnectionStateMachine(now: start)
+        _ = machine.packetReceived(.connect(connect))
+        machine.connectAccepted(keepAlive: 0, now: start)
+        machine.closed()
+        #expect(machine.sessionArrived() == .giveBack)
+        var refused = ConnectionStateMachine(now: start)
+        _ = refused.packetReceived(.connect(connect))
+        refused.connectRefused()
+        #expect(refused.sessionArrived() == .giveBack && refused.isClosed)
+    }
+
+    @Test("a connected client's packets map to their actions; server-only, MQTT 5 and second CONNECT close")
+    func connectedPackets() {
+        var machine = connected()
+        let publish = PublishPacket(topic: "a/b", payload: "p", qos: .atLeastOnce, packetID: 3)
+        let subscribe = SubscribePacket(packetID: 4, subscriptions: [Subscription(filter: "a/#", qos: .atMostOnce)])
+        let unsubscribe = UnsubscribePacket(packetID: 5, filters: ["a/#"])
+        #expect(machine.packetReceived(.publish(publish)) == .publish(publish))
+        #expect(machine.packetReceived(.puback(packetID: 6)) == .puback(6))
+        #expect(machine.packetReceived(.pubrec(packetID: 7)) == .pubrec(7))
+        #expect(machine.packetReceived(.pubrel(packetID: 8)) == .pubrel(8))
+        #expect(machine.packetReceived(.pubcomp(packetID: 9)) == .pubcomp(9))
+        #expect(machine.packetReceived(.subscribe(subscribe)) == .subscribe(subscribe))
+        #expect(machine.packetReceived(.unsubscribe(unsubscribe)) == .unsubscribe(unsubscribe))
+        #expect(machine.packetReceived(.pingreq) == .ping)
+        #expect(machine.isConnected)
+
+        let closing: [(MQTTPacket, String)] = [
+            (.connect(connect), "second CONNECT"),
+            (.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), "connack is sent by servers only"),
+            (.suback(SubackPacket(packetID: 1, returnCodes: [.failure])), "suback is sent by servers only"),
+            (.unsuback(packetID: 1), "unsuback is sent by servers only"),
+            (.pingresp, "pingresp is sent by servers only"),
+            (.auth(AuthPacket()), "auth with MQTT 5 fields: AUTH and reason codes are MQTT 5 only"),
+        ]
+        for (packet, reason) in closing {
+            var m = connected()
+            #expect(m.packetReceived(packet) == .close(reason: reason))
+            #expect(m.closed() == true, "a connected client went away: the hooks hear of it")
+            #expect(m.packetReceived(.pingreq) == .none)
+        }
+    }
+
+    @Test("DISCONNECT: close without the will; nothing after it is handled")
+    func disconnect() {
+        var machine = connected()
+        #expect(machine.packetReceived(.disconnect) == .disconnect)
+        #expect(machine.closed() == true)
+        #expect(machine.packetReceived(.publish(PublishPacket(topic: "t", payload: "late"))) == .none)
+        #expect(machine.closed() == false, "closing twice reports once")
+    }
+
+    @Test("decode errors close; an unsupported protocol level before CONNECT is answered with CONNACK 1")
+    func decodeErrors() {
+        let machine = ConnectionStateMachine(now: start)
+        let unsupported = MQTTProtocolError.unsupportedProtocol(name: "MQTT", level: 9)
+        #expect(machine.decodeFailed(unsupported).connack == .unacceptableProtocolVersion)
+        #expect(machine.decodeFailed(unsupported).reason == unsupported.description)
+        #expect(machine.decodeFailed(MQTTProtocolError.noTopicFilters(.subscribe)).connack == nil)
+        #expect(connected().decodeFailed(unsupported).connack == nil, "after CONNECT it is a plain protocol error")
+    }
+
+    @Test("connect_timeout before CONNECT; 1.5 x keep-alive after it, counted from the last read, not while held back")
+    func timeouts() {
+        let timeout = TimeAmount.seconds(10)
+        let fresh = ConnectionStateMachine(now: start)
+        #expect(fresh.timeoutCheck(now: start + .seconds(9), connectTimeout: timeout, heldBack: false, closing: true) == .none)
+        #expect(fresh.timeoutCheck(now: start + .seconds(10), connectTimeout: timeout, heldBack: false, closing: true)
+            == .close(reason: "no CONNECT within connect_timeout"))
+        #expect(fresh.timeoutCheck(now: start + .seconds(10), connectTimeout: timeout, heldBack: false, closing: false) == .none)
+
+        var machine = connected()  // keep-alive 10 s: closed after 15 s of silence
+        #expect(machine.keepAlive == .seconds(15))
+        #expect(machine.timeoutCheck(now: start + .seconds(14), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
+        #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: false, closing: true)
+            == .close(reason: "keep-alive expired (no packet for 15000 ms)"))
+        #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: true, closing: true) == .tidy)
+        machine.bytesRead(now: start + .seconds(14))
+        #expect(machine.timeoutCheck(now: start + .seconds(28), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
+
+        var noKeepAlive = ConnectionStateMachine(now: start)
+        _ = noKeepAlive.packetReceived(.connect(connect))
+        noKeepAlive.connectAccepted(keepAlive: 0, now: start)
+        _ = noKeepAlive.sessionArrived()
+        #expect(noKeepAlive.timeoutCheck(now: start + .hours(10), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
+    }
+}
