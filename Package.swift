@@ -33,6 +33,12 @@ let package = Package(
         // Allocation counting for the hot-path guard (the counter behind package-benchmark's
         // malloc metrics; package-benchmark itself needs a runtime interposer not available here).
         .package(url: "https://github.com/ordo-one/malloc-interposer.git", from: "1.6.1"),
+        // Metrics (issue 11): the broker's counters are reported through swift-metrics so other
+        // backends can be plugged, and exported on the `http` listener's /metrics by
+        // swift-prometheus. The hot path keeps plain per-worker counters; these libraries only see
+        // the sums, set when a scrape asks for them.
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.0.0"),
     ],
     targets: [
         // Protocol only: packets, codec, topic rules. No sockets, no state.
@@ -58,6 +64,8 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: releaseSpeed
         ),
@@ -78,6 +86,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ],
             swiftSettings: releaseSpeed
         ),
@@ -90,6 +99,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
         // Load generator for the side-by-side benchmark with Mosquitto (`make bench`).

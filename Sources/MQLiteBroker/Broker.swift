@@ -22,7 +22,7 @@ public final class Broker: Sendable {
     nonisolated(unsafe) private(set) var workers: [Worker] = []
 
     /// Client id (compared byte for byte) → session.
-    private let registry: any SessionRegistry
+    let registry: any SessionRegistry
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions: any SubscriptionIndex
     /// Retained messages by topic (see `retainedScan(matching:)`).
@@ -41,6 +41,20 @@ public final class Broker: Sendable {
     let connectionObjects = Atomic<Int>(0)
     /// Messages dropped for subscribers that could not keep up, since start.
     let droppedMessages = Atomic<Int>(0)
+    /// Subscriptions held (filters of every session), for metrics and `$SYS`.
+    let subscriptionCount = Atomic<Int>(0)
+    /// Most connections open at once since start.
+    let maximumConnections = Atomic<Int>(0)
+    /// When the broker was made (uptime).
+    let startTime = NIODeadline.now()
+    /// Set when `shutdown()` begins: `/health` answers 503 from then on.
+    private let stopping = Atomic<Bool>(false)
+    /// The `$SYS` publisher's timer, cancelled on shutdown.
+    let sysTask = Mutex<RepeatedTask?>(nil)
+    /// The metrics the `http` listeners export (docs/METRICS.md).
+    public let metrics = BrokerMetrics()
+    /// The version `$SYS/broker/version` announces.
+    public static let version = "mqlite 0.1.0"
 
     public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
         self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
@@ -91,7 +105,8 @@ public final class Broker: Sendable {
             let address = listenerConfiguration.address
             let channel: any Channel
             do {
-                channel = try await makeBootstrap(for: listener).bind(host: address.host, port: address.port).get()
+                let bootstrap = listenerConfiguration.kind == .http ? makeHTTPBootstrap() : makeBootstrap(for: listener)
+                channel = try await bootstrap.bind(host: address.host, port: address.port).get()
             } catch {
                 throw ListenError(index: index, address: address, underlying: error)
             }
@@ -101,12 +116,14 @@ public final class Broker: Sendable {
                 bound.append(local)
                 var traits: [String] = []
                 if listenerConfiguration.kind == .websockets { traits.append("WebSocket") }
+                if listenerConfiguration.kind == .http { traits.append("HTTP: /metrics, /health") }
                 if context != nil { traits.append("TLS") }
                 if listenerConfiguration.proxyProtocol { traits.append("PROXY protocol") }
                 let suffix = traits.isEmpty ? "" : " (\(traits.joined(separator: ", ")))"
                 logger.info("listening on \(local.ipAddress ?? address.host):\(local.port ?? address.port)\(suffix)")
             }
         }
+        startSysPublisher()
         return bound
     }
 
@@ -190,21 +207,39 @@ public final class Broker: Sendable {
     /// Stops accepting, closes every client connection, and stops the event loops. The hooks are
     /// told first (`BrokerHooks.stop`), so that none keeps a loop busy meanwhile.
     public func shutdown() async {
+        beginStopping()
         hooks.stop()
+        sysTask.withLock { task in
+            task?.cancel()
+            task = nil
+        }
+        // The MQTT listeners first; the http ones last, so that /health says 503 meanwhile.
         let channels = serverChannels.withLock { channels in
             defer { channels.removeAll() }
             return channels
         }
-        for channel in channels { try? await channel.close() }
+        let kinds = runningListeners.withLock { $0.map(\.kind) }
+        let isHTTP = channels.indices.map { $0 < kinds.count && kinds[$0] == .http }
+        for (i, channel) in channels.enumerated() where !isHTTP[i] { try? await channel.close() }
         for worker in workers {
             try? await worker.loop.submit {
                 for connection in worker.connections.values { connection.closeForShutdown() }
             }.get()
         }
+        for (i, channel) in channels.enumerated() where isHTTP[i] { try? await channel.close() }
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")
     }
+
+    /// From here on the broker counts as stopping (`/health` answers 503). The first step of
+    /// `shutdown()`.
+    func beginStopping() {
+        stopping.store(true, ordering: .releasing)
+    }
+
+    /// Whether the broker accepts connections (started, not stopping): what `/health` reports.
+    public var isAccepting: Bool { isStarted && !stopping.load(ordering: .acquiring) }
 
     /// Lets go of the workers once their loops have stopped (nothing reads them any more).
     func loopsStopped() {
@@ -360,6 +395,7 @@ public final class Broker: Sendable {
         sessionObserver?.session(session, .ended)
         let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
+        if !filters.isEmpty { subscriptionCount.subtract(filters.count, ordering: .relaxed) }
         if !filters.isEmpty {
             subscriptions.remove(filters: filters, session: session)
             for worker in workers { worker.subscriptionsChanged(filters) }
@@ -373,7 +409,7 @@ public final class Broker: Sendable {
 
     func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
         workers[session.owner].assertOnLoop()
-        session.subscriptions[filter] = qos
+        if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
         subscriptions.insert(filter: filter, session: session, qos: qos)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
@@ -382,6 +418,7 @@ public final class Broker: Sendable {
     func unsubscribe(_ session: Session, filter: TopicFilter) {
         workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
+        subscriptionCount.subtract(1, ordering: .relaxed)
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
         sessionObserver?.session(session, .unsubscribed(filter: filter))

@@ -68,8 +68,9 @@ public enum ConfigFile {
         try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting"])
 
         if let server = try top.table("server") {
-            try server.allowOnly(["workers", "log_level"])
+            try server.allowOnly(["workers", "log_level", "sys_interval"])
             if let workers = try server.int("workers", in: BrokerConfiguration.workerRange) { config.workers = workers }
+            if let v = try server.int("sys_interval", in: BrokerConfiguration.sysIntervalRange) { config.sysInterval = v }
             if let level = try server.string("log_level") {
                 guard let parsed = Logger.Level(rawValue: level) else {
                     throw server.error("log_level", "must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")), not \"\(level)\"")
@@ -96,6 +97,13 @@ public enum ConfigFile {
                     kind = parsed
                 }
                 let proxyProtocol = try listener.bool("proxy_protocol") ?? false
+                if kind == .http {
+                    // The metrics listener is for a scraper on a trusted network: plain HTTP only.
+                    for key in ["certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username", "proxy_protocol"]
+                    where listener.table[key] != nil {
+                        throw listener.error(key, "is not allowed on an http listener (plain HTTP only: no TLS, no PROXY protocol)")
+                    }
+                }
                 let tls = try tlsSettings(listener, directory: directory)
                 config.listeners.append(ListenerConfiguration(address, kind: kind, tls: tls, proxyProtocol: proxyProtocol))
             }

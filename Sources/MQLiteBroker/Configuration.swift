@@ -16,14 +16,18 @@ public struct BrokerConfiguration: Sendable {
     public var scripting: ScriptingConfiguration
     /// Folder of the config file: relative paths in plugin options are resolved against it.
     public var baseDirectory: String
+    /// Seconds between two publications of the `$SYS/broker/...` topics; 0 = none
+    /// (`[server] sys_interval`, as Mosquitto's).
+    public var sysInterval: Int
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,
         listeners: [ListenerConfiguration] = [ListenerConfiguration(ListenAddress(host: "0.0.0.0", port: 1883))],
         limits: Limits = Limits(), allowAnonymous: Bool = true,
         plugins: [PluginConfiguration] = [], scripting: ScriptingConfiguration = ScriptingConfiguration(),
-        baseDirectory: String = "."
+        baseDirectory: String = ".", sysInterval: Int = 10
     ) {
+        self.sysInterval = sysInterval
         self.workers = workers
         self.logLevel = logLevel
         self.listeners = listeners
@@ -33,6 +37,9 @@ public struct BrokerConfiguration: Sendable {
         self.scripting = scripting
         self.baseDirectory = baseDirectory
     }
+
+    /// Accepted values of `sys_interval` (seconds; 0 = off).
+    public static let sysIntervalRange = 0...86_400
 
     /// Accepted values of `workers` (the config file's and `-t`).
     public static let workerRange = 0...1024
@@ -50,6 +57,9 @@ public struct ListenerConfiguration: Sendable, Equatable {
         case mqtt
         /// MQTT over WebSocket (RFC 6455, subprotocol `mqtt`), over TCP or TLS (`ws://`, `wss://`).
         case websockets
+        /// Plain HTTP/1.1 for operators: `GET /metrics` (Prometheus text format) and `GET /health`.
+        /// No MQTT, no TLS, no PROXY header.
+        case http
     }
 
     /// Where to listen (`bind`).

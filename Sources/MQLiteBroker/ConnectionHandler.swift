@@ -77,8 +77,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         worker.connections[ObjectIdentifier(self)] = self
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
         counted = true
+        let listener = clientInfo.origin.index
+        if listener >= 0 {
+            worker.stats.connectionsTotal[listener] &+= 1
+            worker.stats.connectionsOpen[listener] &+= 1
+        }
+        broker.noteOpenConnections(open)
         let max = broker.configuration.limits.maxConnections
         if max > 0 && open > max {
+            worker.stats.refusedMaxConnections &+= 1
             logger.info("refusing connection: max_connections \(max) reached")
             machine.closed()
             context.close(promise: nil)
@@ -108,7 +115,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelInactive(context: ChannelHandlerContext) {
         worker.connections[ObjectIdentifier(self)] = nil
-        if counted { broker.connectionCount.add(-1, ordering: .relaxed) }
+        if counted {
+            broker.connectionCount.add(-1, ordering: .relaxed)
+            if clientInfo.origin.index >= 0 { worker.stats.connectionsOpen[clientInfo.origin.index] &-= 1 }
+        }
         counted = false
         // After a DISCONNECT the session is already detached (will discarded), so this does nothing.
         detach(publishWill: true, reason: "connection lost")
@@ -144,7 +154,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
         } catch {
             let (connack, reason) = machine.decodeFailed(error)
-            if let connack { writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack))) }
+            if let connack {
+                if Int(connack.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(connack.rawValue)] &+= 1 }
+                writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack)))
+            }
             closeWithWill(reason: reason)
         }
     }
@@ -328,6 +341,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func refuse(_ code: ConnectReturnCode, _ reason: String) {
+        if Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
         logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(code.rawValue)"])
         writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: code)))
         machine.connectRefused()
@@ -340,6 +354,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func handlePublish(_ publish: PublishPacket, session: Session) {
         // Validated by the decoder: only its level count and hash are computed here.
         let topic = TopicName(alreadyValidated: publish.topic)
+        worker.stats.messagesReceived.add(publish.qos)
+        worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
         case .atMostOnce:
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
@@ -370,7 +386,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
     private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool) {
-        guard mayPublish(topic) else { return }
+        guard mayPublish(topic) else {
+            worker.stats.droppedACL &+= 1
+            return
+        }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
         let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
@@ -380,7 +399,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .deliver:
             publish(message, along: route)
         case .drop:
-            break
+            worker.stats.droppedHook &+= 1
         case .change(let changed):
             publishChanged(changed, original: hooked, route: route)
         case .replace(let messages):
@@ -576,6 +595,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     // MARK: - Output
 
+    /// For metrics: what this connection's session holds, if it is connected. On the loop.
+    func sessionLoad() -> (inflight: Int, queued: Int)? {
+        guard machine.isConnected, let session else { return nil }
+        return (session.inflight.count, session.queue.count)
+    }
+
     /// Whether the socket can take more now (else deliveries queue in the session).
     var canWrite: Bool {
         guard let context else { return false }
@@ -660,6 +685,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in
     /// the frame; it goes to the socket as its own (shared) buffer.
     func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
+        worker.stats.messagesSent.qos0 &+= 1
+        worker.stats.bytesSent.qos0 &+= payload.readableBytes
         if payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()
@@ -672,6 +699,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
+        worker.stats.messagesSent.add(qos)
+        worker.stats.bytesSent.add(qos, message.payload.readableBytes)
         if message.payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()

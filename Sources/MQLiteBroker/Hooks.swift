@@ -165,6 +165,9 @@ public protocol BrokerHooks: AnyObject, Sendable {
     /// The broker is stopping: a hook running now, or called later, should end at once, so that
     /// no hook keeps a worker loop (and so the shutdown) waiting. Any thread.
     func stop()
+    /// What the hooks of `worker` counted since start (calls and failures per script and hook),
+    /// for metrics. Called on that worker's loop, when a scrape asks.
+    func hookCallStats(worker: Int) -> [HookCallStats]
 }
 
 extension BrokerHooks {
@@ -180,6 +183,7 @@ extension BrokerHooks {
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
     public func stop() {}
+    public func hookCallStats(worker: Int) -> [HookCallStats] { [] }
 }
 
 /// No hooks: every default above.

@@ -14,6 +14,8 @@ protocol SessionRegistry: Sendable {
     func update<T>(clientID: String, _ body: (inout Session?) -> T) -> T
     /// The session registered for `clientID`.
     func session(for clientID: String) -> Session?
+    /// Sessions registered (online and offline).
+    var count: Int { get }
 }
 
 /// Filters → the sessions subscribed and their granted QoS. A change here must be told to the
@@ -60,6 +62,8 @@ final class InMemorySessionRegistry: SessionRegistry {
     func session(for clientID: String) -> Session? {
         sessions.withLock { $0[ClientIDKey(clientID)] }
     }
+
+    var count: Int { sessions.withLock { $0.count } }
 }
 
 /// The subscription trie (filters → sessions) behind one lock.

@@ -49,15 +49,23 @@ final class HTTPRequestLimit: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
 
+    private let maxBytes: Int
+    private let what: String
     private var received = 0
     private var failed = false
+
+    /// `what` names the request in the error (the `http` listener uses this handler too).
+    init(maxBytes: Int = WebSocketLimits.maxRequestBytes, what: String = "HTTP upgrade request") {
+        self.maxBytes = maxBytes
+        self.what = what
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         received += unwrapInboundIn(data).readableBytes
-        if received > WebSocketLimits.maxRequestBytes {
+        if received > maxBytes {
             failed = true
-            context.fireErrorCaught(WebSocketTransportError(description: "HTTP upgrade request longer than \(WebSocketLimits.maxRequestBytes) bytes"))
+            context.fireErrorCaught(WebSocketTransportError(description: "\(what) longer than \(maxBytes) bytes"))
             return
         }
         context.fireChannelRead(data)

@@ -38,6 +38,8 @@ final class Worker: @unchecked Sendable {
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
+    /// This worker's counters for metrics and `$SYS`: plain integers, summed when scraped.
+    var stats: WorkerStats
 
     /// What this worker knows about a topic: its subscribers, and whether publish hooks want
     /// it. Valid until a filter matching the topic changes its subscribers (then the route is
@@ -65,6 +67,7 @@ final class Worker: @unchecked Sendable {
         self.loop = loop
         self.broker = broker
         self.outgoing = Array(repeating: [], count: workerCount)
+        self.stats = WorkerStats(listeners: broker.configuration.listeners.count)
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
         self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
     }

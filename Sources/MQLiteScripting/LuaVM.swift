@@ -1,4 +1,5 @@
 import CLua
+import CoreMetrics
 import Foundation
 import MQLiteBroker
 import MQTTCore
@@ -37,6 +38,9 @@ final class LuaVM: @unchecked Sendable {
     struct Hook {
         let context: ScriptContext
         let ref: Int32
+        /// Its calls, failures and durations on this worker (shared with the VMs that replace
+        /// this one on reload).
+        let stats: HookStats
     }
 
     enum Kind: String, CaseIterable {
@@ -225,7 +229,7 @@ final class LuaVM: @unchecked Sendable {
     func register(_ kind: Kind, functionAt index: Int32, filter: String?, context: ScriptContext) {
         lua_pushvalue(L, index)
         let ref = luaL_ref(L, mqlite_registryindex())
-        hookLists[kind.slot].append(Hook(context: context, ref: ref))
+        hookLists[kind.slot].append(Hook(context: context, ref: ref, stats: host.hookStats(worker: worker, context: context, kind: kind)))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
         if kind == .deliver, let filter { deliverFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
     }
@@ -234,7 +238,9 @@ final class LuaVM: @unchecked Sendable {
     func registerTimer(functionAt index: Int32, interval: TimeAmount, repeats: Bool, context: ScriptContext) {
         lua_pushvalue(L, index)
         let ref = luaL_ref(L, mqlite_registryindex())
-        timers.append(Timer(hook: Hook(context: context, ref: ref), interval: interval, repeats: repeats))
+        timers.append(Timer(
+            hook: Hook(context: context, ref: ref, stats: host.hookStats(worker: worker, context: context, kind: .timer)), interval: interval,
+            repeats: repeats))
     }
 
     /// The hooks of one kind, in load order.
@@ -274,11 +280,24 @@ final class LuaVM: @unchecked Sendable {
     ) -> T? {
         let base = lua_gettop(L)
         defer { lua_settop(L, base) }
+        let stats = hook.stats
+        stats.calls &+= 1
+        let start = NIODeadline.now()
+        defer { stats.timer?.recordNanoseconds((NIODeadline.now() - start).nanoseconds) }
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
         let status = mqlite_call(L, arguments, results)
         guard status == LUA_OK else {
             let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
+            let failure: String
+            if status == LUA_ERRMEM {
+                failure = "memory_limit"
+            } else if control.pointee.exhausted != 0 && mqlite_stopping(control) == 0 {
+                failure = control.pointee.remaining <= 0 ? "instruction_limit" : "time_limit"
+            } else {
+                failure = "error"
+            }
+            stats.failures[failure, default: 0] &+= 1
             host.reportFailure(hook.context, hook: kind, message: message)
             return nil
         }
@@ -287,6 +306,7 @@ final class LuaVM: @unchecked Sendable {
         do {
             return try read(L)
         } catch {
+            stats.failures["bad_return", default: 0] &+= 1
             host.reportFailure(hook.context, hook: kind, message: error.message)
             return nil
         }
@@ -426,5 +446,23 @@ extension LuaState {
     func setField(_ key: String, _ value: ByteBuffer?) {
         if let value { push(value) } else { lua_pushnil(self) }
         lua_setfield(self, -2, key)
+    }
+}
+
+/// Calls and failures of one script's hooks of one kind on one worker, and the timer their
+/// durations go to. Counted on that worker's loop; read there when a scrape asks.
+final class HookStats: @unchecked Sendable {
+    /// The script's file name, and the hook (`on_publish`, ...).
+    let script: String
+    let hook: String
+    var calls = 0
+    /// By kind: `error`, `instruction_limit`, `time_limit`, `memory_limit`, `bad_return`.
+    var failures: [String: Int] = [:]
+    /// Set once the host is bound to a broker (whose metrics factory makes it).
+    var timer: CoreMetrics.Timer?
+
+    init(script: String, hook: String) {
+        self.script = script
+        self.hook = hook
     }
 }

@@ -1,4 +1,5 @@
 import CLua
+import CoreMetrics
 import Logging
 import MQLiteBroker
 import MQTTCore
@@ -43,6 +44,18 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     }
     static let failureLogInterval: Duration = .seconds(10)
 
+    /// Every hook's counters, per worker, script and kind; kept across reloads (a reloaded VM's
+    /// hooks count on in the same objects). The map is read under its lock; the counters in it
+    /// belong to their worker's loop.
+    private let stats = Mutex<[HookStatsKey: HookStats]>([:])
+    private struct HookStatsKey: Hashable {
+        var worker: Int
+        var script: String
+        var kind: String
+    }
+    /// The broker's metrics factory, once bound: hook durations are recorded through it.
+    private let metricsFactory = Mutex<(any MetricsFactory)?>(nil)
+
     /// A worker's current VM; touched only on that worker's loop (after creation).
     private final class Slot {
         var vm: LuaVM?
@@ -69,7 +82,34 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     /// outlive its hooks (it does: it owns them).
     public func bind(to broker: Broker) {
         boundBroker.withLock { $0 = UnownedBroker(broker: broker) }
+        let factory = broker.metrics.factory
+        metricsFactory.withLock { $0 = factory }
+        stats.withLock { stats in
+            for stat in stats.values where stat.timer == nil { stat.timer = Self.makeTimer(stat, factory: factory) }
+        }
         startTimers()
+    }
+
+    private static func makeTimer(_ stat: HookStats, factory: any MetricsFactory) -> CoreMetrics.Timer {
+        CoreMetrics.Timer(label: BrokerMetrics.hookDurationLabel, dimensions: [("script", stat.script), ("hook", stat.hook)], factory: factory)
+    }
+
+    /// The counters of `context`'s hooks of `kind` on `worker` (made on first use).
+    func hookStats(worker: Int, context: ScriptContext, kind: LuaVM.Kind) -> HookStats {
+        let key = HookStatsKey(worker: worker, script: context.script, kind: kind.rawValue)
+        let factory = metricsFactory.withLock { $0 }
+        return stats.withLock { stats in
+            if let existing = stats[key] { return existing }
+            let made = HookStats(script: context.name, hook: kind.rawValue)
+            if let factory { made.timer = Self.makeTimer(made, factory: factory) }
+            stats[key] = made
+            return made
+        }
+    }
+
+    public func hookCallStats(worker: Int) -> [HookCallStats] {
+        let mine = stats.withLock { stats in stats.filter { $0.key.worker == worker }.map(\.value) }
+        return mine.map { HookCallStats(script: $0.script, hook: $0.hook, calls: $0.calls, failures: $0.failures) }
     }
 
     // MARK: - Timers
@@ -289,6 +329,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 }
             })
             if let malformed {
+                hook.stats.failures["bad_return", default: 0] &+= 1
                 reportFailure(hook.context, hook: .authorize, message: "\(malformed.message) (the client may do nothing)")
             }
             switch answer {

@@ -144,7 +144,9 @@ struct AllocationCheck {
 
         var logger = Logger(label: "mqlite-alloc")
         logger.logLevel = .error
-        let config = BrokerConfiguration(workers: 1, logLevel: .error, listeners: [ListenerConfiguration(ListenAddress(host: "127.0.0.1", port: 0))])
+        // No $SYS rounds: only the publish path's allocations are counted.
+        let config = BrokerConfiguration(
+            workers: 1, logLevel: .error, listeners: [ListenerConfiguration(ListenAddress(host: "127.0.0.1", port: 0))], sysInterval: 0)
         let broker = Broker(configuration: config, logger: logger)
         guard let port = try await broker.start().first?.port else { throw Failure("no port") }
 

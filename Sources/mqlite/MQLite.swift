@@ -1,4 +1,5 @@
 import ArgumentParser
+import CoreMetrics
 import Dispatch
 import Foundation
 import Logging
@@ -64,6 +65,9 @@ struct MQLite: AsyncParsableCommand {
         // binds anything, so a stop request never meets the default action).
         let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger)
         scripting?.bind(to: broker)
+        // Whatever else in the process reports through swift-metrics lands on the broker's
+        // /metrics too (the broker and its hooks use the factory directly, not this global).
+        MetricsSystem.bootstrap(broker.metrics.factory)
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: [.init(service: broker), .init(service: Reloader(broker: broker, scripting: scripting, logger: logger))],

@@ -153,7 +153,7 @@ struct ConfigFileTests {
             ("[[listener]]\nport = 3", "listener[0].port", "unknown key"),
             ("[server]\nlog_level = \"loud\"", "server.log_level", "must be one of"),
             ("[auth]\nallow_anonymous = 1", "auth.allow_anonymous", "must be of type bool"),
-            ("[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"", "listener[0].protocol", "must be one of \"mqtt\", \"websockets\", not \"http\""),
+            ("[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"gopher\"", "listener[0].protocol", "must be one of \"mqtt\", \"websockets\", \"http\", not \"gopher\""),
             ("[[listener]]\nbind = \"127.0.0.1:0\"\nprotocol = \"WebSockets\"", "listener[0].protocol", "not \"WebSockets\""),
             ("[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"yes\"", "listener[0].proxy_protocol", "must be of type bool, not string"),
             ("[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = 1", "listener[0].proxy_protocol", "must be of type bool, not int"),
@@ -244,6 +244,7 @@ struct ConfigFileTests {
         let defaults = BrokerConfiguration()
         #expect(config.listeners == defaults.listeners)
         #expect(config.workers == defaults.workers)
+        #expect(config.sysInterval == defaults.sysInterval)
         #expect(config.limits.maxPacketSize == defaults.limits.maxPacketSize)
         #expect(config.limits.maxInflight == defaults.limits.maxInflight)
         #expect(config.limits.maxQueued == defaults.limits.maxQueued)

@@ -47,6 +47,8 @@ public func withBroker(
     _ body: (BrokerFixture) async throws -> Void
 ) async throws {
     var config = BrokerConfiguration(workers: workers, listeners: [ListenerConfiguration(ListenAddress(host: "127.0.0.1", port: 0))])
+    // No $SYS rounds unless a test asks (they would add retained messages and deliveries).
+    config.sysInterval = 0
     configure(&config)
     let logs = InMemoryLogHandler()
     let logger = Logger(label: "mqlite-test", factory: { _ in logs })

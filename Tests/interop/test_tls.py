@@ -331,7 +331,8 @@ BAD_CONFIGS = [
     ('certfile = "server.crt"\nkeyfile = "server.key"\ncafile = "ca.crt"\nuse_identity_as_username = true\n',
      "use_identity_as_username", "require_certificate"),
     ('certfile = "server.crt"\nkeyfile = "server.key"\nrequire_certificate = true\n', "require_certificate", "cafile"),
-    ('protocol = "http"\n', "protocol", 'not "http"'),
+    ('protocol = "gopher"\n', "protocol", 'not "gopher"'),
+    ('protocol = "http"\ncertfile = "server.crt"\nkeyfile = "server.key"\n', "certfile", "not allowed on an http listener"),
     ('proxy_protocol = "yes"\n', "proxy_protocol", "must be of type bool"),
     ('certfile = "server.crt"\nkeyfile = "server.key"\ntls_version = "tlsv1.2"\n', "tls_version", "unknown key"),
 ]
