@@ -249,7 +249,7 @@ public final class Broker: Sendable {
     // MARK: - Publishing from outside a connection
 
     /// Publishes a message as the broker itself (plugins use this). It is routed on `worker`'s
-    /// loop; publish hooks do not see it.
+    /// loop, once the caller's current task is done; publish hooks do not see it.
     public func publish(topic: String, payload: ByteBuffer, qos: QoS, retain: Bool, worker index: Int) throws(MQTTProtocolError) {
         let name: TopicName
         do {
@@ -261,11 +261,10 @@ public final class Broker: Sendable {
         guard !workers.isEmpty else { return }  // stopped
         let worker = workers[index % workers.count]
         let message = Message(topic: name, payload: payload, qos: qos, retain: retain)
-        if worker.loop.inEventLoop {
-            worker.publish(message)
-        } else {
-            worker.loop.execute { worker.publish(message) }
-        }
+        // Always as a task of its own, even on this loop: a plugin publishes from inside a hook,
+        // and routing now could call other hooks (`on_deliver`) in the same Lua state while that
+        // hook is still running.
+        worker.loop.execute { worker.publish(message) }
     }
 
     // MARK: - Clients, for plugins
@@ -280,7 +279,9 @@ public final class Broker: Sendable {
     /// the owner's loop gets to it (never inside the caller's hook).
     public func disconnect(clientID: String, reason: String) -> Bool {
         guard let session = registry.session(for: clientID), session.isOnline else { return false }
-        onOwner(of: session) { _ in session.outbound?.disconnect(reason: reason) }
+        // Not a connection that took the client id over since.
+        let claim = session.latestClaim
+        onOwner(of: session) { _ in if session.isLatest(claim: claim) { session.outbound?.disconnect(reason: reason) } }
         return true
     }
 
@@ -288,7 +289,7 @@ public final class Broker: Sendable {
     /// subscriptions the new rules no longer allow. Whether it was connected. Any thread.
     public func reauthorize(clientID: String) -> Bool {
         guard let session = registry.session(for: clientID), session.isOnline else { return false }
-        onOwner(of: session) { _ in session.outbound?.reauthorize() }
+        onOwner(of: session) { _ in session.outbound?.reauthorize() }  // whichever connection holds it then
         return true
     }
 
@@ -326,10 +327,15 @@ public final class Broker: Sendable {
             return (fresh, fresh.claim(), false, existing)
         }
         if let replaced {
+            // The old connection is closed (its will published, its hooks told) before the new
+            // one attaches, so that hooks and wills see the two in the order they happened.
             onOwner(of: replaced) { owner in
                 replaced.outbound?.takenOver(publishWill: true)
                 self.endSession(replaced, worker: owner)
+                if owner === worker { return self.takeOver(session, claim: claim, present: present, on: worker, owner: worker, completion) }
+                self.onOwner(of: session) { owner in self.takeOver(session, claim: claim, present: present, on: worker, owner: owner, completion) }
             }
+            return
         }
         // A session owned by this worker (a fresh one always is), on whose loop we are: at once.
         if session.owner == worker.index && worker.loop.inEventLoop {

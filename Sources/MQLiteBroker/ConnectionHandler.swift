@@ -300,12 +300,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
+        // Hooks reloaded before the session arrives: the ACL is asked for again at attach.
+        let hooksGeneration = broker.hooks.publishHookGeneration
         broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
             guard let session else {
                 // A newer CONNECT with this client id won the session before this one attached.
                 return this.value.closeWithoutWill(reason: "taken over by a newer connection with the same client id")
             }
-            this.value.attach(session, sessionPresent: present)
+            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration)
         }
     }
 
@@ -321,7 +323,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
     }
 
-    private func attach(_ session: Session, sessionPresent: Bool) {
+    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int) {
         guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
@@ -334,6 +336,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
         logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
         broker.hooks.connected(clientInfo, worker: worker.index)
+        // (A session kept from before keeps its filters: what the client's ACL does not allow is
+        // held back on delivery, and its owner, back on it, gets them again.)
+        if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
         session.resume(broker: broker)
         for packet in pending where machine.isConnected {
             handle(machine.packetReceived(packet))
@@ -463,7 +468,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 continue
             }
             let limit = broker.configuration.limits.maxSubscriptions
-            if limit > 0, session.subscriptions.count >= limit, session.subscriptions[filter] == nil {
+            // Names the client used for rewritten filters count too (many names may map to one filter).
+            if limit > 0, (session.subscriptions.count >= limit && session.subscriptions[filter] == nil)
+                || (named != filter && session.subscriptionNameCount >= limit) {
                 if !refusedForLimit { logger.info("subscribe refused: the client holds max_subscriptions (\(limit)) filters") }
                 refusedForLimit = true
                 codes.append(.failure)
@@ -648,12 +655,20 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         guard let acl = access?.acl else { return }
+        revoke(session, acl: acl)
+    }
+
+    /// Removes the subscriptions `acl` no longer allows, with their names, and the queued
+    /// messages only they brought.
+    private func revoke(_ session: Session, acl: ClientACL) {
         let revoked = session.subscriptions.keys.filter { !acl.allowsSubscribe(filter: $0) }
+        guard !revoked.isEmpty else { return }
         for filter in revoked {
             broker.unsubscribe(session, filter: filter)
             if session.hasRenamedSubscriptions { session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) } }
         }
-        if !revoked.isEmpty { logger.info("access rules changed: \(revoked.count) subscriptions removed") }
+        session.dropQueued(onlyFrom: revoked)
+        logger.info("access rules changed: \(revoked.count) subscriptions removed")
     }
 
     func interceptDelivery(_ message: Message) -> Message? {

@@ -206,6 +206,20 @@ final class Session: @unchecked Sendable {
         }
     }
 
+    /// Names the client used for rewritten filters (bounded by `max_subscriptions` as well).
+    var subscriptionNameCount: Int { occasional?.names.count ?? 0 }
+
+    /// Drops queued messages that only `revoked` filters brought (the access rules took those
+    /// away); a message another subscription still matches stays.
+    func dropQueued(onlyFrom revoked: [TopicFilter]) {
+        guard !queue.isEmpty else { return }
+        queue.removeAll { delivery in
+            let topic = delivery.message.topic
+            return revoked.contains { $0.matches(topic) } && !subscriptions.keys.contains { $0.matches(topic) }
+        }
+        occasional?.queuedBytes = queue.reduce(0) { $0 + $1.message.size }
+    }
+
     /// Whether an `on_subscribe` hook rewrote a filter this client still names.
     var hasRenamedSubscriptions: Bool { !(occasional?.names.isEmpty ?? true) }
 

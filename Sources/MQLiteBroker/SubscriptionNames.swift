@@ -6,8 +6,9 @@ import MQTTCore
 ///
 /// Only rewrites are kept: a filter subscribed as named has no entry, unless a rewrite also maps
 /// to it (then it gets an entry to itself, so that it outlives that rewrite's UNSUBSCRIBE). A
-/// subscribed filter is removed when the last name mapping to it goes. Bounded by the client's
-/// subscriptions: at most one entry per filter it named. Owner-loop state of a `Session`.
+/// subscribed filter is removed when the last name mapping to it goes. One entry per name the
+/// client used; the broker refuses new names past `max_subscriptions`. Owner-loop state of a
+/// `Session`.
 struct SubscriptionNames {
     /// Name the client used → the filter subscribed.
     private var subscribed: [TopicFilter: TopicFilter] = [:]
@@ -15,6 +16,7 @@ struct SubscriptionNames {
     private var references: [TopicFilter: Int] = [:]
 
     var isEmpty: Bool { subscribed.isEmpty }
+    var count: Int { subscribed.count }
 
     /// The filter the client's `name` is subscribed as (itself when no hook rewrote it).
     func filter(named name: TopicFilter) -> TopicFilter {

@@ -102,6 +102,8 @@ final class LuaVM: @unchecked Sendable {
     private var lastMatches: [Int] = []
     /// Set while a script's main chunk runs: hooks may be registered only then.
     var loading: ScriptContext?
+    /// Set while a hook or timer runs (`call`).
+    private var inCall = false
 
     /// A function `mqlite.every` (repeating) or `mqlite.after` registered.
     struct Timer {
@@ -278,6 +280,14 @@ final class LuaVM: @unchecked Sendable {
         _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32,
         read: (LuaState) throws(HookResultError) -> T
     ) -> T? {
+        // One call at a time per state: a call inside another would turn the outer call's limits
+        // off when it returns (the host functions defer whatever could call back into Lua).
+        guard !inCall else {
+            host.reportFailure(hook.context, hook: kind, message: "\(kind.rawValue) cannot run while another call of this Lua state runs")
+            return nil
+        }
+        inCall = true
+        defer { inCall = false }
         let base = lua_gettop(L)
         defer { lua_settop(L, base) }
         let stats = hook.stats

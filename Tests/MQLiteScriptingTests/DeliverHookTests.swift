@@ -68,4 +68,21 @@ struct DeliverHookTests {
             #expect(payload(try await sub.expectPublish()) == "1", "one call: the one matched delivery")
         }
     }
+
+    @Test("a hook that publishes to a topic on_deliver hooks: the delivery hook runs after it, with its limits, never inside it")
+    func publishFromHookThroughDeliverHook() async throws {
+        let script = """
+            mqlite.on_connected(function(c)
+              if c.client_id == "trigger" then mqlite.publish("per/from-hook", "raw") end
+            end)
+            mqlite.on_deliver("per/#", function(d) return { payload = d.payload .. " via on_deliver" } end)
+            """
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, host, _ in
+            let sub = try await b.client("sub")
+            try await sub.subscribe("per/#")
+            _ = try await b.client("trigger")
+            #expect(payload(try await sub.expectPublish()) == "raw via on_deliver")
+            #expect(host.failureCount == 0)
+        }
+    }
 }

@@ -156,6 +156,20 @@ def test_presence_publishes_retained_online_and_offline(tmp_path):
         out, err = late.communicate(timeout=15)
         assert sorted(out.splitlines()) == ["presence/device-7 offline", "presence/late online", "presence/tidy offline",
                                             "presence/watcher offline"], (out, err)
+
+        # A device that reconnects before its old connection is gone (a takeover): its old
+        # connection's "offline" comes before the new one's "online", so it ends up online.
+        first = paho_client("device-9")
+        start(first, b.port)
+        second = paho_client("device-9")
+        start(second, b.port)
+        time.sleep(0.5)
+        last = sub_process(b.port, "-i", "last", "-t", "presence/device-9", "-v", "-C", "1", "-W", "5")
+        out, err = last.communicate(timeout=15)
+        assert out.splitlines() == ["presence/device-9 online"], (out, err)
+        for c in (first, second):
+            c.loop_stop()
+        second.disconnect()
     finally:
         assert b.stop() == 0
 
