@@ -39,6 +39,8 @@ public final class Broker: Sendable {
     private let started = Atomic<Bool>(false)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
     let connectionObjects = Atomic<Int>(0)
+    /// Connections of `http` listeners open now (`HTTPListenerLimits.maxConnections`).
+    let httpConnections = Atomic<Int>(0)
     /// Messages dropped for subscribers that could not keep up, since start.
     let droppedMessages = Atomic<Int>(0)
     /// Subscriptions held (filters of every session), for metrics and `$SYS`.

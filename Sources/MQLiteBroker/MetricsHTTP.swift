@@ -18,6 +18,10 @@ enum HTTPListenerLimits {
     static let maxHeaderFields = 64
     /// Time from accept to a complete request; past it the connection is closed.
     static let requestTimeout = TimeAmount.seconds(10)
+    /// Connections of all `http` listeners open at once; past it a new one is closed at once
+    /// (a scraper needs one; each held connection costs a socket and, when it asks, a walk of
+    /// every worker's connections).
+    static let maxConnections = 64
 }
 
 extension Broker {
@@ -66,6 +70,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     private let broker: Broker
     private var state = State.awaitingHead
     private var timeout: Scheduled<Void>?
+    /// Counted in `Broker.httpConnections` (until the channel goes inactive).
+    private var counted = false
 
     private init(broker: Broker) {
         self.broker = broker
@@ -90,6 +96,12 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        counted = true
+        if broker.httpConnections.add(1, ordering: .relaxed).newValue > HTTPListenerLimits.maxConnections {
+            state = .answering  // nothing more is read or answered
+            context.close(promise: nil)
+            return
+        }
         armTimeout(context: context)
         context.fireChannelActive()
     }
@@ -132,6 +144,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         timeout?.cancel()
         timeout = nil
+        if counted { broker.httpConnections.subtract(1, ordering: .relaxed) }
+        counted = false
         context.fireChannelInactive()
     }
 

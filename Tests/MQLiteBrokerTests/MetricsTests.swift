@@ -69,6 +69,25 @@ struct MetricsTests {
         }
     }
 
+    @Test("an http listener holds at most 64 connections at once: the next is closed at once; one freed makes room")
+    func connectionCap() async throws {
+        try await withBroker(configure: configure) { fixture in
+            let http = fixture.broker.boundPorts[1]
+            // 64 peers that connect and say nothing (each would be closed after 10 s).
+            var idle: [any Channel] = []
+            for _ in 0..<HTTPListenerLimits.maxConnections {
+                idle.append(try await ClientBootstrap(group: httpClientGroup).connect(host: "127.0.0.1", port: http).get())
+            }
+            try await eventually("all counted") { fixture.broker.httpConnections.load(ordering: .relaxed) == HTTPListenerLimits.maxConnections }
+            #expect(((try? await get(http, "/health")) ?? "") == "", "closed without an answer")
+            try await idle.removeFirst().close()
+            try await eventually("one freed") { fixture.broker.httpConnections.load(ordering: .relaxed) < HTTPListenerLimits.maxConnections }
+            #expect(try await get(http, "/health").hasPrefix("HTTP/1.1 200 OK"))
+            for channel in idle { try await channel.close() }
+            try await eventually("all gone") { fixture.broker.httpConnections.load(ordering: .relaxed) == 0 }
+        }
+    }
+
     @Test("/metrics counts messages, bytes and connections exactly, summed over the workers")
     func counts() async throws {
         try await withBroker(configure: configure) { fixture in
