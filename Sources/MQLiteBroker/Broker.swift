@@ -1,8 +1,10 @@
 import Logging
 import MQTTCore
 import NIOCore
+import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOWebSocket
 import Synchronization
 
 /// The MQTT broker: a pool of event loops (one `Worker` each), the listeners, and the state
@@ -58,6 +60,17 @@ public final class Broker: Sendable {
     /// The version `$SYS/broker/version` announces.
     public static let version = "mqlite 0.1.0"
 
+    /// The generic handler types that several loops create, instantiated once, here, on one
+    /// thread (a `static let` runs once). Two loops instantiating `ByteToMessageHandler<
+    /// HTTPRequestDecoder>` for the first time at once crashed the Swift runtime (a null
+    /// metadata in `swift_checkMetadataState`, seen once under CI with a WebSocket and an http
+    /// listener in use at the same moment); once the metadata and its conformance checks are
+    /// cached, later instantiations only read them.
+    static let handlerTypes: [ObjectIdentifier] = [
+        ObjectIdentifier(ByteToMessageHandler<HTTPRequestDecoder>.self),
+        ObjectIdentifier(ByteToMessageHandler<WebSocketFrameDecoder>.self),
+    ]
+
     public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
         self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
     }
@@ -70,6 +83,7 @@ public final class Broker: Sendable {
         registry: any SessionRegistry = InMemorySessionRegistry(), subscriptions: any SubscriptionIndex = TrieSubscriptionIndex(),
         retained: any RetainedStore = TreeRetainedStore(), group: (any EventLoopGroup)? = nil
     ) {
+        precondition(!Self.handlerTypes.isEmpty)
         self.registry = registry
         self.subscriptions = subscriptions
         self.retained = retained
