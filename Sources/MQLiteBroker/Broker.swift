@@ -160,16 +160,21 @@ public final class Broker: Sendable {
     /// How long a listener waits before accepting again after running out of file descriptors.
     static let acceptBackoff = TimeAmount.milliseconds(250)
 
-    private func makeBootstrap(for listener: RunningListener) -> ServerBootstrap {
+    /// The listening socket of every listener kind: out of file descriptors, it pauses accepting
+    /// (logged once) instead of retrying at once.
+    func serverBootstrap(backlog: Int32) -> ServerBootstrap {
         ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.backlog, value: backlog)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            // Out of file descriptors: pause accepting (logged once) instead of retrying at once.
             .serverChannelInitializer { [logger] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(AcceptBackoff(logger: logger, backoff: Self.acceptBackoff))
                 }
             }
+    }
+
+    private func makeBootstrap(for listener: RunningListener) -> ServerBootstrap {
+        serverBootstrap(backlog: 1024)
             // The accepted channel's options are set here, synchronously, rather than as
             // `childChannelOption`s, which NIO applies one future at a time (a reconnect storm
             // spent about 7% of the broker's time there).

@@ -28,14 +28,7 @@ extension Broker {
     /// Accepted connections of an `http` listener get the HTTP handlers only: no MQTT, no
     /// connection count, no max_connections.
     func makeHTTPBootstrap() -> ServerBootstrap {
-        ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 64)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelInitializer { [logger] channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(AcceptBackoff(logger: logger, backoff: Self.acceptBackoff))
-                }
-            }
+        serverBootstrap(backlog: 64)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 16 * 1024))
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
