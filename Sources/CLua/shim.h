@@ -163,9 +163,33 @@ static inline int mqlite_call(lua_State *L, int nargs, int nresults) {
     return status;
 }
 
-/// A Swift function callable from Lua. It returns the number of results it pushed, or -1 after
-/// pushing an error message: the C trampoline then raises the Lua error, outside Swift frames.
+/// lua_resume under the same limits, for a hook run as a coroutine (`co`, a thread of `from`):
+/// the call may yield (mqlite.http.request) and be resumed later, each part counted by the
+/// watchdog as a call of its own (the time spent waiting is not Lua's). The instruction budget
+/// goes on across the parts: `*remaining` is what is left, updated when the part ends.
+static inline int mqlite_resume(lua_State *from, lua_State *co, int nargs, int *nresults, long long *remaining) {
+    mqlite_control *c = mqlite_control_of(co);
+    c->remaining = *remaining;
+    c->exhausted = 0;
+    c->step = c->remaining < MQLITE_HOOK_STEP ? (int)(c->remaining > 0 ? c->remaining : 1) : MQLITE_HOOK_STEP;
+    lua_sethook(co, mqlite_limit_hook, LUA_MASKCOUNT, c->step);
+    __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* odd: running */
+    c->enforce = 1;
+    int status = lua_resume(co, from, nargs, nresults);
+    c->enforce = 0;
+    __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* even: idle */
+    lua_sethook(co, NULL, 0, 0);
+    *remaining = c->remaining;
+    return status;
+}
+
+/// A Swift function callable from Lua. It returns the number of results it pushed, -1 after
+/// pushing an error message (the C trampoline then raises the Lua error, outside Swift frames),
+/// or MQLITE_YIELD after starting something the hook waits for: the trampoline yields, and the
+/// values the host resumes the coroutine with are the function's results.
 typedef int (*mqlite_swift_function)(lua_State *L);
+
+#define MQLITE_YIELD (-2)
 
 static int mqlite_trampoline(lua_State *L) {
     mqlite_swift_function fn = (mqlite_swift_function)lua_touserdata(L, lua_upvalueindex(1));
@@ -175,6 +199,7 @@ static int mqlite_trampoline(lua_State *L) {
     c->enforce = 0;
     int results = fn(L);
     c->enforce = enforce;
+    if (results == MQLITE_YIELD) return lua_yield(L, 0);
     if (results < 0) return lua_error(L);
     return results;
 }

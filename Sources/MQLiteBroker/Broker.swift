@@ -16,7 +16,7 @@ public final class Broker: Sendable {
     /// Told of every session change (a store of sessions would be one); nil: nobody listens.
     let sessionObserver: (any SessionObserver)?
     let logger: Logger
-    let group: any EventLoopGroup
+    public let group: any EventLoopGroup
     /// Whether the broker made `group` (then it shuts it down), or was given it.
     let ownsGroup: Bool
     /// Set once in `init`, read-only while the loops run; emptied once they have stopped, which
@@ -248,6 +248,7 @@ public final class Broker: Sendable {
             }.get()
         }
         for (i, channel) in channels.enumerated() where isHTTP[i] { try? await channel.close() }
+        await hooks.shutdown()
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")

@@ -209,6 +209,8 @@ public struct ScriptingConfiguration: Sendable, Equatable {
     /// Lua VM instructions one hook call may run before it fails.
     public var instructionLimit: Int
     /// Seconds one hook call may take (wall clock, time in C functions included) before it fails.
+    /// A call that waits (an HTTP request) counts only its running time, per part; the request has
+    /// its own timeout.
     public var timeLimit: Double
     /// Bytes each Lua state (one per worker) may allocate; past it the allocation, and the call, fails.
     public var memoryLimit: Int
@@ -216,9 +218,13 @@ public struct ScriptingConfiguration: Sendable, Equatable {
     /// Bytes `mqlite.kv` may hold (keys, values and a fixed overhead per entry), shared by every
     /// worker; past it `kv.set` and `kv.incr` of a new key fail.
     public var kvMaxBytes: Int
+    /// Hook calls that may wait at once on each worker (`mqlite.http.request`); past it, a new
+    /// request fails at once.
+    public var maxPendingCalls: Int
 
     public init(instructionLimit: Int = 1_000_000, timeLimit: Double = 0.1, memoryLimit: Int = 64 << 20, onError: OnError = .deny,
-                kvMaxBytes: Int = 64 << 20) {
+                kvMaxBytes: Int = 64 << 20, maxPendingCalls: Int = 1000) {
+        self.maxPendingCalls = maxPendingCalls
         self.instructionLimit = instructionLimit
         self.timeLimit = timeLimit
         self.memoryLimit = memoryLimit

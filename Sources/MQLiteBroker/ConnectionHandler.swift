@@ -143,7 +143,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func process(_ buffer: inout ByteBuffer) {
         var decoder = worker.decoder  // stateless: the limits only
         do {
-            while holdBack == nil, let packet = try decoder.decode(buffer: &buffer) {
+            while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer) {
                 handle(machine.packetReceived(packet))
                 if machine.isClosed { return }
             }
@@ -228,6 +228,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             handleSubscribe(subscribe, session: session)
         case .unsubscribe(let unsubscribe):
             guard let session else { return }
+            // (`unsubscribed` is a notification: nothing waits for a hook that waits.)
             for filter in unsubscribe.filters {
                 let subscribed = broker.unsubscribe(session, named: TopicFilter(alreadyValidated: filter))
                 broker.hooks.unsubscribed(
@@ -277,19 +278,33 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let request = ConnectRequest(
             clientID: clientID, username: username, password: password, address: clientInfo.address,
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
-        switch broker.hooks.authenticate(request, worker: worker.index) {
+        // A hook that never answers (its future failed) refuses as a failing hook would.
+        whenAnswered(broker.hooks.authenticate(request, worker: worker.index), failed: .refuse(.notAuthorized)) { handler, decision in
+            handler.authenticated(connect, decision)
+        }
+    }
+
+    private func authenticated(_ connect: ConnectPacket, _ decision: ConnectDecision) {
+        guard !machine.isClosed else { return }  // the client went away while the hook answered
+        switch decision {
         case .refuse(let code):
             return refuse(code, "refused by authentication hook")
         case .accept:
             break
         case .pass:
-            if username == nil && !broker.configuration.allowAnonymous {
+            if clientInfo.username == nil && !broker.configuration.allowAnonymous {
                 return refuse(.notAuthorized, "anonymous clients are not allowed")
             }
         }
+        whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll]) { handler, tables in
+            handler.authorized(connect, tables)
+        }
+    }
 
-        let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
-        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: username)) }
+    private func authorized(_ connect: ConnectPacket, _ tables: [ACLTable]) {
+        guard !machine.isClosed else { return }
+        let clientID = clientInfo.clientID
+        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: clientInfo.username)) }
         // A will is a message this client publishes later: its topic must be one the client may
         // publish to (CONNACK 5, as Mosquitto answers).
         if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
@@ -340,9 +355,59 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // held back on delivery, and its owner, back on it, gets them again.)
         if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
         session.resume(broker: broker)
-        for packet in pending where machine.isConnected {
+        handle(packets: pending)
+    }
+
+    /// Handles decoded packets in order, stopping where a hook starts to wait: the rest wait with
+    /// the state machine until it answers.
+    private func handle(packets: [MQTTPacket]) {
+        var rest = packets[...]
+        while let packet = rest.first, machine.isConnected {
+            if machine.hookPending { return machine.hold(rest) }
+            rest.removeFirst()
             handle(machine.packetReceived(packet))
         }
+    }
+
+    // MARK: - Hooks that answer later
+
+    /// Goes on with a hook's answer: at once, or, when the hook waits (a script's HTTP call), once
+    /// it answers, on this loop. Meanwhile this client's packets wait, in order: reading pauses,
+    /// what was read stays undecoded, and what the state machine had decoded it holds. `failed`
+    /// stands for an answer whose future failed (the hook layer does not fail them).
+    private func whenAnswered<Value>(
+        _ answer: HookAnswer<Value>, failed: Value, _ body: @escaping (ConnectionHandler, Value) -> Void
+    ) {
+        switch answer {
+        case .now(let value):
+            body(self, value)
+        case .later(let future):
+            machine.hookStarted()
+            updateReading()
+            let this = NIOLoopBound(self, eventLoop: worker.loop)
+            future.hop(to: worker.loop).whenComplete { result in
+                let handler = this.value
+                handler.worker.beginBatch()
+                let held = handler.machine.hookFinished()
+                // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
+                body(handler, (try? result.get()) ?? failed)
+                handler.hookAnswered(held: held)
+            }
+        }
+    }
+
+    /// A hook that waited has answered, and its answer was acted on: the packets that waited go
+    /// on (held again if another hook waits by then), then what was read, then reading.
+    private func hookAnswered(held: [MQTTPacket]) {
+        if !machine.isClosed {
+            handle(packets: held)
+            if holdBack == nil, !machine.hookPending, var pending = cumulation {
+                cumulation = nil
+                process(&pending)
+            }
+            updateReading()
+        }
+        worker.flushDirty()
     }
 
     private func refuse(_ code: ConnectReturnCode, _ reason: String) {
@@ -399,8 +464,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).
-        let hooked = message
-        switch broker.hooks.interceptPublish(hooked, from: clientInfo, worker: worker.index) {
+        switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {
+        case .now(let decision):
+            apply(decision, to: message, route: route)
+        case .later(let future):
+            // Routed as the hook answers (subscriptions may have changed meanwhile); a failed
+            // answer drops the message, as a failing hook does.
+            whenAnswered(.later(future), failed: .drop) { handler, decision in
+                handler.apply(decision, to: message, route: handler.worker.route(for: message.topic))
+            }
+        }
+    }
+
+    /// Carries out a publish hook's answer for `hooked`.
+    private func apply(_ decision: PublishDecision, to hooked: HookedMessage, route: Worker.Route) {
+        let message = hooked
+        switch decision {
         case .deliver:
             publish(message, along: route)
         case .drop:
@@ -437,16 +516,42 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: m.topic))
     }
 
+    /// Asks the hooks about every filter of the packet (each may answer later: then SUBACK waits
+    /// for all of them, and the client's later packets wait with it), then subscribes.
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
+        var decisions: [SubscribeDecision] = []
+        decisions.reserveCapacity(subscribe.subscriptions.count)
+        var waiting: [EventLoopFuture<SubscribeDecision>]?
+        for subscription in subscribe.subscriptions {
+            let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
+            switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
+            case .now(let decision):
+                decisions.append(decision)
+                waiting?.append(worker.loop.makeSucceededFuture(decision))
+            case .later(let future):
+                if waiting == nil { waiting = decisions.map { worker.loop.makeSucceededFuture($0) } }
+                waiting!.append(future)
+            }
+        }
+        guard let waiting else { return self.subscribe(subscribe, session: session, answers: decisions) }
+        let all = EventLoopFuture.whenAllSucceed(waiting, on: worker.loop)
+        let denied = [SubscribeDecision](repeating: .deny, count: waiting.count)
+        whenAnswered(.later(all), failed: denied) { handler, decisions in
+            // The client may have gone (or been taken over) meanwhile.
+            guard handler.machine.isConnected, handler.session === session else { return }
+            handler.subscribe(subscribe, session: session, answers: decisions)
+        }
+    }
+
+    private func subscribe(_ packet: SubscribePacket, session: Session, answers decisions: [SubscribeDecision]) {
         var codes: [SubackReturnCode] = []
         var granted: [(TopicFilter, QoS)] = []
         var refusedForLimit = false  // logged once per packet
-        for subscription in subscribe.subscriptions {
-            let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
+        for (subscription, decision) in zip(packet.subscriptions, decisions) {
             let named = TopicFilter(alreadyValidated: subscription.filter)
             var filter = named
             var qos = subscription.qos
-            switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
+            switch decision {
             case .allow:
                 break
             case .deny:
@@ -480,7 +585,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             codes.append(.granted(qos))
             granted.append((filter, qos))
         }
-        writePacket(.suback(SubackPacket(packetID: subscribe.packetID, returnCodes: codes)))
+        writePacket(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)))
         // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
         // tree as the socket drains. A filter granted twice in one packet is walked once.
         var seen = Set<TopicFilter>()
@@ -649,9 +754,27 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         worker.flushDirty()
     }
 
+    /// Asks the `authorize` hook again (a reload, or a script asked) and applies its answer. An
+    /// answer that comes later is applied when it comes (the client is not paused meanwhile: the
+    /// rules it had apply until then), if the client is still connected with the same session.
     func reauthorize() {
         guard machine.isConnected, let session else { return }
-        let tables = broker.hooks.authorize(clientInfo, worker: worker.index)
+        switch broker.hooks.authorize(clientInfo, worker: worker.index) {
+        case .now(let tables):
+            reauthorized(session, tables)
+        case .later(let future):
+            let this = NIOLoopBound(self, eventLoop: worker.loop)
+            future.hop(to: worker.loop).whenComplete { result in
+                let handler = this.value
+                guard handler.machine.isConnected, handler.session === session else { return }
+                handler.worker.beginBatch()
+                handler.reauthorized(session, (try? result.get()) ?? [.denyAll])
+                handler.worker.flushDirty()
+            }
+        }
+    }
+
+    private func reauthorized(_ session: Session, _ tables: [ACLTable]) {
         access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         guard let acl = access?.acl else { return }

@@ -9,6 +9,9 @@ import NIOCore
 ///
 /// States: waiting for CONNECT → opening (CONNECT accepted, the session on its way; packets that
 /// arrive meanwhile are kept) → connected → closed. Closed is final: nothing more is handled.
+/// Across them, a hook may be pending (a script waiting on an HTTP call for this client's CONNECT,
+/// PUBLISH or SUBSCRIBE): the client's later packets then wait, in order, until it answers;
+/// reading pauses, and packets already decoded are held here.
 /// An action that closes the connection leaves the state as it was, so that `closed()` can tell
 /// whether a connected client went away (the hooks hear of that); the handler calls it as it closes.
 struct ConnectionStateMachine {
@@ -16,7 +19,9 @@ struct ConnectionStateMachine {
         case awaitingConnect
         /// CONNECT accepted; waiting for the session (maybe held by another worker).
         case opening(pending: [MQTTPacket])
-        case connected
+        /// `held`: packets decoded before a hook started to wait (those sent before CONNACK), to be
+        /// handled, in order, when it answers. Empty otherwise.
+        case connected(held: [MQTTPacket])
         case closed
     }
 
@@ -30,6 +35,8 @@ struct ConnectionStateMachine {
     private(set) var lastRead: NIODeadline
     /// 1.5 x the client's keep-alive in milliseconds (zero: no check).
     private var keepAliveMilliseconds: UInt32 = 0
+    /// A hook is answering for this client (`hookStarted`): its packets wait.
+    private(set) var hookPending = false
 
     init(now: NIODeadline) {
         lastRead = now
@@ -55,15 +62,44 @@ struct ConnectionStateMachine {
     }
 
     /// Whether the socket should be read: while waiting for CONNECT and while connected, but not
-    /// between CONNECT and CONNACK (the session may be held by another worker), nor while
-    /// back-pressure holds the client back. Nil once closed (leave the socket alone).
+    /// between CONNECT and CONNACK (the session may be held by another worker), nor while a hook
+    /// answers for the client or back-pressure holds it back. Nil once closed (leave the socket
+    /// alone).
     func wantsToRead(heldBack: Bool) -> Bool? {
         switch state {
-        case .awaitingConnect: return true
+        case .awaitingConnect: return !hookPending
         case .opening: return false
-        case .connected: return !heldBack
+        case .connected: return !heldBack && !hookPending
         case .closed: return nil
         }
+    }
+
+    // MARK: - Hooks that wait
+
+    /// A hook started to wait (an answer for this client's CONNECT, PUBLISH or SUBSCRIBE will come
+    /// later): handle no packet of this client until `hookFinished`. One at a time: the handler
+    /// stops decoding while one waits (a will published as the connection closes may add one,
+    /// but a closed connection handles nothing more).
+    mutating func hookStarted() {
+        assert(!hookPending || isClosed, "a second hook waits for the same client")
+        hookPending = true
+    }
+
+    /// The packets that could not be handled because a hook started to wait, in order: they go
+    /// first when it answers (only packets sent before CONNACK arrive here already decoded).
+    mutating func hold(_ packets: ArraySlice<MQTTPacket>) {
+        guard case .connected(var held) = state, !packets.isEmpty else { return }
+        state = .closed  // so that the array is not shared while it grows
+        held.insert(contentsOf: packets, at: 0)
+        state = .connected(held: held)
+    }
+
+    /// The hook answered: the packets held meanwhile, to handle now, in order.
+    mutating func hookFinished() -> [MQTTPacket] {
+        hookPending = false
+        guard case .connected(let held) = state, !held.isEmpty else { return [] }
+        state = .connected(held: [])
+        return held
     }
 
     // MARK: - Packets
@@ -98,6 +134,9 @@ struct ConnectionStateMachine {
         switch state {
         case .closed:
             return .none
+        case _ where hookPending:
+            assertionFailure("a packet handled while a hook answers for this client")
+            return .close(reason: "packet handled while a hook was pending")
         case .awaitingConnect:
             guard case .connect(let connect) = packet else { return .close(reason: "first packet is \(packet.type), not CONNECT") }
             return .connect(connect.value)
@@ -165,7 +204,7 @@ struct ConnectionStateMachine {
 
     mutating func sessionArrived() -> AttachAction {
         guard case .opening(let pending) = state else { return .giveBack }
-        state = .connected
+        state = .connected(held: [])
         return .attach(pending: pending)
     }
 
@@ -181,12 +220,13 @@ struct ConnectionStateMachine {
 
     /// The worker's periodic sweep: a socket that sent no CONNECT within `connectTimeout` is
     /// closed, and so is a client silent for 1.5 x its keep-alive (MQTT-3.1.2-24) unless the
-    /// broker itself holds it back. With `closing` false (a late sweep) it only tidies.
+    /// broker itself holds it back (or a hook answers for it). With `closing` false (a late sweep) it
+    /// only tidies.
     func timeoutCheck(now: NIODeadline, connectTimeout: TimeAmount, heldBack: Bool, closing: Bool) -> TimeoutAction {
         switch state {
         case .awaitingConnect where closing && now - lastRead >= connectTimeout:
             return .close(reason: "no CONNECT within connect_timeout")
-        case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack:
+        case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack && !hookPending:
             return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)")
         case .connected:
             return .tidy

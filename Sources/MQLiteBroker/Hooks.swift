@@ -29,6 +29,17 @@ public struct ConnectRequest: Sendable {
     }
 }
 
+/// A hook's answer: now, or later, when the hook waits on something outside the broker (a
+/// script's `mqlite.http.request`). A later answer completes on the event loop of the
+/// connection concerned; meanwhile that client's packets wait, in order, and every other
+/// client is served.
+public enum HookAnswer<Value: Sendable>: Sendable {
+    case now(Value)
+    case later(EventLoopFuture<Value>)
+}
+
+extension HookAnswer: Equatable where Value: Equatable {}
+
 /// A hook's answer to CONNECT.
 public enum ConnectDecision: Sendable, Equatable {
     /// No opinion: the next hook, then the default policy (`allow_anonymous`), decides.
@@ -137,12 +148,13 @@ public struct ClientInfo: Sendable {
 /// (no existential copy per publish).
 public protocol BrokerHooks: AnyObject, Sendable {
     /// Authentication. Called once per CONNECT that passed protocol checks.
-    func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision
-    /// Authorisation, once per accepted connection: access rules that the broker enforces natively
-    /// for the life of the connection. An empty list means no restriction.
-    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable]
+    func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision>
+    /// Authorisation, once per accepted connection (and again when the hooks are reloaded or ask
+    /// for it): access rules that the broker enforces natively for the life of the connection.
+    /// An empty list means no restriction.
+    func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]>
     /// Subscribe authorisation, once per filter.
-    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision
+    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision>
     /// A notification, once per filter of an UNSUBSCRIBE.
     func unsubscribed(_ request: UnsubscribeRequest, worker: Int)
     /// Whether `topic` (a PUBLISH's topic) is one the hooks want to see; `false` keeps the
@@ -152,12 +164,13 @@ public protocol BrokerHooks: AnyObject, Sendable {
     /// Changes whenever the answers of `isPublishHooked` may have changed (a reload).
     var publishHookGeneration: Int { get }
     /// Publish interception, only for topics where `isPublishHooked` said true.
-    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision>
     /// Whether delivery hooks want messages on `topic` (cached per topic and worker in the route
     /// cache, as `isPublishHooked`); `false` keeps deliveries on the shared path.
     func isDeliverHooked(topic: TopicName, worker: Int) -> Bool
     /// Per-subscriber interception, on the subscriber's worker, only for topics where
     /// `isDeliverHooked` said true: live messages, queued ones as they go out, retained ones.
+    /// Always answered at once (it is on every subscriber's delivery path).
     func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision
     /// Notifications.
     func connected(_ client: ClientInfo, worker: Int)
@@ -165,24 +178,30 @@ public protocol BrokerHooks: AnyObject, Sendable {
     /// The broker is stopping: a hook running now, or called later, should end at once, so that
     /// no hook keeps a worker loop (and so the shutdown) waiting. Any thread.
     func stop()
+    /// The connections are closed: release what the hooks hold on the broker's event loops (the
+    /// scripts' HTTP client), before the loops stop.
+    func shutdown() async
     /// What the hooks of `worker` counted since start (calls and failures per script and hook),
     /// for metrics. Called on that worker's loop, when a scrape asks.
     func hookCallStats(worker: Int) -> [HookCallStats]
 }
 
 extension BrokerHooks {
-    public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision { .pass }
-    public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] { [] }
-    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision { .allow }
+    public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> { .now(.pass) }
+    public func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now([]) }
+    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> { .now(.allow) }
     public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {}
     public func isPublishHooked(topic: TopicName, worker: Int) -> Bool { false }
     public var publishHookGeneration: Int { 0 }
-    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision { .deliver }
+    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+        .now(.deliver)
+    }
     public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool { false }
     public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision { .deliver }
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
     public func stop() {}
+    public func shutdown() async {}
     public func hookCallStats(worker: Int) -> [HookCallStats] { [] }
 }
 

@@ -77,6 +77,6 @@ public final class JSONFuzzer {
         let message = HookedMessage(topic: "fuzz/json", payload: ByteBuffer(bytes: data), qos: .atMostOnce, retain: false)
         let decision = host.interceptPublish(message, from: client, worker: 0)
         precondition(host.failureCount == before, "the json round-trip hook failed (its message is logged above)")
-        precondition(decision == .drop, "the hook returns false, the host answered \(decision)")
+        precondition(decision == .now(.drop), "the hook returns false, the host answered \(decision)")
     }
 }

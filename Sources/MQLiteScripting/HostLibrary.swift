@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import CLua
 import Crypto
 import Foundation
@@ -5,6 +6,8 @@ import Logging
 import MQLiteBroker
 import MQTTCore
 import NIOCore
+import NIOHTTP1
+import NIOPosix
 
 /// The `mqlite` table each script gets. Every function here is a C-callable Swift function run
 /// through the C trampoline: it never raises a Lua error itself (that would unwind Swift frames);
@@ -55,6 +58,9 @@ enum HostLibrary {
         function("encode", jsonEncode)
         function("decode", jsonDecode)
         lua_setfield(L, -2, "json")
+        mqlite_newtable(L)
+        function("request", httpRequest)
+        lua_setfield(L, -2, "http")
     }
 
     // MARK: - Helpers
@@ -145,6 +151,136 @@ enum HostLibrary {
         // The script's own text, which may quote what clients send: cut to 4 KB.
         ctx.vm.host.logger.log(level: parsed, "\(LogText(message, limit: 4096))", metadata: ["script": "\(ctx.name)"])
         return 0
+    }
+
+    // MARK: - HTTP
+
+    /// Largest response body `mqlite.http.request` reads; a larger one fails the request.
+    static let httpMaxBody = 1 << 20
+    static let httpTimeouts = 0.001...300.0
+
+    /// `mqlite.http.request{ url=, method=, headers=, body=, timeout= }` → `status, body, headers`,
+    /// or `nil, message` (connection refused, timeout, a body over 1 MiB, too many pending calls).
+    /// The hook that calls it waits for the answer, as a coroutine; the worker serves everyone
+    /// else meanwhile (`LuaVM.Call`). Errors in the arguments raise Lua errors.
+    static let httpRequest: Function = { L in
+        let L = L!
+        let ctx = context(L)
+        let vm = ctx.vm
+        guard let call = vm.running, call.thread == L, call.mayWait, lua_isyieldable(L) != 0 else {
+            return fail(L, "mqlite.http.request: only in a hook (not on_deliver) or a timer, outside coroutines the script makes and callbacks of C functions (string.gsub, table.sort)")
+        }
+        guard lua_type(L, 1) == LUA_TTABLE else { return fail(L, "mqlite.http.request{ url=, method=, headers=, body=, timeout= }") }
+        func field(_ name: String) -> Int32 {
+            L.push(name)
+            return lua_rawget(L, 1)
+        }
+        guard field("url") == LUA_TSTRING, let url = string(L, -1), url.hasPrefix("http://") || url.hasPrefix("https://") else {
+            return fail(L, "mqlite.http.request: url must be a string starting with http:// or https://")
+        }
+        var method = "GET"
+        if field("method") != LUA_TNIL {
+            guard let m = string(L, -1), (1...16).contains(m.utf8.count), m.utf8.allSatisfy({ (65...90).contains($0) }) else {
+                return fail(L, "mqlite.http.request: method must be a word in capitals (GET, POST, ...)")
+            }
+            method = m
+        }
+        var headers = HTTPHeaders()
+        switch field("headers") {
+        case LUA_TNIL: break
+        case LUA_TTABLE:
+            let table = lua_gettop(L)
+            lua_pushnil(L)
+            while lua_next(L, table) != 0 {
+                guard lua_type(L, -2) == LUA_TSTRING, lua_type(L, -1) == LUA_TSTRING, let name = string(L, -2), let value = string(L, -1) else {
+                    return fail(L, "mqlite.http.request: headers must map strings to strings")
+                }
+                headers.add(name: name, value: value)
+                mqlite_pop(L, 1)
+            }
+        default:
+            return fail(L, "mqlite.http.request: headers must be a table")
+        }
+        var body: ByteBuffer?
+        switch field("body") {
+        case LUA_TNIL: break
+        case LUA_TSTRING: body = ByteBuffer(bytes: L.rawBytes(at: -1)!)
+        default: return fail(L, "mqlite.http.request: body must be a string")
+        }
+        var timeout = 5.0
+        if field("timeout") != LUA_TNIL {
+            var isNumber: Int32 = 0
+            timeout = lua_tonumberx(L, -1, &isNumber)
+            guard isNumber != 0, httpTimeouts.contains(timeout) else {
+                return fail(L, "mqlite.http.request: timeout must be a number of seconds from 0.001 to 300")
+            }
+        }
+        let request: HTTPClient.Request
+        do {
+            request = try HTTPClient.Request(url: url, method: HTTPMethod(rawValue: method), headers: headers, body: body.map { .byteBuffer($0) })
+        } catch {
+            return fail(L, "mqlite.http.request: \(error)")
+        }
+        let host = vm.host
+        guard let loop = host.broker?.eventLoop(ofWorker: vm.worker), let client = host.httpClient() else {
+            lua_pushnil(L)
+            L.push("mqlite.http.request: not available (the broker is not running)")
+            return 2
+        }
+        guard host.beginWaiting(worker: vm.worker) else {
+            lua_pushnil(L)
+            L.push("mqlite.http.request: too many hook calls waiting (scripting.max_pending_calls = \(host.scripting.maxPendingCalls))")
+            return 2
+        }
+        let task = client.execute(
+            request: request, delegate: ResponseAccumulator(request: request, maxBodySize: httpMaxBody),
+            eventLoop: .delegate(on: loop), deadline: .now() + .nanoseconds(Int64(timeout * 1e9)), logger: nil)
+        call.waiting = true
+        let waiting = NIOLoopBound((vm, call), eventLoop: loop)
+        task.futureResult.whenComplete { result in
+            let resume = {
+                let (vm, call) = waiting.value
+                vm.host.endWaiting(worker: vm.worker)
+                vm.resume(call) { T in pushHTTPResult(T, result) }
+            }
+            // On the worker's loop (the task's futures are), but never inside a running call (a
+            // request that fails at once completes before this call has yielded).
+            if loop.inEventLoop, !waiting.value.0.isCalling { resume() } else { loop.execute(resume) }
+        }
+        return MQLITE_YIELD
+    }
+
+    /// `status, body, headers` (names in lower case; repeated ones joined with ", "), or
+    /// `nil, message`.
+    private static func pushHTTPResult(_ L: LuaState, _ result: Result<HTTPClient.Response, any Error>) -> Int32 {
+        switch result {
+        case .success(let response):
+            lua_pushinteger(L, lua_Integer(response.status.code))
+            if let body = response.body { L.push(body) } else { L.push("") }
+            var merged: [String: String] = [:]
+            for (name, value) in response.headers {
+                let key = name.lowercased()
+                merged[key] = merged[key].map { $0 + ", " + value } ?? value
+            }
+            lua_createtable(L, 0, Int32(clamping: merged.count))
+            for (name, value) in merged { L.setField(name, value) }
+            return 3
+        case .failure(let error):
+            lua_pushnil(L)
+            let message: String
+            switch error {
+            case let e as HTTPClientError where e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout: message = "timeout"
+            case let e as HTTPClientError where e == .cancelled: message = "cancelled (the broker is stopping)"
+            case is ResponseAccumulator.ResponseTooBigError: message = "response body over \(httpMaxBody) bytes"
+            case let e as IOError: message = "connection failed: \(String(cString: strerror(e.errnoCode)))"
+            case let e as NIOConnectionError:
+                let cause = e.connectionErrors.first.map { ($0.error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\($0.error)" }
+                message = "connection failed: \(cause ?? e.dnsAAAAError.map { "\($0)" } ?? e.dnsAError.map { "\($0)" } ?? "\(e)")"
+            default: message = "\(error)"
+            }
+            L.push("mqlite.http.request: \(message)")
+            return 2
+        }
     }
 
     /// `mqlite.publish(topic, payload[, qos[, retain]])`.

@@ -104,6 +104,7 @@ final class LuaVM: @unchecked Sendable {
     var loading: ScriptContext?
     /// Set while a hook or timer runs (`call`).
     private var inCall = false
+    var isCalling: Bool { inCall }
 
     /// A function `mqlite.every` (repeating) or `mqlite.after` registered.
     struct Timer {
@@ -273,53 +274,172 @@ final class LuaVM: @unchecked Sendable {
 
     // MARK: - Calling
 
+    /// A hook call in progress. It runs as a coroutine of its own, so that it can wait
+    /// (`mqlite.http.request` yields it) while the worker serves everyone else, and go on later.
+    final class Call {
+        let thread: LuaState
+        /// The thread, anchored in the registry while the call needs it.
+        let threadRef: Int32
+        let hook: Hook
+        let kind: Kind
+        /// Whether it may wait (not on_deliver, which is on every subscriber's delivery path).
+        let mayWait: Bool
+        /// Instructions left (the budget spans every part of a call that waits).
+        var remaining: Int64
+        let start = NIODeadline.now()
+        /// Set by a function that makes the call wait, just before it yields.
+        var waiting = false
+        /// How the coroutine ended: the number of results on `thread`, or nil if it failed.
+        var returned: Int32?
+        /// Set when the call waits: given the number of results on `thread` once the coroutine
+        /// returns, or nil if it failed.
+        var finish: ((Int32?) -> Void)?
+
+        init(thread: LuaState, threadRef: Int32, hook: Hook, kind: Kind, mayWait: Bool, remaining: Int64) {
+            self.thread = thread
+            self.threadRef = threadRef
+            self.hook = hook
+            self.kind = kind
+            self.mayWait = mayWait
+            self.remaining = remaining
+        }
+    }
+
+    /// The call whose coroutine runs now (a function that waits checks that it is called from it,
+    /// not from a coroutine the script made).
+    private(set) var running: Call?
+    /// A finished call's thread, kept for the next call (most calls do not wait).
+    private var spareThread: (thread: LuaState, ref: Int32)?
+
     /// Calls a hook with the arguments `push` leaves on the stack; on success `read` sees the
-    /// results at the top of the stack. Failures (errors, the instruction limit, and whatever
-    /// `read` rejects) are reported once and give nil.
-    func call<T>(
-        _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32,
-        read: (LuaState) throws(HookResultError) -> T
-    ) -> T? {
+    /// results at the top of the stack. Failures (errors, the limits, and whatever `read` rejects)
+    /// are reported once and give nil. A hook that waits (`mayWait`) answers later.
+    func call<T: Sendable>(
+        _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, push: (LuaState) -> Int32,
+        read: @escaping (LuaState) throws(HookResultError) -> T
+    ) -> HookAnswer<T?> {
         // One call at a time per state: a call inside another would turn the outer call's limits
         // off when it returns (the host functions defer whatever could call back into Lua).
         guard !inCall else {
             host.reportFailure(hook.context, hook: kind, message: "\(kind.rawValue) cannot run while another call of this Lua state runs")
-            return nil
+            return .now(nil)
         }
-        inCall = true
-        defer { inCall = false }
-        let base = lua_gettop(L)
-        defer { lua_settop(L, base) }
-        let stats = hook.stats
-        stats.calls &+= 1
-        let start = NIODeadline.now()
-        defer { stats.timer?.recordNanoseconds((NIODeadline.now() - start).nanoseconds) }
+        hook.stats.calls &+= 1
+        let (thread, threadRef) = spareThread ?? newThread()
+        spareThread = nil
+        let call = Call(
+            thread: thread, threadRef: threadRef, hook: hook, kind: kind, mayWait: mayWait,
+            remaining: Int64(host.scripting.instructionLimit))
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
-        let status = mqlite_call(L, arguments, results)
-        guard status == LUA_OK else {
-            let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : L.string(at: -1) ?? "error"
-            let failure: String
-            if status == LUA_ERRMEM {
-                failure = "memory_limit"
-            } else if control.pointee.exhausted != 0 && mqlite_stopping(control) == 0 {
-                failure = control.pointee.remaining <= 0 ? "instruction_limit" : "time_limit"
-            } else {
-                failure = "error"
+        lua_xmove(L, thread, arguments + 1)
+        guard run(call, arguments: arguments) else {
+            // It waits: what it returns is read when it returns.
+            guard let loop = host.broker?.eventLoop(ofWorker: worker) else { return .now(nil) }
+            let promise = loop.makePromise(of: T?.self)
+            call.finish = { [unowned self] count in
+                promise.succeed(count.flatMap { self.finish(call, results: $0, want: results, read: read) } ?? nil)
             }
-            stats.failures[failure, default: 0] &+= 1
-            host.reportFailure(hook.context, hook: kind, message: message)
-            return nil
+            return .later(promise.futureResult)
+        }
+        return .now(call.returned.flatMap { finish(call, results: $0, want: results, read: read) } ?? nil)
+    }
+
+    /// Calls a hook that may not wait, answering at once (on_deliver).
+    func callNow<T: Sendable>(
+        _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32, read: @escaping (LuaState) throws(HookResultError) -> T
+    ) -> T? {
+        guard case .now(let value) = call(hook, kind, results: results, mayWait: false, push: push, read: read) else { return nil }
+        return value
+    }
+
+    private func newThread() -> (LuaState, Int32) {
+        let thread = lua_newthread(L)!
+        return (thread, luaL_ref(L, mqlite_registryindex()))
+    }
+
+    /// Reads what a returned call left on its thread (`results` values, of which the hook wants
+    /// `want`, as lua_pcall would adjust them), and keeps the thread for the next call.
+    private func finish<T>(_ call: Call, results: Int32, want: Int32, read: (LuaState) throws(HookResultError) -> T) -> T? {
+        let base = lua_gettop(L)
+        defer { lua_settop(L, base) }
+        let thread = call.thread
+        let moved = min(results, want)
+        if results > moved { mqlite_pop(thread, results - moved) }
+        lua_xmove(thread, L, moved)
+        for _ in moved..<want { lua_pushnil(L) }
+        lua_settop(thread, 0)
+        if spareThread == nil {
+            spareThread = (thread, call.threadRef)
+        } else {
+            luaL_unref(L, mqlite_registryindex(), call.threadRef)
         }
         // Results are read with raw access only (no metamethod can run outside the call's
         // limits); `read` rejects tables that have a metatable.
         do {
             return try read(L)
         } catch {
-            stats.failures["bad_return", default: 0] &+= 1
-            host.reportFailure(hook.context, hook: kind, message: error.message)
+            call.hook.stats.failures["bad_return", default: 0] &+= 1
+            host.reportFailure(call.hook.context, hook: call.kind, message: error.message)
             return nil
         }
+    }
+
+    /// Goes on with a call that waited: `push` leaves the results of the function it waited in on
+    /// its thread. Run on the worker's loop, outside any other call (the caller defers it there).
+    func resume(_ call: Call, push: (LuaState) -> Int32) {
+        precondition(!inCall, "a hook resumed inside another call")
+        call.waiting = false
+        let arguments = push(call.thread)
+        guard run(call, arguments: arguments) else { return }  // waits again
+        call.finish?(call.returned)
+    }
+
+    /// Failed calls: their thread is not reused (it may hold to-be-closed variables and a dead
+    /// call stack).
+    private func failed(_ call: Call, status: Int32) {
+        let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : call.thread.string(at: -1) ?? "error"
+        let failure: String
+        if status == LUA_ERRMEM {
+            failure = "memory_limit"
+        } else if control.pointee.exhausted != 0 && mqlite_stopping(control) == 0 {
+            failure = control.pointee.remaining <= 0 ? "instruction_limit" : "time_limit"
+        } else {
+            failure = "error"
+        }
+        call.hook.stats.failures[failure, default: 0] &+= 1
+        host.reportFailure(call.hook.context, hook: call.kind, message: message)
+        lua_settop(call.thread, 0)
+        luaL_unref(L, mqlite_registryindex(), call.threadRef)
+    }
+
+    /// Runs (or resumes) a call's coroutine with `arguments` values on top of its thread.
+    /// Returns false if the call now waits; else `call.returned` tells how it ended.
+    private func run(_ call: Call, arguments: Int32) -> Bool {
+        running = call
+        inCall = true
+        defer {
+            running = nil
+            inCall = false
+        }
+        var count: Int32 = 0
+        var left = call.remaining
+        let status = mqlite_resume(L, call.thread, arguments, &count, &left)
+        call.remaining = left
+        switch status {
+        case LUA_OK:
+            call.returned = count
+        case LUA_YIELD where call.waiting:
+            return false
+        case LUA_YIELD:
+            // coroutine.yield() at the hook's own level, outside any coroutine the script made.
+            call.thread.push("coroutine.yield outside a coroutine of the script")
+            failed(call, status: LUA_ERRRUN)
+        default:
+            failed(call, status: status)
+        }
+        call.hook.stats.timer?.recordNanoseconds((NIODeadline.now() - call.start).nanoseconds)
+        return true
     }
 
     /// Indices (in load order) of the on_publish hooks whose filter matches `topic`, cached per
@@ -476,3 +596,4 @@ final class HookStats: @unchecked Sendable {
         self.hook = hook
     }
 }
+

@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import CLua
 import CoreMetrics
 import Logging
@@ -60,6 +61,59 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     private final class Slot {
         var vm: LuaVM?
         var generation = 0
+        /// Hook calls of this worker waiting on an HTTP request (whatever VM they run in).
+        var waiting = 0
+    }
+
+    // MARK: - Hook calls that wait
+
+    /// The scripts' HTTP client: made at the first `mqlite.http.request`, on the broker's event
+    /// loops, and shut down with the broker (`shutdown`).
+    private let http = Mutex<(client: HTTPClient?, stopped: Bool)>((nil, false))
+
+    func httpClient() -> HTTPClient? {
+        guard let group = broker?.group else { return nil }
+        return http.withLock { state in
+            if state.stopped { return nil }
+            if let client = state.client { return client }
+            var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(10)))
+            // Each waiting call may need a connection of its own (an auth service answering in
+            // 100 ms would otherwise serve 8 at a time).
+            configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: scripting.maxPendingCalls)
+            // A service that refuses connections fails the requests at once (the hooks' on_error
+            // applies), rather than each waiting out its timeout while the pool retries.
+            configuration.connectionPool.retryConnectionEstablishment = false
+            let client = HTTPClient(eventLoopGroup: group, configuration: configuration, backgroundActivityLogger: logger)
+            state.client = client
+            return client
+        }
+    }
+
+    /// Counts a call that starts to wait on `worker`; false (and nothing counted) past
+    /// `max_pending_calls`. On that worker's loop.
+    func beginWaiting(worker: Int) -> Bool {
+        let slot = slots[worker]
+        guard slot.waiting < scripting.maxPendingCalls else { return false }
+        slot.waiting += 1
+        return true
+    }
+
+    func endWaiting(worker: Int) {
+        slots[worker].waiting -= 1
+    }
+
+    /// Hook calls waiting on `worker` (for tests and metrics; on that worker's loop).
+    public func waitingCalls(worker: Int) -> Int { slots[worker].waiting }
+
+    /// Closes the HTTP client (its requests still running fail, and the hooks waiting on them go
+    /// on and end). After the connections have closed, before the loops stop.
+    public func shutdown() async {
+        let client = http.withLock { state in
+            state.stopped = true
+            defer { state.client = nil }
+            return state.client
+        }
+        try? await client?.shutdown()
     }
 
     /// Loads every plugin of `configuration` into one VM per worker. A script that fails to load
@@ -150,6 +204,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             let timer = vm.timers[index]
             let run: @Sendable () -> Void = { [weak vm] in
                 guard let vm, vm === self.slots[0].vm else { return }
+                // A timer that waits (an HTTP call) goes on by itself; the next run does not wait for it.
                 _ = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () })
             }
             if timer.repeats {
@@ -266,10 +321,39 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     // MARK: - BrokerHooks
 
-    public func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
-        guard let vm = vm(worker) else { return .pass }
-        for hook in vm.hooks(.connect) {
-            let answer = vm.call(hook, .connect, results: 2, push: { L in
+    /// Calls the hooks `items` name in order (`call`), until `decide` makes a result of an
+    /// answer (nil: ask the next one), else `otherwise`. A hook that waits (a script's HTTP call)
+    /// makes the rest of the chain wait with it: the result comes later, on the worker's loop.
+    private func chain<Item, A: Sendable, R: Sendable>(
+        _ items: [Item], from first: Int = 0, call: @escaping (Item) -> HookAnswer<A?>, decide: @escaping (Item, A?) -> R?,
+        otherwise: @escaping () -> R
+    ) -> HookAnswer<R> {
+        var index = first
+        while index < items.count {
+            let item = items[index]
+            index += 1
+            switch call(item) {
+            case .now(let answer):
+                if let result = decide(item, answer) { return .now(result) }
+            case .later(let future):
+                let next = index
+                let loop = future.eventLoop
+                return .later(future.assumeIsolated().flatMap { answer -> EventLoopFuture<R> in
+                    if let result = decide(item, answer) { return loop.makeSucceededFuture(result) }
+                    switch self.chain(items, from: next, call: call, decide: decide, otherwise: otherwise) {
+                    case .now(let result): return loop.makeSucceededFuture(result)
+                    case .later(let rest): return rest
+                    }
+                }.nonisolated())
+            }
+        }
+        return .now(otherwise())
+    }
+
+    public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
+        guard let vm = vm(worker) else { return .now(.pass) }
+        return chain(vm.hooks(.connect), call: { hook in
+            vm.call(hook, .connect, results: 2, push: { L in
                 lua_createtable(L, 0, 8)
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
@@ -296,55 +380,65 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                     throw HookResultError("on_connect must return true, false or nil, not a \(typeName(L, -2))")
                 }
             })
-            guard let answer else {
-                if failClosed { return .refuse(.notAuthorized) }
-                continue
-            }
-            if answer != .pass { return answer }
-        }
-        return .pass
+        }, decide: { [failClosed] _, answer in
+            guard let answer else { return failClosed ? .refuse(.notAuthorized) : nil }
+            return answer == .pass ? nil : answer
+        }, otherwise: { .pass })
     }
 
-    public func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
-        guard let vm = vm(worker) else { return [] }
+    /// What one on_authorize call gave.
+    private enum AuthorizeResult: Sendable {
+        case none
+        case table(ACLTable)
+        /// Not a table or nil, an unknown key, a wrong type, an invalid filter, a metatable.
+        case malformed(String)
+    }
+
+    private final class Tables: @unchecked Sendable {
         var tables: [ACLTable] = []
-        for hook in vm.hooks(.authorize) {
-            // A malformed answer (not a table or nil, an unknown key, a wrong type, an invalid
-            // filter, a metatable) is a mistake in the script, not a runtime failure: it denies
-            // everything whatever on_error says, so that a typo can never allow everything.
-            var malformed: HookResultError?
-            let answer = vm.call(hook, .authorize, results: 1, push: { L in
+    }
+
+    public func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> {
+        guard let vm = vm(worker) else { return .now([]) }
+        let gathered = Tables()  // used on the worker's loop only
+        return chain(vm.hooks(.authorize), call: { hook in
+            vm.call(hook, .authorize, results: 1, push: { L in
                 pushClient(L, client)
                 return 1
-            }, read: { L throws(HookResultError) -> ACLTable? in
+            }, read: { L throws(HookResultError) -> AuthorizeResult in
                 do throws(HookResultError) {
                     switch lua_type(L, -1) {
-                    case LUA_TNIL: return nil
-                    case LUA_TTABLE: return try readACL(L)
+                    case LUA_TNIL: return .none
+                    case LUA_TTABLE: return .table(try readACL(L))
                     default: throw HookResultError("on_authorize must return a table or nil, not a \(typeName(L, -1))")
                     }
                 } catch {
-                    malformed = error
-                    return .denyAll
+                    return .malformed(error.message)
                 }
             })
-            if let malformed {
-                hook.stats.failures["bad_return", default: 0] &+= 1
-                reportFailure(hook.context, hook: .authorize, message: "\(malformed.message) (the client may do nothing)")
-            }
+        }, decide: { [failClosed] hook, answer -> [ACLTable]? in
             switch answer {
-            case .some(.some(let table)): tables.append(table)
-            case .some(.none): break
-            case .none: if failClosed { tables.append(.denyAll) }
+            case .table(let table)?:
+                gathered.tables.append(table)
+            case .malformed(let message)?:
+                // A mistake in the script, not a runtime failure: it denies everything whatever
+                // on_error says, so that a typo can never allow everything.
+                hook.stats.failures["bad_return", default: 0] &+= 1
+                self.reportFailure(hook.context, hook: .authorize, message: "\(message) (the client may do nothing)")
+                gathered.tables.append(.denyAll)
+            case .none?:
+                break
+            case nil:
+                if failClosed { gathered.tables.append(.denyAll) }
             }
-        }
-        return tables
+            return nil
+        }, otherwise: { gathered.tables })
     }
 
-    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
-        guard let vm = vm(worker) else { return .allow }
-        for hook in vm.hooks(.subscribe) {
-            let answer = vm.call(hook, .subscribe, results: 1, push: { L in
+    public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> {
+        guard let vm = vm(worker) else { return .now(.allow) }
+        return chain(vm.hooks(.subscribe), call: { hook in
+            vm.call(hook, .subscribe, results: 1, push: { L in
                 lua_createtable(L, 0, 4)
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
@@ -368,14 +462,15 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                     throw HookResultError("on_subscribe must return a boolean, a number, a table or nil, not a \(typeName(L, -1))")
                 }
             })
+        }, decide: { [failClosed] _, answer -> SubscribeDecision? in
             guard let answer else { return failClosed ? .deny : .allow }
-            if let decision = answer { return decision }
-        }
-        return .allow
+            return answer
+        }, otherwise: { .allow })
     }
 
     public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {
         guard let vm = vm(worker) else { return }
+        // A notification: every hook is called at once; one that waits goes on by itself.
         for hook in vm.hooks(.unsubscribe) {
             _ = vm.call(hook, .unsubscribe, results: 0, push: { L in
                 lua_createtable(L, 0, 4)
@@ -396,15 +491,15 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return !vm.publishHooks(for: topic.string).isEmpty
     }
 
-    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
-        guard let vm = vm(worker) else { return .deliver }
+    public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+        guard let vm = vm(worker) else { return .now(.deliver) }
         let all = vm.hooks(.publish)
         let topic = message.topic.string
-        for index in vm.publishHooks(for: topic) {
-            // The Lua string holding the payload: a result that hands back the same string
-            // (pointer-equal) keeps the original bytes, uncopied.
+        return chain(vm.publishHooks(for: topic), call: { index in
+            // The Lua string holding the payload: a result that hands back the same bytes keeps
+            // the original buffer, uncopied.
             var payloadString: UnsafePointer<CChar>?
-            let answer = vm.call(all[index], .publish, results: 1, push: { L in
+            return vm.call(all[index], .publish, results: 1, push: { L in
                 lua_createtable(L, 0, 6)
                 func set(_ field: LuaVM.Field, _ push: () -> Void) {
                     vm.pushField(field)
@@ -421,7 +516,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 set(.qos) { lua_pushinteger(L, lua_Integer(message.qos.rawValue)) }
                 set(.retain) { lua_pushboolean(L, message.retain ? 1 : 0) }
                 return 1
-            }, read: { L throws(HookResultError) -> PublishDecision? in
+            }, read: { [payloadString] L throws(HookResultError) -> PublishDecision? in
                 switch lua_type(L, -1) {
                 case LUA_TNIL: return nil
                 case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .deliver : .drop
@@ -444,11 +539,11 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                     throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
                 }
             })
+        }, decide: { _, answer -> PublishDecision? in
             // A failed on_publish call drops the message.
             guard let answer else { return .drop }
-            if let decision = answer { return decision }
-        }
-        return .deliver
+            return answer
+        }, otherwise: { .deliver })
     }
 
     public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool {
@@ -463,7 +558,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         var changed = false
         for index in vm.deliverHooks(for: message.topic.string) {
             var payloadString: UnsafePointer<CChar>?
-            let answer = vm.call(all[index], .deliver, results: 1, push: { L in
+            let answer = vm.callNow(all[index], .deliver, results: 1, push: { L in
                 lua_createtable(L, 0, 6)
                 L.setField("client_id", client.clientID)
                 L.setField("username", client.username)
@@ -475,7 +570,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 L.setField("qos", Int(current.qos.rawValue))
                 L.setField("retain", current.retain)
                 return 1
-            }, read: { L throws(HookResultError) -> HookedMessage? in
+            }, read: { [current, payloadString] L throws(HookResultError) -> HookedMessage? in
                 switch lua_type(L, -1) {
                 case LUA_TNIL: return current
                 case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? current : nil

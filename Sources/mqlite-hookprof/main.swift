@@ -24,7 +24,7 @@ let message = HookedMessage(topic: "bench/pair/3", payload: ByteBuffer(string: "
 var changed = 0
 let start = ContinuousClock.now
 for _ in 0..<calls {
-    if case .change = host.interceptPublish(message, from: client, worker: 0) { changed += 1 }
+    if case .now(.change) = host.interceptPublish(message, from: client, worker: 0) { changed += 1 }
 }
 let nanoseconds = (ContinuousClock.now - start) / calls / .nanoseconds(1)
 if arguments.count < 2 { try? FileManager.default.removeItem(atPath: script) }

@@ -141,4 +141,43 @@ struct ConnectionStateMachineTests {
         _ = noKeepAlive.sessionArrived()
         #expect(noKeepAlive.timeoutCheck(now: start + .hours(10), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
     }
+
+    @Test("a hook that waits: reading pauses, packets already decoded are held in order, and go first when it answers")
+    func hookPending() {
+        // Before CONNACK: the connect hook waits.
+        var opening = ConnectionStateMachine(now: start)
+        _ = opening.packetReceived(.connect(connect))
+        opening.hookStarted()
+        #expect(opening.wantsToRead(heldBack: false) == false)
+        #expect(opening.hookFinished() == [])
+        #expect(opening.wantsToRead(heldBack: false) == true)
+
+        // Connected: a publish hook waits while packets sent before CONNACK are replayed.
+        var machine = connected()
+        let packets: [MQTTPacket] = [.pingreq, .puback(packetID: 3), .publish(PublishPacket(topic: "t", payload: "y"))]
+        machine.hookStarted()
+        #expect(machine.wantsToRead(heldBack: false) == false)
+        machine.hold(packets[1...])
+        machine.hold(packets[0...0])  // held again in front (handled first)
+        #expect(machine.hookFinished() == packets)
+        #expect(machine.hookFinished() == [])
+        #expect(machine.wantsToRead(heldBack: false) == true)
+        #expect(machine.packetReceived(.pingreq) == .ping)
+    }
+
+    @Test("keep-alive does not close a client whose hook waits; connect_timeout still closes a socket whose connect hook waits")
+    func hookPendingTimeouts() {
+        var machine = connected()
+        machine.hookStarted()
+        let late = start + .seconds(60)
+        #expect(machine.timeoutCheck(now: late, connectTimeout: .seconds(10), heldBack: false, closing: true) == .tidy)
+        _ = machine.hookFinished()
+        #expect(machine.timeoutCheck(now: late, connectTimeout: .seconds(10), heldBack: false, closing: true) != .tidy)
+
+        var waiting = ConnectionStateMachine(now: start)
+        _ = waiting.packetReceived(.connect(connect))
+        waiting.hookStarted()
+        #expect(waiting.timeoutCheck(now: late, connectTimeout: .seconds(10), heldBack: false, closing: true)
+            == .close(reason: "no CONNECT within connect_timeout"))
+    }
 }

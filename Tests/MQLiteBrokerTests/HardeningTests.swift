@@ -8,7 +8,9 @@ import Testing
 
 /// ACL tables for every client, and a publish hook on `hooked/#` that marks the payload.
 final class WillHooks: BrokerHooks {
-    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+    func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now(authorizeNow(client)) }
+
+    func authorizeNow(_ client: ClientInfo) -> [ACLTable] {
         client.clientID.hasPrefix("limited") ? [ACLTable(publish: ["allowed/#", "hooked/#"], subscribe: ["#"])] : []
     }
 
@@ -16,7 +18,11 @@ final class WillHooks: BrokerHooks {
         topic.bytes.readableBytesView.starts(with: "hooked/".utf8)
     }
 
-    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+        .now(interceptNow(message, from: client))
+    }
+
+    func interceptNow(_ message: HookedMessage, from client: ClientInfo) -> PublishDecision {
         var changed = message
         changed.payload = ByteBuffer(string: "hooked(\(String(buffer: message.payload))) from \(client.clientID)")
         return .change(changed)
@@ -128,7 +134,9 @@ struct HardeningTests {
 
 /// Each user may subscribe within its own name only; `+/secret` is denied to everyone.
 final class PerUserHooks: BrokerHooks {
-    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+    func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now(authorizeNow(client)) }
+
+    func authorizeNow(_ client: ClientInfo) -> [ACLTable] {
         guard let user = client.username else { return [] }
         return [ACLTable(publish: ["#"], subscribe: ["\(user)/#", "$x/#"], deny: ["+/secret"])]
     }
@@ -169,7 +177,9 @@ struct ACLDeliveryTests {
 
 /// Each client may use only `devices/<its client id>/#`.
 final class OwnDeviceHooks: BrokerHooks {
-    func authorize(_ client: ClientInfo, worker: Int) -> [ACLTable] {
+    func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now(authorizeNow(client)) }
+
+    func authorizeNow(_ client: ClientInfo) -> [ACLTable] {
         client.clientID == "backend" ? [] : [ACLTable(publish: ["devices/%c/#"], subscribe: ["devices/%c/#"])]
     }
 }

@@ -7,7 +7,9 @@ import Testing
 
 /// Hooks with fixed rules, to show that each hook point changes what clients see.
 final class RuleHooks: BrokerHooks {
-    func authenticate(_ request: ConnectRequest, worker: Int) -> ConnectDecision {
+    func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> { .now(authenticateNow(request)) }
+
+    func authenticateNow(_ request: ConnectRequest) -> ConnectDecision {
         switch request.username {
         case "wrong": return .refuse(.badUsernameOrPassword)
         case "banned": return .refuse(.notAuthorized)
@@ -16,7 +18,9 @@ final class RuleHooks: BrokerHooks {
         }
     }
 
-    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
+    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> { .now(subscribeNow(request)) }
+
+    func subscribeNow(_ request: SubscribeRequest) -> SubscribeDecision {
         if request.filter.hasPrefix("secret/") { return .deny }
         if request.filter == "old/+" { return .rewrite(filter: "new/+", qos: .atMostOnce) }
         return .allow
@@ -26,7 +30,11 @@ final class RuleHooks: BrokerHooks {
         topic.bytes.readableBytesView.starts(with: "hooked/".utf8)
     }
 
-    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+        .now(interceptNow(message, from: client))
+    }
+
+    func interceptNow(_ message: HookedMessage, from client: ClientInfo) -> PublishDecision {
         switch message.topic {
         case "hooked/drop": return .drop
         case "hooked/split":

@@ -16,7 +16,9 @@ private func levels(_ level: String, _ count: Int) -> String {
 /// Publish hooks that rewrite `deep/out` to a topic of 201 levels, and a subscribe hook that
 /// rewrites `deep/in` to a filter of 201 levels.
 final class DeepRewriteHooks: BrokerHooks {
-    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> SubscribeDecision {
+    func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> { .now(subscribeNow(request)) }
+
+    func subscribeNow(_ request: SubscribeRequest) -> SubscribeDecision {
         request.filter == "deep/in" ? .rewrite(filter: levels("+", 201), qos: .atMostOnce) : .allow
     }
 
@@ -24,7 +26,11 @@ final class DeepRewriteHooks: BrokerHooks {
         topic.bytes.readableBytesView.elementsEqual("deep/out".utf8)
     }
 
-    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> PublishDecision {
+    func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+        .now(interceptNow(message, from: client))
+    }
+
+    func interceptNow(_ message: HookedMessage, from client: ClientInfo) -> PublishDecision {
         .change(HookedMessage(topic: try! TopicName(levels("x", 201)), payload: message.payload, qos: message.qos, retain: false))
     }
 }

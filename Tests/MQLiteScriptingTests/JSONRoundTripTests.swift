@@ -21,8 +21,8 @@ struct JSONRoundTripTests {
         let host = try ScriptingHost(configuration: configuration, logger: Logger(label: "test"))
         let message = HookedMessage(topic: "t", payload: ByteBuffer(string: payload), qos: .atMostOnce, retain: false)
         switch host.interceptPublish(message, from: ClientInfo(clientID: "c", username: nil, address: "-"), worker: 0) {
-        case .change(let changed): return String(buffer: changed.payload)
-        case .drop: return nil
+        case .now(.change(let changed)): return String(buffer: changed.payload)
+        case .now(.drop): return nil
         case let other: Issue.record("unexpected \(other)"); return nil
         }
     }
