@@ -276,47 +276,57 @@ final class LuaVM: @unchecked Sendable {
 
     /// A hook call in progress. It runs as a coroutine of its own, so that it can wait
     /// (`mqlite.http.request` yields it) while the worker serves everyone else, and go on later.
+    /// A call that returns without waiting leaves its object and thread for the next call (most
+    /// calls do not wait: the hot path allocates neither).
     final class Call {
         let thread: LuaState
         /// The thread, anchored in the registry while the call needs it.
         let threadRef: Int32
-        let hook: Hook
-        let kind: Kind
+        private(set) var hook: Hook
+        private(set) var kind = Kind.publish
         /// Whether it may wait (not on_deliver, which is on every subscriber's delivery path).
-        let mayWait: Bool
+        private(set) var mayWait = true
         /// Instructions left (the budget spans every part of a call that waits).
-        var remaining: Int64
-        let start = NIODeadline.now()
+        var remaining: Int64 = 0
+        private(set) var start = NIODeadline.now()
         /// Set by a function that makes the call wait, just before it yields.
         var waiting = false
         /// How the coroutine ended: the number of results on `thread`, or nil if it failed.
         var returned: Int32?
-        /// Set when the call waits: given the number of results on `thread` once the coroutine
-        /// returns, or nil if it failed.
-        var finish: ((Int32?) -> Void)?
+        /// Set when the call waits: run once the coroutine returns or fails (`returned`).
+        var finish: (() -> Void)?
 
-        init(thread: LuaState, threadRef: Int32, hook: Hook, kind: Kind, mayWait: Bool, remaining: Int64) {
+        init(thread: LuaState, threadRef: Int32, hook: Hook) {
             self.thread = thread
             self.threadRef = threadRef
             self.hook = hook
+        }
+
+        fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, budget: Int64) {
+            self.hook = hook
             self.kind = kind
             self.mayWait = mayWait
-            self.remaining = remaining
+            remaining = budget
+            start = .now()
+            waiting = false
+            returned = nil
+            finish = nil
         }
     }
 
     /// The call whose coroutine runs now (a function that waits checks that it is called from it,
     /// not from a coroutine the script made).
     private(set) var running: Call?
-    /// A finished call's thread, kept for the next call (most calls do not wait).
-    private var spareThread: (thread: LuaState, ref: Int32)?
+    /// A finished call, with its thread, kept for the next one.
+    private var spareCall: Call?
 
     /// Calls a hook with the arguments `push` leaves on the stack; on success `read` sees the
     /// results at the top of the stack. Failures (errors, the limits, and whatever `read` rejects)
-    /// are reported once and give nil. A hook that waits (`mayWait`) answers later.
+    /// are reported once and give nil. A hook that may wait (`mayWait`) and does answers later:
+    /// `later` then gives the reader its results go to (so that only a call that waits keeps one).
     func call<T: Sendable>(
         _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, push: (LuaState) -> Int32,
-        read: @escaping (LuaState) throws(HookResultError) -> T
+        read: (LuaState) throws(HookResultError) -> T, later: () -> (LuaState) throws(HookResultError) -> T
     ) -> HookAnswer<T?> {
         // One call at a time per state: a call inside another would turn the outer call's limits
         // off when it returns (the host functions defer whatever could call back into Lua).
@@ -325,37 +335,47 @@ final class LuaVM: @unchecked Sendable {
             return .now(nil)
         }
         hook.stats.calls &+= 1
-        let (thread, threadRef) = spareThread ?? newThread()
-        spareThread = nil
-        let call = Call(
-            thread: thread, threadRef: threadRef, hook: hook, kind: kind, mayWait: mayWait,
-            remaining: Int64(host.scripting.instructionLimit))
+        let call: Call
+        if let spare = spareCall {
+            call = spare
+            spareCall = nil
+        } else {
+            let thread = lua_newthread(L)!
+            call = Call(thread: thread, threadRef: luaL_ref(L, mqlite_registryindex()), hook: hook)
+        }
+        call.begin(hook, kind, mayWait: mayWait, budget: Int64(host.scripting.instructionLimit))
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
-        lua_xmove(L, thread, arguments + 1)
+        lua_xmove(L, call.thread, arguments + 1)
         guard run(call, arguments: arguments) else {
             // It waits: what it returns is read when it returns.
             guard let loop = host.broker?.eventLoop(ofWorker: worker) else { return .now(nil) }
             let promise = loop.makePromise(of: T?.self)
-            call.finish = { [unowned self] count in
-                promise.succeed(count.flatMap { self.finish(call, results: $0, want: results, read: read) } ?? nil)
+            let read = later()
+            call.finish = { [unowned self, unowned call] in
+                promise.succeed(call.returned.flatMap { self.finish(call, results: $0, want: results, read: read) } ?? nil)
             }
             return .later(promise.futureResult)
         }
         return .now(call.returned.flatMap { finish(call, results: $0, want: results, read: read) } ?? nil)
     }
 
-    /// Calls a hook that may not wait, answering at once (on_deliver).
-    func callNow<T: Sendable>(
+    /// `call`, with one reader for both cases (for hooks off the hot path).
+    func call<T: Sendable>(
         _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32, read: @escaping (LuaState) throws(HookResultError) -> T
-    ) -> T? {
-        guard case .now(let value) = call(hook, kind, results: results, mayWait: false, push: push, read: read) else { return nil }
-        return value
+    ) -> HookAnswer<T?> {
+        call(hook, kind, results: results, push: push, read: read, later: { read })
     }
 
-    private func newThread() -> (LuaState, Int32) {
-        let thread = lua_newthread(L)!
-        return (thread, luaL_ref(L, mqlite_registryindex()))
+    /// Calls a hook that may not wait, answering at once (on_deliver).
+    func callNow<T: Sendable>(
+        _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32, read: (LuaState) throws(HookResultError) -> T
+    ) -> T? {
+        let answer = call(hook, kind, results: results, mayWait: false, push: push, read: read, later: {
+            preconditionFailure("a call that may not wait waited")
+        })
+        guard case .now(let value) = answer else { return nil }
+        return value
     }
 
     /// Reads what a returned call left on its thread (`results` values, of which the hook wants
@@ -369,8 +389,9 @@ final class LuaVM: @unchecked Sendable {
         lua_xmove(thread, L, moved)
         for _ in moved..<want { lua_pushnil(L) }
         lua_settop(thread, 0)
-        if spareThread == nil {
-            spareThread = (thread, call.threadRef)
+        if spareCall == nil {
+            call.finish = nil
+            spareCall = call
         } else {
             luaL_unref(L, mqlite_registryindex(), call.threadRef)
         }
@@ -392,7 +413,7 @@ final class LuaVM: @unchecked Sendable {
         call.waiting = false
         let arguments = push(call.thread)
         guard run(call, arguments: arguments) else { return }  // waits again
-        call.finish?(call.returned)
+        call.finish?()
     }
 
     /// Failed calls: their thread is not reused (it may hold to-be-closed variables and a dead

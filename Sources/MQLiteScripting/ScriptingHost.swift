@@ -491,11 +491,14 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return !vm.publishHooks(for: topic.string).isEmpty
     }
 
+    /// The hot path of the Lua layer (every message on a hooked topic): a hook that answers at
+    /// once costs no closure context and no call object; only one that waits builds the rest of
+    /// the chain (`chain`).
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
         guard let vm = vm(worker) else { return .now(.deliver) }
         let all = vm.hooks(.publish)
         let topic = message.topic.string
-        return chain(vm.publishHooks(for: topic), call: { index in
+        func callHook(_ index: Int) -> HookAnswer<PublishDecision??> {
             // The Lua string holding the payload: a result that hands back the same bytes keeps
             // the original buffer, uncopied.
             var payloadString: UnsafePointer<CChar>?
@@ -516,34 +519,35 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 set(.qos) { lua_pushinteger(L, lua_Integer(message.qos.rawValue)) }
                 set(.retain) { lua_pushboolean(L, message.retain ? 1 : 0) }
                 return 1
-            }, read: { [payloadString] L throws(HookResultError) -> PublishDecision? in
-                switch lua_type(L, -1) {
-                case LUA_TNIL: return nil
-                case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .deliver : .drop
-                case LUA_TTABLE:
-                    try requirePlainTable(L, -1, "on_publish's result")
-                    // A list of message tables (one in, many out), or one message table.
-                    if lua_rawlen(L, -1) > 0 {
-                        var messages: [HookedMessage] = []
-                        for i in 1...lua_rawlen(L, -1) {
-                            lua_rawgeti(L, -1, lua_Integer(i))
-                            guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
-                            try requirePlainTable(L, -1, "on_publish list item \(i)")
-                            messages.append(try readMessage(L, base: message, payloadString: payloadString))
-                            mqlite_pop(L, 1)
-                        }
-                        return .replace(messages)
-                    }
-                    return .change(try readMessage(L, base: message, payloadString: payloadString))
-                default:
-                    throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
-                }
+            }, read: { L throws(HookResultError) in
+                try readPublishResult(L, message: message, payloadString: payloadString)
+            }, later: { [payloadString] in
+                { L throws(HookResultError) in try readPublishResult(L, message: message, payloadString: payloadString) }
             })
-        }, decide: { _, answer -> PublishDecision? in
-            // A failed on_publish call drops the message.
+        }
+        // A failed on_publish call drops the message; nil asks the next hook.
+        func decide(_ index: Int, _ answer: PublishDecision??) -> PublishDecision? {
             guard let answer else { return .drop }
             return answer
-        }, otherwise: { .deliver })
+        }
+        let indices = vm.publishHooks(for: topic)
+        for (position, index) in indices.enumerated() {
+            switch callHook(index) {
+            case .now(let answer):
+                if let decision = decide(index, answer) { return .now(decision) }
+            case .later(let future):
+                let rest = Array(indices[(position + 1)...])
+                let loop = future.eventLoop
+                return .later(future.assumeIsolated().flatMap { answer -> EventLoopFuture<PublishDecision> in
+                    if let decision = decide(index, answer) { return loop.makeSucceededFuture(decision) }
+                    switch self.chain(rest, call: callHook, decide: decide, otherwise: { .deliver }) {
+                    case .now(let decision): return loop.makeSucceededFuture(decision)
+                    case .later(let next): return next
+                    }
+                }.nonisolated())
+            }
+        }
+        return .now(.deliver)
     }
 
     public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool {
@@ -683,6 +687,31 @@ private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookR
     return qos
 }
 
+/// What an on_publish call returned (on top of the stack): nil asks the next hook.
+private func readPublishResult(_ L: LuaState, message: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> PublishDecision? {
+    switch lua_type(L, -1) {
+    case LUA_TNIL: return nil
+    case LUA_TBOOLEAN: return lua_toboolean(L, -1) != 0 ? .deliver : .drop
+    case LUA_TTABLE:
+        try requirePlainTable(L, -1, "on_publish's result")
+        // A list of message tables (one in, many out), or one message table.
+        if lua_rawlen(L, -1) > 0 {
+            var messages: [HookedMessage] = []
+            for i in 1...lua_rawlen(L, -1) {
+                lua_rawgeti(L, -1, lua_Integer(i))
+                guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
+                try requirePlainTable(L, -1, "on_publish list item \(i)")
+                messages.append(try readMessage(L, base: message, payloadString: payloadString))
+                mqlite_pop(L, 1)
+            }
+            return .replace(messages)
+        }
+        return .change(try readMessage(L, base: message, payloadString: payloadString))
+    default:
+        throw HookResultError("on_publish must return a boolean, a table or nil, not a \(typeName(L, -1))")
+    }
+}
+
 /// `{ topic=, payload=, qos=, retain= }` on top of the stack; missing fields keep `base`'s.
 /// One pass over the table's entries (a returned table usually holds one or two) rather than a
 /// lookup per field.
@@ -708,7 +737,14 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
             }
             // (A number is converted in its value slot; lua_next needs only the key untouched.)
             let bytes = L.rawBytes(at: -1)!
-            if bytes.baseAddress != UnsafeRawPointer(payloadString) { message.payload = ByteBuffer(bytes: bytes) }
+            // The same Lua string as the argument's payload keeps the original buffer. Compared
+            // by content too: after a call that waited, the argument may have been collected and
+            // another string made at its address.
+            let same = bytes.baseAddress == UnsafeRawPointer(payloadString)
+                && base.payload.withUnsafeReadableBytes {
+                    $0.count == bytes.count && ($0.count == 0 || memcmp($0.baseAddress!, bytes.baseAddress!, bytes.count) == 0)
+                }
+            if !same { message.payload = ByteBuffer(bytes: bytes) }
         case 3 where key.elementsEqual("qos".utf8):
             message.qos = try readQoS(L, -1, "qos")
         case 6 where key.elementsEqual("retain".utf8):

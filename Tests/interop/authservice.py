@@ -1,0 +1,53 @@
+"""A small HTTP auth service for the http_auth.lua tests: asyncio, one process, keep-alive.
+
+    python3 authservice.py PORTFILE DELAY_SECONDS
+
+POST /auth with JSON {"username", "password", ...}: 200 if password == "secret", else 401;
+POST /acl: 200 with {"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}.
+Every answer comes after DELAY_SECONDS. Writes the port it bound to PORTFILE.
+"""
+import asyncio
+import json
+import sys
+
+
+async def handle(reader, writer, delay):
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            method, path, _ = line.decode().split(" ", 2)
+            length = 0
+            while True:
+                header = await reader.readline()
+                if header in (b"\r\n", b""):
+                    break
+                name, value = header.decode().split(":", 1)
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            body = json.loads(await reader.readexactly(length)) if length else {}
+            await asyncio.sleep(delay)
+            if path.endswith("/acl"):
+                out = json.dumps({"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}).encode()
+                status = "200 OK"
+            else:
+                out = b""
+                status = "200 OK" if method == "POST" and body.get("password") == "secret" else "401 Unauthorized"
+            writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(out)}\r\n\r\n".encode() + out)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        pass
+    writer.close()
+
+
+async def main(portfile, delay):
+    server = await asyncio.start_server(lambda r, w: handle(r, w, delay), "127.0.0.1", 0, backlog=4096)
+    with open(portfile, "w") as f:
+        f.write(str(server.sockets[0].getsockname()[1]))
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], float(sys.argv[2])))
