@@ -475,14 +475,12 @@ enum HostLibrary {
 
     static let jsonEncode: Function = { L in
         let L = L!
-        do {
-            let data = try JSONSerialization.data(withJSONObject: try LuaJSON.toJSON(L, 1, depth: 0), options: [.fragmentsAllowed, .sortedKeys, .withoutEscapingSlashes])
-            data.withUnsafeBytes { L.push(bytes: $0) }
+        do throws(HookResultError) {
+            let text = try LuaJSON.encode(L, 1)
+            text.withUnsafeBytes { L.push(bytes: $0) }
             return 1
-        } catch let error as HookResultError {
-            return fail(L, "mqlite.json.encode: \(error.message)")
         } catch {
-            return fail(L, "mqlite.json.encode: \(error)")
+            return fail(L, "mqlite.json.encode: \(error.message)")
         }
     }
 

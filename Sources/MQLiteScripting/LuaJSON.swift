@@ -1,7 +1,8 @@
 import CLua
 import Foundation
 
-/// Lua values ⇄ Foundation JSON objects for `mqlite.json`. A table whose keys are all positive
+/// Lua values ⇄ JSON for `mqlite.json` (encoding writes the text directly; decoding parses with
+/// Foundation and pushes what it made). A table whose keys are all positive
 /// integers is an array, with null for the missing items up to the largest; any other table is an
 /// object (its keys must be strings); an empty table is `{}`. JSON null decodes to nil.
 ///
@@ -14,21 +15,39 @@ enum LuaJSON {
     /// The largest index of a table encoded as an array (its holes become nulls).
     static let maxArrayLength = 1 << 20
 
-    static func toJSON(_ L: LuaState, _ index: Int32, depth: Int) throws(HookResultError) -> Any {
-        let index = lua_absindex(L, index)
+    /// The JSON text of the value at `index`, written straight from the Lua value (no Foundation
+    /// objects on the way: `mqlite.json.encode` is on the publish path of envelope plugins and on
+    /// the connect path of HTTP auth). Numbers as Swift prints them (integers as integers, floats
+    /// in their shortest form, `1.0` as `1`); strings must be UTF-8 and are escaped as JSON
+    /// requires (`"`, `\\`, and control characters; `/` and non-ASCII as they are); object keys
+    /// in byte order.
+    static func encode(_ L: LuaState, _ index: Int32) throws(HookResultError) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(128)
+        try write(L, lua_absindex(L, index), depth: 0, into: &out)
+        return out
+    }
+
+    private static func write(_ L: LuaState, _ index: Int32, depth: Int, into out: inout [UInt8]) throws(HookResultError) {
         switch lua_type(L, index) {
-        case LUA_TNIL, LUA_TNONE: return NSNull()
-        case LUA_TBOOLEAN: return NSNumber(value: lua_toboolean(L, index) != 0)
+        case LUA_TNIL, LUA_TNONE:
+            out.append(contentsOf: "null".utf8)
+        case LUA_TBOOLEAN:
+            out.append(contentsOf: (lua_toboolean(L, index) != 0 ? "true" : "false").utf8)
         case LUA_TNUMBER:
-            if lua_isinteger(L, index) != 0 { return NSNumber(value: lua_tointegerx(L, index, nil)) }
-            let d = lua_tonumberx(L, index, nil)
-            guard d.isFinite else { throw HookResultError("cannot encode \(d)") }
-            return NSNumber(value: d)
-        case LUA_TSTRING:
-            guard let s = String(validating: L.rawBytes(at: index)!, as: UTF8.self) else {
-                throw HookResultError("string is not UTF-8")
+            if lua_isinteger(L, index) != 0 {
+                out.append(contentsOf: String(lua_tointegerx(L, index, nil)).utf8)
+            } else {
+                let d = lua_tonumberx(L, index, nil)
+                guard d.isFinite else { throw HookResultError("cannot encode \(d)") }
+                var text = d.description
+                if text.hasSuffix(".0") { text.removeLast(2) }
+                out.append(contentsOf: text.utf8)
             }
-            return s
+        case LUA_TSTRING:
+            let bytes = L.rawBytes(at: index)!
+            guard isUTF8(bytes) else { throw HookResultError("string is not UTF-8") }
+            writeString(bytes, into: &out)
         case LUA_TTABLE:
             guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth) (a cycle?)") }
             // lua_next needs two slots, the recursion one more.
@@ -52,34 +71,76 @@ enum LuaJSON {
             }
             if count > 0 && allPositiveIntegers {
                 guard length <= maxArrayLength else { throw HookResultError("array index \(length) is past \(maxArrayLength)") }
-                var array: [Any] = []
-                array.reserveCapacity(length)
+                out.append(UInt8(ascii: "["))
                 for i in 1...length {
+                    if i > 1 { out.append(UInt8(ascii: ",")) }
                     lua_rawgeti(L, index, lua_Integer(i))
                     defer { mqlite_pop(L, 1) }
-                    array.append(try toJSON(L, -1, depth: depth + 1))
+                    try write(L, lua_gettop(L), depth: depth + 1, into: &out)
                 }
-                return array
+                out.append(UInt8(ascii: "]"))
+                return
             }
             guard allStrings else { throw HookResultError("table mixes list items and non-string keys") }
-            var object: [String: Any] = [:]
+            var keys: [[UInt8]] = []
+            keys.reserveCapacity(count)
             lua_pushnil(L)
             while lua_next(L, index) != 0 {
-                let key = L.string(at: -2)!
-                let value: Any
-                do {
-                    value = try toJSON(L, -1, depth: depth + 1)
-                } catch {
-                    mqlite_pop(L, 2)
-                    throw error
-                }
-                object[key] = value
+                keys.append(Array(L.rawBytes(at: -2)!))
                 mqlite_pop(L, 1)
             }
-            return object
+            keys.sort { $0.lexicographicallyPrecedes($1) }
+            out.append(UInt8(ascii: "{"))
+            for (i, key) in keys.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                // A key that is not UTF-8 is written with its bad bytes replaced (U+FFFD).
+                key.withUnsafeBytes { bytes in
+                    if isUTF8(bytes) {
+                        writeString(bytes, into: &out)
+                    } else {
+                        var repaired = String(decoding: bytes, as: UTF8.self)
+                        repaired.withUTF8 { writeString(UnsafeRawBufferPointer($0), into: &out) }
+                    }
+                    L.push(bytes: bytes)
+                }
+                out.append(UInt8(ascii: ":"))
+                lua_rawget(L, index)
+                defer { mqlite_pop(L, 1) }
+                try write(L, lua_gettop(L), depth: depth + 1, into: &out)
+            }
+            out.append(UInt8(ascii: "}"))
         default:
             throw HookResultError("cannot encode a \(String(cString: lua_typename(L, lua_type(L, index))))")
         }
+    }
+
+    private static func isUTF8(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        if !bytes.contains(where: { $0 >= 0x80 }) { return true }
+        return String(validating: bytes, as: UTF8.self) != nil
+    }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
+
+    /// A JSON string of UTF-8 `bytes`.
+    private static func writeString(_ bytes: UnsafeRawBufferPointer, into out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        for byte in bytes {
+            switch byte {
+            case UInt8(ascii: "\""): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\"")])
+            case UInt8(ascii: "\\"): out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
+            case 0x0A: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case 0x0D: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case 0x09: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case 0x08: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "b")])
+            case 0x0C: out.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "f")])
+            case 0..<0x20:
+                out.append(contentsOf: "\\u00".utf8)
+                out.append(hexDigits[Int(byte >> 4)])
+                out.append(hexDigits[Int(byte & 0xF)])
+            default: out.append(byte)
+            }
+        }
+        out.append(UInt8(ascii: "\""))
     }
 
     /// The deepest nesting of arrays and objects in JSON `text` (brackets outside strings),

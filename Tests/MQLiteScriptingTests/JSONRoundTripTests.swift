@@ -46,4 +46,17 @@ struct JSONRoundTripTests {
         #expect(try transform("", #"mqlite.json.encode({ [1.5] = "a" })"#) == nil)
         #expect(try transform("", #"mqlite.json.encode({ [1 << 21] = "far" })"#) == nil)
     }
+
+    @Test("encode writes numbers, escapes and key order exactly (what Foundation wrote, keys now in byte order)")
+    func exactText() throws {
+        let numbers = #"mqlite.json.encode({1.0, 1.5, 0.1, 1e20, 1e-7, -0.0, 2^53, 2^63, 1/3, math.maxinteger, math.mininteger, -2})"#
+        #expect(try transform("", numbers)
+            == "[1,1.5,0.1,1e+20,1e-07,-0,9007199254740992,9.223372036854776e+18,0.3333333333333333,9223372036854775807,-9223372036854775808,-2]")
+        #expect(try transform("", #"mqlite.json.encode({ "a\"b\\c/d\n\r\t\b\f", "\1\31", "é€😀", "" })"#)
+            == #"["a\"b\\c/d\n\r\t\b\f","\u0001\u001f","é€😀",""]"#)
+        #expect(try transform("", #"mqlite.json.encode({ b = 1, a = { z = true, y = false }, B = "x", ["10"] = 1, ["9"] = 2, ["é"] = {} })"#)
+            == #"{"10":1,"9":2,"B":"x","a":{"y":false,"z":true},"b":1,"é":{}}"#)
+        #expect(try transform("", #"mqlite.json.encode("\255")"#) == nil, "not UTF-8")
+        #expect(try transform("", #"mqlite.json.encode(0/0)"#) == nil, "not finite")
+    }
 }
