@@ -338,6 +338,8 @@ def main():
         rows.append((f"lua: {desc} (pairs qos0 16B)", fmt(v, "/s"), f"{fmt(base, '/s')} (mqlite, no plugins)",
                      f"{ratio:.3f}" if ratio else "-", f"{losses.get(('lua', name), 0)}", f">= {target}x of no plugins", mark(ratio is not None and ratio >= target)))
 
+    rows += http_auth_rows(tmp_parent=Path(tempfile.mkdtemp(prefix="mqlite-bench-auth-")), workers=workers)
+
     header = ("scenario", "mqlite", "Mosquitto", "ratio", "lost (mqlite / Mosquitto)", "target", "met")
     table = [header, tuple("---" for _ in header)] + rows
     text = "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in table)
@@ -351,6 +353,59 @@ def main():
     print("\n" + report)
     OUT.write_text(report)
     print(f"written to {OUT}")
+
+
+def http_auth_rows(tmp_parent, workers):
+    """Issue 12's measure: plugins/http_auth.lua against an HTTP service that answers after 100 ms
+    (Tests/interop/authservice.py, on the load generator's CPU); 1,000 clients connect at once
+    (the load generator's storm), while one client already connected publishes to itself in a loop
+    (Tests/interop/rttprobe.py): the round trips that fall within the storm. Mosquitto has no HTTP
+    auth of its own: no column for it."""
+    interop = ROOT / "Tests" / "interop"
+    portfile = tmp_parent / "auth-port"
+    service = subprocess.Popen(["taskset", "-c", CLIENT_CPUS, sys.executable, str(interop / "authservice.py"), str(portfile), "0.1", "any"])
+    seconds, rtts, refused = [], [], 0
+    broker = None
+    try:
+        deadline = time.time() + 10
+        while not (portfile.exists() and portfile.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{portfile.read_text().strip()}/auth"
+        conf = tmp_parent / "mqlite-http-auth.conf"
+        conf.write_text(MQLITE_CONF.format(workers=workers, port=18907)
+                        + f'[[plugin]]\nscript = "{ROOT / "plugins" / "http_auth.lua"}"\noptions = {{ url = "{url}", timeout = 10 }}\n')
+        broker = Broker("mqlite+http-auth", [str(MQLITE), "-c", str(conf)], 18907)
+        for rnd in range(ROUNDS):
+            probe = subprocess.Popen(["taskset", "-c", CLIENT_CPUS, sys.executable, str(interop / "rttprobe.py"), "18907", "probe", "x",
+                                      "probe/rtt", "4"], stdout=subprocess.PIPE, text=True)
+            probe.stdout.readline()
+            time.sleep(0.5)
+            start = time.time()
+            res = run_bench(broker, ["storm", "--connections", "1000"])
+            end = time.time()
+            samples = json.loads(probe.communicate(timeout=30)[0] or "[]")
+            during = sorted(rtt for t, rtt in samples if start <= t <= end)
+            if res.get("seconds") is not None:
+                seconds.append(res["seconds"])
+            refused += res.get("lost") or 0
+            if during:
+                rtts.append(during[min(len(during) - 1, int(len(during) * 0.99))])
+            print(f"round {rnd + 1} http auth storm 1000: {res.get('seconds')} s, probe p99 {rtts[-1] if rtts else None} ms "
+                  f"({len(during)} round trips)", flush=True)
+    finally:
+        if broker:
+            broker.stop()
+        service.terminate()
+        service.wait(5)
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    s = statistics.median(seconds) if seconds else None
+    p99 = statistics.median(rtts) if rtts else None
+    return [
+        ("http auth (100 ms service): 1000 clients at once, s to the last CONNACK", fmt(s, " s"), "-", "-", f"{refused}", "< 2 s",
+         mark(s is not None and s < 2)),
+        ("http auth: another client's publish round trip p99 during that storm", f"{p99:.1f} ms" if p99 is not None else "-", "-", "-",
+         "", "< 5 ms", mark(p99 is not None and p99 < 5)),
+    ]
 
 
 def fmt(v, unit):

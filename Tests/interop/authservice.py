@@ -1,8 +1,9 @@
 """A small HTTP auth service for the http_auth.lua tests: asyncio, one process, keep-alive.
 
-    python3 authservice.py PORTFILE DELAY_SECONDS
+    python3 authservice.py PORTFILE DELAY_SECONDS [any]
 
-POST /auth with JSON {"username", "password", ...}: 200 if password == "secret", else 401;
+POST /auth with JSON {"username", "password", ...}: 200 if password == "secret" (or with `any`,
+always), else 401;
 POST /acl: 200 with {"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}.
 Every answer comes after DELAY_SECONDS. Writes the port it bound to PORTFILE.
 """
@@ -11,7 +12,7 @@ import json
 import sys
 
 
-async def handle(reader, writer, delay):
+async def handle(reader, writer, delay, accept_all):
     try:
         while True:
             line = await reader.readline()
@@ -33,7 +34,8 @@ async def handle(reader, writer, delay):
                 status = "200 OK"
             else:
                 out = b""
-                status = "200 OK" if method == "POST" and body.get("password") == "secret" else "401 Unauthorized"
+                ok = method == "POST" and (accept_all or body.get("password") == "secret")
+                status = "200 OK" if ok else "401 Unauthorized"
             writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(out)}\r\n\r\n".encode() + out)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, ValueError):
@@ -41,8 +43,8 @@ async def handle(reader, writer, delay):
     writer.close()
 
 
-async def main(portfile, delay):
-    server = await asyncio.start_server(lambda r, w: handle(r, w, delay), "127.0.0.1", 0, backlog=4096)
+async def main(portfile, delay, accept_all):
+    server = await asyncio.start_server(lambda r, w: handle(r, w, delay, accept_all), "127.0.0.1", 0, backlog=4096)
     with open(portfile, "w") as f:
         f.write(str(server.sockets[0].getsockname()[1]))
     async with server:
@@ -50,4 +52,4 @@ async def main(portfile, delay):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), sys.argv[3:] == ["any"]))
