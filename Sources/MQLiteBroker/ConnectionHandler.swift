@@ -476,18 +476,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
     }
 
-    /// Carries out a publish hook's answer for `hooked`.
-    private func apply(_ decision: PublishDecision, to hooked: HookedMessage, route: Worker.Route) {
-        let message = hooked
+    /// Carries out a publish hook's answer for `message`.
+    private func apply(_ decision: PublishDecision, to message: Message, route: Worker.Route) {
         switch decision {
         case .deliver:
             publish(message, along: route)
         case .drop:
             worker.stats.droppedHook &+= 1
         case .change(let changed):
-            publishChanged(changed, original: hooked, route: route)
+            publishChanged(changed, original: message, route: route)
         case .replace(let messages):
-            for changed in messages { publishChanged(changed, original: hooked, route: route) }
+            for changed in messages { publishChanged(changed, original: message, route: route) }
         }
     }
 
