@@ -2,9 +2,10 @@
 
     python3 authservice.py PORTFILE DELAY_SECONDS [any]
 
-POST /auth with JSON {"username", "password", ...}: 200 if password == "secret" (or with `any`,
-always), else 401;
-POST /acl: 200 with {"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}.
+POST with JSON {"username", "password", ...}: 200 if password == "secret" (or with `any`,
+always), else 401. The 200 answer's body is the client's ACL, {"publish": ["dev/%c/#"],
+"subscribe": ["dev/%c/#", "cmd/%u/#"]}, except for user name "free" and with `any` (empty: no
+restriction).
 Every answer comes after DELAY_SECONDS. Writes the port it bound to PORTFILE.
 """
 import asyncio
@@ -29,13 +30,11 @@ async def handle(reader, writer, delay, accept_all):
                     length = int(value)
             body = json.loads(await reader.readexactly(length)) if length else {}
             await asyncio.sleep(delay)
-            if path.endswith("/acl"):
+            out = b""
+            ok = method == "POST" and (accept_all or body.get("password") == "secret")
+            status = "200 OK" if ok else "401 Unauthorized"
+            if ok and not accept_all and body.get("username") != "free":
                 out = json.dumps({"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}).encode()
-                status = "200 OK"
-            else:
-                out = b""
-                ok = method == "POST" and (accept_all or body.get("password") == "secret")
-                status = "200 OK" if ok else "401 Unauthorized"
             writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(out)}\r\n\r\n".encode() + out)
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, ValueError):
