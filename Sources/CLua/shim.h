@@ -238,6 +238,55 @@ static inline void mqlite_guard_setmetatable(lua_State *L) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Hook calls run as coroutines of the host's, marked in a registry table with weak keys. A script
+ * can get the one it runs in (coroutine.running()); coroutine.resume and coroutine.close refuse
+ * those threads, since resuming a hook waiting on an HTTP answer would hand it a forged answer.
+ * ------------------------------------------------------------------------------------------- */
+#define MQLITE_HOOK_THREADS "mqlite.hookthreads"
+
+static int mqlite_call_original(lua_State *L);
+
+static int mqlite_guarded_coroutine_op(lua_State *L) {
+    if (lua_type(L, 1) == LUA_TTHREAD) {
+        lua_getfield(L, LUA_REGISTRYINDEX, MQLITE_HOOK_THREADS);
+        lua_pushvalue(L, 1);
+        int marked = lua_rawget(L, -2) != LUA_TNIL;
+        lua_pop(L, 2);
+        if (marked) return luaL_error(L, "a hook's own coroutine cannot be resumed or closed by a script");
+    }
+    return mqlite_call_original(L);
+}
+
+/// Makes the marks table and wraps coroutine.resume and coroutine.close (call once, after the
+/// coroutine library is open).
+static inline void mqlite_guard_coroutines(lua_State *L) {
+    lua_newtable(L);
+    lua_newtable(L);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, MQLITE_HOOK_THREADS);
+    lua_getglobal(L, "coroutine");
+    static const char *const names[] = {"resume", "close"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        lua_getfield(L, -1, names[i]);
+        lua_pushcclosure(L, mqlite_guarded_coroutine_op, 1);
+        lua_setfield(L, -2, names[i]);
+    }
+    lua_pop(L, 1);
+}
+
+/// Marks the thread at `index` as a hook call's own.
+static inline void mqlite_mark_hook_thread(lua_State *L, int index) {
+    index = lua_absindex(L, index);
+    lua_getfield(L, LUA_REGISTRYINDEX, MQLITE_HOOK_THREADS);
+    lua_pushvalue(L, index);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Pattern functions with bounded work. Lua's matcher (lstrlib) runs no VM instructions and calls
  * no hooks, so neither the instruction limit nor the watchdog can stop it, and a backtracking
  * pattern costs up to n^(q+1) steps on a subject of n bytes with q quantifiers (".-.-b" on 20,000

@@ -515,31 +515,34 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: m.topic))
     }
 
-    /// Asks the hooks about every filter of the packet (each may answer later: then SUBACK waits
-    /// for all of them, and the client's later packets wait with it), then subscribes.
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
         var decisions: [SubscribeDecision] = []
         decisions.reserveCapacity(subscribe.subscriptions.count)
-        var waiting: [EventLoopFuture<SubscribeDecision>]?
-        for subscription in subscribe.subscriptions {
-            let request = SubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
+        askSubscribe(subscribe, session: session, from: 0, decisions: decisions)
+    }
+
+    /// Asks the hooks about each filter of the packet in turn, then subscribes. A hook that answers
+    /// later holds the filters after it, SUBACK and the client's later packets until it does: a
+    /// client has at most one call waiting at a time (a SUBSCRIBE of 1,000 filters cannot take a
+    /// worker's whole `max_pending_calls`).
+    private func askSubscribe(_ packet: SubscribePacket, session: Session, from first: Int, decisions: [SubscribeDecision]) {
+        var decisions = decisions
+        for index in first..<packet.subscriptions.count {
+            let subscription = packet.subscriptions[index]
+            let request = SubscribeRequest(
+                clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
             switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
             case .now(let decision):
                 decisions.append(decision)
-                waiting?.append(worker.loop.makeSucceededFuture(decision))
             case .later(let future):
-                if waiting == nil { waiting = decisions.map { worker.loop.makeSucceededFuture($0) } }
-                waiting!.append(future)
+                return whenAnswered(.later(future), failed: .deny) { [decisions] handler, decision in
+                    // The client may have gone (or been taken over) meanwhile.
+                    guard handler.machine.isConnected, handler.session === session else { return }
+                    handler.askSubscribe(packet, session: session, from: index + 1, decisions: decisions + [decision])
+                }
             }
         }
-        guard let waiting else { return self.subscribe(subscribe, session: session, answers: decisions) }
-        let all = EventLoopFuture.whenAllSucceed(waiting, on: worker.loop)
-        let denied = [SubscribeDecision](repeating: .deny, count: waiting.count)
-        whenAnswered(.later(all), failed: denied) { handler, decisions in
-            // The client may have gone (or been taken over) meanwhile.
-            guard handler.machine.isConnected, handler.session === session else { return }
-            handler.subscribe(subscribe, session: session, answers: decisions)
-        }
+        subscribe(packet, session: session, answers: decisions)
     }
 
     private func subscribe(_ packet: SubscribePacket, session: Session, answers decisions: [SubscribeDecision]) {
@@ -682,7 +685,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
     private func detach(publishWill: Bool, reason: String) {
+        let authenticating = machine.hookPending && !machine.isConnected && !machine.isClosed
         let wasConnected = machine.closed()
+        if authenticating { broker.hooks.abandoned(address: clientInfo.address, worker: worker.index) }
         guard let session else { return }
         self.session = nil
         if session.outbound === self {

@@ -225,7 +225,7 @@ struct ConnectionStateMachine {
     func timeoutCheck(now: NIODeadline, connectTimeout: TimeAmount, heldBack: Bool, closing: Bool) -> TimeoutAction {
         switch state {
         case .awaitingConnect where closing && now - lastRead >= connectTimeout:
-            return .close(reason: "no CONNECT within connect_timeout")
+            return .close(reason: hookPending ? "no CONNACK within connect_timeout: the connect hooks were still answering" : "no CONNECT within connect_timeout")
         case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack && !hookPending:
             return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)")
         case .connected:

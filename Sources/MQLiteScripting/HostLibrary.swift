@@ -155,8 +155,12 @@ enum HostLibrary {
 
     // MARK: - HTTP
 
-    /// Largest response body `mqlite.http.request` reads; a larger one fails the request.
+    /// Largest response body `mqlite.http.request` reads unless the call asks for more
+    /// (`max_body`, up to `httpMaxBody`); a larger one fails the request. Every waiting call may
+    /// hold that much: `max_pending_calls` x this per worker at worst.
+    static let httpDefaultMaxBody = 64 << 10
     static let httpMaxBody = 1 << 20
+    static let httpMethods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     static let httpTimeouts = 0.001...300.0
 
     /// `mqlite.http.request{ url=, method=, headers=, body=, timeout= }` → `status, body, headers`,
@@ -175,13 +179,18 @@ enum HostLibrary {
             L.push(name)
             return lua_rawget(L, 1)
         }
-        guard field("url") == LUA_TSTRING, let url = string(L, -1), url.hasPrefix("http://") || url.hasPrefix("https://") else {
-            return fail(L, "mqlite.http.request: url must be a string starting with http:// or https://")
+        // Checked here, not left to the HTTP library: a port past 65535 traps in it, and a URL
+        // is often built from what a client sent.
+        guard field("url") == LUA_TSTRING, let url = string(L, -1), let parts = URLComponents(string: url),
+            parts.scheme == "http" || parts.scheme == "https", let hostName = parts.host, !hostName.isEmpty,
+            (parts.port.map { (1...65535).contains($0) } ?? true)
+        else {
+            return fail(L, "mqlite.http.request: url must be an http:// or https:// URL with a host (and a port from 1 to 65535)")
         }
         var method = "GET"
         if field("method") != LUA_TNIL {
-            guard let m = string(L, -1), (1...16).contains(m.utf8.count), m.utf8.allSatisfy({ (65...90).contains($0) }) else {
-                return fail(L, "mqlite.http.request: method must be a word in capitals (GET, POST, ...)")
+            guard let m = string(L, -1), httpMethods.contains(m) else {
+                return fail(L, "mqlite.http.request: method must be one of \(httpMethods.sorted().joined(separator: ", "))")
             }
             method = m
         }
@@ -207,6 +216,15 @@ enum HostLibrary {
         case LUA_TSTRING: body = ByteBuffer(bytes: L.rawBytes(at: -1)!)
         default: return fail(L, "mqlite.http.request: body must be a string")
         }
+        var maxBody = httpDefaultMaxBody
+        if field("max_body") != LUA_TNIL {
+            var isInteger: Int32 = 0
+            let value = lua_tointegerx(L, -1, &isInteger)
+            guard isInteger != 0, (0...lua_Integer(httpMaxBody)).contains(value) else {
+                return fail(L, "mqlite.http.request: max_body must be a number of bytes from 0 to \(httpMaxBody)")
+            }
+            maxBody = Int(value)
+        }
         var timeout = 5.0
         if field("timeout") != LUA_TNIL {
             var isNumber: Int32 = 0
@@ -222,7 +240,7 @@ enum HostLibrary {
             return fail(L, "mqlite.http.request: \(error)")
         }
         let host = vm.host
-        guard let loop = host.broker?.eventLoop(ofWorker: vm.worker), let client = host.httpClient() else {
+        guard let loop = host.broker?.eventLoop(ofWorker: vm.worker), let client = host.httpClient(worker: vm.worker) else {
             lua_pushnil(L)
             L.push("mqlite.http.request: not available (the broker is not running)")
             return 2
@@ -233,14 +251,17 @@ enum HostLibrary {
             return 2
         }
         let task = client.execute(
-            request: request, delegate: ResponseAccumulator(request: request, maxBodySize: httpMaxBody),
+            request: request, delegate: ResponseAccumulator(request: request, maxBodySize: maxBody),
             eventLoop: .delegate(on: loop), deadline: .now() + .nanoseconds(Int64(timeout * 1e9)), logger: nil)
         call.waiting = true
+        let id = ObjectIdentifier(task)
+        if let owner = call.owner { host.own(id, owner: owner, worker: vm.worker, cancel: { task.cancel() }) }
         let waiting = NIOLoopBound((vm, call), eventLoop: loop)
         task.futureResult.whenComplete { result in
             let resume = {
                 let (vm, call) = waiting.value
                 vm.host.endWaiting(worker: vm.worker)
+                if let owner = call.owner { vm.host.disown(id, owner: owner, worker: vm.worker) }
                 vm.resume(call) { T in pushHTTPResult(T, result) }
             }
             // On the worker's loop (the task's futures are), but never inside a running call (a
@@ -270,8 +291,8 @@ enum HostLibrary {
             let message: String
             switch error {
             case let e as HTTPClientError where e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout: message = "timeout"
-            case let e as HTTPClientError where e == .cancelled: message = "cancelled (the broker is stopping)"
-            case is ResponseAccumulator.ResponseTooBigError: message = "response body over \(httpMaxBody) bytes"
+            case let e as HTTPClientError where e == .cancelled: message = "cancelled (the client went away, or the broker is stopping)"
+            case let e as ResponseAccumulator.ResponseTooBigError: message = "response body over \(e.maxBodySize) bytes (max_body)"
             case let e as IOError: message = "connection failed: \(String(cString: strerror(e.errnoCode)))"
             case let e as NIOConnectionError:
                 let cause = e.connectionErrors.first.map { ($0.error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\($0.error)" }

@@ -177,6 +177,7 @@ final class LuaVM: @unchecked Sendable {
         mqlite_bound_patterns(L, -1)
         mqlite_pop(L, 1)
         mqlite_guard_setmetatable(L)
+        mqlite_guard_coroutines(L)
         lua_getglobal(L, "os")
         for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
             lua_pushnil(L)
@@ -286,6 +287,9 @@ final class LuaVM: @unchecked Sendable {
         private(set) var kind = Kind.publish
         /// Whether it may wait (not on_deliver, which is on every subscriber's delivery path).
         private(set) var mayWait = true
+        /// The address of the connection it answers for (CONNECT's hooks): its requests are
+        /// cancelled if that connection goes away first (`ScriptingHost.abandoned`).
+        private(set) var owner: String?
         /// Instructions left (the budget spans every part of a call that waits).
         var remaining: Int64 = 0
         private(set) var start = NIODeadline.now()
@@ -302,10 +306,11 @@ final class LuaVM: @unchecked Sendable {
             self.hook = hook
         }
 
-        fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, budget: Int64) {
+        fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, owner: String?, budget: Int64) {
             self.hook = hook
             self.kind = kind
             self.mayWait = mayWait
+            self.owner = owner
             remaining = budget
             start = .now()
             waiting = false
@@ -325,7 +330,7 @@ final class LuaVM: @unchecked Sendable {
     /// are reported once and give nil. A hook that may wait (`mayWait`) and does answers later:
     /// `later` then gives the reader its results go to (so that only a call that waits keeps one).
     func call<T: Sendable>(
-        _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, push: (LuaState) -> Int32,
+        _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, owner: String? = nil, push: (LuaState) -> Int32,
         read: (LuaState) throws(HookResultError) -> T, later: () -> (LuaState) throws(HookResultError) -> T
     ) -> HookAnswer<T?> {
         // One call at a time per state: a call inside another would turn the outer call's limits
@@ -341,9 +346,10 @@ final class LuaVM: @unchecked Sendable {
             spareCall = nil
         } else {
             let thread = lua_newthread(L)!
+            mqlite_mark_hook_thread(L, -1)
             call = Call(thread: thread, threadRef: luaL_ref(L, mqlite_registryindex()), hook: hook)
         }
-        call.begin(hook, kind, mayWait: mayWait, budget: Int64(host.scripting.instructionLimit))
+        call.begin(hook, kind, mayWait: mayWait, owner: owner, budget: Int64(host.scripting.instructionLimit))
         lua_rawgeti(L, mqlite_registryindex(), lua_Integer(hook.ref))
         let arguments = push(L)
         lua_xmove(L, call.thread, arguments + 1)
@@ -362,9 +368,10 @@ final class LuaVM: @unchecked Sendable {
 
     /// `call`, with one reader for both cases (for hooks off the hot path).
     func call<T: Sendable>(
-        _ hook: Hook, _ kind: Kind, results: Int32, push: (LuaState) -> Int32, read: @escaping (LuaState) throws(HookResultError) -> T
+        _ hook: Hook, _ kind: Kind, results: Int32, owner: String? = nil, push: (LuaState) -> Int32,
+        read: @escaping (LuaState) throws(HookResultError) -> T
     ) -> HookAnswer<T?> {
-        call(hook, kind, results: results, push: push, read: read, later: { read })
+        call(hook, kind, results: results, owner: owner, push: push, read: read, later: { read })
     }
 
     /// Calls a hook that may not wait, answering at once (on_deliver).

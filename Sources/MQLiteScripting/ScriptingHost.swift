@@ -63,28 +63,32 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         var generation = 0
         /// Hook calls of this worker waiting on an HTTP request (whatever VM they run in).
         var waiting = 0
+        /// Requests of connect hooks that answer for a connection, by its address: cancelled if it
+        /// goes away first.
+        var owned: [String: [ObjectIdentifier: @Sendable () -> Void]] = [:]
     }
 
     // MARK: - Hook calls that wait
 
-    /// The scripts' HTTP client: made at the first `mqlite.http.request`, on the broker's event
-    /// loops, and shut down with the broker (`shutdown`).
-    private let http = Mutex<(client: HTTPClient?, stopped: Bool)>((nil, false))
+    /// The scripts' HTTP clients, one per worker, on that worker's event loop alone (its own
+    /// connection pool: one worker's stuck requests cannot hold another's): made at the worker's
+    /// first `mqlite.http.request`, shut down with the broker (`shutdown`).
+    private let http = Mutex<(clients: [Int: HTTPClient], stopped: Bool)>(([:], false))
 
-    func httpClient() -> HTTPClient? {
-        guard let group = broker?.group else { return nil }
+    func httpClient(worker: Int) -> HTTPClient? {
+        guard let loop = broker?.eventLoop(ofWorker: worker) else { return nil }
         return http.withLock { state in
             if state.stopped { return nil }
-            if let client = state.client { return client }
+            if let client = state.clients[worker] { return client }
             var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(10)))
             // Each waiting call may need a connection of its own (an auth service answering in
-            // 100 ms would otherwise serve 8 at a time).
+            // 100 ms would otherwise serve 8 at a time); calls that wait are bounded per worker.
             configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: scripting.maxPendingCalls)
             // A service that refuses connections fails the requests at once (the hooks' on_error
             // applies), rather than each waiting out its timeout while the pool retries.
             configuration.connectionPool.retryConnectionEstablishment = false
-            let client = HTTPClient(eventLoopGroup: group, configuration: configuration, backgroundActivityLogger: logger)
-            state.client = client
+            let client = HTTPClient(eventLoopGroup: loop, configuration: configuration, backgroundActivityLogger: logger)
+            state.clients[worker] = client
             return client
         }
     }
@@ -102,18 +106,34 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         slots[worker].waiting -= 1
     }
 
+    /// Remembers how to cancel a request made for the connection at `owner`, until `disown`.
+    func own(_ id: ObjectIdentifier, owner: String, worker: Int, cancel: @escaping @Sendable () -> Void) {
+        slots[worker].owned[owner, default: [:]][id] = cancel
+    }
+
+    func disown(_ id: ObjectIdentifier, owner: String, worker: Int) {
+        let slot = slots[worker]
+        slot.owned[owner]?[id] = nil
+        if slot.owned[owner]?.isEmpty == true { slot.owned[owner] = nil }
+    }
+
+    public func abandoned(address: String, worker: Int) {
+        guard let cancels = slots[worker].owned.removeValue(forKey: address) else { return }
+        for cancel in cancels.values { cancel() }
+    }
+
     /// Hook calls waiting on `worker` (for tests and metrics; on that worker's loop).
     public func waitingCalls(worker: Int) -> Int { slots[worker].waiting }
 
-    /// Closes the HTTP client (its requests still running fail, and the hooks waiting on them go
+    /// Closes the HTTP clients (their requests still running fail, and the hooks waiting on them go
     /// on and end). After the connections have closed, before the loops stop.
     public func shutdown() async {
-        let client = http.withLock { state in
+        let clients = http.withLock { state in
             state.stopped = true
-            defer { state.client = nil }
-            return state.client
+            defer { state.clients = [:] }
+            return Array(state.clients.values)
         }
-        try? await client?.shutdown()
+        for client in clients { try? await client.shutdown() }
     }
 
     /// Loads every plugin of `configuration` into one VM per worker. A script that fails to load
@@ -202,10 +222,15 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         // up). A failing call is reported as a hook failure and keeps its schedule.
         let tasks: [TimerTask] = vm.timers.indices.map { index in
             let timer = vm.timers[index]
+            // A run that waits (an HTTP call) goes on by itself; the timer's next runs are skipped
+            // until it ends, so that runs waiting on a slow service do not pile up.
+            let waiting = NIOLoopBound(Flag(), eventLoop: loop)
             let run: @Sendable () -> Void = { [weak vm] in
-                guard let vm, vm === self.slots[0].vm else { return }
-                // A timer that waits (an HTTP call) goes on by itself; the next run does not wait for it.
-                _ = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () })
+                guard let vm, vm === self.slots[0].vm, !waiting.value.value else { return }
+                if case .later(let done) = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () }) {
+                    waiting.value.value = true
+                    done.whenComplete { _ in waiting.value.value = false }
+                }
             }
             if timer.repeats {
                 return .repeating(loop.scheduleRepeatedTask(initialDelay: timer.interval, delay: timer.interval) { _ in run() })
@@ -353,7 +378,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
         guard let vm = vm(worker) else { return .now(.pass) }
         return chain(vm.hooks(.connect), call: { hook in
-            vm.call(hook, .connect, results: 2, push: { L in
+            vm.call(hook, .connect, results: 2, owner: request.address, push: { L in
                 lua_createtable(L, 0, 8)
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
@@ -402,7 +427,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         guard let vm = vm(worker) else { return .now([]) }
         let gathered = Tables()  // used on the worker's loop only
         return chain(vm.hooks(.authorize), call: { hook in
-            vm.call(hook, .authorize, results: 1, push: { L in
+            vm.call(hook, .authorize, results: 1, owner: client.address, push: { L in
                 pushClient(L, client)
                 return 1
             }, read: { L throws(HookResultError) -> AuthorizeResult in
@@ -794,4 +819,9 @@ private func readACL(_ L: LuaState) throws(HookResultError) -> ACLTable {
         }
     }
     return ACLTable(publish: try list("publish"), subscribe: try list("subscribe"), deny: try list("deny") ?? [])
+}
+
+/// A flag shared by closures on one loop.
+private final class Flag {
+    var value = false
 }

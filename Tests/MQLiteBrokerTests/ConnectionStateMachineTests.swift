@@ -178,6 +178,6 @@ struct ConnectionStateMachineTests {
         _ = waiting.packetReceived(.connect(connect))
         waiting.hookStarted()
         #expect(waiting.timeoutCheck(now: late, connectTimeout: .seconds(10), heldBack: false, closing: true)
-            == .close(reason: "no CONNECT within connect_timeout"))
+            == .close(reason: "no CONNACK within connect_timeout: the connect hooks were still answering"))
     }
 }

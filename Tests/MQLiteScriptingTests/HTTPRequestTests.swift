@@ -106,7 +106,7 @@ struct HTTPRequestTests {
             let c = try await b.client("c")
             try await c.subscribe("try/#")
             for (i, (what, answer)) in [
-                ("delay/1000", "nil mqlite.http.request: timeout"), ("big", "nil mqlite.http.request: response body ov"),
+                ("delay/1000", "nil mqlite.http.request: timeout"), ("big", "nil mqlite.http.request: response body over 65536 bytes"),
                 ("refused", "nil mqlite.http.request: connection failed: Connection refused"), ("status/503", "503 "),
             ].enumerated() {
                 try await c.publish("try/\(i)", what)
@@ -129,6 +129,11 @@ struct HTTPRequestTests {
               elseif what == "gsub" then
                 ok, err = pcall(string.gsub, "a", "a", function() return mqlite.http.request{ url = mqlite.options.base .. "/status/200" } end)
               elseif what == "url" then ok, err = pcall(mqlite.http.request, { url = "ftp://x" })
+              elseif what == "port" then ok, err = pcall(mqlite.http.request, { url = "http://127.0.0.1:65536/" })
+              elseif what == "port6" then ok, err = pcall(mqlite.http.request, { url = "http://[::1]:70000/" })
+              elseif what == "hijack" then ok, err = pcall(coroutine.resume, coroutine.running())
+              elseif what == "close" then ok, err = pcall(coroutine.close, coroutine.running())
+              elseif what == "maxbody" then ok, err = pcall(mqlite.http.request, { url = mqlite.options.base, max_body = -1 })
               elseif what == "method" then ok, err = pcall(mqlite.http.request, { url = mqlite.options.base, method = "get me" })
               elseif what == "timeout" then ok, err = pcall(mqlite.http.request, { url = mqlite.options.base, timeout = 1000 })
               elseif what == "headers" then ok, err = pcall(mqlite.http.request, { url = mqlite.options.base, headers = { 1 } })
@@ -145,8 +150,13 @@ struct HTTPRequestTests {
                 "loading": "false mqlite.http.request: only in a hook",
                 "coroutine": "false mqlite.http.request: only in a hook",
                 "gsub": "false mqlite.http.request: only in a hook",
-                "url": "false mqlite.http.request: url must be a string starting with http",
-                "method": "false mqlite.http.request: method must be a word in capitals",
+                "url": "false mqlite.http.request: url must be an http:// or https:// URL",
+                "port": "false mqlite.http.request: url must be an http:// or https:// URL",
+                "port6": "false mqlite.http.request: url must be an http:// or https:// URL",
+                "hijack": "false a hook's own coroutine cannot be resumed",
+                "close": "false a hook's own coroutine cannot be resumed",
+                "maxbody": "false mqlite.http.request: max_body must be a number of bytes",
+                "method": "false mqlite.http.request: method must be one of",
                 "timeout": "false mqlite.http.request: timeout must be a number of seconds",
                 "headers": "false mqlite.http.request: headers must map strings to strings",
             ]
@@ -228,6 +238,60 @@ struct HTTPRequestTests {
             #expect(host.failureCount == 1)
             try await c.publish("b/2", "1000")
             #expect(payload(try await c.expectPublish()) == "1000")
+        }
+    }
+
+    @Test("a client that leaves while its on_connect waits: the request is cancelled, the budget comes back at once")
+    func abandonedConnect() async throws {
+        let script = """
+            mqlite.on_connect(function(c)
+              return mqlite.http.request{ url = mqlite.options.base .. "/delay/5000", timeout = 10 } == 200
+            end)
+            """
+        try await withService(script, configure: { $0.workers = 1 }) { b, host, _ in
+            var sockets: [TestClient] = []
+            for i in 0..<20 {
+                let c = try await TestClient.open(port: b.port)
+                c.send(.connect(ConnectPacket(clientID: "gone\(i)", username: "u")))
+                sockets.append(c)
+            }
+            let loop = b.broker.eventLoop(ofWorker: 0)!
+            try await eventually("20 calls wait") { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 20 }
+            for c in sockets { await c.abort() }
+            // Well before the service's 5 s: the requests were cancelled when their clients left.
+            try await eventually("no call waits", timeout: .seconds(2)) { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 0 }
+        }
+    }
+
+    @Test("a SUBSCRIBE's filters are asked one after another: one client holds one waiting call")
+    func subscribeInTurn() async throws {
+        let script = """
+            mqlite.on_subscribe(function(s)
+              local status = mqlite.http.request{ url = mqlite.options.base .. "/delay/100" }
+              return status == 200
+            end)
+            """
+        try await withService(script, configure: { $0.workers = 1; $0.scripting.maxPendingCalls = 1 }) { b, _, server in
+            let c = try await b.client("c")
+            let start = ContinuousClock.now
+            let codes = try await c.subscribe((1...5).map { ("f/\($0)", QoS.atMostOnce) })
+            #expect(codes == Array(repeating: .granted(.atMostOnce), count: 5), "none refused for max_pending_calls = 1")
+            #expect(ContinuousClock.now - start >= .milliseconds(500))
+            #expect(server.mostOpen == 1)
+        }
+    }
+
+    @Test("a repeating timer whose runs wait does not pile them up")
+    func timerRunsDoNotPileUp() async throws {
+        let script = """
+            mqlite.every(0.05, function()
+              mqlite.http.request{ url = mqlite.options.base .. "/delay/400" }
+            end)
+            """
+        try await withService(script) { _, _, server in
+            try await Task.sleep(for: .milliseconds(1000))
+            // One run at a time: 2 or 3 requests in a second (20 if every run started one).
+            #expect((1...4).contains(server.requests), "\(server.requests) requests")
         }
     }
 }
