@@ -307,7 +307,8 @@ final class LuaVM: @unchecked Sendable {
         }
 
         fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, owner: String?, budget: Int64) {
-            self.hook = hook
+            // (Most calls run the same hook as the last: no reference counting then.)
+            if hook.ref != self.hook.ref || hook.stats !== self.hook.stats { self.hook = hook }
             self.kind = kind
             self.mayWait = mayWait
             self.owner = owner
@@ -341,9 +342,8 @@ final class LuaVM: @unchecked Sendable {
         }
         hook.stats.calls &+= 1
         let call: Call
-        if let spare = spareCall {
+        if let spare = spareCall.take() {
             call = spare
-            spareCall = nil
         } else {
             let thread = lua_newthread(L)!
             mqlite_mark_hook_thread(L, -1)
