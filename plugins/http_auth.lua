@@ -8,9 +8,11 @@
 --
 -- The request's body is JSON: {"client_id", "username", "password", "address", "listener"}.
 -- The service answers:
---   200          accept; a JSON body {"publish": [filters], "subscribe": [filters], "deny": [filters]}
---                (as on_authorize's table; %c and %u work) is the client's ACL, an empty body
---                means no restriction;
+--   200          accept; an empty body means no restriction, else the body must be a JSON object
+--                {"publish": [filters], "subscribe": [filters], "deny": [filters]}: the client's
+--                ACL (as on_authorize's table; %c and %u work), in which a list left out is empty
+--                (the client may do only what the answer lists) and any other key denies it
+--                everything;
 --   401 or 403   refuse (CONNACK 5);
 --   anything else, or no answer (timeout, connection refused): an error of the hook, and
 --                `[scripting] on_error` decides ("deny", the default, refuses the client).
@@ -25,13 +27,15 @@ assert(type(url) == "string", "options.url must be set to the auth service's URL
 assert(type(timeout) == "number" and timeout > 0, "options.timeout must be a number of seconds")
 assert(type(cache_ttl) == "number" and cache_ttl >= 0, "options.cache_ttl must be a number of seconds")
 
--- What the service said of a connected client (its ACL as JSON, "" for none), kept until it
--- disconnects, so that on_authorize can run again (a reload, mqlite.reauthorize) without asking.
--- Per connection (client id and address): a takeover's old connection, going away, must not take
--- the new one's entry with it.
-local function acl_key(c) return "http_auth:acl:" .. c.client_id .. "\0" .. c.address end
--- Kept at most a day: a client whose entry is gone gets no rights at a later re-check.
-local ACL_KEEP = 86400
+-- What the service said of a client (its ACL as JSON, "" for none), so that on_authorize can
+-- run again (a reload, mqlite.reauthorize) without asking. Keyed by a hash of client id and
+-- address (a client id may be 64 KiB; a takeover's old connection, going away, must not take the
+-- new one's entry with it). Kept a minute from CONNECT (a client refused after on_connect never
+-- connects), 30 days once connected, deleted when it disconnects; a client whose entry is gone
+-- gets no rights at a later re-check.
+local function acl_key(c) return "http_auth:acl:" .. mqlite.sha256(c.client_id .. "\0" .. c.address) end
+local ACL_UNTIL_CONNECTED = 60
+local ACL_KEEP = 30 * 86400
 
 local function cache_key(c)
   return "http_auth:auth:" .. mqlite.sha256(c.client_id .. "\0" .. (c.username or "") .. "\0" .. (c.password or ""))
@@ -50,7 +54,9 @@ local function ask(c)
   if status == 200 then
     if body ~= "" then
       local rules, problem = mqlite.json.decode(body)
-      if type(rules) ~= "table" then error("auth service's answer is not a JSON object: " .. tostring(problem), 0) end
+      if type(rules) ~= "table" or not body:find("^%s*{") then
+        error("auth service's answer is not a JSON object: " .. tostring(problem or body:sub(1, 40)), 0)
+      end
     end
     return body
   end
@@ -65,16 +71,25 @@ mqlite.on_connect(function(c)
     if cache_ttl > 0 then mqlite.kv.set(cache_key(c), answer, cache_ttl) end
   end
   if answer == false then return false end
-  mqlite.kv.set(acl_key(c), answer, ACL_KEEP)
+  mqlite.kv.set(acl_key(c), answer, ACL_UNTIL_CONNECTED)
   return true
+end)
+
+mqlite.on_connected(function(c)
+  local body = mqlite.kv.get(acl_key(c))
+  if body ~= nil then mqlite.kv.set(acl_key(c), body, ACL_KEEP) end
 end)
 
 mqlite.on_authorize(function(c)
   local body = mqlite.kv.get(acl_key(c))
   if body == nil then return { publish = {}, subscribe = {} } end  -- not admitted here: nothing
   if body == "" then return nil end
+  -- The service's table as it is (the broker denies everything for a key it does not know), with
+  -- the lists it left out empty.
   local rules = mqlite.json.decode(body)
-  return { publish = rules.publish, subscribe = rules.subscribe, deny = rules.deny }
+  rules.publish = rules.publish or {}
+  rules.subscribe = rules.subscribe or {}
+  return rules
 end)
 
 mqlite.on_disconnected(function(c)

@@ -275,9 +275,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         clientInfo.clientID = clientID
         clientInfo.username = username
 
-        let request = ConnectRequest(
+        var request = ConnectRequest(
             clientID: clientID, username: username, password: password, address: clientInfo.address,
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
+        request.connection = ObjectIdentifier(self)
         // A hook that never answers (its future failed) refuses as a failing hook would.
         whenAnswered(broker.hooks.authenticate(request, worker: worker.index), failed: .refuse(.notAuthorized)) { handler, decision in
             handler.authenticated(connect, decision)
@@ -687,7 +688,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func detach(publishWill: Bool, reason: String) {
         let authenticating = machine.hookPending && !machine.isConnected && !machine.isClosed
         let wasConnected = machine.closed()
-        if authenticating { broker.hooks.abandoned(address: clientInfo.address, worker: worker.index) }
+        if authenticating { broker.hooks.abandoned(connection: ObjectIdentifier(self), worker: worker.index) }
         guard let session else { return }
         self.session = nil
         if session.outbound === self {

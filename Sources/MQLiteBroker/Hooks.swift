@@ -13,6 +13,8 @@ public struct ConnectRequest: Sendable {
     public var listener: String
     /// On TLS listeners, what the handshake told of the client; nil on plain ones.
     public var tls: TLSClientInfo?
+    /// The connection this CONNECT came on, while it is open (`BrokerHooks.abandoned` names it).
+    public internal(set) var connection: ObjectIdentifier?
 
     public init(
         clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16,
@@ -172,10 +174,11 @@ public protocol BrokerHooks: AnyObject, Sendable {
     /// `isDeliverHooked` said true: live messages, queued ones as they go out, retained ones.
     /// Always answered at once (it is on every subscriber's delivery path).
     func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision
-    /// A connection closed before CONNACK while its connect hooks were answering later: their
-    /// answer is no longer wanted, and what they wait on for it may stop (a script's HTTP request
-    /// is cancelled), so that clients that connect and leave at once do not hold the hooks' budget.
-    func abandoned(address: String, worker: Int)
+    /// A connection (`ConnectRequest.connection`) closed while its `authenticate` answer was
+    /// still to come: it is no longer wanted, and what the hook waits on for it may stop (a
+    /// script's HTTP request is cancelled), so that clients that connect and leave at once do not
+    /// hold the hooks' budget.
+    func abandoned(connection: ObjectIdentifier, worker: Int)
     /// Notifications.
     func connected(_ client: ClientInfo, worker: Int)
     func disconnected(_ client: ClientInfo, reason: String, worker: Int)
@@ -202,7 +205,7 @@ extension BrokerHooks {
     }
     public func isDeliverHooked(topic: TopicName, worker: Int) -> Bool { false }
     public func interceptDelivery(_ message: HookedMessage, to client: ClientInfo, worker: Int) -> DeliveryDecision { .deliver }
-    public func abandoned(address: String, worker: Int) {}
+    public func abandoned(connection: ObjectIdentifier, worker: Int) {}
     public func connected(_ client: ClientInfo, worker: Int) {}
     public func disconnected(_ client: ClientInfo, reason: String, worker: Int) {}
     public func stop() {}

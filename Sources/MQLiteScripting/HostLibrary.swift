@@ -183,7 +183,7 @@ enum HostLibrary {
         // is often built from what a client sent.
         guard field("url") == LUA_TSTRING, let url = string(L, -1), let parts = URLComponents(string: url),
             parts.scheme == "http" || parts.scheme == "https", let hostName = parts.host, !hostName.isEmpty,
-            (parts.port.map { (1...65535).contains($0) } ?? true)
+            (parts.port.map { (1...65535).contains($0) } ?? (parts.rangeOfPort == nil))  // a port too big for an Int is none
         else {
             return fail(L, "mqlite.http.request: url must be an http:// or https:// URL with a host (and a port from 1 to 65535)")
         }

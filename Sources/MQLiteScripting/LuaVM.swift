@@ -287,9 +287,9 @@ final class LuaVM: @unchecked Sendable {
         private(set) var kind = Kind.publish
         /// Whether it may wait (not on_deliver, which is on every subscriber's delivery path).
         private(set) var mayWait = true
-        /// The address of the connection it answers for (CONNECT's hooks): its requests are
-        /// cancelled if that connection goes away first (`ScriptingHost.abandoned`).
-        private(set) var owner: String?
+        /// The connection it answers for (on_connect): its requests are cancelled if that
+        /// connection goes away first (`ScriptingHost.abandoned`).
+        private(set) var owner: ObjectIdentifier?
         /// Instructions left (the budget spans every part of a call that waits).
         var remaining: Int64 = 0
         private(set) var start = NIODeadline.now()
@@ -306,7 +306,7 @@ final class LuaVM: @unchecked Sendable {
             self.hook = hook
         }
 
-        fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, owner: String?, budget: Int64) {
+        fileprivate func begin(_ hook: Hook, _ kind: Kind, mayWait: Bool, owner: ObjectIdentifier?, budget: Int64) {
             // (Most calls run the same hook as the last: no reference counting then.)
             if hook.ref != self.hook.ref || hook.stats !== self.hook.stats { self.hook = hook }
             self.kind = kind
@@ -331,7 +331,7 @@ final class LuaVM: @unchecked Sendable {
     /// are reported once and give nil. A hook that may wait (`mayWait`) and does answers later:
     /// `later` then gives the reader its results go to (so that only a call that waits keeps one).
     func call<T: Sendable>(
-        _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, owner: String? = nil, push: (LuaState) -> Int32,
+        _ hook: Hook, _ kind: Kind, results: Int32, mayWait: Bool = true, owner: ObjectIdentifier? = nil, push: (LuaState) -> Int32,
         read: (LuaState) throws(HookResultError) -> T, later: () -> (LuaState) throws(HookResultError) -> T
     ) -> HookAnswer<T?> {
         // One call at a time per state: a call inside another would turn the outer call's limits
@@ -368,7 +368,7 @@ final class LuaVM: @unchecked Sendable {
 
     /// `call`, with one reader for both cases (for hooks off the hot path).
     func call<T: Sendable>(
-        _ hook: Hook, _ kind: Kind, results: Int32, owner: String? = nil, push: (LuaState) -> Int32,
+        _ hook: Hook, _ kind: Kind, results: Int32, owner: ObjectIdentifier? = nil, push: (LuaState) -> Int32,
         read: @escaping (LuaState) throws(HookResultError) -> T
     ) -> HookAnswer<T?> {
         call(hook, kind, results: results, owner: owner, push: push, read: read, later: { read })

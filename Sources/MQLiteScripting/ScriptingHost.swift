@@ -63,9 +63,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         var generation = 0
         /// Hook calls of this worker waiting on an HTTP request (whatever VM they run in).
         var waiting = 0
-        /// Requests of connect hooks that answer for a connection, by its address: cancelled if it
-        /// goes away first.
-        var owned: [String: [ObjectIdentifier: @Sendable () -> Void]] = [:]
+        /// Requests of on_connect calls, by connection: cancelled if it goes away first.
+        var owned: [ObjectIdentifier: [ObjectIdentifier: @Sendable () -> Void]] = [:]
     }
 
     // MARK: - Hook calls that wait
@@ -106,19 +105,19 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         slots[worker].waiting -= 1
     }
 
-    /// Remembers how to cancel a request made for the connection at `owner`, until `disown`.
-    func own(_ id: ObjectIdentifier, owner: String, worker: Int, cancel: @escaping @Sendable () -> Void) {
+    /// Remembers how to cancel a request made for the connection `owner`, until `disown`.
+    func own(_ id: ObjectIdentifier, owner: ObjectIdentifier, worker: Int, cancel: @escaping @Sendable () -> Void) {
         slots[worker].owned[owner, default: [:]][id] = cancel
     }
 
-    func disown(_ id: ObjectIdentifier, owner: String, worker: Int) {
+    func disown(_ id: ObjectIdentifier, owner: ObjectIdentifier, worker: Int) {
         let slot = slots[worker]
         slot.owned[owner]?[id] = nil
         if slot.owned[owner]?.isEmpty == true { slot.owned[owner] = nil }
     }
 
-    public func abandoned(address: String, worker: Int) {
-        guard let cancels = slots[worker].owned.removeValue(forKey: address) else { return }
+    public func abandoned(connection: ObjectIdentifier, worker: Int) {
+        guard let cancels = slots[worker].owned.removeValue(forKey: connection) else { return }
         for cancel in cancels.values { cancel() }
     }
 
@@ -378,7 +377,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
         guard let vm = vm(worker) else { return .now(.pass) }
         return chain(vm.hooks(.connect), call: { hook in
-            vm.call(hook, .connect, results: 2, owner: request.address, push: { L in
+            vm.call(hook, .connect, results: 2, owner: request.connection, push: { L in
                 lua_createtable(L, 0, 8)
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
@@ -427,7 +426,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         guard let vm = vm(worker) else { return .now([]) }
         let gathered = Tables()  // used on the worker's loop only
         return chain(vm.hooks(.authorize), call: { hook in
-            vm.call(hook, .authorize, results: 1, owner: client.address, push: { L in
+            vm.call(hook, .authorize, results: 1, push: { L in
                 pushClient(L, client)
                 return 1
             }, read: { L throws(HookResultError) -> AuthorizeResult in

@@ -131,6 +131,7 @@ struct HTTPRequestTests {
               elseif what == "url" then ok, err = pcall(mqlite.http.request, { url = "ftp://x" })
               elseif what == "port" then ok, err = pcall(mqlite.http.request, { url = "http://127.0.0.1:65536/" })
               elseif what == "port6" then ok, err = pcall(mqlite.http.request, { url = "http://[::1]:70000/" })
+              elseif what == "porthuge" then ok, err = pcall(mqlite.http.request, { url = "http://127.0.0.1:9223372036854775808/" })
               elseif what == "hijack" then ok, err = pcall(coroutine.resume, coroutine.running())
               elseif what == "close" then ok, err = pcall(coroutine.close, coroutine.running())
               elseif what == "maxbody" then ok, err = pcall(mqlite.http.request, { url = mqlite.options.base, max_body = -1 })
@@ -153,6 +154,7 @@ struct HTTPRequestTests {
                 "url": "false mqlite.http.request: url must be an http:// or https:// URL",
                 "port": "false mqlite.http.request: url must be an http:// or https:// URL",
                 "port6": "false mqlite.http.request: url must be an http:// or https:// URL",
+                "porthuge": "false mqlite.http.request: url must be an http:// or https:// URL",
                 "hijack": "false a hook's own coroutine cannot be resumed",
                 "close": "false a hook's own coroutine cannot be resumed",
                 "maxbody": "false mqlite.http.request: max_body must be a number of bytes",

@@ -5,7 +5,7 @@
 POST with JSON {"username", "password", ...}: 200 if password == "secret" (or with `any`,
 always), else 401. The 200 answer's body is the client's ACL, {"publish": ["dev/%c/#"],
 "subscribe": ["dev/%c/#", "cmd/%u/#"]}, except for user name "free" and with `any` (empty: no
-restriction).
+restriction), "typo" ({"publsh": ["#"], "subscribe": ["#"]}) and "array" ([]).
 Every answer comes after DELAY_SECONDS. Writes the port it bound to PORTFILE.
 """
 import asyncio
@@ -33,7 +33,11 @@ async def handle(reader, writer, delay, accept_all):
             out = b""
             ok = method == "POST" and (accept_all or body.get("password") == "secret")
             status = "200 OK" if ok else "401 Unauthorized"
-            if ok and not accept_all and body.get("username") != "free":
+            if ok and not accept_all and body.get("username") == "typo":
+                out = json.dumps({"publsh": ["#"], "subscribe": ["#"]}).encode()
+            elif ok and not accept_all and body.get("username") == "array":
+                out = b"[]"
+            elif ok and not accept_all and body.get("username") != "free":
                 out = json.dumps({"publish": ["dev/%c/#"], "subscribe": ["dev/%c/#", "cmd/%u/#"]}).encode()
             writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(out)}\r\n\r\n".encode() + out)
             await writer.drain()

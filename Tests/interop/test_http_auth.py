@@ -99,6 +99,28 @@ def test_accepts_refuses_and_applies_the_acl(tmp_path, service):
         b.stop()
 
 
+def test_a_malformed_acl_answer_never_allows_everything(tmp_path, service):
+    b = broker_with(tmp_path, f'{{ url = "{service.url}/auth" }}')
+    try:
+        # A key the broker does not know: connected, but allowed nothing.
+        c = paho_client("typo-client")
+        c.username_pw_set("typo", "secret")
+        start(c, b.port)
+        granted = []
+        c.on_subscribe = lambda client, userdata, mid, codes, props: granted.extend(codes)
+        c.subscribe("#", 0)
+        assert wait_for(lambda: len(granted) == 1)
+        assert granted[0].value == 0x80
+        c.disconnect()
+        c.loop_stop()
+        # Not a JSON object: refused.
+        r = mosquitto_pub(b.port, "-u", "array", "-P", "secret", "-t", "t", "-m", "x")
+        assert r.returncode != 0 and "not authori" in r.stderr.lower()
+        assert wait_for(lambda: "is not a JSON object" in b.log())
+    finally:
+        b.stop()
+
+
 def test_packets_sent_behind_connect_wait_for_the_hooks_in_order(tmp_path, service):
     """CONNECT, SUBSCRIBE and three PUBLISHes in one write: the packets after CONNECT wait for
     on_connect (an HTTP call of 100 ms), then are handled in order, under the ACL it answered."""
