@@ -20,7 +20,7 @@ private final class LaterHooks: BrokerHooks {
     }
 
     func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
-        later(request.username == "slow" ? 500 : connectDelay, request.username == "bad" ? .refuse(.notAuthorized) : .accept)
+        later(request.username == "slow" ? 2000 : connectDelay, request.username == "bad" ? .refuse(.notAuthorized) : .accept)
     }
 
     func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> {
@@ -113,12 +113,13 @@ struct LaterHookTests {
             let fast = try await b.client("fast")
             let slow = try await TestClient.open(port: b.port)
             slow.send(.connect(ConnectPacket(clientID: "slow", username: "slow")))
-            // The same worker answers another client while the slow hook waits (500 ms).
+            // The same worker answers another client while the slow hook waits (2 s; the bound
+            // leaves room for the tests running beside this one).
             let start = ContinuousClock.now
             try await fast.ping()
-            #expect(ContinuousClock.now - start < .milliseconds(250))
+            #expect(ContinuousClock.now - start < .milliseconds(1000))
             await slow.abort()
-            try await Task.sleep(for: .milliseconds(700))
+            try await Task.sleep(for: .milliseconds(2200))
             await fast.disconnect()
             try await eventually("every connection object released") { b.broker.connectionObjectCount == settled }
             _ = try await b.client("after")
