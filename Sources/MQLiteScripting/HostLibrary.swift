@@ -163,8 +163,9 @@ enum HostLibrary {
     static let httpMethods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     static let httpTimeouts = 0.001...300.0
 
-    /// `mqlite.http.request{ url=, method=, headers=, body=, timeout= }` → `status, body, headers`,
-    /// or `nil, message` (connection refused, timeout, a body over 1 MiB, too many pending calls).
+    /// `mqlite.http.request{ url=, method=, headers=, body=, timeout=, max_body= }` → `status, body,
+    /// headers`, or `nil, message` (connection refused, timeout, a body over `max_body`, too many
+    /// calls waiting, cancelled).
     /// The hook that calls it waits for the answer, as a coroutine; the worker serves everyone
     /// else meanwhile (`LuaVM.Call`). Errors in the arguments raise Lua errors.
     static let httpRequest: Function = { L in
@@ -174,7 +175,7 @@ enum HostLibrary {
         guard let call = vm.running, call.thread == L, call.mayWait, lua_isyieldable(L) != 0 else {
             return fail(L, "mqlite.http.request: only in a hook (not on_deliver) or a timer, outside coroutines the script makes and callbacks of C functions (string.gsub, table.sort)")
         }
-        guard lua_type(L, 1) == LUA_TTABLE else { return fail(L, "mqlite.http.request{ url=, method=, headers=, body=, timeout= }") }
+        guard lua_type(L, 1) == LUA_TTABLE else { return fail(L, "mqlite.http.request{ url=, method=, headers=, body=, timeout=, max_body= }") }
         func field(_ name: String) -> Int32 {
             L.push(name)
             return lua_rawget(L, 1)
