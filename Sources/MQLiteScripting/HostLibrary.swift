@@ -259,7 +259,7 @@ enum HostLibrary {
         if let owner = call.owner { host.own(id, owner: owner, worker: vm.worker, cancel: { task.cancel() }) }
         let waiting = NIOLoopBound((vm, call), eventLoop: loop)
         task.futureResult.whenComplete { result in
-            let resume = {
+            let resume: @Sendable () -> Void = {
                 let (vm, call) = waiting.value
                 vm.host.endWaiting(worker: vm.worker)
                 if let owner = call.owner { vm.host.disown(id, owner: owner, worker: vm.worker) }

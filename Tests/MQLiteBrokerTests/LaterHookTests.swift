@@ -3,16 +3,26 @@ import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 /// Hooks that answer later, from the worker's loop, as a script waiting on an HTTP call does.
 private final class LaterHooks: BrokerHooks {
     /// Milliseconds before each answer.
     let connectDelay: Int64
+    /// The answers for user name "slow": given only when the test opens the gate.
+    private let gate = Mutex<[EventLoopPromise<ConnectDecision>]>([])
 
     init(connectDelay: Int64 = 20) {
         self.connectDelay = connectDelay
     }
+
+    /// Accepts every "slow" client whose CONNECT waits.
+    func openGate() {
+        for promise in gate.withLock({ $0 }) { promise.succeed(.accept) }
+    }
+
+    var waitingAtGate: Int { gate.withLock { $0.count } }
 
     private func later<Value: Sendable>(_ milliseconds: Int64, _ value: Value) -> HookAnswer<Value> {
         let loop = MultiThreadedEventLoopGroup.currentEventLoop!
@@ -20,7 +30,12 @@ private final class LaterHooks: BrokerHooks {
     }
 
     func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
-        later(request.username == "slow" ? 2000 : connectDelay, request.username == "bad" ? .refuse(.notAuthorized) : .accept)
+        if request.username == "slow" {
+            let promise = MultiThreadedEventLoopGroup.currentEventLoop!.makePromise(of: ConnectDecision.self)
+            gate.withLock { $0.append(promise) }
+            return .later(promise.futureResult)
+        }
+        return later(connectDelay, request.username == "bad" ? .refuse(.notAuthorized) : .accept)
     }
 
     func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> {
@@ -108,18 +123,20 @@ struct LaterHookTests {
 
     @Test("a client that leaves while its connect hook waits is released; others are served meanwhile")
     func leaveWhileWaiting() async throws {
-        try await withBroker(workers: 1, hooks: LaterHooks()) { b in
+        let hooks = LaterHooks()
+        try await withBroker(workers: 1, hooks: hooks) { b in
             let settled = b.broker.connectionObjectCount
             let fast = try await b.client("fast")
             let slow = try await TestClient.open(port: b.port)
             slow.send(.connect(ConnectPacket(clientID: "slow", username: "slow")))
-            // The same worker answers another client while the slow hook waits (2 s; the bound
-            // leaves room for the tests running beside this one).
-            let start = ContinuousClock.now
+            try await eventually("the slow CONNECT waits") { hooks.waitingAtGate == 1 }
+            // The same worker answers another client while the slow hook has not answered (it
+            // answers only when the gate opens, below).
             try await fast.ping()
-            #expect(ContinuousClock.now - start < .milliseconds(1000))
+            try await fast.publish("t", "x")
+            try await fast.ping()
             await slow.abort()
-            try await Task.sleep(for: .milliseconds(2200))
+            hooks.openGate()
             await fast.disconnect()
             try await eventually("every connection object released") { b.broker.connectionObjectCount == settled }
             _ = try await b.client("after")

@@ -25,7 +25,7 @@ struct HTTPRequestTests {
     func onConnect() async throws {
         let script = """
             mqlite.on_connect(function(c)
-              local status = mqlite.http.request{ url = mqlite.options.base .. "/" .. c.username, timeout = 5 }
+              local status = mqlite.http.request{ url = mqlite.options.base .. "/" .. c.username, timeout = 20 }
               return status == 200
             end)
             """
@@ -33,17 +33,17 @@ struct HTTPRequestTests {
             _ = try await b.client("ok", username: "status/200")
             let refused = try await TestClient.open(port: b.port)
             #expect(try await refused.connect(ConnectPacket(clientID: "no", username: "status/403")).returnCode == .notAuthorized)
-            // A client whose answer takes 2 s, and one already connected on the same worker (the
-            // bound leaves room for the tests running beside this one).
+            // A client whose answer takes 10 s, and one already connected on the same worker: it is
+            // served while that answer is still to come.
             let other = try await b.client("other", username: "status/200")
             let slow = try await TestClient.open(port: b.port)
-            slow.send(.connect(ConnectPacket(clientID: "slow", username: "delay/2000")))
-            try await Task.sleep(for: .milliseconds(50))
-            let start = ContinuousClock.now
+            slow.send(.connect(ConnectPacket(clientID: "slow", username: "delay/10000")))
+            try await eventually("the slow request is out") { server.requests == 4 }
             try await other.ping()
-            #expect(ContinuousClock.now - start < .milliseconds(1000), "the worker was held by another client's hook")
-            guard case .connack(let connack) = try await slow.expectPacket(timeout: .seconds(5)) else { throw TestFailure("no CONNACK") }
-            #expect(connack.returnCode == .accepted)
+            try await other.publish("t", "x")
+            try await other.ping()
+            #expect(await slow.nextEvent(timeout: .milliseconds(10)) == nil, "the slow client was answered already")
+            await slow.abort()
             #expect(server.requests == 4)
         }
     }
@@ -248,7 +248,7 @@ struct HTTPRequestTests {
     func abandonedConnect() async throws {
         let script = """
             mqlite.on_connect(function(c)
-              return mqlite.http.request{ url = mqlite.options.base .. "/delay/5000", timeout = 10 } == 200
+              return mqlite.http.request{ url = mqlite.options.base .. "/delay/30000", timeout = 60 } == 200
             end)
             """
         try await withService(script, configure: { $0.workers = 1 }) { b, host, _ in
@@ -259,10 +259,10 @@ struct HTTPRequestTests {
                 sockets.append(c)
             }
             let loop = b.broker.eventLoop(ofWorker: 0)!
-            try await eventually("20 calls wait") { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 20 }
+            try await eventually("20 calls wait", timeout: .seconds(30)) { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 20 }
             for c in sockets { await c.abort() }
-            // Well before the service's 5 s: the requests were cancelled when their clients left.
-            try await eventually("no call waits", timeout: .seconds(2)) { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 0 }
+            // Long before the service's 30 s: the requests were cancelled when their clients left.
+            try await eventually("no call waits", timeout: .seconds(15)) { (try? loop.submit { host.waitingCalls(worker: 0) }.wait()) == 0 }
         }
     }
 
@@ -295,8 +295,9 @@ struct HTTPRequestTests {
             try await eventually("the timer runs") { server.requests > 0 }
             let before = server.requests
             try await Task.sleep(for: .milliseconds(1200))
-            // One run at a time: 3 or 4 requests in 1.2 s (24 if every run started one).
-            #expect((2...5).contains(server.requests - before), "\(server.requests - before) requests")
+            // One run at a time: 3 or 4 requests in 1.2 s alone, up to 7 seen beside the other
+            // tests (24 if every run started one).
+            #expect((1...12).contains(server.requests - before), "\(server.requests - before) requests")
         }
     }
 }
