@@ -154,11 +154,15 @@ def test_packets_sent_behind_connect_wait_for_the_hooks_in_order(tmp_path, servi
         b.stop()
 
 
-def test_service_down_refuses_with_on_error_deny_and_says_why(tmp_path):
+def down_service_url(tmp_path):
+    """The URL of a service that was there and is gone (its port refuses connections)."""
     service = AuthService(tmp_path, 0)
-    url = service.url
     service.stop()
-    b = broker_with(tmp_path, f'{{ url = "{url}/auth" }}')
+    return service.url
+
+
+def test_service_down_refuses_with_on_error_deny_and_says_why(tmp_path):
+    b = broker_with(tmp_path, f'{{ url = "{down_service_url(tmp_path)}/auth" }}')
     try:
         start_time = time.monotonic()
         r = mosquitto_pub(b.port, "-u", "alice", "-P", "secret", "-t", "t", "-m", "x")
@@ -170,10 +174,7 @@ def test_service_down_refuses_with_on_error_deny_and_says_why(tmp_path):
 
 
 def test_service_down_with_on_error_allow_is_no_opinion(tmp_path):
-    service = AuthService(tmp_path, 0)
-    url = service.url
-    service.stop()
-    b = broker_with(tmp_path, f'{{ url = "{url}/auth" }}', extra='[scripting]\non_error = "allow"\n[auth]\nallow_anonymous = false\n')
+    b = broker_with(tmp_path, f'{{ url = "{down_service_url(tmp_path)}/auth" }}', extra='[scripting]\non_error = "allow"\n[auth]\nallow_anonymous = false\n')
     try:
         # No opinion: a client with a user name is accepted, an anonymous one is not.
         assert mosquitto_pub(b.port, "-u", "alice", "-P", "whatever", "-t", "t", "-m", "x").returncode == 0
