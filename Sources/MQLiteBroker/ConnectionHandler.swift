@@ -373,22 +373,29 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     // MARK: - Hooks that answer later
 
     /// Goes on with a hook's answer: at once, or, when the hook waits (a script's HTTP call), once
-    /// it answers, on this loop. Meanwhile this client's packets wait, in order: reading pauses,
-    /// what was read stays undecoded, and what the state machine had decoded it holds. `failed`
-    /// stands for an answer whose future failed (the hook layer does not fail them).
+    /// it answers, on this loop. Meanwhile (`pausing`, the default) this client's packets wait, in
+    /// order: reading pauses, what was read stays undecoded, and what the state machine had
+    /// decoded it holds. `failed` stands for an answer whose future failed (the hook layer does
+    /// not fail them).
     private func whenAnswered<Value>(
-        _ answer: HookAnswer<Value>, failed: Value, _ body: @escaping (ConnectionHandler, Value) -> Void
+        _ answer: HookAnswer<Value>, failed: Value, pausing: Bool = true, _ body: @escaping (ConnectionHandler, Value) -> Void
     ) {
         switch answer {
         case .now(let value):
             body(self, value)
         case .later(let future):
-            machine.hookStarted()
-            updateReading()
+            if pausing {
+                machine.hookStarted()
+                updateReading()
+            }
             let this = NIOLoopBound(self, eventLoop: worker.loop)
             future.hop(to: worker.loop).whenComplete { result in
                 let handler = this.value
                 handler.worker.beginBatch()
+                guard pausing else {
+                    body(handler, (try? result.get()) ?? failed)
+                    return handler.worker.flushDirty()
+                }
                 let held = handler.machine.hookFinished()
                 // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
                 body(handler, (try? result.get()) ?? failed)
@@ -764,18 +771,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// rules it had apply until then), if the client is still connected with the same session.
     func reauthorize() {
         guard machine.isConnected, let session else { return }
-        switch broker.hooks.authorize(clientInfo, worker: worker.index) {
-        case .now(let tables):
-            reauthorized(session, tables)
-        case .later(let future):
-            let this = NIOLoopBound(self, eventLoop: worker.loop)
-            future.hop(to: worker.loop).whenComplete { result in
-                let handler = this.value
-                guard handler.machine.isConnected, handler.session === session else { return }
-                handler.worker.beginBatch()
-                handler.reauthorized(session, (try? result.get()) ?? [.denyAll])
-                handler.worker.flushDirty()
-            }
+        whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll], pausing: false) { handler, tables in
+            guard handler.machine.isConnected, handler.session === session else { return }
+            handler.reauthorized(session, tables)
         }
     }
 

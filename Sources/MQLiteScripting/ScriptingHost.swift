@@ -360,18 +360,25 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             case .now(let answer):
                 if let result = decide(item, answer) { return .now(result) }
             case .later(let future):
-                let next = index
-                let loop = future.eventLoop
-                return .later(future.assumeIsolated().flatMap { answer -> EventLoopFuture<R> in
-                    if let result = decide(item, answer) { return loop.makeSucceededFuture(result) }
-                    switch self.chain(items, from: next, call: call, decide: decide, otherwise: otherwise) {
-                    case .now(let result): return loop.makeSucceededFuture(result)
-                    case .later(let rest): return rest
-                    }
-                }.nonisolated())
+                return .later(chain(after: future, of: item, items, from: index, call: call, decide: decide, otherwise: otherwise))
             }
         }
         return .now(otherwise())
+    }
+
+    /// The rest of a chain whose hook `item` waits on `future`: its answer, then the hooks from `first`.
+    private func chain<Item, A: Sendable, R: Sendable>(
+        after future: EventLoopFuture<A?>, of item: Item, _ items: [Item], from first: Int, call: @escaping (Item) -> HookAnswer<A?>,
+        decide: @escaping (Item, A?) -> R?, otherwise: @escaping () -> R
+    ) -> EventLoopFuture<R> {
+        let loop = future.eventLoop
+        return future.assumeIsolated().flatMap { answer -> EventLoopFuture<R> in
+            if let result = decide(item, answer) { return loop.makeSucceededFuture(result) }
+            switch self.chain(items, from: first, call: call, decide: decide, otherwise: otherwise) {
+            case .now(let result): return loop.makeSucceededFuture(result)
+            case .later(let rest): return rest
+            }
+        }.nonisolated()
     }
 
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
@@ -515,9 +522,9 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         return !vm.publishHooks(for: topic.string).isEmpty
     }
 
-    /// The hot path of the Lua layer (every message on a hooked topic): a hook that answers at
-    /// once costs no closure context and no call object; only one that waits builds the rest of
-    /// the chain (`chain`).
+    /// The hot path of the Lua layer (every message on a hooked topic): `chain`'s loop, written
+    /// out so that a hook that answers at once costs no closure context and no call object; only
+    /// one that waits builds the rest of the chain.
     public func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
         guard let vm = vm(worker) else { return .now(.deliver) }
         let all = vm.hooks(.publish)
@@ -560,15 +567,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             case .now(let answer):
                 if let decision = decide(index, answer) { return .now(decision) }
             case .later(let future):
-                let rest = Array(indices[(position + 1)...])
-                let loop = future.eventLoop
-                return .later(future.assumeIsolated().flatMap { answer -> EventLoopFuture<PublishDecision> in
-                    if let decision = decide(index, answer) { return loop.makeSucceededFuture(decision) }
-                    switch self.chain(rest, call: callHook, decide: decide, otherwise: { .deliver }) {
-                    case .now(let decision): return loop.makeSucceededFuture(decision)
-                    case .later(let next): return next
-                    }
-                }.nonisolated())
+                return .later(chain(after: future, of: index, indices, from: position + 1, call: callHook, decide: decide, otherwise: { .deliver }))
             }
         }
         return .now(.deliver)
