@@ -383,7 +383,12 @@ def http_auth_rows(tmp_parent, workers):
             start = time.time()
             res = run_bench(broker, ["storm", "--connections", "1000"])
             end = time.time()
-            samples = json.loads(probe.communicate(timeout=30)[0] or "[]")
+            try:
+                samples = json.loads(probe.communicate(timeout=30)[0] or "[]")
+            except (subprocess.TimeoutExpired, json.JSONDecodeError):
+                probe.kill()
+                probe.wait()
+                samples = []
             during = sorted(rtt for t, rtt in samples if start <= t <= end)
             if res.get("seconds") is not None:
                 seconds.append(res["seconds"])

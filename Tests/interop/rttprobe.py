@@ -17,13 +17,15 @@ def s(b):
 
 def main(port, username, password, topic, seconds):
     c = socket.create_connection(("127.0.0.1", port))
+    c.settimeout(10)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = s(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + s(b"rttprobe") + s(username.encode()) + s(password.encode())
     c.sendall(bytes([0x10, len(body)]) + body)
     assert c.recv(4)[3] == 0
     sub = b"\x00\x01" + s(topic.encode()) + b"\x00"
     c.sendall(bytes([0x82, len(sub)]) + sub)
-    assert len(c.recv(5)) == 5
+    suback = c.recv(5)
+    assert len(suback) == 5 and suback[4] != 0x80, "rttprobe: subscription refused"
     pub = bytes([0x30, 2 + len(topic) + 2]) + s(topic.encode()) + b"hi"
     print("ready", flush=True)
     samples = []
@@ -33,7 +35,10 @@ def main(port, username, password, topic, seconds):
         c.sendall(pub)
         got = b""
         while len(got) < len(pub):
-            got += c.recv(64)
+            chunk = c.recv(64)
+            if not chunk:
+                sys.exit("rttprobe: the broker closed the connection")
+            got += chunk
         samples.append((time.time(), (time.perf_counter() - t) * 1000))
         time.sleep(0.002)
     print(json.dumps(samples), flush=True)

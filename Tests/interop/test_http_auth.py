@@ -207,6 +207,7 @@ def test_thousand_clients_connect_at_once_while_another_client_is_served(tmp_pat
     bounds here leave room for a debug build on a loaded 2-core machine; `make bench`'s numbers
     come from the release build."""
     b = broker_with(tmp_path, f'{{ url = "{service.url}/auth", timeout = 10 }}', extra="[limits]\nmax_connections = 5000\n")
+    probe = None
     try:
         probe = subprocess.Popen([sys.executable, str(HERE / "rttprobe.py"), str(b.port), "free", "secret", "probe/rtt", "6"],
                                  stdout=subprocess.PIPE, text=True)
@@ -226,4 +227,7 @@ def test_thousand_clients_connect_at_once_while_another_client_is_served(tmp_pat
         assert len(during) > 20, "the probe was stalled for the whole storm"
         assert percentile(during, 0.5) < 20
     finally:
+        if probe and probe.poll() is None:
+            probe.kill()
+            probe.wait()
         b.stop()
