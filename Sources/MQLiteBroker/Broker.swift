@@ -13,8 +13,8 @@ import Synchronization
 public final class Broker: Sendable {
     public let configuration: BrokerConfiguration
     let hooks: any BrokerHooks
-    /// Told of every session change (a store of sessions would be one); nil: nobody listens.
-    let sessionObserver: (any SessionObserver)?
+    /// What every session is given: limits, log, observer, retained store, hooks, loops.
+    let sessionContext: SessionContext
     let logger: Logger
     public let group: any EventLoopGroup
     /// Whether the broker made `group` (then it shuts it down), or was given it.
@@ -27,7 +27,7 @@ public final class Broker: Sendable {
     let registry: any SessionRegistry
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions: any SubscriptionIndex
-    /// Retained messages by topic (see `retainedScan(matching:)`).
+    /// Retained messages by topic (see `retainedMessages(matching:)`).
     private let retained: any RetainedStore
     /// Nodes a retained scan visits per hold of the retained lock.
     static let retainedScanChunk = 512
@@ -43,8 +43,6 @@ public final class Broker: Sendable {
     let connectionObjects = Atomic<Int>(0)
     /// Connections of `http` listeners open now (`HTTPListenerLimits.maxConnections`).
     let httpConnections = Atomic<Int>(0)
-    /// Messages dropped for subscribers that could not keep up, since start.
-    let droppedMessages = Atomic<Int>(0)
     /// Subscriptions held (filters of every session), for metrics and `$SYS`.
     let subscriptionCount = Atomic<Int>(0)
     /// Most connections open at once since start.
@@ -89,12 +87,13 @@ public final class Broker: Sendable {
         self.retained = retained
         self.configuration = configuration
         self.hooks = hooks
-        self.sessionObserver = sessionObserver
         self.logger = logger
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
         self.ownsGroup = group == nil
         var loops: [any EventLoop] = []
         for loop in self.group.makeIterator() { loops.append(loop) }
+        self.sessionContext = SessionContext(
+            limits: configuration.limits, logger: logger, observer: sessionObserver, retained: retained, hooks: hooks, loops: loops)
         self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self, workerCount: loops.count) }
     }
 
@@ -342,7 +341,7 @@ public final class Broker: Sendable {
         let (session, claim, present, replaced) = registry.update(clientID: clientID) { registered -> (Session, Int, Bool, Session?) in
             let existing = registered
             if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
-            let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index)
+            let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index, context: sessionContext)
             // A connection still waiting to attach to the replaced session is superseded.
             _ = existing?.claim()
             registered = fresh
@@ -408,7 +407,7 @@ public final class Broker: Sendable {
             return true
         }
         guard expired else { return }
-        sessionObserver?.session(session, .expired)
+        session.report(.expired)
         logger.info("session expired after \(configuration.limits.sessionExpiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
         endSession(session, worker: worker)
     }
@@ -419,8 +418,7 @@ public final class Broker: Sendable {
         assert(session.owner == worker.index, "a session ended off its owner")
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
-        session.clear()
-        sessionObserver?.session(session, .ended)
+        session.end()
         let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
         if !filters.isEmpty { subscriptionCount.subtract(filters.count, ordering: .relaxed) }
@@ -440,7 +438,7 @@ public final class Broker: Sendable {
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
         subscriptions.insert(filter: filter, session: session, qos: qos)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
-        sessionObserver?.session(session, .subscribed(filter: filter, qos: qos))
+        session.report(.subscribed(filter: filter, qos: qos))
     }
 
     func unsubscribe(_ session: Session, filter: TopicFilter) {
@@ -449,7 +447,7 @@ public final class Broker: Sendable {
         subscriptionCount.subtract(1, ordering: .relaxed)
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
-        sessionObserver?.session(session, .unsubscribed(filter: filter))
+        session.report(.unsubscribed(filter: filter))
     }
 
     /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
@@ -501,16 +499,7 @@ public final class Broker: Sendable {
     /// of `retainedScanChunk` nodes, each under the lock, so a wide filter (`#` over many
     /// retained messages) never holds the lock for long and retained publishes on other workers
     /// go on between chunks. A message set or cleared during the walk may or may not be seen.
-    /// A walk of the retained messages matching `filter`, to be continued in steps.
-    func retainedScan(matching filter: TopicFilter) -> RetainedTree<Message>.Scan {
-        retained.scan(matching: filter)
-    }
-
-    /// The next retained messages of `scan`: at most `limit` nodes are visited, under the lock.
-    func continueRetainedScan(_ scan: inout RetainedTree<Message>.Scan, limit: Int) -> [Message] {
-        retained.continueScan(&scan, limit: limit)
-    }
-
+    /// (A session walks them in steps itself: `Session.sendRetained`.)
     func retainedMessages(matching filter: TopicFilter) -> [Message] {
         var scan = retained.scan(matching: filter)
         var found: [Message] = []
@@ -537,7 +526,7 @@ public final class Broker: Sendable {
     /// Connection handlers still in memory: open connections, and closed ones not yet freed.
     public var connectionObjectCount: Int { connectionObjects.load(ordering: .relaxed) }
     /// Messages dropped for slow subscribers since start.
-    public var droppedMessageCount: Int { droppedMessages.load(ordering: .relaxed) }
+    public var droppedMessageCount: Int { sessionContext.droppedMessages.load(ordering: .relaxed) }
     /// Number of retained messages held.
     public var retainedCount: Int { retained.count }
     /// Nodes of the retained topic tree (tests: cleared branches are pruned).

@@ -175,7 +175,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Sends what the session has queued, if connected.
     private func pump() {
-        if let session, machine.isConnected { session.pump(broker: broker) }
+        if let session, machine.isConnected { session.pump() }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -214,12 +214,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             guard let session else { return }
             handlePublish(publish, session: session)
         case .puback(let id):
-            session?.puback(id, broker: broker)
+            session?.puback(id)
         case .pubrec(let id):
-            session?.pubrec(id, broker: broker)
+            session?.pubrec(id)
             writePacket(.pubrel(packetID: id))
         case .pubcomp(let id):
-            session?.pubcomp(id, broker: broker)
+            session?.pubcomp(id)
         case .pubrel(let id):
             session?.released(inbound: id)
             writePacket(.pubcomp(packetID: id))
@@ -355,7 +355,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // (A session kept from before keeps its filters: what the client's ACL does not allow is
         // held back on delivery, and its owner, back on it, gets them again.)
         if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
-        session.resume(broker: broker)
+        session.resume()
         handle(packets: pending)
     }
 
@@ -600,7 +600,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // tree as the socket drains. A filter granted twice in one packet is walked once.
         var seen = Set<TopicFilter>()
         for (filter, qos) in granted.reversed() where seen.insert(filter).inserted {
-            session.sendRetained(matching: filter, qos: qos, broker: broker)
+            session.sendRetained(matching: filter, qos: qos)
         }
     }
 
@@ -700,7 +700,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         self.session = nil
         if session.outbound === self {
             session.disconnected()
-            broker.sessionObserver?.session(session, .detached)
         }
         if !session.persistent {
             broker.endSession(session, worker: worker)
@@ -865,7 +864,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writeBatch()
         context.flush()
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
-        if let session, session.hasQueued, context.channel.isWritable, machine.isConnected { session.pump(broker: broker) }
+        if let session, session.hasQueued, context.channel.isWritable, machine.isConnected { session.pump() }
     }
 }
 

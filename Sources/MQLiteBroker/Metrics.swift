@@ -180,7 +180,7 @@ extension Broker {
     public func collectStats(on loop: any EventLoop) -> EventLoopFuture<BrokerStats> {
         let parts = workers.map { worker in worker.loop.submit { worker.statsPart() } }
         var base = BrokerStats()
-        base.droppedQueueFull = droppedMessages.load(ordering: .relaxed)
+        base.droppedQueueFull = sessionContext.droppedMessages.load(ordering: .relaxed)
         base.sessionsTotal = registry.count
         base.subscriptions = subscriptionCount.load(ordering: .relaxed)
         base.retained = retainedCount

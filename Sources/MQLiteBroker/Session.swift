@@ -58,6 +58,36 @@ protocol SessionObserver: Sendable {
     func session(_ session: Session, _ event: SessionEvent)
 }
 
+/// What a session needs from the broker around it, given once, when the session is made: the
+/// limits, the log, whoever follows session changes, the retained messages (sent on SUBSCRIBE),
+/// which topics delivery hooks want, the count of messages dropped for slow subscribers, and (for
+/// the owner check of debug builds) each worker's loop. A session knows nothing else of the
+/// broker: a test, a bridge link or `$SYS` makes sessions on a context of its own.
+final class SessionContext: Sendable {
+    let limits: Limits
+    let logger: Logger
+    /// Told of every session change (a store of sessions would be one); nil: nobody listens.
+    let observer: (any SessionObserver)?
+    let retained: any RetainedStore
+    let hooks: any BrokerHooks
+    /// Messages dropped for subscribers that could not keep up, since start.
+    let droppedMessages = Atomic<Int>(0)
+    /// The loop of each worker, by index (`Session.owner`); empty: the owner is not checked.
+    let loops: [any EventLoop]
+
+    init(
+        limits: Limits, logger: Logger, observer: (any SessionObserver)? = nil,
+        retained: any RetainedStore = TreeRetainedStore(), hooks: any BrokerHooks = NoHooks(), loops: [any EventLoop] = []
+    ) {
+        self.limits = limits
+        self.logger = logger
+        self.observer = observer
+        self.retained = retained
+        self.hooks = hooks
+        self.loops = loops
+    }
+}
+
 /// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
 /// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
 /// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
@@ -76,6 +106,7 @@ final class Session: @unchecked Sendable {
     }
 
     let clientID: String
+    let context: SessionContext
     private let ownerIndex: Atomic<Int>
     /// Bumped by every CONNECT that claims this client id (under the registry lock): a connection
     /// may attach only while its claim is the latest, so exactly one, the newest, ends up attached.
@@ -86,8 +117,6 @@ final class Session: @unchecked Sendable {
     var outbound: (any SessionOutbound)? {
         didSet { online.store(outbound != nil, ordering: .relaxed) }
     }
-    /// Whether an outbound holds the session, for other threads (`Broker.disconnect`).
-    private let online = Atomic<Bool>(false)
     var isOnline: Bool { online.load(ordering: .relaxed) }
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [TopicFilter: QoS] = [:]
@@ -103,6 +132,9 @@ final class Session: @unchecked Sendable {
     let persistent: Bool
     /// Set when the session is discarded; deliveries that still arrive are ignored.
     var ended = false
+    /// Whether an outbound holds the session, for other threads (`Broker.disconnect`). Last, with
+    /// the other one-byte fields, so that the object stays in a 128-byte malloc class.
+    private let online = Atomic<Bool>(false)
 
     /// What most sessions never need: a queue's accounting and congestion, an ACL that restricts
     /// receiving, an offline session's expiry, retained messages still to send, inbound QoS 2
@@ -194,6 +226,7 @@ final class Session: @unchecked Sendable {
         occasional?.retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
+        report(.detached)
     }
 
     /// The client's ACL when it denies topics: deliveries on denied topics are held back.
@@ -228,8 +261,9 @@ final class Session: @unchecked Sendable {
         body(&more.names)
     }
 
-    init(clientID: String, persistent: Bool, owner: Int) {
+    init(clientID: String, persistent: Bool, owner: Int, context: SessionContext) {
         self.clientID = clientID
+        self.context = context
         self.persistent = persistent
         self.ownerIndex = Atomic(owner)
     }
@@ -260,8 +294,13 @@ final class Session: @unchecked Sendable {
 
     /// In debug builds: traps unless called on the loop of the worker that owns this session.
     @inline(__always)
-    private func assertOnOwner(_ broker: Broker, file: StaticString = #fileID, line: UInt = #line) {
-        assert(broker.workers[owner].loop.inEventLoop, "session state touched off its owner's loop", file: file, line: line)
+    private func assertOnOwner(file: StaticString = #fileID, line: UInt = #line) {
+        assert(context.loops.isEmpty || context.loops[owner].inEventLoop, "session state touched off its owner's loop", file: file, line: line)
+    }
+
+    /// Tells the context's observer of a change (owner loop, after the change).
+    func report(_ event: SessionEvent) {
+        context.observer?.session(self, event)
     }
 
     // MARK: - Delivery
@@ -270,22 +309,22 @@ final class Session: @unchecked Sendable {
     /// Returns the compacted message when it queued one, so that the caller hands that copy to
     /// the other sessions the message goes to (one copy however many queues keep it).
     @discardableResult
-    func deliver(_ delivery: Delivery, broker: Broker) -> Message? {
-        assertOnOwner(broker)
+    func deliver(_ delivery: Delivery) -> Message? {
+        assertOnOwner()
         if ended { return nil }
         if let occasional, occasional.receiveACL != nil, !mayReceive(delivery.message.topic, occasional) { return nil }
         guard let outbound else {
             // Offline: a persistent session keeps QoS 1/2 messages (QoS 0 is not queued, as in Mosquitto).
-            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery, broker: broker) }
+            if persistent && delivery.qos != .atMostOnce { return enqueue(delivery) }
             return nil
         }
         if queue.isEmpty && outbound.canWrite
-            && (delivery.qos == .atMostOnce || inflight.count < broker.configuration.limits.maxInflight)
+            && (delivery.qos == .atMostOnce || inflight.count < context.limits.maxInflight)
         {
-            send(delivery, on: outbound, broker: broker)
+            send(delivery, on: outbound)
             return nil
         }
-        return enqueue(delivery, broker: broker)
+        return enqueue(delivery)
     }
 
     /// Whether messages wait in the queue, or retained messages still to be sent.
@@ -299,26 +338,26 @@ final class Session: @unchecked Sendable {
     /// messages match, only what the client reads.
     private static let retainedStep = 256
 
-    func sendRetained(matching filter: TopicFilter, qos: QoS, broker: Broker) {
-        assertOnOwner(broker)
+    func sendRetained(matching filter: TopicFilter, qos: QoS) {
+        assertOnOwner()
         guard outbound != nil, !ended else { return }
-        more.retainedBacklog.append((broker.retainedScan(matching: filter), qos))
-        pump(broker: broker)
+        more.retainedBacklog.append((context.retained.scan(matching: filter), qos))
+        pump()
     }
 
     /// Delivers the next step of retained messages; whether there was anything to walk.
-    private func continueRetained(broker: Broker) -> Bool {
+    private func continueRetained() -> Bool {
         guard let occasional, var head = occasional.retainedBacklog.first else { return false }
-        let step = max(1, min(Self.retainedStep, broker.configuration.limits.maxQueued))
-        let messages = broker.continueRetainedScan(&head.scan, limit: step)
+        let step = max(1, min(Self.retainedStep, context.limits.maxQueued))
+        let messages = context.retained.continueScan(&head.scan, limit: step)
         if head.scan.isDone {
             occasional.retainedBacklog.removeFirst()
         } else {
             occasional.retainedBacklog[occasional.retainedBacklog.startIndex] = head
         }
         for message in messages {
-            let hooked = broker.hooks.isDeliverHooked(topic: message.topic, worker: owner)
-            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked), broker: broker)
+            let hooked = context.hooks.isDeliverHooked(topic: message.topic, worker: owner)
+            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked))
         }
         return true
     }
@@ -331,15 +370,15 @@ final class Session: @unchecked Sendable {
         return verdict
     }
 
-    private func enqueue(_ delivery: Delivery, broker: Broker) -> Message? {
-        let limits = broker.configuration.limits
+    private func enqueue(_ delivery: Delivery) -> Message? {
+        let limits = context.limits
         let size = delivery.message.size
         let more = self.more
         guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || more.queuedBytes + size <= limits.maxQueuedBytes) else {
             more.droppedInEpisode += 1
-            broker.droppedMessages.add(1, ordering: .relaxed)
+            context.droppedMessages.add(1, ordering: .relaxed)
             if more.droppedInEpisode == 1 {
-                broker.logger.info(
+                context.logger.info(
                     "subscriber cannot keep up: queue full (max_queued \(limits.maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
                     metadata: ["client": "\(LogText(clientID))"])
             }
@@ -351,7 +390,7 @@ final class Session: @unchecked Sendable {
         queue.append(kept)
         more.queuedBytes += size
         checkCongestion(limits)
-        broker.sessionObserver?.session(self, .queued(kept))
+        report(.queued(kept))
         return kept.message
     }
 
@@ -363,7 +402,7 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    private func send(_ delivery: Delivery, on outbound: any SessionOutbound, broker: Broker) {
+    private func send(_ delivery: Delivery, on outbound: any SessionOutbound) {
         var delivery = delivery
         if delivery.hooked {
             guard let message = outbound.interceptDelivery(delivery.message) else { return }
@@ -384,15 +423,15 @@ final class Session: @unchecked Sendable {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false))
             outbound.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
-            broker.sessionObserver?.session(self, .inflightAdded(packetID: id, delivery))
+            report(.inflightAdded(packetID: id, delivery))
         }
     }
 
     /// Sends queued messages while the window and the socket allow.
-    func pump(broker: Broker) {
-        assertOnOwner(broker)
+    func pump() {
+        assertOnOwner()
         guard let outbound, !ended else { return }
-        let maxInflight = broker.configuration.limits.maxInflight
+        let maxInflight = context.limits.maxInflight
         var sent = false
         var retainedSteps = 0
         while outbound.canWrite, !ended {
@@ -405,24 +444,24 @@ final class Session: @unchecked Sendable {
                     outbound.pumpSoon()
                     break
                 }
-                _ = continueRetained(broker: broker)
+                _ = continueRetained()
                 continue
             }
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
             more.queuedBytes -= head.message.size
-            send(queue.removeFirst(), on: outbound, broker: broker)
+            send(queue.removeFirst(), on: outbound)
             sent = true
         }
-        if sent { progressed(broker.configuration.limits) }
+        if sent { progressed(context.limits) }
         if queue.isEmpty, let occasional, occasional.droppedInEpisode > 0 {
-            broker.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
+            context.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
             occasional.droppedInEpisode = 0
         }
     }
 
     /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
-    func resume(broker: Broker) {
-        assertOnOwner(broker)
+    func resume() {
+        assertOnOwner()
         guard let outbound else { return }
         for entry in inflight {
             if entry.released {
@@ -431,7 +470,7 @@ final class Session: @unchecked Sendable {
                 outbound.writePublish(entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
             }
         }
-        pump(broker: broker)
+        pump()
     }
 
     // MARK: - Inbound QoS 2
@@ -449,30 +488,30 @@ final class Session: @unchecked Sendable {
 
     // MARK: - Acknowledgements of outgoing messages
 
-    func puback(_ id: UInt16, broker: Broker) {
-        assertOnOwner(broker)
+    func puback(_ id: UInt16) {
+        assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
             inflight.remove(at: i)
-            broker.sessionObserver?.session(self, .acknowledged(packetID: id))
-            pump(broker: broker)
+            report(.acknowledged(packetID: id))
+            pump()
         }
     }
 
     /// Marks a QoS 2 message in flight as received (PUBREL is sent next); an unknown id is ignored.
-    func pubrec(_ id: UInt16, broker: Broker) {
-        assertOnOwner(broker)
+    func pubrec(_ id: UInt16) {
+        assertOnOwner()
         guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
         inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
-        broker.sessionObserver?.session(self, .released(packetID: id))
+        report(.released(packetID: id))
     }
 
-    func pubcomp(_ id: UInt16, broker: Broker) {
-        assertOnOwner(broker)
+    func pubcomp(_ id: UInt16) {
+        assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
             inflight.remove(at: i)
-            broker.sessionObserver?.session(self, .acknowledged(packetID: id))
-            pump(broker: broker)
+            report(.acknowledged(packetID: id))
+            pump()
         }
     }
 
@@ -485,8 +524,8 @@ final class Session: @unchecked Sendable {
         return lastPacketID
     }
 
-    /// Forgets everything queued or in flight (the session is being discarded).
-    func clear() {
+    /// Forgets everything queued or in flight: the session is discarded (`ended`).
+    func end() {
         ended = true
         inflight.removeAll()
         queue.removeAll()
@@ -495,5 +534,6 @@ final class Session: @unchecked Sendable {
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
         occasional?.awaitingPubrel.removeAll()
+        report(.ended)
     }
 }

@@ -156,7 +156,7 @@ final class Worker: @unchecked Sendable {
             if owner == index {
                 let original = delivery.message
                 if let shared, original.isSame(as: shared.source) { delivery.message = shared.kept }
-                if let kept = session.deliver(delivery, broker: broker) { shared = (original, kept) }
+                if let kept = session.deliver(delivery) { shared = (original, kept) }
             } else {
                 // The session moved while this was in the mailbox.
                 broker.workers[owner].post(session, delivery)
@@ -273,7 +273,7 @@ final class Worker: @unchecked Sendable {
             }
             let owner = target.session.owner
             if owner == index {
-                if let kept = target.session.deliver(delivery, broker: broker) { message = kept }
+                if let kept = target.session.deliver(delivery) { message = kept }
             } else {
                 outgoing[owner].append((target.session, delivery))
             }

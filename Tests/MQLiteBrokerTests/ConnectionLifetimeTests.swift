@@ -62,7 +62,7 @@ struct IdleFootprintTests {
         defer { try? broker.stopLoops() }
         // The smallest of many: glibc may hand out a free chunk a little larger than asked for
         // (when what is left would be too small to keep), more often while other threads allocate.
-        let sessions = (0..<64).map { _ in Session(clientID: "a-client-id-longer-than-15", persistent: true, owner: 0) }
+        let sessions = (0..<64).map { _ in Session(clientID: "a-client-id-longer-than-15", persistent: true, owner: 0, context: broker.sessionContext) }
         #expect(sessions.map(Self.mallocSize).min()! <= 120)
         let listener = RunningListener(unboundNamed: "test")
         let handlers = (0..<64).map { _ in ConnectionHandler(broker: broker, worker: broker.workers[0], listener: listener) }

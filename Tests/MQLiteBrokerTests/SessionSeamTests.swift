@@ -96,6 +96,16 @@ private func onWorker<T: Sendable>(
     }
 }
 
+/// A context of its own for sessions made by a test: no broker, no loops (the owner is not
+/// checked), a log that stays quiet.
+private func standaloneContext(configure: (inout Limits) -> Void = { _ in }, observer: (any SessionObserver)? = nil) -> SessionContext {
+    var limits = BrokerConfiguration(workers: 1, listeners: []).limits
+    configure(&limits)
+    var logger = Logger(label: "test")
+    logger.logLevel = .critical
+    return SessionContext(limits: limits, logger: logger, observer: observer)
+}
+
 private func delivery(_ payload: String, qos: QoS, topic: TopicName = "t") -> Delivery {
     Delivery(message: Message(topic: topic, payload: ByteBuffer(string: payload), qos: qos, retain: false), qos: qos, retain: false, frame: nil)
 }
@@ -103,22 +113,22 @@ private func delivery(_ payload: String, qos: QoS, topic: TopicName = "t") -> De
 @Suite("Session seam: a session without a socket")
 struct SessionSeamTests {
     @Test("packet ids run 1...65535, wrap to 1 (never 0), and skip an id still in flight")
-    func packetIDWrap() async throws {
-        let (first, ids, skipped) = try await onWorker(configure: { $0.maxInflight = 2 }) { broker in
-            let session = Session(clientID: "wrap", persistent: false, owner: 0)
+    func packetIDWrap() throws {
+        let (first, ids, skipped) = {
+            let session = Session(clientID: "wrap", persistent: false, owner: 0, context: standaloneContext { $0.maxInflight = 2 })
             let out = RecordingOutbound()
             session.outbound = out
-            session.deliver(delivery("held", qos: .atLeastOnce), broker: broker)  // id 1, never acknowledged
+            session.deliver(delivery("held", qos: .atLeastOnce))  // id 1, never acknowledged
             let held = out.sent[0].packetID!
             var ids: [UInt16] = []
             for i in 0..<(65535 + 10) {
-                session.deliver(delivery("m\(i)", qos: .atLeastOnce), broker: broker)
+                session.deliver(delivery("m\(i)", qos: .atLeastOnce))
                 let id = out.sent.last!.packetID!
                 ids.append(id)
-                session.puback(id, broker: broker)
+                session.puback(id)
             }
             return (held, ids, ids.contains(held))
-        }
+        }()
         #expect(first == 1)
         #expect(!ids.contains(0))
         #expect(!skipped, "an id in flight was given out again")
@@ -130,30 +140,31 @@ struct SessionSeamTests {
     }
 
     @Test("offline, a persistent session queues QoS 1/2 up to max_queued, drops the rest and QoS 0, and sends the queue in order on resume")
-    func offlineQueueOverflow() async throws {
+    func offlineQueueOverflow() throws {
         let observer = RecordingObserver()
-        let (sent, dropped, events) = try await onWorker(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer) { broker in
-            let session = Session(clientID: "offline", persistent: true, owner: 0)
-            for i in 0..<8 { session.deliver(delivery("q\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce), broker: broker) }
-            session.deliver(delivery("zero", qos: .atMostOnce), broker: broker)
+        let context = standaloneContext(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer)
+        let (sent, dropped, events) = {
+            let session = Session(clientID: "offline", persistent: true, owner: 0, context: context)
+            for i in 0..<8 { session.deliver(delivery("q\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce)) }
+            session.deliver(delivery("zero", qos: .atMostOnce))
             let out = RecordingOutbound()
             session.outbound = out
-            session.resume(broker: broker)
+            session.resume()
             #expect(out.sent.count == 3, "the window is max_inflight")
             // Acknowledging opens the window for the rest of the queue.
             var acknowledged = 0
             while acknowledged < out.sent.count {
                 let s = out.sent[acknowledged]
                 if s.qos == .atLeastOnce {
-                    session.puback(s.packetID!, broker: broker)
+                    session.puback(s.packetID!)
                 } else {
-                    session.pubrec(s.packetID!, broker: broker)
-                    session.pubcomp(s.packetID!, broker: broker)
+                    session.pubrec(s.packetID!)
+                    session.pubcomp(s.packetID!)
                 }
                 acknowledged += 1
             }
-            return (out.sent, broker.droppedMessageCount, observer.of("offline"))
-        }
+            return (out.sent, context.droppedMessages.load(ordering: .relaxed), observer.of("offline"))
+        }()
         #expect(sent.map(\.payload) == ["q0", "q1", "q2", "q3", "q4"])
         #expect(sent.map(\.qos) == [.atLeastOnce, .exactlyOnce, .atLeastOnce, .exactlyOnce, .atLeastOnce])
         #expect(sent.allSatisfy { !$0.dup })
@@ -165,22 +176,22 @@ struct SessionSeamTests {
     }
 
     @Test("a window full of QoS 1 queues the rest; on a new outbound, in-flight messages go again with DUP and PUBREL for released QoS 2")
-    func resumeResends() async throws {
-        let (before, after, pubrels) = try await onWorker(configure: { $0.maxInflight = 2 }) { broker in
-            let session = Session(clientID: "resume", persistent: true, owner: 0)
+    func resumeResends() throws {
+        let (before, after, pubrels) = {
+            let session = Session(clientID: "resume", persistent: true, owner: 0, context: standaloneContext { $0.maxInflight = 2 })
             let out = RecordingOutbound()
             session.outbound = out
-            session.deliver(delivery("two", qos: .exactlyOnce), broker: broker)
-            session.deliver(delivery("one", qos: .atLeastOnce), broker: broker)
-            session.deliver(delivery("queued", qos: .atLeastOnce), broker: broker)
-            session.pubrec(out.sent[0].packetID!, broker: broker)
+            session.deliver(delivery("two", qos: .exactlyOnce))
+            session.deliver(delivery("one", qos: .atLeastOnce))
+            session.deliver(delivery("queued", qos: .atLeastOnce))
+            session.pubrec(out.sent[0].packetID!)
             let before = out.sent
             session.disconnected()
             let again = RecordingOutbound()
             session.outbound = again
-            session.resume(broker: broker)
+            session.resume()
             return (before, again.sent, again.pubrels)
-        }
+        }()
         #expect(before.map(\.payload) == ["two", "one"])
         #expect(pubrels == [before[0].packetID!])
         #expect(after.map(\.payload) == ["one"])
@@ -188,20 +199,38 @@ struct SessionSeamTests {
     }
 
     @Test("a full socket queues; pump sends in order once it can write")
-    func backPressure() async throws {
-        let sent = try await onWorker { broker in
-            let session = Session(clientID: "bp", persistent: false, owner: 0)
+    func backPressure() throws {
+        let sent = {
+            let session = Session(clientID: "bp", persistent: false, owner: 0, context: standaloneContext())
             let out = RecordingOutbound()
             session.outbound = out
             out.writable = false
-            for i in 0..<3 { session.deliver(delivery("m\(i)", qos: .atMostOnce), broker: broker) }
+            for i in 0..<3 { session.deliver(delivery("m\(i)", qos: .atMostOnce)) }
             #expect(out.sent.isEmpty)
             out.writable = true
-            session.deliver(delivery("m3", qos: .atMostOnce), broker: broker)  // behind the queue, not ahead of it
-            session.pump(broker: broker)
+            session.deliver(delivery("m3", qos: .atMostOnce))  // behind the queue, not ahead of it
+            session.pump()
             return out.sent.map(\.payload)
-        }
+        }()
         #expect(sent == ["m0", "m1", "m2", "m3"])
+    }
+
+    @Test("retained messages come from the context's own store on SUBSCRIBE, walked in steps, each once, with RETAIN set")
+    func retainedFromTheContext() throws {
+        let store = TreeRetainedStore()
+        for i in 0..<600 {
+            store.set(topic: try TopicName("r/\(i)"), Message(topic: try TopicName("r/\(i)"), payload: ByteBuffer(string: "\(i)"), qos: .atLeastOnce, retain: true))
+        }
+        var limits = BrokerConfiguration(workers: 1, listeners: []).limits
+        limits.maxInflight = 1000
+        let session = Session(clientID: "r", persistent: false, owner: 0, context: SessionContext(limits: limits, logger: Logger(label: "test"), retained: store))
+        let out = RecordingOutbound()
+        session.outbound = out
+        session.sendRetained(matching: try TopicFilter("r/#"), qos: .atMostOnce)
+        #expect(out.sent.count == 600)
+        #expect(Set(out.sent.map(\.payload)) == Set((0..<600).map { "\($0)" }))
+        #expect(out.sent.allSatisfy { $0.retain && $0.qos == .atMostOnce })
+        #expect(!session.hasQueued)
     }
 }
 
@@ -211,8 +240,8 @@ struct RouteCacheTests {
     func perFilterInvalidation() async throws {
         let cached = try await onWorker { broker in
             let worker = broker.workers[0]
-            let a = Session(clientID: "a", persistent: false, owner: 0)
-            let b = Session(clientID: "b", persistent: false, owner: 0)
+            let a = Session(clientID: "a", persistent: false, owner: 0, context: broker.sessionContext)
+            let b = Session(clientID: "b", persistent: false, owner: 0, context: broker.sessionContext)
             for topic in ["a/b", "c/d", "c/e", "$SYS/x"] {
                 broker.subscribe(a, filter: try TopicFilter(topic), qos: .atMostOnce)
                 _ = worker.route(for: try TopicName(topic))
