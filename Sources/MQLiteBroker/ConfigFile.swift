@@ -149,12 +149,13 @@ public enum ConfigFile {
         }
 
         if let scripting = try top.table("scripting") {
-            try scripting.allowOnly(["instruction_limit", "time_limit", "memory_limit", "on_error", "kv_max_bytes", "max_pending_calls"])
+            try scripting.allowOnly(["instruction_limit", "time_limit", "memory_limit", "on_error", "kv_max_bytes", "max_pending_calls", "http_connections"])
             if let v = try scripting.int("instruction_limit", in: 1000...Int(Int32.max)) { config.scripting.instructionLimit = v }
             if let v = try scripting.number("time_limit", in: 0.01...3600) { config.scripting.timeLimit = v }
             if let v = try scripting.int("memory_limit", in: (1 << 20)...(64 << 30)) { config.scripting.memoryLimit = v }
             if let v = try scripting.int("kv_max_bytes", in: (1 << 10)...(64 << 30)) { config.scripting.kvMaxBytes = v }
             if let v = try scripting.int("max_pending_calls", in: 1...1_000_000) { config.scripting.maxPendingCalls = v }
+            if let v = try scripting.int("http_connections", in: 1...10_000) { config.scripting.httpConnections = v }
             if let v = try scripting.string("on_error") {
                 guard let policy = ScriptingConfiguration.OnError(rawValue: v) else {
                     throw scripting.error("on_error", "must be \"deny\" or \"allow\", not \"\(v)\"")

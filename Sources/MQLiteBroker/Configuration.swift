@@ -221,10 +221,14 @@ public struct ScriptingConfiguration: Sendable, Equatable {
     /// Hook calls that may wait at once on each worker (`mqlite.http.request`); past it, a new
     /// request fails at once.
     public var maxPendingCalls: Int
+    /// HTTP connections each worker opens to one host (scheme, host, port) at most
+    /// (`mqlite.http.request`); requests beyond them wait for one to be free, in order.
+    public var httpConnections: Int
 
     public init(instructionLimit: Int = 1_000_000, timeLimit: Double = 0.1, memoryLimit: Int = 64 << 20, onError: OnError = .deny,
-                kvMaxBytes: Int = 64 << 20, maxPendingCalls: Int = 1000) {
+                kvMaxBytes: Int = 64 << 20, maxPendingCalls: Int = 1000, httpConnections: Int = 100) {
         self.maxPendingCalls = maxPendingCalls
+        self.httpConnections = httpConnections
         self.instructionLimit = instructionLimit
         self.timeLimit = timeLimit
         self.memoryLimit = memoryLimit

@@ -80,9 +80,12 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
             if state.stopped { return nil }
             if let client = state.clients[worker] { return client }
             var configuration = HTTPClient.Configuration(redirectConfiguration: .disallow, timeout: .init(connect: .seconds(10)))
-            // Each waiting call may need a connection of its own (an auth service answering in
-            // 100 ms would otherwise serve 8 at a time); calls that wait are bounded per worker.
-            configuration.connectionPool = .init(idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: scripting.maxPendingCalls)
+            // `http_connections` per host, not AHC's 8 (an auth service answering in 100 ms would
+            // serve 80 CONNECTs a second), nor one per waiting call: the pool's bookkeeping costs
+            // in proportion to its connections on every connection event, and a storm of a
+            // thousand new connections held a worker for a quarter of a second at a time.
+            configuration.connectionPool = .init(
+                idleTimeout: .seconds(60), concurrentHTTP1ConnectionsPerHostSoftLimit: min(scripting.httpConnections, scripting.maxPendingCalls))
             // A service that refuses connections fails the requests at once (the hooks' on_error
             // applies), rather than each waiting out its timeout while the pool retries.
             configuration.connectionPool.retryConnectionEstablishment = false

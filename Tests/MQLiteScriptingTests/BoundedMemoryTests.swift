@@ -146,4 +146,13 @@ struct BoundedMemoryTests {
             #expect(throws: ConfigError.self, "\(bad)") { try ConfigFile.parse("[scripting]\n\(bad)\n", file: "t.conf") }
         }
     }
+
+    @Test("the config file reads http_connections (default 100), with its range")
+    func httpConnectionsConfigKey() throws {
+        #expect(try ConfigFile.parse("", file: "t.conf").scripting.httpConnections == 100)
+        #expect(try ConfigFile.parse("[scripting]\nhttp_connections = 8\n", file: "t.conf").scripting.httpConnections == 8)
+        for bad in ["http_connections = 0", "http_connections = \"8\"", "http_connections = 10001"] {
+            #expect(throws: ConfigError.self, "\(bad)") { try ConfigFile.parse("[scripting]\n\(bad)\n", file: "t.conf") }
+        }
+    }
 }

@@ -77,6 +77,31 @@ struct HTTPRequestTests {
         }
     }
 
+    @Test("http_connections bounds the requests a worker has open to one host; the others wait their turn and succeed")
+    func connectionCap() async throws {
+        let script = """
+            mqlite.on_connect(function(c)
+              return mqlite.http.request{ url = mqlite.options.base .. "/delay/50", timeout = 20 } == 200
+            end)
+            """
+        try await withService(script, configure: { $0.workers = 1; $0.scripting.httpConnections = 4 }) { b, _, server in
+            let port = b.port
+            let codes = try await withThrowingTaskGroup(of: ConnectReturnCode.self) { group in
+                for i in 0..<24 {
+                    group.addTask {
+                        let c = try await TestClient.open(port: port)
+                        return try await c.connect(ConnectPacket(clientID: "c\(i)", username: "u")).returnCode
+                    }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(codes.count == 24 && codes.allSatisfy { $0 == .accepted })
+            #expect(server.requests == 24)
+            #expect(server.mostOpen <= 4, "\(server.mostOpen) requests at once with http_connections = 4")
+            #expect(server.mostOpen >= 2, "requests were not concurrent at all")
+        }
+    }
+
     @Test("results: status, body and headers (names in lower case, repeated ones joined); method, body and headers are sent")
     func results() async throws {
         let script = """
