@@ -88,13 +88,16 @@ public final class Broker: Sendable {
         self.configuration = configuration
         self.hooks = hooks
         self.logger = logger
-        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers)
+        // A group of its own tells each worker of its loop's ticks (`ConnectPacing`).
+        let ticks = group == nil ? TickObserver() : nil
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: configuration.resolvedWorkers, metricsDelegate: ticks!)
         self.ownsGroup = group == nil
         var loops: [any EventLoop] = []
         for loop in self.group.makeIterator() { loops.append(loop) }
         self.sessionContext = SessionContext(
             limits: configuration.limits, logger: logger, observer: sessionObserver, retained: retained, hooks: hooks, loops: loops)
         self.workers = loops.enumerated().map { Worker(index: $0.offset, loop: $0.element, broker: self, workerCount: loops.count) }
+        if let ticks { for worker in workers { ticks.observe(worker.pacing, on: worker.loop) } }
     }
 
     // MARK: - Lifecycle

@@ -279,9 +279,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             clientID: clientID, username: username, password: password, address: clientInfo.address,
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
         request.connection = ObjectIdentifier(self)
-        // A hook that never answers (its future failed) refuses as a failing hook would.
-        whenAnswered(broker.hooks.authenticate(request, worker: worker.index), failed: .refuse(.notAuthorized)) { handler, decision in
-            handler.authenticated(connect, decision)
+        // In a storm of CONNECTs, this one may wait for a later tick of the loop (`ConnectPacing`).
+        whenAnswered(worker.pacing.admit(), failed: (), paced: false) { handler, _ in
+            guard !handler.machine.isClosed else { return }
+            // A hook that never answers (its future failed) refuses as a failing hook would.
+            handler.whenAnswered(handler.broker.hooks.authenticate(request, worker: handler.worker.index), failed: .refuse(.notAuthorized)) {
+                handler, decision in
+                handler.authenticated(connect, decision)
+            }
         }
     }
 
@@ -376,9 +381,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// it answers, on this loop. Meanwhile (`pausing`, the default) this client's packets wait, in
     /// order: reading pauses, what was read stays undecoded, and what the state machine had
     /// decoded it holds. `failed` stands for an answer whose future failed (the hook layer does
-    /// not fail them).
+    /// not fail them). In a storm the answer waits its turn (`ConnectPacing`), unless it is the
+    /// pacing's own (`paced: false`).
     private func whenAnswered<Value>(
-        _ answer: HookAnswer<Value>, failed: Value, pausing: Bool = true, _ body: @escaping (ConnectionHandler, Value) -> Void
+        _ answer: HookAnswer<Value>, failed: Value, pausing: Bool = true, paced: Bool = true,
+        _ body: @escaping (ConnectionHandler, Value) -> Void
     ) {
         switch answer {
         case .now(let value):
@@ -391,17 +398,25 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let this = NIOLoopBound(self, eventLoop: worker.loop)
             future.hop(to: worker.loop).whenComplete { result in
                 let handler = this.value
-                handler.worker.beginBatch()
-                guard pausing else {
-                    body(handler, (try? result.get()) ?? failed)
-                    return handler.worker.flushDirty()
-                }
-                let held = handler.machine.hookFinished()
-                // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
-                body(handler, (try? result.get()) ?? failed)
-                handler.hookAnswered(held: held)
+                guard paced else { return handler.answered(result, failed: failed, pausing: pausing, body) }
+                handler.worker.pacing.run { handler.answered(result, failed: failed, pausing: pausing, body) }
             }
         }
+    }
+
+    /// A hook that waited has answered (in a storm, in a later tick: `ConnectPacing`): acts on it.
+    private func answered<Value>(
+        _ result: Result<Value, any Error>, failed: Value, pausing: Bool, _ body: @escaping (ConnectionHandler, Value) -> Void
+    ) {
+        worker.beginBatch()
+        guard pausing else {
+            body(self, (try? result.get()) ?? failed)
+            return worker.flushDirty()
+        }
+        let held = machine.hookFinished()
+        // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
+        body(self, (try? result.get()) ?? failed)
+        hookAnswered(held: held)
     }
 
     /// A hook that waited has answered, and its answer was acted on: the packets that waited go

@@ -65,12 +65,16 @@ final class Worker: @unchecked Sendable {
     init(index: Int, loop: any EventLoop, broker: Broker, workerCount: Int) {
         self.index = index
         self.loop = loop
+        self.pacing = ConnectPacing(loop: loop)
         self.broker = broker
         self.outgoing = Array(repeating: [], count: workerCount)
         self.stats = WorkerStats(listeners: broker.configuration.listeners.count)
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
         self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
     }
+
+    /// Spreads a storm of CONNECTs over this loop's ticks.
+    let pacing: ConnectPacing
 
     /// The packet decoder, with the configured limits; it keeps no state between packets, so the
     /// worker's connections share it rather than each holding a copy.

@@ -1,0 +1,121 @@
+import DequeModule
+import NIOCore
+import NIOPosix
+
+/// Spreads a storm of CONNECTs, and of hook answers, over a worker's loop ticks, so that the
+/// clients already connected keep their latency while a thousand others connect at once.
+///
+/// NIO handles every socket that one poll found ready before it polls again. A CONNECT costs
+/// much more than a PUBLISH (a session, the connect hooks: a Lua call, maybe an HTTP request to
+/// start), and so does the answer of a hook that waited (the rest of the Lua call, CONNACK). A
+/// thousand clients connecting at once make one poll find hundreds of CONNECTs ready, and the
+/// answers of an auth service come back together: a client whose PUBLISH was read in that poll
+/// waited behind all of them (tens of milliseconds). Here a tick (a poll and the tasks after it)
+/// starts them only for `budget` after its first; the others wait, in order (a waiting CONNECT
+/// with its client's reading paused), for later ticks, each of which polls the sockets first.
+/// Without a storm nothing waits: what finds room in its tick and nobody ahead goes on at once.
+///
+/// Owner-loop state. NIO's event loop metrics delegate (`TickObserver`) tells it of the ticks,
+/// so a broker on a group it did not make (tests) does not pace.
+final class ConnectPacing: @unchecked Sendable {
+    /// How long after the first of them a tick may go on starting CONNECTs and hook answers.
+    static let budget = TimeAmount.milliseconds(1)
+
+    private let loop: any EventLoop
+    /// When this tick started its first one; nil: none yet.
+    private var tickStart: NIODeadline?
+    private var waiting = Deque<() -> Void>()
+    private var drainScheduled = false
+    /// Ticks ended so far.
+    private var ticks = 0
+    /// Whether ticks are told (else everything goes on at once).
+    fileprivate(set) var paced: Bool
+
+    init(loop: any EventLoop, paced: Bool = false) {
+        self.loop = loop
+        self.paced = paced
+    }
+
+    /// Whether this tick may start one more (the first one starts its budget).
+    private func tickHasRoom() -> Bool {
+        let now = NIODeadline.now()
+        guard let tickStart else {
+            tickStart = now
+            return true
+        }
+        return now - tickStart < Self.budget
+    }
+
+    /// Whether something may start now, or must wait for a later tick.
+    private func mayStart() -> Bool {
+        !paced || (waiting.isEmpty && tickHasRoom())
+    }
+
+    /// On the loop, for each CONNECT before its hooks run: `.now`, or `.later`, answered in a
+    /// later tick.
+    func admit() -> HookAnswer<Void> {
+        if mayStart() { return .now(()) }
+        let promise = loop.makePromise(of: Void.self)
+        wait { promise.succeed(()) }
+        return .later(promise.futureResult)
+    }
+
+    /// On the loop, for a hook's answer: runs `body` now, or in a later tick, in order.
+    func run(_ body: @escaping () -> Void) {
+        if mayStart() { return body() }
+        wait(body)
+    }
+
+    private func wait(_ body: @escaping () -> Void) {
+        waiting.append(body)
+        scheduleDrain()
+    }
+
+    /// What waits for a tick (tests).
+    var waitingCount: Int { waiting.count }
+
+    /// A tick has ended (on the loop).
+    func tickEnded() {
+        tickStart = nil
+        ticks &+= 1
+    }
+
+    /// What waits starts in a later tick, after its poll of the sockets. A task scheduled a little
+    /// ahead: one due now would run in this very tick (NIO runs the tasks that come due while it
+    /// runs tasks), and one added after the tick (from `tickEnded`) would wait for the next I/O.
+    private func scheduleDrain() {
+        guard !drainScheduled else { return }
+        drainScheduled = true
+        let tick = ticks
+        loop.scheduleTask(in: .microseconds(20)) { self.drain(after: tick) }
+    }
+
+    private func drain(after tick: Int) {
+        drainScheduled = false
+        // Still the tick that scheduled it (its other tasks took longer): after the next poll.
+        guard ticks != tick else { return scheduleDrain() }
+        while !waiting.isEmpty, tickHasRoom() {
+            waiting.removeFirst()()
+        }
+        if !waiting.isEmpty { scheduleDrain() }
+    }
+}
+
+/// NIO's event loop metrics delegate for the broker's own group: tells each loop's
+/// `ConnectPacing` that a tick ended. Called on the loop's thread after every tick; it finds the
+/// pacing in a thread-specific variable (no lock, no map).
+final class TickObserver: NIOEventLoopMetricsDelegate, Sendable {
+    private let pacing = ThreadSpecificVariable<ConnectPacing>()
+
+    func processedTick(info: NIOEventLoopTickInfo) {
+        pacing.currentValue?.tickEnded()
+    }
+
+    /// Starts telling `pacing` of its loop's ticks (on that loop).
+    func observe(_ pacing: ConnectPacing, on loop: any EventLoop) {
+        loop.execute {
+            self.pacing.currentValue = pacing
+            pacing.paced = true
+        }
+    }
+}

@@ -1,0 +1,62 @@
+import Foundation
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import MQLiteBroker
+
+@Suite("Connect pacing: a storm spread over loop ticks")
+struct ConnectPacingTests {
+    @Test("without ticks told (a group the broker did not make), everything goes on at once")
+    func unpaced() {
+        let pacing = ConnectPacing(loop: EmbeddedEventLoop())
+        var ran = 0
+        for _ in 0..<100 {
+            guard case .now = pacing.admit() else { Issue.record("a CONNECT waited"); return }
+            pacing.run { ran += 1 }
+            usleep(100)
+        }
+        #expect(ran == 100)
+        #expect(pacing.waitingCount == 0)
+    }
+
+    @Test("past its budget a tick starts nothing more: CONNECTs and answers wait, in the order they came, for a later tick")
+    func paced() throws {
+        let loop = EmbeddedEventLoop()
+        let pacing = ConnectPacing(loop: loop, paced: true)
+        var order: [String] = []
+        guard case .now = pacing.admit() else { Issue.record("the first CONNECT of a tick waited"); return }
+        pacing.run { order.append("answer 0") }
+        #expect(order == ["answer 0"], "within the budget an answer goes on at once")
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)  // the tick's budget is spent
+        guard case .later(let first) = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
+        first.whenSuccess { order.append("connect 1") }
+        pacing.run { order.append("answer 1") }
+        pacing.tickEnded()
+        // Nothing is ahead now, but a CONNECT that finds others waiting waits behind them.
+        guard case .later(let second) = pacing.admit() else { Issue.record("a CONNECT went ahead of those waiting"); return }
+        second.whenSuccess { order.append("connect 2") }
+        #expect(pacing.waitingCount == 3)
+        #expect(order == ["answer 0"])
+
+        // They start in a task of a later tick (scheduled a little ahead), in order.
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(order == ["answer 0", "connect 1", "answer 1", "connect 2"])
+        #expect(pacing.waitingCount == 0)
+    }
+
+    @Test("the task that would start them in the tick that queued them waits for the next tick")
+    func notInTheSameTick() throws {
+        let loop = EmbeddedEventLoop()
+        let pacing = ConnectPacing(loop: loop, paced: true)
+        _ = pacing.admit()
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        var ran = false
+        pacing.run { ran = true }
+        loop.advanceTime(by: .milliseconds(5))  // the same tick: its drain task reschedules itself
+        #expect(!ran)
+        pacing.tickEnded()
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(ran)
+    }
+}
