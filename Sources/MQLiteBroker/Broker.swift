@@ -247,6 +247,7 @@ public final class Broker: Sendable {
         for worker in workers {
             try? await worker.loop.submit {
                 for connection in worker.connections.values { connection.closeForShutdown() }
+                worker.pacing.stop()
             }.get()
         }
         for (i, channel) in channels.enumerated() where isHTTP[i] { try? await channel.close() }

@@ -71,6 +71,14 @@ final class ConnectPacing: @unchecked Sendable {
         scheduleDrain()
     }
 
+    /// The broker is stopping, its connections closed: what waits goes on now (a CONNECT of a
+    /// closed connection stops there; no promise is left unfulfilled), and from now on everything
+    /// goes on at once.
+    func stop() {
+        paced = false
+        while let next = waiting.popFirst() { next() }
+    }
+
     /// What waits for a tick (tests).
     var waitingCount: Int { waiting.count }
 

@@ -45,6 +45,20 @@ struct ConnectPacingTests {
         #expect(pacing.waitingCount == 0)
     }
 
+    @Test("stop runs what waits at once (no promise left unfulfilled), and nothing waits after")
+    func stop() throws {
+        let loop = EmbeddedEventLoop()
+        let pacing = ConnectPacing(loop: loop, paced: true)
+        _ = pacing.admit()
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        guard case .later(let waiting) = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
+        var done = false
+        waiting.whenSuccess { done = true }
+        pacing.stop()
+        #expect(done)
+        guard case .now = pacing.admit() else { Issue.record("waited after stop"); return }
+    }
+
     @Test("the task that would start them in the tick that queued them waits for the next tick")
     func notInTheSameTick() throws {
         let loop = EmbeddedEventLoop()
