@@ -299,6 +299,14 @@ public final class Broker: Sendable {
         workers.indices.contains(index) ? workers[index].loop : nil
     }
 
+    /// Runs `body` on worker `index`'s loop, where it is called: at once, or, in a storm, in a
+    /// later tick (`ConnectPacing`). For a hook call that waited and resumes with its answer: the
+    /// rest of the call, and what the broker does with its result (CONNACK, a held PUBLISH).
+    public func runPaced(onWorker index: Int, _ body: @escaping () -> Void) {
+        guard workers.indices.contains(index) else { return body() }
+        workers[index].pacing.run(body)
+    }
+
     /// Closes the connection of `clientID`, on whichever worker holds it; its will is published,
     /// as on any connection loss. Whether it was connected. Any thread; the close happens once
     /// the owner's loop gets to it (never inside the caller's hook).

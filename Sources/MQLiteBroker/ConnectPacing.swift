@@ -7,13 +7,14 @@ import NIOPosix
 ///
 /// NIO handles every socket that one poll found ready before it polls again. A CONNECT costs
 /// much more than a PUBLISH (a session, the connect hooks: a Lua call, maybe an HTTP request to
-/// start), and so does the answer of a hook that waited (the rest of the Lua call, CONNACK). A
-/// thousand clients connecting at once make one poll find hundreds of CONNECTs ready, and the
-/// answers of an auth service come back together: a client whose PUBLISH was read in that poll
-/// waited behind all of them (tens of milliseconds). Here a tick (a poll and the tasks after it)
-/// starts them only for `budget` after its first; the others wait, in order (a waiting CONNECT
-/// with its client's reading paused), for later ticks, each of which polls the sockets first.
-/// Without a storm nothing waits: what finds room in its tick and nobody ahead goes on at once.
+/// start), and so does the answer of a hook that waited (the rest of the Lua call, then CONNACK
+/// or the PUBLISH it held). A thousand clients connecting at once make one poll find hundreds of
+/// CONNECTs ready, and the answers of an auth service come back together: a client whose PUBLISH
+/// was read in that poll waited behind all of them (tens of milliseconds). Here a tick (a poll
+/// and the tasks after it) starts them only for `budget` after its first; the others wait for
+/// later ticks, each of which polls the sockets first: answers first (work under way), in order,
+/// then CONNECTs, in order (a waiting CONNECT with its client's reading paused). Without a storm
+/// nothing waits: what finds room in its tick and nobody ahead goes on at once.
 ///
 /// Owner-loop state. NIO's event loop metrics delegate (`TickObserver`) tells it of the ticks,
 /// so a broker on a group it did not make (tests) does not pace.
@@ -24,7 +25,11 @@ final class ConnectPacing: @unchecked Sendable {
     private let loop: any EventLoop
     /// When this tick started its first one; nil: none yet.
     private var tickStart: NIODeadline?
-    private var waiting = Deque<() -> Void>()
+    /// Hook answers waiting: work already under way (a CONNECT's hooks, a connected client's
+    /// PUBLISH or SUBSCRIBE), so they go before new CONNECTs.
+    private var answers = Deque<() -> Void>()
+    /// CONNECTs waiting to start.
+    private var admissions = Deque<EventLoopPromise<Void>>()
     private var drainScheduled = false
     /// Ticks ended so far.
     private var ticks = 0
@@ -46,28 +51,22 @@ final class ConnectPacing: @unchecked Sendable {
         return now - tickStart < Self.budget
     }
 
-    /// Whether something may start now, or must wait for a later tick.
-    private func mayStart() -> Bool {
-        !paced || (waiting.isEmpty && tickHasRoom())
-    }
-
     /// On the loop, for each CONNECT before its hooks run: `.now`, or `.later`, answered in a
-    /// later tick.
+    /// later tick, after the answers and the CONNECTs that wait.
     func admit() -> HookAnswer<Void> {
-        if mayStart() { return .now(()) }
+        guard paced, !(answers.isEmpty && admissions.isEmpty && tickHasRoom()) else { return .now(()) }
         let promise = loop.makePromise(of: Void.self)
-        wait { promise.succeed(()) }
+        admissions.append(promise)
+        scheduleDrain()
         return .later(promise.futureResult)
     }
 
-    /// On the loop, for a hook's answer: runs `body` now, or in a later tick, in order.
+    /// On the loop, for a hook's answer (a Lua call resumed with what it waited for, and what the
+    /// broker does with its result): runs `body` now, or in a later tick, after the answers that
+    /// wait (but before the CONNECTs that wait).
     func run(_ body: @escaping () -> Void) {
-        if mayStart() { return body() }
-        wait(body)
-    }
-
-    private func wait(_ body: @escaping () -> Void) {
-        waiting.append(body)
+        guard paced, !(answers.isEmpty && tickHasRoom()) else { return body() }
+        answers.append(body)
         scheduleDrain()
     }
 
@@ -76,11 +75,12 @@ final class ConnectPacing: @unchecked Sendable {
     /// goes on at once.
     func stop() {
         paced = false
-        while let next = waiting.popFirst() { next() }
+        while let next = answers.popFirst() { next() }
+        while let next = admissions.popFirst() { next.succeed(()) }
     }
 
     /// What waits for a tick (tests).
-    var waitingCount: Int { waiting.count }
+    var waitingCount: Int { answers.count + admissions.count }
 
     /// A tick has ended (on the loop).
     func tickEnded() {
@@ -102,10 +102,14 @@ final class ConnectPacing: @unchecked Sendable {
         drainScheduled = false
         // Still the tick that scheduled it (its other tasks took longer): after the next poll.
         guard ticks != tick else { return scheduleDrain() }
-        while !waiting.isEmpty, tickHasRoom() {
-            waiting.removeFirst()()
+        while waitingCount > 0, tickHasRoom() {
+            if let answer = answers.popFirst() {
+                answer()
+            } else {
+                admissions.removeFirst().succeed(())
+            }
         }
-        if !waiting.isEmpty { scheduleDrain() }
+        if waitingCount > 0 { scheduleDrain() }
     }
 }
 

@@ -280,7 +280,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
         request.connection = ObjectIdentifier(self)
         // In a storm of CONNECTs, this one may wait for a later tick of the loop (`ConnectPacing`).
-        whenAnswered(worker.pacing.admit(), failed: (), paced: false) { handler, _ in
+        whenAnswered(worker.pacing.admit(), failed: ()) { handler, _ in
             guard !handler.machine.isClosed else { return }
             // A hook that never answers (its future failed) refuses as a failing hook would.
             handler.whenAnswered(handler.broker.hooks.authenticate(request, worker: handler.worker.index), failed: .refuse(.notAuthorized)) {
@@ -381,11 +381,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// it answers, on this loop. Meanwhile (`pausing`, the default) this client's packets wait, in
     /// order: reading pauses, what was read stays undecoded, and what the state machine had
     /// decoded it holds. `failed` stands for an answer whose future failed (the hook layer does
-    /// not fail them). In a storm the answer waits its turn (`ConnectPacing`), unless it is the
-    /// pacing's own (`paced: false`).
+    /// not fail them).
     private func whenAnswered<Value>(
-        _ answer: HookAnswer<Value>, failed: Value, pausing: Bool = true, paced: Bool = true,
-        _ body: @escaping (ConnectionHandler, Value) -> Void
+        _ answer: HookAnswer<Value>, failed: Value, pausing: Bool = true, _ body: @escaping (ConnectionHandler, Value) -> Void
     ) {
         switch answer {
         case .now(let value):
@@ -398,25 +396,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let this = NIOLoopBound(self, eventLoop: worker.loop)
             future.hop(to: worker.loop).whenComplete { result in
                 let handler = this.value
-                guard paced else { return handler.answered(result, failed: failed, pausing: pausing, body) }
-                handler.worker.pacing.run { handler.answered(result, failed: failed, pausing: pausing, body) }
+                handler.worker.beginBatch()
+                guard pausing else {
+                    body(handler, (try? result.get()) ?? failed)
+                    return handler.worker.flushDirty()
+                }
+                let held = handler.machine.hookFinished()
+                // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
+                body(handler, (try? result.get()) ?? failed)
+                handler.hookAnswered(held: held)
             }
         }
-    }
-
-    /// A hook that waited has answered (in a storm, in a later tick: `ConnectPacing`): acts on it.
-    private func answered<Value>(
-        _ result: Result<Value, any Error>, failed: Value, pausing: Bool, _ body: @escaping (ConnectionHandler, Value) -> Void
-    ) {
-        worker.beginBatch()
-        guard pausing else {
-            body(self, (try? result.get()) ?? failed)
-            return worker.flushDirty()
-        }
-        let held = machine.hookFinished()
-        // (Acting on the answer may start the next hook that waits: CONNECT asks two.)
-        body(self, (try? result.get()) ?? failed)
-        hookAnswered(held: held)
     }
 
     /// A hook that waited has answered, and its answer was acted on: the packets that waited go
@@ -445,8 +435,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
-        // Validated by the decoder: only its level count and hash are computed here.
-        let topic = TopicName(alreadyValidated: publish.topic)
+        // Validated by the decoder, which counted its levels: only its hash is computed here.
+        let topic = publish.topicLevels != 0
+            ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {

@@ -257,6 +257,9 @@ enum HostLibrary {
             L.push("mqlite.http.request: not available (the broker is not running)")
             return 2
         }
+        // Calls already waiting on this worker: past http_connections, this request may wait for
+        // a connection (its timeout running), which a timeout's message then says.
+        let ahead = host.waitingCalls(worker: vm.worker)
         guard host.beginWaiting(worker: vm.worker) else {
             lua_pushnil(L)
             L.push("mqlite.http.request: too many hook calls waiting (scripting.max_pending_calls = \(host.scripting.maxPendingCalls))")
@@ -274,18 +277,27 @@ enum HostLibrary {
                 let (vm, call) = waiting.value
                 vm.host.endWaiting(worker: vm.worker)
                 if let owner = call.owner { vm.host.disown(id, owner: owner, worker: vm.worker) }
-                vm.resume(call) { T in pushHTTPResult(T, result) }
+                let queued = ahead >= vm.host.scripting.httpConnections
+                vm.resume(call) { T in pushHTTPResult(T, result, queuedBehind: queued ? ahead : nil, connections: vm.host.scripting.httpConnections) }
+            }
+            // In a storm of answers, a later tick takes it (`Broker.runPaced`).
+            let paced: @Sendable () -> Void = {
+                let vm = waiting.value.0
+                guard let broker = vm.host.broker else { return resume() }
+                broker.runPaced(onWorker: vm.worker, resume)
             }
             // On the worker's loop (the task's futures are), but never inside a running call (a
             // request that fails at once completes before this call has yielded).
-            if loop.inEventLoop, !waiting.value.0.isCalling { resume() } else { loop.execute(resume) }
+            if loop.inEventLoop, !waiting.value.0.isCalling { paced() } else { loop.execute(paced) }
         }
         return MQLITE_YIELD
     }
 
     /// `status, body, headers` (names in lower case; repeated ones joined with ", "), or
     /// `nil, message`.
-    private static func pushHTTPResult(_ L: LuaState, _ result: Result<HTTPClient.Response, any Error>) -> Int32 {
+    private static func pushHTTPResult(
+        _ L: LuaState, _ result: Result<HTTPClient.Response, any Error>, queuedBehind: Int?, connections: Int
+    ) -> Int32 {
         switch result {
         case .success(let response):
             lua_pushinteger(L, lua_Integer(response.status.code))
@@ -302,7 +314,10 @@ enum HostLibrary {
             lua_pushnil(L)
             let message: String
             switch error {
-            case let e as HTTPClientError where e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout: message = "timeout"
+            case let e as HTTPClientError where e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout:
+                message = queuedBehind.map {
+                    "timeout (it came behind \($0) waiting calls on this worker, which opens at most [scripting] http_connections = \(connections) connections to a host: a slow service may need more)"
+                } ?? "timeout"
             case let e as HTTPClientError where e == .cancelled: message = "cancelled (the client went away, or the broker is stopping)"
             case let e as ResponseAccumulator.ResponseTooBigError: message = "response body over \(e.maxBodySize) bytes (max_body)"
             case let e as IOError: message = "connection failed: \(String(cString: strerror(e.errnoCode)))"

@@ -164,8 +164,9 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         guard let topicLength: UInt16 = body.readInteger(),
             let topic = body.readSlice(length: Int(topicLength))
         else { throw .truncated(.publish) }
+        var levels = 0
         if version != .v5 {
-            try Topic.validateName(topic, maxLevels: maxTopicLevels)
+            levels = try Topic.validateName(topic, maxLevels: maxTopicLevels)
         }
         var packetID: UInt16?
         if qos != .atMostOnce {
@@ -176,13 +177,15 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             properties = try MQTTProperties.read(.publish, from: &body)
             // An empty topic stands for the one a topic alias names (§3.3.2.3.4).
             if topic.readableBytes != 0 || properties.topicAlias == nil {
-                try Topic.validateName(topic, maxLevels: maxTopicLevels)
+                levels = try Topic.validateName(topic, maxLevels: maxTopicLevels)
             }
             if properties.payloadFormatIndicator == .utf8, !Self.isValidUTF8(body) { throw .payloadFormatInvalid }
         }
-        return PublishPacket(
+        var packet = PublishPacket(
             topic: topic, payload: body, qos: qos, retain: flags & 1 == 1, dup: flags & 0x08 != 0, packetID: packetID,
             properties: properties)
+        packet.topicLevels = levels <= Int(UInt16.max) ? UInt16(levels) : 0
+        return packet
     }
 
     /// CONNECT, in the layout of the protocol level it carries (read first).

@@ -170,16 +170,36 @@ public struct ConnackPacket: Equatable, Sendable {
 /// PUBLISH. Topic and payload are slices of the buffer the packet was read from: decoding copies
 /// nothing and makes no `String`.
 public struct PublishPacket: Equatable, Sendable {
-    public var topic: ByteBuffer
+    public var topic: ByteBuffer {
+        didSet { topicLevels = 0 }  // counted for the old topic (an MQTT 5 alias resolved, say)
+    }
     public var payload: ByteBuffer
     /// MQTT 5: the PUBLISH properties. Empty costs one nil reference and no allocation; it sits
-    /// here, before the one-byte fields, so that it adds 8 bytes and no padding.
+    /// here, before the small fields, so that it adds 8 bytes and no padding.
     public var properties: MQTTProperties
-    public var qos: QoS
-    public var retain: Bool
-    public var dup: Bool
+    /// QoS, retain and DUP in one byte, so that `topicLevels` fits in the same 63 bytes.
+    private var bits: UInt8
+    /// The topic's level count, as the decoder's validation counted it (so that the broker does
+    /// not walk the topic again to count them); 0: not counted (a packet made otherwise, or an
+    /// MQTT 5 topic alias). Not part of equality.
+    package var topicLevels: UInt16 = 0
     /// Present exactly when `qos > 0`.
     public var packetID: UInt16?
+
+    public var qos: QoS {
+        get { QoS(rawValue: bits & 0x03)! }
+        set { bits = (bits & ~0x03) | newValue.rawValue }
+    }
+
+    public var retain: Bool {
+        get { bits & 0x04 != 0 }
+        set { bits = newValue ? bits | 0x04 : bits & ~0x04 }
+    }
+
+    public var dup: Bool {
+        get { bits & 0x08 != 0 }
+        set { bits = newValue ? bits | 0x08 : bits & ~0x08 }
+    }
 
     public init(
         topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool = false, dup: Bool = false, packetID: UInt16? = nil,
@@ -188,10 +208,12 @@ public struct PublishPacket: Equatable, Sendable {
         self.topic = topic
         self.payload = payload
         self.properties = properties
-        self.qos = qos
-        self.retain = retain
-        self.dup = dup
+        self.bits = qos.rawValue | (retain ? 0x04 : 0) | (dup ? 0x08 : 0)
         self.packetID = packetID
+    }
+
+    public static func == (a: PublishPacket, b: PublishPacket) -> Bool {
+        a.topic == b.topic && a.payload == b.payload && a.properties == b.properties && a.bits == b.bits && a.packetID == b.packetID
     }
 
     public init(

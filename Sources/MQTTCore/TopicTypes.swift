@@ -33,8 +33,14 @@ public struct TopicName: Hashable, Sendable, CustomStringConvertible {
         try self.init(validating: ByteBuffer(string: string), maxLevels: maxLevels)
     }
 
-    /// A topic the decoder has already validated (a PUBLISH's topic): only the level count and
-    /// hash are computed. `bytes` must be a valid topic name.
+    /// A topic the decoder has already validated and whose levels it counted (a PUBLISH's
+    /// topic, `PublishPacket.topicLevels`): only the hash is computed.
+    package init(alreadyValidated bytes: ByteBuffer, levels: Int) {
+        self.init(trusted: bytes, levels: levels)
+    }
+
+    /// A topic already validated: only the level count and hash are computed. `bytes` must be a
+    /// valid topic name.
     package init(alreadyValidated bytes: ByteBuffer) {
         let slashes = bytes.withUnsafeReadableBytes { raw in
             var n = 0

@@ -20,7 +20,7 @@ struct ConnectPacingTests {
         #expect(pacing.waitingCount == 0)
     }
 
-    @Test("past its budget a tick starts nothing more: CONNECTs and answers wait, in the order they came, for a later tick")
+    @Test("past its budget a tick starts nothing more: answers, then CONNECTs, wait in order for a later tick")
     func paced() throws {
         let loop = EmbeddedEventLoop()
         let pacing = ConnectPacing(loop: loop, paced: true)
@@ -32,17 +32,34 @@ struct ConnectPacingTests {
         guard case .later(let first) = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
         first.whenSuccess { order.append("connect 1") }
         pacing.run { order.append("answer 1") }
+        pacing.run { order.append("answer 2") }
         pacing.tickEnded()
-        // Nothing is ahead now, but a CONNECT that finds others waiting waits behind them.
+        // A new tick with room: a CONNECT still waits behind those waiting...
         guard case .later(let second) = pacing.admit() else { Issue.record("a CONNECT went ahead of those waiting"); return }
         second.whenSuccess { order.append("connect 2") }
-        #expect(pacing.waitingCount == 3)
+        // ...and so does an answer behind the answers that wait.
+        pacing.run { order.append("answer 3") }
+        #expect(pacing.waitingCount == 5)
         #expect(order == ["answer 0"])
 
-        // They start in a task of a later tick (scheduled a little ahead), in order.
+        // They start in a task of a later tick (scheduled a little ahead): answers first.
         loop.advanceTime(by: .milliseconds(1))
-        #expect(order == ["answer 0", "connect 1", "answer 1", "connect 2"])
+        #expect(order == ["answer 0", "answer 1", "answer 2", "answer 3", "connect 1", "connect 2"])
         #expect(pacing.waitingCount == 0)
+    }
+
+    @Test("an answer goes ahead of CONNECTs that wait: work under way finishes before new work starts")
+    func answersFirst() throws {
+        let loop = EmbeddedEventLoop()
+        let pacing = ConnectPacing(loop: loop, paced: true)
+        _ = pacing.admit()
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        guard case .later = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
+        pacing.tickEnded()
+        var ran = false
+        pacing.run { ran = true }
+        #expect(ran, "an answer waited behind a CONNECT")
+        #expect(pacing.waitingCount == 1)
     }
 
     @Test("stop runs what waits at once (no promise left unfulfilled), and nothing waits after")

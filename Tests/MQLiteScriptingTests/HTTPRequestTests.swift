@@ -21,6 +21,19 @@ struct HTTPRequestTests {
         }
     }
 
+    /// `count` clients connecting at once (client ids c0, c1, ...): their CONNACK return codes.
+    private func connectAll(_ count: Int, port: Int) async throws -> [ConnectReturnCode] {
+        try await withThrowingTaskGroup(of: ConnectReturnCode.self) { group in
+            for i in 0..<count {
+                group.addTask {
+                    let c = try await TestClient.open(port: port)
+                    return try await c.connect(ConnectPacket(clientID: "c\(i)", username: "u")).returnCode
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+    }
+
     @Test("on_connect asks a service: 200 accepts, 403 refuses; a slow answer holds only its own client")
     func onConnect() async throws {
         let script = """
@@ -58,15 +71,7 @@ struct HTTPRequestTests {
         try await withService(script) { b, _, server in
             let start = ContinuousClock.now
             let port = b.port
-            let codes = try await withThrowingTaskGroup(of: ConnectReturnCode.self) { group in
-                for i in 0..<200 {
-                    group.addTask {
-                        let c = try await TestClient.open(port: port)
-                        return try await c.connect(ConnectPacket(clientID: "c\(i)", username: "u")).returnCode
-                    }
-                }
-                return try await group.reduce(into: []) { $0.append($1) }
-            }
+            let codes = try await connectAll(200, port: port)
             #expect(codes.count == 200 && codes.allSatisfy { $0 == .accepted })
             let elapsed = ContinuousClock.now - start
             // Alone on this machine it takes 0.3-0.9 s in a debug build; beside the other tests, up
@@ -86,19 +91,38 @@ struct HTTPRequestTests {
             """
         try await withService(script, configure: { $0.workers = 1; $0.scripting.httpConnections = 4 }) { b, _, server in
             let port = b.port
-            let codes = try await withThrowingTaskGroup(of: ConnectReturnCode.self) { group in
-                for i in 0..<24 {
-                    group.addTask {
-                        let c = try await TestClient.open(port: port)
-                        return try await c.connect(ConnectPacket(clientID: "c\(i)", username: "u")).returnCode
-                    }
-                }
-                return try await group.reduce(into: []) { $0.append($1) }
-            }
+            let codes = try await connectAll(24, port: port)
             #expect(codes.count == 24 && codes.allSatisfy { $0 == .accepted })
             #expect(server.requests == 24)
             #expect(server.mostOpen <= 4, "\(server.mostOpen) requests at once with http_connections = 4")
             #expect(server.mostOpen >= 2, "requests were not concurrent at all")
+        }
+    }
+
+    @Test("a request that times out waiting for one of the worker's http_connections says so")
+    func timeoutBehindTheConnections() async throws {
+        let script = """
+            mqlite.on_publish("w/#", function(m)
+              local status, message = mqlite.http.request{ url = mqlite.options.base .. "/delay/400", timeout = 0.6 }
+              return { payload = tostring(status) .. " " .. tostring(message) }
+            end)
+            """
+        try await withService(script, configure: { $0.workers = 1; $0.scripting.httpConnections = 1 }) { b, _, _ in
+            let sub = try await b.client("sub")
+            try await sub.subscribe("w/#")
+            let first = try await b.client("p1")
+            let second = try await b.client("p2")
+            try await first.publish("w/1", "x")
+            try await Task.sleep(for: .milliseconds(50))
+            try await second.publish("w/2", "x")
+            var got: [String: String] = [:]
+            for _ in 0..<2 {
+                let p = try await sub.expectPublish(timeout: .seconds(5))
+                got[String(buffer: p.topic)] = payload(p)
+            }
+            #expect(got["w/1"]?.hasPrefix("200 ") == true, "\(got)")
+            #expect(got["w/2"]?.contains("timeout (it came behind 1 waiting calls") == true, "\(got)")
+            #expect(got["w/2"]?.contains("http_connections = 1") == true, "\(got)")
         }
     }
 

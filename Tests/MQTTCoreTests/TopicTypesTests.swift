@@ -30,6 +30,26 @@ struct TopicNameTests {
         #expect(try TopicName("héllo/wörld").levelCount == 2)
     }
 
+    @Test("a decoded PUBLISH carries its topic's level count (the topic is not walked again); a topic set later is not taken for counted")
+    func decodedLevels() throws {
+        for topic in ["a", "a/b//c", "/", "$SYS/x/y", String(repeating: "/", count: 300)] {
+            var buffer = ByteBuffer()
+            buffer.writeMQTTPacket(.publish(PublishPacket(topic: topic, payload: "x")))
+            var decoder = MQTTDecoder()
+            guard case .publish(var p)? = try decoder.decode(buffer: &buffer) else {
+                Issue.record("not decoded as a PUBLISH: \(topic)")
+                continue
+            }
+            let expected = try TopicName(topic)
+            #expect(Int(p.topicLevels) == expected.levelCount)
+            let fromPacket = TopicName(alreadyValidated: p.topic, levels: Int(p.topicLevels))
+            #expect(fromPacket == expected && fromPacket.levelCount == expected.levelCount)
+            #expect(p == PublishPacket(topic: topic, payload: "x"), "the count is not part of equality")
+            p.topic = ByteBuffer(string: "q/r")
+            #expect(p.topicLevels == 0)
+        }
+    }
+
     @Test("invalid names are refused with the rule they break", arguments: [
         ("", MQTTProtocolError.invalidTopicName("")),
         ("a/+", .invalidTopicName("a/+")),
