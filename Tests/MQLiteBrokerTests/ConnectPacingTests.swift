@@ -7,6 +7,15 @@ import Testing
 
 @Suite("Connect pacing: a storm spread over loop ticks")
 struct ConnectPacingTests {
+    /// A paced pacing whose current tick has started one CONNECT and then spent its budget.
+    private func spentTick() -> (EmbeddedEventLoop, ConnectPacing) {
+        let loop = EmbeddedEventLoop()
+        let pacing = ConnectPacing(loop: loop, paced: true)
+        _ = pacing.admit()
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        return (loop, pacing)
+    }
+
     @Test("without ticks told (a group the broker did not make), everything goes on at once")
     func unpaced() {
         let pacing = ConnectPacing(loop: EmbeddedEventLoop())
@@ -50,10 +59,7 @@ struct ConnectPacingTests {
 
     @Test("an answer goes ahead of CONNECTs that wait: work under way finishes before new work starts")
     func answersFirst() throws {
-        let loop = EmbeddedEventLoop()
-        let pacing = ConnectPacing(loop: loop, paced: true)
-        _ = pacing.admit()
-        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        let (_, pacing) = spentTick()
         guard case .later = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
         pacing.tickEnded()
         var ran = false
@@ -64,10 +70,7 @@ struct ConnectPacingTests {
 
     @Test("stop runs what waits at once (no promise left unfulfilled), and nothing waits after")
     func stop() throws {
-        let loop = EmbeddedEventLoop()
-        let pacing = ConnectPacing(loop: loop, paced: true)
-        _ = pacing.admit()
-        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        let (_, pacing) = spentTick()
         guard case .later(let waiting) = pacing.admit() else { Issue.record("a CONNECT started past the budget"); return }
         var done = false
         waiting.whenSuccess { done = true }
@@ -78,10 +81,7 @@ struct ConnectPacingTests {
 
     @Test("the task that would start them in the tick that queued them waits for the next tick")
     func notInTheSameTick() throws {
-        let loop = EmbeddedEventLoop()
-        let pacing = ConnectPacing(loop: loop, paced: true)
-        _ = pacing.admit()
-        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        let (loop, pacing) = spentTick()
         var ran = false
         pacing.run { ran = true }
         loop.advanceTime(by: .milliseconds(5))  // the same tick: its drain task reschedules itself
