@@ -2,8 +2,9 @@ import DequeModule
 import NIOCore
 import NIOPosix
 
-/// Spreads a storm of CONNECTs, and of hook answers, over a worker's loop ticks, so that the
-/// clients already connected keep their latency while a thousand others connect at once.
+/// Spreads a storm of CONNECTs, of hook answers and of closes over a worker's loop ticks, so that
+/// the clients already connected keep their latency while a thousand others connect (or leave)
+/// at once.
 ///
 /// NIO handles every socket that one poll found ready before it polls again. A CONNECT costs
 /// much more than a PUBLISH (a session, the connect hooks: a Lua call, maybe an HTTP request to
@@ -25,8 +26,8 @@ final class ConnectPacing: @unchecked Sendable {
     private let loop: any EventLoop
     /// When this tick started its first one; nil: none yet.
     private var tickStart: NIODeadline?
-    /// Hook answers waiting: work already under way (a CONNECT's hooks, a connected client's
-    /// PUBLISH or SUBSCRIBE), so they go before new CONNECTs.
+    /// Hook answers and closes waiting: work already under way (a CONNECT's hooks, a connected
+    /// client's PUBLISH or SUBSCRIBE, a client gone), so they go before new CONNECTs.
     private var answers = Deque<() -> Void>()
     /// CONNECTs waiting to start.
     private var admissions = Deque<EventLoopPromise<Void>>()
@@ -34,7 +35,7 @@ final class ConnectPacing: @unchecked Sendable {
     /// Ticks ended so far.
     private var ticks = 0
     /// Whether ticks are told (else everything goes on at once).
-    fileprivate(set) var paced: Bool
+    var paced: Bool
 
     init(loop: any EventLoop, paced: Bool = false) {
         self.loop = loop
@@ -62,8 +63,9 @@ final class ConnectPacing: @unchecked Sendable {
     }
 
     /// On the loop, for a hook's answer (a Lua call resumed with what it waited for, and what the
-    /// broker does with its result): runs `body` now, or in a later tick, after the answers that
-    /// wait (but before the CONNECTs that wait).
+    /// broker does with its result) or the close of a connection whose client sent FIN: runs
+    /// `body` now, or in a later tick, after the answers that wait (but before the CONNECTs that
+    /// wait).
     func run(_ body: @escaping () -> Void) {
         guard paced, !(answers.isEmpty && tickHasRoom()) else { return body() }
         answers.append(body)
@@ -88,20 +90,32 @@ final class ConnectPacing: @unchecked Sendable {
         ticks &+= 1
     }
 
+    /// How many times a drain that came due in the tick that scheduled it waits again (20 µs, then
+    /// twice as long each time) before it goes on in that tick all the same.
+    static let sameTickRetries = 6
+
     /// What waits starts in a later tick, after its poll of the sockets. A task scheduled a little
     /// ahead: one due now would run in this very tick (NIO runs the tasks that come due while it
     /// runs tasks), and one added after the tick (from `tickEnded`) would wait for the next I/O.
-    private func scheduleDrain() {
+    private func scheduleDrain(retry: Int = 0) {
         guard !drainScheduled else { return }
         drainScheduled = true
         let tick = ticks
-        loop.scheduleTask(in: .microseconds(20)) { self.drain(after: tick) }
+        loop.scheduleTask(in: .microseconds(20 << retry)) { self.drain(after: tick, retry: retry) }
     }
 
-    private func drain(after tick: Int) {
+    private func drain(after tick: Int, retry: Int) {
         drainScheduled = false
-        // Still the tick that scheduled it (its other tasks took longer): after the next poll.
-        guard ticks != tick else { return scheduleDrain() }
+        // Still the tick that scheduled it (its other tasks took longer): after the next poll. NIO
+        // reads the clock once per batch of tasks, so while a batch takes longer than the wait (a
+        // busy tick, a loaded machine, a sanitizer's build) the drain would come due again and
+        // again and the tick never end: the loop would spin here, its sockets unread. So each wait
+        // is twice the last, and after the longest (about 1.3 ms in all) it goes on in this tick,
+        // with a budget of its own.
+        if ticks == tick {
+            guard retry >= Self.sameTickRetries else { return scheduleDrain(retry: retry + 1) }
+            tickStart = nil
+        }
         while waitingCount > 0, tickHasRoom() {
             if let answer = answers.popFirst() {
                 answer()

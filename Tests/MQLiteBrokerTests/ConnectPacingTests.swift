@@ -84,10 +84,24 @@ struct ConnectPacingTests {
         let (loop, pacing) = spentTick()
         var ran = false
         pacing.run { ran = true }
-        loop.advanceTime(by: .milliseconds(5))  // the same tick: its drain task reschedules itself
+        // The same tick: its drain task reschedules itself (20, 40, 80, 160, 320 µs: 620 in all).
+        loop.advanceTime(by: .microseconds(600))
         #expect(!ran)
         pacing.tickEnded()
         loop.advanceTime(by: .milliseconds(1))
         #expect(ran)
+    }
+
+    @Test("a tick that never ends (each batch of its tasks longer than the wait) does not spin on the drain: it goes on after the longest wait")
+    func aTickThatNeverEnds() throws {
+        let (loop, pacing) = spentTick()
+        var ran = false
+        pacing.run { ran = true }
+        // EmbeddedEventLoop runs every task that comes due, as NIO's loop does while a batch of
+        // tasks takes longer than the drain's wait: without a last wait the drain would
+        // reschedule itself for ever, and `advanceTime` would run it every 20 µs of the 5 ms.
+        loop.advanceTime(by: .milliseconds(5))
+        #expect(ran)
+        #expect(pacing.waitingCount == 0)
     }
 }
