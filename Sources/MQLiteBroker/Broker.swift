@@ -108,6 +108,7 @@ public final class Broker: Sendable {
         // Timeouts are checked to within this: a quarter of connect_timeout, at most half a second.
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
+        DescriptorTable.reserve(maxConnections: configuration.limits.maxConnections)
         var bound: [SocketAddress] = []
         for (index, listenerConfiguration) in configuration.listeners.enumerated() {
             // One TLS context per TLS listener, built before anything listens (file I/O).
@@ -183,16 +184,20 @@ public final class Broker: Sendable {
             .childChannelInitializer { [self] channel in
                 let worker = self.worker(for: channel.eventLoop)
                 return channel.eventLoop.makeCompletedFuture {
-                    try Self.setConnectionOptions(channel)
+                    try Self.setConnectionOptions(channel, halfClosure: listener.tls == nil)
                     try self.configurePipeline(channel.pipeline.syncOperations, listener: listener, worker: worker)
                 }
             }
     }
 
-    /// The options of every client connection.
-    private static func setConnectionOptions(_ channel: any Channel) throws {
+    /// The options of every client connection. With `halfClosure`, NIO reports the client's EOF
+    /// (`ChannelEvent.inputClosed`) instead of closing at once, and `ConnectionHandler` closes it
+    /// when its worker's tick has room. Not on TLS listeners: there an EOF without close_notify
+    /// would leave NIOSSL waiting for one.
+    private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
         guard let options = channel.syncOptions else { return }
         try options.setOption(.socketOption(.tcp_nodelay), value: 1)
+        if halfClosure { try options.setOption(.allowRemoteHalfClosure, value: true) }
         try options.setOption(.maxMessagesPerRead, value: 16)
         // NIO keeps each channel's last receive buffer for reuse: start it small, so an idle
         // connection holds 128 bytes rather than 2 KiB. It grows for busy connections.

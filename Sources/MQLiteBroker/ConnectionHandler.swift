@@ -93,8 +93,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// A PROXY protocol header named the client (`ProxyProtocolHandler`): that is its address.
+    /// The client closed its side (EOF, on listeners that let NIO report it rather than close at
+    /// once): the connection is lost, and closes when the worker's tick has room for it
+    /// (`ConnectPacing`), so that a thousand clients leaving at once do not hold up the others.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let proxied = event as? ProxiedAddressEvent { clientInfo.address = proxied.address.addressText }
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            worker.pacing.run { context.close(promise: nil) }
+        }
         context.fireUserInboundEventTriggered(event)
     }
 

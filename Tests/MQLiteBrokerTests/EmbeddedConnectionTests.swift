@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import MQTTCore
 import NIOCore
@@ -87,5 +88,48 @@ struct EmbeddedConnectionTests {
         try old.send(.connect(ConnectPacket(protocolName: "MQTT", protocolLevel: 5, clientID: "v5")))
         #expect(try old.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion))])
         #expect(!old.isActive)
+    }
+
+    @Test("a client's EOF (inputClosed) closes the connection, with its will, in a tick that has room for it")
+    func inputClosedWaitsForRoom() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let watcher = try b.connection()
+        try watcher.send(.connect(ConnectPacket(clientID: "watcher")))
+        try watcher.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "gone/#", qos: .atMostOnce)])))
+        _ = try watcher.received()
+        let client = try b.connection()
+        try client.send(.connect(ConnectPacket(
+            clientID: "leaver", will: Will(topic: "gone/leaver", payload: ByteBuffer(string: "bye"), qos: .atMostOnce, retain: false))))
+        _ = try client.received()
+
+        // A tick that has spent its budget (a storm): the close waits...
+        let pacing = b.broker.workers[0].pacing
+        pacing.paced = true
+        _ = pacing.admit()
+        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        client.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(client.isActive, "closed in a tick past its budget")
+        #expect(pacing.waitingCount == 1)
+        #expect(try watcher.received().isEmpty)
+
+        // ...for the next tick, which closes it: the connection is lost, so the will goes out.
+        pacing.tickEnded()
+        b.loop.advanceTime(by: .milliseconds(1))
+        #expect(!client.isActive)
+        let delivered = try watcher.received()
+        guard case .publish(let will)? = delivered.first, delivered.count == 1 else {
+            Issue.record("expected the will, got \(delivered)")
+            return
+        }
+        #expect(String(buffer: will.topic) == "gone/leaver" && String(buffer: will.payload) == "bye")
+
+        // Without a storm the close is at once.
+        let other = try b.connection()
+        try other.send(.connect(ConnectPacket(clientID: "other")))
+        pacing.tickEnded()
+        other.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(!other.isActive)
+        _ = try watcher.finish()
     }
 }

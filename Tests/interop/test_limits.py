@@ -67,3 +67,37 @@ def test_out_of_file_descriptors_backs_off_logs_once_and_recovers():
         for s in extra:
             s.close()
         b.stop()
+
+
+def fd_table_size(pid):
+    """How many descriptors the process's table holds now (FDSize in /proc/PID/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError("no FDSize")
+
+
+def test_the_descriptor_table_is_grown_at_start():
+    """Linux grows a threaded process's descriptor table by doubling, each time waiting for an RCU
+    grace period (10-30 ms with the worker asleep): the broker grows it once, at start, to
+    max_connections + 1,024 (65,536 without a limit), within the soft limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    want = min(3000 + 1024, soft)
+    b = Broker([], config_text=f'[[listener]]\nbind = "127.0.0.1:0"\n[limits]\nmax_connections = 3000\n')
+    try:
+        assert fd_table_size(b.proc.pid) >= want, (fd_table_size(b.proc.pid), want)
+        assert connect_and_connack(b.port) == CONNACK_ACCEPTED
+    finally:
+        b.stop()
+    b = Broker(["-b", "127.0.0.1:0"])
+    try:
+        assert fd_table_size(b.proc.pid) >= min(65536, soft)
+    finally:
+        b.stop()
+    # Within a low soft limit: grown to it, and the broker works.
+    b = Broker(["-b", "127.0.0.1:0"], preexec_fn=low_fd_limit)
+    try:
+        assert fd_table_size(b.proc.pid) >= FD_LIMIT
+        assert connect_and_connack(b.port) == CONNACK_ACCEPTED
+    finally:
+        b.stop()

@@ -12,6 +12,7 @@ import pytest
 import wsclient
 from conftest import Broker, wait_for
 from test_hostile import rss_kib, settle
+from test_interop import paho_client, start
 from test_tls import certs  # noqa: F401 (the module's certificate fixture)
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -251,3 +252,84 @@ def hold_one_byte_connections(port, n, pid=None):
     for s in socks:
         s.close()
     return during
+
+
+def connect_with_will(client_id):
+    """CONNECT, keep-alive 0 (nothing but the socket ends it), with a will on gone/<client_id>."""
+    def s(b):
+        return struct.pack("!H", len(b)) + b
+    body = (s(b"MQTT") + bytes([4, 0x06]) + struct.pack("!H", 0) + s(client_id.encode())
+            + s(f"gone/{client_id}".encode()) + s(b"bye"))
+    return bytes([0x10, len(body)]) + body
+
+
+def ended(s, timeout=5):
+    """Whether the broker closes `s` within `timeout` (EOF, a reset, or TLS's ragged EOF)."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(4096):
+                return True
+    except socket.timeout:
+        return False
+    except (ConnectionResetError, ssl.SSLError):
+        return True
+
+
+def test_a_client_that_half_closes_is_lost_on_every_listener_kind(certs, tmp_path):  # noqa: F811
+    """A client that sends FIN (shutdown of its sending side) and waits: the broker closes the
+    connection and publishes its will, on a plain listener, behind a PROXY header, over WebSocket
+    and over TLS; and a FIN in the middle of a PROXY header, an HTTP upgrade or a CONNECT closes
+    the connection too. (The broker lets NIO report the FIN and closes when its loop has room.)"""
+    b = Broker([], config_text=proxy_config(tmp_path, certs), listeners=4)
+    try:
+        plain, proxied, ws_port, tls_port = b.ports
+        watcher = paho_client("watcher")
+        start(watcher, plain)
+        watcher.subscribe("gone/#", qos=0)
+        time.sleep(0.3)
+
+        def half_close(s):
+            socket.socket.shutdown(s, socket.SHUT_WR)  # the socket's own (an SSLSocket's drops its TLS)
+            return ended(s)
+
+        s = socket.create_connection(("127.0.0.1", plain), timeout=5)
+        s.sendall(connect_with_will("plain"))
+        assert recv_exactly(s, 4) == CONNACK_OK
+        assert half_close(s), "plain"
+
+        s = socket.create_connection(("127.0.0.1", proxied), timeout=5)
+        s.sendall(v2_inet("198.51.100.30", 40030) + connect_with_will("proxied"))
+        assert recv_exactly(s, 4) == CONNACK_OK
+        assert half_close(s), "PROXY"
+
+        raw = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
+        raw.sendall(b"PROXY TCP4 203.0.113.30 10.0.0.1 61030 80\r\n")
+        status, _, _, rest = wsclient.handshake(raw)
+        assert status.startswith("HTTP/1.1 101"), status
+        ws = wsclient.WS(raw, rest)
+        ws.send(connect_with_will("websocket"))
+        assert ws.recv_mqtt(4) == CONNACK_OK
+        socket.socket.shutdown(raw, socket.SHUT_WR)
+        assert ws.closed(5)[0], "WebSocket"
+
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=5)
+        raw.sendall(v2_inet("198.51.100.31", 40031))
+        s = ssl.create_default_context(cafile=str(certs / "ca.crt")).wrap_socket(raw, server_hostname="127.0.0.1")
+        s.sendall(connect_with_will("tls"))
+        assert recv_exactly(s, 4) == CONNACK_OK
+        assert half_close(s), "TLS"
+
+        assert wait_for(lambda: len(watcher.messages) >= 4), [m.topic for m in watcher.messages]
+        assert sorted(m.topic for m in watcher.messages) == ["gone/plain", "gone/proxied", "gone/tls", "gone/websocket"]
+
+        # Half-sent, then FIN: closed all the same.
+        for port, first in ((plain, connect_with_will("half")[:9]), (proxied, b"PROXY TCP4 1.2"),
+                            (ws_port, b"PROXY TCP4 203.0.113.32 10.0.0.1 61032 80\r\nGET /mqtt HTTP/1.1\r\nHost: x\r\n")):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(first)
+            assert half_close(s), first
+        watcher.loop_stop()
+        watcher.disconnect()
+    finally:
+        b.stop()
