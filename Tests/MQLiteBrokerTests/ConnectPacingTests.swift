@@ -10,9 +10,8 @@ struct ConnectPacingTests {
     /// A paced pacing whose current tick has started one CONNECT and then spent its budget.
     private func spentTick() -> (EmbeddedEventLoop, ConnectPacing) {
         let loop = EmbeddedEventLoop()
-        let pacing = ConnectPacing(loop: loop, paced: true)
-        _ = pacing.admit()
-        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        let pacing = ConnectPacing(loop: loop)
+        pacing.spendTheTick()
         return (loop, pacing)
     }
 
@@ -103,5 +102,14 @@ struct ConnectPacingTests {
         loop.advanceTime(by: .milliseconds(5))
         #expect(ran)
         #expect(pacing.waitingCount == 0)
+    }
+}
+
+extension ConnectPacing {
+    /// Paced from now on, with the current tick's budget spent by one CONNECT (a storm) (tests).
+    func spendTheTick() {
+        paced = true
+        _ = admit()
+        usleep(UInt32(Self.budget.nanoseconds / 1000) + 500)
     }
 }

@@ -1,4 +1,3 @@
-import Foundation
 import Logging
 import MQTTCore
 import NIOCore
@@ -105,9 +104,7 @@ struct EmbeddedConnectionTests {
 
         // A tick that has spent its budget (a storm): the close waits...
         let pacing = b.broker.workers[0].pacing
-        pacing.paced = true
-        _ = pacing.admit()
-        usleep(UInt32(ConnectPacing.budget.nanoseconds / 1000) + 500)
+        pacing.spendTheTick()
         client.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         #expect(client.isActive, "closed in a tick past its budget")
         #expect(pacing.waitingCount == 1)

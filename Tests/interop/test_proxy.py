@@ -88,10 +88,11 @@ def recv_exactly(s, n):
     return data
 
 
-def proxied_connect(port, header, client_id, byte_at_a_time=False):
+def proxied_connect(port, header, client_id, byte_at_a_time=False, packet=None):
+    """`header`, then CONNECT (`packet`, or a plain one for `client_id`); waits for CONNACK 0."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    data = header + connect_packet(client_id)
+    data = header + (packet or connect_packet(client_id))
     if byte_at_a_time:
         for i in range(len(data)):
             s.sendall(data[i:i + 1])
@@ -142,15 +143,21 @@ def test_local_and_unknown_keep_the_socket_address(pbroker):
         s.close()
 
 
-def test_proxy_header_before_websocket_upgrade(pbroker):
-    plain, ws_port = pbroker.ports[0], pbroker.ports[2]
-    s = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
-    s.sendall(b"PROXY TCP4 203.0.113.77 10.0.0.1 61000 443\r\n")
+def proxied_websocket(port, header, packet):
+    """`header`, the WebSocket upgrade, then CONNECT (`packet`) in a frame; waits for CONNACK 0."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(header)
     status, _, _, rest = wsclient.handshake(s)
     assert status.startswith("HTTP/1.1 101"), status
     ws = wsclient.WS(s, rest)
-    ws.send(connect_packet("ws-proxied"))
+    ws.send(packet)
     assert ws.recv_mqtt(4) == CONNACK_OK
+    return s, ws
+
+
+def test_proxy_header_before_websocket_upgrade(pbroker):
+    plain, ws_port = pbroker.ports[0], pbroker.ports[2]
+    s, _ = proxied_websocket(ws_port, b"PROXY TCP4 203.0.113.77 10.0.0.1 61000 443\r\n", connect_packet("ws-proxied"))
     assert read_seen(plain, "ws-proxied")["address"] == "203.0.113.77:61000"
     s.close()
 
@@ -280,23 +287,13 @@ def test_a_client_that_half_closes_is_lost_on_every_listener_kind(certs, tmp_pat
             socket.socket.shutdown(s, socket.SHUT_WR)  # the socket's own (an SSLSocket's drops its TLS)
             return closed(s)
 
-        s = socket.create_connection(("127.0.0.1", plain), timeout=5)
-        s.sendall(connect_with_will("plain"))
-        assert recv_exactly(s, 4) == CONNACK_OK
+        s = proxied_connect(plain, b"", "plain", packet=connect_with_will("plain"))
         assert half_close(s), "plain"
 
-        s = socket.create_connection(("127.0.0.1", proxied), timeout=5)
-        s.sendall(v2_inet("198.51.100.30", 40030) + connect_with_will("proxied"))
-        assert recv_exactly(s, 4) == CONNACK_OK
+        s = proxied_connect(proxied, v2_inet("198.51.100.30", 40030), "proxied", packet=connect_with_will("proxied"))
         assert half_close(s), "PROXY"
 
-        raw = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
-        raw.sendall(b"PROXY TCP4 203.0.113.30 10.0.0.1 61030 80\r\n")
-        status, _, _, rest = wsclient.handshake(raw)
-        assert status.startswith("HTTP/1.1 101"), status
-        ws = wsclient.WS(raw, rest)
-        ws.send(connect_with_will("websocket"))
-        assert ws.recv_mqtt(4) == CONNACK_OK
+        raw, ws = proxied_websocket(ws_port, b"PROXY TCP4 203.0.113.30 10.0.0.1 61030 80\r\n", connect_with_will("websocket"))
         socket.socket.shutdown(raw, socket.SHUT_WR)
         assert ws.closed(5)[0], "WebSocket"
 
