@@ -96,7 +96,9 @@ public struct ClientACL: Sendable {
     /// Whether the client may subscribe to `filter`: it must lie within an allowed pattern, and
     /// not wholly within a denied one (denied topics under a wider filter are held back on
     /// delivery, see `allowsReceive`).
+    /// A shared subscription (`$share/GROUP/FILTER`) is judged by the filter inside it.
     public func allowsSubscribe(filter: TopicFilter) -> Bool {
+        let filter = SharedFilter.matching(filter)
         for table in tables {
             if table.deny.covers(filter) { return false }
             if let allowed = table.subscribe, !allowed.covers(filter) { return false }

@@ -435,14 +435,25 @@ public final class Broker: Sendable {
         assert(session.owner == worker.index, "a session ended off its owner")
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
-        session.end()
         let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
-        if !filters.isEmpty { subscriptionCount.subtract(filters.count, ordering: .relaxed) }
         if !filters.isEmpty {
-            subscriptions.remove(filters: filters, session: session)
-            for worker in workers { worker.subscriptionsChanged(filters) }
+            subscriptionCount.subtract(filters.count, ordering: .relaxed)
+            var plain: [TopicFilter] = []
+            var changed: [TopicFilter] = []
+            for filter in filters {
+                if let shared = Self.shared(filter) {
+                    subscriptions.remove(shared: shared, session: session)
+                    changed.append(shared.filter)
+                } else {
+                    plain.append(filter)
+                    changed.append(filter)
+                }
+            }
+            if !plain.isEmpty { subscriptions.remove(filters: plain, session: session) }
+            for worker in workers { worker.subscriptionsChanged(changed) }
         }
+        session.end()
         registry.update(clientID: session.clientID) { registered in
             if registered === session { registered = nil }
         }
@@ -450,11 +461,22 @@ public final class Broker: Sendable {
 
     // MARK: - Subscriptions
 
+    /// The group and filter of a shared subscription's filter (`$share/GROUP/FILTER`), nil for
+    /// any other. The filters that reach the broker were checked when they were subscribed.
+    static func shared(_ filter: TopicFilter) -> SharedFilter? {
+        (try? SharedFilter.parse(filter)) ?? nil
+    }
+
     func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
         workers[session.owner].assertOnLoop()
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
-        subscriptions.insert(filter: filter, session: session, qos: qos)
-        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        if let shared = Self.shared(filter) {
+            subscriptions.insert(shared: shared, session: session, qos: qos)
+            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(shared.filter)) }
+        } else {
+            subscriptions.insert(filter: filter, session: session, qos: qos)
+            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        }
         session.report(.subscribed(filter: filter, qos: qos))
     }
 
@@ -462,9 +484,28 @@ public final class Broker: Sendable {
         workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
         subscriptionCount.subtract(1, ordering: .relaxed)
-        subscriptions.remove(filters: [filter], session: session)
-        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        if let shared = Self.shared(filter) {
+            subscriptions.remove(shared: shared, session: session)
+            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(shared.filter)) }
+        } else {
+            subscriptions.remove(filters: [filter], session: session)
+            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
+        }
         session.report(.unsubscribed(filter: filter))
+    }
+
+    /// A member of shared subscriptions lost its connection: the messages of those subscriptions
+    /// that its client has not acknowledged go to another member of each group, where the group
+    /// has one (MQTT 5.0 §4.8.2); the rest stay with the session. On the session's owner loop,
+    /// while the session is still a member.
+    func handOverShared(from session: Session, worker: Worker) {
+        let taken = session.takeShared { $0.memberCount > 1 }
+        for var delivery in taken {
+            guard let group = delivery.group, let member = group.pick(excluding: session) else { continue }
+            delivery.qos = min(delivery.qos, member.qos)
+            if delivery.qos == .atMostOnce { delivery.group = nil }
+            worker.deliver(delivery, to: member.session)
+        }
     }
 
     /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
@@ -496,6 +537,11 @@ public final class Broker: Sendable {
     /// matching subscriptions.
     func matchSubscribers(topic: TopicName) -> [(session: Session, qos: QoS)] {
         subscriptions.matches(topic: topic)
+    }
+
+    /// The shared subscription groups whose filter matches `topic`.
+    func sharedGroups(matching topic: TopicName) -> [SharedGroup] {
+        subscriptions.sharedGroups(matching: topic)
     }
 
     // MARK: - Retained messages

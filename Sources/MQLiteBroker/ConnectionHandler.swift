@@ -589,6 +589,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 }
                 qos = min(qos, maxQoS)
             }
+            // A shared subscription (`$share/GROUP/FILTER`) must be a valid one; the ACL and the
+            // `$` rule apply to the filter in it.
+            if SharedFilter.isShared(filter) {
+                do {
+                    _ = try SharedFilter.parse(filter, maxLevels: broker.configuration.limits.maxTopicLevels)
+                } catch {
+                    logger.info("subscribe to an invalid shared subscription \"\(LogText(filter.string))\": \(LogText(error.description))")
+                    codes.append(.failure)
+                    continue
+                }
+            }
             if let access, !access.acl.allowsSubscribe(filter: filter) {
                 logger.debug("subscribe to \"\(LogText(filter.string))\" denied by ACL")
                 codes.append(.failure)
@@ -609,9 +620,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         writePacket(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)))
         // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
-        // tree as the socket drains. A filter granted twice in one packet is walked once.
+        // tree as the socket drains; none for a shared subscription (MQTT 5.0 §4.8.2). A filter
+        // granted twice in one packet is walked once.
         var seen = Set<TopicFilter>()
-        for (filter, qos) in granted.reversed() where seen.insert(filter).inserted {
+        for (filter, qos) in granted.reversed() where !SharedFilter.isShared(filter) && seen.insert(filter).inserted {
             session.sendRetained(matching: filter, qos: qos)
         }
     }
@@ -713,6 +725,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if session.outbound === self {
             session.disconnected()
         }
+        // Gone for good, not taken over: another member of its shared subscriptions' groups
+        // gets what the client did not acknowledge.
+        if session.outbound == nil { broker.handOverShared(from: session, worker: worker) }
         if !session.persistent {
             broker.endSession(session, worker: worker)
         } else if !session.ended {

@@ -44,6 +44,9 @@ enum SessionEvent {
     case released(packetID: UInt16)
     /// The in-flight message with this id is done (PUBACK, or PUBCOMP).
     case acknowledged(packetID: UInt16)
+    /// A message of a shared subscription, queued or in flight with `packetID`, went to another
+    /// member of its group: this session's connection went away before it was acknowledged.
+    case handedOver(Delivery, packetID: UInt16?)
     /// Its connection went away; a persistent session stays.
     case detached
     /// Offline past `session_expiry`: it is discarded next (`ended`).
@@ -103,6 +106,8 @@ final class Session: @unchecked Sendable {
         var retain: Bool
         /// QoS 2: PUBREC came and PUBREL was sent; waiting for PUBCOMP.
         var released: Bool
+        /// Sent through a shared subscription of this group.
+        var group: SharedGroup?
     }
 
     let clientID: String
@@ -248,7 +253,8 @@ final class Session: @unchecked Sendable {
         guard !queue.isEmpty else { return }
         queue.removeAll { delivery in
             let topic = delivery.message.topic
-            return revoked.contains { $0.matches(topic) } && !subscriptions.keys.contains { $0.matches(topic) }
+            func matches(_ filter: TopicFilter) -> Bool { SharedFilter.matching(filter).matches(topic) }
+            return revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches)
         }
         occasional?.queuedBytes = queue.reduce(0) { $0 + $1.message.size }
     }
@@ -421,7 +427,7 @@ final class Session: @unchecked Sendable {
             }
         } else {
             let id = nextPacketID()
-            inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false))
+            inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group))
             outbound.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
             report(.inflightAdded(packetID: id, delivery))
         }
@@ -471,6 +477,40 @@ final class Session: @unchecked Sendable {
             }
         }
         pump()
+    }
+
+    // MARK: - Shared subscriptions
+
+    /// Takes out the messages of shared subscriptions that this session's client has not
+    /// acknowledged (queued, or in flight before PUBREC) and that `movable` says another member
+    /// of their group can take: the connection went away (MQTT 5.0 §4.8.2). A QoS 2 message
+    /// whose PUBREC came stays: the client has it.
+    func takeShared(where movable: (SharedGroup) -> Bool) -> [Delivery] {
+        assertOnOwner()
+        var taken: [Delivery] = []
+        if inflight.contains(where: { $0.group != nil }) {
+            inflight.removeAll { entry in
+                guard let group = entry.group, !entry.released, movable(group) else { return false }
+                let delivery = Delivery(message: entry.message.compacted(), qos: entry.qos, retain: false, frame: nil, group: group)
+                taken.append(delivery)
+                report(.handedOver(delivery, packetID: entry.id))
+                return true
+            }
+        }
+        if queue.contains(where: { $0.group != nil }) {
+            var kept = Deque<Delivery>()
+            for delivery in queue {
+                if let group = delivery.group, movable(group) {
+                    more.queuedBytes -= delivery.message.size
+                    taken.append(delivery)
+                    report(.handedOver(delivery, packetID: nil))
+                } else {
+                    kept.append(delivery)
+                }
+            }
+            queue = kept
+        }
+        return taken
     }
 
     // MARK: - Inbound QoS 2

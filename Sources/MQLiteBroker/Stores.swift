@@ -26,6 +26,12 @@ protocol SubscriptionIndex: Sendable {
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
     func matches(topic: TopicName) -> [(session: Session, qos: QoS)]
+    /// Adds `session` to the group of a shared subscription (`$share/GROUP/FILTER`).
+    func insert(shared: SharedFilter, session: Session, qos: QoS)
+    /// Takes `session` out of the group; a group left without members goes.
+    func remove(shared: SharedFilter, session: Session)
+    /// The shared subscription groups whose filter matches `topic`.
+    func sharedGroups(matching topic: TopicName) -> [SharedGroup]
     /// Nodes of the index (tests: emptied branches are pruned).
     var nodeCount: Int { get }
 }
@@ -66,9 +72,12 @@ final class InMemorySessionRegistry: SessionRegistry {
     var count: Int { sessions.withLock { $0.count } }
 }
 
-/// The subscription trie (filters → sessions) behind one lock.
+/// The subscription trie (filters → sessions) behind one lock, and the shared subscriptions'
+/// groups in a trie of their own (filters → groups by share name), walked only while there are any.
 final class TrieSubscriptionIndex: SubscriptionIndex {
     private let trie = Mutex(TopicTrie<[ObjectIdentifier: (session: Session, qos: QoS)]>())
+    private let sharedTrie = Mutex(TopicTrie<[String: SharedGroup]>())
+    private let sharedGroupCount = Atomic<Int>(0)
 
     func insert(filter: TopicFilter, session: Session, qos: QoS) {
         trie.withLock { $0.insert(filter: filter.string, key: ObjectIdentifier(session), value: (session, qos)) }
@@ -92,7 +101,97 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
         }
     }
 
-    var nodeCount: Int { trie.withLock { $0.nodeCount } }
+    func insert(shared: SharedFilter, session: Session, qos: QoS) {
+        sharedTrie.withLock { trie in
+            trie.update(shared.filter.string) { groups in
+                if let group = groups?[shared.group] { return group.add(session, qos: qos) }
+                let group = SharedGroup(shared)
+                group.add(session, qos: qos)
+                groups = groups ?? [:]
+                groups![shared.group] = group
+                sharedGroupCount.add(1, ordering: .releasing)
+            }
+        }
+    }
+
+    func remove(shared: SharedFilter, session: Session) {
+        sharedTrie.withLock { trie in
+            guard trie.value(at: shared.filter.string)?[shared.group] != nil else { return }
+            trie.update(shared.filter.string) { groups in
+                guard let group = groups?[shared.group], group.remove(session) else { return }
+                groups?[shared.group] = nil
+                if groups?.isEmpty == true { groups = nil }
+                sharedGroupCount.subtract(1, ordering: .releasing)
+            }
+        }
+    }
+
+    func sharedGroups(matching topic: TopicName) -> [SharedGroup] {
+        guard sharedGroupCount.load(ordering: .acquiring) > 0 else { return [] }
+        let name = topic.string
+        return sharedTrie.withLock { trie in
+            var found: [SharedGroup] = []
+            trie.forEachMatch(topic: name) { (_: String, group: SharedGroup) in found.append(group) }
+            return found
+        }
+    }
+
+    var nodeCount: Int { trie.withLock { $0.nodeCount } + sharedTrie.withLock { $0.nodeCount } }
+}
+
+/// The members of one shared subscription (a share name and a filter), on any worker: each
+/// message the filter matches goes to one of them, in turn (round robin), a connected one where
+/// there is one. Members change under the index's lock and the group's own; publishes on every
+/// worker pick under the group's.
+final class SharedGroup: Sendable {
+    let shared: SharedFilter
+    private let state = Mutex<(members: [(session: Session, qos: QoS)], next: Int)>(([], 0))
+
+    init(_ shared: SharedFilter) { self.shared = shared }
+
+    /// Adds `session` (or changes its QoS, if it is a member already).
+    func add(_ session: Session, qos: QoS) {
+        state.withLock { state in
+            if let i = state.members.firstIndex(where: { $0.session === session }) {
+                state.members[i].qos = qos
+            } else {
+                state.members.append((session, qos))
+            }
+        }
+    }
+
+    /// Takes `session` out; whether the group is left empty.
+    func remove(_ session: Session) -> Bool {
+        state.withLock { state in
+            state.members.removeAll { $0.session === session }
+            return state.members.isEmpty
+        }
+    }
+
+    /// The next member in turn: the next connected one, or if none is connected the next one
+    /// (a persistent session offline queues the message). Never `excluding`.
+    func pick(excluding: Session? = nil) -> (session: Session, qos: QoS)? {
+        state.withLock { state in
+            let count = state.members.count
+            var fallback: Int?
+            for step in 0..<count {
+                let i = (state.next &+ step) % count
+                let member = state.members[i].session
+                guard member !== excluding else { continue }
+                if member.isOnline {
+                    state.next = i &+ 1
+                    return state.members[i]
+                }
+                if fallback == nil { fallback = i }
+            }
+            guard let i = fallback else { return nil }
+            state.next = i &+ 1
+            return state.members[i]
+        }
+    }
+
+    /// Members (tests, introspection).
+    var memberCount: Int { state.withLock { $0.members.count } }
 }
 
 /// The retained topic trie (names → messages) behind one lock; a scan holds it for one step at

@@ -48,6 +48,8 @@ final class Worker: @unchecked Sendable {
         var hookGeneration: Int
         var targets: [(session: Session, qos: QoS)]
         var hooked: Bool
+        /// Shared subscriptions' groups: one member of each gets the message.
+        var groups: [SharedGroup] = []
         /// Delivery hooks want the topic (`BrokerHooks.isDeliverHooked`).
         var deliverHooked = false
     }
@@ -59,7 +61,7 @@ final class Worker: @unchecked Sendable {
     private var routeCacheBytes = 0
 
     private static func routeCost(topic: TopicName, route: Route) -> Int {
-        64 + topic.count + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride
+        64 + topic.count + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride + route.groups.count * 8
     }
 
     init(index: Int, loop: any EventLoop, broker: Broker, workerCount: Int) {
@@ -168,6 +170,16 @@ final class Worker: @unchecked Sendable {
         }
     }
 
+    /// Hands `delivery` to `session`, on this worker or through its owner's mailbox.
+    func deliver(_ delivery: Delivery, to session: Session) {
+        let owner = session.owner
+        if owner == index {
+            _ = session.deliver(delivery)
+        } else {
+            broker.workers[owner].post(session, delivery)
+        }
+    }
+
     // MARK: - Timeouts
 
     /// Checks every connection's connect timeout and keep-alive every `period` (one task per
@@ -261,7 +273,7 @@ final class Worker: @unchecked Sendable {
         assertOnLoop()
         if message.retain { broker.retain(message) }
         let targets = route.targets
-        if targets.isEmpty { return false }
+        if targets.isEmpty && route.groups.isEmpty { return false }
         var filling = false
         // Once a session queues the message, the others get its compacted copy.
         var message = message
@@ -282,6 +294,19 @@ final class Worker: @unchecked Sendable {
                 outgoing[owner].append((target.session, delivery))
             }
             if target.session.mayBeCongested { filling = true }
+        }
+        for group in route.groups {
+            guard let member = group.pick() else { continue }
+            let qos = min(message.qos, member.qos)
+            // QoS 1/2: the group goes with the message, so that another member gets it if this one goes.
+            let delivery = Delivery(message: message, qos: qos, retain: false, frame: nil, hooked: route.deliverHooked, group: qos == .atMostOnce ? nil : group)
+            let owner = member.session.owner
+            if owner == index {
+                if let kept = member.session.deliver(delivery) { message = kept }
+            } else {
+                outgoing[owner].append((member.session, delivery))
+            }
+            if member.session.mayBeCongested { filling = true }
         }
         for owner in outgoing.indices where !outgoing[owner].isEmpty {
             if broker.workers[owner].post(batch: &outgoing[owner]) { filling = true }
@@ -309,10 +334,12 @@ final class Worker: @unchecked Sendable {
         }
         let targets = broker.matchSubscribers(topic: topic)
         var route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
-        if !targets.isEmpty { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
+        route.groups = broker.sharedGroups(matching: topic)
+        let goesSomewhere = !targets.isEmpty || !route.groups.isEmpty
+        if goesSomewhere { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
         // wants would only fill the cache.
-        if targets.isEmpty && !route.hooked { return route }
+        if !goesSomewhere && !route.hooked { return route }
         let cost = Self.routeCost(topic: topic, route: route)
         if routeCache.count >= Self.routeCacheLimit || routeCacheBytes + cost > Self.routeCacheByteLimit {
             clearRouteCache()

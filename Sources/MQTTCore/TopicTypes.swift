@@ -221,3 +221,53 @@ public struct TopicFilter: Hashable, Sendable, CustomStringConvertible {
         return p.count == f.count
     }
 }
+
+// MARK: - Shared subscriptions
+
+/// A shared subscription's filter, `$share/GROUP/FILTER` (MQTT 5.0 §4.8.2; the broker accepts it
+/// from 3.1.1 clients too, as Mosquitto and EMQX do): each message that `filter` matches goes to
+/// one member of `group`.
+public struct SharedFilter: Hashable, Sendable {
+    /// The share name.
+    public let group: String
+    /// The filter that messages are matched against (the `$` rule and ACLs apply to it).
+    public let filter: TopicFilter
+
+    public init(group: String, filter: TopicFilter) {
+        self.group = group
+        self.filter = filter
+    }
+
+    /// Whether `filter` names a shared subscription (it starts with `$share/`); then `parse`
+    /// tells whether it is a valid one.
+    public static func isShared(_ filter: TopicFilter) -> Bool {
+        filter.string.utf8.first == UInt8(ascii: "$") && filter.string.utf8.starts(with: "$share/".utf8)
+    }
+
+    /// The group and filter of `$share/GROUP/FILTER`; nil if `filter` does not start with
+    /// `$share/`. Throws if it does but is not a valid shared subscription: the share name must be
+    /// at least one character without `/`, `+` or `#`, followed by `/` and a topic filter of at
+    /// least one character (§4.8.2).
+    public static func parse(_ filter: TopicFilter, maxLevels: Int = .max) throws(MQTTProtocolError) -> SharedFilter? {
+        guard isShared(filter) else { return nil }
+        let utf8 = filter.string.utf8
+        let groupStart = utf8.index(utf8.startIndex, offsetBy: 7)
+        guard let slash = utf8[groupStart...].firstIndex(of: UInt8(ascii: "/")) else {
+            throw .invalidTopicFilter("shared subscription without a filter")
+        }
+        let group = utf8[groupStart..<slash]
+        guard !group.isEmpty, !group.contains(UInt8(ascii: "+")), !group.contains(UInt8(ascii: "#")) else {
+            throw .invalidTopicFilter("shared subscription with an invalid share name")
+        }
+        let rest = filter.string[utf8.index(after: slash)...]
+        guard !rest.isEmpty else { throw .invalidTopicFilter("shared subscription without a filter") }
+        return SharedFilter(group: String(filter.string[groupStart..<slash]), filter: try TopicFilter(String(rest), maxLevels: maxLevels))
+    }
+
+    /// The filter that topics are matched against: the one inside a valid shared subscription's
+    /// filter, else `filter` itself.
+    public static func matching(_ filter: TopicFilter) -> TopicFilter {
+        guard isShared(filter), let shared = try? parse(filter) else { return filter }
+        return shared.filter
+    }
+}

@@ -63,6 +63,7 @@ final class RecordingObserver: SessionObserver {
         case .inflightAdded(let id, let d): text = "inflight \(id) \(String(buffer: d.message.payload))"
         case .released(let id): text = "released \(id)"
         case .acknowledged(let id): text = "acknowledged \(id)"
+        case .handedOver(let d, let id): text = "handed over \(String(buffer: d.message.payload))\(id.map { " \($0)" } ?? "")"
         case .detached: text = "detached"
         case .expired: text = "expired"
         case .ended: text = "ended"
@@ -355,5 +356,92 @@ struct CrossWorkerTests {
             for s in [s3, s4] { #expect(String(buffer: try await s.expectPublish().payload) == "6") }
             try await s1.expectNothing(for: .milliseconds(100))
         }
+    }
+}
+
+@Suite("Shared subscriptions: one member of a group gets each message")
+struct SharedSubscriptionTests {
+    private static func member(_ id: String, _ broker: Broker, filter: String, qos: QoS = .atLeastOnce, connected: Bool = true) throws -> (Session, RecordingOutbound) {
+        let session = Session(clientID: id, persistent: !connected, owner: 0, context: broker.sessionContext)
+        let out = RecordingOutbound()
+        if connected { session.outbound = out }
+        broker.subscribe(session, filter: try TopicFilter(filter), qos: qos)
+        return (session, out)
+    }
+
+    private static func publish(_ broker: Broker, _ payload: String, topic: TopicName = "t/x", qos: QoS = .atLeastOnce) {
+        broker.workers[0].publish(Message(topic: topic, payload: ByteBuffer(string: payload), qos: qos, retain: false))
+    }
+
+    @Test("in turn among the connected members (an offline one gets nothing while one is connected); plain subscribers and each other group get every message")
+    func roundRobin() async throws {
+        let (members, offlineQueued, plain, other) = try await onWorker { broker in
+            let a = try Self.member("a", broker, filter: "$share/g/t/#")
+            let b = try Self.member("b", broker, filter: "$share/g/t/+")  // another group: filters differ
+            let c = try Self.member("c", broker, filter: "$share/g/t/#")
+            let away = try Self.member("away", broker, filter: "$share/g/t/#", connected: false)
+            let plain = try Self.member("plain", broker, filter: "t/#")
+            for i in 0..<6 { Self.publish(broker, "p\(i)") }
+            return ([a.1, c.1].map { $0.sent.map(\.payload) }, away.0.queue.count, plain.1.sent.count, b.1.sent.map(\.payload))
+        }
+        #expect(members == [["p0", "p2", "p4"], ["p1", "p3", "p5"]])
+        #expect(offlineQueued == 0)
+        #expect(plain == 6)
+        #expect(other == ["p0", "p1", "p2", "p3", "p4", "p5"])
+    }
+
+    @Test("a member that goes hands what its client did not acknowledge (in flight before PUBREC, and queued) to another member; a QoS 2 message past PUBREC stays")
+    func handOver() async throws {
+        let observer = RecordingObserver()
+        let (kept, received, qos) = try await onWorker(configure: { $0.maxInflight = 2 }, observer: observer) { broker in
+            let (a, outA) = try Self.member("a", broker, filter: "$share/g/t/#", qos: .exactlyOnce)
+            let (b, outB) = try Self.member("b", broker, filter: "$share/g/t/#", qos: .atLeastOnce)
+            for i in 0..<8 { Self.publish(broker, "p\(i)", qos: .exactlyOnce) }
+            // a: p0, p2 in flight, p4, p6 queued; PUBREC for p0.
+            #expect(outA.sent.map(\.payload) == ["p0", "p2"])
+            a.pubrec(outA.sent[0].packetID!)
+            // b acknowledges all it gets (granted QoS 1).
+            var acknowledged = 0
+            func acknowledge() {
+                while acknowledged < outB.sent.count {
+                    b.puback(outB.sent[acknowledged].packetID!)
+                    acknowledged += 1
+                }
+            }
+            acknowledge()
+            a.disconnected()
+            broker.handOverShared(from: a, worker: broker.workers[0])
+            acknowledge()
+            return (a.inflight.map(\.released), outB.sent.map(\.payload), Set(outB.sent.map(\.qos)))
+        }
+        #expect(kept == [true], "the QoS 2 message past PUBREC stays with its session")
+        #expect(received == ["p1", "p3", "p5", "p7", "p2", "p4", "p6"])
+        #expect(qos == [.atLeastOnce], "at the QoS the receiving member was granted")
+        #expect(observer.of("a").filter { $0.hasPrefix("handed over") } == ["handed over p2 2", "handed over p4", "handed over p6"])
+    }
+
+    @Test("a group goes with its last member: routes are dropped, the index's nodes pruned")
+    func groupsGo() async throws {
+        let (nodesWith, nodesAfter, delivered) = try await onWorker { broker in
+            let (a, outA) = try Self.member("a", broker, filter: "$share/g/deep/a/b/c")
+            Self.publish(broker, "before", topic: "deep/a/b/c")
+            let nodesWith = broker.subscriptionNodeCount
+            broker.unsubscribe(a, filter: try TopicFilter("$share/g/deep/a/b/c"))
+            Self.publish(broker, "after", topic: "deep/a/b/c")
+            return (nodesWith, broker.subscriptionNodeCount, outA.sent.map(\.payload))
+        }
+        #expect(nodesWith == 4)
+        #expect(nodesAfter == 0)
+        #expect(delivered == ["before"])
+    }
+
+    @Test("ACLs judge the filter inside the share: allowed as the plain filter would be, denied topics under it held back")
+    func acl() throws {
+        let acl = ClientACL([ACLTable(subscribe: ["open/#", "$x/#"], deny: ["open/secret"])], clientID: "c", username: nil)
+        #expect(acl.allowsSubscribe(filter: try TopicFilter("$share/g/open/+")))
+        #expect(acl.allowsSubscribe(filter: try TopicFilter("$share/g/$x/y")))
+        #expect(!acl.allowsSubscribe(filter: try TopicFilter("$share/g/closed/#")))
+        #expect(!acl.allowsSubscribe(filter: try TopicFilter("$share/open/#")), "share name open, filter #")
+        #expect(!acl.allowsSubscribe(filter: try TopicFilter("$share/g/open/secret")))
     }
 }

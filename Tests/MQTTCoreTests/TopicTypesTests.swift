@@ -250,4 +250,20 @@ struct GenericTopicTrieTests {
         #expect(names.values(matching: Array(repeating: "+", count: depth).joined(separator: "/")) == [1])
         #expect(names.remove(topic) && names.nodeCount == 0)
     }
+
+    @Test("shared subscriptions: $share/GROUP/FILTER parsed; a bad share name or no filter refused; other filters are not shared")
+    func sharedFilters() throws {
+        let parsed = try #require(try SharedFilter.parse(TopicFilter("$share/group-1/a/+/#")))
+        #expect(parsed.group == "group-1" && parsed.filter.string == "a/+/#")
+        #expect(try SharedFilter.parse(TopicFilter("$share/g/$SYS/#"))?.filter.string == "$SYS/#")
+        #expect(try SharedFilter.parse(TopicFilter("$share/g//"))?.filter.string == "/")
+        for plain in ["a/b", "$share", "$SYS/#", "share/g/t", "$sharex/g/t", "#"] {
+            #expect(try SharedFilter.parse(TopicFilter(plain)) == nil, "\(plain)")
+        }
+        for bad in ["$share/+/t", "$share/g", "$share/g/", "$share//t", "$share/#"] {
+            #expect(throws: MQTTProtocolError.self, "\(bad)") { try SharedFilter.parse(TopicFilter(bad)) }
+        }
+        // The filter inside obeys the level limit.
+        #expect(throws: MQTTProtocolError.self) { try SharedFilter.parse(TopicFilter("$share/g/a/b/c"), maxLevels: 2) }
+    }
 }
