@@ -10,11 +10,11 @@ extension Broker {
         let worker = workers[index % workers.count]
         return ClientBootstrap(group: worker.loop)
             .channelOption(.maxMessagesPerRead, value: 16)
-            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 128, maximum: 256 * 1024))
+            .channelOption(.recvAllocator, value: Self.receiveAllocator)
             .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(broker: self, worker: worker, listener: self.unboundListener))
+                    try channel.pipeline.syncOperations.addHandler(ConnectionHandler(worker: worker, listener: self.unboundListener))
                 }
             }
             .withConnectedSocket(descriptor)

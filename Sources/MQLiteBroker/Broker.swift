@@ -194,14 +194,18 @@ public final class Broker: Sendable {
     /// (`ChannelEvent.inputClosed`) instead of closing at once, and `ConnectionHandler` closes it
     /// when its worker's tick has room. Not on TLS listeners: there an EOF without close_notify
     /// would leave NIOSSL waiting for one.
+    /// NIO keeps each channel's last receive buffer for reuse: it starts at 64 bytes (most
+    /// CONNECTs, SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than
+    /// NIO's default 2 KiB. It doubles for busy connections, within one read event (each read
+    /// that fills the buffer asks for twice as much next).
+    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64, maximum: 256 * 1024)
+
     private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
         guard let options = channel.syncOptions else { return }
         try options.setOption(.socketOption(.tcp_nodelay), value: 1)
         if halfClosure { try options.setOption(.allowRemoteHalfClosure, value: true) }
         try options.setOption(.maxMessagesPerRead, value: 16)
-        // NIO keeps each channel's last receive buffer for reuse: start it small, so an idle
-        // connection holds 128 bytes rather than 2 KiB. It grows for busy connections.
-        try options.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 128, maximum: 256 * 1024))
+        try options.setOption(.recvAllocator, value: receiveAllocator)
         try options.setOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
     }
 
@@ -221,7 +225,7 @@ public final class Broker: Sendable {
                 to: pipeline, listener: listener, logger: logger,
                 maxFrameSize: WebSocketLimits.maxFrameSize(maxPacketSize: configuration.limits.maxPacketSize))
         }
-        try pipeline.addHandler(ConnectionHandler(broker: self, worker: worker, listener: listener))
+        try pipeline.addHandler(ConnectionHandler(worker: worker, listener: listener))
     }
 
     /// How long a connection on a `proxy_protocol` listener may take to send its header:

@@ -43,6 +43,7 @@ enum DescriptorTable {
     }
 
     /// What a broker with `maxConnections` (0: no limit) reserves.
+    @discardableResult
     static func reserve(maxConnections: Int) -> Int {
         reserve(maxConnections > 0 ? maxConnections + margin : defaultReserve)
     }

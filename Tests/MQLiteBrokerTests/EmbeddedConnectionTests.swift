@@ -21,7 +21,7 @@ private struct EmbeddedBroker {
     }
 
     func connection() throws -> EmbeddedChannel {
-        let handler = ConnectionHandler(broker: broker, worker: broker.workers[0], listener: RunningListener(unboundNamed: "embedded"))
+        let handler = ConnectionHandler(worker: broker.workers[0], listener: RunningListener(unboundNamed: "embedded"))
         let channel = EmbeddedChannel(handler: handler, loop: loop)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
         return channel
