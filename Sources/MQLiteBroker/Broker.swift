@@ -439,6 +439,7 @@ public final class Broker: Sendable {
         assert(session.owner == worker.index, "a session ended off its owner")
         if session.ended { return }
         worker.sessionClaimed(session)  // no longer waiting to expire
+        handOverShared(from: session, worker: worker)
         let filters = Array(session.subscriptions.keys)
         session.subscriptions.removeAll()
         if !filters.isEmpty {
@@ -498,10 +499,10 @@ public final class Broker: Sendable {
         session.report(.unsubscribed(filter: filter))
     }
 
-    /// A member of shared subscriptions lost its connection: the messages of those subscriptions
-    /// that its client has not acknowledged go to another member of each group, where the group
-    /// has one (MQTT 5.0 §4.8.2); the rest stay with the session. On the session's owner loop,
-    /// while the session is still a member.
+    /// A member of shared subscriptions lost its client (its connection went, or the session is
+    /// discarded): the messages of those subscriptions that its client has not acknowledged go to
+    /// another member of each group, where the group has one (MQTT 5.0 §4.8.2); the rest stay with
+    /// the session. On the session's owner loop, while the session is still a member.
     func handOverShared(from session: Session, worker: Worker) {
         let taken = session.takeShared { $0.memberCount > 1 }
         for var delivery in taken {

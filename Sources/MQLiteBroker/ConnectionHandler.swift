@@ -706,17 +706,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Closes without publishing the will, with one log line: a connection that never got its
     /// session, or one whose persistent session a clean session 0 CONNECT takes over.
-    func closeWithoutWill(reason: String) {
+    func closeWithoutWill(reason: String, keepShared: Bool = false) {
         if machine.isClosed, session == nil { return }
         // The reason may quote the client (a topic, a protocol name): bounded.
         logger.info("closing connection: \(LogText(reason, limit: 512))")
-        detach(publishWill: false, reason: reason)
+        detach(publishWill: false, reason: reason, keepShared: keepShared)
         context?.close(promise: nil)
     }
 
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
-    private func detach(publishWill: Bool, reason: String) {
+    private func detach(publishWill: Bool, reason: String, keepShared: Bool = false) {
         let authenticating = machine.hookPending && !machine.isConnected && !machine.isClosed
         let wasConnected = machine.closed()
         if authenticating { broker.hooks.abandoned(connection: ObjectIdentifier(self), worker: worker.index) }
@@ -725,12 +725,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if session.outbound === self {
             session.disconnected()
         }
-        // Gone for good, not taken over: another member of its shared subscriptions' groups
-        // gets what the client did not acknowledge.
-        if session.outbound == nil { broker.handOverShared(from: session, worker: worker) }
         if !session.persistent {
-            broker.endSession(session, worker: worker)
+            broker.endSession(session, worker: worker)  // hands over what its shared subscriptions brought
         } else if !session.ended {
+            // Its client is gone (a connection taking the session over keeps it instead):
+            // another member of its shared subscriptions' groups gets what it did not acknowledge.
+            if !keepShared, session.outbound == nil { broker.handOverShared(from: session, worker: worker) }
             session.compactInflight()
             worker.sessionWentOffline(session)
         }
@@ -846,7 +846,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func takenOver(publishWill: Bool) {
         let reason = "taken over by a new connection with the same client id"
-        if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason) }
+        // Without the will, the session goes on with the new connection: what it has in flight
+        // or queued stays with it, shared subscriptions' messages too.
+        if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason, keepShared: true) }
     }
 
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in

@@ -123,6 +123,13 @@ final class Session: @unchecked Sendable {
         didSet { online.store(outbound != nil, ordering: .relaxed) }
     }
     var isOnline: Bool { online.load(ordering: .relaxed) }
+    var isBacklogged: Bool { backlogged.load(ordering: .relaxed) }
+
+    /// After the queue changed: whether it has a backlog now.
+    private func queueChanged() {
+        let now = !queue.isEmpty
+        if backlogged.load(ordering: .relaxed) != now { backlogged.store(now, ordering: .relaxed) }
+    }
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [TopicFilter: QoS] = [:]
     private(set) var inflight: [Inflight] = []
@@ -140,6 +147,9 @@ final class Session: @unchecked Sendable {
     /// Whether an outbound holds the session, for other threads (`Broker.disconnect`). Last, with
     /// the other one-byte fields, so that the object stays in a 128-byte malloc class.
     private let online = Atomic<Bool>(false)
+    /// Whether messages wait in the queue, for other workers: a shared subscription's group
+    /// passes over a member with a backlog while another member has none.
+    private let backlogged = Atomic<Bool>(false)
 
     /// What most sessions never need: a queue's accounting and congestion, an ACL that restricts
     /// receiving, an offline session's expiry, retained messages still to send, inbound QoS 2
@@ -256,6 +266,7 @@ final class Session: @unchecked Sendable {
             func matches(_ filter: TopicFilter) -> Bool { SharedFilter.matching(filter).matches(topic) }
             return revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches)
         }
+        queueChanged()
         occasional?.queuedBytes = queue.reduce(0) { $0 + $1.message.size }
     }
 
@@ -394,6 +405,7 @@ final class Session: @unchecked Sendable {
         kept.message = delivery.message.compacted()
         kept.frame = nil
         queue.append(kept)
+        queueChanged()
         more.queuedBytes += size
         checkCongestion(limits)
         report(.queued(kept))
@@ -458,7 +470,10 @@ final class Session: @unchecked Sendable {
             send(queue.removeFirst(), on: outbound)
             sent = true
         }
-        if sent { progressed(context.limits) }
+        if sent {
+            progressed(context.limits)
+            queueChanged()
+        }
         if queue.isEmpty, let occasional, occasional.droppedInEpisode > 0 {
             context.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
             occasional.droppedInEpisode = 0
@@ -509,6 +524,7 @@ final class Session: @unchecked Sendable {
                 }
             }
             queue = kept
+            queueChanged()
         }
         return taken
     }
@@ -569,6 +585,7 @@ final class Session: @unchecked Sendable {
         ended = true
         inflight.removeAll()
         queue.removeAll()
+        queueChanged()
         occasional?.retainedBacklog.removeAll()
         occasional?.queuedBytes = 0
         congestedUntil.store(0, ordering: .relaxed)

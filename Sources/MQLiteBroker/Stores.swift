@@ -168,23 +168,29 @@ final class SharedGroup: Sendable {
         }
     }
 
-    /// The next member in turn: the next connected one, or if none is connected the next one
-    /// (a persistent session offline queues the message). Never `excluding`.
+    /// The next member in turn: the next connected one without a backlog (one that cannot keep
+    /// up, or a client that stopped reading, is passed over while another can take the message),
+    /// else the next connected one, else the next one (a persistent session offline queues the
+    /// message). Never `excluding`.
     func pick(excluding: Session? = nil) -> (session: Session, qos: QoS)? {
         state.withLock { state in
             let count = state.members.count
-            var fallback: Int?
+            var connected: Int?
+            var any: Int?
             for step in 0..<count {
                 let i = (state.next &+ step) % count
                 let member = state.members[i].session
                 guard member !== excluding else { continue }
                 if member.isOnline {
-                    state.next = i &+ 1
-                    return state.members[i]
+                    if !member.isBacklogged {
+                        state.next = i &+ 1
+                        return state.members[i]
+                    }
+                    if connected == nil { connected = i }
                 }
-                if fallback == nil { fallback = i }
+                if any == nil { any = i }
             }
-            guard let i = fallback else { return nil }
+            guard let i = connected ?? any else { return nil }
             state.next = i &+ 1
             return state.members[i]
         }

@@ -160,6 +160,7 @@ final class Worker: @unchecked Sendable {
         for (session, var delivery) in draining {
             let owner = session.owner
             if owner == index {
+                if delivery.group != nil, handOnShared(delivery, from: session) { continue }
                 let original = delivery.message
                 if let shared, original.isSame(as: shared.source) { delivery.message = shared.kept }
                 if let kept = session.deliver(delivery) { shared = (original, kept) }
@@ -168,6 +169,19 @@ final class Worker: @unchecked Sendable {
                 broker.workers[owner].post(session, delivery)
             }
         }
+    }
+
+    /// A shared subscription's delivery that reached its member through the mailbox after the
+    /// member's client went (while the delivery was on its way): another member takes it, a
+    /// connected one (or any, if the session is discarded). Whether it was handed on.
+    private func handOnShared(_ delivery: Delivery, from session: Session) -> Bool {
+        guard let group = delivery.group, session.ended || !session.isOnline,
+              let member = group.pick(excluding: session), member.session.isOnline || session.ended else { return false }
+        var delivery = delivery
+        delivery.qos = min(delivery.qos, member.qos)
+        if delivery.qos == .atMostOnce { delivery.group = nil }
+        deliver(delivery, to: member.session)
+        return true
     }
 
     /// Hands `delivery` to `session`, on this worker or through its owner's mailbox.

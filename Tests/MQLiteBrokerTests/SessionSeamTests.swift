@@ -444,4 +444,52 @@ struct SharedSubscriptionTests {
         #expect(!acl.allowsSubscribe(filter: try TopicFilter("$share/open/#")), "share name open, filter #")
         #expect(!acl.allowsSubscribe(filter: try TopicFilter("$share/g/open/secret")))
     }
+
+    @Test("a member with a backlog (a client that stopped reading) is passed over while another can take the message; when it goes, its backlog goes to the others")
+    func backlog() async throws {
+        let (stuckSent, stuckQueued, other, afterwards) = try await onWorker(configure: { $0.maxInflight = 2 }) { broker in
+            let (stuck, outStuck) = try Self.member("stuck", broker, filter: "$share/g/t/#")
+            let (_, outOther) = try Self.member("other", broker, filter: "$share/g/t/#", qos: .atMostOnce)
+            outStuck.writable = false  // its socket is full: what it gets waits in its queue
+            for i in 0..<10 { Self.publish(broker, "p\(i)") }
+            let sent = outStuck.sent.count, queued = stuck.queue.count, other = outOther.sent.map(\.payload)
+            stuck.disconnected()
+            broker.endSession(stuck, worker: broker.workers[0])
+            return (sent, queued, other, outOther.sent.map(\.payload))
+        }
+        #expect(stuckSent == 0 && stuckQueued == 1, "one message, then it has a backlog")
+        #expect(other == ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"])
+        #expect(afterwards == other + ["p0"])
+    }
+
+    @Test("a delivery that reaches a member through the mailbox after its client went goes to another member; a discarded offline member's queue too")
+    func goneOnTheWay() async throws {
+        var configuration = BrokerConfiguration(workers: 1, listeners: [])
+        configuration.limits.maxInflight = 10
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let broker = Broker(configuration: configuration, hooks: NoHooks(), logger: logger)
+        let loop = broker.workers[0].loop
+        let out = try await loop.submit { () throws -> RecordingOutbound in
+            let (gone, _) = try Self.member("gone", broker, filter: "$share/g/t/#")
+            let (away, _) = try Self.member("away", broker, filter: "$share/g/t/#", connected: false)
+            let (_, out) = try Self.member("here", broker, filter: "$share/g/t/#")
+            let group = try #require(broker.sharedGroups(matching: "t/x").first)
+            func delivery(_ payload: String) -> Delivery {
+                Delivery(message: Message(topic: "t/x", payload: ByteBuffer(string: payload), qos: .atLeastOnce, retain: false),
+                         qos: .atLeastOnce, retain: false, frame: nil, group: group)
+            }
+            // Posted (as from another worker) while "gone" was connected; it goes before the drain.
+            broker.workers[0].post(gone, delivery("on its way"))
+            gone.disconnected()
+            broker.endSession(gone, worker: broker.workers[0])
+            // The offline persistent member holds a message, then its session is discarded.
+            _ = away.deliver(delivery("queued offline"))
+            broker.endSession(away, worker: broker.workers[0])
+            return out
+        }.get()
+        let received = try await loop.submit { out.sent.map(\.payload) }.get()  // after the mailbox's drain
+        await broker.shutdown()
+        #expect(received.sorted() == ["on its way", "queued offline"])
+    }
 }

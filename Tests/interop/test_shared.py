@@ -209,6 +209,29 @@ def test_a_group_prefers_connected_members_and_keeps_for_an_offline_persistent_o
     assert nothing_more(back)
 
 
+def test_a_takeover_that_keeps_the_session_keeps_its_messages(broker):
+    kept = client(broker.port, b"kept", clean=False)
+    assert subscribe(kept, [(b"$share/g/k/#", 1)]) == [1]
+    other = client(broker.port, b"other")
+    assert subscribe(other, [(b"$share/g/k/#", 1)]) == [1]
+    p = client(broker.port, b"producer")
+    for i in range(6):
+        p.sendall(publish_packet(b"k/x", b"m%d" % i, qos=1, packet_id=i + 1))
+    held = [payload for _, payload, _, _ in publishes(kept, 3)]  # not acknowledged
+    assert sorted(held + [payload for _, payload, _, _ in publishes(other, 3, ack=True)]) == [b"m%d" % i for i in range(6)]
+    # The same client id again, clean session 0: the session goes on, and so do its messages
+    # (sent again with DUP), none to the other member.
+    again = client(broker.port, b"kept", clean=False)
+    resent = []
+    while len(resent) < 3:
+        kind, body = read_packet(again)
+        if kind >> 4 == 3:
+            assert kind & 0x08, "DUP"
+            resent.append(body[7:])  # after the topic (2 + 3 bytes) and the packet id
+    assert sorted(resent) == sorted(held)
+    assert nothing_more(other)
+
+
 def test_unsubscribe_leaves_the_group(broker):
     a = client(broker.port, b"a")
     bb = client(broker.port, b"b")
