@@ -103,7 +103,7 @@ struct HTTPRequestTests {
     func timeoutBehindTheConnections() async throws {
         let script = """
             mqlite.on_publish("w/#", function(m)
-              local status, message = mqlite.http.request{ url = mqlite.options.base .. "/delay/400", timeout = 0.6 }
+              local status, message = mqlite.http.request{ url = mqlite.options.base .. "/delay/1000", timeout = 1.6 }
               return { payload = tostring(status) .. " " .. tostring(message) }
             end)
             """
