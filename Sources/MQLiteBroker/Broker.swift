@@ -444,18 +444,8 @@ public final class Broker: Sendable {
         session.subscriptions.removeAll()
         if !filters.isEmpty {
             subscriptionCount.subtract(filters.count, ordering: .relaxed)
-            var plain: [TopicFilter] = []
-            var changed: [TopicFilter] = []
-            for filter in filters {
-                if let shared = Self.shared(filter) {
-                    subscriptions.remove(shared: shared, session: session)
-                    changed.append(shared.filter)
-                } else {
-                    plain.append(filter)
-                    changed.append(filter)
-                }
-            }
-            if !plain.isEmpty { subscriptions.remove(filters: plain, session: session) }
+            subscriptions.remove(filters: filters, session: session)
+            let changed = filters.map(SharedFilter.matching)
             for worker in workers { worker.subscriptionsChanged(changed) }
         }
         session.end()
@@ -466,22 +456,12 @@ public final class Broker: Sendable {
 
     // MARK: - Subscriptions
 
-    /// The group and filter of a shared subscription's filter (`$share/GROUP/FILTER`), nil for
-    /// any other. The filters that reach the broker were checked when they were subscribed.
-    static func shared(_ filter: TopicFilter) -> SharedFilter? {
-        (try? SharedFilter.parse(filter)) ?? nil
-    }
-
     func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
         workers[session.owner].assertOnLoop()
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
-        if let shared = Self.shared(filter) {
-            subscriptions.insert(shared: shared, session: session, qos: qos)
-            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(shared.filter)) }
-        } else {
-            subscriptions.insert(filter: filter, session: session, qos: qos)
-            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
-        }
+        subscriptions.insert(filter: filter, session: session, qos: qos)
+        // Routes follow the filter that topics are matched against (a shared one's inner filter).
+        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
         session.report(.subscribed(filter: filter, qos: qos))
     }
 
@@ -489,13 +469,8 @@ public final class Broker: Sendable {
         workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
         subscriptionCount.subtract(1, ordering: .relaxed)
-        if let shared = Self.shared(filter) {
-            subscriptions.remove(shared: shared, session: session)
-            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(shared.filter)) }
-        } else {
-            subscriptions.remove(filters: [filter], session: session)
-            for worker in workers { worker.subscriptionsChanged(CollectionOfOne(filter)) }
-        }
+        subscriptions.remove(filters: [filter], session: session)
+        for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
         session.report(.unsubscribed(filter: filter))
     }
 

@@ -21,15 +21,14 @@ protocol SessionRegistry: Sendable {
 /// Filters → the sessions subscribed and their granted QoS. A change here must be told to the
 /// workers' route caches (`Worker.subscriptionsChanged`); the broker does that.
 protocol SubscriptionIndex: Sendable {
+    /// A shared subscription's filter (`$share/GROUP/FILTER`, checked when subscribed) adds
+    /// `session` to that group; removing it takes the session out, and a group left without
+    /// members goes.
     func insert(filter: TopicFilter, session: Session, qos: QoS)
     func remove(filters: [TopicFilter], session: Session)
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
     func matches(topic: TopicName) -> [(session: Session, qos: QoS)]
-    /// Adds `session` to the group of a shared subscription (`$share/GROUP/FILTER`).
-    func insert(shared: SharedFilter, session: Session, qos: QoS)
-    /// Takes `session` out of the group; a group left without members goes.
-    func remove(shared: SharedFilter, session: Session)
     /// The shared subscription groups whose filter matches `topic`.
     func sharedGroups(matching topic: TopicName) -> [SharedGroup]
     /// Nodes of the index (tests: emptied branches are pruned).
@@ -80,13 +79,27 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
     private let sharedGroupCount = Atomic<Int>(0)
 
     func insert(filter: TopicFilter, session: Session, qos: QoS) {
+        if let shared = Self.shared(filter) { return insert(shared: shared, session: session, qos: qos) }
         trie.withLock { $0.insert(filter: filter.string, key: ObjectIdentifier(session), value: (session, qos)) }
     }
 
     func remove(filters: [TopicFilter], session: Session) {
-        trie.withLock { trie in
-            for filter in filters { trie.remove(filter: filter.string, key: ObjectIdentifier(session)) }
+        var plain = filters
+        if filters.contains(where: SharedFilter.isShared) {
+            plain.removeAll { filter in
+                guard let shared = Self.shared(filter) else { return false }
+                remove(shared: shared, session: session)
+                return true
+            }
         }
+        trie.withLock { trie in
+            for filter in plain { trie.remove(filter: filter.string, key: ObjectIdentifier(session)) }
+        }
+    }
+
+    /// The group and filter of a shared subscription's filter; nil for any other.
+    private static func shared(_ filter: TopicFilter) -> SharedFilter? {
+        (try? SharedFilter.parse(filter)) ?? nil
     }
 
     func matches(topic: TopicName) -> [(session: Session, qos: QoS)] {
@@ -101,7 +114,7 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
         }
     }
 
-    func insert(shared: SharedFilter, session: Session, qos: QoS) {
+    private func insert(shared: SharedFilter, session: Session, qos: QoS) {
         sharedTrie.withLock { trie in
             trie.update(shared.filter.string) { groups in
                 if let group = groups?[shared.group] { return group.add(session, qos: qos) }
@@ -114,7 +127,7 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
         }
     }
 
-    func remove(shared: SharedFilter, session: Session) {
+    private func remove(shared: SharedFilter, session: Session) {
         sharedTrie.withLock { trie in
             guard trie.value(at: shared.filter.string)?[shared.group] != nil else { return }
             trie.update(shared.filter.string) { groups in

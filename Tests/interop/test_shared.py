@@ -6,7 +6,7 @@ import time
 import pytest
 
 from conftest import Broker, wait_for
-from test_hostile import connect_packet, publish_packet, remaining_length, rss_kib, settle
+from test_hostile import connect_packet, publish_packet, read_exactly, remaining_length, rss_kib, settle
 from test_interop import paho_client, pub, start, sub_process
 
 
@@ -25,25 +25,15 @@ def subscribe(sock, filters, packet_id=1):
 def read_packet(sock, timeout=5):
     """One MQTT packet: its first byte and its body."""
     sock.settimeout(timeout)
-    first = recv_exactly(sock, 1)[0]
+    first = read_exactly(sock, 1)[0]
     length, shift = 0, 0
     while True:
-        byte = recv_exactly(sock, 1)[0]
+        byte = read_exactly(sock, 1)[0]
         length |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:
             break
-    return first, recv_exactly(sock, length)
-
-
-def recv_exactly(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
+    return first, read_exactly(sock, length)
 
 
 def client(port, client_id, clean=True):
