@@ -15,7 +15,13 @@ final class Worker: @unchecked Sendable {
     /// have stopped.
     let broker: Broker
 
-    private let mailbox = Mutex<[(Session, Delivery)]>([])
+    /// Deliveries from other loops, and the publishers waiting for them to drain: one lock, so
+    /// that a waiter cannot register between a drain and its wake-up and then wait for ever.
+    private let mailbox = Mutex<Mailbox>(Mailbox())
+    private struct Mailbox: ~Copyable {
+        var items: [(Session, Delivery)] = []
+        var drainWaiters: [@Sendable () -> Void] = []
+    }
     /// Filters whose subscriptions changed since this worker's route cache last looked (another
     /// worker's SUBSCRIBE, UNSUBSCRIBE or session end). Only the routes they match are dropped.
     private let changedFilters = Mutex<ChangedFilters>(ChangedFilters())
@@ -89,9 +95,9 @@ final class Worker: @unchecked Sendable {
     /// Returns whether the mailbox is over its high-water mark (the publisher should hold back).
     @discardableResult
     func post(_ session: Session, _ delivery: Delivery) -> Bool {
-        let count = mailbox.withLock { items in
-            items.append((session, delivery))
-            return items.count
+        let count = mailbox.withLock { box in
+            box.items.append((session, delivery))
+            return countChanged(box)
         }
         return posted(count: count, added: 1)
     }
@@ -101,16 +107,23 @@ final class Worker: @unchecked Sendable {
     @discardableResult
     func post(batch: inout [(Session, Delivery)]) -> Bool {
         let added = batch.count
-        let count = mailbox.withLock { items in
-            items.append(contentsOf: batch)
-            return items.count
+        let count = mailbox.withLock { box in
+            box.items.append(contentsOf: batch)
+            return countChanged(box)
         }
         batch.removeAll(keepingCapacity: true)
         return posted(count: count, added: added)
     }
 
-    private func posted(count: Int, added: Int) -> Bool {
+    /// Publishes the count for `mailboxIsFull`, under the lock: stored after it, a post's count
+    /// could land after the drain that emptied the mailbox, and stay.
+    private func countChanged(_ box: borrowing Mailbox) -> Int {
+        let count = box.items.count
         mailboxCount.store(count, ordering: .relaxed)
+        return count
+    }
+
+    private func posted(count: Int, added: Int) -> Bool {
         if count == added { loop.execute { self.drainMailbox() } }
         return count > mailboxHighWater
     }
@@ -121,39 +134,35 @@ final class Worker: @unchecked Sendable {
     /// max_queued, so that one drain cannot overflow a queue), until it is under a quarter of that.
     private let mailboxHighWater: Int
     private var mailboxLowWater: Int { mailboxHighWater / 4 }
-    /// Publishers to wake once the mailbox is drained.
-    private let drainWaiters = Mutex<[@Sendable () -> Void]>([])
-    private let hasDrainWaiters = Atomic<Bool>(false)
 
     /// Whether the mailbox is over its low-water mark.
     var mailboxIsFull: Bool { mailboxCount.load(ordering: .relaxed) > mailboxLowWater }
 
-    /// Runs `wake` (on the draining thread) once the mailbox is under its low-water mark.
+    /// Runs `wake` once the mailbox is under its low-water mark: at once (on this thread) if it
+    /// is already, else on the draining thread.
     func whenMailboxDrains(_ wake: @escaping @Sendable () -> Void) {
-        drainWaiters.withLock { $0.append(wake) }
-        hasDrainWaiters.store(true, ordering: .releasing)
-        if !mailboxIsFull { wakeDrainWaiters() }
-    }
-
-    private func wakeDrainWaiters() {
-        guard hasDrainWaiters.exchange(false, ordering: .acquiringAndReleasing) else { return }
-        let waiters = drainWaiters.withLock { waiters in
-            defer { waiters.removeAll() }
-            return waiters
+        let lowWater = mailboxLowWater
+        let now = mailbox.withLock { box in
+            if box.items.count <= lowWater { return true }
+            box.drainWaiters.append(wake)
+            return false
         }
-        for wake in waiters { wake() }
+        if now { wake() }
     }
 
     private func drainMailbox() {
         beginBatch()
         defer { flushDirty() }
         assertOnLoop()
-        mailbox.withLock { items in
-            swap(&items, &draining)
+        let waiters = mailbox.withLock { box in
+            swap(&box.items, &draining)
             mailboxCount.store(0, ordering: .relaxed)
+            guard !box.drainWaiters.isEmpty else { return [@Sendable () -> Void]() }
+            defer { box.drainWaiters.removeAll() }
+            return box.drainWaiters
         }
         defer { draining.removeAll(keepingCapacity: true) }
-        wakeDrainWaiters()
+        for wake in waiters { wake() }
         // A publish to several sessions here posts them one after another: the first that
         // queues the message compacts it, and the others share that copy.
         var shared: (source: Message, kept: Message)?

@@ -1,3 +1,5 @@
+import Dispatch
+import Foundation
 import Logging
 import MQLiteTestSupport
 import MQTTCore
@@ -356,6 +358,43 @@ struct CrossWorkerTests {
             for s in [s3, s4] { #expect(String(buffer: try await s.expectPublish().payload) == "6") }
             try await s1.expectNothing(for: .milliseconds(100))
         }
+    }
+}
+
+@Suite("Worker mailbox")
+struct MailboxTests {
+    @Test("a publisher waiting for a full mailbox is always woken: posts from another thread racing the drains, every wait ends")
+    func drainWakesEveryWaiter() async throws {
+        var configuration = BrokerConfiguration(workers: 1, listeners: [])
+        configuration.limits.maxQueued = 1000  // high water 250, low water 62
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let broker = Broker(configuration: configuration, hooks: NoHooks(), logger: logger)
+        let worker = broker.workers[0]
+        let session = Session(clientID: "m", persistent: false, owner: 0, context: broker.sessionContext)
+        let message = delivery("x", qos: .atMostOnce)
+        // Off the loop, as another worker posts: a batch over the low-water mark, then a wait
+        // for the drain. A count left stale by a drain racing the post, or a wake-up lost
+        // between the check and the registration, would leave a wait unanswered.
+        let missed = await withCheckedContinuation { (done: CheckedContinuation<Int, Never>) in
+            Thread.detachNewThread {
+                var missed = 0
+                var batch: [(Session, Delivery)] = []
+                for _ in 0..<3000 {
+                    for _ in 0..<2 {  // the second lands while the drain the first asked for may run
+                        batch.append(contentsOf: repeatElement((session, message), count: 100))
+                        worker.post(batch: &batch)
+                    }
+                    let woken = DispatchSemaphore(value: 0)
+                    worker.whenMailboxDrains { woken.signal() }
+                    if woken.wait(timeout: .now() + 2) == .timedOut { missed += 1 }
+                }
+                done.resume(returning: missed)
+            }
+        }
+        #expect(missed == 0)
+        #expect(!worker.mailboxIsFull)
+        await broker.shutdown()
     }
 }
 
