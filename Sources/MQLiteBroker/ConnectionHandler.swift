@@ -31,6 +31,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private var counted = false
     private var isDirty = false
     private var holdBackCheckPending = false
+    /// What this client speaks (kept in the machine's spare byte).
+    private var version: ProtocolVersion {
+        get { machine.version }
+        set { machine.version = newValue }
+    }
 
     /// Output held back in the batch buffer beyond this counts as "socket cannot take more".
     private static let maxBatchedBytes = 1 << 20
@@ -109,7 +114,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func checkTimeouts(now: NIODeadline, closing: Bool) {
         let limit = broker.configuration.limits.connectTimeout
         switch machine.timeoutCheck(now: now, connectTimeout: limit, heldBack: holdBack != nil, closing: closing) {
-        case .close(let reason):
+        case .close(let reason, let code):
+            tellV5(code)
             closeWithWill(reason: reason)
         case .tidy:
             // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
@@ -147,9 +153,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Decodes and handles the packets in `buffer`, keeping what is left (an incomplete packet,
     /// or everything after the point where back-pressure paused this client) for later.
     private func process(_ buffer: inout ByteBuffer) {
-        var decoder = worker.decoder  // stateless: the limits only
+        let decoder = worker.decoder  // stateless: the limits only
         do {
-            while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer) {
+            while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(packet))
                 if machine.isClosed { return }
             }
@@ -163,6 +169,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if let connack {
                 if Int(connack.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(connack.rawValue)] &+= 1 }
                 writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack)))
+            } else if version == .v5, machine.isConnected {
+                // MQTT 5 says why before closing (§4.13.1).
+                writePacket(.disconnectV5(DisconnectPacket(reasonCode: error.reasonCode)))
             }
             closeWithWill(reason: reason)
         }
@@ -224,6 +233,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .pubrec(let id):
             session?.pubrec(id)
             writePacket(.pubrel(packetID: id))
+        case .pubrecRefused(let id):
+            session?.pubrecRefused(id)
         case .pubcomp(let id):
             session?.pubcomp(id)
         case .pubrel(let id):
@@ -235,32 +246,54 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .unsubscribe(let unsubscribe):
             guard let session else { return }
             // (`unsubscribed` is a notification: nothing waits for a hook that waits.)
+            var codes: [ReasonCode] = []
             for filter in unsubscribe.filters {
-                let subscribed = broker.unsubscribe(session, named: TopicFilter(alreadyValidated: filter))
+                let named = TopicFilter(alreadyValidated: filter)
+                if version == .v5 { codes.append(session.isSubscribed(named: named) ? .success : .noSubscriptionExisted) }
+                let subscribed = broker.unsubscribe(session, named: named)
                 broker.hooks.unsubscribed(
                     UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed.string),
                     worker: worker.index)
             }
-            writePacket(.unsuback(packetID: unsubscribe.packetID))
+            writePacket(version == .v5
+                ? .unsubackV5(UnsubackPacket(packetID: unsubscribe.packetID, reasonCodes: codes)) : .unsuback(packetID: unsubscribe.packetID))
         case .ping:
             writePacket(.pingresp)
         case .disconnect:
             detach(publishWill: false, reason: "disconnected")
             flushOutput()
             context?.close(promise: nil)
-        case .close(let reason):
+        case .disconnectV5(let disconnect):
+            // Any code but 0 keeps the will (0x04 asks for it; the others report an error).
+            let code = disconnect.reasonCode
+            detach(publishWill: code != .normalDisconnection, reason: "disconnected (reason code 0x\(String(code.rawValue, radix: 16)))")
+            flushOutput()
+            context?.close(promise: nil)
+        case .close(let reason, let code):
+            tellV5(code)
             closeWithWill(reason: reason)
         }
     }
 
+    /// An MQTT 5 client, once connected, hears why the server closes (DISCONNECT with `code`).
+    private func tellV5(_ code: ReasonCode) {
+        if version == .v5, machine.isConnected { writePacket(.disconnectV5(DisconnectPacket(reasonCode: code))) }
+    }
+
     private func handleConnect(_ connect: ConnectPacket) {
+        if connect.protocolVersion == .v5 { version = .v5 }
         var clientID = connect.clientID
         if clientID.isEmpty {
-            guard connect.cleanSession else { return refuse(.identifierRejected, "empty client id with clean session 0") }
+            // MQTT 5 lets a client with an empty id keep a session (Clean Start 0): it is new anyway.
+            guard connect.cleanSession || version == .v5 else { return refuse(.identifierRejected, "empty client id with clean session 0") }
             clientID = "mqlite-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         }
-        if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive {
+        // MQTT 5 has the server's keep-alive take its place instead (Server Keep Alive in CONNACK).
+        if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive, version != .v5 {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
+        }
+        if version == .v5, let method = connect.properties.authenticationMethod {
+            return refuse(reason: .badAuthenticationMethod, "authentication method \"\(LogText(method, limit: 64))\" (no extended authentication)")
         }
         var username = connect.username
         var password = connect.password
@@ -322,8 +355,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
             return refuse(.notAuthorized, "will topic denied by ACL")
         }
-        will = connect.will.map(Box.init)
-        machine.connectAccepted(keepAlive: connect.keepAlive, now: .now())
+        will = connect.will.map { will in
+            var will = will
+            will.properties = connect.willProperties
+            return Box(will)
+        }
+        let keepAlive = min(connect.keepAlive, UInt16(clamping: broker.configuration.limits.maxKeepAlive))
+        let connack = version == .v5 ? connackProperties(connect, keepAlive: keepAlive) : MQTTProperties()
+        machine.connectAccepted(keepAlive: keepAlive, now: .now())
         updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
@@ -334,8 +373,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 // A newer CONNECT with this client id won the session before this one attached.
                 return this.value.closeWithoutWill(reason: "taken over by a newer connection with the same client id")
             }
-            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration)
+            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration, connack: connack)
         }
+    }
+
+    /// What an MQTT 5 CONNACK tells the client: what this broker supports, and what it decided
+    /// for the client (an assigned client id, a keep-alive of its own).
+    private func connackProperties(_ connect: ConnectPacket, keepAlive: UInt16) -> MQTTProperties {
+        var properties = MQTTProperties()
+        if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
+        if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
+        // The packet size counts the fixed header too (at most 5 bytes past max_packet_size).
+        properties.maximumPacketSize = UInt32(clamping: broker.configuration.limits.maxPacketSize + 5)
+        properties.subscriptionIdentifierAvailable = false
+        // Retain, wildcard and shared subscriptions are available: their absence says so; so
+        // does Topic Alias Maximum's (0: none).
+        return properties
     }
 
     /// What the TLS handshake told of the client: its certificate, which was verified against
@@ -350,7 +403,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
     }
 
-    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int) {
+    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int, connack: MQTTProperties) {
         guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
@@ -360,7 +413,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
         updateReading()
-        writePacket(.connack(ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
+        writePacket(.connack(version == .v5
+            ? ConnackPacket(sessionPresent: sessionPresent, reasonCode: .success, properties: connack)
+            : ConnackPacket(sessionPresent: sessionPresent, returnCode: .accepted)))
         logger.debug("connected", metadata: ["session_present": "\(sessionPresent)"])
         broker.hooks.connected(clientInfo, worker: worker.index)
         // (A session kept from before keeps its filters: what the client's ACL does not allow is
@@ -430,9 +485,20 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func refuse(_ code: ConnectReturnCode, _ reason: String) {
+        refuse(ConnackPacket(sessionPresent: false, returnCode: code), reason)
+    }
+
+    /// Refuses with an MQTT 5 reason code (a 3.1.1 client gets the nearest return code).
+    private func refuse(reason code: ReasonCode, _ reason: String) {
+        refuse(ConnackPacket(sessionPresent: false, reasonCode: code), reason)
+    }
+
+    private func refuse(_ connack: ConnackPacket, _ reason: String) {
+        let code = connack.returnCode
         if Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
-        logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(code.rawValue)"])
-        writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: code)))
+        let shown = version == .v5 ? connack.reasonCode.rawValue : code.rawValue
+        logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(shown)"])
+        writePacket(.connack(connack))
         machine.connectRefused()
         flushOutput()
         context?.close(promise: nil)
@@ -441,6 +507,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
+        // Only an MQTT 5 PUBLISH has properties.
+        if !publish.properties.isEmpty, let (code, reason) = Self.refusedProperties(publish.properties) {
+            tellV5(code)
+            return closeWithWill(reason: reason)
+        }
         // Validated by the decoder, which counted its levels: only its hash is computed here.
         let topic = publish.topicLevels != 0
             ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
@@ -448,18 +519,44 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
         case .atLeastOnce:
-            writePacket(.puback(packetID: publish.packetID!))
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+            let id = publish.packetID!
+            writePacket(version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id))
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
         case .exactlyOnce:
             let id = publish.packetID!
-            writePacket(.pubrec(packetID: id))
+            let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
+            writePacket(ack)
+            // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
+            if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
             }
         }
+    }
+
+    /// An MQTT 5 PUBACK or PUBREC: it says when the ACL refuses the message (0x87) or when nobody
+    /// subscribes to it (0x10; not known when a publish hook may change the topic).
+    private func ack(_ kind: AckPacket.Kind, _ id: UInt16, for topic: TopicName) -> MQTTPacket {
+        var code = ReasonCode.success
+        if !mayPublish(topic) {
+            code = .notAuthorized
+        } else {
+            let route = worker.route(for: topic)
+            if !route.hooked, route.targets.isEmpty, route.groups.isEmpty { code = .noMatchingSubscribers }
+        }
+        if code == .success { return kind == .puback ? .puback(packetID: id) : .pubrec(packetID: id) }
+        return .ackV5(AckPacket(kind, packetID: id, reasonCode: code))
+    }
+
+    /// What a client may not put in a PUBLISH: a topic alias (this broker announces a Topic Alias
+    /// Maximum of 0) or a subscription identifier (§3.3.4).
+    private static func refusedProperties(_ properties: MQTTProperties) -> (ReasonCode, String)? {
+        if properties.topicAlias != nil { return (.topicAliasInvalid, "topic alias in PUBLISH (Topic Alias Maximum is 0)") }
+        if !properties.subscriptionIdentifiers.isEmpty { return (.protocolError, "subscription identifier in a client's PUBLISH") }
+        return nil
     }
 
     /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
@@ -475,12 +572,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool) {
+    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, properties: MQTTProperties) {
         guard mayPublish(topic) else {
             worker.stats.droppedACL &+= 1
             return
         }
-        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain)
+        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, properties: properties)
         let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).
@@ -520,7 +617,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func publishChanged(_ m: HookedMessage, original: HookedMessage, route: Worker.Route) {
         // Same topic (a payload or QoS transform): the checked topic bytes and route serve.
         if m.topic == original.topic {
-            publish(Message(topic: original.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: route)
+            publish(Message(topic: original.topic, payload: m.payload, qos: m.qos, retain: m.retain, properties: m.properties), along: route)
             return
         }
         // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
@@ -532,7 +629,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         // A rewritten topic is checked against the ACL again.
         guard mayPublish(m.topic) else { return }
-        publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain), along: worker.route(for: m.topic))
+        publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, properties: m.properties), along: worker.route(for: m.topic))
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
@@ -737,7 +834,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if publishWill, let will = will?.value {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it.
-            route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain)
+            route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: will.properties)
         }
         will = nil
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }
@@ -780,7 +877,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func writePacket(_ packet: MQTTPacket) {
-        appendOutput { $0.writeMQTTPacket(packet) }
+        appendOutput { $0.writeMQTTPacket(packet, version: version) }
     }
 
     func writePubrel(packetID: UInt16) {
@@ -848,12 +945,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let reason = "taken over by a new connection with the same client id"
         // Without the will, the session goes on with the new connection: what it has in flight
         // or queued stays with it, shared subscriptions' messages too.
+        tellV5(.sessionTakenOver)
         if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason, keepShared: true) }
     }
 
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in
     /// the frame; it goes to the socket as its own (shared) buffer.
-    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
+    func writeQoS0(frame: ByteBuffer, message: Message) {
+        // The frame is 3.1.1's; a 5.0 PUBLISH has properties after the topic.
+        if version == .v5 { return writePublish(message, qos: .atMostOnce, packetID: nil, retain: false, dup: false) }
+        let payload = message.payload
         worker.stats.messagesSent.qos0 &+= 1
         worker.stats.bytesSent.qos0 &+= payload.readableBytes
         if payload.readableBytes > largePayloadThreshold {
@@ -873,15 +974,28 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if message.payload.readableBytes > largePayloadThreshold {
             guard let context else { return }
             writeBatch()
-            var header = context.channel.allocator.buffer(capacity: message.topic.count + 9)
-            header.writePublishHeader(
-                topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+            var header = context.channel.allocator.buffer(capacity: message.topic.count + 10)
+            if version == .v5 {
+                header.writePublishHeader(
+                    topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID,
+                    properties: message.properties)
+            } else {
+                header.writePublishHeader(
+                    topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID)
+            }
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(message.payload), promise: nil)
             markDirty()
         } else {
             appendOutput {
-                $0.writePublish(topic: message.topic.bytes, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                if version == .v5 {
+                    $0.writePublishHeader(
+                        topic: message.topic.bytes, payloadLength: message.payload.readableBytes, qos: qos, retain: retain, dup: dup, packetID: packetID,
+                        properties: message.properties)
+                    $0.writeImmutableBuffer(message.payload)
+                } else {
+                    $0.writePublish(topic: message.topic.bytes, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID)
+                }
             }
         }
     }

@@ -35,8 +35,21 @@ struct ConnectionStateMachine {
     private(set) var lastRead: NIODeadline
     /// 1.5 x the client's keep-alive in milliseconds (zero: no check).
     private var keepAliveMilliseconds: UInt32 = 0
+    /// `hookPending` (bit 7) and `version` (the protocol level) in one byte.
+    private var bits = ProtocolVersion.v3_1_1.rawValue
+
     /// A hook is answering for this client (`hookStarted`): its packets wait.
-    private(set) var hookPending = false
+    private(set) var hookPending: Bool {
+        get { bits & 0x80 != 0 }
+        set { bits = newValue ? bits | 0x80 : bits & 0x7F }
+    }
+
+    /// What the client speaks: 3.1.1 (3.1 is read and written as 3.1.1) until its CONNECT asks
+    /// for 5.0. The handler sets it.
+    var version: ProtocolVersion {
+        get { ProtocolVersion(rawValue: bits & 0x7F) ?? .v3_1_1 }
+        set { bits = (bits & 0x80) | newValue.rawValue }
+    }
 
     init(now: NIODeadline) {
         lastRead = now
@@ -116,6 +129,9 @@ struct ConnectionStateMachine {
         /// Outgoing QoS 2 received: release it, and answer PUBREL (even for an id not in flight,
         /// as Mosquitto, so a client that kept its state across a lost session completes its flow).
         case pubrec(UInt16)
+        /// MQTT 5: outgoing QoS 2 refused by the client (PUBREC with a failure code): it is done,
+        /// with no PUBREL.
+        case pubrecRefused(UInt16)
         /// Outgoing QoS 2 complete.
         case pubcomp(UInt16)
         /// Incoming QoS 2 released: forget the id, answer PUBCOMP.
@@ -126,8 +142,12 @@ struct ConnectionStateMachine {
         case ping
         /// DISCONNECT: close without the will (then `closed()`: nothing after it is handled).
         case disconnect
-        /// A protocol violation: close, publishing the will (then `closed()`).
-        case close(reason: String)
+        /// MQTT 5 DISCONNECT with a reason code or properties: close, publishing the will unless
+        /// the code is 0 (then `closed()`).
+        case disconnectV5(DisconnectPacket)
+        /// A protocol violation: close, publishing the will (then `closed()`); an MQTT 5 client is
+        /// told `code` first.
+        case close(reason: String, code: ReasonCode = .protocolError)
     }
 
     mutating func packetReceived(_ packet: MQTTPacket) -> PacketAction {
@@ -160,9 +180,17 @@ struct ConnectionStateMachine {
             case .pingreq: return .ping
             case .disconnect: return .disconnect
             case .connect: return .close(reason: "second CONNECT")
-            case .connack, .suback, .unsuback, .pingresp: return .close(reason: "\(packet.type) is sent by servers only")
-            case .ackV5, .unsubackV5, .disconnectV5, .auth:
-                return .close(reason: "\(packet.type) with MQTT 5 fields: AUTH and reason codes are MQTT 5 only")
+            case .connack, .suback, .unsuback, .unsubackV5, .pingresp: return .close(reason: "\(packet.type) is sent by servers only")
+            // (Only a connection decoded as MQTT 5 has these.)
+            case .ackV5(let ack):
+                switch ack.kind {
+                case .puback: return .puback(ack.packetID)
+                case .pubrec: return ack.reasonCode.isFailure ? .pubrecRefused(ack.packetID) : .pubrec(ack.packetID)
+                case .pubrel: return .pubrel(ack.packetID)
+                case .pubcomp: return .pubcomp(ack.packetID)
+                }
+            case .disconnectV5(let disconnect): return .disconnectV5(disconnect)
+            case .auth: return .close(reason: "AUTH, but the client's CONNECT named no authentication method")
             }
         }
     }
@@ -213,7 +241,7 @@ struct ConnectionStateMachine {
     enum TimeoutAction: Equatable {
         case none
         /// Close, publishing the will.
-        case close(reason: String)
+        case close(reason: String, code: ReasonCode)
         /// Connected and in time: let in-flight messages stop pinning read buffers.
         case tidy
     }
@@ -225,9 +253,11 @@ struct ConnectionStateMachine {
     func timeoutCheck(now: NIODeadline, connectTimeout: TimeAmount, heldBack: Bool, closing: Bool) -> TimeoutAction {
         switch state {
         case .awaitingConnect where closing && now - lastRead >= connectTimeout:
-            return .close(reason: hookPending ? "no CONNACK within connect_timeout: the connect hooks were still answering" : "no CONNECT within connect_timeout")
+            return .close(
+                reason: hookPending ? "no CONNACK within connect_timeout: the connect hooks were still answering" : "no CONNECT within connect_timeout",
+                code: .maximumConnectTime)
         case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack && !hookPending:
-            return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)")
+            return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)", code: .keepAliveTimeout)
         case .connected:
             return .tidy
         default:

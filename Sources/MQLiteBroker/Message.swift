@@ -16,7 +16,11 @@ extension ApplicationMessage {
         storage.writeImmutableBuffer(topic.bytes)
         storage.writeImmutableBuffer(payload)
         let t = storage.readSlice(length: topic.count)!
-        return Message(topic: topic.rebased(onto: t), payload: storage, qos: qos, retain: retain, isCompact: true)
+        var properties = self.properties
+        if let data = properties.correlationData {  // an MQTT 5 property read as a slice too
+            properties.correlationData = ByteBuffer(bytes: data.readableBytesView)
+        }
+        return Message(topic: topic.rebased(onto: t), payload: storage, qos: qos, retain: retain, isCompact: true, properties: properties)
     }
 
     /// Bytes this message accounts for in a queue.
@@ -30,6 +34,7 @@ extension ApplicationMessage {
                 && a.withUnsafeReadableBytes { x in b.withUnsafeReadableBytes { y in x.baseAddress == y.baseAddress } }
         }
         return qos == other.qos && retain == other.retain && same(payload, other.payload) && same(topic.bytes, other.topic.bytes)
+            && properties.isSame(as: other.properties)
     }
 }
 

@@ -13,7 +13,7 @@ protocol SessionOutbound: AnyObject {
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool)
     /// A QoS 0 PUBLISH frame shared by every QoS 0 subscriber of one publish
     /// (`Message.encodeQoS0Frame`); `payload` goes out after it when the frame leaves it out.
-    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer)
+    func writeQoS0(frame: ByteBuffer, message: Message)
     func writePubrel(packetID: UInt16)
     /// Asks for `Session.pump` again once the loop has served others.
     func pumpSoon()
@@ -273,6 +273,11 @@ final class Session: @unchecked Sendable {
     /// Whether an `on_subscribe` hook rewrote a filter this client still names.
     var hasRenamedSubscriptions: Bool { !(occasional?.names.isEmpty ?? true) }
 
+    /// Whether the client holds a subscription it named `name` (rewritten by a hook or not).
+    func isSubscribed(named name: TopicFilter) -> Bool {
+        subscriptions[hasRenamedSubscriptions ? more.names.filter(named: name) : name] != nil
+    }
+
     /// The filters the client named and what they are subscribed as (owner loop).
     func withSubscriptionNames<T>(_ body: (inout SubscriptionNames) -> T) -> T {
         body(&more.names)
@@ -433,7 +438,7 @@ final class Session: @unchecked Sendable {
         }
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame {
-                outbound.writeQoS0(frame: frame, payload: delivery.message.payload)
+                outbound.writeQoS0(frame: frame, message: delivery.message)
             } else {
                 outbound.writePublish(delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
@@ -560,6 +565,16 @@ final class Session: @unchecked Sendable {
         inflight[i].released = true
         inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
         report(.released(packetID: id))
+    }
+
+    /// MQTT 5: the client refused a QoS 2 message (PUBREC with a failure code): it is done.
+    func pubrecRefused(_ id: UInt16) {
+        assertOnOwner()
+        if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) {
+            inflight.remove(at: i)
+            report(.acknowledged(packetID: id))
+            pump()
+        }
     }
 
     func pubcomp(_ id: UInt16) {

@@ -78,7 +78,9 @@ final class Worker: @unchecked Sendable {
         self.outgoing = Array(repeating: [], count: workerCount)
         self.stats = WorkerStats(listeners: broker.configuration.listeners.count)
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
-        self.decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels)
+        self.decoder = MQTTDecoder(
+            maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels,
+            acceptedVersions: broker.configuration.protocolVersions)
     }
 
     /// Spreads a storm of CONNECTs over this loop's ticks.

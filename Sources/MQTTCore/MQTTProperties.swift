@@ -135,6 +135,9 @@ public struct MQTTProperties: Equatable, Sendable {
 
     var values: Values { storage?.values ?? Values.empty }
 
+    /// Whether both are the same storage (or both empty): a check that compares no values.
+    public func isSame(as other: MQTTProperties) -> Bool { storage === other.storage }
+
     private subscript<T>(_ field: WritableKeyPath<Values, T>) -> T {
         get { values[keyPath: field] }
         set {

@@ -29,11 +29,19 @@ public enum PacketType: UInt8, Sendable {
 public struct ApplicationMessage: Sendable {
     public var payload: ByteBuffer
     public var topic: TopicName
+    /// In the topic's tail padding: before `properties`, so that the stride stays 64 bytes.
     private var bits: UInt8
+    /// MQTT 5: the PUBLISH (or will) properties that travel with the message to MQTT 5
+    /// subscribers. Empty (one nil reference) for a 3.1.1 publisher's.
+    public var properties: MQTTProperties
 
-    public init(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, isCompact: Bool = false) {
+    public init(
+        topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, isCompact: Bool = false,
+        properties: MQTTProperties = MQTTProperties()
+    ) {
         self.payload = payload
         self.topic = topic
+        self.properties = properties
         self.bits = qos.rawValue | (retain ? 0x04 : 0) | (isCompact ? 0x08 : 0)
     }
 
@@ -55,9 +63,9 @@ public struct ApplicationMessage: Sendable {
 }
 
 extension ApplicationMessage: Equatable {
-    /// Same topic, payload, QoS and retain flag (whether it is compacted does not matter).
+    /// Same topic, payload, QoS, retain flag and properties (whether it is compacted does not matter).
     public static func == (a: ApplicationMessage, b: ApplicationMessage) -> Bool {
-        a.topic == b.topic && a.payload == b.payload && a.qos == b.qos && a.retain == b.retain
+        a.topic == b.topic && a.payload == b.payload && a.qos == b.qos && a.retain == b.retain && a.properties == b.properties
     }
 }
 

@@ -80,6 +80,13 @@ struct ConnectionStateMachineTests {
         #expect(machine.packetReceived(.subscribe(subscribe)) == .subscribe(subscribe))
         #expect(machine.packetReceived(.unsubscribe(unsubscribe)) == .unsubscribe(unsubscribe))
         #expect(machine.packetReceived(.pingreq) == .ping)
+        // MQTT 5 forms (only a connection decoded as 5.0 has them): a PUBREC with a failure code
+        // ends the message; any DISCONNECT reason code is the handler's to act on.
+        #expect(machine.packetReceived(.ackV5(AckPacket(.puback, packetID: 6, reasonCode: .noMatchingSubscribers))) == .puback(6))
+        #expect(machine.packetReceived(.ackV5(AckPacket(.pubrec, packetID: 7, reasonCode: .noMatchingSubscribers))) == .pubrec(7))
+        #expect(machine.packetReceived(.ackV5(AckPacket(.pubrec, packetID: 7, reasonCode: .quotaExceeded))) == .pubrecRefused(7))
+        #expect(machine.packetReceived(.ackV5(AckPacket(.pubrel, packetID: 8, reasonCode: .packetIdentifierNotFound))) == .pubrel(8))
+        #expect(machine.packetReceived(.ackV5(AckPacket(.pubcomp, packetID: 9, reasonCode: .packetIdentifierNotFound))) == .pubcomp(9))
         #expect(machine.isConnected)
 
         let closing: [(MQTTPacket, String)] = [
@@ -88,7 +95,8 @@ struct ConnectionStateMachineTests {
             (.suback(SubackPacket(packetID: 1, returnCodes: [.failure])), "suback is sent by servers only"),
             (.unsuback(packetID: 1), "unsuback is sent by servers only"),
             (.pingresp, "pingresp is sent by servers only"),
-            (.auth(AuthPacket()), "auth with MQTT 5 fields: AUTH and reason codes are MQTT 5 only"),
+            (.unsubackV5(UnsubackPacket(packetID: 1, reasonCodes: [.success])), "unsuback is sent by servers only"),
+            (.auth(AuthPacket()), "AUTH, but the client's CONNECT named no authentication method"),
         ]
         for (packet, reason) in closing {
             var m = connected()
@@ -123,14 +131,14 @@ struct ConnectionStateMachineTests {
         let fresh = ConnectionStateMachine(now: start)
         #expect(fresh.timeoutCheck(now: start + .seconds(9), connectTimeout: timeout, heldBack: false, closing: true) == .none)
         #expect(fresh.timeoutCheck(now: start + .seconds(10), connectTimeout: timeout, heldBack: false, closing: true)
-            == .close(reason: "no CONNECT within connect_timeout"))
+            == .close(reason: "no CONNECT within connect_timeout", code: .maximumConnectTime))
         #expect(fresh.timeoutCheck(now: start + .seconds(10), connectTimeout: timeout, heldBack: false, closing: false) == .none)
 
         var machine = connected()  // keep-alive 10 s: closed after 15 s of silence
         #expect(machine.keepAlive == .seconds(15))
         #expect(machine.timeoutCheck(now: start + .seconds(14), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
         #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: false, closing: true)
-            == .close(reason: "keep-alive expired (no packet for 15000 ms)"))
+            == .close(reason: "keep-alive expired (no packet for 15000 ms)", code: .keepAliveTimeout))
         #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: true, closing: true) == .tidy)
         machine.bytesRead(now: start + .seconds(14))
         #expect(machine.timeoutCheck(now: start + .seconds(28), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
@@ -178,6 +186,6 @@ struct ConnectionStateMachineTests {
         _ = waiting.packetReceived(.connect(connect))
         waiting.hookStarted()
         #expect(waiting.timeoutCheck(now: late, connectTimeout: .seconds(10), heldBack: false, closing: true)
-            == .close(reason: "no CONNACK within connect_timeout: the connect hooks were still answering"))
+            == .close(reason: "no CONNACK within connect_timeout: the connect hooks were still answering", code: .maximumConnectTime))
     }
 }

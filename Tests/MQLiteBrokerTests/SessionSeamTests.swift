@@ -33,7 +33,8 @@ final class RecordingOutbound: SessionOutbound {
         sent.append(Sent(topic: message.topic.string, payload: String(buffer: message.payload), qos: qos, packetID: packetID, retain: retain, dup: dup))
     }
 
-    func writeQoS0(frame: ByteBuffer, payload: ByteBuffer) {
+    func writeQoS0(frame: ByteBuffer, message: Message) {
+        let payload = message.payload
         var frame = frame
         var decoder = MQTTDecoder()
         guard case .publish(let p)? = try? decoder.decode(buffer: &frame) else {

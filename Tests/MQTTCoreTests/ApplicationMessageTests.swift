@@ -30,10 +30,10 @@ struct ApplicationMessageTests {
         #expect(a != ApplicationMessage(topic: "a/c", payload: ByteBuffer(string: "p"), qos: .atLeastOnce, retain: false))
     }
 
-    @Test("no larger than the broker's message was (56 bytes a stride), topic included")
+    @Test("64 bytes a stride, topic included: the broker's message was 56, and MQTT 5 properties take one reference")
     func size() {
         print("sizes: ApplicationMessage \(MemoryLayout<ApplicationMessage>.size) stride \(MemoryLayout<ApplicationMessage>.stride), TopicName \(MemoryLayout<TopicName>.size), TopicFilter \(MemoryLayout<TopicFilter>.size), ByteBuffer \(MemoryLayout<ByteBuffer>.size)")
-        #expect(MemoryLayout<ApplicationMessage>.stride <= 56)
+        #expect(MemoryLayout<ApplicationMessage>.stride <= 64)
         #expect(MemoryLayout<TopicName>.size <= 32)
         #expect(MemoryLayout<TopicFilter>.stride <= 24)
     }

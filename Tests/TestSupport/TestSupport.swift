@@ -35,6 +35,19 @@ public struct BrokerFixture {
         guard connack.returnCode == .accepted else { throw TestFailure("CONNACK \(connack.returnCode) for \(id)") }
         return c
     }
+
+    /// An MQTT 5 client, connected with these CONNECT properties; the CONNACK is returned too.
+    public func client5(
+        _ id: String, cleanStart: Bool = true, keepAlive: UInt16 = 0, will: Will? = nil, willProperties: MQTTProperties = MQTTProperties(),
+        properties: MQTTProperties = MQTTProperties()
+    ) async throws -> (TestClient, ConnackPacket) {
+        let c = try await TestClient.open(port: port, version: .v5)
+        let connack = try await c.connect(
+            ConnectPacket(protocolLevel: 5, cleanSession: cleanStart, keepAlive: keepAlive, clientID: id, will: will,
+                          properties: properties, willProperties: willProperties))
+        guard connack.reasonCode == .success else { throw TestFailure("CONNACK \(connack.reasonCode) for \(id)") }
+        return (c, connack)
+    }
 }
 
 /// Starts a broker (two workers unless told otherwise), runs `body`, and stops it. `makeHooks`
@@ -82,24 +95,27 @@ public final class TestClient: Sendable {
 
     public let channel: any Channel
     private let sink: Sink
+    /// What this client reads and writes: 3.1.1, or 5.0 (its CONNECT must say so too).
+    public let version: ProtocolVersion
 
-    private init(channel: any Channel, sink: Sink) {
+    private init(channel: any Channel, sink: Sink, version: ProtocolVersion) {
         self.channel = channel
         self.sink = sink
+        self.version = version
     }
 
-    public static func open(port: Int) async throws -> TestClient {
+    public static func open(port: Int, version: ProtocolVersion = .v3_1_1) async throws -> TestClient {
         let sink = Sink()
         let channel = try await ClientBootstrap(group: clientGroup)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(MQTTDecoder(maxPacketSize: 1 << 24)))
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(MQTTDecoder(maxPacketSize: 1 << 24, protocolVersion: version)))
                     try channel.pipeline.syncOperations.addHandler(sink)
                 }
             }
             .connect(host: "127.0.0.1", port: port).get()
-        return TestClient(channel: channel, sink: sink)
+        return TestClient(channel: channel, sink: sink, version: version)
     }
 
     /// The next event, or nil after `timeout`.
@@ -160,7 +176,7 @@ public final class TestClient: Sendable {
 
     public func send(_ packet: MQTTPacket) {
         var buffer = channel.allocator.buffer(capacity: 64)
-        buffer.writeMQTTPacket(packet)
+        buffer.writeMQTTPacket(packet, version: version)
         channel.writeAndFlush(buffer, promise: nil)
     }
 
