@@ -348,7 +348,8 @@ public final class Broker: Sendable {
     // MARK: - Sessions
 
     /// Finds or creates the session for a CONNECT accepted on `worker`, detaching (and, for a clean
-    /// session, discarding) whatever held that client id before. `completion` runs on `worker`'s
+    /// session or Clean Start, discarding) whatever held that client id before; a new session is
+    /// `persistent` or not (3.1.1: clean session 0; 5.0: a session expiry interval). `completion` runs on `worker`'s
     /// loop with the session and whether it was present, or with nil when a newer CONNECT for the
     /// same client id came meanwhile (MQTT-3.1.4-2: only the newest connection may keep it).
     ///
@@ -356,13 +357,13 @@ public final class Broker: Sendable {
     /// the new connection attaching there only while its claim is still the latest; so however
     /// many CONNECTs race for one client id, exactly one connection ends up attached.
     func openSession(
-        clientID: String, cleanSession: Bool, on worker: Worker,
+        clientID: String, cleanStart: Bool, persistent: Bool, on worker: Worker,
         completion: @escaping @Sendable (_ session: Session?, _ present: Bool) -> Void
     ) {
         let (session, claim, present, replaced) = registry.update(clientID: clientID) { registered -> (Session, Int, Bool, Session?) in
             let existing = registered
-            if let existing, existing.persistent, !cleanSession { return (existing, existing.claim(), true, nil) }
-            let fresh = Session(clientID: clientID, persistent: !cleanSession, owner: worker.index, context: sessionContext)
+            if let existing, existing.persistent, !cleanStart { return (existing, existing.claim(), true, nil) }
+            let fresh = Session(clientID: clientID, persistent: persistent, owner: worker.index, context: sessionContext)
             // A connection still waiting to attach to the replaced session is superseded.
             _ = existing?.claim()
             registered = fresh

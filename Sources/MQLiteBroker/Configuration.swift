@@ -154,6 +154,14 @@ public struct Limits: Sendable {
     /// How long a persistent session may stay offline before it is removed; zero = forever
     /// (Mosquitto's `persistent_client_expiration`).
     public var sessionExpiry: TimeAmount
+
+    /// What an MQTT 5 client's Session Expiry Interval (seconds; 0xFFFFFFFF: never) comes to:
+    /// capped by `sessionExpiry` unless that is 0 (no limit), `Session.neverExpires` for never.
+    func sessionExpiry(for interval: UInt32) -> TimeAmount {
+        if interval == 0 { return .zero }
+        let asked = interval == .max ? Session.neverExpires : .seconds(Int64(interval))
+        return sessionExpiry == .zero ? asked : min(asked, sessionExpiry)
+    }
     /// Most levels in a topic name or filter (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will, and topics
     /// plugins produce); more is a protocol error. 200 is Mosquitto's limit.
     public var maxTopicLevels: Int

@@ -264,6 +264,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             flushOutput()
             context?.close(promise: nil)
         case .disconnectV5(let disconnect):
+            if let interval = disconnect.properties.sessionExpiryInterval, let session {
+                // A session that was to end with the connection cannot be kept now (§3.14.2.2.2).
+                guard session.persistent || interval == 0 else {
+                    tellV5(.protocolError)
+                    return closeWithWill(reason: "DISCONNECT sets a session expiry after CONNECT set none")
+                }
+                session.setExpiry(broker.configuration.limits.sessionExpiry(for: interval))
+            }
             // Any code but 0 keeps the will (0x04 asks for it; the others report an error).
             let code = disconnect.reasonCode
             detach(publishWill: code != .normalDisconnection, reason: "disconnected (reason code 0x\(String(code.rawValue, radix: 16)))")
@@ -361,26 +369,32 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             return Box(will)
         }
         let keepAlive = min(connect.keepAlive, UInt16(clamping: broker.configuration.limits.maxKeepAlive))
-        let connack = version == .v5 ? connackProperties(connect, keepAlive: keepAlive) : MQTTProperties()
+        // MQTT 5: the session lasts as long as the client asks (capped by session_expiry).
+        let expiry = version == .v5 ? broker.configuration.limits.sessionExpiry(for: connect.properties.sessionExpiryInterval ?? 0) : nil
+        let connack = version == .v5 ? connackProperties(connect, keepAlive: keepAlive, expiry: expiry!) : MQTTProperties()
         machine.connectAccepted(keepAlive: keepAlive, now: .now())
         updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
         let this = NIOLoopBound(self, eventLoop: worker.loop)
         // Hooks reloaded before the session arrives: the ACL is asked for again at attach.
         let hooksGeneration = broker.hooks.publishHookGeneration
-        broker.openSession(clientID: clientID, cleanSession: connect.cleanSession, on: worker) { session, present in
+        let persistent = expiry.map { $0 != .zero } ?? !connect.cleanSession
+        broker.openSession(clientID: clientID, cleanStart: connect.cleanSession, persistent: persistent, on: worker) { session, present in
             guard let session else {
                 // A newer CONNECT with this client id won the session before this one attached.
                 return this.value.closeWithoutWill(reason: "taken over by a newer connection with the same client id")
             }
-            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration, connack: connack)
+            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration, expiry: expiry, connack: connack)
         }
     }
 
     /// What an MQTT 5 CONNACK tells the client: what this broker supports, and what it decided
     /// for the client (an assigned client id, a keep-alive of its own).
-    private func connackProperties(_ connect: ConnectPacket, keepAlive: UInt16) -> MQTTProperties {
+    private func connackProperties(_ connect: ConnectPacket, keepAlive: UInt16, expiry: TimeAmount) -> MQTTProperties {
         var properties = MQTTProperties()
+        let asked = connect.properties.sessionExpiryInterval ?? 0
+        let granted = expiry == Session.neverExpires ? UInt32.max : UInt32(expiry.nanoseconds / 1_000_000_000)
+        if granted != asked { properties.sessionExpiryInterval = granted }
         if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
         if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
         // The packet size counts the fixed header too (at most 5 bytes past max_packet_size).
@@ -403,12 +417,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
     }
 
-    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int, connack: MQTTProperties) {
+    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int, expiry: TimeAmount?, connack: MQTTProperties) {
         guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
         }
+        // A session resumed by another version of the protocol, or with another expiry.
+        if expiry != nil || session.expiry != nil { session.setExpiry(expiry) }
         session.outbound = self
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session

@@ -140,8 +140,11 @@ final class Session: @unchecked Sendable {
     private let congestedUntil = Atomic<UInt64>(0)
     private var occasional: Occasional?
     private var lastPacketID: UInt16 = 0
-    /// Clean session 0: kept after disconnect, queueing QoS 1/2 messages.
-    let persistent: Bool
+    /// Clean session 0 (MQTT 5: a session expiry interval over 0): kept after disconnect,
+    /// queueing QoS 1/2 messages. Read by other threads (a CONNECT deciding whether to resume
+    /// it); changed on the owner loop by an MQTT 5 client (`setExpiry`).
+    var persistent: Bool { persistence.load(ordering: .relaxed) }
+    private let persistence: Atomic<Bool>
     /// Set when the session is discarded; deliveries that still arrive are ignored.
     var ended = false
     /// Whether an outbound holds the session, for other threads (`Broker.disconnect`). Last, with
@@ -168,6 +171,7 @@ final class Session: @unchecked Sendable {
         var receiveACL: ClientACL?
         var receiveVerdicts: [TopicName: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
+        var expiry: TimeAmount?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
@@ -286,7 +290,7 @@ final class Session: @unchecked Sendable {
     init(clientID: String, persistent: Bool, owner: Int, context: SessionContext) {
         self.clientID = clientID
         self.context = context
-        self.persistent = persistent
+        self.persistence = Atomic(persistent)
         self.ownerIndex = Atomic(owner)
     }
 
@@ -301,6 +305,21 @@ final class Session: @unchecked Sendable {
 
     /// The latest claim.
     var latestClaim: Int { claims.load(ordering: .acquiring) }
+
+    /// How long the session may stay offline (owner loop): nil for `session_expiry` (3.1.1
+    /// clients), else what an MQTT 5 client asked for, capped by it (`Limits.sessionExpiry(for:)`);
+    /// `Session.neverExpires` for never.
+    var expiry: TimeAmount? { occasional?.expiry }
+
+    /// An MQTT 5 client's Session Expiry Interval (CONNECT or DISCONNECT), already capped: zero
+    /// ends the session with its connection.
+    func setExpiry(_ expiry: TimeAmount?) {
+        assertOnOwner()
+        persistence.store(expiry != .zero, ordering: .relaxed)
+        if expiry != nil || occasional != nil { more.expiry = expiry }
+    }
+
+    static let neverExpires = TimeAmount.nanoseconds(.max)
 
     /// Offline persistent session: since when, and the claim it was left at (owner loop).
     var offline: (since: NIODeadline, claim: Int)? {

@@ -228,7 +228,8 @@ final class Worker: @unchecked Sendable {
     /// A persistent session lost its connection (owner loop).
     func sessionWentOffline(_ session: Session) {
         assertOnLoop()
-        guard broker.configuration.limits.sessionExpiry != .zero else { return }
+        let expiry = session.expiry ?? broker.configuration.limits.sessionExpiry
+        guard expiry != .zero, expiry != Session.neverExpires else { return }
         session.offline = (.now(), session.latestClaim)
         offlineSessions[ObjectIdentifier(session)] = session
     }
@@ -241,12 +242,12 @@ final class Worker: @unchecked Sendable {
         offlineSessions[ObjectIdentifier(session)] = nil
     }
 
-    /// Removes persistent sessions offline for longer than `session_expiry`.
+    /// Removes persistent sessions offline for longer than `session_expiry` (or their own expiry).
     private func expireSessions(now: NIODeadline) {
-        let expiry = broker.configuration.limits.sessionExpiry
-        guard expiry != .zero, !offlineSessions.isEmpty else { return }
+        guard !offlineSessions.isEmpty else { return }
+        let configured = broker.configuration.limits.sessionExpiry
         for (id, session) in offlineSessions {
-            guard let offline = session.offline, now - offline.since >= expiry else { continue }
+            guard let offline = session.offline, now - offline.since >= session.expiry ?? configured else { continue }
             offlineSessions[id] = nil
             session.offline = nil
             broker.expire(session, claim: offline.claim, worker: self)

@@ -209,6 +209,83 @@ struct MQTT5Tests {
     }
 }
 
+@Suite("MQTT 5.0 sessions")
+struct MQTT5SessionTests {
+    private static func expiry(_ seconds: UInt32) -> MQTTProperties {
+        var properties = MQTTProperties()
+        properties.sessionExpiryInterval = seconds
+        return properties
+    }
+
+    @Test("Session Expiry Interval 0 ends the session with the connection; over 0 keeps it (queueing QoS 1) for Clean Start 0; Clean Start 1 starts afresh but keeps the new one")
+    func expiryAndCleanStart() async throws {
+        try await withV5Broker { b in
+            let pub = try await b.client("pub")
+            // No expiry: nothing is kept, even without Clean Start.
+            let (a, _) = try await b.client5("a", cleanStart: false)
+            try await a.subscribe("s/a", qos: .atLeastOnce)
+            await a.disconnect()
+            let (a2, again) = try await b.client5("a", cleanStart: false)
+            #expect(again.sessionPresent == false)
+            await a2.disconnect()
+
+            // An expiry: the session and what it was sent while offline wait for it.
+            let (k, _) = try await b.client5("k", cleanStart: true, properties: Self.expiry(100))
+            try await k.subscribe("s/k", qos: .atLeastOnce)
+            await k.disconnect()
+            try await pub.publish("s/k", "while away", qos: .atLeastOnce)
+            let (k2, resumed) = try await b.client5("k", cleanStart: false, properties: Self.expiry(100))
+            #expect(resumed.sessionPresent)
+            #expect(String(buffer: try await k2.expectPublish().payload) == "while away")
+            await k2.disconnect()
+
+            // Clean Start 1: the old session goes, the new one (with an expiry) stays.
+            let (k3, fresh) = try await b.client5("k", cleanStart: true, properties: Self.expiry(100))
+            #expect(fresh.sessionPresent == false)
+            try await k3.subscribe("s/k3", qos: .atLeastOnce)
+            await k3.disconnect()
+            try await pub.publish("s/k", "old filter", qos: .atLeastOnce)
+            try await pub.publish("s/k3", "new filter", qos: .atLeastOnce)
+            let (k4, kept) = try await b.client5("k", cleanStart: false, properties: Self.expiry(100))
+            #expect(kept.sessionPresent)
+            #expect(String(buffer: try await k4.expectPublish().payload) == "new filter")
+            try await k4.expectNothing(for: .milliseconds(100))
+        }
+    }
+
+    @Test("a session expires after its own interval offline; session_expiry caps what a client asks for, and CONNACK says so")
+    func expiresOnItsOwn() async throws {
+        try await withV5Broker(configure: { $0.limits.sessionExpiry = .seconds(100) }) { b in
+            let (c, connack) = try await b.client5("forever", properties: Self.expiry(.max))
+            #expect(connack.properties.sessionExpiryInterval == 100)
+            await c.disconnect()
+            let (short, plain) = try await b.client5("short", properties: Self.expiry(1))
+            #expect(plain.properties.sessionExpiryInterval == nil)  // as asked
+            try await short.subscribe("x")
+            await short.disconnect()
+            try await eventually("expired", timeout: .seconds(10)) { b.broker.registry.count == 1 }  // "forever" stays
+            let (back, gone) = try await b.client5("short", cleanStart: false, properties: Self.expiry(1))
+            #expect(gone.sessionPresent == false)
+            await back.disconnect()
+        }
+    }
+
+    @Test("DISCONNECT may end a kept session (expiry 0) but not keep one that was to end: that is a protocol error, DISCONNECT 0x82")
+    func expiryOnDisconnect() async throws {
+        try await withV5Broker { b in
+            let (k, _) = try await b.client5("k", properties: Self.expiry(100))
+            var end = MQTTProperties()
+            end.sessionExpiryInterval = 0
+            k.send(.disconnectV5(DisconnectPacket(reasonCode: .normalDisconnection, properties: end)))
+            try await k.expectClosed()
+            let (k2, ended) = try await b.client5("k", cleanStart: false)
+            #expect(ended.sessionPresent == false)
+            k2.send(.disconnectV5(DisconnectPacket(reasonCode: .normalDisconnection, properties: Self.expiry(50))))
+            #expect(try await k2.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .protocolError))])
+        }
+    }
+}
+
 /// The publisher's side of a QoS flow (MQTT 5 acknowledgements without a reason code).
 private func completeFlow(_ c: TestClient, qos: QoS, id: UInt16) async throws {
     switch qos {
