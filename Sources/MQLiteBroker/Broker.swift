@@ -458,9 +458,14 @@ public final class Broker: Sendable {
     // MARK: - Subscriptions
 
     func subscribe(_ session: Session, filter: TopicFilter, qos: QoS) {
+        subscribe(session, filter: filter, grant: Grant(qos: qos))
+    }
+
+    func subscribe(_ session: Session, filter: TopicFilter, grant: Grant) {
         workers[session.owner].assertOnLoop()
+        let qos = grant.qos
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
-        subscriptions.insert(filter: filter, session: session, qos: qos)
+        subscriptions.insert(filter: filter, session: session, grant: grant)
         // Routes follow the filter that topics are matched against (a shared one's inner filter).
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
         session.report(.subscribed(filter: filter, qos: qos))
@@ -483,7 +488,7 @@ public final class Broker: Sendable {
         let taken = session.takeShared { $0.memberCount > 1 }
         for var delivery in taken {
             guard let group = delivery.group, let member = group.pick(excluding: session) else { continue }
-            delivery.qos = min(delivery.qos, member.qos)
+            delivery.qos = min(delivery.qos, member.grant.qos)
             if delivery.qos == .atMostOnce { delivery.group = nil }
             worker.deliver(delivery, to: member.session)
         }
@@ -492,12 +497,12 @@ public final class Broker: Sendable {
     /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
     /// have rewritten it): the session remembers the name, so that UNSUBSCRIBE of it removes
     /// `filter`; a filter the name stood for before goes when no other name maps to it.
-    func subscribe(_ session: Session, named name: TopicFilter, as filter: TopicFilter, qos: QoS) {
-        guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, qos: qos) }
+    func subscribe(_ session: Session, named name: TopicFilter, as filter: TopicFilter, grant: Grant) {
+        guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, grant: grant) }
         let replaced = session.withSubscriptionNames { names in
             names.subscribed(name: name, as: filter) { session.subscriptions[$0] != nil }
         }
-        subscribe(session, filter: filter, qos: qos)
+        subscribe(session, filter: filter, grant: grant)
         if let replaced { unsubscribe(session, filter: replaced) }
     }
 
@@ -516,7 +521,7 @@ public final class Broker: Sendable {
 
     /// Every session whose filters match `topic`, once each, with the highest QoS among its
     /// matching subscriptions.
-    func matchSubscribers(topic: TopicName) -> [(session: Session, qos: QoS)] {
+    func matchSubscribers(topic: TopicName) -> [(session: Session, grant: Grant)] {
         subscriptions.matches(topic: topic)
     }
 

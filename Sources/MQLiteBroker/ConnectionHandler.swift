@@ -626,7 +626,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Routes a message of this client, holding the client back if a subscriber it reaches is
     /// congested (the same for messages as sent and as hooks changed them).
     private func publish(_ message: Message, along route: Worker.Route) {
-        if worker.publish(message, along: route) { holdBackIfCongested(route.targets) }
+        if worker.publish(message, along: route, from: session) { holdBackIfCongested(route.targets) }
     }
 
     /// Routes a message a publish hook produced in place of the one on `topic`.
@@ -649,6 +649,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
+        // CONNACK said Subscription Identifiers Available 0 (§3.8.2.1.2).
+        if !subscribe.properties.subscriptionIdentifiers.isEmpty {
+            tellV5(.subscriptionIdentifiersNotSupported)
+            return closeWithWill(reason: "subscription identifier in SUBSCRIBE (not supported)")
+        }
         var decisions: [SubscribeDecision] = []
         decisions.reserveCapacity(subscribe.subscriptions.count)
         askSubscribe(subscribe, session: session, from: 0, decisions: decisions)
@@ -681,6 +686,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func subscribe(_ packet: SubscribePacket, session: Session, answers decisions: [SubscribeDecision]) {
         var codes: [SubackReturnCode] = []
         var granted: [(TopicFilter, QoS)] = []
+        // 3.1.1 says 0x80 for every refusal; these are MQTT 5's more precise codes for it.
+        let v5 = version == .v5
         var refusedForLimit = false  // logged once per packet
         for (subscription, decision) in zip(packet.subscriptions, decisions) {
             let named = TopicFilter(alreadyValidated: subscription.filter)
@@ -690,7 +697,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             case .allow:
                 break
             case .deny:
-                codes.append(.failure)
+                codes.append(v5 ? .refused(.notAuthorized) : .failure)
                 continue
             case .rewrite(let newFilter, let maxQoS):
                 do {
@@ -709,13 +716,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                     _ = try SharedFilter.parse(filter, maxLevels: broker.configuration.limits.maxTopicLevels)
                 } catch {
                     logger.info("subscribe to an invalid shared subscription \"\(LogText(filter.string))\": \(LogText(error.description))")
-                    codes.append(.failure)
+                    codes.append(v5 ? .refused(.topicFilterInvalid) : .failure)
                     continue
                 }
             }
             if let access, !access.acl.allowsSubscribe(filter: filter) {
                 logger.debug("subscribe to \"\(LogText(filter.string))\" denied by ACL")
-                codes.append(.failure)
+                codes.append(v5 ? .refused(.notAuthorized) : .failure)
                 continue
             }
             let limit = broker.configuration.limits.maxSubscriptions
@@ -724,12 +731,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 || (named != filter && session.subscriptionNameCount >= limit) {
                 if !refusedForLimit { logger.info("subscribe refused: the client holds max_subscriptions (\(limit)) filters") }
                 refusedForLimit = true
-                codes.append(.failure)
+                codes.append(v5 ? .refused(.quotaExceeded) : .failure)
                 continue
             }
-            broker.subscribe(session, named: named, as: filter, qos: qos)
+            // MQTT 5 Retain Handling: 1 sends retained messages only for a new subscription, 2 never.
+            let sendsRetained = switch subscription.retainHandling {
+            case .sendOnSubscribe: true
+            case .sendOnNewSubscription: session.subscriptions[filter] == nil
+            case .doNotSend: false
+            }
+            let grant = Grant(qos: qos, noLocal: subscription.noLocal, retainAsPublished: subscription.retainAsPublished)
+            broker.subscribe(session, named: named, as: filter, grant: grant)
             codes.append(.granted(qos))
-            granted.append((filter, qos))
+            if sendsRetained { granted.append((filter, qos)) }
         }
         writePacket(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)))
         // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
@@ -746,13 +760,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Reading is paused because a subscriber of what this client publishes, one that is still
     /// reading, is over half its queue budget, or another worker's mailbox is full: the
     /// subscribers this waits for. What was already read waits in `cumulation`.
-    private var holdBack: [(session: Session, qos: QoS)]?
+    private var holdBack: [(session: Session, grant: Grant)]?
 
     /// After a publish that found a subscriber queue or a mailbox filling up: pause reading this
     /// client until they drain (rechecked every 2 ms), so that the subscribers keeping up lose
     /// nothing. A subscriber that makes no progress stops counting after a while
     /// (`Session.stallTimeout`) and has its messages dropped instead.
-    private func holdBackIfCongested(_ targets: [(session: Session, qos: QoS)]) {
+    private func holdBackIfCongested(_ targets: [(session: Session, grant: Grant)]) {
         guard holdBack == nil, worker.isCongested(targets, excluding: session) else { return }
         holdBack = targets
         updateReading()

@@ -46,7 +46,8 @@ let largePayloadThreshold = 4096
 struct Delivery: Sendable {
     var message: Message
     var qos: QoS
-    /// RETAIN flag of the outgoing PUBLISH: set only for retained messages sent on SUBSCRIBE.
+    /// RETAIN flag of the outgoing PUBLISH: set for retained messages sent on SUBSCRIBE, and for a
+    /// message published retained to an MQTT 5 subscription with Retain As Published.
     var retain: Bool
     /// For QoS 0: the frame encoded once for all QoS 0 subscribers of this publish.
     var frame: ByteBuffer?

@@ -18,17 +18,40 @@ protocol SessionRegistry: Sendable {
     var count: Int { get }
 }
 
+/// What a subscription was granted: its QoS and, from MQTT 5, its options. Three bytes: a
+/// route's (session, grant) pair stays 16 bytes.
+struct Grant: Sendable, Equatable {
+    var qos: QoS
+    /// MQTT 5 No Local: not the subscriber's own messages.
+    var noLocal = false
+    /// MQTT 5 Retain As Published: live messages keep the RETAIN flag their publisher set.
+    var retainAsPublished = false
+
+    init(qos: QoS, noLocal: Bool = false, retainAsPublished: Bool = false) {
+        self.qos = qos
+        self.noLocal = noLocal
+        self.retainAsPublished = retainAsPublished
+    }
+
+    /// Two subscriptions of one session that match the same topic, as one (the message goes to
+    /// the session once): the higher QoS; its own messages unless both say No Local; the
+    /// publisher's RETAIN flag if either asks for it.
+    func merged(with other: Grant) -> Grant {
+        Grant(qos: max(qos, other.qos), noLocal: noLocal && other.noLocal, retainAsPublished: retainAsPublished || other.retainAsPublished)
+    }
+}
+
 /// Filters → the sessions subscribed and their granted QoS. A change here must be told to the
 /// workers' route caches (`Worker.subscriptionsChanged`); the broker does that.
 protocol SubscriptionIndex: Sendable {
     /// A shared subscription's filter (`$share/GROUP/FILTER`, checked when subscribed) adds
     /// `session` to that group; removing it takes the session out, and a group left without
     /// members goes.
-    func insert(filter: TopicFilter, session: Session, qos: QoS)
+    func insert(filter: TopicFilter, session: Session, grant: Grant)
     func remove(filters: [TopicFilter], session: Session)
-    /// Every session whose filters match `topic`, once each, with the highest QoS among its
-    /// matching subscriptions.
-    func matches(topic: TopicName) -> [(session: Session, qos: QoS)]
+    /// Every session whose filters match `topic`, once each, with its matching subscriptions'
+    /// grants merged (`Grant.merged`).
+    func matches(topic: TopicName) -> [(session: Session, grant: Grant)]
     /// The shared subscription groups whose filter matches `topic`.
     func sharedGroups(matching topic: TopicName) -> [SharedGroup]
     /// Nodes of the index (tests: emptied branches are pruned).
@@ -74,13 +97,13 @@ final class InMemorySessionRegistry: SessionRegistry {
 /// The subscription trie (filters → sessions) behind one lock, and the shared subscriptions'
 /// groups in a trie of their own (filters → groups by share name), walked only while there are any.
 final class TrieSubscriptionIndex: SubscriptionIndex {
-    private let trie = Mutex(TopicTrie<[ObjectIdentifier: (session: Session, qos: QoS)]>())
+    private let trie = Mutex(TopicTrie<[ObjectIdentifier: (session: Session, grant: Grant)]>())
     private let sharedTrie = Mutex(TopicTrie<[String: SharedGroup]>())
     private let sharedGroupCount = Atomic<Int>(0)
 
-    func insert(filter: TopicFilter, session: Session, qos: QoS) {
-        if let shared = Self.shared(filter) { return insert(shared: shared, session: session, qos: qos) }
-        trie.withLock { $0.insert(filter: filter.string, key: ObjectIdentifier(session), value: (session, qos)) }
+    func insert(filter: TopicFilter, session: Session, grant: Grant) {
+        if let shared = Self.shared(filter) { return insert(shared: shared, session: session, grant: grant) }
+        trie.withLock { $0.insert(filter: filter.string, key: ObjectIdentifier(session), value: (session, grant)) }
     }
 
     func remove(filters: [TopicFilter], session: Session) {
@@ -102,24 +125,27 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
         (try? SharedFilter.parse(filter)) ?? nil
     }
 
-    func matches(topic: TopicName) -> [(session: Session, qos: QoS)] {
+    func matches(topic: TopicName) -> [(session: Session, grant: Grant)] {
         let name = topic.string
         return trie.withLock { trie in
-            var found: [ObjectIdentifier: (session: Session, qos: QoS)] = [:]
+            var found: [ObjectIdentifier: (session: Session, grant: Grant)] = [:]
             trie.forEachMatch(topic: name) { key, entry in
-                if let existing = found[key], existing.qos >= entry.qos { return }
-                found[key] = entry
+                if let existing = found[key] {
+                    found[key]!.grant = existing.grant.merged(with: entry.grant)
+                } else {
+                    found[key] = entry
+                }
             }
             return Array(found.values)
         }
     }
 
-    private func insert(shared: SharedFilter, session: Session, qos: QoS) {
+    private func insert(shared: SharedFilter, session: Session, grant: Grant) {
         sharedTrie.withLock { trie in
             trie.update(shared.filter.string) { groups in
-                if let group = groups?[shared.group] { return group.add(session, qos: qos) }
+                if let group = groups?[shared.group] { return group.add(session, grant: grant) }
                 let group = SharedGroup(shared)
-                group.add(session, qos: qos)
+                group.add(session, grant: grant)
                 groups = groups ?? [:]
                 groups![shared.group] = group
                 sharedGroupCount.add(1, ordering: .releasing)
@@ -158,17 +184,17 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
 /// worker pick under the group's.
 final class SharedGroup: Sendable {
     let shared: SharedFilter
-    private let state = Mutex<(members: [(session: Session, qos: QoS)], next: Int)>(([], 0))
+    private let state = Mutex<(members: [(session: Session, grant: Grant)], next: Int)>(([], 0))
 
     init(_ shared: SharedFilter) { self.shared = shared }
 
-    /// Adds `session` (or changes its QoS, if it is a member already).
-    func add(_ session: Session, qos: QoS) {
+    /// Adds `session` (or changes its grant, if it is a member already).
+    func add(_ session: Session, grant: Grant) {
         state.withLock { state in
             if let i = state.members.firstIndex(where: { $0.session === session }) {
-                state.members[i].qos = qos
+                state.members[i].grant = grant
             } else {
-                state.members.append((session, qos))
+                state.members.append((session, grant))
             }
         }
     }
@@ -185,7 +211,7 @@ final class SharedGroup: Sendable {
     /// up, or a client that stopped reading, is passed over while another can take the message),
     /// else the next connected one, else the next one (a persistent session offline queues the
     /// message). Never `excluding`.
-    func pick(excluding: Session? = nil) -> (session: Session, qos: QoS)? {
+    func pick(excluding: Session? = nil) -> (session: Session, grant: Grant)? {
         state.withLock { state in
             let count = state.members.count
             var connected: Int?

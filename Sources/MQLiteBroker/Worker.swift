@@ -52,7 +52,7 @@ final class Worker: @unchecked Sendable {
     /// dropped from the cache) or the hooks are reloaded.
     struct Route {
         var hookGeneration: Int
-        var targets: [(session: Session, qos: QoS)]
+        var targets: [(session: Session, grant: Grant)]
         var hooked: Bool
         /// Shared subscriptions' groups: one member of each gets the message.
         var groups: [SharedGroup] = []
@@ -67,7 +67,7 @@ final class Worker: @unchecked Sendable {
     private var routeCacheBytes = 0
 
     private static func routeCost(topic: TopicName, route: Route) -> Int {
-        64 + topic.count + route.targets.count * MemoryLayout<(session: Session, qos: QoS)>.stride + route.groups.count * 8
+        64 + topic.count + route.targets.count * MemoryLayout<(session: Session, grant: Grant)>.stride + route.groups.count * 8
     }
 
     init(index: Int, loop: any EventLoop, broker: Broker, workerCount: Int) {
@@ -189,7 +189,7 @@ final class Worker: @unchecked Sendable {
         guard let group = delivery.group, session.ended || !session.isOnline,
               let member = group.pick(excluding: session), member.session.isOnline || session.ended else { return false }
         var delivery = delivery
-        delivery.qos = min(delivery.qos, member.qos)
+        delivery.qos = min(delivery.qos, member.grant.qos)
         if delivery.qos == .atMostOnce { delivery.group = nil }
         deliver(delivery, to: member.session)
         return true
@@ -295,7 +295,7 @@ final class Worker: @unchecked Sendable {
     /// As `publish(_:)`, with the route already looked up. Returns whether a subscriber's queue
     /// or a mailbox is filling up (then `isCongested` tells whether to hold the publisher back).
     @discardableResult
-    func publish(_ message: Message, along route: Route) -> Bool {
+    func publish(_ message: Message, along route: Route, from publisher: Session? = nil) -> Bool {
         assertOnLoop()
         if message.retain { broker.retain(message) }
         let targets = route.targets
@@ -305,11 +305,15 @@ final class Worker: @unchecked Sendable {
         var message = message
         var qos0Frame: ByteBuffer?
         for target in targets {
-            let qos = min(message.qos, target.qos)
-            var delivery = Delivery(message: message, qos: qos, retain: false, frame: nil, hooked: route.deliverHooked)
+            let grant = target.grant
+            if grant.noLocal, target.session === publisher { continue }  // MQTT 5 No Local
+            let qos = min(message.qos, grant.qos)
+            // RETAIN is 0 on live messages, unless the subscription asks for it as published (MQTT 5).
+            let retain = grant.retainAsPublished && message.retain
+            var delivery = Delivery(message: message, qos: qos, retain: retain, frame: nil, hooked: route.deliverHooked)
             // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
             // straight into its batch buffer instead (no frame of its own to allocate).
-            if qos == .atMostOnce && targets.count > 1 {
+            if qos == .atMostOnce && targets.count > 1 && !retain {
                 if qos0Frame == nil { qos0Frame = message.encodeQoS0Frame() }
                 delivery.frame = qos0Frame
             }
@@ -323,9 +327,11 @@ final class Worker: @unchecked Sendable {
         }
         for group in route.groups {
             guard let member = group.pick() else { continue }
-            let qos = min(message.qos, member.qos)
+            let qos = min(message.qos, member.grant.qos)
             // QoS 1/2: the group goes with the message, so that another member gets it if this one goes.
-            let delivery = Delivery(message: message, qos: qos, retain: false, frame: nil, hooked: route.deliverHooked, group: qos == .atMostOnce ? nil : group)
+            let delivery = Delivery(
+                message: message, qos: qos, retain: member.grant.retainAsPublished && message.retain, frame: nil, hooked: route.deliverHooked,
+                group: qos == .atMostOnce ? nil : group)
             let owner = member.session.owner
             if owner == index {
                 if let kept = member.session.deliver(delivery) { message = kept }
@@ -342,7 +348,7 @@ final class Worker: @unchecked Sendable {
 
     /// Whether a publisher to `targets` should wait: one of them (not its own session) is
     /// congested, or a mailbox of another worker is over its low-water mark.
-    func isCongested(_ targets: [(session: Session, qos: QoS)], excluding own: Session?) -> Bool {
+    func isCongested(_ targets: [(session: Session, grant: Grant)], excluding own: Session?) -> Bool {
         let now = NIODeadline.now()
         for target in targets where target.session !== own && target.session.isCongested(now: now) { return true }
         return broker.workers.contains { $0 !== self && $0.mailboxIsFull }

@@ -209,6 +209,90 @@ struct MQTT5Tests {
     }
 }
 
+@Suite("MQTT 5.0 subscriptions")
+struct MQTT5SubscriptionTests {
+    private static func subscribe(_ c: TestClient, _ subscriptions: [Subscription], id: UInt16 = 1, properties: MQTTProperties = MQTTProperties()) async throws -> [SubackReturnCode] {
+        c.send(.subscribe(SubscribePacket(packetID: id, subscriptions: subscriptions, properties: properties)))
+        guard case .suback(let suback) = try await c.expectPacket() else { throw TestFailure("expected SUBACK") }
+        return suback.value.returnCodes
+    }
+
+    @Test("No Local: a client does not get its own messages on that subscription (others still do, and its other subscriptions still match)")
+    func noLocal() async throws {
+        try await withV5Broker { b in
+            let (c, _) = try await b.client5("c")
+            #expect(try await Self.subscribe(c, [Subscription(filter: "nl/a", qos: .atLeastOnce, noLocal: true)]) == [.granted(.atLeastOnce)])
+            let (other, _) = try await b.client5("other")
+            try await other.subscribe("nl/#")
+            try await c.publish("nl/a", "mine", qos: .atLeastOnce)
+            #expect(String(buffer: try await other.expectPublish().payload) == "mine")
+            try await c.expectNothing(for: .milliseconds(150))
+            try await other.publish("nl/a", "theirs")
+            #expect(String(buffer: try await c.expectPublish().payload) == "theirs")
+            _ = try await Self.subscribe(c, [Subscription(filter: "nl/+", qos: .atMostOnce)], id: 2)  // without No Local
+            try await c.publish("nl/a", "mine again")
+            #expect(String(buffer: try await c.expectPublish().payload) == "mine again")
+        }
+    }
+
+    @Test("Retain As Published keeps a live message's RETAIN flag; without it RETAIN is 0; retained messages sent on SUBSCRIBE have it either way")
+    func retainAsPublished() async throws {
+        try await withV5Broker { b in
+            let (rap, _) = try await b.client5("rap")
+            _ = try await Self.subscribe(rap, [Subscription(filter: "r/#", qos: .atMostOnce, retainAsPublished: true)])
+            let (plain, _) = try await b.client5("plain")
+            _ = try await Self.subscribe(plain, [Subscription(filter: "r/#", qos: .atMostOnce)])
+            let pub = try await b.client("pub")
+            try await pub.publish("r/1", "kept", retain: true)
+            #expect(try await rap.expectPublish().retain == true)
+            #expect(try await plain.expectPublish().retain == false)
+            try await pub.publish("r/2", "live")
+            #expect(try await rap.expectPublish().retain == false)
+            #expect(try await plain.expectPublish().retain == false)
+            let (late, _) = try await b.client5("late")
+            _ = try await Self.subscribe(late, [Subscription(filter: "r/#", qos: .atMostOnce)])
+            let sent = try await late.expectPublish()
+            #expect(sent.topicString == "r/1" && sent.retain)
+        }
+    }
+
+    @Test("Retain Handling: 0 sends retained messages on every SUBSCRIBE, 1 only for a new subscription, 2 never")
+    func retainHandling() async throws {
+        try await withV5Broker { b in
+            let pub = try await b.client("pub")
+            try await pub.publish("rh/x", "retained", retain: true)
+            let (c, _) = try await b.client5("c")
+            for (handling, filter, again) in [(RetainHandling.sendOnSubscribe, "rh/#", true), (.sendOnNewSubscription, "rh/+", false), (.doNotSend, "rh/x", false)] {
+                let subscription = Subscription(filter: filter, qos: .atMostOnce, retainHandling: handling)
+                _ = try await Self.subscribe(c, [subscription])
+                if handling != .doNotSend { #expect(try await c.expectPublish().topicString == "rh/x", "\(handling) first") }
+                try await c.expectNothing(for: .milliseconds(100))
+                _ = try await Self.subscribe(c, [subscription], id: 2)
+                if again { #expect(try await c.expectPublish().topicString == "rh/x", "\(handling) again") }
+                try await c.expectNothing(for: .milliseconds(100))
+                c.send(.unsubscribe(UnsubscribePacket(packetID: 3, filters: [filter])))
+                _ = try await c.expectPacket()
+            }
+        }
+    }
+
+    @Test("SUBACK gives MQTT 5 reason codes for refusals: 0x8F for an invalid shared subscription, 0x97 past max_subscriptions; a subscription identifier (not offered) is a protocol error 0xA1")
+    func subackCodes() async throws {
+        try await withV5Broker(configure: { $0.limits.maxSubscriptions = 2 }) { b in
+            let (c, _) = try await b.client5("c")
+            let codes = try await Self.subscribe(c, [
+                Subscription(filter: "a", qos: .atLeastOnce), Subscription(filter: "$share/+/x", qos: .atMostOnce),
+                Subscription(filter: "b", qos: .exactlyOnce), Subscription(filter: "c", qos: .atMostOnce),
+            ])
+            #expect(codes == [.granted(.atLeastOnce), .refused(.topicFilterInvalid), .granted(.exactlyOnce), .refused(.quotaExceeded)])
+            var properties = MQTTProperties()
+            properties.subscriptionIdentifiers = [7]
+            c.send(.subscribe(SubscribePacket(packetID: 9, subscriptions: [Subscription(filter: "d", qos: .atMostOnce)], properties: properties)))
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .subscriptionIdentifiersNotSupported))])
+        }
+    }
+}
+
 @Suite("MQTT 5.0 sessions")
 struct MQTT5SessionTests {
     private static func expiry(_ seconds: UInt32) -> MQTTProperties {
