@@ -379,12 +379,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // Hooks reloaded before the session arrives: the ACL is asked for again at attach.
         let hooksGeneration = broker.hooks.publishHookGeneration
         let persistent = expiry.map { $0 != .zero } ?? !connect.cleanSession
+        let limits = (receiveMaximum: connect.properties.receiveMaximum.map(Int.init), maximumPacketSize: connect.properties.maximumPacketSize.map(Int.init))
         broker.openSession(clientID: clientID, cleanStart: connect.cleanSession, persistent: persistent, on: worker) { session, present in
             guard let session else {
                 // A newer CONNECT with this client id won the session before this one attached.
                 return this.value.closeWithoutWill(reason: "taken over by a newer connection with the same client id")
             }
-            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration, expiry: expiry, connack: connack)
+            this.value.attach(session, sessionPresent: present, hooksGeneration: hooksGeneration, expiry: expiry, limits: limits, connack: connack)
         }
     }
 
@@ -417,7 +418,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return TLSClientInfo(verified: certificate != nil, certificate: certificate, usernameFromCertificate: usernameFromCertificate)
     }
 
-    private func attach(_ session: Session, sessionPresent: Bool, hooksGeneration: Int, expiry: TimeAmount?, connack: MQTTProperties) {
+    private func attach(
+        _ session: Session, sessionPresent: Bool, hooksGeneration: Int, expiry: TimeAmount?,
+        limits: (receiveMaximum: Int?, maximumPacketSize: Int?), connack: MQTTProperties
+    ) {
         guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
@@ -425,6 +429,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         // A session resumed by another version of the protocol, or with another expiry.
         if expiry != nil || session.expiry != nil { session.setExpiry(expiry) }
+        session.setClientLimits(receiveMaximum: limits.receiveMaximum, maximumPacketSize: limits.maximumPacketSize)
         session.outbound = self
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session

@@ -172,6 +172,9 @@ final class Session: @unchecked Sendable {
         var receiveVerdicts: [TopicName: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
         var expiry: TimeAmount?
+        /// MQTT 5: the client's Receive Maximum and Maximum Packet Size (nil: none said).
+        var receiveMaximum: Int?
+        var maximumPacketSize: Int?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
@@ -321,6 +324,22 @@ final class Session: @unchecked Sendable {
 
     static let neverExpires = TimeAmount.nanoseconds(.max)
 
+    /// What an MQTT 5 client said it can take (CONNECT): at most `receiveMaximum` QoS 1/2
+    /// messages unacknowledged, no packet over `maximumPacketSize` bytes. Nil for a 3.1.1 client.
+    func setClientLimits(receiveMaximum: Int?, maximumPacketSize: Int?) {
+        assertOnOwner()
+        guard receiveMaximum != nil || maximumPacketSize != nil || occasional != nil else { return }
+        more.receiveMaximum = receiveMaximum
+        more.maximumPacketSize = maximumPacketSize
+    }
+
+    /// QoS 1/2 messages that may be unacknowledged at once: `max_inflight`, or fewer if the
+    /// client asked for fewer.
+    private var window: Int {
+        guard let asked = occasional?.receiveMaximum else { return context.limits.maxInflight }
+        return min(asked, context.limits.maxInflight)
+    }
+
     /// Offline persistent session: since when, and the claim it was left at (owner loop).
     var offline: (since: NIODeadline, claim: Int)? {
         get { occasional?.offline }
@@ -360,7 +379,7 @@ final class Session: @unchecked Sendable {
             return nil
         }
         if queue.isEmpty && outbound.canWrite
-            && (delivery.qos == .atMostOnce || inflight.count < context.limits.maxInflight)
+            && (delivery.qos == .atMostOnce || inflight.count < window)
         {
             send(delivery, on: outbound)
             return nil
@@ -455,6 +474,14 @@ final class Session: @unchecked Sendable {
                 delivery.frame = nil
             }
         }
+        // MQTT 5: a message too large for the client is not sent to it, as if it had been (§3.1.2.11.4).
+        if let limit = occasional?.maximumPacketSize,
+           ByteBuffer.publishFrameSize(
+               topicLength: delivery.message.topic.count, payloadLength: delivery.message.payload.readableBytes, qos: delivery.qos,
+               properties: delivery.message.properties) > limit
+        {
+            return
+        }
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame {
                 outbound.writeQoS0(frame: frame, message: delivery.message)
@@ -473,7 +500,7 @@ final class Session: @unchecked Sendable {
     func pump() {
         assertOnOwner()
         guard let outbound, !ended else { return }
-        let maxInflight = context.limits.maxInflight
+        let maxInflight = window
         var sent = false
         var retainedSteps = 0
         while outbound.canWrite, !ended {

@@ -293,6 +293,60 @@ struct MQTT5SubscriptionTests {
     }
 }
 
+@Suite("MQTT 5.0 flow control")
+struct MQTT5FlowTests {
+    @Test("Receive Maximum: no more QoS 1/2 messages unacknowledged than the client asked for (below max_inflight); the rest wait in order")
+    func receiveMaximum() async throws {
+        try await withV5Broker { b in
+            var properties = MQTTProperties()
+            properties.receiveMaximum = 2
+            let (sub, _) = try await b.client5("sub", properties: properties)
+            try await sub.subscribe("rm", qos: .exactlyOnce)
+            let pub = try await b.client("pub")
+            for i in 1...4 { try await pub.publish("rm", "\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce, id: UInt16(i)) }
+            let first = try await sub.expectPublish()
+            let second = try await sub.expectPublish()
+            try await sub.expectNothing(for: .milliseconds(150))
+            sub.send(.pubrec(packetID: first.packetID!))  // QoS 2: still in flight until PUBCOMP
+            #expect(try await sub.expectPacket() == .pubrel(packetID: first.packetID!))
+            try await sub.expectNothing(for: .milliseconds(100))
+            sub.send(.pubcomp(packetID: first.packetID!))
+            #expect(String(buffer: try await sub.expectPublish().payload) == "3")
+            sub.send(.puback(packetID: second.packetID!))
+            #expect(String(buffer: try await sub.expectPublish().payload) == "4")
+        }
+    }
+
+    @Test("Maximum Packet Size: a message too large for the client is not sent to it (at any QoS), smaller ones still are, and other clients get it")
+    func maximumPacketSize() async throws {
+        try await withV5Broker { b in
+            var properties = MQTTProperties()
+            properties.maximumPacketSize = 100
+            let (small, _) = try await b.client5("small", properties: properties)
+            try await small.subscribe("mps", qos: .atLeastOnce)
+            let big = try await b.client("big")
+            try await big.subscribe("mps", qos: .atLeastOnce)
+            let pub = try await b.client("pub")
+            // A QoS 1 PUBLISH of topic "mps" is 2 + 3 + 2 + 1 (properties) + payload, plus 2 of header.
+            for (i, size) in [90, 91, 200, 10].enumerated() {
+                try await pub.publish("mps", ByteBuffer(repeating: 0x41, count: size), qos: QoS(rawValue: UInt8(i % 2))!, id: UInt16(i + 1))
+            }
+            var got: [Int] = []
+            while let event = await small.nextEvent(timeout: .milliseconds(300)) {
+                guard case .packet(.publish(let p)) = event else { break }
+                got.append(p.payload.readableBytes)
+                if let id = p.packetID { small.send(.puback(packetID: id)) }
+            }
+            #expect(got == [90, 10])
+            for size in [90, 91, 200, 10] {
+                let p = try await big.expectPublish()
+                #expect(p.payload.readableBytes == size)
+                if let id = p.packetID { big.send(.puback(packetID: id)) }
+            }
+        }
+    }
+}
+
 @Suite("MQTT 5.0 sessions")
 struct MQTT5SessionTests {
     private static func expiry(_ seconds: UInt32) -> MQTTProperties {
