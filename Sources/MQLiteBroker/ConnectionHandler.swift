@@ -598,6 +598,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             worker.stats.droppedACL &+= 1
             return
         }
+        var properties = properties
+        if !properties.isSame(as: MQTTProperties()), let interval = properties.messageExpiryInterval {
+            // MQTT 5: the message expires this long after the broker got it (a will: published it).
+            properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
+        }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, properties: properties)
         let route = worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }

@@ -474,6 +474,13 @@ final class Session: @unchecked Sendable {
                 delivery.frame = nil
             }
         }
+        // MQTT 5: an expired message is not sent (to any client); one that is tells what remains
+        // of its Message Expiry Interval (§3.3.2.3.3).
+        if let expiresAt = delivery.message.properties.messageExpiresAt {
+            let now = NIODeadline.now().uptimeNanoseconds
+            guard now < expiresAt else { return }
+            delivery.message.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+        }
         // MQTT 5: a message too large for the client is not sent to it, as if it had been (§3.1.2.11.4).
         if let limit = occasional?.maximumPacketSize,
            ByteBuffer.publishFrameSize(

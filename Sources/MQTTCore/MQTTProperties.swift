@@ -135,6 +135,13 @@ public struct MQTTProperties: Equatable, Sendable {
 
     var values: Values { storage?.values ?? Values.empty }
 
+    /// Not a property on the wire: when a message with a Message Expiry Interval expires, in
+    /// uptime nanoseconds, as the broker that received it reckons (it sends what remains).
+    public var messageExpiresAt: UInt64? {
+        get { storage?.values.messageExpiresAt }
+        set { self[\.messageExpiresAt] = newValue }
+    }
+
     /// Whether both are the same storage (or both empty): a check that compares no values.
     public func isSame(as other: MQTTProperties) -> Bool { storage === other.storage }
 
@@ -318,6 +325,8 @@ public struct MQTTProperties: Equatable, Sendable {
         var wildcardSubscriptionAvailable: Bool?
         var subscriptionIdentifierAvailable: Bool?
         var sharedSubscriptionAvailable: Bool?
+        /// Not a property: see `messageExpiresAt`.
+        var messageExpiresAt: UInt64?
     }
 
     /// Mutated only while uniquely referenced (copy on write), so sharing it across threads

@@ -347,6 +347,47 @@ struct MQTT5FlowTests {
     }
 }
 
+@Suite("MQTT 5.0 message expiry")
+struct MQTT5ExpiryTests {
+    @Test("Message Expiry Interval: an expired message is not delivered (queued offline, or retained), to 5.0 and 3.1.1 subscribers; one that is carries what remains of its interval")
+    func messageExpiry() async throws {
+        try await withV5Broker { b in
+            var keep = MQTTProperties()
+            keep.sessionExpiryInterval = 100
+            let (sub5, _) = try await b.client5("sub5", properties: keep)
+            try await sub5.subscribe("me/#", qos: .atLeastOnce)
+            await sub5.disconnect()
+            let sub3 = try await b.client("sub3", clean: false)
+            try await sub3.subscribe("me/#", qos: .atLeastOnce)
+            await sub3.disconnect()
+
+            let (pub, _) = try await b.client5("pub")
+            for (topic, seconds, retain) in [("me/short", UInt32(1), false), ("me/long", 100, false), ("me/retained", 1, true)] {
+                var properties = MQTTProperties()
+                properties.messageExpiryInterval = seconds
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: .atLeastOnce, retain: retain, packetID: 1, properties: properties)))
+                _ = try await pub.expectPacket()
+            }
+            try await Task.sleep(for: .milliseconds(1300))
+            let (back5, _) = try await b.client5("sub5", cleanStart: false, properties: keep)
+            let p = try await back5.expectPublish()
+            #expect(p.topicString == "me/long")
+            let remaining = try #require(p.properties.messageExpiryInterval)
+            #expect(remaining <= 99 && remaining >= 90)
+            back5.send(.puback(packetID: p.packetID!))
+            try await back5.expectNothing(for: .milliseconds(150))
+            let back3 = try await b.client("sub3", clean: false)
+            let q = try await back3.expectPublish()
+            #expect(q.topicString == "me/long" && q.properties.isEmpty)
+            back3.send(.puback(packetID: q.packetID!))
+            try await back3.expectNothing(for: .milliseconds(150))
+            let late = try await b.client("late")
+            try await late.subscribe("me/#")
+            try await late.expectNothing(for: .milliseconds(150))  // the retained one expired
+        }
+    }
+}
+
 @Suite("MQTT 5.0 sessions")
 struct MQTT5SessionTests {
     private static func expiry(_ seconds: UInt32) -> MQTTProperties {
