@@ -430,7 +430,8 @@ public final class Broker: Sendable {
         }
         guard expired else { return }
         session.report(.expired)
-        logger.info("session expired after \(configuration.limits.sessionExpiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
+        let expiry = session.expiry ?? configuration.limits.sessionExpiry
+        logger.info("session expired after \(expiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
         endSession(session, worker: worker)
     }
 

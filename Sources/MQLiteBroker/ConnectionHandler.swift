@@ -873,8 +873,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         if publishWill, let will = will?.value {
             self.will = nil
-            // As any message of this client: the ACL and the publish hooks see it.
-            route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: will.properties)
+            // As any message of this client: the ACL and the publish hooks see it. MQTT 5 may
+            // delay it, while the session lasts, for a client that comes back meanwhile.
+            var properties = will.properties
+            let delay = properties.willDelayInterval ?? 0
+            if delay > 0 { properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
+            if delay > 0, !session.ended {
+                session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in
+                    route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: properties)
+                }
+            } else {
+                route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: properties)
+            }
         }
         will = nil
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }

@@ -172,6 +172,8 @@ final class Session: @unchecked Sendable {
         var receiveVerdicts: [TopicName: Bool] = [:]
         var offline: (since: NIODeadline, claim: Int)?
         var expiry: TimeAmount?
+        /// MQTT 5 Will Delay Interval: the will of the client that went, until it is due.
+        var pendingWill: (task: Scheduled<Void>, publish: () -> Void)?
         /// MQTT 5: the client's Receive Maximum and Maximum Packet Size (nil: none said).
         var receiveMaximum: Int?
         var maximumPacketSize: Int?
@@ -323,6 +325,34 @@ final class Session: @unchecked Sendable {
     }
 
     static let neverExpires = TimeAmount.nanoseconds(.max)
+
+    /// MQTT 5 Will Delay Interval: `publish` runs on `loop` (the owner's) after `delay`, unless a
+    /// connection takes the session first (`cancelPendingWill`); ending the session runs it now.
+    func delayWill(after delay: TimeAmount, on loop: any EventLoop, _ publish: @escaping () -> Void) {
+        assertOnOwner()
+        cancelPendingWill()
+        let task = loop.scheduleTask(in: delay) { [weak self] in
+            guard let self, let will = self.occasional?.pendingWill else { return }
+            self.occasional?.pendingWill = nil
+            will.publish()
+        }
+        more.pendingWill = (task, publish)
+    }
+
+    /// A connection took the session before its will was due: no will (§3.1.3.2.2).
+    func cancelPendingWill() {
+        guard let will = occasional?.pendingWill else { return }
+        occasional?.pendingWill = nil
+        will.task.cancel()
+    }
+
+    /// The session ends before its will was due: the will goes now.
+    private func publishPendingWill() {
+        guard let will = occasional?.pendingWill else { return }
+        occasional?.pendingWill = nil
+        will.task.cancel()
+        will.publish()
+    }
 
     /// What an MQTT 5 client said it can take (CONNECT): at most `receiveMaximum` QoS 1/2
     /// messages unacknowledged, no packet over `maximumPacketSize` bytes. Nil for a 3.1.1 client.
@@ -650,6 +680,7 @@ final class Session: @unchecked Sendable {
 
     /// Forgets everything queued or in flight: the session is discarded (`ended`).
     func end() {
+        publishPendingWill()
         ended = true
         inflight.removeAll()
         queue.removeAll()

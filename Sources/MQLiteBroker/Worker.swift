@@ -237,6 +237,7 @@ final class Worker: @unchecked Sendable {
     /// A session is being taken over by a connection (owner loop, before it moves or attaches).
     func sessionClaimed(_ session: Session) {
         assertOnLoop()
+        session.cancelPendingWill()
         guard session.offline != nil else { return }
         session.offline = nil
         offlineSessions[ObjectIdentifier(session)] = nil

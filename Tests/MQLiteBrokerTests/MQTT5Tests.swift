@@ -347,6 +347,48 @@ struct MQTT5FlowTests {
     }
 }
 
+@Suite("MQTT 5.0 will delay")
+struct MQTT5WillDelayTests {
+    private static func connect(_ b: BrokerFixture, delay: UInt32, expiry: UInt32, cleanStart: Bool = true) async throws -> TestClient {
+        var properties = MQTTProperties()
+        properties.sessionExpiryInterval = expiry
+        var willProperties = MQTTProperties()
+        willProperties.willDelayInterval = delay
+        willProperties.userProperties = [UserProperty(name: "k", value: "v")]
+        let will = Will(topic: "wd/will", payload: ByteBuffer(string: "late"), qos: .atLeastOnce, retain: false)
+        return try await b.client5("w", cleanStart: cleanStart, will: will, willProperties: willProperties, properties: properties).0
+    }
+
+    @Test("Will Delay Interval: the will goes after the delay (without the delay property); a reconnect within the delay cancels it; a session that ends first sends it then")
+    func willDelay() async throws {
+        try await withV5Broker { b in
+            let (watcher, _) = try await b.client5("watcher")
+            try await watcher.subscribe("wd/#", qos: .atLeastOnce)
+            // Delayed by 1 s, then published.
+            let w = try await Self.connect(b, delay: 1, expiry: 100)
+            await w.abort()
+            try await watcher.expectNothing(for: .milliseconds(600))
+            let p = try await watcher.expectPublish(timeout: .seconds(3))
+            #expect(String(buffer: p.payload) == "late")
+            #expect(p.properties.willDelayInterval == nil && p.properties.userProperties == [UserProperty(name: "k", value: "v")])
+            watcher.send(.puback(packetID: p.packetID!))
+
+            // Back within the delay: no will.
+            let again = try await Self.connect(b, delay: 1, expiry: 100, cleanStart: false)
+            await again.abort()
+            let back = try await Self.connect(b, delay: 1, expiry: 100, cleanStart: false)
+            try await watcher.expectNothing(for: .milliseconds(1500))
+
+            // The session ends before the delay (expiry 0): the will goes at once.
+            await back.abort()  // (its own will, delayed 1 s, with the session kept)
+            _ = try await watcher.expectPublish(timeout: .seconds(3))
+            let short = try await Self.connect(b, delay: 100, expiry: 0)
+            await short.abort()
+            #expect(String(buffer: try await watcher.expectPublish(timeout: .seconds(1)).payload) == "late")
+        }
+    }
+}
+
 @Suite("MQTT 5.0 message expiry")
 struct MQTT5ExpiryTests {
     @Test("Message Expiry Interval: an expired message is not delivered (queued offline, or retained), to 5.0 and 3.1.1 subscribers; one that is carries what remains of its interval")
