@@ -283,9 +283,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
     }
 
-    /// An MQTT 5 client, once connected, hears why the server closes (DISCONNECT with `code`).
+    /// An MQTT 5 client, once connected, hears why the server closes (DISCONNECT with `code`,
+    /// flushed with what was before it: the close follows).
     private func tellV5(_ code: ReasonCode) {
-        if version == .v5, machine.isConnected { writePacket(.disconnectV5(DisconnectPacket(reasonCode: code))) }
+        guard version == .v5, machine.isConnected else { return }
+        writePacket(.disconnectV5(DisconnectPacket(reasonCode: code)))
+        flushOutput()
     }
 
     private func handleConnect(_ connect: ConnectPacket) {
@@ -368,7 +371,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             will.properties = connect.willProperties
             return Box(will)
         }
-        let keepAlive = min(connect.keepAlive, UInt16(clamping: broker.configuration.limits.maxKeepAlive))
+        let maxKeepAlive = UInt16(clamping: broker.configuration.limits.maxKeepAlive)
+        var keepAlive = min(connect.keepAlive, maxKeepAlive)
+        // MQTT 5 lets the server ask for a keep-alive from a client that asked for none (Mosquitto too).
+        if version == .v5, keepAlive == 0, maxKeepAlive < UInt16.max { keepAlive = maxKeepAlive }
         // MQTT 5: the session lasts as long as the client asks (capped by session_expiry).
         let expiry = version == .v5 ? broker.configuration.limits.sessionExpiry(for: connect.properties.sessionExpiryInterval ?? 0) : nil
         let connack = version == .v5 ? connackProperties(connect, keepAlive: keepAlive, expiry: expiry!) : MQTTProperties()
@@ -837,6 +843,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Closes without a will: the broker is stopping.
     func closeForShutdown() {
+        tellV5(.serverShuttingDown)
         detach(publishWill: false, reason: "broker stopping")
         context?.close(promise: nil)
     }
@@ -935,6 +942,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func disconnect(reason: String) {
+        tellV5(.administrativeAction)
         closeWithWill(reason: reason)
         worker.flushDirty()
     }

@@ -180,14 +180,28 @@ struct MQTT5Tests {
         }
     }
 
-    @Test("a connection taken over by the same client id hears DISCONNECT 0x8E, session taken over")
-    func takenOver() async throws {
+    @Test("a connection taken over by the same client id hears DISCONNECT 0x8E, session taken over (Clean Start or not); a stopping broker says 0x8B, server shutting down",
+          arguments: [true, false])
+    func takenOver(cleanStart: Bool) async throws {
+        var keep = MQTTProperties()
+        keep.sessionExpiryInterval = 60
         try await withV5Broker { b in
-            let (old, _) = try await b.client5("same")
-            let (new, _) = try await b.client5("same")
+            let (old, _) = try await b.client5("same", properties: keep)
+            let (new, _) = try await b.client5("same", cleanStart: cleanStart, properties: keep)
             let before = try await old.expectClosed()
             #expect(before == [.disconnectV5(DisconnectPacket(reasonCode: .sessionTakenOver))])
             try await new.ping()
+            await b.broker.shutdown()
+            #expect(try await new.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .serverShuttingDown))])
+        }
+    }
+
+    @Test("a client that asks for no keep-alive is given max_keep_alive (Server Keep Alive)")
+    func serverKeepAlive() async throws {
+        try await withV5Broker(configure: { $0.limits.maxKeepAlive = 30 }) { b in
+            let (c, connack) = try await b.client5("c", keepAlive: 0)
+            #expect(connack.properties.serverKeepAlive == 30)
+            try await c.ping()
         }
     }
 
