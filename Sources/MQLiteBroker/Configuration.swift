@@ -20,9 +20,6 @@ public struct BrokerConfiguration: Sendable {
     /// Seconds between two publications of the `$SYS/broker/...` topics; 0 = none
     /// (`[server] sys_interval`, as Mosquitto's).
     public var sysInterval: Int
-    /// The protocol versions a CONNECT may ask for. MQTT 5 is being built in steps (issue 13) and
-    /// is off until it is complete: only tests turn it on, to check each step.
-    var protocolVersions: ProtocolVersionSet = .mqtt3
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,

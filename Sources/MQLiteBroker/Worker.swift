@@ -80,7 +80,7 @@ final class Worker: @unchecked Sendable {
         self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
         self.decoder = MQTTDecoder(
             maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels,
-            acceptedVersions: broker.configuration.protocolVersions)
+            acceptedVersions: .all)
     }
 
     /// Spreads a storm of CONNECTs over this loop's ticks.

@@ -62,11 +62,11 @@ struct ConnectionTests {
         }
     }
 
-    @Test("an unsupported protocol level gets CONNACK 1 and a close")
+    @Test("an unsupported protocol level (past 5) gets CONNACK 1 and a close")
     func unsupportedProtocol() async throws {
         try await withBroker { b in
             let c = try await TestClient.open(port: b.port)
-            c.send(.connect(ConnectPacket(protocolLevel: 5, clientID: "v5")))
+            c.send(.connect(ConnectPacket(protocolLevel: 6, clientID: "v6")))
             let packets = try await c.expectClosed()
             #expect(packets == [.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion))])
         }

@@ -84,7 +84,7 @@ struct EmbeddedConnectionTests {
         #expect(try early.received().isEmpty)
 
         let old = try b.connection()
-        try old.send(.connect(ConnectPacket(protocolName: "MQTT", protocolLevel: 5, clientID: "v5")))
+        try old.send(.connect(ConnectPacket(protocolName: "MQTT", protocolLevel: 6, clientID: "v6")))
         #expect(try old.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion))])
         #expect(!old.isActive)
     }

@@ -1,0 +1,202 @@
+"""MQTT 5.0 with real clients (paho-mqtt 2.x with protocol=MQTTv5, mosquitto_pub/sub -V mqttv5) on the
+real binary with two workers, beside 3.1.1 clients on the same broker."""
+import subprocess
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import Broker, wait_for
+from test_interop import paho_client, pub, start, sub_process
+
+
+def client5(client_id, port, clean_start=True, session_expiry=None, keepalive=30, will=None):
+    """A connected paho MQTT 5 client; `c.connack` holds (reason code, flags, properties)."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.messages = []
+    c.disconnects = []
+    connected = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        client.connack = (reason_code, flags, properties)
+        connected.set()
+
+    c.on_connect = on_connect
+    c.on_message = lambda client, userdata, msg: client.messages.append(msg)
+    c.on_disconnect = lambda client, userdata, flags, reason_code, properties: client.disconnects.append(reason_code)
+    if will:
+        c.will_set(*will[:4], properties=will[4] if len(will) > 4 else None)
+    properties = None
+    if session_expiry is not None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = session_expiry
+    c.connect("127.0.0.1", port, keepalive=keepalive, clean_start=clean_start, properties=properties)
+    c.loop_start()
+    assert connected.wait(5)
+    return c
+
+
+def stop(*clients):
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+def publish_properties():
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = [("trace", "42"), ("trace", "43")]
+    p.ContentType = "application/json"
+    p.ResponseTopic = "reply/to"
+    p.CorrelationData = b"\x00\x01\x02"
+    p.PayloadFormatIndicator = 1
+    return p
+
+
+def test_paho_v5_properties_reach_v5_subscribers_and_not_v311_ones(broker):
+    sub5 = client5("sub5", broker.port)
+    sub5.subscribe("props/#", qos=2)
+    sub3 = paho_client("sub3")
+    start(sub3, broker.port)
+    sub3.subscribe("props/#", qos=1)
+    time.sleep(0.3)
+    pub5 = client5("pub5", broker.port)
+    for qos in (0, 1, 2):
+        pub5.publish("props/x", b'{"n":%d}' % qos, qos=qos, properties=publish_properties()).wait_for_publish(5)
+    assert wait_for(lambda: len(sub5.messages) == 3 and len(sub3.messages) == 3)
+    for m in sub5.messages:
+        p = m.properties
+        assert p.UserProperty == [("trace", "42"), ("trace", "43")]
+        assert (p.ContentType, p.ResponseTopic, p.CorrelationData, p.PayloadFormatIndicator) == (
+            "application/json", "reply/to", b"\x00\x01\x02", 1)
+    assert sorted(m.qos for m in sub5.messages) == [0, 1, 2]
+    assert sorted(m.payload for m in sub3.messages) == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    # And the other way: a 3.1.1 publisher reaches the MQTT 5 subscriber.
+    sub3.publish("props/from311", b"old", qos=1).wait_for_publish(5)
+    assert wait_for(lambda: any(m.topic == "props/from311" for m in sub5.messages))
+    stop(sub5, sub3, pub5)
+
+
+def test_paho_v5_connack_and_reason_codes(broker):
+    c = client5("", broker.port, keepalive=0)
+    rc, flags, props = c.connack
+    assert rc == 0 and not flags.session_present
+    assert props.AssignedClientIdentifier.startswith("mqlite-")
+    assert props.SubscriptionIdentifierAvailable == 0
+    assert props.MaximumPacketSize > 1 << 20
+    # PUBACK "no matching subscribers" (0x10) is still a success to the client.
+    info = c.publish("nobody/listens", b"x", qos=1)
+    info.wait_for_publish(5)
+    assert info.is_published()
+    # UNSUBACK reason codes per filter.
+    codes = []
+    c.on_unsubscribe = lambda client, userdata, mid, reason_codes, properties: codes.append([int(r.value) for r in reason_codes])
+    c.subscribe("u/1", qos=0)
+    time.sleep(0.2)
+    c.unsubscribe(["u/1", "u/never"])
+    assert wait_for(lambda: codes == [[0x00, 0x11]])
+    stop(c)
+
+
+def test_paho_v5_subscription_options(broker):
+    c = client5("opts", broker.port)
+    c.subscribe("o/own", options=mqtt.SubscribeOptions(qos=1, noLocal=True))
+    c.subscribe("o/rap", options=mqtt.SubscribeOptions(qos=1, retainAsPublished=True))
+    c.subscribe("o/plain", options=mqtt.SubscribeOptions(qos=1))
+    time.sleep(0.3)
+    c.publish("o/own", b"mine", qos=1).wait_for_publish(5)
+    p = paho_client("other")
+    start(p, broker.port)
+    p.publish("o/rap", b"r", qos=1, retain=True).wait_for_publish(5)
+    p.publish("o/plain", b"p", qos=1, retain=True).wait_for_publish(5)
+    assert wait_for(lambda: len(c.messages) >= 2)
+    time.sleep(0.3)
+    got = {m.topic: m.retain for m in c.messages}
+    assert got == {"o/rap": True, "o/plain": False}  # no own message; RETAIN as published only with the option
+    # Retain Handling 2: no retained message on subscribe.
+    c.messages.clear()
+    c.subscribe("o/#", options=mqtt.SubscribeOptions(qos=0, retainHandling=2))
+    time.sleep(0.4)
+    assert c.messages == []
+    stop(c, p)
+
+
+def test_paho_v5_session_expiry_and_message_expiry(broker):
+    c = client5("keeper", broker.port, session_expiry=300)
+    c.subscribe("keep/#", qos=1)
+    time.sleep(0.3)
+    stop(c)
+    p = client5("sender", broker.port)
+    short = Properties(PacketTypes.PUBLISH)
+    short.MessageExpiryInterval = 1
+    long = Properties(PacketTypes.PUBLISH)
+    long.MessageExpiryInterval = 300
+    p.publish("keep/short", b"gone", qos=1, properties=short).wait_for_publish(5)
+    p.publish("keep/long", b"kept", qos=1, properties=long).wait_for_publish(5)
+    time.sleep(1.5)
+    back = client5("keeper", broker.port, clean_start=False, session_expiry=300)
+    assert back.connack[1].session_present
+    assert wait_for(lambda: len(back.messages) >= 1)
+    time.sleep(0.3)
+    assert [m.payload for m in back.messages] == [b"kept"]
+    assert 290 <= back.messages[0].properties.MessageExpiryInterval <= 300
+    stop(back, p)
+    # Session expiry 0 (the MQTT 5 default): nothing is kept.
+    gone = client5("short-lived", broker.port)
+    stop(gone)
+    again = client5("short-lived", broker.port, clean_start=False)
+    assert not again.connack[1].session_present
+    stop(again)
+
+
+def test_paho_v5_will_delay_and_takeover_reason(broker):
+    watcher = paho_client("watcher")
+    start(watcher, broker.port)
+    watcher.subscribe("wills/#", qos=1)
+    time.sleep(0.3)
+    will_props = Properties(PacketTypes.WILLMESSAGE)
+    will_props.WillDelayInterval = 1
+    will_props.UserProperty = [("why", "lost")]
+    c = client5("delayed", broker.port, session_expiry=60, will=("wills/delayed", b"bye", 1, False, will_props))
+    c._sock.close()  # lost without DISCONNECT
+    time.sleep(0.5)
+    assert watcher.messages == []
+    assert wait_for(lambda: len(watcher.messages) == 1, timeout=5)
+    # A takeover tells the old connection why (0x8E).
+    first = client5("same", broker.port)
+    second = client5("same", broker.port)
+    assert wait_for(lambda: any(int(r.value) == 0x8E for r in first.disconnects))
+    stop(second, watcher)
+    first.loop_stop()
+
+
+def test_mosquitto_v5_clients_with_user_properties(broker):
+    sub = sub_process(broker.port, "-V", "mqttv5", "-t", "m5/#", "-q", "1", "-C", "2", "-F", "%t %p %P")
+    time.sleep(0.5)
+    pub(broker.port, "-V", "mqttv5", "-t", "m5/a", "-m", "one", "-q", "1", "-D", "publish", "user-property", "k", "v")
+    pub(broker.port, "-V", "311", "-t", "m5/b", "-m", "two", "-q", "1")
+    out, err = sub.communicate(timeout=15)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == ["m5/a one k:v", "m5/b two "]
+
+
+def test_v5_protocol_error_gets_disconnect_with_reason(broker):
+    """A topic alias (Topic Alias Maximum is 0): DISCONNECT 0x94, then the close, logged."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", broker.port))
+    # CONNECT v5, client id "raw", no properties.
+    s.sendall(bytes([0x10, 16, 0, 4]) + b"MQTT" + bytes([5, 2, 0, 30, 0, 0, 3]) + b"raw")
+    s.settimeout(5)
+    connack = s.recv(64)
+    assert connack[0] == 0x20 and connack[3] == 0x00
+    # PUBLISH QoS 0 topic "t", properties: topic alias 1.
+    s.sendall(bytes([0x30, 7, 0, 1]) + b"t" + bytes([3, 0x23, 0, 1]) + b"")
+    data = b""
+    while True:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    assert data[:3] == bytes([0xE0, 1, 0x94]) or data[:4] == bytes([0xE0, 2, 0x94, 0]), data
+    assert wait_for(lambda: "topic alias" in broker.log())
