@@ -23,8 +23,11 @@ extension ApplicationMessage {
         return Message(topic: topic.rebased(onto: t), payload: storage, qos: qos, retain: retain, isCompact: true, properties: properties)
     }
 
-    /// Bytes this message accounts for in a queue.
-    var size: Int { topic.count + payload.readableBytes }
+    /// Bytes this message accounts for in a queue: topic and payload, and MQTT 5 properties (user
+    /// properties can be as large as a payload).
+    var size: Int {
+        topic.count + payload.readableBytes + (properties.isSame(as: MQTTProperties()) ? 0 : properties.encodedSizeWithLength)
+    }
 
     /// Whether `other` is this very message: the same bytes in the same memory (then a compacted
     /// copy of one serves the other).
