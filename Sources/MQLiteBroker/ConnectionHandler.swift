@@ -169,9 +169,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if let connack {
                 if Int(connack.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(connack.rawValue)] &+= 1 }
                 writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack)))
-            } else if version == .v5, machine.isConnected {
-                // MQTT 5 says why before closing (§4.13.1).
-                writePacket(.disconnectV5(DisconnectPacket(reasonCode: error.reasonCode)))
+            } else {
+                tellV5(error.reasonCode)  // MQTT 5 says why before closing (§4.13.1)
             }
             closeWithWill(reason: reason)
         }
@@ -404,8 +403,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if granted != asked { properties.sessionExpiryInterval = granted }
         if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
         if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
-        // The packet size counts the fixed header too (at most 5 bytes past max_packet_size).
-        properties.maximumPacketSize = UInt32(clamping: broker.configuration.limits.maxPacketSize + 5)
+        // The packet size counts the fixed header too: its first byte and the remaining length's.
+        let remaining = broker.configuration.limits.maxPacketSize
+        let lengthBytes = remaining < 128 ? 1 : remaining < 16_384 ? 2 : remaining < 2_097_152 ? 3 : 4
+        properties.maximumPacketSize = UInt32(clamping: 1 + lengthBytes + remaining)
         properties.subscriptionIdentifierAvailable = false
         // Retain, wildcard and shared subscriptions are available: their absence says so; so
         // does Topic Alias Maximum's (0: none).
@@ -535,7 +536,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
         // Only an MQTT 5 PUBLISH has properties.
-        if !publish.properties.isEmpty, let (code, reason) = Self.refusedProperties(publish.properties) {
+        if !publish.properties.isUnset, let (code, reason) = Self.refusedProperties(publish.properties) {
             tellV5(code)
             return closeWithWill(reason: reason)
         }
@@ -605,7 +606,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             return
         }
         var properties = properties
-        if !properties.isSame(as: MQTTProperties()), let interval = properties.messageExpiryInterval {
+        if !properties.isUnset, let interval = properties.messageExpiryInterval {
             // MQTT 5: the message expires this long after the broker got it (a will: published it).
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }

@@ -26,7 +26,7 @@ extension ApplicationMessage {
     /// Bytes this message accounts for in a queue: topic and payload, and MQTT 5 properties (user
     /// properties can be as large as a payload).
     var size: Int {
-        topic.count + payload.readableBytes + (properties.isSame(as: MQTTProperties()) ? 0 : properties.encodedSizeWithLength)
+        topic.count + payload.readableBytes + (properties.isUnset ? 0 : properties.encodedSizeWithLength)
     }
 
     /// Whether `other` is this very message: the same bytes in the same memory (then a compacted

@@ -142,6 +142,10 @@ public struct MQTTProperties: Equatable, Sendable {
         set { self[\.messageExpiresAt] = newValue }
     }
 
+    /// Whether no property was ever set: a nil check (`isEmpty` compares every value), the cost
+    /// the broker pays for a 3.1.1 message.
+    public var isUnset: Bool { storage == nil }
+
     /// Whether both are the same storage (or both empty): a check that compares no values.
     public func isSame(as other: MQTTProperties) -> Bool { storage === other.storage }
 

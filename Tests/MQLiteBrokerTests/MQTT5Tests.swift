@@ -31,7 +31,7 @@ struct MQTT5Tests {
             let assigned = try #require(connack.properties.assignedClientIdentifier)
             #expect(assigned.hasPrefix("mqlite-"))
             #expect(connack.properties.serverKeepAlive == 100)
-            #expect(connack.properties.maximumPacketSize == 5005)
+            #expect(connack.properties.maximumPacketSize == 5003)  // a remaining length of 5000 in 2 bytes
             #expect(connack.properties.subscriptionIdentifierAvailable == false)
             #expect(connack.properties.topicAliasMaximum == nil)  // 0: none
             #expect(connack.properties.retainAvailable == nil)  // absent: available
