@@ -213,6 +213,11 @@ def main():
             for payload in (16, 1024, 65536):
                 target = (1.2 if shape == "fan-out" and qos == 0 else None) if payload == 65536 else (1.5 if qos == 0 else 1.3)
                 scenarios.append((f"{shape} qos{qos} {payload}B", [shape, "--qos", str(qos), "--payload", str(payload)], "rate", target))
+    # MQTT 5.0 clients (issue 13: at least 3x Mosquitto's MQTT 5 at QoS 0; the 3.1.1 rows above unchanged).
+    for qos in (0, 1):
+        for payload in (16, 1024):
+            scenarios.append((f"pairs qos{qos} {payload}B MQTT 5", ["pairs", "--qos", str(qos), "--payload", str(payload), "--mqtt", "5"],
+                              "rate", 3.0 if qos == 0 else None))
     # Throughput over TLS, each broker's TLS listener (issue 11: at least 1.5x Mosquitto).
     tls_label = "pairs qos0 1024B TLS"
     scenarios.append((tls_label, ["pairs", "--qos", "0", "--payload", "1024", "--tls-ca", str(ca)], "rate", 1.5))

@@ -17,6 +17,8 @@ enum BenchEvent: Equatable {
 struct BenchDecoder: NIOSingleStepByteToMessageDecoder {
     typealias InboundOut = BenchEvent
     let readTimestamps: Bool
+    /// MQTT 5: a PUBLISH has properties (their length, then them) after the packet id.
+    let v5: Bool
 
     mutating func decode(buffer: inout ByteBuffer) throws -> BenchEvent? {
         let start = buffer.readerIndex
@@ -47,6 +49,17 @@ struct BenchDecoder: NIOSingleStepByteToMessageDecoder {
                 id = buffer.getInteger(at: cursor) ?? 0
                 cursor += 2
             }
+            if v5 {
+                var propertiesLength = 0
+                var shift = 0
+                while let byte: UInt8 = buffer.getInteger(at: cursor) {
+                    cursor += 1
+                    propertiesLength |= Int(byte & 0x7F) << shift
+                    shift += 7
+                    if byte & 0x80 == 0 || shift > 21 { break }
+                }
+                cursor += propertiesLength
+            }
             let timestamp: UInt64 = readTimestamps ? (buffer.getInteger(at: cursor) ?? 0) : 0
             return .publish(qos: qos, packetID: id, timestamp: timestamp)
         default: return .other
@@ -70,8 +83,13 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     var onClose: () -> Void = {}
     /// PUBACKs owed to the broker, written once per read batch.
     var pendingAcks: ByteBuffer?
+    /// What this connection speaks (its CONNECT's level).
+    let version: ProtocolVersion
 
-    init(loop: any EventLoop) { self.loop = loop }
+    init(loop: any EventLoop, version: ProtocolVersion) {
+        self.loop = loop
+        self.version = version
+    }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
@@ -110,10 +128,10 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Opens a connection, sends CONNECT and completes on CONNACK 0.
     static func connect(
         on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true,
-        tls: NIOSSLContext? = nil
+        tls: NIOSSLContext? = nil, version: ProtocolVersion = .v3_1_1
     ) -> EventLoopFuture<BenchConnection> {
         let promise = loop.makePromise(of: BenchConnection.self)
-        let handler = BenchConnection(loop: loop)
+        let handler = BenchConnection(loop: loop, version: version)
         ClientBootstrap(group: loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.maxMessagesPerRead, value: 16)
@@ -124,7 +142,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
                         // (the benchmark connects to an address).
                         try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: nil))
                     }
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(BenchDecoder(readTimestamps: readTimestamps)))
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(BenchDecoder(readTimestamps: readTimestamps, v5: version == .v5)))
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
@@ -146,7 +164,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
                         }
                     }
                     var buffer = channel.allocator.buffer(capacity: 64)
-                    buffer.writeMQTTPacket(.connect(ConnectPacket(cleanSession: true, keepAlive: 0, clientID: clientID)))
+                    buffer.writeMQTTPacket(.connect(ConnectPacket(protocolLevel: version.rawValue, cleanSession: true, keepAlive: 0, clientID: clientID)))
                     channel.writeAndFlush(buffer, promise: nil)
                 }
             }
@@ -171,7 +189,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
             }
         }
         var buffer = context.channel.allocator.buffer(capacity: 64)
-        buffer.writeMQTTPacket(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: filter, qos: qos)])))
+        buffer.writeMQTTPacket(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: filter, qos: qos)])), version: version)
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         return promise.futureResult
     }

@@ -43,6 +43,7 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "fan-in, fan-out, pairs: this many more clients connect, subscribe (one exact and one wildcard filter) and disconnect in a loop meanwhile, on a loop of their own") var churn = 0
     @Option(help: "Milliseconds each churning client waits between its cycles") var churnPause = 100
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
+    @Option(help: "fan-in, fan-out, pairs: the MQTT version the clients speak, 4 (3.1.1) or 5") var mqtt = 4
     @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
 
     /// The client TLS context for every connection of the run (nil: plain TCP). TLS 1.2 or 1.3 as
@@ -103,10 +104,12 @@ struct MQLiteBench: AsyncParsableCommand {
         return ["scenario": "bare-nio-server", "lost": 0]
     }
 
-    private func connect(_ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?) async throws -> BenchConnection {
+    private func connect(
+        _ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?, version: ProtocolVersion = .v3_1_1
+    ) async throws -> BenchConnection {
         try await BenchConnection.connect(
             on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps,
-            tls: tlsContext
+            tls: tlsContext, version: version
         ).get()
     }
 
@@ -117,6 +120,11 @@ struct MQLiteBench: AsyncParsableCommand {
     private func throughput(loop: any EventLoop, shape: Shape, tls: NIOSSLContext?) async throws -> [String: Any] {
         let q = QoS(rawValue: UInt8(qos)) ?? .atMostOnce
         let body = ByteBuffer(bytes: (0..<payload).map { UInt8(truncatingIfNeeded: $0) })
+        guard mqtt == 4 || mqtt == 5 else { throw ValidationError("--mqtt is 4 or 5") }
+        let version: ProtocolVersion = mqtt == 5 ? .v5 : .v3_1_1
+        func connect(_ loop: any EventLoop, _ id: String, tls: NIOSSLContext?) async throws -> BenchConnection {
+            try await self.connect(loop, id, tls: tls, version: version)
+        }
         var publishers: [Publisher] = []
         var subscribers: [BenchConnection] = []
         switch shape {

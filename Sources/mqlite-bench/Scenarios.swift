@@ -33,8 +33,10 @@ final class Publisher: @unchecked Sendable {
     /// QoS 0: `chunkFrames` identical frames back to back; a prefix of it is written at once.
     let chunk: ByteBuffer
     let frameSize: Int
-    /// QoS 1: fixed header and topic; the packet id and the payload follow.
+    /// QoS 1: fixed header and topic; the packet id, `afterID` and the payload follow.
     let prefix: ByteBuffer
+    /// MQTT 5: the (empty) properties after the packet id.
+    let afterID: ByteBuffer
     let payload: ByteBuffer
 
     static let chunkFrames = 64
@@ -44,12 +46,24 @@ final class Publisher: @unchecked Sendable {
         self.topic = topic
         self.payload = payload
         let t = ByteBuffer(string: topic)
+        let v5 = connection.version == .v5
         var prefix = ByteBuffer()
-        prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0)
-        prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 2))
+        if v5 {
+            prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0, properties: MQTTProperties())
+            prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 3))
+        } else {
+            prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0)
+            prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 2))
+        }
         self.prefix = prefix
+        self.afterID = ByteBuffer(bytes: v5 ? [0] : [])
         var frame = ByteBuffer()
-        frame.writePublish(topic: t, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+        if v5 {
+            frame.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil, properties: MQTTProperties())
+            frame.writeImmutableBuffer(payload)
+        } else {
+            frame.writePublish(topic: t, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)
+        }
         self.frameSize = frame.readableBytes
         var chunk = ByteBuffer()
         if qos == .atMostOnce {
@@ -156,10 +170,11 @@ final class ThroughputRun: @unchecked Sendable {
         }
         p.unacked += count
         var batch = ByteBuffer()
-        batch.reserveCapacity(large ? count * (p.prefix.readableBytes + 2) : count * (p.prefix.readableBytes + 2 + p.payload.readableBytes))
+        batch.reserveCapacity(large ? count * (p.prefix.readableBytes + 3) : count * (p.prefix.readableBytes + 3 + p.payload.readableBytes))
         for _ in 0..<count {
             batch.writeImmutableBuffer(p.prefix)
             batch.writeInteger(p.nextPacketID())
+            batch.writeImmutableBuffer(p.afterID)
             if large {
                 p.connection.write(batch)
                 p.connection.write(p.payload)
