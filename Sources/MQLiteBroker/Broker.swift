@@ -398,11 +398,13 @@ public final class Broker: Sendable {
             if owner === worker { completion(nil, false) } else { worker.loop.execute { completion(nil, false) } }
             return
         }
-        owner.sessionClaimed(session)
         // Clean session 0 taking over clean session 0: the session goes on, so the old
         // connection's will is not published (Mosquitto). A clean session 1 on either side
         // replaces the session instead (openSession), and that publishes the will.
         session.outbound?.takenOver(publishWill: false)
+        // After the old connection let go (which registered the session as offline, to expire
+        // on this worker): the session is claimed, no longer offline, and may move.
+        owner.sessionClaimed(session)
         if owner === worker { return completion(session, present) }
         session.move(to: worker.index)
         worker.loop.execute {

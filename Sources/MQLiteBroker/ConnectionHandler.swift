@@ -885,7 +885,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // delay it, while the session lasts, for a client that comes back meanwhile.
             var properties = will.properties
             let delay = properties.willDelayInterval ?? 0
-            if delay > 0 { properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
+            if properties.willDelayInterval != nil { properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
             if delay > 0, !session.ended {
                 session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in
                     route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: properties)

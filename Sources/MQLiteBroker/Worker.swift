@@ -248,6 +248,11 @@ final class Worker: @unchecked Sendable {
         guard !offlineSessions.isEmpty else { return }
         let configured = broker.configuration.limits.sessionExpiry
         for (id, session) in offlineSessions {
+            // (A session that moved to another worker is that worker's to expire.)
+            guard session.owner == index else {
+                offlineSessions[id] = nil
+                continue
+            }
             guard let offline = session.offline, now - offline.since >= session.expiry ?? configured else { continue }
             offlineSessions[id] = nil
             session.offline = nil

@@ -122,6 +122,7 @@ struct MQTT5Tests {
             try await watcher.subscribe("will/#")
             var willProperties = MQTTProperties()
             willProperties.contentType = "text/plain"
+            willProperties.willDelayInterval = 0  // a will property: not forwarded, even when 0
             let will = Will(topic: "will/a", payload: ByteBuffer(string: "gone"), qos: .atMostOnce, retain: false)
             let (a, _) = try await b.client5("a", will: will, willProperties: willProperties)
             a.send(.disconnectV5(DisconnectPacket(reasonCode: .disconnectWithWillMessage)))
@@ -134,7 +135,7 @@ struct MQTT5Tests {
             c.send(.disconnectV5(DisconnectPacket(reasonCode: .unspecifiedError)))  // an error: the will goes
             try await c.expectClosed()
             let p = try await sub5.expectPublish()
-            #expect(p.topicString == "will/c" && p.properties.contentType == "text/plain")
+            #expect(p.topicString == "will/c" && p.properties.contentType == "text/plain" && p.properties.willDelayInterval == nil)
             #expect(try await watcher.expectPublish().topicString == "will/c")
 
             let (quiet, _) = try await b.client5("quiet", will: Will(topic: "will/q", payload: ByteBuffer(string: "no"), qos: .atMostOnce, retain: false))
@@ -179,6 +180,14 @@ struct MQTT5Tests {
             try await new.ping()
             await b.broker.shutdown()
             #expect(try await new.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .serverShuttingDown))])
+        }
+    }
+
+    @Test("a silent client past 1.5 x its keep-alive hears DISCONNECT 0x8D, keep-alive timeout")
+    func keepAliveTimeout() async throws {
+        try await withV5Broker { b in
+            let (c, _) = try await b.client5("quiet", keepAlive: 1)
+            #expect(try await c.expectClosed(timeout: .seconds(5)) == [.disconnectV5(DisconnectPacket(reasonCode: .keepAliveTimeout))])
         }
     }
 

@@ -320,6 +320,21 @@ struct CrossWorkerTests {
         }
     }
 
+    @Test("a persistent session taken over on the other worker expires there once its new client goes, not from the old worker's list")
+    func takeoverThenExpiry() async throws {
+        try await withBroker(workers: 2, configure: { $0.limits.sessionExpiry = .milliseconds(400) }) { b in
+            for i in 0..<3 {
+                let old = try await b.client("moving\(i)", clean: false)
+                let new = try await b.client("moving\(i)", clean: false)  // the other worker: the session moves
+                try await old.expectClosed()
+                try await Task.sleep(for: .milliseconds(600))  // past the expiry: online, so kept
+                #expect(b.broker.registry.session(for: "moving\(i)") != nil)
+                await new.disconnect()
+            }
+            try await eventually("expired", timeout: .seconds(5)) { b.broker.registry.count == 0 }
+        }
+    }
+
     @Test("a cached route follows subscription changes on any worker: new exact and wildcard subscribers, unsubscribe, session end, and a flood of changes")
     func routeCacheInvalidation() async throws {
         try await withBroker(workers: 2) { b in
