@@ -403,8 +403,10 @@ public final class Broker: Sendable {
         // replaces the session instead (openSession), and that publishes the will.
         session.outbound?.takenOver(publishWill: false)
         // After the old connection let go (which registered the session as offline, to expire
-        // on this worker): the session is claimed, no longer offline, and may move.
+        // on this worker): the session is claimed, no longer offline, and may move. A will
+        // waiting out its delay is cancelled by the client's return (MQTT 5.0 §3.1.3.2.2).
         owner.sessionClaimed(session)
+        session.cancelPendingWill()
         if owner === worker { return completion(session, present) }
         session.move(to: worker.index)
         worker.loop.execute {

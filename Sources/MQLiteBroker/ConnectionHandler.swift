@@ -784,7 +784,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// nothing. A subscriber that makes no progress stops counting after a while
     /// (`Session.stallTimeout`) and has its messages dropped instead.
     private func holdBackIfCongested(_ targets: [(session: Session, grant: Grant)]) {
-        guard holdBack == nil, worker.isCongested(targets, excluding: session) else { return }
+        guard holdBack == nil, let why = congestion(targets) else { return }
+        if why == .subscriber { session?.heldBack(true, now: .now()) }
         holdBack = targets
         updateReading()
         scheduleHoldBackCheck()
@@ -810,7 +811,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             holdBack = nil
             return
         }
-        if worker.isCongested(targets, excluding: session) { return scheduleHoldBackCheck() }
+        let why = congestion(targets)
+        session?.heldBack(why == .subscriber, now: .now())
+        if why != nil { return scheduleHoldBackCheck() }
         holdBack = nil
         if var pending = cumulation {
             cumulation = nil
@@ -819,6 +822,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             worker.flushDirty()
         }
         if holdBack == nil { updateReading() }
+    }
+
+    /// Whether (and why) this client should wait before more of its messages are read.
+    private func congestion(_ targets: [(session: Session, grant: Grant)]) -> Worker.Congestion? {
+        worker.congestion(targets, excluding: session, subscribers: session?.mayBeHeldBack(now: .now()) ?? true)
     }
 
     /// Reads from the socket when the state machine wants to (what was read while it does not

@@ -166,6 +166,14 @@ final class Session: @unchecked Sendable {
         var lastProgress = NIODeadline.distantPast
         /// When the current episode over half the budget began.
         var congestionStart: NIODeadline?
+        /// How long this session held publishers back in the `holdBackWindow` begun then.
+        var congestionUsed = TimeAmount.zero
+        var congestionWindowStart = NIODeadline.distantPast
+        /// As a publisher: since when the broker holds this client back for slow subscribers
+        /// (nil: it does not), and how long it did in the current `holdBackWindow`.
+        var heldSince: NIODeadline?
+        var heldInWindow = TimeAmount.zero
+        var heldWindowStart = NIODeadline.distantPast
         /// Messages dropped since the queue last drained (for one log line per episode).
         var droppedInEpisode = 0
         var receiveACL: ClientACL?
@@ -196,10 +204,43 @@ final class Session: @unchecked Sendable {
     // still making progress is congested: publishers to it are held back (TCP back-pressure) until
     // it is under a quarter. One that made no progress for `stallTimeout` is not: messages to it
     // are dropped past its budget instead, so a stalled client cannot slow anyone down. Nor can a
-    // slow one for long: a congestion episode holds publishers back for at most `maxHoldBack` in
-    // all; after that, until its queue is back under a quarter, it is treated as stalled.
+    // slow one for long: it holds publishers back for at most `maxHoldBack` in any
+    // `holdBackWindow`, its episodes together (one that drains a little at a time ends an episode
+    // each time); past that, it is treated as stalled until the window's end.
     static let stallTimeout = TimeAmount.seconds(1)
     static let maxHoldBack = TimeAmount.seconds(1)
+
+    // The publisher's side: a client is held back for slow subscribers for at most
+    // `maxPublisherHoldBack` in any `holdBackWindow`, however many subscribers take turns at being
+    // slow. Past it, it publishes at its own pace and the slow subscribers' queues drop past their
+    // budget. A client that waits for acknowledgements of its own deliveries is not held back
+    // either: the broker reads those from the socket it would stop reading.
+    static let holdBackWindow = TimeAmount.seconds(10)
+    static let maxPublisherHoldBack = TimeAmount.seconds(5)
+
+    /// Whether this session's client, as a publisher, may be held back for slow subscribers now.
+    func mayBeHeldBack(now: NIODeadline) -> Bool {
+        guard inflight.isEmpty else { return false }
+        guard let occasional else { return true }
+        if now - occasional.heldWindowStart >= Self.holdBackWindow { return true }
+        let current = occasional.heldSince.map { now - $0 } ?? .zero
+        return occasional.heldInWindow + current < Self.maxPublisherHoldBack
+    }
+
+    /// The broker starts or stops holding this session's client back for slow subscribers.
+    func heldBack(_ held: Bool, now: NIODeadline) {
+        let more = self.more
+        if held {
+            if now - more.heldWindowStart >= Self.holdBackWindow {
+                more.heldWindowStart = now
+                more.heldInWindow = .zero
+            }
+            if more.heldSince == nil { more.heldSince = now }
+        } else if let since = more.heldSince {
+            more.heldInWindow = more.heldInWindow + (now - since)
+            more.heldSince = nil
+        }
+    }
 
     /// Cheap hint for the publish path: congestion may need checking.
     var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
@@ -218,9 +259,13 @@ final class Session: @unchecked Sendable {
     /// hold-back allowance.
     private func holdPublishers(now: NIODeadline) {
         let more = self.more
+        if now - more.congestionWindowStart >= Self.holdBackWindow {
+            more.congestionWindowStart = now
+            more.congestionUsed = .zero
+        }
         let start = more.congestionStart ?? now
         more.congestionStart = start
-        let until = min(more.lastProgress + Self.stallTimeout, start + Self.maxHoldBack)
+        let until = min(more.lastProgress + Self.stallTimeout, start + (Self.maxHoldBack - more.congestionUsed))
         congestedUntil.store(until > now ? until.uptimeNanoseconds : 0, ordering: .relaxed)
     }
 
@@ -238,7 +283,10 @@ final class Session: @unchecked Sendable {
         more.lastProgress = now
         if !isOver(fraction: 4, limits) {
             congestedUntil.store(0, ordering: .relaxed)
-            occasional?.congestionStart = nil
+            if let start = occasional?.congestionStart {
+                more.congestionUsed = min(more.congestionUsed + (now - start), Self.maxHoldBack)
+                more.congestionStart = nil
+            }
         } else if mayBeCongested {
             holdPublishers(now: now)
         }
@@ -250,6 +298,7 @@ final class Session: @unchecked Sendable {
         occasional?.retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
+        occasional?.heldSince = nil
         report(.detached)
     }
 

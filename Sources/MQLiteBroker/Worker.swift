@@ -77,7 +77,7 @@ final class Worker: @unchecked Sendable {
         self.broker = broker
         self.outgoing = Array(repeating: [], count: workerCount)
         self.stats = WorkerStats(listeners: broker.configuration.listeners.count)
-        self.mailboxHighWater = max(64, min(4096, broker.configuration.limits.maxQueued / 4))
+        self.mailboxHighWater = max(4, min(4096, broker.configuration.limits.maxQueued / 4))
         self.decoder = MQTTDecoder(
             maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels,
             acceptedVersions: .all)
@@ -163,8 +163,11 @@ final class Worker: @unchecked Sendable {
             defer { box.drainWaiters.removeAll() }
             return box.drainWaiters
         }
-        defer { draining.removeAll(keepingCapacity: true) }
-        for wake in waiters { wake() }
+        defer {
+            draining.removeAll(keepingCapacity: true)
+            // After the deliveries: a publisher woken now sees the queues they filled.
+            for wake in waiters { wake() }
+        }
         // A publish to several sessions here posts them one after another: the first that
         // queues the message compacts it, and the others share that copy.
         var shared: (source: Message, kept: Message)?
@@ -237,7 +240,6 @@ final class Worker: @unchecked Sendable {
     /// A session is being taken over by a connection (owner loop, before it moves or attaches).
     func sessionClaimed(_ session: Session) {
         assertOnLoop()
-        session.cancelPendingWill()
         guard session.offline != nil else { return }
         session.offline = nil
         offlineSessions[ObjectIdentifier(session)] = nil
@@ -352,13 +354,18 @@ final class Worker: @unchecked Sendable {
         return filling
     }
 
-    /// Whether a publisher to `targets` should wait: one of them (not its own session) is
-    /// congested, or a mailbox of another worker is over its low-water mark.
-    func isCongested(_ targets: [(session: Session, grant: Grant)], excluding own: Session?) -> Bool {
+    /// Why a publisher to `targets` should wait, if it should: a mailbox of another worker is over
+    /// its low-water mark (always), or one of the subscribers (not its own session) is congested
+    /// (only while `subscribers`: the publisher's allowance, `Session.mayBeHeldBack`).
+    func congestion(_ targets: [(session: Session, grant: Grant)], excluding own: Session?, subscribers: Bool) -> Congestion? {
+        if broker.workers.contains(where: { $0 !== self && $0.mailboxIsFull }) { return .mailbox }
+        guard subscribers else { return nil }
         let now = NIODeadline.now()
-        for target in targets where target.session !== own && target.session.isCongested(now: now) { return true }
-        return broker.workers.contains { $0 !== self && $0.mailboxIsFull }
+        for target in targets where target.session !== own && target.session.isCongested(now: now) { return .subscriber }
+        return nil
     }
+
+    enum Congestion { case mailbox, subscriber }
 
     /// The route of a topic, from this worker's cache while its subscribers and the hooks are
     /// unchanged: one hash lookup per publish covers both "who subscribes" and "is it hooked".

@@ -208,6 +208,37 @@ struct DeliveryTests {
         }
     }
 
+    @Test("a subscriber that keeps acknowledging, slowly, holds its publisher back for about a second, not at its own pace for ever")
+    func slowAcknowledgerBounded() async throws {
+        try await withBroker(configure: { $0.limits.maxQueued = 20; $0.limits.maxInflight = 1 }) { b in
+            let slow = try await b.client("slow")
+            try await slow.subscribe("pace", qos: .atLeastOnce)
+            let fast = try await b.client("fast")
+            try await fast.subscribe("pace")
+            // 50 acknowledgements a second: it never stalls, so it is congested, not stalled.
+            let acking = Task {
+                while !Task.isCancelled, let p = try? await slow.expectPublish(timeout: .seconds(10)) {
+                    try? await Task.sleep(for: .milliseconds(20))
+                    slow.send(.puback(packetID: p.packetID!))
+                }
+            }
+            defer { acking.cancel() }
+            let pub = try await b.client("pub")
+            let clock = ContinuousClock()
+            let start = clock.now
+            for i in 0..<1000 {
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "pace"), payload: ByteBuffer(string: "\(i)"), qos: .atLeastOnce, packetID: UInt16(i + 1))))
+            }
+            pub.send(.pingreq)
+            while try await pub.expectPacket(timeout: .seconds(30)) != .pingresp {}
+            // At the slow one's pace this takes 20 s; held back at most a second in ten, about 1 s.
+            #expect(clock.now - start < .seconds(5))
+            var got = 0
+            while let event = await fast.nextEvent(timeout: .milliseconds(500)), case .packet(.publish) = event { got += 1 }
+            #expect(got == 1000)
+        }
+    }
+
     @Test("a subscriber that stops reading never grows the broker without bound: past max_queued messages are dropped and counted")
     func slowSubscriber() async throws {
         try await withBroker(configure: { $0.limits.maxQueued = 20 }) { b in

@@ -394,6 +394,11 @@ struct MQTT5WillDelayTests {
             let short = try await Self.connect(b, delay: 100, expiry: 0)
             await short.abort()
             #expect(String(buffer: try await watcher.expectPublish(timeout: .seconds(1)).payload) == "late")
+            // The session expires (1 s) before the delay (100 s): the will goes as it does.
+            let expiring = try await Self.connect(b, delay: 100, expiry: 1)
+            await expiring.abort()
+            try await watcher.expectNothing(for: .milliseconds(500))
+            #expect(String(buffer: try await watcher.expectPublish(timeout: .seconds(5)).payload) == "late")
         }
     }
 }
