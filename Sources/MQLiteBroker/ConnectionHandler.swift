@@ -784,8 +784,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// nothing. A subscriber that makes no progress stops counting after a while
     /// (`Session.stallTimeout`) and has its messages dropped instead.
     private func holdBackIfCongested(_ targets: [(session: Session, grant: Grant)]) {
-        guard holdBack == nil, let why = congestion(targets) else { return }
-        if why == .subscriber { session?.heldBack(true, now: .now()) }
+        guard holdBack == nil, isCongested(targets) else { return }
         holdBack = targets
         updateReading()
         scheduleHoldBackCheck()
@@ -811,9 +810,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             holdBack = nil
             return
         }
-        let why = congestion(targets)
-        session?.heldBack(why == .subscriber, now: .now())
-        if why != nil { return scheduleHoldBackCheck() }
+        if isCongested(targets) { return scheduleHoldBackCheck() }
         holdBack = nil
         if var pending = cumulation {
             cumulation = nil
@@ -824,9 +821,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if holdBack == nil { updateReading() }
     }
 
-    /// Whether (and why) this client should wait before more of its messages are read.
-    private func congestion(_ targets: [(session: Session, grant: Grant)]) -> Worker.Congestion? {
-        worker.congestion(targets, excluding: session, subscribers: session?.mayBeHeldBack(now: .now()) ?? true)
+    /// Whether this client should wait before more of its messages are read.
+    private func isCongested(_ targets: [(session: Session, grant: Grant)]) -> Bool {
+        worker.isCongested(targets, excluding: session, subscribers: session?.mayBeHeldBack() ?? true)
     }
 
     /// Reads from the socket when the state machine wants to (what was read while it does not

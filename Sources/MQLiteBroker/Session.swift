@@ -166,14 +166,10 @@ final class Session: @unchecked Sendable {
         var lastProgress = NIODeadline.distantPast
         /// When the current episode over half the budget began.
         var congestionStart: NIODeadline?
-        /// How long this session held publishers back in the `holdBackWindow` begun then.
+        /// How long this session held publishers back in the `holdBackWindow` begun then, less
+        /// what it earned by draining its queue meanwhile (`holdBackEarnedPerByte`).
         var congestionUsed = TimeAmount.zero
         var congestionWindowStart = NIODeadline.distantPast
-        /// As a publisher: since when the broker holds this client back for slow subscribers
-        /// (nil: it does not), and how long it did in the current `holdBackWindow`.
-        var heldSince: NIODeadline?
-        var heldInWindow = TimeAmount.zero
-        var heldWindowStart = NIODeadline.distantPast
         /// Messages dropped since the queue last drained (for one log line per episode).
         var droppedInEpisode = 0
         var receiveACL: ClientACL?
@@ -206,41 +202,20 @@ final class Session: @unchecked Sendable {
     // are dropped past its budget instead, so a stalled client cannot slow anyone down. Nor can a
     // slow one for long: it holds publishers back for at most `maxHoldBack` in any
     // `holdBackWindow`, its episodes together (one that drains a little at a time ends an episode
-    // each time); past that, it is treated as stalled until the window's end.
+    // each time), plus what it earns by draining; past that, it is treated as stalled until the
+    // window's end.
     static let stallTimeout = TimeAmount.seconds(1)
     static let maxHoldBack = TimeAmount.seconds(1)
 
-    // The publisher's side: a client is held back for slow subscribers for at most
-    // `maxPublisherHoldBack` in any `holdBackWindow`, however many subscribers take turns at being
-    // slow. Past it, it publishes at its own pace and the slow subscribers' queues drop past their
-    // budget. A client that waits for acknowledgements of its own deliveries is not held back
-    // either: the broker reads those from the socket it would stop reading.
+    // A subscriber earns hold-back time by draining: 1 µs a byte (1 ms a KiB, so one that takes
+    // 1 MB/s or more may hold its publishers back through a whole burst), up to the window.
     static let holdBackWindow = TimeAmount.seconds(10)
-    static let maxPublisherHoldBack = TimeAmount.seconds(5)
+    static let holdBackEarnedPerByte: Int64 = 1000
 
-    /// Whether this session's client, as a publisher, may be held back for slow subscribers now.
-    func mayBeHeldBack(now: NIODeadline) -> Bool {
-        guard inflight.isEmpty else { return false }
-        guard let occasional else { return true }
-        if now - occasional.heldWindowStart >= Self.holdBackWindow { return true }
-        let current = occasional.heldSince.map { now - $0 } ?? .zero
-        return occasional.heldInWindow + current < Self.maxPublisherHoldBack
-    }
-
-    /// The broker starts or stops holding this session's client back for slow subscribers.
-    func heldBack(_ held: Bool, now: NIODeadline) {
-        let more = self.more
-        if held {
-            if now - more.heldWindowStart >= Self.holdBackWindow {
-                more.heldWindowStart = now
-                more.heldInWindow = .zero
-            }
-            if more.heldSince == nil { more.heldSince = now }
-        } else if let since = more.heldSince {
-            more.heldInWindow = more.heldInWindow + (now - since)
-            more.heldSince = nil
-        }
-    }
+    // The publisher's side: a client is not held back while it has deliveries of its own in
+    // flight (the broker would stop reading the acknowledgements they wait for, so it would look
+    // stalled and lose its own messages).
+    func mayBeHeldBack() -> Bool { inflight.isEmpty }
 
     /// Cheap hint for the publish path: congestion may need checking.
     var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
@@ -278,12 +253,16 @@ final class Session: @unchecked Sendable {
     }
 
     /// After the queue moved: still congested while over a quarter of the budget.
-    private func progressed(_ limits: Limits) {
+    private func progressed(_ limits: Limits, drained: Int) {
         let now = NIODeadline.now()
+        let more = self.more
         more.lastProgress = now
+        // Draining earns hold-back time, up to the whole window.
+        more.congestionUsed = max(
+            more.congestionUsed - .nanoseconds(Int64(drained) * Self.holdBackEarnedPerByte), Self.maxHoldBack - Self.holdBackWindow)
         if !isOver(fraction: 4, limits) {
             congestedUntil.store(0, ordering: .relaxed)
-            if let start = occasional?.congestionStart {
+            if let start = more.congestionStart {
                 more.congestionUsed = min(more.congestionUsed + (now - start), Self.maxHoldBack)
                 more.congestionStart = nil
             }
@@ -298,7 +277,6 @@ final class Session: @unchecked Sendable {
         occasional?.retainedBacklog.removeAll()  // retained messages are sent to the connection that subscribed
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
-        occasional?.heldSince = nil
         report(.detached)
     }
 
@@ -587,7 +565,7 @@ final class Session: @unchecked Sendable {
         assertOnOwner()
         guard let outbound, !ended else { return }
         let maxInflight = window
-        var sent = false
+        var drained = 0
         var retainedSteps = 0
         while outbound.canWrite, !ended {
             guard let head = queue.first else {
@@ -604,11 +582,11 @@ final class Session: @unchecked Sendable {
             }
             if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
             more.queuedBytes -= head.message.size
+            drained += head.message.size
             send(queue.removeFirst(), on: outbound)
-            sent = true
         }
-        if sent {
-            progressed(context.limits)
+        if drained > 0 {
+            progressed(context.limits, drained: drained)
             queueChanged()
         }
         if queue.isEmpty, let occasional, occasional.droppedInEpisode > 0 {

@@ -354,18 +354,15 @@ final class Worker: @unchecked Sendable {
         return filling
     }
 
-    /// Why a publisher to `targets` should wait, if it should: a mailbox of another worker is over
-    /// its low-water mark (always), or one of the subscribers (not its own session) is congested
-    /// (only while `subscribers`: the publisher's allowance, `Session.mayBeHeldBack`).
-    func congestion(_ targets: [(session: Session, grant: Grant)], excluding own: Session?, subscribers: Bool) -> Congestion? {
-        if broker.workers.contains(where: { $0 !== self && $0.mailboxIsFull }) { return .mailbox }
-        guard subscribers else { return nil }
+    /// Whether a publisher to `targets` should wait: a mailbox of another worker is over its
+    /// low-water mark (always), or one of the subscribers (not its own session) is congested (only
+    /// while `subscribers`: `Session.mayBeHeldBack`).
+    func isCongested(_ targets: [(session: Session, grant: Grant)], excluding own: Session?, subscribers: Bool) -> Bool {
+        if broker.workers.contains(where: { $0 !== self && $0.mailboxIsFull }) { return true }
+        guard subscribers else { return false }
         let now = NIODeadline.now()
-        for target in targets where target.session !== own && target.session.isCongested(now: now) { return .subscriber }
-        return nil
+        return targets.contains { $0.session !== own && $0.session.isCongested(now: now) }
     }
-
-    enum Congestion { case mailbox, subscriber }
 
     /// The route of a topic, from this worker's cache while its subscribers and the hooks are
     /// unchanged: one hash lookup per publish covers both "who subscribes" and "is it hooked".
