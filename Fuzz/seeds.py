@@ -276,6 +276,22 @@ def connection_seeds():
         "inflight-and-queue": clients(
             session(connect("slowsub", clean=False), subscribe(1, ("f/#", 1))),
             session(connect("flood"), *[publish("f/%d" % i, "m", qos=1, packet_id=i + 1) for i in range(10)], control=0x20)),
+        # MQTT 5 beside 3.1.1: properties, subscription options, expiry, will delay, reason codes.
+        "v5-pubsub": clients(
+            session(connect5("s5", props(p_u32(0x11, 60), p_u16(0x21, 2), p_u32(0x27, 200))),
+                    packet(0x82, struct.pack(">H", 1) + props() + s("v/#") + bytes([0x2E]) + s("v/x") + bytes([0x01])),
+                    packet(0x40, struct.pack(">H", 1) + b"\x00"), packet(0x50, struct.pack(">H", 2) + b"\x80")),
+            session(connect("p3"), publish("v/x", "from 3.1.1", qos=1, packet_id=1), DISCONNECT, control=0x20),
+            session(connect5("p5", will=("v/w", "gone", 1, False, props(p_u32(0x18, 1), p_user("k", "v")))),
+                    packet(0x34, s("v/x") + struct.pack(">H", 4) + props(p_u32(0x02, 1), p_str(0x03, "t"), p_user("a", "b")) + b"five"),
+                    packet(0x62, struct.pack(">H", 4) + b"\x00"),
+                    packet(0xA2, struct.pack(">H", 5) + props() + s("v/#") + s("none")),
+                    packet(0xE0, b"\x04" + props(p_u32(0x11, 0))))),
+        "v5-errors": clients(
+            session(connect5("a5"), packet(0x30, s("t") + props(p_u16(0x23, 1)) + b"alias")),
+            session(connect5("b5"), packet(0x82, struct.pack(">H", 1) + props(p_vbi(0x0B, 3)) + s("t") + bytes([0]))),
+            session(connect5("c5", props(p_str(0x15, "SCRAM")))),
+            session(connect5("d5"), packet(0xE0, b"\x00" + props(p_u32(0x11, 30))), control=0x20)),
     }
 
 

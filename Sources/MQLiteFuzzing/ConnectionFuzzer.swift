@@ -97,6 +97,16 @@ public final class ConnectionFuzzer {
         var chunk: Int
         var writes = 0
         var abrupt: Bool
+        /// What the broker speaks to it: 5.0 when its first packet is a well-formed MQTT 5
+        /// CONNECT, else 3.1.1.
+        var version: ProtocolVersion
+    }
+
+    static func version(of bytes: ArraySlice<UInt8>) -> ProtocolVersion {
+        var buffer = ByteBuffer(bytes: bytes)
+        guard case .connect(let connect)?? = try? MQTTDecoder(maxPacketSize: Int.max, acceptedVersions: .all).decode(buffer: &buffer, version: .v3_1_1),
+              connect.value.protocolVersion == .v5 else { return .v3_1_1 }
+        return .v5
     }
 
     /// The input cut into clients at each separator (the last takes whatever is left).
@@ -146,7 +156,7 @@ public final class ConnectionFuzzer {
             }
             clients.append(Client(
                 fd: fds[1], channel: channel, bytes: section.dropFirst(),
-                chunk: Self.chunkSizes[Int(control & 0x0F)], abrupt: control & 0x10 != 0))
+                chunk: Self.chunkSizes[Int(control & 0x0F)], abrupt: control & 0x10 != 0, version: Self.version(of: section.dropFirst())))
         }
 
         // Turns: one write per client, then let both workers handle it.
@@ -185,7 +195,7 @@ public final class ConnectionFuzzer {
         // of server-to-client packets, starting with CONNACK.
         var received: [[MQTTPacket]] = []
         for client in clients where client.fd >= 0 {
-            received.append(Self.checkServerStream(Self.readAll(client.fd)))
+            received.append(Self.checkServerStream(Self.readAll(client.fd), version: client.version))
             close(client.fd)
         }
         broker.waitForWorkersToSettle()
@@ -212,19 +222,20 @@ public final class ConnectionFuzzer {
         }
     }
 
-    static func checkServerStream(_ stream: ByteBuffer) -> [MQTTPacket] {
+    static func checkServerStream(_ stream: ByteBuffer, version: ProtocolVersion) -> [MQTTPacket] {
         var stream = stream
-        var decoder = MQTTDecoder(maxPacketSize: Int.max)
+        let decoder = MQTTDecoder(maxPacketSize: Int.max, acceptedVersions: .all)
         var packets: [MQTTPacket] = []
         do {
-            while let packet = try decoder.decode(buffer: &stream) {
+            while let packet = try decoder.decode(buffer: &stream, version: version) {
+                if case .disconnectV5? = packets.last { preconditionFailure("the broker sent a \(packet.type) after DISCONNECT") }
                 switch packet {
                 case .connack, .publish, .puback, .pubrec, .pubrel, .pubcomp, .suback, .unsuback, .pingresp:
                     break
-                case .connect, .subscribe, .unsubscribe, .pingreq, .disconnect:
+                case .connect, .subscribe, .unsubscribe, .pingreq, .disconnect, .auth:
                     preconditionFailure("the broker sent a client a \(packet.type)")
-                case .ackV5, .unsubackV5, .disconnectV5, .auth:
-                    preconditionFailure("the broker sent an MQTT 3.1.1 client an MQTT 5 \(packet.type)")
+                case .ackV5, .unsubackV5, .disconnectV5:
+                    precondition(version == .v5, "the broker sent an MQTT 3.1.1 client an MQTT 5 \(packet.type)")
                 }
                 if packets.isEmpty, packet.type != .connack {
                     preconditionFailure("the broker's first packet to a client is a \(packet.type), not CONNACK")
