@@ -12,7 +12,8 @@ protocol SessionOutbound: AnyObject {
     var canWrite: Bool { get }
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool)
     /// A QoS 0 PUBLISH frame shared by every QoS 0 subscriber of one publish
-    /// (`Message.encodeQoS0Frame`); `payload` goes out after it when the frame leaves it out.
+    /// (`Message.encodeQoS0Frame`, 3.1.1's layout); `message`'s payload goes out after it when the
+    /// frame leaves it out. An MQTT 5 client's outbound writes `message` in its own layout instead.
     func writeQoS0(frame: ByteBuffer, message: Message)
     func writePubrel(packetID: UInt16)
     /// Asks for `Session.pump` again once the loop has served others.
