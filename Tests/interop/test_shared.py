@@ -67,6 +67,16 @@ def publishes(sock, count, timeout=5, ack=False):
     return out
 
 
+def publishes_until_quiet(sock, wait=0.5, ack=False):
+    """Reads PUBLISH packets until none comes for `wait` seconds (as `publishes`)."""
+    out = []
+    while True:
+        try:
+            out += publishes(sock, 1, timeout=wait, ack=ack)
+        except socket.timeout:
+            return out
+
+
 def nothing_more(sock, wait=0.5):
     sock.settimeout(wait)
     try:
@@ -164,10 +174,13 @@ def test_unacknowledged_messages_go_to_another_member_when_one_goes(tmp_path):
         for i in range(10):
             p.sendall(publish_packet(b"work/%d" % i, b"job %d" % i, qos=1, packet_id=i + 1))
         first = publishes(quiet, 2)          # its window: the rest of its share waits in its queue
-        got = publishes(busy, 5, ack=True)
-        assert nothing_more(busy)
-        quiet.close()                        # gone without acknowledging: its five go to busy
-        got += publishes(busy, 5, ack=True)
+        # In turn, but a member with a queue is passed over while another can take the message
+        # (when the pick sees the queue depends on timing): quiet has at least its window and
+        # the next one in turn (queued), busy at least its own turns.
+        got = publishes_until_quiet(busy, ack=True)
+        assert 5 <= len(got) <= 7
+        quiet.close()                        # gone without acknowledging: its share goes to busy
+        got += publishes(busy, 10 - len(got), ack=True)
         assert sorted(payload for _, payload, _, _ in got) == sorted(b"job %d" % i for i in range(10))
         assert all(qos == 1 for _, _, qos, _ in got)
         assert {payload for _, payload, _, _ in first} <= {payload for _, payload, _, _ in got}
