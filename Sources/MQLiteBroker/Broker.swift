@@ -466,10 +466,13 @@ public final class Broker: Sendable {
         subscribe(session, filter: filter, grant: Grant(qos: qos))
     }
 
-    func subscribe(_ session: Session, filter: TopicFilter, grant: Grant) {
+    /// `identifier`: the MQTT 5 Subscription Identifier the SUBSCRIBE gave it (nil: none, which
+    /// also removes the one an earlier SUBSCRIBE gave).
+    func subscribe(_ session: Session, filter: TopicFilter, grant: Grant, identifier: UInt32? = nil) {
         workers[session.owner].assertOnLoop()
         let qos = grant.qos
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
+        session.setSubscriptionIdentifier(identifier, for: filter)
         subscriptions.insert(filter: filter, session: session, grant: grant)
         // Routes follow the filter that topics are matched against (a shared one's inner filter).
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
@@ -479,6 +482,7 @@ public final class Broker: Sendable {
     func unsubscribe(_ session: Session, filter: TopicFilter) {
         workers[session.owner].assertOnLoop()
         guard session.subscriptions.removeValue(forKey: filter) != nil else { return }
+        session.setSubscriptionIdentifier(nil, for: filter)
         subscriptionCount.subtract(1, ordering: .relaxed)
         subscriptions.remove(filters: [filter], session: session)
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
@@ -502,12 +506,14 @@ public final class Broker: Sendable {
     /// A SUBSCRIBE of the client's filter `name`, granted as `filter` (an `on_subscribe` hook may
     /// have rewritten it): the session remembers the name, so that UNSUBSCRIBE of it removes
     /// `filter`; a filter the name stood for before goes when no other name maps to it.
-    func subscribe(_ session: Session, named name: TopicFilter, as filter: TopicFilter, grant: Grant) {
-        guard name != filter || session.hasRenamedSubscriptions else { return subscribe(session, filter: filter, grant: grant) }
+    func subscribe(_ session: Session, named name: TopicFilter, as filter: TopicFilter, grant: Grant, identifier: UInt32? = nil) {
+        guard name != filter || session.hasRenamedSubscriptions else {
+            return subscribe(session, filter: filter, grant: grant, identifier: identifier)
+        }
         let replaced = session.withSubscriptionNames { names in
             names.subscribed(name: name, as: filter) { session.subscriptions[$0] != nil }
         }
-        subscribe(session, filter: filter, grant: grant)
+        subscribe(session, filter: filter, grant: grant, identifier: identifier)
         if let replaced { unsubscribe(session, filter: replaced) }
     }
 

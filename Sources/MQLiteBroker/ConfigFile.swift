@@ -113,7 +113,7 @@ public enum ConfigFile {
         if let limits = try top.table("limits") {
             try limits.allowOnly([
                 "max_packet_size", "max_connections", "max_inflight", "max_queued", "max_queued_bytes", "max_keep_alive", "connect_timeout",
-                "session_expiry", "max_topic_levels", "max_subscriptions",
+                "session_expiry", "max_topic_levels", "max_subscriptions", "max_topic_alias",
             ])
             if let v = try limits.int("max_packet_size", in: 2...268_435_455) { config.limits.maxPacketSize = v }
             if let v = try limits.int("max_connections", in: 0...Int(Int32.max)) { config.limits.maxConnections = v }
@@ -125,6 +125,7 @@ public enum ConfigFile {
             if let v = try limits.int("session_expiry", in: 0...(100 * 365 * 86_400)) { config.limits.sessionExpiry = .seconds(Int64(v)) }
             if let v = try limits.int("max_topic_levels", in: 1...65535) { config.limits.maxTopicLevels = v }
             if let v = try limits.int("max_subscriptions", in: 0...Int(Int32.max)) { config.limits.maxSubscriptions = v }
+            if let v = try limits.int("max_topic_alias", in: 0...65535) { config.limits.maxTopicAlias = v }
         }
 
         if let auth = try top.table("auth") {

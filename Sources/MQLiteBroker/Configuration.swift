@@ -165,12 +165,18 @@ public struct Limits: Sendable {
     /// Most subscriptions one client (session) may hold; 0 = no limit. Past it a SUBSCRIBE of a
     /// new filter gets return code 0x80, so that no client grows the broker's memory at will.
     public var maxSubscriptions: Int
+    /// MQTT 5: most topic aliases in each direction of a connection (Mosquitto's
+    /// `max_topic_alias`): the Topic Alias Maximum announced in CONNACK, and the most the broker
+    /// uses towards a client that accepts them. 0 turns them off.
+    public var maxTopicAlias: Int
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
         maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10),
-        sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200, maxSubscriptions: Int = 10_000
+        sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200, maxSubscriptions: Int = 10_000,
+        maxTopicAlias: Int = 10
     ) {
+        self.maxTopicAlias = maxTopicAlias
         self.maxSubscriptions = maxSubscriptions
         self.sessionExpiry = sessionExpiry
         self.maxTopicLevels = maxTopicLevels

@@ -384,7 +384,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // Hooks reloaded before the session arrives: the ACL is asked for again at attach.
         let hooksGeneration = broker.hooks.publishHookGeneration
         let persistent = expiry.map { $0 != .zero } ?? !connect.cleanSession
-        let limits = (receiveMaximum: connect.properties.receiveMaximum.map(Int.init), maximumPacketSize: connect.properties.maximumPacketSize.map(Int.init))
+        let limits = ClientLimits(
+            receiveMaximum: connect.properties.receiveMaximum.map(Int.init), maximumPacketSize: connect.properties.maximumPacketSize.map(Int.init),
+            topicAliasMaximum: Int(connect.properties.topicAliasMaximum ?? 0))
         broker.openSession(clientID: clientID, cleanStart: connect.cleanSession, persistent: persistent, on: worker) { session, present in
             guard let session else {
                 // A newer CONNECT with this client id won the session before this one attached.
@@ -407,9 +409,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let remaining = broker.configuration.limits.maxPacketSize
         let lengthBytes = remaining < 128 ? 1 : remaining < 16_384 ? 2 : remaining < 2_097_152 ? 3 : 4
         properties.maximumPacketSize = UInt32(clamping: 1 + lengthBytes + remaining)
-        properties.subscriptionIdentifierAvailable = false
-        // Retain, wildcard and shared subscriptions are available: their absence says so; so
-        // does Topic Alias Maximum's (0: none).
+        let aliases = broker.configuration.limits.maxTopicAlias
+        if aliases > 0 { properties.topicAliasMaximum = UInt16(aliases) }
+        // Retain, wildcard and shared subscriptions and subscription identifiers are available:
+        // their absence says so.
         return properties
     }
 
@@ -427,7 +430,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func attach(
         _ session: Session, sessionPresent: Bool, hooksGeneration: Int, expiry: TimeAmount?,
-        limits: (receiveMaximum: Int?, maximumPacketSize: Int?), connack: MQTTProperties
+        limits: ClientLimits, connack: MQTTProperties
     ) {
         guard case .attach(let pending) = machine.sessionArrived() else {
             // The connection went away while the session was being handed over.
@@ -436,7 +439,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         // A session resumed by another version of the protocol, or with another expiry.
         if expiry != nil || session.expiry != nil { session.setExpiry(expiry) }
-        session.setClientLimits(receiveMaximum: limits.receiveMaximum, maximumPacketSize: limits.maximumPacketSize)
+        session.setClientLimits(limits)
         session.outbound = self
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
@@ -535,23 +538,34 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
-        // Only an MQTT 5 PUBLISH has properties.
-        if !publish.properties.isUnset, let (code, reason) = Self.refusedProperties(publish.properties) {
-            tellV5(code)
-            return closeWithWill(reason: reason)
-        }
         // Validated by the decoder, which counted its levels: only its hash is computed here.
-        let topic = publish.topicLevels != 0
+        var topic = publish.topic.readableBytes == 0 ? TopicName.aliased
+            : publish.topicLevels != 0
             ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
+        var properties = publish.properties
+        // Only an MQTT 5 PUBLISH has properties.
+        if !properties.isUnset {
+            if !properties.subscriptionIdentifiers.isEmpty {
+                tellV5(.protocolError)
+                return closeWithWill(reason: "subscription identifier in a client's PUBLISH")
+            }
+            if let alias = properties.topicAlias {
+                guard let known = resolve(alias: alias, topic: topic, session: session) else { return }
+                topic = known
+                // The alias is this connection's: it is not forwarded.
+                properties.topicAlias = nil
+                if properties.isEmpty { properties = MQTTProperties() }
+            }
+        }
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
         case .atLeastOnce:
             let id = publish.packetID!
             writePacket(version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id))
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
@@ -560,7 +574,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: publish.properties)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             }
         }
     }
@@ -579,12 +593,26 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return .ackV5(AckPacket(kind, packetID: id, reasonCode: code))
     }
 
-    /// What a client may not put in a PUBLISH: a topic alias (this broker announces a Topic Alias
-    /// Maximum of 0) or a subscription identifier (§3.3.4).
-    private static func refusedProperties(_ properties: MQTTProperties) -> (ReasonCode, String)? {
-        if properties.topicAlias != nil { return (.topicAliasInvalid, "topic alias in PUBLISH (Topic Alias Maximum is 0)") }
-        if !properties.subscriptionIdentifiers.isEmpty { return (.protocolError, "subscription identifier in a client's PUBLISH") }
-        return nil
+    /// MQTT 5: the topic a PUBLISH with a topic alias is for (§3.3.2.3.4): with a topic, the alias
+    /// stands for it from now on; without, for the one it was last given. Nil when the alias is
+    /// out of range (0x94) or was never given a topic (0x82): the client was told, and goes.
+    private func resolve(alias: UInt16, topic: TopicName, session: Session) -> TopicName? {
+        let maximum = broker.configuration.limits.maxTopicAlias
+        guard alias != 0, alias <= maximum else {
+            tellV5(.topicAliasInvalid)
+            closeWithWill(reason: "topic alias \(alias) out of range (Topic Alias Maximum is \(maximum))")
+            return nil
+        }
+        guard topic.count == 0 else {
+            session.set(alias: alias, to: topic)
+            return topic
+        }
+        guard let known = session.topic(forAlias: alias) else {
+            tellV5(.protocolError)
+            closeWithWill(reason: "topic alias \(alias) used before it was given a topic")
+            return nil
+        }
+        return known
     }
 
     /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
@@ -666,11 +694,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func handleSubscribe(_ subscribe: SubscribePacket, session: Session) {
-        // CONNACK said Subscription Identifiers Available 0 (§3.8.2.1.2).
-        if !subscribe.properties.subscriptionIdentifiers.isEmpty {
-            tellV5(.subscriptionIdentifiersNotSupported)
-            return closeWithWill(reason: "subscription identifier in SUBSCRIBE (not supported)")
-        }
         var decisions: [SubscribeDecision] = []
         decisions.reserveCapacity(subscribe.subscriptions.count)
         askSubscribe(subscribe, session: session, from: 0, decisions: decisions)
@@ -706,6 +729,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // 3.1.1 says 0x80 for every refusal; these are MQTT 5's more precise codes for it.
         let v5 = version == .v5
         var refusedForLimit = false  // logged once per packet
+        // MQTT 5: at most one (the decoder checked), for every subscription of the packet.
+        let identifier = packet.properties.isUnset ? nil : packet.properties.subscriptionIdentifiers.first
         for (subscription, decision) in zip(packet.subscriptions, decisions) {
             let named = TopicFilter(alreadyValidated: subscription.filter)
             var filter = named
@@ -758,7 +783,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             case .doNotSend: false
             }
             let grant = Grant(qos: qos, noLocal: subscription.noLocal, retainAsPublished: subscription.retainAsPublished)
-            broker.subscribe(session, named: named, as: filter, grant: grant)
+            broker.subscribe(session, named: named, as: filter, grant: grant, identifier: identifier)
             codes.append(.granted(qos))
             if sendsRetained { granted.append((filter, qos)) }
         }

@@ -99,6 +99,13 @@ final class SessionContext: Sendable {
 /// Everything but `owner` is touched only on the event loop of the worker that owns the session
 /// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
 /// reconnects there with clean session 0, and only after its old connection has been detached.
+/// What an MQTT 5 client's CONNECT asked of what the broker sends it (nil, 0: nothing).
+struct ClientLimits {
+    var receiveMaximum: Int?
+    var maximumPacketSize: Int?
+    var topicAliasMaximum = 0
+}
+
 final class Session: @unchecked Sendable {
     struct Inflight {
         var id: UInt16
@@ -182,6 +189,12 @@ final class Session: @unchecked Sendable {
         /// MQTT 5: the client's Receive Maximum and Maximum Packet Size (nil: none said).
         var receiveMaximum: Int?
         var maximumPacketSize: Int?
+        /// MQTT 5: the topic aliases of the connection (nil until one is used either way).
+        var aliases: TopicAliases?
+        /// MQTT 5: the Subscription Identifier of each subscription that has one, by the filter
+        /// topics are matched against (the one in a shared subscription's): a message is matched
+        /// once, not against each subscription in turn.
+        var subscriptionIdentifiers: TopicTrie<[TopicFilter: UInt32]>?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
@@ -384,11 +397,56 @@ final class Session: @unchecked Sendable {
 
     /// What an MQTT 5 client said it can take (CONNECT): at most `receiveMaximum` QoS 1/2
     /// messages unacknowledged, no packet over `maximumPacketSize` bytes. Nil for a 3.1.1 client.
-    func setClientLimits(receiveMaximum: Int?, maximumPacketSize: Int?) {
+    func setClientLimits(_ limits: ClientLimits) {
         assertOnOwner()
-        guard receiveMaximum != nil || maximumPacketSize != nil || occasional != nil else { return }
-        more.receiveMaximum = receiveMaximum
-        more.maximumPacketSize = maximumPacketSize
+        let aliases = min(limits.topicAliasMaximum, context.limits.maxTopicAlias)
+        guard limits.receiveMaximum != nil || limits.maximumPacketSize != nil || aliases > 0 || occasional != nil else { return }
+        more.receiveMaximum = limits.receiveMaximum
+        more.maximumPacketSize = limits.maximumPacketSize
+        // A new connection: the aliases of the last one are gone (§3.3.2.3.4).
+        more.aliases = aliases > 0 ? TopicAliases(outboundMaximum: aliases) : nil
+    }
+
+    /// MQTT 5: the topic the client's `alias` stands for on this connection (owner loop).
+    func topic(forAlias alias: UInt16) -> TopicName? { occasional?.aliases?.topic(forAlias: alias) }
+
+    /// MQTT 5: the client's `alias` stands for `topic` from now on (owner loop).
+    func set(alias: UInt16, to topic: TopicName) {
+        let more = self.more
+        if more.aliases == nil { more.aliases = TopicAliases(outboundMaximum: 0) }
+        more.aliases!.set(alias: alias, to: topic)
+    }
+
+    /// MQTT 5: the subscription `filter` has this Subscription Identifier (nil: none), as its
+    /// latest SUBSCRIBE said (owner loop).
+    func setSubscriptionIdentifier(_ identifier: UInt32?, for filter: TopicFilter) {
+        let matching = SharedFilter.matching(filter).string
+        if let identifier {
+            if more.subscriptionIdentifiers == nil { more.subscriptionIdentifiers = TopicTrie() }
+            more.subscriptionIdentifiers!.insert(filter: matching, key: filter, value: identifier)
+        } else if let occasional, let identifiers = occasional.subscriptionIdentifiers {
+            identifiers.remove(filter: matching, key: filter)
+            if identifiers.count == 0 { occasional.subscriptionIdentifiers = nil }
+        }
+    }
+
+    /// What a PUBLISH to this client carries beyond the message: the Subscription Identifiers of
+    /// the subscriptions that match it, and a topic alias (the topic left out once the client
+    /// knows the alias); nil when it carries nothing more. Only a session whose client uses
+    /// either pays for it.
+    private func forClient(_ message: Message) -> Message? {
+        guard let occasional, occasional.aliases != nil || occasional.subscriptionIdentifiers != nil else { return nil }
+        var message = message
+        if let trie = occasional.subscriptionIdentifiers {
+            var identifiers: [UInt32] = []
+            trie.forEachMatch(topic: message.topic.string) { (_: TopicFilter, identifier: UInt32) in identifiers.append(identifier) }
+            if !identifiers.isEmpty { message.properties.subscriptionIdentifiers = identifiers.sorted() }
+        }
+        if occasional.aliases != nil, let (alias, known) = occasional.aliases!.alias(for: message.topic) {
+            message.properties.topicAlias = alias
+            if known { message.topic = .aliased }
+        }
+        return message
     }
 
     /// QoS 1/2 messages that may be unacknowledged at once: `max_inflight`, or fewer if the
@@ -547,16 +605,18 @@ final class Session: @unchecked Sendable {
         {
             return
         }
+        // In flight, the message is kept as it is: a connection's aliases end with it.
+        let adorned = forClient(delivery.message)
         if delivery.qos == .atMostOnce {
-            if let frame = delivery.frame {
+            if let frame = delivery.frame, adorned == nil {
                 outbound.writeQoS0(frame: frame, message: delivery.message)
             } else {
-                outbound.writePublish(delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
+                outbound.writePublish(adorned ?? delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
         } else {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group))
-            outbound.writePublish(delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+            outbound.writePublish(adorned ?? delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
             report(.inflightAdded(packetID: id, delivery))
         }
     }
@@ -604,7 +664,7 @@ final class Session: @unchecked Sendable {
             if entry.released {
                 outbound.writePubrel(packetID: entry.id)
             } else {
-                outbound.writePublish(entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+                outbound.writePublish(forClient(entry.message) ?? entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
             }
         }
         pump()

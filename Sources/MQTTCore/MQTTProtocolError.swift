@@ -117,6 +117,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .invalidTopicFilter: .topicFilterInvalid
         case .tooManyTopicLevels: .implementationSpecificError
         case .unsupportedProtocol: .unsupportedProtocolVersion
+        case .invalidPropertyValue(_, .topicAlias): .topicAliasInvalid  // 0 (§3.3.2.3.4)
         case .noTopicFilters, .zeroPacketID, .propertyNotAllowed, .duplicateProperty, .invalidPropertyValue,
             .invalidReasonCode, .noLocalOnSharedSubscription:
             .protocolError

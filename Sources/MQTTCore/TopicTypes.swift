@@ -50,6 +50,10 @@ public struct TopicName: Hashable, Sendable, CustomStringConvertible {
         self.init(trusted: bytes, levels: slashes + 1)
     }
 
+    /// No topic: what an MQTT 5 PUBLISH carries in place of one whose topic alias the receiver
+    /// knows (§3.3.2.3.4). Not a valid name; only for encoding such a PUBLISH.
+    public static let aliased = TopicName(trusted: ByteBuffer(), levels: 1)
+
     private init(trusted bytes: ByteBuffer, levels: Int) {
         self.bytes = bytes
         self.slashes = UInt16(truncatingIfNeeded: levels - 1)

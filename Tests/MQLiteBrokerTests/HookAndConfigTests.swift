@@ -122,6 +122,7 @@ struct ConfigFileTests {
             max_queued = 7
             max_keep_alive = 120
             connect_timeout = 2.5
+            max_topic_alias = 0
             [auth]
             allow_anonymous = false
             """)
@@ -134,6 +135,7 @@ struct ConfigFileTests {
         #expect(config.limits.maxQueued == 7)
         #expect(config.limits.maxKeepAlive == 120)
         #expect(config.limits.connectTimeout == .milliseconds(2500))
+        #expect(config.limits.maxTopicAlias == 0)
         #expect(config.allowAnonymous == false)
     }
 
@@ -142,6 +144,7 @@ struct ConfigFileTests {
         let config = try parse("")
         #expect(config.listeners.map(\.address) == [ListenAddress(host: "0.0.0.0", port: 1883)])
         #expect(config.limits.maxPacketSize == 1 << 20 && config.limits.maxInflight == 32 && config.limits.maxQueued == 1000)
+        #expect(config.limits.maxTopicAlias == 10)
         #expect(config.allowAnonymous)
         #expect(config.workers == 0)
     }
@@ -152,6 +155,7 @@ struct ConfigFileTests {
             ("[limits]\nmax_inflihgt = 3", "limits.max_inflihgt", "unknown key"),
             ("[limits]\nmax_inflight = \"3\"", "limits.max_inflight", "must be of type int, not string"),
             ("[limits]\nmax_inflight = 0", "limits.max_inflight", "must be from 1 to 65535, not 0"),
+            ("[limits]\nmax_topic_alias = 65536", "limits.max_topic_alias", "must be from 0 to 65535, not 65536"),
             ("[[listener]]\nbind = \"nowhere\"", "listener[0].bind", "HOST:PORT"),
             ("[[listener]]\nbind = \"256.1.1.1:1883\"", "listener[0].bind", "valid IPv4"),
             ("[[listener]]\nbind = \"1.2.3:1883\"", "listener[0].bind", "valid IPv4"),

@@ -23,7 +23,7 @@ private func sampleProperties() -> MQTTProperties {
 
 @Suite("MQTT 5.0")
 struct MQTT5Tests {
-    @Test("CONNACK says what the broker supports and what it decided: assigned client id, server keep-alive, maximum packet size, no subscription identifiers")
+    @Test("CONNACK says what the broker supports and what it decided: assigned client id, server keep-alive, maximum packet size, topic aliases (subscription identifiers available)")
     func connack() async throws {
         try await withV5Broker(configure: { $0.limits.maxKeepAlive = 100; $0.limits.maxPacketSize = 5000 }) { b in
             let (c, connack) = try await b.client5("", keepAlive: 300)
@@ -32,8 +32,8 @@ struct MQTT5Tests {
             #expect(assigned.hasPrefix("mqlite-"))
             #expect(connack.properties.serverKeepAlive == 100)
             #expect(connack.properties.maximumPacketSize == 5003)  // a remaining length of 5000 in 2 bytes
-            #expect(connack.properties.subscriptionIdentifierAvailable == false)
-            #expect(connack.properties.topicAliasMaximum == nil)  // 0: none
+            #expect(connack.properties.subscriptionIdentifierAvailable == nil)  // absent: available
+            #expect(connack.properties.topicAliasMaximum == 10)
             #expect(connack.properties.retainAvailable == nil)  // absent: available
             try await c.ping()
 
@@ -145,15 +145,20 @@ struct MQTT5Tests {
         }
     }
 
-    @Test("protocol errors after CONNACK get DISCONNECT with the reason code, then the close: topic alias 0x94, subscription identifier in PUBLISH 0x82, second CONNECT 0x82, malformed 0x81")
+    @Test("protocol errors after CONNACK get DISCONNECT with the reason code, then the close: topic alias 0 or past the maximum 0x94, an alias never given a topic 0x82, subscription identifier in PUBLISH 0x82, second CONNECT 0x82, malformed 0x81")
     func disconnectReasons() async throws {
         try await withV5Broker { b in
-            var alias = MQTTProperties()
-            alias.topicAlias = 1
+            func alias(_ n: UInt16) -> MQTTProperties {
+                var alias = MQTTProperties()
+                alias.topicAlias = n
+                return alias
+            }
             var subscriptionID = MQTTProperties()
             subscriptionID.subscriptionIdentifiers = [3]
             let cases: [(MQTTPacket?, [UInt8]?, ReasonCode)] = [
-                (.publish(PublishPacket(topic: ByteBuffer(string: "t"), payload: ByteBuffer(), qos: .atMostOnce, properties: alias)), nil, .topicAliasInvalid),
+                (.publish(PublishPacket(topic: ByteBuffer(string: "t"), payload: ByteBuffer(), qos: .atMostOnce, properties: alias(11))), nil, .topicAliasInvalid),
+                (.publish(PublishPacket(topic: ByteBuffer(string: "t"), payload: ByteBuffer(), qos: .atMostOnce, properties: alias(0))), nil, .topicAliasInvalid),
+                (.publish(PublishPacket(topic: ByteBuffer(), payload: ByteBuffer(), qos: .atLeastOnce, packetID: 1, properties: alias(3))), nil, .protocolError),
                 (.publish(PublishPacket(topic: ByteBuffer(string: "t"), payload: ByteBuffer(), qos: .atMostOnce, properties: subscriptionID)), nil, .protocolError),
                 (.connect(ConnectPacket(protocolLevel: 5, clientID: "again")), nil, .protocolError),
                 (nil, [0x36, 0x03, 0x00, 0x01, 0x74], .malformedPacket),  // PUBLISH with QoS 3
@@ -285,7 +290,7 @@ struct MQTT5SubscriptionTests {
         }
     }
 
-    @Test("SUBACK gives MQTT 5 reason codes for refusals: 0x8F for an invalid shared subscription, 0x97 past max_subscriptions; a subscription identifier (not offered) is a protocol error 0xA1")
+    @Test("SUBACK gives MQTT 5 reason codes for refusals: 0x8F for an invalid shared subscription, 0x97 past max_subscriptions")
     func subackCodes() async throws {
         try await withV5Broker(configure: { $0.limits.maxSubscriptions = 2 }) { b in
             let (c, _) = try await b.client5("c")
@@ -294,10 +299,6 @@ struct MQTT5SubscriptionTests {
                 Subscription(filter: "b", qos: .exactlyOnce), Subscription(filter: "c", qos: .atMostOnce),
             ])
             #expect(codes == [.granted(.atLeastOnce), .refused(.topicFilterInvalid), .granted(.exactlyOnce), .refused(.quotaExceeded)])
-            var properties = MQTTProperties()
-            properties.subscriptionIdentifiers = [7]
-            c.send(.subscribe(SubscribePacket(packetID: 9, subscriptions: [Subscription(filter: "d", qos: .atMostOnce)], properties: properties)))
-            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .subscriptionIdentifiersNotSupported))])
         }
     }
 }
@@ -542,5 +543,140 @@ private func acknowledge(_ p: PublishPacket, on c: TestClient) async throws {
         c.send(.pubrec(packetID: p.packetID!))
         #expect(try await c.expectPacket() == .pubrel(packetID: p.packetID!))
         c.send(.pubcomp(packetID: p.packetID!))
+    }
+}
+
+@Suite("MQTT 5.0 topic aliases and subscription identifiers")
+struct MQTT5AliasTests {
+    private static func aliasing(_ maximum: UInt16) -> MQTTProperties {
+        var properties = MQTTProperties()
+        properties.topicAliasMaximum = maximum
+        return properties
+    }
+
+    private static func alias(_ n: UInt16) -> MQTTProperties {
+        var properties = MQTTProperties()
+        properties.topicAlias = n
+        return properties
+    }
+
+    private static func publish(_ c: TestClient, _ topic: String, _ payload: String, alias: UInt16? = nil, properties: MQTTProperties = MQTTProperties()) {
+        var properties = properties
+        properties.topicAlias = alias
+        c.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: payload), qos: .atMostOnce, properties: properties)))
+    }
+
+    @Test("to the broker: an alias stands for the topic it came with, on that connection only; it is not forwarded; another topic may replace it; max_topic_alias bounds it (0: none offered)")
+    func inbound() async throws {
+        try await withV5Broker { b in
+            let (sub, _) = try await b.client5("sub")
+            try await sub.subscribe("in/#")
+            let (c, _) = try await b.client5("c")
+            var user = MQTTProperties()
+            user.userProperties = [UserProperty(name: "k", value: "v")]
+            Self.publish(c, "in/a", "1", alias: 10)
+            Self.publish(c, "", "2", alias: 10, properties: user)
+            Self.publish(c, "in/b", "3", alias: 10)  // the alias now stands for in/b
+            Self.publish(c, "", "4", alias: 10)
+            var got: [(String, String, MQTTProperties)] = []
+            for _ in 0..<4 {
+                let p = try await sub.expectPublish()
+                got.append((String(buffer: p.topic), String(buffer: p.payload), p.properties))
+            }
+            #expect(got.map { "\($0.0) \($0.1)" } == ["in/a 1", "in/a 2", "in/b 3", "in/b 4"])
+            #expect(got.allSatisfy { $0.2.topicAlias == nil })
+            #expect(got[1].2.userProperties == [UserProperty(name: "k", value: "v")])
+            // A new connection of the same client starts with no alias.
+            let (again, _) = try await b.client5("c")
+            Self.publish(again, "", "5", alias: 10)
+            #expect(try await again.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .protocolError))])
+            try await sub.expectNothing()
+        }
+        try await withV5Broker(configure: { $0.limits.maxTopicAlias = 0 }) { b in
+            let (c, connack) = try await b.client5("c")
+            #expect(connack.properties.topicAliasMaximum == nil)
+            Self.publish(c, "t", "x", alias: 1)
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .topicAliasInvalid))])
+        }
+    }
+
+    @Test("to the client: aliases up to the fewer of its Topic Alias Maximum and max_topic_alias, first come first served; a new connection starts over and in-flight messages are re-sent with their topic; none for a client that asks for none or a 3.1.1 client")
+    func outbound() async throws {
+        try await withV5Broker(configure: { $0.limits.maxTopicAlias = 2 }) { b in
+            var asks = Self.aliasing(5)
+            asks.sessionExpiryInterval = 300
+            let (sub, _) = try await b.client5("sub", properties: asks)
+            try await sub.subscribe("out/#", qos: .atLeastOnce)
+            let (plain5, _) = try await b.client5("plain5")
+            try await plain5.subscribe("out/#")
+            let plain3 = try await b.client("plain3")
+            try await plain3.subscribe("out/#")
+            let pub = try await b.client("pub")
+            for topic in ["out/a", "out/b", "out/c", "out/a", "out/b", "out/c"] { try await pub.publish(topic, topic, qos: .atLeastOnce) }
+            var seen: [(String, UInt16?, String)] = []
+            for _ in 0..<6 {
+                let p = try await sub.expectPublish()
+                seen.append((String(buffer: p.topic), p.properties.topicAlias, String(buffer: p.payload)))
+            }
+            // Two aliases (the broker's maximum): out/a and out/b get them, out/c never does.
+            #expect(seen.map { "\($0.0)|\($0.1.map(String.init) ?? "-")|\($0.2)" } == [
+                "out/a|1|out/a", "out/b|2|out/b", "out/c|-|out/c", "|1|out/a", "|2|out/b", "out/c|-|out/c",
+            ])
+            for client in [plain5, plain3] as [TestClient] {
+                for _ in 0..<6 {
+                    let p = try await client.expectPublish()
+                    #expect(p.topic.readableBytes > 0 && p.properties.topicAlias == nil)
+                }
+            }
+            // Unacknowledged, the session reconnects: the re-sent messages carry their topics,
+            // aliased afresh.
+            let (back, connack) = try await b.client5("sub", cleanStart: false, properties: asks)
+            #expect(connack.sessionPresent)
+            var resent: [String] = []
+            for _ in 0..<6 {
+                let p = try await back.expectPublish()
+                #expect(p.dup)
+                resent.append("\(String(buffer: p.topic))|\(p.properties.topicAlias.map(String.init) ?? "-")")
+                back.send(.puback(packetID: p.packetID!))
+            }
+            #expect(resent == ["out/a|1", "out/b|2", "out/c|-", "|1", "|2", "out/c|-"])
+        }
+    }
+
+    @Test("Subscription Identifiers: a message carries those of every subscription of the client that matches it (one copy), retained ones too; a SUBSCRIBE without one takes it away, as does UNSUBSCRIBE; a shared subscription's works alike")
+    func subscriptionIdentifiers() async throws {
+        try await withV5Broker { b in
+            let pub = try await b.client("pub")
+            try await pub.publish("sid/kept", "retained", retain: true)
+            let (c, _) = try await b.client5("c")
+            func subscribe(_ filter: String, _ identifier: UInt32?, id: UInt16) async throws {
+                var properties = MQTTProperties()
+                if let identifier { properties.subscriptionIdentifiers = [identifier] }
+                c.send(.subscribe(SubscribePacket(packetID: id, subscriptions: [Subscription(filter: filter, qos: .atLeastOnce)], properties: properties)))
+                guard case .suback = try await c.expectPacket() else { throw TestFailure("expected SUBACK") }
+            }
+            try await subscribe("sid/#", 1, id: 1)
+            let retained = try await c.expectPublish()
+            #expect(retained.retain && retained.properties.subscriptionIdentifiers == [1])
+            try await subscribe("sid/+", 268_435_455, id: 2)
+            let again = try await c.expectPublish()  // retained again, both now match
+            #expect(again.properties.subscriptionIdentifiers == [1, 268_435_455])
+            try await subscribe("$share/g/sid/x/#", 9, id: 3)
+            try await pub.publish("sid/a", "a")
+            #expect(try await c.expectPublish().properties.subscriptionIdentifiers == [1, 268_435_455])
+            try await pub.publish("sid/x/y", "shared and #")
+            var shared: [[UInt32]] = []
+            for _ in 0..<2 { shared.append(try await c.expectPublish().properties.subscriptionIdentifiers) }
+            // Two copies (the plain subscription's and the group's), each with every identifier
+            // of the client's that matches.
+            #expect(shared == [[1, 9], [1, 9]])
+            try await subscribe("sid/#", nil, id: 4)
+            _ = try await c.expectPublish()  // the retained message once more
+            c.send(.unsubscribe(UnsubscribePacket(packetID: 5, filters: ["sid/+"])))
+            let unsuback = try await c.expectPacket()
+            guard case .unsubackV5 = unsuback else { throw TestFailure("expected UNSUBACK, got \(unsuback)") }
+            try await pub.publish("sid/b", "none")
+            #expect(try await c.expectPublish().properties.subscriptionIdentifiers == [])
+        }
     }
 }

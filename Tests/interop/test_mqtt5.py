@@ -83,7 +83,9 @@ def test_paho_v5_connack_and_reason_codes(broker):
     rc, flags, props = c.connack
     assert rc == 0 and not flags.session_present
     assert props.AssignedClientIdentifier.startswith("mqlite-")
-    assert props.SubscriptionIdentifierAvailable == 0
+    # Subscription identifiers are available (the property's absence says so); 10 topic aliases.
+    assert not hasattr(props, "SubscriptionIdentifierAvailable")
+    assert props.TopicAliasMaximum == 10
     assert props.MaximumPacketSize > 1 << 20
     # PUBACK "no matching subscribers" (0x10) is still a success to the client.
     info = c.publish("nobody/listens", b"x", qos=1)
@@ -181,22 +183,130 @@ def test_mosquitto_v5_clients_with_user_properties(broker):
     assert out.splitlines() == ["m5/a one k:v", "m5/b two "]
 
 
-def test_v5_protocol_error_gets_disconnect_with_reason(broker):
-    """A topic alias (Topic Alias Maximum is 0): DISCONNECT 0x94, then the close, logged."""
+def raw_v5(port, client_id, properties=b""):
+    """A raw MQTT 5 connection (clean start, keep-alive 30) whose CONNACK was read."""
     import socket
-    s = socket.create_connection(("127.0.0.1", broker.port))
-    # CONNECT v5, client id "raw", no properties.
-    s.sendall(bytes([0x10, 16, 0, 4]) + b"MQTT" + bytes([5, 2, 0, 30, 0, 0, 3]) + b"raw")
+    s = socket.create_connection(("127.0.0.1", port))
+    body = b"\x00\x04MQTT\x05\x02\x00\x1e" + bytes([len(properties)]) + properties
+    body += len(client_id).to_bytes(2, "big") + client_id
+    s.sendall(bytes([0x10, len(body)]) + body)
     s.settimeout(5)
-    connack = s.recv(64)
-    assert connack[0] == 0x20 and connack[3] == 0x00
-    # PUBLISH QoS 0 topic "t", properties: topic alias 1.
-    s.sendall(bytes([0x30, 7, 0, 1]) + b"t" + bytes([3, 0x23, 0, 1]) + b"")
+    kind, connack = read_packet(s)
+    assert kind == 0x20 and connack[1] == 0, connack
+    return s
+
+
+def read_packet(s):
+    """One packet: its first byte and its body."""
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = s.recv(n - len(data))
+            assert chunk, "closed"
+            data += chunk
+        return data
+    first = exactly(1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = exactly(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, exactly(length)
+
+
+def read_to_close(s):
     data = b""
     while True:
         chunk = s.recv(64)
         if not chunk:
-            break
+            return data
         data += chunk
+
+
+def test_v5_topic_aliases_both_ways(broker):
+    # mosquitto_sub accepts no alias (libmosquitto cannot read an aliased PUBLISH even when told
+    # to announce a Topic Alias Maximum), so it gets every topic in full.
+    sub = sub_process(broker.port, "-V", "mqttv5", "-t", "al/#", "-C", "4", "-v")
+    # A raw subscriber that accepts one alias: the bytes show what the broker sends.
+    raw = raw_v5(broker.port, b"raw-alias", properties=bytes([0x22, 0, 1]))
+    raw.sendall(bytes([0x82, 10, 0, 1, 0, 0, 4]) + b"al/#" + bytes([0]))
+    assert read_packet(raw)[0] == 0x90
+    time.sleep(0.5)
+    # paho publishes with aliases it sets: the topic once, then the alias alone.
+    p = client5("alias-pub", broker.port)
+    assert p.connack[2].TopicAliasMaximum == 10
+
+    def alias(n):
+        props = Properties(PacketTypes.PUBLISH)
+        props.TopicAlias = n
+        return props
+    p.publish("al/x", b"one", qos=1, properties=alias(1)).wait_for_publish(5)
+    p.publish("", b"two", qos=1, properties=alias(1)).wait_for_publish(5)
+    p.publish("al/y", b"three", qos=1).wait_for_publish(5)
+    p.publish("", b"four", qos=0, properties=alias(1))
+    out, err = sub.communicate(timeout=15)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == ["al/x one", "al/x two", "al/y three", "al/x four"]
+    # To the raw subscriber: al/x with alias 1, then alias 1 alone (empty topic), then al/y in
+    # full (its one alias is taken), then the alias alone again.
+    got = []
+    for _ in range(4):
+        kind, body = read_packet(raw)
+        assert kind >> 4 == 3
+        n = int.from_bytes(body[:2], "big")
+        props_len = body[2 + n]
+        got.append((body[2:2 + n], body[3 + n:3 + n + props_len], body[3 + n + props_len:]))
+    assert got == [(b"al/x", bytes([0x23, 0, 1]), b"one"), (b"", bytes([0x23, 0, 1]), b"two"),
+                   (b"al/y", b"", b"three"), (b"", bytes([0x23, 0, 1]), b"four")]
+    stop(p)
+    raw.close()
+
+
+def test_v5_topic_alias_errors_get_disconnect_with_reason(broker):
+    """An alias beyond Topic Alias Maximum (10): DISCONNECT 0x94; an alias never given a topic:
+    0x82. Each logged."""
+    s = raw_v5(broker.port, b"raw")
+    # PUBLISH QoS 0 topic "t", properties: topic alias 11.
+    s.sendall(bytes([0x30, 7, 0, 1]) + b"t" + bytes([3, 0x23, 0, 11]))
+    data = read_to_close(s)
     assert data[:3] == bytes([0xE0, 1, 0x94]) or data[:4] == bytes([0xE0, 2, 0x94, 0]), data
-    assert wait_for(lambda: "topic alias" in broker.log())
+    assert wait_for(lambda: "topic alias 11 out of range" in broker.log())
+    s = raw_v5(broker.port, b"raw2")
+    # PUBLISH QoS 0, empty topic, topic alias 2 (never set).
+    s.sendall(bytes([0x30, 6, 0, 0, 3, 0x23, 0, 2]))
+    data = read_to_close(s)
+    assert data[:3] == bytes([0xE0, 1, 0x82]) or data[:4] == bytes([0xE0, 2, 0x82, 0]), data
+    assert wait_for(lambda: "topic alias 2 used before it was given a topic" in broker.log())
+
+
+def test_paho_v5_subscription_identifiers(broker):
+    c = client5("sid", broker.port)
+
+    def sub_id(n):
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = n
+        return props
+    c.subscribe("si/#", qos=1, properties=sub_id(7))
+    c.subscribe("si/+/x", qos=0, properties=sub_id(300000))
+    c.subscribe("si/plain/#", qos=1)
+    time.sleep(0.3)
+    p = client5("sid-pub", broker.port)
+    p.publish("si/a/x", b"both", qos=1).wait_for_publish(5)
+    p.publish("si/b", b"one", qos=1).wait_for_publish(5)
+    p.publish("si/plain/q", b"plain and #", qos=1).wait_for_publish(5)
+    assert wait_for(lambda: len(c.messages) == 3)
+    ids = {m.payload: sorted(m.properties.SubscriptionIdentifier) for m in c.messages}
+    assert ids == {b"both": [7, 300000], b"one": [7], b"plain and #": [7]}
+    # A SUBSCRIBE without an identifier takes the identifier away; UNSUBSCRIBE too.
+    c.subscribe("si/#", qos=1)
+    c.unsubscribe("si/+/x")
+    time.sleep(0.3)
+    c.messages.clear()
+    p.publish("si/a/x", b"none", qos=1).wait_for_publish(5)
+    assert wait_for(lambda: len(c.messages) == 1)
+    assert not hasattr(c.messages[0].properties, "SubscriptionIdentifier")
+    stop(c, p)
+
+
