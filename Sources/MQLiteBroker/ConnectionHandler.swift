@@ -12,16 +12,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     // Stored properties are laid out in this order: references and words first, then the
     // single-byte ones together, so that an idle connection's handler stays in a small malloc
     // size class (`IdleFootprintTests`). For the same reason what most clients do not have (a
-    // will, access rules) is kept out of line, and `clientInfo` refers to the listener.
+    // will, access rules) is kept out of line, in one box, and `clientInfo` refers to the listener.
     private let worker: Worker
     /// The worker's (not a field of its own: one word less on every connection).
     private var broker: Broker { worker.broker }
     private var context: ChannelHandlerContext?
     private var session: Session?
-    private var will: Box<Will>?
-    /// Access rules from the `authorize` hook, enforced here for the life of the connection;
-    /// nil (no storage at all) for a client that has none.
-    private var access: Access?
+    /// The will and access rules, nil (no storage at all) for a client that has neither.
+    private var rare: Rare?
     /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
     /// connection holds no read buffer.
     private var cumulation: ByteBuffer?
@@ -31,6 +29,23 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private var counted = false
     private var isDirty = false
     private var holdBackCheckPending = false
+    private var will: Will? {
+        get { rare?.will }
+        set { updateRare { $0.will = newValue } }
+    }
+
+    /// Access rules from the `authorize` hook, enforced here for the life of the connection.
+    private var access: Access? {
+        get { rare?.access }
+        set { updateRare { $0.access = newValue } }
+    }
+
+    private func updateRare(_ change: (Rare) -> Void) {
+        let box = rare ?? Rare()
+        change(box)
+        rare = box.will == nil && box.access == nil ? nil : box
+    }
+
     /// What this client speaks (kept in the machine's spare byte).
     private var version: ProtocolVersion {
         get { machine.version }
@@ -328,6 +343,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             clientID: clientID, username: username, password: password, address: clientInfo.address,
             cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
         request.connection = ObjectIdentifier(self)
+        request.protocolVersion = connect.protocolLevel
+        clientInfo.protocolVersion = connect.protocolLevel
+        if version == .v5 { request.userProperties = connect.properties.userProperties }
         // In a storm of CONNECTs, this one may wait for a later tick of the loop (`ConnectPacing`).
         whenAnswered(worker.pacing.admit(), failed: ()) { handler, _ in
             guard !handler.machine.isClosed else { return }
@@ -344,6 +362,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         switch decision {
         case .refuse(let code):
             return refuse(code, "refused by authentication hook")
+        case .refuseWithReason(let code, let reason):
+            var properties = MQTTProperties()
+            if version == .v5, let reason { properties.reasonString = reason }
+            return refuse(ConnackPacket(sessionPresent: false, reasonCode: code, properties: properties),
+                          "refused by authentication hook" + (reason.map { ": \($0)" } ?? ""))
         case .accept:
             break
         case .pass:
@@ -368,7 +391,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         will = connect.will.map { will in
             var will = will
             will.properties = connect.willProperties
-            return Box(will)
+            return will
         }
         let maxKeepAlive = UInt16(clamping: broker.configuration.limits.maxKeepAlive)
         var keepAlive = min(connect.keepAlive, maxKeepAlive)
@@ -909,7 +932,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             session.compactInflight()
             worker.sessionWentOffline(session)
         }
-        if publishWill, let will = will?.value {
+        if publishWill, let will {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it. MQTT 5 may
             // delay it, while the session lasts, for a client that comes back meanwhile.
@@ -1098,6 +1121,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
         if let session, session.hasQueued, context.channel.isWritable, machine.isConnected { session.pump() }
     }
+}
+
+/// What most connections do not have: a will, access rules.
+private final class Rare {
+    var will: Will?
+    var access: Access?
 }
 
 /// A client's access rules and, so that they are matched once per topic, its publish verdicts.

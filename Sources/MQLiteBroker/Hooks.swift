@@ -15,6 +15,10 @@ public struct ConnectRequest: Sendable {
     public var tls: TLSClientInfo?
     /// The connection this CONNECT came on, while it is open (`BrokerHooks.abandoned` names it).
     public internal(set) var connection: ObjectIdentifier?
+    /// The protocol level: 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0).
+    public var protocolVersion: UInt8 = 4
+    /// MQTT 5: the CONNECT's user properties, in order.
+    public var userProperties: [UserProperty] = []
 
     public init(
         clientID: String, username: String?, password: ByteBuffer?, address: String, cleanSession: Bool, keepAlive: UInt16,
@@ -49,6 +53,9 @@ public enum ConnectDecision: Sendable, Equatable {
     case accept
     /// Refuse with CONNACK 4 or 5 (or any other refusal code).
     case refuse(ConnectReturnCode)
+    /// Refuse with an MQTT 5 reason code (one CONNACK allows) and reason string; a 3.1.1 client
+    /// gets the nearest return code.
+    case refuseWithReason(ReasonCode, String?)
 }
 
 /// What a SUBSCRIBE hook is shown: one filter of a SUBSCRIBE packet.
@@ -126,6 +133,8 @@ public struct ClientInfo: Sendable {
     /// The listener the client came in on: a reference rather than a copy of its bind string,
     /// since every connection's handler holds a `ClientInfo` (memory per idle connection).
     let origin: RunningListener
+    /// The protocol level: 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0).
+    public var protocolVersion: UInt8 = 4
 
     /// The bind string of the listener the client came in on.
     public var listener: String { origin.bind }

@@ -387,8 +387,14 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> {
         guard let vm = vm(worker) else { return .now(.pass) }
         return chain(vm.hooks(.connect), call: { hook in
-            vm.call(hook, .connect, results: 2, owner: request.connection, push: { L in
-                lua_createtable(L, 0, 8)
+            vm.call(hook, .connect, results: 3, owner: request.connection, push: { L in
+                lua_createtable(L, 0, 10)
+                L.setField("protocol_version", Int(request.protocolVersion))
+                if request.protocolVersion == 5 {
+                    lua_createtable(L, 0, 1)
+                    pushUserProperties(L, request.userProperties)
+                    lua_setfield(L, -2, "properties")
+                }
                 L.setField("client_id", request.clientID)
                 L.setField("username", request.username)
                 L.setField("password", request.password)
@@ -399,19 +405,29 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 if let tls = request.tls { pushTLS(L, tls) }
                 return 1
             }, read: { L throws(HookResultError) -> ConnectDecision in
-                switch lua_type(L, -2) {
+                switch lua_type(L, -3) {
                 case LUA_TNIL: return .pass
                 case LUA_TBOOLEAN:
-                    if lua_toboolean(L, -2) != 0 { return .accept }
-                    if lua_type(L, -1) == LUA_TNIL { return .refuse(.notAuthorized) }
-                    var isInteger: Int32 = 0
-                    let code = lua_tointegerx(L, -1, &isInteger)
-                    guard isInteger != 0, let rc = ConnectReturnCode(rawValue: UInt8(clamping: code)), (1...5).contains(code) else {
-                        throw HookResultError("on_connect's second result must be a CONNACK code from 1 to 5")
+                    if lua_toboolean(L, -3) != 0 { return .accept }
+                    // A reason string (MQTT 5 clients hear it), at most 256 bytes.
+                    var reason: String?
+                    if lua_type(L, -1) != LUA_TNIL {
+                        reason = try readPropertyString(L, -1, "on_connect's reason string")
+                        if reason!.utf8.count > 256 { reason = String(decoding: reason!.utf8.prefix(256), as: UTF8.self) }
                     }
-                    return .refuse(rc)
+                    if lua_type(L, -2) == LUA_TNIL { return reason.map { .refuseWithReason(.notAuthorized, $0) } ?? .refuse(.notAuthorized) }
+                    var isInteger: Int32 = 0
+                    let code = lua_tointegerx(L, -2, &isInteger)
+                    // 1 to 5 (3.1.1's return codes), or an MQTT 5 CONNACK reason code from 0x80.
+                    if isInteger != 0, (1...5).contains(code), let rc = ConnectReturnCode(rawValue: UInt8(code)) {
+                        return reason.map { .refuseWithReason(rc.reasonCode, $0) } ?? .refuse(rc)
+                    }
+                    guard isInteger != 0, (0x80...0xFF).contains(code), let rc = ReasonCode(rawValue: UInt8(code)), rc.isAllowed(in: .connack) else {
+                        throw HookResultError("on_connect's second result must be a CONNACK code from 1 to 5 or an MQTT 5 CONNACK reason code from 0x80")
+                    }
+                    return .refuseWithReason(rc, reason)
                 default:
-                    throw HookResultError("on_connect must return true, false or nil, not a \(typeName(L, -2))")
+                    throw HookResultError("on_connect must return true, false or nil, not a \(typeName(L, -3))")
                 }
             })
         }, decide: { [failClosed] _, answer in
@@ -552,6 +568,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 }
                 set(.qos) { lua_pushinteger(L, lua_Integer(message.qos.rawValue)) }
                 set(.retain) { lua_pushboolean(L, message.retain ? 1 : 0) }
+                if !message.properties.isUnset { pushProperties(L, message.properties) }
                 return 1
             }, read: { L throws(HookResultError) in
                 try readPublishResult(L, message: message, payloadString: payloadString)
@@ -599,6 +616,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 lua_rawset(L, -3)
                 L.setField("qos", Int(current.qos.rawValue))
                 L.setField("retain", current.retain)
+                if !current.properties.isUnset { pushProperties(L, current.properties) }
                 return 1
             }, read: { [current, payloadString] L throws(HookResultError) -> HookedMessage? in
                 switch lua_type(L, -1) {
@@ -651,8 +669,9 @@ private func typeName(_ L: LuaState, _ index: Int32) -> String {
 }
 
 private func pushClient(_ L: LuaState, _ client: ClientInfo) {
-    lua_createtable(L, 0, 5)
+    lua_createtable(L, 0, 6)
     L.setField("client_id", client.clientID)
+    L.setField("protocol_version", Int(client.protocolVersion))
     L.setField("username", client.username)
     L.setField("address", client.address)
     L.setField("listener", client.listener)
@@ -776,11 +795,130 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
         case 6 where key.elementsEqual("retain".utf8):
             guard lua_type(L, -1) == LUA_TBOOLEAN else { throw HookResultError("retain must be a boolean, not a \(typeName(L, -1))") }
             message.retain = lua_toboolean(L, -1) != 0
+        case 10 where key.elementsEqual("properties".utf8):
+            message.properties = try readProperties(L, base: base.properties)
         default:
             continue
         }
     }
     return message
+}
+
+// MARK: - MQTT 5 properties
+
+/// Sets `user` in the table on top of the stack: a list of `{ name, value }` pairs, in order.
+private func pushUserProperties(_ L: LuaState, _ properties: [UserProperty]) {
+    lua_createtable(L, Int32(properties.count), 0)
+    for (index, property) in properties.enumerated() {
+        lua_createtable(L, 2, 0)
+        L.push(property.name)
+        lua_rawseti(L, -2, 1)
+        L.push(property.value)
+        lua_rawseti(L, -2, 2)
+        lua_rawseti(L, -2, lua_Integer(index + 1))
+    }
+    lua_setfield(L, -2, "user")
+}
+
+/// Sets `properties` in the message table on top of the stack: what an MQTT 5 publisher sent
+/// with the message (`user`, `content_type`, `response_topic`, `correlation_data`,
+/// `payload_format`, `message_expiry`), only the ones it has.
+private func pushProperties(_ L: LuaState, _ properties: MQTTProperties) {
+    lua_createtable(L, 0, 6)
+    if !properties.userProperties.isEmpty { pushUserProperties(L, properties.userProperties) }
+    if let contentType = properties.contentType { L.setField("content_type", contentType) }
+    if let responseTopic = properties.responseTopic { L.setField("response_topic", responseTopic) }
+    if let correlationData = properties.correlationData { L.setField("correlation_data", correlationData) }
+    if let format = properties.payloadFormatIndicator { L.setField("payload_format", Int(format.rawValue)) }
+    if let expiry = properties.messageExpiryInterval { L.setField("message_expiry", Int(expiry)) }
+    lua_setfield(L, -2, "properties")
+}
+
+/// A string an MQTT property may carry: UTF-8 (invalid sequences are an error) without U+0000.
+private func readPropertyString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String {
+    guard lua_type(L, index) == LUA_TSTRING, let bytes = L.rawBytes(at: index) else {
+        throw HookResultError("\(what) must be a string, not a \(typeName(L, index))")
+    }
+    guard bytes.count <= 65_535, !bytes.contains(0), let string = String(validating: bytes, as: UTF8.self) else {
+        throw HookResultError("\(what) must be UTF-8 text of at most 65,535 bytes without NUL")
+    }
+    return string
+}
+
+/// A hook's `properties` table (on top of the stack) in place of the message's: the six kinds
+/// it names are what the message carries from now on (a kind left out is removed); nil keeps
+/// them as they were. The other properties (set by the broker) stay.
+private func readProperties(_ L: LuaState, base: MQTTProperties) throws(HookResultError) -> MQTTProperties {
+    if lua_type(L, -1) == LUA_TNIL { return base }
+    guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("properties must be a table, not a \(typeName(L, -1))") }
+    try requirePlainTable(L, -1, "properties")
+    var properties = base
+    properties.userProperties = []
+    properties.contentType = nil
+    properties.responseTopic = nil
+    properties.correlationData = nil
+    properties.payloadFormatIndicator = nil
+    let expiry = base.messageExpiryInterval
+    properties.messageExpiryInterval = nil
+    properties.messageExpiresAt = nil
+    let table = lua_gettop(L)
+    lua_pushnil(L)
+    while lua_next(L, table) != 0 {
+        defer { mqlite_pop(L, 1) }
+        let key = lua_type(L, -2) == LUA_TSTRING ? L.string(at: -2)! : "?"
+        switch key {
+        case "user":
+            guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("properties.user must be a list of { name, value } pairs") }
+            try requirePlainTable(L, -1, "properties.user")
+            let count = lua_rawlen(L, -1)
+            var user: [UserProperty] = []
+            user.reserveCapacity(Int(count))
+            for i in 0..<count {
+                lua_rawgeti(L, -1, lua_Integer(i + 1))
+                defer { mqlite_pop(L, 1) }
+                guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("properties.user[\(i + 1)] must be a { name, value } pair") }
+                lua_rawgeti(L, -1, 1)
+                lua_rawgeti(L, -2, 2)
+                defer { mqlite_pop(L, 2) }
+                user.append(UserProperty(
+                    name: try readPropertyString(L, -2, "properties.user[\(i + 1)][1]"),
+                    value: try readPropertyString(L, -1, "properties.user[\(i + 1)][2]")))
+            }
+            properties.userProperties = user
+        case "content_type":
+            properties.contentType = try readPropertyString(L, -1, "properties.content_type")
+        case "response_topic":
+            let topic = try readPropertyString(L, -1, "properties.response_topic")
+            guard (try? TopicName(topic)) != nil else { throw HookResultError("properties.response_topic \"\(topic)\" is not a valid topic name") }
+            properties.responseTopic = topic
+        case "correlation_data":
+            guard lua_type(L, -1) == LUA_TSTRING, let bytes = L.rawBytes(at: -1), bytes.count <= 65_535 else {
+                throw HookResultError("properties.correlation_data must be a string of at most 65,535 bytes")
+            }
+            properties.correlationData = ByteBuffer(bytes: bytes)
+        case "payload_format":
+            var isInteger: Int32 = 0
+            let value = lua_tointegerx(L, -1, &isInteger)
+            guard isInteger != 0, let format = PayloadFormatIndicator(rawValue: UInt8(clamping: value)), value >= 0 else {
+                throw HookResultError("properties.payload_format must be 0 or 1")
+            }
+            properties.payloadFormatIndicator = format
+        case "message_expiry":
+            var isInteger: Int32 = 0
+            let value = lua_tointegerx(L, -1, &isInteger)
+            guard isInteger != 0, (1...Int64(UInt32.max)).contains(value) else {
+                throw HookResultError("properties.message_expiry must be seconds from 1 to 4294967295")
+            }
+            properties.messageExpiryInterval = UInt32(value)
+            // The same interval keeps the message's deadline; another starts from now.
+            properties.messageExpiresAt = UInt32(value) == expiry ? base.messageExpiresAt
+                : NIODeadline.now().uptimeNanoseconds + UInt64(value) * 1_000_000_000
+        default:
+            throw HookResultError("properties has unknown key \"\(key)\" (user, content_type, response_topic, correlation_data, payload_format, message_expiry)")
+        }
+    }
+    if properties.isEmpty && properties.messageExpiresAt == nil { return MQTTProperties() }
+    return properties
 }
 
 /// `{ publish = {...}, subscribe = {...}, deny = {...} }` on top of the stack.

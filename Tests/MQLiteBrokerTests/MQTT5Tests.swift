@@ -383,11 +383,11 @@ struct MQTT5WillDelayTests {
             #expect(p.properties.willDelayInterval == nil && p.properties.userProperties == [UserProperty(name: "k", value: "v")])
             watcher.send(.puback(packetID: p.packetID!))
 
-            // Back within the delay: no will.
-            let again = try await Self.connect(b, delay: 1, expiry: 100, cleanStart: false)
+            // Back within the delay (3 s: room for a slow connect on a loaded machine): no will.
+            let again = try await Self.connect(b, delay: 3, expiry: 100, cleanStart: false)
             await again.abort()
             let back = try await Self.connect(b, delay: 1, expiry: 100, cleanStart: false)
-            try await watcher.expectNothing(for: .milliseconds(1500))
+            try await watcher.expectNothing(for: .milliseconds(3500))
 
             // The session ends before the delay (expiry 0): the will goes at once.
             await back.abort()  // (its own will, delayed 1 s, with the session kept)

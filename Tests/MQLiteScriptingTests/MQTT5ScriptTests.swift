@@ -1,0 +1,120 @@
+import MQLiteBroker
+import MQLiteScripting
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Testing
+
+/// What scripts see of MQTT 5.0: the protocol version, a message's properties (and changing
+/// them), a CONNECT's user properties, and refusals with 5.0 reason codes.
+@Suite("Lua: MQTT 5.0")
+struct MQTT5ScriptTests {
+    @Test("on_connect sees protocol_version and a 5.0 client's user properties; false, code, reason refuses with a 5.0 reason code and reason string (3.1.1 clients get the nearest return code)")
+    func connect() async throws {
+        let script = """
+            mqlite.on_connect(function(c)
+              local user = c.properties and c.properties.user or {}
+              local seen = c.protocol_version .. ":" .. #user
+              for _, p in ipairs(user) do seen = seen .. ":" .. p[1] .. "=" .. p[2] end
+              mqlite.kv.set("seen:" .. c.client_id, seen)
+              if c.client_id == "banned" then return false, 0x8A, "banned until tomorrow" end
+              if c.client_id == "plain-no" then return false, 4 end
+              if c.client_id == "bad-code" then return false, 0x10 end
+              return true
+            end)
+            mqlite.on_connected(function(c) mqlite.kv.set("version:" .. c.client_id, c.protocol_version) end)
+            mqlite.on_publish("report", function(m)
+              local keys = { "seen:v5", "seen:v3", "version:v5", "version:v3" }
+              local out = {}
+              for _, k in ipairs(keys) do out[#out + 1] = tostring(mqlite.kv.get(k)) end
+              return { payload = table.concat(out, " ") }
+            end)
+            """
+        try await withScripts([script]) { b, _, _ in
+            var properties = MQTTProperties()
+            properties.userProperties = [UserProperty(name: "site", value: "north"), UserProperty(name: "site", value: "south")]
+            let (v5, _) = try await b.client5("v5", properties: properties)
+            let v3 = try await b.client("v3")
+            try await v3.subscribe("report")
+            try await v5.publish("report", "")
+            #expect(String(buffer: try await v3.expectPublish().payload) == "5:2:site=north:site=south 4:0 5 4")
+
+            let banned = try await TestClient.open(port: b.port, version: .v5)
+            let refused = try await banned.connect(ConnectPacket(protocolLevel: 5, clientID: "banned"))
+            #expect(refused.reasonCode == .banned && refused.properties.reasonString == "banned until tomorrow")
+            let banned3 = try await TestClient.open(port: b.port)
+            #expect(try await banned3.connect(ConnectPacket(clientID: "banned")).returnCode == .notAuthorized)
+            let plainNo = try await TestClient.open(port: b.port, version: .v5)
+            #expect(try await plainNo.connect(ConnectPacket(protocolLevel: 5, clientID: "plain-no")).reasonCode == .badUserNameOrPassword)
+            // Not a CONNACK failure code: the hook failed, which refuses (fail closed by default).
+            let bad = try await TestClient.open(port: b.port, version: .v5)
+            #expect(try await bad.connect(ConnectPacket(protocolLevel: 5, clientID: "bad-code")).reasonCode.isFailure)
+        }
+    }
+
+    @Test("on_publish and on_deliver see m.properties of a 5.0 message (none for 3.1.1) and may change them: user properties added and removed, content type, response topic, correlation data, payload format, message expiry")
+    func properties() async throws {
+        let script = """
+            local function describe(p)
+              if p == nil then return "none" end
+              local parts = {}
+              for _, u in ipairs(p.user or {}) do parts[#parts + 1] = u[1] .. "=" .. u[2] end
+              return table.concat(parts, ",") .. "|" .. tostring(p.content_type) .. "|" .. tostring(p.response_topic)
+                .. "|" .. tostring(p.correlation_data) .. "|" .. tostring(p.payload_format) .. "|" .. tostring(p.message_expiry)
+            end
+            mqlite.on_publish("gw/#", function(m)
+              local before = describe(m.properties)
+              local p = m.properties or {}
+              local user = {}
+              for _, u in ipairs(p.user or {}) do if u[1] ~= "secret" then user[#user + 1] = u end end
+              user[#user + 1] = { "via", "mqlite" }
+              p.user = user
+              p.content_type = "text/plain"
+              return { payload = before, properties = p }
+            end)
+            mqlite.on_deliver("gw/#", function(d)
+              if d.client_id ~= "strip" then return nil end
+              return { properties = {} }
+            end)
+            mqlite.on_publish("bad/props", function(m) return { properties = { user = { { "a" } } } } end)
+            mqlite.on_publish("bad/topic", function(m) return { properties = { response_topic = "a/+" } } end)
+            """
+        try await withScripts([script]) { b, _, _ in
+            let (sub, _) = try await b.client5("sub")
+            try await sub.subscribe("gw/#")
+            let (strip, _) = try await b.client5("strip")
+            try await strip.subscribe("gw/#")
+            let (pub, _) = try await b.client5("pub")
+            var properties = MQTTProperties()
+            properties.userProperties = [UserProperty(name: "k", value: "v"), UserProperty(name: "secret", value: "x")]
+            properties.responseTopic = "reply/1"
+            properties.correlationData = ByteBuffer(string: "c1")
+            properties.payloadFormatIndicator = .utf8
+            properties.messageExpiryInterval = 60
+            pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "gw/a"), payload: ByteBuffer(string: "x"), qos: .atMostOnce, properties: properties)))
+            let got = try await sub.expectPublish()
+            #expect(String(buffer: got.payload) == "k=v,secret=x|nil|reply/1|c1|1|60")
+            #expect(got.properties.userProperties == [UserProperty(name: "k", value: "v"), UserProperty(name: "via", value: "mqlite")])
+            #expect(got.properties.contentType == "text/plain" && got.properties.responseTopic == "reply/1")
+            #expect(got.properties.correlationData == ByteBuffer(string: "c1") && got.properties.payloadFormatIndicator == .utf8)
+            #expect((59...60).contains(got.properties.messageExpiryInterval ?? 0))
+            // on_deliver emptied them for one subscriber.
+            let stripped = try await strip.expectPublish()
+            #expect(stripped.properties.userProperties.isEmpty && stripped.properties.contentType == nil && stripped.properties.messageExpiryInterval == nil)
+
+            // A 3.1.1 publisher's message has no properties; the hook may give it some.
+            let old = try await b.client("old")
+            try await old.publish("gw/b", "y")
+            let fromOld = try await sub.expectPublish()
+            #expect(String(buffer: fromOld.payload) == "none")
+            #expect(fromOld.properties.userProperties == [UserProperty(name: "via", value: "mqlite")])
+            _ = try await strip.expectPublish()
+
+            // Malformed properties from a hook drop the message (as a failing hook does).
+            try await sub.subscribe("bad/#")
+            try await old.publish("bad/props", "z")
+            try await old.publish("bad/topic", "z")
+            try await sub.expectNothing()
+        }
+    }
+}
