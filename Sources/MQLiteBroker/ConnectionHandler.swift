@@ -43,8 +43,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func updateRare(_ change: (Rare) -> Void) {
         let box = rare ?? Rare()
         change(box)
-        rare = box.will == nil && box.access == nil ? nil : box
+        rare = box.will == nil && box.access == nil && box.authentication == nil ? nil : box
     }
+
+    private func rare(authentication: Authentication) { updateRare { $0.authentication = authentication } }
 
     /// What this client speaks (kept in the machine's spare byte).
     private var version: ProtocolVersion {
@@ -291,6 +293,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             detach(publishWill: code != .normalDisconnection, reason: "disconnected (reason code 0x\(String(code.rawValue, radix: 16)))")
             flushOutput()
             context?.close(promise: nil)
+        case .auth(let auth):
+            handleAuth(auth)
         case .close(let reason, let code):
             tellV5(code)
             closeWithWill(reason: reason)
@@ -317,8 +321,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive, version != .v5 {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")
         }
+        // MQTT 5 enhanced authentication: a method a hook takes care of (`on_auth`), or 0x8C.
         if version == .v5, let method = connect.properties.authenticationMethod {
-            return refuse(reason: .badAuthenticationMethod, "authentication method \"\(LogText(method, limit: 64))\" (no extended authentication)")
+            guard broker.hooks.handlesAuthentication(method: method, worker: worker.index) else {
+                return refuse(reason: .badAuthenticationMethod, "authentication method \"\(LogText(method, limit: 64))\" (no hook takes care of it)")
+            }
+            rare(authentication: Authentication(method: method, connect: connect))
         }
         var username = connect.username
         var password = connect.password
@@ -349,6 +357,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // In a storm of CONNECTs, this one may wait for a later tick of the loop (`ConnectPacing`).
         whenAnswered(worker.pacing.admit(), failed: ()) { handler, _ in
             guard !handler.machine.isClosed else { return }
+            // Enhanced authentication stands for the authentication hooks.
+            if handler.rare?.authentication != nil { return handler.askAuthentication(data: connect.properties.authenticationData) }
             // A hook that never answers (its future failed) refuses as a failing hook would.
             handler.whenAnswered(handler.broker.hooks.authenticate(request, worker: handler.worker.index), failed: .refuse(.notAuthorized)) {
                 handler, decision in
@@ -434,6 +444,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         properties.maximumPacketSize = UInt32(clamping: 1 + lengthBytes + remaining)
         let aliases = broker.configuration.limits.maxTopicAlias
         if aliases > 0 { properties.topicAliasMaximum = UInt16(aliases) }
+        // Enhanced authentication: its method, and the hook's last data (§3.2.2.3.17).
+        if let authentication = rare?.authentication {
+            properties.authenticationMethod = authentication.method
+            properties.authenticationData = authentication.serverData
+            authentication.serverData = nil
+        }
         // Retain, wildcard and shared subscriptions and subscription identifiers are available:
         // their absence says so.
         return properties
@@ -951,6 +967,75 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if wasConnected { broker.hooks.disconnected(clientInfo, reason: reason, worker: worker.index) }
     }
 
+    // MARK: - Enhanced authentication (MQTT 5 AUTH)
+
+    /// Asks the hooks for the next step of the exchange in progress, with the client's data.
+    private func askAuthentication(data: ByteBuffer?) {
+        guard let authentication = rare?.authentication else { return }
+        authentication.step += 1
+        var request = AuthRequest(
+            clientID: clientInfo.clientID, username: clientInfo.username, address: clientInfo.address, listener: clientInfo.listener,
+            method: authentication.method, data: data, step: authentication.step, reauthenticating: authentication.connect == nil,
+            state: authentication.state)
+        request.connection = ObjectIdentifier(self)
+        whenAnswered(broker.hooks.authenticate(request, worker: worker.index), failed: .failure(.notAuthorized, nil)) { handler, decision in
+            handler.authenticationAnswered(decision, authentication)
+        }
+    }
+
+    private func authenticationAnswered(_ decision: AuthDecision, _ authentication: Authentication) {
+        guard !machine.isClosed, rare?.authentication === authentication else { return }
+        var properties = MQTTProperties()
+        properties.authenticationMethod = authentication.method
+        switch decision {
+        case .continue(let data, let state):
+            authentication.state = state
+            properties.authenticationData = data
+            machine.authenticationContinues()
+            writePacket(.auth(AuthPacket(reasonCode: .continueAuthentication, properties: properties)))
+            flushOutput()
+        case .success(let data):
+            authentication.finish()
+            if let connect = authentication.connect {
+                authentication.connect = nil
+                authentication.serverData = data
+                authenticated(connect, .accept)
+            } else {
+                properties.authenticationData = data
+                writePacket(.auth(AuthPacket(reasonCode: .success, properties: properties)))
+                logger.debug("re-authenticated")
+            }
+        case .failure(let code, let reason):
+            let text = "enhanced authentication refused" + (reason.map { ": \($0)" } ?? "")
+            if authentication.connect != nil {
+                var refusal = MQTTProperties()
+                if let reason { refusal.reasonString = reason }
+                refuse(ConnackPacket(sessionPresent: false, reasonCode: code, properties: refusal), text)
+            } else {
+                tellV5(code.isAllowed(in: .disconnect) ? code : .notAuthorized)
+                closeWithWill(reason: text)
+            }
+        }
+    }
+
+    /// AUTH from the client: the answer to the server's AUTH (0x18) in the exchange in progress,
+    /// or a connected client's re-authentication (0x19) in the method it connected with (§4.12).
+    private func handleAuth(_ auth: AuthPacket) {
+        guard let authentication = rare?.authentication, auth.properties.authenticationMethod == authentication.method else {
+            tellV5(.protocolError)
+            return closeWithWill(reason: "AUTH without the authentication method the client connected with")
+        }
+        switch auth.reasonCode {
+        case .continueAuthentication where authentication.inProgress:
+            askAuthentication(data: auth.properties.authenticationData)
+        case .reAuthenticate where machine.isConnected && !authentication.inProgress:
+            askAuthentication(data: auth.properties.authenticationData)
+        default:
+            tellV5(.protocolError)
+            closeWithWill(reason: "AUTH with reason code 0x\(String(auth.reasonCode.rawValue, radix: 16)) out of turn")
+        }
+    }
+
     // MARK: - Output
 
     /// For metrics: what this connection's session holds, if it is connected. On the loop.
@@ -1123,10 +1208,37 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 }
 
-/// What most connections do not have: a will, access rules.
+/// What most connections do not have: a will, access rules, enhanced authentication.
 private final class Rare {
     var will: Will?
     var access: Access?
+    var authentication: Authentication?
+}
+
+/// An MQTT 5 enhanced authentication method in use on a connection: the exchange in progress (at
+/// CONNECT, or re-authenticating), then the method a re-authentication must use.
+private final class Authentication {
+    let method: String
+    /// Until the exchange at CONNECT succeeds: that CONNECT.
+    var connect: ConnectPacket?
+    /// Steps asked so far in the exchange in progress (0: none in progress).
+    var step = 0
+    /// What the hook gave with its last `continue`.
+    var state: ByteBuffer?
+    /// The hook's data for CONNACK.
+    var serverData: ByteBuffer?
+
+    init(method: String, connect: ConnectPacket) {
+        self.method = method
+        self.connect = connect
+    }
+
+    var inProgress: Bool { step > 0 }
+
+    func finish() {
+        step = 0
+        state = nil
+    }
 }
 
 /// A client's access rules and, so that they are matched once per topic, its publish verdicts.

@@ -7,7 +7,8 @@ import NIOCore
 /// the session, the socket). Unit-tested without sockets in `ConnectionStateMachineTests`, as
 /// SwiftNIO tests its own state machines.
 ///
-/// States: waiting for CONNECT → opening (CONNECT accepted, the session on its way; packets that
+/// States: waiting for CONNECT → (MQTT 5 enhanced authentication: authenticating, AUTH packets
+/// both ways) → opening (CONNECT accepted, the session on its way; packets that
 /// arrive meanwhile are kept) → connected → closed. Closed is final: nothing more is handled.
 /// Across them, a hook may be pending (a script waiting on an HTTP call for this client's CONNECT,
 /// PUBLISH or SUBSCRIBE): the client's later packets then wait, in order, until it answers;
@@ -17,6 +18,8 @@ import NIOCore
 struct ConnectionStateMachine {
     enum State {
         case awaitingConnect
+        /// MQTT 5 enhanced authentication: the server sent AUTH and waits for the client's.
+        case authenticating
         /// CONNECT accepted; waiting for the session (maybe held by another worker).
         case opening(pending: [MQTTPacket])
         /// `held`: packets decoded before a hook started to wait (those sent before CONNACK), to be
@@ -80,7 +83,7 @@ struct ConnectionStateMachine {
     /// alone).
     func wantsToRead(heldBack: Bool) -> Bool? {
         switch state {
-        case .awaitingConnect: return !hookPending
+        case .awaitingConnect, .authenticating: return !hookPending
         case .opening: return false
         case .connected: return !heldBack && !hookPending
         case .closed: return nil
@@ -145,6 +148,8 @@ struct ConnectionStateMachine {
         /// MQTT 5 DISCONNECT with a reason code or properties: close, publishing the will unless
         /// the code is 0 (then `closed()`).
         case disconnectV5(DisconnectPacket)
+        /// MQTT 5 AUTH: a step of enhanced authentication, or a re-authentication.
+        case auth(AuthPacket)
         /// A protocol violation: close, publishing the will (then `closed()`); an MQTT 5 client is
         /// told `code` first.
         case close(reason: String, code: ReasonCode = .protocolError)
@@ -160,6 +165,12 @@ struct ConnectionStateMachine {
         case .awaitingConnect:
             guard case .connect(let connect) = packet else { return .close(reason: "first packet is \(packet.type), not CONNECT") }
             return .connect(connect.value)
+        case .authenticating:
+            switch packet {
+            case .auth(let auth): return .auth(auth)
+            case .disconnect, .disconnectV5: return .disconnect
+            default: return .close(reason: "\(packet.type) during enhanced authentication")
+            }
         case .opening(var pending):
             guard pending.count < Self.maxPendingPackets else {
                 return .close(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
@@ -190,7 +201,7 @@ struct ConnectionStateMachine {
                 case .pubcomp: return .pubcomp(ack.packetID)
                 }
             case .disconnectV5(let disconnect): return .disconnectV5(disconnect)
-            case .auth: return .close(reason: "AUTH, but the client's CONNECT named no authentication method")
+            case .auth(let auth): return .auth(auth)
             }
         }
     }
@@ -211,10 +222,16 @@ struct ConnectionStateMachine {
     /// The client is admitted (authenticated, will allowed): wait for its session, keep what
     /// it sends meanwhile, and from now on check its keep-alive.
     mutating func connectAccepted(keepAlive seconds: UInt16, now: NIODeadline) {
-        assert({ if case .awaitingConnect = state { return true } else { return false } }(), "CONNECT accepted twice")
+        assert({ switch state { case .awaitingConnect, .authenticating: true; default: false } }(), "CONNECT accepted twice")
         keepAliveMilliseconds = UInt32(seconds) * 1500
         lastRead = now
         state = .opening(pending: [])
+    }
+
+    /// MQTT 5 enhanced authentication goes on: the server sent AUTH, the client answers with AUTH
+    /// (within `connect_timeout` of the socket opening, as CONNECT).
+    mutating func authenticationContinues() {
+        if case .awaitingConnect = state { state = .authenticating }
     }
 
     /// The client is refused (CONNACK with an error code, then close).
@@ -256,6 +273,8 @@ struct ConnectionStateMachine {
             return .close(
                 reason: hookPending ? "no CONNACK within connect_timeout: the connect hooks were still answering" : "no CONNECT within connect_timeout",
                 code: .maximumConnectTime)
+        case .authenticating where closing && now - lastRead >= connectTimeout:
+            return .close(reason: "enhanced authentication not done within connect_timeout", code: .maximumConnectTime)
         case .connected where closing && keepAliveMilliseconds != 0 && now - lastRead >= keepAlive && !heldBack && !hookPending:
             return .close(reason: "keep-alive expired (no packet for \(keepAliveMilliseconds) ms)", code: .keepAliveTimeout)
         case .connected:

@@ -35,6 +35,51 @@ public struct ConnectRequest: Sendable {
     }
 }
 
+/// MQTT 5 enhanced authentication: one step of a challenge and response (§4.12), from the
+/// CONNECT's Authentication Method and Data, then from each AUTH the client sends; or a connected
+/// client's re-authentication (AUTH 0x19), in the method it connected with.
+public struct AuthRequest: Sendable {
+    public var clientID: String
+    public var username: String?
+    public var address: String
+    public var listener: String
+    public var method: String
+    public var data: ByteBuffer?
+    /// 1 for the first step of an exchange (CONNECT, or AUTH 0x19), then 2, 3, ...
+    public var step: Int
+    /// A connected client re-authenticates (its CONNECT was authenticated before).
+    public var reauthenticating: Bool
+    /// What the hook gave with its last `continue` in this exchange (nil at step 1).
+    public var state: ByteBuffer?
+    /// The connection this exchange is on, while it is open.
+    public internal(set) var connection: ObjectIdentifier?
+
+    public init(
+        clientID: String, username: String?, address: String, listener: String = "", method: String, data: ByteBuffer?, step: Int = 1,
+        reauthenticating: Bool = false, state: ByteBuffer? = nil
+    ) {
+        self.clientID = clientID
+        self.username = username
+        self.address = address
+        self.listener = listener
+        self.method = method
+        self.data = data
+        self.step = step
+        self.reauthenticating = reauthenticating
+        self.state = state
+    }
+}
+
+/// A hook's answer to one step of enhanced authentication.
+public enum AuthDecision: Sendable, Equatable {
+    /// Authenticated: CONNACK 0 (or AUTH 0x00 for a re-authentication), with this data.
+    case success(ByteBuffer?)
+    /// Another step: AUTH 0x18 with this data; the client's answer comes with `state`.
+    case `continue`(ByteBuffer?, state: ByteBuffer?)
+    /// Refused: CONNACK (or, re-authenticating, DISCONNECT) with this reason code and string.
+    case failure(ReasonCode, String?)
+}
+
 /// A hook's answer: now, or later, when the hook waits on something outside the broker (a
 /// script's `mqlite.http.request`). A later answer completes on the event loop of the
 /// connection concerned; meanwhile that client's packets wait, in order, and every other
@@ -160,6 +205,12 @@ public struct ClientInfo: Sendable {
 public protocol BrokerHooks: AnyObject, Sendable {
     /// Authentication. Called once per CONNECT that passed protocol checks.
     func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision>
+    /// Whether a hook takes care of enhanced authentication by `method`; a CONNECT with another
+    /// method gets CONNACK 0x8C (bad authentication method).
+    func handlesAuthentication(method: String, worker: Int) -> Bool
+    /// One step of enhanced authentication by a method `handlesAuthentication` said yes to. A
+    /// success stands for `authenticate`'s accept (that hook is not asked).
+    func authenticate(_ request: AuthRequest, worker: Int) -> HookAnswer<AuthDecision>
     /// Authorisation, once per accepted connection (and again when the hooks are reloaded or ask
     /// for it): access rules that the broker enforces natively for the life of the connection.
     /// An empty list means no restriction.
@@ -204,6 +255,8 @@ public protocol BrokerHooks: AnyObject, Sendable {
 
 extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> { .now(.pass) }
+    public func handlesAuthentication(method: String, worker: Int) -> Bool { false }
+    public func authenticate(_ request: AuthRequest, worker: Int) -> HookAnswer<AuthDecision> { .now(.failure(.badAuthenticationMethod, nil)) }
     public func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now([]) }
     public func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> { .now(.allow) }
     public func unsubscribed(_ request: UnsubscribeRequest, worker: Int) {}

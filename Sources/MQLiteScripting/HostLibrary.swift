@@ -36,6 +36,7 @@ enum HostLibrary {
         function("on_disconnected", onDisconnected)
         function("on_unsubscribe", onUnsubscribe)
         function("on_deliver", onDeliver)
+        function("on_auth", onAuth)
         function("every", every)
         function("after", after)
         function("log", log)
@@ -106,13 +107,18 @@ enum HostLibrary {
             return fail(L, "mqlite.\(kind.rawValue): hooks can only be registered while the script loads")
         }
         var filter: String?
-        if filtered {
+        if kind == .auth {
+            guard let method = string(L, 1), !method.isEmpty, method.utf8.count <= 256 else {
+                return fail(L, "mqlite.on_auth: first argument must be an authentication method name (1 to 256 bytes)")
+            }
+            filter = method
+        } else if filtered {
             guard let f = string(L, 1), (try? Topic.validateFilter(f)) != nil else {
                 return fail(L, "mqlite.\(kind.rawValue): first argument must be a valid topic filter")
             }
             filter = f
         }
-        let functionIndex: Int32 = filtered ? 2 : 1
+        let functionIndex: Int32 = filter != nil ? 2 : 1
         guard lua_type(L, functionIndex) == LUA_TFUNCTION else {
             return fail(L, "mqlite.\(kind.rawValue): expects a function")
         }
@@ -128,6 +134,7 @@ enum HostLibrary {
     static let onDisconnected: Function = { L in register(L!, .disconnected) }
     static let onUnsubscribe: Function = { L in register(L!, .unsubscribe) }
     static let onDeliver: Function = { L in register(L!, .deliver, filtered: true) }
+    static let onAuth: Function = { L in register(L!, .auth) }
 
     /// `mqlite.every(seconds, fn)` and `mqlite.after(seconds, fn)`: registered while the script
     /// loads, run on worker 0's state (`ScriptingHost.startTimers`).

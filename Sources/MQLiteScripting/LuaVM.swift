@@ -50,6 +50,7 @@ final class LuaVM: @unchecked Sendable {
         /// `mqlite.every` and `mqlite.after` (not hooks, but called and failing as they do).
         case timer = "timer"
         case deliver = "on_deliver"
+        case auth = "on_auth"
 
         var slot: Int {
             switch self {
@@ -62,6 +63,7 @@ final class LuaVM: @unchecked Sendable {
             case .unsubscribe: 6
             case .timer: 7
             case .deliver: 8
+            case .auth: 9
             }
         }
     }
@@ -95,6 +97,8 @@ final class LuaVM: @unchecked Sendable {
     private let publishFilters = TopicTrie<[Int: Void]>()
     /// on_deliver filters → index into `hooks[.deliver]`.
     private let deliverFilters = TopicTrie<[Int: Void]>()
+    /// on_auth methods → indices into `hooks[.auth]`, in load order.
+    private var authMethods: [String: [Int]] = [:]
     /// Topic → indices of the on_publish hooks that match it, in load order.
     private var publishMatches: [ByteText: [Int]] = [:]
     /// The last topic asked for and its hooks: publishers send runs of one topic.
@@ -236,6 +240,7 @@ final class LuaVM: @unchecked Sendable {
         hookLists[kind.slot].append(Hook(context: context, ref: ref, stats: host.hookStats(worker: worker, context: context, kind: kind)))
         if kind == .publish, let filter { publishFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
         if kind == .deliver, let filter { deliverFilters.insert(filter: filter, key: hookLists[kind.slot].count - 1, value: ()) }
+        if kind == .auth, let filter { authMethods[filter, default: []].append(hookLists[kind.slot].count - 1) }
     }
 
     /// Registers the function at `index` as a timer (called from `mqlite.every`/`mqlite.after`).
@@ -249,6 +254,9 @@ final class LuaVM: @unchecked Sendable {
 
     /// The hooks of one kind, in load order.
     func hooks(_ kind: Kind) -> [Hook] { hookLists[kind.slot] }
+
+    /// The on_auth hooks of an authentication method, in load order.
+    func authHooks(for method: String) -> [Hook] { (authMethods[method] ?? []).map { hookLists[Kind.auth.slot][$0] } }
 
     /// Pushes a field name (interned at start-up).
     func pushField(_ field: Field) {

@@ -436,6 +436,35 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         }, otherwise: { .pass })
     }
 
+    public func handlesAuthentication(method: String, worker: Int) -> Bool {
+        guard let vm = vm(worker) else { return false }
+        return !vm.authHooks(for: method).isEmpty
+    }
+
+    /// on_auth hooks of the request's method, in load order: the first that answers decides; a
+    /// failed call, or none answering, refuses.
+    public func authenticate(_ request: AuthRequest, worker: Int) -> HookAnswer<AuthDecision> {
+        guard let vm = vm(worker) else { return .now(.failure(.badAuthenticationMethod, nil)) }
+        return chain(vm.authHooks(for: request.method), call: { hook in
+            vm.call(hook, .auth, results: 3, owner: request.connection, push: { L in
+                lua_createtable(L, 0, 10)
+                L.setField("client_id", request.clientID)
+                L.setField("username", request.username)
+                L.setField("address", request.address)
+                L.setField("listener", request.listener)
+                L.setField("method", request.method)
+                L.setField("data", request.data)
+                L.setField("step", request.step)
+                L.setField("reauthenticating", request.reauthenticating)
+                L.setField("state", request.state)
+                return 1
+            }, read: { L throws(HookResultError) -> AuthDecision? in try readAuthResult(L) })
+        }, decide: { _, answer -> AuthDecision? in
+            guard let answer else { return .failure(.notAuthorized, nil) }
+            return answer
+        }, otherwise: { .failure(.notAuthorized, nil) })
+    }
+
     /// What one on_authorize call gave.
     private enum AuthorizeResult: Sendable {
         case none
@@ -805,6 +834,44 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
 }
 
 // MARK: - MQTT 5 properties
+
+/// on_auth's results (the three on top of the stack): `true[, data]`, `"continue", data[, state]`,
+/// `false[, code[, reason]]`, or nil (no opinion).
+private func readAuthResult(_ L: LuaState) throws(HookResultError) -> AuthDecision? {
+    func bytes(_ index: Int32, _ what: String) throws(HookResultError) -> ByteBuffer? {
+        if lua_type(L, index) == LUA_TNIL { return nil }
+        guard lua_type(L, index) == LUA_TSTRING, let raw = L.rawBytes(at: index), raw.count <= 65_535 else {
+            throw HookResultError("on_auth's \(what) must be a string of at most 65,535 bytes")
+        }
+        return ByteBuffer(bytes: raw)
+    }
+    switch lua_type(L, -3) {
+    case LUA_TNIL:
+        return nil
+    case LUA_TBOOLEAN where lua_toboolean(L, -3) != 0:
+        return .success(try bytes(-2, "data"))
+    case LUA_TBOOLEAN:
+        var code = ReasonCode.notAuthorized
+        if lua_type(L, -2) != LUA_TNIL {
+            var isInteger: Int32 = 0
+            let raw = lua_tointegerx(L, -2, &isInteger)
+            guard isInteger != 0, (0x80...0xFF).contains(raw), let given = ReasonCode(rawValue: UInt8(raw)), given.isAllowed(in: .connack) else {
+                throw HookResultError("on_auth's second result after false must be an MQTT 5 CONNACK reason code from 0x80")
+            }
+            code = given
+        }
+        var reason: String?
+        if lua_type(L, -1) != LUA_TNIL {
+            reason = try readPropertyString(L, -1, "on_auth's reason string")
+            if reason!.utf8.count > 256 { reason = String(decoding: reason!.utf8.prefix(256), as: UTF8.self) }
+        }
+        return .failure(code, reason)
+    case LUA_TSTRING where L.string(at: -3) == "continue":
+        return .continue(try bytes(-2, "data"), state: try bytes(-1, "state"))
+    default:
+        throw HookResultError("on_auth must return true, false, \"continue\" or nil, not a \(typeName(L, -3))")
+    }
+}
 
 /// Sets `user` in the table on top of the stack: a list of `{ name, value }` pairs, in order.
 private func pushUserProperties(_ L: LuaState, _ properties: [UserProperty]) {

@@ -33,6 +33,26 @@ struct ConnectionStateMachineTests {
         #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
     }
 
+    @Test("MQTT 5 enhanced authentication: reading goes on, AUTH and DISCONNECT pass, anything else closes; connect_timeout counts from the socket's opening; accepted, the client connects as usual")
+    func authenticating() {
+        var machine = ConnectionStateMachine(now: start)
+        _ = machine.packetReceived(.connect(connect))
+        machine.authenticationContinues()
+        #expect(machine.wantsToRead(heldBack: false) == true)
+        let auth = AuthPacket(reasonCode: .continueAuthentication)
+        #expect(machine.packetReceived(.auth(auth)) == .auth(auth))
+        #expect(machine.packetReceived(.disconnect) == .disconnect)
+        let timeout = TimeAmount.seconds(10)
+        #expect(machine.timeoutCheck(now: start + .seconds(9), connectTimeout: timeout, heldBack: false, closing: true) == .none)
+        #expect(machine.timeoutCheck(now: start + .seconds(10), connectTimeout: timeout, heldBack: false, closing: true)
+            == .close(reason: "enhanced authentication not done within connect_timeout", code: .maximumConnectTime))
+        var other = machine
+        #expect(other.packetReceived(.pingreq) == .close(reason: "pingreq during enhanced authentication"))
+        machine.connectAccepted(keepAlive: 10, now: start)
+        #expect(machine.sessionArrived() == .attach(pending: []))
+        #expect(machine.isConnected)
+    }
+
     @Test("between CONNECT and CONNACK reading stops and packets wait, in order, up to the limit")
     func opening() {
         var machine = ConnectionStateMachine(now: start)
@@ -96,7 +116,6 @@ struct ConnectionStateMachineTests {
             (.unsuback(packetID: 1), "unsuback is sent by servers only"),
             (.pingresp, "pingresp is sent by servers only"),
             (.unsubackV5(UnsubackPacket(packetID: 1, reasonCodes: [.success])), "unsuback is sent by servers only"),
-            (.auth(AuthPacket()), "AUTH, but the client's CONNECT named no authentication method"),
         ]
         for (packet, reason) in closing {
             var m = connected()
@@ -104,6 +123,9 @@ struct ConnectionStateMachineTests {
             #expect(m.closed() == true, "a connected client went away: the hooks hear of it")
             #expect(m.packetReceived(.pingreq) == .none)
         }
+        // AUTH goes to the handler, which knows whether the client authenticated with a method.
+        var m = connected()
+        #expect(m.packetReceived(.auth(AuthPacket(reasonCode: .reAuthenticate))) == .auth(AuthPacket(reasonCode: .reAuthenticate)))
     }
 
     @Test("DISCONNECT: close without the will; nothing after it is handled")

@@ -118,3 +118,123 @@ struct MQTT5ScriptTests {
         }
     }
 }
+
+/// `mqlite.on_auth`: MQTT 5 enhanced authentication (AUTH), at CONNECT and re-authenticating.
+@Suite("Lua: on_auth (MQTT 5 enhanced authentication)")
+struct EnhancedAuthTests {
+    /// A toy challenge and response: "hello", then the challenge's answer.
+    static let script = """
+        mqlite.on_auth("TOY", function(a)
+          if a.step == 1 then
+            if a.data ~= "hello" then return false, 0x8C, "say hello first" end
+            return "continue", "challenge-" .. a.client_id, "s1"
+          end
+          if a.step == 2 and a.state == "s1" and a.data == "response-" .. a.client_id then
+            return true, "welcome" .. (a.reauthenticating and "-again" or "")
+          end
+          return false, nil, "wrong answer at step " .. a.step
+        end)
+        """
+
+    static func auth(_ code: ReasonCode, _ method: String = "TOY", data: String?) -> MQTTPacket {
+        var properties = MQTTProperties()
+        properties.authenticationMethod = method
+        properties.authenticationData = data.map { ByteBuffer(string: $0) }
+        return .auth(AuthPacket(reasonCode: code, properties: properties))
+    }
+
+    static func connect(_ id: String, method: String = "TOY", data: String?) -> ConnectPacket {
+        var properties = MQTTProperties()
+        properties.authenticationMethod = method
+        properties.authenticationData = data.map { ByteBuffer(string: $0) }
+        return ConnectPacket(protocolLevel: 5, clientID: id, properties: properties)
+    }
+
+    static func expectAuth(_ c: TestClient) async throws -> AuthPacket {
+        let packet = try await c.expectPacket()
+        guard case .auth(let auth) = packet else { throw TestFailure("expected AUTH, got \(packet)") }
+        return auth
+    }
+
+    @Test("a challenge and response at CONNECT: AUTH 0x18 both ways, then CONNACK with the method and the hook's data; a re-authentication the same way ends with AUTH 0x00, the client served meanwhile")
+    func exchange() async throws {
+        try await withScripts([Self.script]) { b, _, _ in
+            let c = try await TestClient.open(port: b.port, version: .v5)
+            c.send(.connect(Box(Self.connect("c", data: "hello"))))
+            let challenge = try await Self.expectAuth(c)
+            #expect(challenge.reasonCode == .continueAuthentication && challenge.properties.authenticationMethod == "TOY")
+            #expect(challenge.properties.authenticationData == ByteBuffer(string: "challenge-c"))
+            c.send(Self.auth(.continueAuthentication, data: "response-c"))
+            guard case .connack(let connack) = try await c.expectPacket() else { throw TestFailure("expected CONNACK") }
+            #expect(connack.reasonCode == .success && connack.properties.authenticationMethod == "TOY")
+            #expect(connack.properties.authenticationData == ByteBuffer(string: "welcome"))
+            try await c.ping()
+
+            c.send(Self.auth(.reAuthenticate, data: "hello"))
+            #expect(try await Self.expectAuth(c).reasonCode == .continueAuthentication)
+            try await c.ping()  // still served while re-authenticating
+            c.send(Self.auth(.continueAuthentication, data: "response-c"))
+            let done = try await Self.expectAuth(c)
+            #expect(done.reasonCode == .success && done.properties.authenticationData == ByteBuffer(string: "welcome-again"))
+
+            // A re-authentication that fails: DISCONNECT 0x87.
+            c.send(Self.auth(.reAuthenticate, data: "hello"))
+            _ = try await Self.expectAuth(c)
+            c.send(Self.auth(.continueAuthentication, data: "wrong"))
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .notAuthorized))])
+        }
+    }
+
+    @Test("refusals: a wrong answer gets the hook's code and reason string; a method no hook takes 0x8C; AUTH with another method, out of turn, or without a method at CONNECT is a protocol error; other packets during the exchange close the connection")
+    func refusals() async throws {
+        try await withScripts([Self.script]) { b, _, _ in
+            let wrongHello = try await TestClient.open(port: b.port, version: .v5)
+            let refused = try await wrongHello.connect(Self.connect("w", data: "hi"))
+            #expect(refused.reasonCode == .badAuthenticationMethod && refused.properties.reasonString == "say hello first")
+
+            let wrong = try await TestClient.open(port: b.port, version: .v5)
+            wrong.send(.connect(Box(Self.connect("x", data: "hello"))))
+            _ = try await Self.expectAuth(wrong)
+            wrong.send(Self.auth(.continueAuthentication, data: "nonsense"))
+            guard case .connack(let no) = try await wrong.expectPacket() else { throw TestFailure("expected CONNACK") }
+            #expect(no.reasonCode == .notAuthorized && no.properties.reasonString == "wrong answer at step 2")
+
+            let other = try await TestClient.open(port: b.port, version: .v5)
+            #expect(try await other.connect(Self.connect("o", method: "SCRAM-SHA-1", data: nil)).reasonCode == .badAuthenticationMethod)
+
+            let switching = try await TestClient.open(port: b.port, version: .v5)
+            switching.send(.connect(Box(Self.connect("s", data: "hello"))))
+            _ = try await Self.expectAuth(switching)
+            switching.send(Self.auth(.continueAuthentication, "OTHER", data: "response-s"))
+            _ = try await switching.expectClosed()
+
+            let early = try await TestClient.open(port: b.port, version: .v5)
+            early.send(.connect(Box(Self.connect("e", data: "hello"))))
+            _ = try await Self.expectAuth(early)
+            early.send(.pingreq)
+            _ = try await early.expectClosed()
+
+            // Connected without a method: AUTH is a protocol error; so is AUTH 0x18 out of turn.
+            let (plain, _) = try await b.client5("plain")
+            plain.send(Self.auth(.reAuthenticate, data: "hello"))
+            #expect(try await plain.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .protocolError))])
+            let c = try await TestClient.open(port: b.port, version: .v5)
+            c.send(.connect(Box(Self.connect("c", data: "hello"))))
+            _ = try await Self.expectAuth(c)
+            c.send(Self.auth(.continueAuthentication, data: "response-c"))
+            _ = try await c.expectPacket()  // CONNACK
+            c.send(Self.auth(.continueAuthentication, data: "response-c"))
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .protocolError))])
+        }
+    }
+
+    @Test("an exchange the client leaves unanswered ends at connect_timeout")
+    func timeout() async throws {
+        try await withScripts([Self.script], configure: { $0.limits.connectTimeout = .milliseconds(500) }) { b, _, _ in
+            let c = try await TestClient.open(port: b.port, version: .v5)
+            c.send(.connect(Box(Self.connect("slow", data: "hello"))))
+            _ = try await Self.expectAuth(c)
+            _ = try await c.expectClosed(timeout: .seconds(5))
+        }
+    }
+}
