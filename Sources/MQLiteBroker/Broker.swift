@@ -498,7 +498,6 @@ public final class Broker: Sendable {
         for var delivery in taken {
             guard let group = delivery.group, let member = group.pick(excluding: session) else { continue }
             delivery.qos = min(delivery.qos, member.grant.qos)
-            if delivery.qos == .atMostOnce { delivery.group = nil }
             worker.deliver(delivery, to: member.session)
         }
     }

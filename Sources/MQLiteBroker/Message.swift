@@ -56,8 +56,9 @@ struct Delivery: Sendable {
     var frame: ByteBuffer?
     /// An `on_deliver` hook matches the topic: the outbound asks it as the message goes out.
     var hooked = false
-    /// QoS 1/2 through a shared subscription: its group, whose other members take the message if
-    /// this subscriber's connection goes before it is acknowledged.
+    /// Through a shared subscription: its group, whose other members take the message if this
+    /// subscriber's connection goes before it is acknowledged (and whose subscription's MQTT 5
+    /// Subscription Identifier the message carries).
     var group: SharedGroup?
 }
 

@@ -191,10 +191,8 @@ final class Session: @unchecked Sendable {
         var maximumPacketSize: Int?
         /// MQTT 5: the topic aliases of the connection (nil until one is used either way).
         var aliases: TopicAliases?
-        /// MQTT 5: the Subscription Identifier of each subscription that has one, by the filter
-        /// topics are matched against (the one in a shared subscription's): a message is matched
-        /// once, not against each subscription in turn.
-        var subscriptionIdentifiers: TopicTrie<[TopicFilter: UInt32]>?
+        /// MQTT 5: the Subscription Identifiers of the subscriptions that have one.
+        var subscriptionIdentifiers: SubscriptionIdentifiers?
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
@@ -420,31 +418,41 @@ final class Session: @unchecked Sendable {
     /// MQTT 5: the subscription `filter` has this Subscription Identifier (nil: none), as its
     /// latest SUBSCRIBE said (owner loop).
     func setSubscriptionIdentifier(_ identifier: UInt32?, for filter: TopicFilter) {
-        let matching = SharedFilter.matching(filter).string
-        if let identifier {
-            if more.subscriptionIdentifiers == nil { more.subscriptionIdentifiers = TopicTrie() }
-            more.subscriptionIdentifiers!.insert(filter: matching, key: filter, value: identifier)
-        } else if let occasional, let identifiers = occasional.subscriptionIdentifiers {
-            identifiers.remove(filter: matching, key: filter)
-            if identifiers.count == 0 { occasional.subscriptionIdentifiers = nil }
-        }
+        guard identifier != nil || occasional?.subscriptionIdentifiers != nil else { return }
+        let identifiers = more.subscriptionIdentifiers ?? SubscriptionIdentifiers()
+        identifiers.set(identifier, for: filter)
+        more.subscriptionIdentifiers = identifiers.isEmpty ? nil : identifiers
     }
 
-    /// What a PUBLISH to this client carries beyond the message: the Subscription Identifiers of
-    /// the subscriptions that match it, and a topic alias (the topic left out once the client
-    /// knows the alias); nil when it carries nothing more. Only a session whose client uses
-    /// either pays for it.
-    private func forClient(_ message: Message) -> Message? {
-        guard let occasional, occasional.aliases != nil || occasional.subscriptionIdentifiers != nil else { return nil }
+    /// The PUBLISH this client gets for `message` (MQTT 5): with the Subscription Identifiers of
+    /// the subscriptions it came through, and a topic alias (the topic left out once the client
+    /// knows the alias). Nil when it is larger than the client's Maximum Packet Size: it is not
+    /// sent to the client, as if it had been (§3.1.2.11.4). Only a session whose client uses
+    /// either, or set a maximum, pays for it.
+    private func forClient(_ message: Message, qos: QoS, group: SharedGroup?) -> Message? {
+        guard let occasional else { return message }
         var message = message
-        if let trie = occasional.subscriptionIdentifiers {
-            var identifiers: [UInt32] = []
-            trie.forEachMatch(topic: message.topic.string) { (_: TopicFilter, identifier: UInt32) in identifiers.append(identifier) }
-            if !identifiers.isEmpty { message.properties.subscriptionIdentifiers = identifiers.sorted() }
+        if let identifiers = occasional.subscriptionIdentifiers?.identifiers(for: message.topic, group: group), !identifiers.isEmpty {
+            message.properties.subscriptionIdentifiers = identifiers
         }
-        if occasional.aliases != nil, let (alias, known) = occasional.aliases!.alias(for: message.topic) {
+        let limit = occasional.maximumPacketSize ?? .max
+        func fits(_ m: Message) -> Bool {
+            limit == .max
+                || ByteBuffer.publishFrameSize(topicLength: m.topic.count, payloadLength: m.payload.readableBytes, qos: qos, properties: m.properties) <= limit
+        }
+        guard fits(message) else { return nil }
+        guard occasional.aliases != nil else { return message }
+        if let alias = occasional.aliases!.knownAlias(for: message.topic) {
             message.properties.topicAlias = alias
-            if known { message.topic = .aliased }
+            message.topic = .aliased
+        } else if let alias = occasional.aliases!.nextAlias {
+            // A new alias only if the PUBLISH that gives it still fits (the alias costs 3 bytes).
+            var aliased = message
+            aliased.properties.topicAlias = alias
+            if fits(aliased) {
+                occasional.aliases!.assign(alias, to: message.topic)
+                message = aliased
+            }
         }
         return message
     }
@@ -597,26 +605,23 @@ final class Session: @unchecked Sendable {
             guard now < expiresAt else { return }
             delivery.message.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
         }
-        // MQTT 5: a message too large for the client is not sent to it, as if it had been (§3.1.2.11.4).
-        if let limit = occasional?.maximumPacketSize,
-           ByteBuffer.publishFrameSize(
-               topicLength: delivery.message.topic.count, payloadLength: delivery.message.payload.readableBytes, qos: delivery.qos,
-               properties: delivery.message.properties) > limit
-        {
-            return
+        // MQTT 5: what goes on the wire in its place, if anything does (`forClient`). In flight,
+        // the message is kept as it is: a connection's aliases end with it.
+        var wire: Message?
+        if occasional != nil {
+            guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else { return }
+            if !adorned.isSame(as: delivery.message) { wire = adorned }
         }
-        // In flight, the message is kept as it is: a connection's aliases end with it.
-        let adorned = forClient(delivery.message)
         if delivery.qos == .atMostOnce {
-            if let frame = delivery.frame, adorned == nil {
+            if let frame = delivery.frame, wire == nil {
                 outbound.writeQoS0(frame: frame, message: delivery.message)
             } else {
-                outbound.writePublish(adorned ?? delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
+                outbound.writePublish(wire ?? delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
         } else {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group))
-            outbound.writePublish(adorned ?? delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+            outbound.writePublish(wire ?? delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
             report(.inflightAdded(packetID: id, delivery))
         }
     }
@@ -664,7 +669,9 @@ final class Session: @unchecked Sendable {
             if entry.released {
                 outbound.writePubrel(packetID: entry.id)
             } else {
-                outbound.writePublish(forClient(entry.message) ?? entry.message, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+                // (One too large for this connection's client goes as it is: it is in flight.)
+                let wire = forClient(entry.message, qos: entry.qos, group: entry.group) ?? entry.message
+                outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
             }
         }
         pump()

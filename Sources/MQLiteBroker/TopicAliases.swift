@@ -24,13 +24,14 @@ struct TopicAliases {
         if inbound[alias] != topic { inbound[alias] = topic.copied() }
     }
 
-    /// The alias to send `topic` with, and whether the client knows it already (then the topic
-    /// itself is left out); nil when every alias is taken by another topic.
-    mutating func alias(for topic: TopicName) -> (alias: UInt16, known: Bool)? {
-        if let alias = outbound[topic] { return (alias, true) }
-        guard outbound.count < outboundMaximum else { return nil }
-        let alias = UInt16(outbound.count + 1)
+    /// The alias the client knows `topic` by (the topic itself is then left out).
+    func knownAlias(for topic: TopicName) -> UInt16? { outbound[topic] }
+
+    /// The alias the next new topic gets; nil when every alias is taken.
+    var nextAlias: UInt16? { outbound.count < outboundMaximum ? UInt16(outbound.count + 1) : nil }
+
+    /// `topic` goes out with `nextAlias` (and its topic): from now on the alias stands for it.
+    mutating func assign(_ alias: UInt16, to topic: TopicName) {
         outbound[topic.copied()] = alias
-        return (alias, false)
     }
 }

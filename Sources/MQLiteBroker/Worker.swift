@@ -193,7 +193,6 @@ final class Worker: @unchecked Sendable {
               let member = group.pick(excluding: session), member.session.isOnline || session.ended else { return false }
         var delivery = delivery
         delivery.qos = min(delivery.qos, member.grant.qos)
-        if delivery.qos == .atMostOnce { delivery.group = nil }
         deliver(delivery, to: member.session)
         return true
     }
@@ -336,10 +335,11 @@ final class Worker: @unchecked Sendable {
         for group in route.groups {
             guard let member = group.pick() else { continue }
             let qos = min(message.qos, member.grant.qos)
-            // QoS 1/2: the group goes with the message, so that another member gets it if this one goes.
+            // The group goes with the message, so that another member gets it if this one goes
+            // (and the member's Subscription Identifier is that subscription's).
             let delivery = Delivery(
                 message: message, qos: qos, retain: member.grant.retainAsPublished && message.retain, frame: nil, hooked: route.deliverHooked,
-                group: qos == .atMostOnce ? nil : group)
+                group: group)
             let owner = member.session.owner
             if owner == index {
                 if let kept = member.session.deliver(delivery) { message = kept }

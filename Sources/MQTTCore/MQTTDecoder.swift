@@ -281,7 +281,11 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         for shift in stride(from: 0, to: 28, by: 7) {
             guard let byte: UInt8 = body.readInteger() else { throw .truncated(type) }
             value |= Int(byte & 0x7F) << shift
-            if byte & 0x80 == 0 { return value }
+            if byte & 0x80 == 0 {
+                // The fewest bytes that hold the value (§1.5.5): a last byte of 0 after others is not.
+                if byte == 0 && shift > 0 { throw .malformedVariableByteInteger(type) }
+                return value
+            }
         }
         throw .malformedVariableByteInteger(type)
     }

@@ -648,7 +648,7 @@ struct MQTT5AliasTests {
         }
     }
 
-    @Test("Subscription Identifiers: a message carries those of every subscription of the client that matches it (one copy), retained ones too; a SUBSCRIBE without one takes it away, as does UNSUBSCRIBE; a shared subscription's works alike")
+    @Test("Subscription Identifiers: a message carries those of every plain subscription of the client that matches it (one copy), retained ones too; a copy through a shared subscription carries that one's; a SUBSCRIBE without one takes it away, as does UNSUBSCRIBE")
     func subscriptionIdentifiers() async throws {
         try await withV5Broker { b in
             let pub = try await b.client("pub")
@@ -672,9 +672,9 @@ struct MQTT5AliasTests {
             try await pub.publish("sid/x/y", "shared and #")
             var shared: [[UInt32]] = []
             for _ in 0..<2 { shared.append(try await c.expectPublish().properties.subscriptionIdentifiers) }
-            // Two copies (the plain subscription's and the group's), each with every identifier
-            // of the client's that matches.
-            #expect(shared == [[1, 9], [1, 9]])
+            // Two copies, each with the identifier of the subscription it came through: the plain
+            // one's (sid/#), the group's.
+            #expect(shared.sorted { $0.first ?? 0 < $1.first ?? 0 } == [[1], [9]])
             try await subscribe("sid/#", nil, id: 4)
             _ = try await c.expectPublish()  // the retained message once more
             c.send(.unsubscribe(UnsubscribePacket(packetID: 5, filters: ["sid/+"])))
@@ -682,6 +682,42 @@ struct MQTT5AliasTests {
             guard case .unsubackV5 = unsuback else { throw TestFailure("expected UNSUBACK, got \(unsuback)") }
             try await pub.publish("sid/b", "none")
             #expect(try await c.expectPublish().properties.subscriptionIdentifiers == [])
+        }
+    }
+}
+
+@Suite("MQTT 5.0 what a client gets beyond the message, within its Maximum Packet Size")
+struct MQTT5WireSizeTests {
+    @Test("subscription identifiers and a new topic alias count towards the client's Maximum Packet Size: a PUBLISH they would make too large is not sent, and an alias is given only when the PUBLISH giving it fits (later ones may use it)")
+    func maximumPacketSizeCountsWhatTheBrokerAdds() async throws {
+        try await withV5Broker { b in
+            // A QoS 0 PUBLISH of topic "m/t" with 20 bytes of payload and no properties is 28 bytes.
+            var asks = MQTTProperties()
+            asks.maximumPacketSize = 28
+            let (c, _) = try await b.client5("c", properties: asks)
+            var identifier = MQTTProperties()
+            identifier.subscriptionIdentifiers = [200_000]
+            c.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "m/#", qos: .atMostOnce)], properties: identifier)))
+            _ = try await c.expectPacket()
+            let pub = try await b.client("pub")
+            try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 20))  // 28 + 4 bytes of identifier: too large
+            try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 16))  // 32 - 4: fits
+            let got = try await c.expectPublish()
+            #expect(got.payload.readableBytes == 16 && got.properties.subscriptionIdentifiers == [200_000])
+            try await c.expectNothing()
+
+            asks.topicAliasMaximum = 5
+            let (a, _) = try await b.client5("a", properties: asks)
+            try await a.subscribe("m/#")
+            try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 20))  // 28: fits, but not with a new alias (+3)
+            let full = try await a.expectPublish()
+            #expect(String(buffer: full.topic) == "m/t" && full.properties.topicAlias == nil)
+            try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 17))  // 25 + 3: gives the alias
+            let giving = try await a.expectPublish()
+            #expect(String(buffer: giving.topic) == "m/t" && giving.properties.topicAlias == 1)
+            try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 20))  // 28 - 3 + 3 with the alias alone: fits
+            let aliased = try await a.expectPublish()
+            #expect(aliased.topic.readableBytes == 0 && aliased.properties.topicAlias == 1 && aliased.payload.readableBytes == 20)
         }
     }
 }

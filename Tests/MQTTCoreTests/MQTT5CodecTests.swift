@@ -394,10 +394,14 @@ struct MQTT5ValidationTests {
         #expect(MQTTProtocolError.propertyLengthOverrun(.publish, length: 1, available: 0).reasonCode == .malformedPacket)
     }
 
-    @Test("a variable byte integer of more than four bytes is malformed")
+    @Test("a variable byte integer of more than four bytes, or of more bytes than its value needs, is malformed")
     func variableByteInteger() {
         expectError(publish([0xFF, 0xFF, 0xFF, 0xFF, 0x01]), .malformedVariableByteInteger(.publish))
         expectError(publish([6, 0x0B, 0x80, 0x80, 0x80, 0x80, 0x01]), .malformedVariableByteInteger(.publish))
+        // 1 in four bytes, and a property length of 0 in two (§1.5.5: the fewest bytes).
+        expectError(publish([5, 0x0B, 0x81, 0x80, 0x80, 0x00]), .malformedVariableByteInteger(.publish))
+        expectError(publish([0x80, 0x00]), .malformedVariableByteInteger(.publish))
+        #expect(throws: Never.self) { try decodeOneV5(self.publish([3, 0x0B, 0x80, 0x01])) }  // 128 in two bytes
         // The largest four-byte value is a subscription identifier like any other.
         #expect(throws: Never.self) { try decodeOneV5(self.publish([5, 0x0B, 0xFF, 0xFF, 0xFF, 0x7F])) }
     }
