@@ -218,6 +218,11 @@ def main():
         for payload in (16, 1024):
             scenarios.append((f"pairs qos{qos} {payload}B MQTT 5", ["pairs", "--qos", str(qos), "--payload", str(payload), "--mqtt", "5"],
                               "rate", 3.0 if qos == 0 else None))
+            # The same with publishers that send a topic alias instead of the topic (both brokers
+            # accept 10).
+            scenarios.append((f"pairs qos{qos} {payload}B MQTT 5 topic alias",
+                              ["pairs", "--qos", str(qos), "--payload", str(payload), "--mqtt", "5", "--topic-alias"],
+                              "rate", 3.0 if qos == 0 else None))
     # Throughput over TLS, each broker's TLS listener (issue 11: at least 1.5x Mosquitto).
     tls_label = "pairs qos0 1024B TLS"
     scenarios.append((tls_label, ["pairs", "--qos", "0", "--payload", "1024", "--tls-ca", str(ca)], "rate", 1.5))

@@ -582,6 +582,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             : publish.topicLevels != 0
             ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
         var properties = publish.properties
+        // MQTT 5: a PUBLISH with only a topic alias (the decoder read it without properties).
+        if let alias = publish.bareAlias {
+            guard let known = resolve(alias: alias, topic: topic, session: session) else { return }
+            topic = known
+        }
         // Only an MQTT 5 PUBLISH has properties.
         if !properties.isUnset {
             if !properties.subscriptionIdentifiers.isEmpty {

@@ -174,6 +174,19 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         }
         var properties = MQTTProperties()
         if version == .v5 {
+            // The common MQTT 5 PUBLISH after the first on a topic: no topic, a topic alias, no other
+            // property. Read here, without a property set (`PublishPacket.bareAlias`).
+            if topic.readableBytes == 0, body.readableBytes >= 4,
+               body.getInteger(at: body.readerIndex, as: UInt32.self).map({ $0 >> 16 == 0x0323 }) == true
+            {
+                let alias: UInt16 = body.getInteger(at: body.readerIndex + 2)!
+                guard alias != 0 else { throw .invalidPropertyValue(.publish, .topicAlias) }
+                body.moveReaderIndex(forwardBy: 4)
+                var packet = PublishPacket(
+                    topic: topic, payload: body, qos: qos, retain: flags & 1 == 1, dup: flags & 0x08 != 0, packetID: packetID)
+                packet.bareAlias = alias
+                return packet
+            }
             properties = try MQTTProperties.read(.publish, from: &body)
             // An empty topic stands for the one a topic alias names (§3.3.2.3.4).
             if topic.readableBytes != 0 || properties.topicAlias == nil {

@@ -201,7 +201,7 @@ extension ByteBuffer {
         case .publish(let p):
             writePublishHeader(
                 topic: p.topic, payloadLength: p.payload.readableBytes, qos: p.qos, retain: p.retain, dup: p.dup,
-                packetID: p.packetID, properties: p.properties)
+                packetID: p.packetID, properties: p.properties.withBareAlias(p.bareAlias))
             writeImmutableBuffer(p.payload)
         case .connect(let box):
             writeConnect(box.value)

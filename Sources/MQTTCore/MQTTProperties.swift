@@ -142,6 +142,14 @@ public struct MQTTProperties: Equatable, Sendable {
         set { self[\.messageExpiresAt] = newValue }
     }
 
+    /// These properties with `alias` as topic alias, if there is one (`PublishPacket.bareAlias`).
+    func withBareAlias(_ alias: UInt16?) -> MQTTProperties {
+        guard let alias else { return self }
+        var properties = self
+        properties.topicAlias = alias
+        return properties
+    }
+
     /// Whether no property was ever set: a nil check (`isEmpty` compares every value), the cost
     /// the broker pays for a 3.1.1 message.
     public var isUnset: Bool { storage == nil }
@@ -150,7 +158,8 @@ public struct MQTTProperties: Equatable, Sendable {
     public func isSame(as other: MQTTProperties) -> Bool { storage === other.storage }
 
     private subscript<T>(_ field: WritableKeyPath<Values, T>) -> T {
-        get { values[keyPath: field] }
+        // The one field, read in place (not a copy of every value: `values` would retain each).
+        get { storage?.values[keyPath: field] ?? Values.empty[keyPath: field] }
         set {
             if storage == nil {
                 storage = Storage(Values.empty)

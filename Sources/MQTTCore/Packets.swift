@@ -179,7 +179,10 @@ public struct ConnackPacket: Equatable, Sendable {
 /// nothing and makes no `String`.
 public struct PublishPacket: Equatable, Sendable {
     public var topic: ByteBuffer {
-        didSet { topicLevels = 0 }  // counted for the old topic (an MQTT 5 alias resolved, say)
+        didSet {  // counted for the old topic (an MQTT 5 alias resolved, say)
+            topicLevels = 0
+            bits &= ~0x10
+        }
     }
     public var payload: ByteBuffer
     /// MQTT 5: the PUBLISH properties. Empty costs one nil reference and no allocation; it sits
@@ -189,7 +192,7 @@ public struct PublishPacket: Equatable, Sendable {
     private var bits: UInt8
     /// The topic's level count, as the decoder's validation counted it (so that the broker does
     /// not walk the topic again to count them); 0: not counted (a packet made otherwise, or an
-    /// MQTT 5 topic alias). Not part of equality.
+    /// MQTT 5 topic alias). Not part of equality. (Holds `bareAlias` when bit 4 of `bits` says so.)
     package var topicLevels: UInt16 = 0
     /// Present exactly when `qos > 0`.
     public var packetID: UInt16?
@@ -209,6 +212,21 @@ public struct PublishPacket: Equatable, Sendable {
         set { bits = newValue ? bits | 0x08 : bits & ~0x08 }
     }
 
+    /// MQTT 5: the PUBLISH's topic alias, wherever the decoder put it.
+    public var topicAlias: UInt16? { bareAlias ?? properties.topicAlias }
+
+    /// MQTT 5: the topic alias of a PUBLISH with no topic and no other property, which the
+    /// decoder reads without making a property set (the usual PUBLISH of a client that uses an
+    /// alias). Nil otherwise: an alias that comes with a topic or other properties is in
+    /// `properties`. (Kept in `topicLevels`, unused without a topic.)
+    public var bareAlias: UInt16? {
+        get { bits & 0x10 != 0 ? topicLevels : nil }
+        set {
+            bits = newValue != nil ? bits | 0x10 : bits & ~0x10
+            topicLevels = newValue ?? 0
+        }
+    }
+
     public init(
         topic: ByteBuffer, payload: ByteBuffer, qos: QoS, retain: Bool = false, dup: Bool = false, packetID: UInt16? = nil,
         properties: MQTTProperties = MQTTProperties()
@@ -221,7 +239,8 @@ public struct PublishPacket: Equatable, Sendable {
     }
 
     public static func == (a: PublishPacket, b: PublishPacket) -> Bool {
-        a.topic == b.topic && a.payload == b.payload && a.properties == b.properties && a.bits == b.bits && a.packetID == b.packetID
+        a.topic == b.topic && a.payload == b.payload && a.properties.withBareAlias(a.bareAlias) == b.properties.withBareAlias(b.bareAlias)
+            && a.bits & 0x0F == b.bits & 0x0F && a.packetID == b.packetID
     }
 
     public init(

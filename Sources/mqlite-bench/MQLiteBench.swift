@@ -44,6 +44,7 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "Milliseconds each churning client waits between its cycles") var churnPause = 100
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
     @Option(help: "fan-in, fan-out, pairs: the MQTT version the clients speak, 4 (3.1.1) or 5") var mqtt = 4
+    @Flag(help: "pairs with --mqtt 5: publishers name their topic once, then send only a topic alias") var topicAlias = false
     @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
 
     /// The client TLS context for every connection of the run (nil: plain TCP). TLS 1.2 or 1.3 as
@@ -121,6 +122,7 @@ struct MQLiteBench: AsyncParsableCommand {
         let q = QoS(rawValue: UInt8(qos)) ?? .atMostOnce
         let body = ByteBuffer(bytes: (0..<payload).map { UInt8(truncatingIfNeeded: $0) })
         guard mqtt == 4 || mqtt == 5 else { throw ValidationError("--mqtt is 4 or 5") }
+        guard !topicAlias || (mqtt == 5 && shape == .pairs) else { throw ValidationError("--topic-alias is for pairs with --mqtt 5") }
         let version: ProtocolVersion = mqtt == 5 ? .v5 : .v3_1_1
         func connect(_ loop: any EventLoop, _ id: String, tls: NIOSSLContext?) async throws -> BenchConnection {
             try await self.connect(loop, id, tls: tls, version: version)
@@ -144,10 +146,18 @@ struct MQLiteBench: AsyncParsableCommand {
             publishers = [Publisher(connection: try await connect(loop, "pub", tls: tls), topic: "\(prefix)/out", payload: body, qos: q)]
         case .pairs:
             for i in 0..<clients {
+                let publisher = Publisher(
+                    connection: try await connect(loop, "pub\(i)", tls: tls), topic: "\(prefix)/pair/\(i)", payload: body, qos: q, alias: topicAlias)
+                if let setup = publisher.aliasSetup {
+                    // The alias is named before anyone subscribes (the SUBACK after it says the
+                    // broker read it), so that the setup message goes to nobody.
+                    try await loop.submit { publisher.connection.write(setup) }.get()
+                    try await publisher.connection.subscribe("\(prefix)/alias-sync/\(i)", qos: .atMostOnce).get()
+                }
                 let sub = try await connect(loop, "sub\(i)", tls: tls)
                 try await sub.subscribe("\(prefix)/pair/\(i)", qos: q).get()
                 subscribers.append(sub)
-                publishers.append(Publisher(connection: try await connect(loop, "pub\(i)", tls: tls), topic: "\(prefix)/pair/\(i)", payload: body, qos: q))
+                publishers.append(publisher)
             }
         }
         // Enough in flight to keep the pipe full, not so much that a broker must queue megabytes or

@@ -35,31 +35,41 @@ final class Publisher: @unchecked Sendable {
     let frameSize: Int
     /// QoS 1: fixed header and topic; the packet id, `afterID` and the payload follow.
     let prefix: ByteBuffer
-    /// MQTT 5: the (empty) properties after the packet id.
+    /// MQTT 5: the properties after the packet id (none, or the topic alias).
     let afterID: ByteBuffer
     let payload: ByteBuffer
+    /// MQTT 5 with a topic alias: the PUBLISH that gives the alias its topic (sent before the run).
+    let aliasSetup: ByteBuffer?
 
     static let chunkFrames = 64
 
-    init(connection: BenchConnection, topic: String, payload: ByteBuffer, qos: QoS) {
+    /// `alias` (MQTT 5): every PUBLISH carries topic alias 1 and no topic; `aliasSetup` names it.
+    init(connection: BenchConnection, topic: String, payload: ByteBuffer, qos: QoS, alias: Bool = false) {
         self.connection = connection
         self.topic = topic
         self.payload = payload
-        let t = ByteBuffer(string: topic)
         let v5 = connection.version == .v5
+        let t = alias ? ByteBuffer() : ByteBuffer(string: topic)
+        var properties = MQTTProperties()
+        if alias { properties.topicAlias = 1 }
+        var setup = ByteBuffer()
+        setup.writePublishHeader(
+            topic: ByteBuffer(string: topic), payloadLength: 0, qos: .atMostOnce, retain: false, dup: false, packetID: nil, properties: properties)
+        self.aliasSetup = alias ? setup : nil
+        let afterID = ByteBuffer(bytes: v5 ? (alias ? [3, 0x23, 0, 1] : [0]) : [])
         var prefix = ByteBuffer()
         if v5 {
-            prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0, properties: MQTTProperties())
-            prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 3))
+            prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0, properties: properties)
+            prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 2 + afterID.readableBytes))
         } else {
             prefix.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: qos, retain: false, dup: false, packetID: 0)
             prefix.moveWriterIndex(to: prefix.writerIndex - (qos == .atMostOnce ? 0 : 2))
         }
         self.prefix = prefix
-        self.afterID = ByteBuffer(bytes: v5 ? [0] : [])
+        self.afterID = afterID
         var frame = ByteBuffer()
         if v5 {
-            frame.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil, properties: MQTTProperties())
+            frame.writePublishHeader(topic: t, payloadLength: payload.readableBytes, qos: .atMostOnce, retain: false, dup: false, packetID: nil, properties: properties)
             frame.writeImmutableBuffer(payload)
         } else {
             frame.writePublish(topic: t, payload: payload, qos: .atMostOnce, retain: false, dup: false, packetID: nil)

@@ -621,7 +621,7 @@ struct MQTT5AliasTests {
             var seen: [(String, UInt16?, String)] = []
             for _ in 0..<6 {
                 let p = try await sub.expectPublish()
-                seen.append((String(buffer: p.topic), p.properties.topicAlias, String(buffer: p.payload)))
+                seen.append((String(buffer: p.topic), p.topicAlias, String(buffer: p.payload)))
             }
             // Two aliases (the broker's maximum): out/a and out/b get them, out/c never does.
             #expect(seen.map { "\($0.0)|\($0.1.map(String.init) ?? "-")|\($0.2)" } == [
@@ -630,7 +630,7 @@ struct MQTT5AliasTests {
             for client in [plain5, plain3] as [TestClient] {
                 for _ in 0..<6 {
                     let p = try await client.expectPublish()
-                    #expect(p.topic.readableBytes > 0 && p.properties.topicAlias == nil)
+                    #expect(p.topic.readableBytes > 0 && p.topicAlias == nil)
                 }
             }
             // Unacknowledged, the session reconnects: the re-sent messages carry their topics,
@@ -641,7 +641,7 @@ struct MQTT5AliasTests {
             for _ in 0..<6 {
                 let p = try await back.expectPublish()
                 #expect(p.dup)
-                resent.append("\(String(buffer: p.topic))|\(p.properties.topicAlias.map(String.init) ?? "-")")
+                resent.append("\(String(buffer: p.topic))|\(p.topicAlias.map(String.init) ?? "-")")
                 back.send(.puback(packetID: p.packetID!))
             }
             #expect(resent == ["out/a|1", "out/b|2", "out/c|-", "|1", "|2", "out/c|-"])
@@ -711,13 +711,13 @@ struct MQTT5WireSizeTests {
             try await a.subscribe("m/#")
             try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 20))  // 28: fits, but not with a new alias (+3)
             let full = try await a.expectPublish()
-            #expect(String(buffer: full.topic) == "m/t" && full.properties.topicAlias == nil)
+            #expect(String(buffer: full.topic) == "m/t" && full.topicAlias == nil)
             try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 17))  // 25 + 3: gives the alias
             let giving = try await a.expectPublish()
-            #expect(String(buffer: giving.topic) == "m/t" && giving.properties.topicAlias == 1)
+            #expect(String(buffer: giving.topic) == "m/t" && giving.topicAlias == 1)
             try await pub.publish("m/t", ByteBuffer(repeating: 0x41, count: 20))  // 28 - 3 + 3 with the alias alone: fits
             let aliased = try await a.expectPublish()
-            #expect(aliased.topic.readableBytes == 0 && aliased.properties.topicAlias == 1 && aliased.payload.readableBytes == 20)
+            #expect(aliased.topic.readableBytes == 0 && aliased.topicAlias == 1 && aliased.payload.readableBytes == 20)
         }
     }
 }

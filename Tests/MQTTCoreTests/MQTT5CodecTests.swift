@@ -479,7 +479,23 @@ struct MQTT5ValidationTests {
             Issue.record("not a PUBLISH")
             return
         }
-        #expect(p.topic.readableBytes == 0 && p.properties.topicAlias == 5)
+        #expect(p.topic.readableBytes == 0 && p.topicAlias == 5)
+        // Read without a property set (the usual PUBLISH of a client that uses aliases), yet the
+        // same packet as one built with the property, and written back the same.
+        #expect(p.bareAlias == 5 && p.properties.isUnset)
+        var built = MQTTProperties()
+        built.topicAlias = 5
+        #expect(p == PublishPacket(topic: ByteBuffer(), payload: ByteBuffer(string: "x"), qos: .atMostOnce, properties: built))
+        var encoder = ByteBuffer()
+        encoder.writeMQTTPacket(.publish(p), version: .v5)
+        #expect(Array(encoder.readableBytesView) == aliased)
+        // With another property, or a topic, the alias is among the properties.
+        guard case .publish(let q) = try decodeOneV5([0x30, 0x09, 0, 0, 5, 0x23, 0, 5, 0x01, 0x01, 0x78]) else {
+            Issue.record("not a PUBLISH")
+            return
+        }
+        #expect(q.bareAlias == nil && q.topicAlias == 5 && q.properties.payloadFormatIndicator == .utf8)
+        expectError([0x30, 0x07, 0, 0, 3, 0x23, 0, 0, 0x78], .invalidPropertyValue(.publish, .topicAlias))
         expectError([0x30, 0x04, 0, 0, 0, 0x78], .invalidTopicName(""))
     }
 

@@ -310,3 +310,55 @@ def test_paho_v5_subscription_identifiers(broker):
     stop(c, p)
 
 
+
+
+def test_v5_enhanced_authentication_with_mosquitto_clients_and_raw_auth(tmp_path):
+    """`mqlite.on_auth`: a one-step token method with mosquitto_pub/sub (-D connect
+    authentication-method/-data), and a two-step exchange over a raw socket (AUTH 0x18 both ways)."""
+    script = tmp_path / "auth.lua"
+    script.write_text('''
+        mqlite.on_auth("TOKEN", function(a)
+          if a.data == "open-sesame" then return true, "ok" end
+          return false, 0x86, "bad token"
+        end)
+        mqlite.on_auth("TWO-STEP", function(a)
+          if a.step == 1 then return "continue", "nonce-1", "n1" end
+          if a.state == "n1" and a.data == "nonce-1:secret" then return true end
+          return false
+        end)
+    ''')
+    b = Broker([], config_text=f'[[listener]]\nbind = "127.0.0.1:0"\n[[plugin]]\nscript = "{script}"\n')
+    try:
+        auth = ["-V", "mqttv5", "-D", "connect", "authentication-method", "TOKEN", "-D", "connect", "authentication-data"]
+        sub = sub_process(b.port, *auth, "open-sesame", "-t", "ea/#", "-C", "1", "-v")
+        time.sleep(0.5)
+        pub(b.port, *auth, "open-sesame", "-t", "ea/x", "-m", "in")
+        out, err = sub.communicate(timeout=15)
+        assert sub.returncode == 0, err
+        assert out.strip() == "ea/x in"
+        refused = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), *auth, "wrong", "-t", "ea/x", "-m", "no"],
+                                 capture_output=True, text=True, timeout=10)
+        assert refused.returncode != 0
+        # Without a hook for the method: 0x8C.
+        other = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-V", "mqttv5", "-D", "connect",
+                                "authentication-method", "KERBEROS", "-t", "ea/x", "-m", "no"], capture_output=True, text=True, timeout=10)
+        assert other.returncode != 0
+        assert wait_for(lambda: "no hook takes care of it" in b.log())
+
+        import socket
+        s = socket.create_connection(("127.0.0.1", b.port))
+        method = b"TWO-STEP"
+        props = bytes([0x15, 0, len(method)]) + method
+        body = b"\x00\x04MQTT\x05\x02\x00\x1e" + bytes([len(props)]) + props + b"\x00\x03two"
+        s.sendall(bytes([0x10, len(body)]) + body)
+        s.settimeout(5)
+        kind, auth1 = read_packet(s)
+        assert kind == 0xF0 and auth1[0] == 0x18 and b"nonce-1" in auth1
+        data = b"nonce-1:secret"
+        props = bytes([0x15, 0, len(method)]) + method + bytes([0x16, 0, len(data)]) + data
+        s.sendall(bytes([0xF0, 2 + len(props), 0x18, len(props)]) + props)
+        kind, connack = read_packet(s)
+        assert kind == 0x20 and connack[1] == 0 and method in connack
+        s.close()
+    finally:
+        assert b.stop() == 0
