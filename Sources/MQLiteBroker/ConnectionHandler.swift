@@ -977,6 +977,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Asks the hooks for the next step of the exchange in progress, with the client's data.
     private func askAuthentication(data: ByteBuffer?) {
         guard let authentication = rare?.authentication else { return }
+        // A bound on the rounds one exchange may take (a client cannot keep the hooks busy).
+        guard authentication.step < Authentication.maxSteps else {
+            return authenticationAnswered(.failure(.notAuthorized, nil), authentication, reason: "more than \(Authentication.maxSteps) steps")
+        }
         authentication.step += 1
         var request = AuthRequest(
             clientID: clientInfo.clientID, username: clientInfo.username, address: clientInfo.address, listener: clientInfo.listener,
@@ -988,7 +992,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
     }
 
-    private func authenticationAnswered(_ decision: AuthDecision, _ authentication: Authentication) {
+    private func authenticationAnswered(_ decision: AuthDecision, _ authentication: Authentication, reason logged: String? = nil) {
         guard !machine.isClosed, rare?.authentication === authentication else { return }
         var properties = MQTTProperties()
         properties.authenticationMethod = authentication.method
@@ -1011,7 +1015,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 logger.debug("re-authenticated")
             }
         case .failure(let code, let reason):
-            let text = "enhanced authentication refused" + (reason.map { ": \($0)" } ?? "")
+            let text = "enhanced authentication refused" + ((logged ?? reason).map { ": \($0)" } ?? "")
             if authentication.connect != nil {
                 var refusal = MQTTProperties()
                 if let reason { refusal.reasonString = reason }
@@ -1230,6 +1234,8 @@ private final class Authentication {
     var step = 0
     /// What the hook gave with its last `continue`.
     var state: ByteBuffer?
+    /// Most steps (hook calls) in one exchange: SCRAM takes two or three.
+    static let maxSteps = 16
     /// The hook's data for CONNACK.
     var serverData: ByteBuffer?
 

@@ -228,6 +228,24 @@ struct EnhancedAuthTests {
         }
     }
 
+    @Test("an exchange that goes on and on ends after 16 steps, refused (0x87)")
+    func boundedSteps() async throws {
+        let script = """
+            mqlite.on_auth("LOOP", function(a) return "continue", tostring(a.step) end)
+            """
+        try await withScripts([script]) { b, _, _ in
+            let c = try await TestClient.open(port: b.port, version: .v5)
+            c.send(.connect(Box(Self.connect("loop", method: "LOOP", data: nil))))
+            for step in 1...16 {
+                let auth = try await Self.expectAuth(c)
+                #expect(auth.properties.authenticationData == ByteBuffer(string: "\(step)"))
+                c.send(Self.auth(.continueAuthentication, "LOOP", data: "more"))
+            }
+            guard case .connack(let connack) = try await c.expectPacket() else { throw TestFailure("expected CONNACK") }
+            #expect(connack.reasonCode == .notAuthorized)
+        }
+    }
+
     @Test("an exchange the client leaves unanswered ends at connect_timeout")
     func timeout() async throws {
         // (2 s: room for the first step on a loaded machine.)
