@@ -92,13 +92,6 @@ final class SessionContext: Sendable {
     }
 }
 
-/// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
-/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
-/// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
-///
-/// Everything but `owner` is touched only on the event loop of the worker that owns the session
-/// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
-/// reconnects there with clean session 0, and only after its old connection has been detached.
 /// What an MQTT 5 client's CONNECT asked of what the broker sends it (nil, 0: nothing).
 struct ClientLimits {
     var receiveMaximum: Int?
@@ -106,6 +99,13 @@ struct ClientLimits {
     var topicAliasMaximum = 0
 }
 
+/// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
+/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
+/// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
+///
+/// Everything but `owner` is touched only on the event loop of the worker that owns the session
+/// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
+/// reconnects there with clean session 0, and only after its old connection has been detached.
 final class Session: @unchecked Sendable {
     struct Inflight {
         var id: UInt16
