@@ -409,12 +409,7 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
                 case LUA_TNIL: return .pass
                 case LUA_TBOOLEAN:
                     if lua_toboolean(L, -3) != 0 { return .accept }
-                    // A reason string (MQTT 5 clients hear it), at most 256 bytes.
-                    var reason: String?
-                    if lua_type(L, -1) != LUA_TNIL {
-                        reason = try readPropertyString(L, -1, "on_connect's reason string")
-                        if reason!.utf8.count > 256 { reason = String(decoding: reason!.utf8.prefix(256), as: UTF8.self) }
-                    }
+                    let reason = try readReasonString(L, -1, "on_connect's reason string")
                     if lua_type(L, -2) == LUA_TNIL { return reason.map { .refuseWithReason(.notAuthorized, $0) } ?? .refuse(.notAuthorized) }
                     var isInteger: Int32 = 0
                     let code = lua_tointegerx(L, -2, &isInteger)
@@ -860,12 +855,7 @@ private func readAuthResult(_ L: LuaState) throws(HookResultError) -> AuthDecisi
             }
             code = given
         }
-        var reason: String?
-        if lua_type(L, -1) != LUA_TNIL {
-            reason = try readPropertyString(L, -1, "on_auth's reason string")
-            if reason!.utf8.count > 256 { reason = String(decoding: reason!.utf8.prefix(256), as: UTF8.self) }
-        }
-        return .failure(code, reason)
+        return .failure(code, try readReasonString(L, -1, "on_auth's reason string"))
     case LUA_TSTRING where L.string(at: -3) == "continue":
         return .continue(try bytes(-2, "data"), state: try bytes(-1, "state"))
     default:
@@ -910,6 +900,14 @@ private func readPropertyString(_ L: LuaState, _ index: Int32, _ what: String) t
         throw HookResultError("\(what) must be UTF-8 text of at most 65,535 bytes without NUL")
     }
     return string
+}
+
+/// A reason string a hook gives with a refusal (nil: none), cut to 256 bytes: MQTT 5 clients
+/// hear it in CONNACK or DISCONNECT.
+private func readReasonString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String? {
+    if lua_type(L, index) == LUA_TNIL { return nil }
+    let reason = try readPropertyString(L, index, what)
+    return reason.utf8.count > 256 ? String(decoding: reason.utf8.prefix(256), as: UTF8.self) : reason
 }
 
 /// A hook's `properties` table (on top of the stack) in place of the message's: the six kinds
