@@ -303,10 +303,26 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// An MQTT 5 client, once connected, hears why the server closes (DISCONNECT with `code`,
     /// flushed with what was before it: the close follows).
-    private func tellV5(_ code: ReasonCode) {
+    private func tellV5(_ code: ReasonCode, properties: MQTTProperties = MQTTProperties()) {
         guard version == .v5, machine.isConnected else { return }
-        writePacket(.disconnectV5(DisconnectPacket(reasonCode: code)))
+        writePacket(.disconnectV5(DisconnectPacket(reasonCode: code, properties: properties)))
         flushOutput()
+    }
+
+    /// MQTT 5: a packet for the client is never larger than its Maximum Packet Size
+    /// (MQTT-3.1.2-24): its reason string and user properties are left out first (MQTT-3.1.2-25).
+    /// False if it is too large even without them.
+    private func fit(_ properties: inout MQTTProperties, limit: UInt32?, _ packet: (MQTTProperties) -> MQTTPacket) -> Bool {
+        guard let limit else { return true }
+        func size() -> Int {
+            var buffer = ByteBuffer()
+            buffer.writeMQTTPacket(packet(properties), version: .v5)
+            return buffer.readableBytes
+        }
+        if size() <= limit { return true }
+        properties.reasonString = nil
+        properties.userProperties = []
+        return size() <= limit
     }
 
     private func handleConnect(_ connect: ConnectPacket) {
@@ -327,6 +343,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 return refuse(reason: .badAuthenticationMethod, "authentication method \"\(LogText(method, limit: 64))\" (no hook takes care of it)")
             }
             rare(authentication: Authentication(method: method, connect: connect))
+            machine.authenticationStarted()
         }
         var username = connect.username
         var password = connect.password
@@ -375,6 +392,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .refuseWithReason(let code, let reason):
             var properties = MQTTProperties()
             if version == .v5, let reason { properties.reasonString = reason }
+            _ = fit(&properties, limit: connect.properties.maximumPacketSize) { .connack(ConnackPacket(sessionPresent: false, reasonCode: code, properties: $0)) }
             return refuse(ConnackPacket(sessionPresent: false, reasonCode: code, properties: properties),
                           "refused by authentication hook" + (reason.map { ": \($0)" } ?? ""))
         case .accept:
@@ -410,6 +428,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // MQTT 5: the session lasts as long as the client asks (capped by session_expiry).
         let expiry = version == .v5 ? broker.configuration.limits.sessionExpiry(for: connect.properties.sessionExpiryInterval ?? 0) : nil
         let connack = version == .v5 ? connackProperties(connect, keepAlive: keepAlive, expiry: expiry!) : MQTTProperties()
+        // (What can make it large is the authentication hook's data.)
+        var fitted = connack
+        guard fit(&fitted, limit: connect.properties.maximumPacketSize, { .connack(ConnackPacket(sessionPresent: true, reasonCode: .success, properties: $0)) }) else {
+            return refuse(reason: .packetTooLarge, "CONNACK would be larger than the client's Maximum Packet Size")
+        }
         machine.connectAccepted(keepAlive: keepAlive, now: .now())
         updateReading()
         // The completion runs on this worker's loop, so the handler may be used there.
@@ -1000,6 +1023,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .continue(let data, let state):
             authentication.state = state
             properties.authenticationData = data
+            guard fit(&properties, limit: authentication.clientLimit, { .auth(AuthPacket(reasonCode: .continueAuthentication, properties: $0)) }) else {
+                return authenticationAnswered(.failure(.packetTooLarge, nil), authentication, reason: "AUTH would be larger than the client's Maximum Packet Size")
+            }
             machine.authenticationContinues()
             writePacket(.auth(AuthPacket(reasonCode: .continueAuthentication, properties: properties)))
             flushOutput()
@@ -1011,17 +1037,23 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 authenticated(connect, .accept)
             } else {
                 properties.authenticationData = data
+                guard fit(&properties, limit: authentication.clientLimit, { .auth(AuthPacket(reasonCode: .success, properties: $0)) }) else {
+                    return authenticationAnswered(.failure(.packetTooLarge, nil), authentication, reason: "AUTH would be larger than the client's Maximum Packet Size")
+                }
                 writePacket(.auth(AuthPacket(reasonCode: .success, properties: properties)))
                 logger.debug("re-authenticated")
             }
         case .failure(let code, let reason):
             let text = "enhanced authentication refused" + ((logged ?? reason).map { ": \($0)" } ?? "")
+            var refusal = MQTTProperties()
+            if let reason { refusal.reasonString = reason }
             if authentication.connect != nil {
-                var refusal = MQTTProperties()
-                if let reason { refusal.reasonString = reason }
+                _ = fit(&refusal, limit: authentication.clientLimit) { .connack(ConnackPacket(sessionPresent: false, reasonCode: code, properties: $0)) }
                 refuse(ConnackPacket(sessionPresent: false, reasonCode: code, properties: refusal), text)
             } else {
-                tellV5(code.isAllowed(in: .disconnect) ? code : .notAuthorized)
+                let code = code.isAllowed(in: .disconnect) ? code : .notAuthorized
+                _ = fit(&refusal, limit: authentication.clientLimit) { .disconnectV5(DisconnectPacket(reasonCode: code, properties: $0)) }
+                tellV5(code, properties: refusal)
                 closeWithWill(reason: text)
             }
         }
@@ -1238,10 +1270,13 @@ private final class Authentication {
     static let maxSteps = 16
     /// The hook's data for CONNACK.
     var serverData: ByteBuffer?
+    /// The client's Maximum Packet Size: what AUTH must fit.
+    let clientLimit: UInt32?
 
     init(method: String, connect: ConnectPacket) {
         self.method = method
         self.connect = connect
+        clientLimit = connect.properties.maximumPacketSize
     }
 
     var inProgress: Bool { step > 0 }

@@ -38,7 +38,8 @@ struct ConnectionStateMachine {
     private(set) var lastRead: NIODeadline
     /// 1.5 x the client's keep-alive in milliseconds (zero: no check).
     private var keepAliveMilliseconds: UInt32 = 0
-    /// `hookPending` (bit 7) and `version` (the protocol level) in one byte.
+    /// `hookPending` (bit 7), `authenticatesFirst` (bit 6) and `version` (the protocol level) in
+    /// one byte.
     private var bits = ProtocolVersion.v3_1_1.rawValue
 
     /// A hook is answering for this client (`hookStarted`): its packets wait.
@@ -50,9 +51,13 @@ struct ConnectionStateMachine {
     /// What the client speaks: 3.1.1 (3.1 is read and written as 3.1.1) until its CONNECT asks
     /// for 5.0. The handler sets it.
     var version: ProtocolVersion {
-        get { ProtocolVersion(rawValue: bits & 0x7F) ?? .v3_1_1 }
-        set { bits = (bits & 0x80) | newValue.rawValue }
+        get { ProtocolVersion(rawValue: bits & 0x3F) ?? .v3_1_1 }
+        set { bits = (bits & 0xC0) | newValue.rawValue }
     }
+
+    /// MQTT 5 enhanced authentication was asked for: until CONNACK, the client may send nothing
+    /// but AUTH and DISCONNECT (MQTT-3.1.2-30). Until the first read after CONNACK, then.
+    private var authenticatesFirst: Bool { bits & 0x40 != 0 }
 
     init(now: NIODeadline) {
         lastRead = now
@@ -75,6 +80,9 @@ struct ConnectionStateMachine {
     /// Bytes came from the client: with a keep-alive, that is what its timer counts from.
     mutating func bytesRead(now: NIODeadline) {
         if keepAliveMilliseconds != 0 { lastRead = now }
+        // Read after CONNACK went out: the client may have had it (what came in earlier reads
+        // was sent before it).
+        if authenticatesFirst, case .connected = state { bits &= ~0x40 }
     }
 
     /// Whether the socket should be read: while waiting for CONNECT and while connected, but not
@@ -171,6 +179,12 @@ struct ConnectionStateMachine {
             case .disconnect, .disconnectV5: return .disconnect
             default: return .close(reason: "\(packet.type) during enhanced authentication")
             }
+        case .opening where authenticatesFirst, .connected where authenticatesFirst:
+            // Read with the last AUTH, before CONNACK (which may have gone out since).
+            switch packet {
+            case .disconnect, .disconnectV5: return .disconnect
+            default: return .close(reason: "\(packet.type) before CONNACK after enhanced authentication")
+            }
         case .opening(var pending):
             guard pending.count < Self.maxPendingPackets else {
                 return .close(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
@@ -226,6 +240,12 @@ struct ConnectionStateMachine {
         keepAliveMilliseconds = UInt32(seconds) * 1500
         lastRead = now
         state = .opening(pending: [])
+    }
+
+    /// CONNECT asked for MQTT 5 enhanced authentication: the hooks' exchange comes before CONNACK,
+    /// and the client sends nothing else meanwhile.
+    mutating func authenticationStarted() {
+        bits |= 0x40
     }
 
     /// MQTT 5 enhanced authentication goes on: the server sent AUTH, the client answers with AUTH

@@ -457,6 +457,11 @@ final class Session: @unchecked Sendable {
         return message
     }
 
+    private static func fitsAPacket(_ m: Message, qos: QoS) -> Bool {
+        let size = ByteBuffer.publishFrameSize(topicLength: m.topic.count, payloadLength: m.payload.readableBytes, qos: qos, properties: m.properties)
+        return size <= 5 + MQTTProperties.maxVariableByteInteger
+    }
+
     /// QoS 1/2 messages that may be unacknowledged at once: `max_inflight`, or fewer if the
     /// client asked for fewer.
     private var window: Int {
@@ -611,6 +616,12 @@ final class Session: @unchecked Sendable {
         if occasional != nil {
             guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else { return }
             if !adorned.isSame(as: delivery.message) { wire = adorned }
+        }
+        // A PUBLISH is at most 268,435,455 bytes after its first two: a larger message (a script
+        // made it) is not sent, as one over the client's Maximum Packet Size.
+        if delivery.message.payload.readableBytes > 64 << 20, !Self.fitsAPacket(wire ?? delivery.message, qos: delivery.qos) {
+            context.logger.warning("message too large for any PUBLISH not sent", metadata: ["client": "\(LogText(clientID))"])
+            return
         }
         if delivery.qos == .atMostOnce {
             if let frame = delivery.frame, wire == nil {

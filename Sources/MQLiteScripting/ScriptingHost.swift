@@ -786,6 +786,7 @@ private func readPublishResult(_ L: LuaState, message: HookedMessage, payloadStr
 /// lookup per field.
 private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> HookedMessage {
     var message = base
+    var changed = false  // its payload or properties
     let table = lua_gettop(L)
     lua_pushnil(L)
     while lua_next(L, table) != 0 {
@@ -813,7 +814,7 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
                 && base.payload.withUnsafeReadableBytes {
                     $0.count == bytes.count && ($0.count == 0 || memcmp($0.baseAddress!, bytes.baseAddress!, bytes.count) == 0)
                 }
-            if !same { message.payload = ByteBuffer(bytes: bytes) }
+            if !same { message.payload = ByteBuffer(bytes: bytes); changed = true }
         case 3 where key.elementsEqual("qos".utf8):
             message.qos = try readQoS(L, -1, "qos")
         case 6 where key.elementsEqual("retain".utf8):
@@ -821,9 +822,14 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
             message.retain = lua_toboolean(L, -1) != 0
         case 10 where key.elementsEqual("properties".utf8):
             message.properties = try readProperties(L, base: base.properties)
+            changed = true
         default:
             continue
         }
+    }
+    // A payload marked as UTF-8 must be (MQTT-3.3.2-6 for what a client sends).
+    if changed, message.properties.payloadFormatIndicator == .utf8, !MQTTDecoder.isValidUTF8(message.payload) {
+        throw HookResultError("payload_format is 1 (UTF-8) but the payload is not well-formed UTF-8")
     }
     return message
 }
@@ -907,8 +913,17 @@ private func readPropertyString(_ L: LuaState, _ index: Int32, _ what: String) t
 private func readReasonString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String? {
     if lua_type(L, index) == LUA_TNIL { return nil }
     let reason = try readPropertyString(L, index, what)
-    return reason.utf8.count > 256 ? String(decoding: reason.utf8.prefix(256), as: UTF8.self) : reason
+    guard reason.utf8.count > 256 else { return reason }
+    // Cut before a character that does not fit whole (a continuation byte is 0b10xxxxxx).
+    var end = reason.utf8.index(reason.utf8.startIndex, offsetBy: 256)
+    while end > reason.utf8.startIndex, reason.utf8[end] & 0xC0 == 0x80 { reason.utf8.formIndex(before: &end) }
+    return String(reason.utf8[..<end])!
 }
+
+/// Most bytes the properties a hook gives a message may take, encoded: what a client could send
+/// with a message of `max_packet_size`'s default (1 MiB), so that a script cannot make a
+/// PUBLISH no client can take.
+let maxScriptPropertiesSize = 1 << 20
 
 /// A hook's `properties` table (on top of the stack) in place of the message's: the six kinds
 /// it names are what the message carries from now on (a kind left out is removed); nil keeps
@@ -937,17 +952,23 @@ private func readProperties(_ L: LuaState, base: MQTTProperties) throws(HookResu
             try requirePlainTable(L, -1, "properties.user")
             let count = lua_rawlen(L, -1)
             var user: [UserProperty] = []
-            user.reserveCapacity(Int(count))
+            var size = 0
             for i in 0..<count {
                 lua_rawgeti(L, -1, lua_Integer(i + 1))
                 defer { mqlite_pop(L, 1) }
                 guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("properties.user[\(i + 1)] must be a { name, value } pair") }
+                try requirePlainTable(L, -1, "properties.user[\(i + 1)]")
                 lua_rawgeti(L, -1, 1)
                 lua_rawgeti(L, -2, 2)
                 defer { mqlite_pop(L, 2) }
-                user.append(UserProperty(
+                let pair = UserProperty(
                     name: try readPropertyString(L, -2, "properties.user[\(i + 1)][1]"),
-                    value: try readPropertyString(L, -1, "properties.user[\(i + 1)][2]")))
+                    value: try readPropertyString(L, -1, "properties.user[\(i + 1)][2]"))
+                size += 5 + pair.name.utf8.count + pair.value.utf8.count
+                guard size <= maxScriptPropertiesSize else {
+                    throw HookResultError("properties.user takes more than \(maxScriptPropertiesSize) bytes")
+                }
+                user.append(pair)
             }
             properties.userProperties = user
         case "content_type":
@@ -981,6 +1002,9 @@ private func readProperties(_ L: LuaState, base: MQTTProperties) throws(HookResu
         default:
             throw HookResultError("properties has unknown key \"\(key)\" (user, content_type, response_topic, correlation_data, payload_format, message_expiry)")
         }
+    }
+    guard properties.encodedLength <= maxScriptPropertiesSize else {
+        throw HookResultError("properties take \(properties.encodedLength) bytes, more than \(maxScriptPropertiesSize)")
     }
     if properties.isEmpty && properties.messageExpiresAt == nil { return MQTTProperties() }
     return properties

@@ -304,7 +304,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     }
 
     /// Whether `bytes` are well-formed UTF-8, checked in place (no copy, no `String`).
-    static func isValidUTF8(_ bytes: ByteBuffer) -> Bool {
+    public static func isValidUTF8(_ bytes: ByteBuffer) -> Bool {
         bytes.withUnsafeReadableBytes { raw in
             var parser = Unicode.UTF8.ForwardParser()
             var iterator = raw.makeIterator()

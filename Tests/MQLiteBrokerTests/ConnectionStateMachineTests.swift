@@ -33,10 +33,11 @@ struct ConnectionStateMachineTests {
         #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
     }
 
-    @Test("MQTT 5 enhanced authentication: reading goes on, AUTH and DISCONNECT pass, anything else closes; connect_timeout counts from the socket's opening; accepted, the client connects as usual")
+    @Test("MQTT 5 enhanced authentication: reading goes on, AUTH and DISCONNECT pass, anything else closes, before CONNACK too (MQTT-3.1.2-30); connect_timeout counts from the socket's opening; accepted, the client connects as usual")
     func authenticating() {
         var machine = ConnectionStateMachine(now: start)
         _ = machine.packetReceived(.connect(connect))
+        machine.authenticationStarted()
         machine.authenticationContinues()
         #expect(machine.wantsToRead(heldBack: false) == true)
         let auth = AuthPacket(reasonCode: .continueAuthentication)
@@ -49,8 +50,20 @@ struct ConnectionStateMachineTests {
         var other = machine
         #expect(other.packetReceived(.pingreq) == .close(reason: "pingreq during enhanced authentication"))
         machine.connectAccepted(keepAlive: 10, now: start)
+        // Sent with the last AUTH, before CONNACK: a protocol error (without enhanced
+        // authentication the same packets would wait for the session).
+        var early = machine
+        #expect(early.packetReceived(.pingreq) == .close(reason: "pingreq before CONNACK after enhanced authentication"))
+        var bye = machine
+        #expect(bye.packetReceived(.disconnect) == .disconnect)
         #expect(machine.sessionArrived() == .attach(pending: []))
         #expect(machine.isConnected)
+        // CONNACK went out: what was read with the AUTH still closes; a read after it clears that.
+        var stillEarly = machine
+        #expect(stillEarly.packetReceived(.pingreq) == .close(reason: "pingreq before CONNACK after enhanced authentication"))
+        machine.bytesRead(now: start)
+        #expect(machine.packetReceived(.pingreq) == .ping)
+        #expect(machine.version == .v3_1_1)  // (the flag has a bit of its own)
     }
 
     @Test("between CONNECT and CONNACK reading stops and packets wait, in order, up to the limit")

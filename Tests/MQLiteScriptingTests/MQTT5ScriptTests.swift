@@ -20,6 +20,7 @@ struct MQTT5ScriptTests {
               if c.client_id == "banned" then return false, 0x8A, "banned until tomorrow" end
               if c.client_id == "plain-no" then return false, 4 end
               if c.client_id == "bad-code" then return false, 0x10 end
+              if c.client_id == "long" then return false, 0x87, string.rep("\\226\\130\\172", 100) end
               return true
             end)
             mqlite.on_connected(function(c) mqlite.kv.set("version:" .. c.client_id, c.protocol_version) end)
@@ -49,6 +50,9 @@ struct MQTT5ScriptTests {
             // Not a CONNACK failure code: the hook failed, which refuses (fail closed by default).
             let bad = try await TestClient.open(port: b.port, version: .v5)
             #expect(try await bad.connect(ConnectPacket(protocolLevel: 5, clientID: "bad-code")).reasonCode.isFailure)
+            // A reason string is cut to 256 bytes, at a character's start: 85 euro signs (255 bytes).
+            let long = try await TestClient.open(port: b.port, version: .v5)
+            #expect(try await long.connect(ConnectPacket(protocolLevel: 5, clientID: "long")).properties.reasonString == String(repeating: "€", count: 85))
         }
     }
 
@@ -78,6 +82,16 @@ struct MQTT5ScriptTests {
             end)
             mqlite.on_publish("bad/props", function(m) return { properties = { user = { { "a" } } } } end)
             mqlite.on_publish("bad/topic", function(m) return { properties = { response_topic = "a/+" } } end)
+            mqlite.on_publish("bad/huge", function(m)
+              local user, value = {}, string.rep("v", 1000)
+              for i = 1, 1100 do user[i] = { "k", value } end
+              return { properties = { user = user } }
+            end)
+            mqlite.on_publish("bad/meta", function(m)
+              return { properties = { user = { setmetatable({ "a", "b" }, { __index = function() return "x" end }) } } }
+            end)
+            mqlite.on_publish("bad/format", function(m) return { payload = "\\255\\254", properties = { payload_format = 1 } } end)
+            mqlite.on_publish("ok/format", function(m) return { payload = "h\\195\\169", properties = { payload_format = 1 } } end)
             """
         try await withScripts([script]) { b, _, _ in
             let (sub, _) = try await b.client5("sub")
@@ -114,7 +128,15 @@ struct MQTT5ScriptTests {
             try await sub.subscribe("bad/#")
             try await old.publish("bad/props", "z")
             try await old.publish("bad/topic", "z")
+            // Over 1 MiB of properties; a pair with a metatable; a payload marked UTF-8 that is not.
+            try await old.publish("bad/huge", "z")
+            try await old.publish("bad/meta", "z")
+            try await old.publish("bad/format", "z")
             try await sub.expectNothing()
+            try await sub.subscribe("ok/#")
+            try await old.publish("ok/format", "z")
+            let text = try await sub.expectPublish()
+            #expect(String(buffer: text.payload) == "hé" && text.properties.payloadFormatIndicator == .utf8)
         }
     }
 }
@@ -177,11 +199,13 @@ struct EnhancedAuthTests {
             let done = try await Self.expectAuth(c)
             #expect(done.reasonCode == .success && done.properties.authenticationData == ByteBuffer(string: "welcome-again"))
 
-            // A re-authentication that fails: DISCONNECT 0x87.
+            // A re-authentication that fails: DISCONNECT 0x87 with the hook's reason.
             c.send(Self.auth(.reAuthenticate, data: "hello"))
             _ = try await Self.expectAuth(c)
             c.send(Self.auth(.continueAuthentication, data: "wrong"))
-            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .notAuthorized))])
+            var reason = MQTTProperties()
+            reason.reasonString = "wrong answer at step 2"
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .notAuthorized, properties: reason))])
         }
     }
 
@@ -225,6 +249,36 @@ struct EnhancedAuthTests {
             _ = try await c.expectPacket()  // CONNACK
             c.send(Self.auth(.continueAuthentication, data: "response-c"))
             #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .protocolError))])
+        }
+    }
+
+    @Test("what the server sends fits the client's Maximum Packet Size: a refusal's reason string is left out, an AUTH or CONNACK too large even then refuses (0x95); packets sent with the last AUTH, before CONNACK, close the connection unhandled")
+    func clientLimits() async throws {
+        try await withScripts([Self.script]) { b, _, _ in
+            func small(_ id: String, data: String) -> ConnectPacket {
+                var connect = Self.connect(id, data: data)
+                connect.properties.maximumPacketSize = 20
+                return connect
+            }
+            // CONNACK 0x8C with "say hello first" is 23 bytes: it goes without the reason.
+            let wrong = try await TestClient.open(port: b.port, version: .v5)
+            let refused = try await wrong.connect(small("w", data: "hi"))
+            #expect(refused.reasonCode == .badAuthenticationMethod && refused.properties.reasonString == nil)
+            // AUTH with the method and "challenge-t" is 24 bytes.
+            let tooSmall = try await TestClient.open(port: b.port, version: .v5)
+            #expect(try await tooSmall.connect(small("t", data: "hello")).reasonCode == .packetTooLarge)
+
+            let (sub, _) = try await b.client5("sub")
+            try await sub.subscribe("t")
+            let eager = try await TestClient.open(port: b.port, version: .v5)
+            eager.send(.connect(Box(Self.connect("e", data: "hello"))))
+            _ = try await Self.expectAuth(eager)
+            var both = ByteBuffer()
+            both.writeMQTTPacket(Self.auth(.continueAuthentication, data: "response-e"), version: .v5)
+            both.writeMQTTPacket(.publish(PublishPacket(topic: ByteBuffer(string: "t"), payload: ByteBuffer(string: "early"), qos: .atMostOnce)), version: .v5)
+            eager.sendRaw(Array(buffer: both))
+            _ = try await eager.expectClosed()
+            try await sub.expectNothing()
         }
     }
 
