@@ -600,17 +600,26 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first.
     private func handlePublish(_ publish: PublishPacket, session: Session) {
+        // MQTT 5: a topic alias, or properties to check.
+        if version == .v5 { return handlePublishV5(publish, session: session) }
         // Validated by the decoder, which counted its levels: only its hash is computed here.
-        var topic = publish.topic.readableBytes == 0 ? TopicName.aliased
-            : publish.topicLevels != 0
+        let topic = publish.topicLevels != 0
             ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
+        accept(publish, topic: topic, properties: publish.properties, session: session)
+    }
+
+    private func handlePublishV5(_ publish: PublishPacket, session: Session) {
+        var topic: TopicName
         var properties = publish.properties
-        // MQTT 5: a PUBLISH with only a topic alias (the decoder read it without properties).
         if let alias = publish.bareAlias {
-            guard let known = resolve(alias: alias, topic: topic, session: session) else { return }
+            // A PUBLISH with only a topic alias (the decoder read it without properties).
+            guard let known = resolve(alias: alias, topic: .aliased, session: session) else { return }
             topic = known
+        } else {
+            topic = publish.topic.readableBytes == 0 ? TopicName.aliased
+                : publish.topicLevels != 0
+                ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
         }
-        // Only an MQTT 5 PUBLISH has properties.
         if !properties.isUnset {
             if !properties.subscriptionIdentifiers.isEmpty {
                 tellV5(.protocolError)
@@ -624,6 +633,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 if properties.isEmpty { properties = MQTTProperties() }
             }
         }
+        accept(publish, topic: topic, properties: properties, session: session)
+    }
+
+    /// A PUBLISH whose topic is known: acknowledged, then routed.
+    private func accept(_ publish: PublishPacket, topic: TopicName, properties: MQTTProperties, session: Session) {
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {

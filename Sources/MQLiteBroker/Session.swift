@@ -199,6 +199,9 @@ final class Session: @unchecked Sendable {
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
         /// Filters the client named that an `on_subscribe` hook rewrote.
         var names = SubscriptionNames()
+
+        /// MQTT 5: whether what this client gets may differ from the message (`forClient`).
+        var adorns: Bool { maximumPacketSize != nil || aliases != nil || subscriptionIdentifiers != nil }
     }
 
     private var more: Occasional {
@@ -427,8 +430,8 @@ final class Session: @unchecked Sendable {
     /// The PUBLISH this client gets for `message` (MQTT 5): with the Subscription Identifiers of
     /// the subscriptions it came through, and a topic alias (the topic left out once the client
     /// knows the alias). Nil when it is larger than the client's Maximum Packet Size: it is not
-    /// sent to the client, as if it had been (§3.1.2.11.4). Only a session whose client uses
-    /// either, or set a maximum, pays for it.
+    /// sent to the client, as if it had been (§3.1.2.11.4). Asked only for a client that uses
+    /// either, or set a maximum (`Occasional.adorns`): the others pay nothing for it.
     private func forClient(_ message: Message, qos: QoS, group: SharedGroup?) -> Message? {
         guard let occasional else { return message }
         var message = message
@@ -610,29 +613,39 @@ final class Session: @unchecked Sendable {
             guard now < expiresAt else { return }
             delivery.message.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
         }
-        // MQTT 5: what goes on the wire in its place, if anything does (`forClient`). In flight,
-        // the message is kept as it is: a connection's aliases end with it.
-        var wire: Message?
-        if occasional != nil {
-            guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else { return }
-            if !adorned.isSame(as: delivery.message) { wire = adorned }
-        }
+        if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
+        transmit(delivery, as: delivery.message, adorned: false, on: outbound)
+    }
+
+    /// MQTT 5: what goes on the wire in the message's place, if anything does (`forClient`). In
+    /// flight, the message is kept as it is: a connection's aliases end with it.
+    @inline(never)
+    private func sendAdorned(_ delivery: Delivery, on outbound: any SessionOutbound) {
+        guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else { return }
+        let changed = !adorned.isSame(as: delivery.message)
+        transmit(delivery, as: changed ? adorned : delivery.message, adorned: changed, on: outbound)
+    }
+
+    /// Writes `delivery` as the PUBLISH of `wire`: its message, or what `forClient` made of it
+    /// (`adorned`: then the frame shared with other subscribers is not this client's).
+    @inline(__always)
+    private func transmit(_ delivery: Delivery, as wire: Message, adorned: Bool, on outbound: any SessionOutbound) {
         // A PUBLISH is at most 268,435,455 bytes after its first two: a larger message (a script
         // made it) is not sent, as one over the client's Maximum Packet Size.
-        if delivery.message.payload.readableBytes > 64 << 20, !Self.fitsAPacket(wire ?? delivery.message, qos: delivery.qos) {
+        if wire.payload.readableBytes > 64 << 20, !Self.fitsAPacket(wire, qos: delivery.qos) {
             context.logger.warning("message too large for any PUBLISH not sent", metadata: ["client": "\(LogText(clientID))"])
             return
         }
         if delivery.qos == .atMostOnce {
-            if let frame = delivery.frame, wire == nil {
+            if !adorned, let frame = delivery.frame {
                 outbound.writeQoS0(frame: frame, message: delivery.message)
             } else {
-                outbound.writePublish(wire ?? delivery.message, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
+                outbound.writePublish(wire, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
         } else {
             let id = nextPacketID()
             inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group))
-            outbound.writePublish(wire ?? delivery.message, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+            outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
             report(.inflightAdded(packetID: id, delivery))
         }
     }
@@ -681,7 +694,7 @@ final class Session: @unchecked Sendable {
                 outbound.writePubrel(packetID: entry.id)
             } else {
                 // (One too large for this connection's client goes as it is: it is in flight.)
-                let wire = forClient(entry.message, qos: entry.qos, group: entry.group) ?? entry.message
+                let wire = occasional?.adorns == true ? forClient(entry.message, qos: entry.qos, group: entry.group) ?? entry.message : entry.message
                 outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
             }
         }
