@@ -362,3 +362,117 @@ def test_v5_enhanced_authentication_with_mosquitto_clients_and_raw_auth(tmp_path
         s.close()
     finally:
         assert b.stop() == 0
+
+
+def test_paho_v5_receive_maximum_and_maximum_packet_size(broker):
+    """A subscriber that says Receive Maximum 2 has at most two QoS 1 messages unacknowledged; one
+    that says Maximum Packet Size 200 does not get a larger message (the next one still comes)."""
+    slow = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="slow", protocol=mqtt.MQTTv5, manual_ack=True)
+    slow.messages = []
+    slow.on_message = lambda client, userdata, msg: client.messages.append(msg)
+    props = Properties(PacketTypes.CONNECT)
+    props.ReceiveMaximum = 2
+    props.MaximumPacketSize = 200
+    slow.connect("127.0.0.1", broker.port, properties=props)
+    slow.loop_start()
+    slow.subscribe("flow/#", qos=1)
+    time.sleep(0.3)
+    p = client5("flow-pub", broker.port)
+    p.publish("flow/big", b"x" * 500, qos=1).wait_for_publish(5)
+    for i in range(5):
+        p.publish("flow/n", b"%d" % i, qos=1).wait_for_publish(5)
+    assert wait_for(lambda: len(slow.messages) == 2)
+    time.sleep(0.5)
+    assert [m.payload for m in slow.messages] == [b"0", b"1"]  # the 500-byte one was never sent
+    for m in list(slow.messages):
+        slow.ack(m.mid, m.qos)
+    assert wait_for(lambda: len(slow.messages) == 4)
+    time.sleep(0.3)
+    assert [m.payload for m in slow.messages] == [b"0", b"1", b"2", b"3"]
+    for m in slow.messages[2:]:
+        slow.ack(m.mid, m.qos)
+    assert wait_for(lambda: len(slow.messages) == 5)
+    slow.ack(slow.messages[4].mid, 1)
+    stop(slow, p)
+
+
+def test_v5_server_keep_alive_and_the_broker_disconnect_reasons():
+    """max_keep_alive is announced as Server Keep Alive; a 5.0 client is told why it is closed:
+    keep-alive timeout 0x8D, packet too large 0x95, malformed packet 0x81."""
+    b = Broker([], config_text='[[listener]]\nbind = "127.0.0.1:0"\n[limits]\nmax_keep_alive = 20\nmax_packet_size = 1024\n')
+    try:
+        c = client5("ka", b.port, keepalive=0)
+        assert c.connack[2].ServerKeepAlive == 20
+        stop(c)
+        import socket
+
+        def connected(keep_alive):
+            s = socket.create_connection(("127.0.0.1", b.port))
+            body = b"\x00\x04MQTT\x05\x02" + keep_alive.to_bytes(2, "big") + b"\x00\x00\x01r"
+            s.sendall(bytes([0x10, len(body)]) + body)
+            s.settimeout(10)
+            assert read_packet(s)[0] == 0x20
+            return s
+        s = connected(1)  # silent past 1.5 x 1 s
+        started = time.monotonic()
+        assert read_to_close(s)[:3] == bytes([0xE0, 1, 0x8D])
+        assert 1.2 < time.monotonic() - started < 5
+        s = connected(10)
+        s.sendall(bytes([0x30, 0xE8, 0x07]))  # PUBLISH of 1000 bytes: fits
+        s.sendall(b"\x00\x01t\x00" + b"x" * 996)
+        s.sendall(bytes([0x30, 0x80, 0x10]))  # 2048 bytes: over max_packet_size
+        assert read_to_close(s)[:3] == bytes([0xE0, 1, 0x95])
+        s = connected(10)
+        s.sendall(bytes([0x36, 4, 0, 1, ord("t"), 0]))  # QoS 3
+        assert read_to_close(s)[:3] == bytes([0xE0, 1, 0x81])
+    finally:
+        b.stop()
+
+
+def test_paho_v5_with_scripts_acl_reason_codes_properties_and_refusals(tmp_path):
+    """With real 5.0 clients: PUBACK 0x87 for a topic the ACL refuses (nothing delivered); a
+    script adds a user property and sees protocol_version; on_connect refuses with 0x8A and a
+    reason string."""
+    script = tmp_path / "gw.lua"
+    script.write_text('''
+        mqlite.on_connect(function(c)
+          if c.client_id == "banned" then return false, 0x8A, "banned until tomorrow" end
+          return true
+        end)
+        mqlite.on_authorize(function(c) return { publish = { "gw/#" }, subscribe = { "#" } } end)
+        mqlite.on_publish("gw/#", function(m)
+          local p = m.properties or {}
+          p.user = p.user or {}
+          p.user[#p.user + 1] = { "via", "mqlite" }
+          return { properties = p }
+        end)
+    ''')
+    b = Broker([], config_text=f'[[listener]]\nbind = "127.0.0.1:0"\n[[plugin]]\nscript = "{script}"\n')
+    try:
+        sub = client5("sub", b.port)
+        sub.subscribe("#", qos=1)
+        time.sleep(0.3)
+        pub = client5("pub", b.port)
+        acks = {}
+        pub.on_publish = lambda client, userdata, mid, reason_code, properties: acks.__setitem__(mid, int(reason_code.value))
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("k", "v")]
+        denied = pub.publish("secret/x", b"no", qos=1)
+        allowed = pub.publish("gw/x", b"yes", qos=1, properties=props)
+        assert wait_for(lambda: denied.mid in acks and allowed.mid in acks)
+        assert acks[denied.mid] == 0x87 and acks[allowed.mid] == 0
+        assert wait_for(lambda: len(sub.messages) == 1)
+        time.sleep(0.3)
+        assert [m.payload for m in sub.messages] == [b"yes"]
+        assert sub.messages[0].properties.UserProperty == [("k", "v"), ("via", "mqlite")]
+        refused = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="banned", protocol=mqtt.MQTTv5)
+        answer = []
+        refused.on_connect = lambda client, userdata, flags, reason_code, properties: answer.append((int(reason_code.value), properties))
+        refused.connect("127.0.0.1", b.port)
+        refused.loop_start()
+        assert wait_for(lambda: answer)
+        refused.loop_stop()
+        assert answer[0][0] == 0x8A and answer[0][1].ReasonString == "banned until tomorrow"
+        stop(sub, pub)
+    finally:
+        b.stop()
