@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages: Lua 5.4 (built against), the test clients (mosquitto_pub/_sub), and Mosquitto
 # itself (mosquitto_passwd for the plugin tests, and the broker `make bench` compares against), and
 # Chromium (headless: a real browser speaks MQTT over a WebSocket listener in the interop tests).
-APT_PACKAGES := liblua5.4-dev mosquitto mosquitto-clients openssl chromium
+APT_PACKAGES := liblua5.4-dev libsqlite3-dev mosquitto mosquitto-clients openssl chromium
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 

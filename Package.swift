@@ -56,6 +56,7 @@ let package = Package(
             name: "MQLiteBroker",
             dependencies: [
                 "MQTTCore",
+                "CSQLite",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 // MQTT over WebSocket listeners (HTTP/1.1 upgrade, then WebSocket frames).
@@ -72,6 +73,15 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: releaseSpeed
+        ),
+        // Debian's SQLite 3 for the persistent store (issue 14). A thin layer of our own
+        // (SQLite.swift) rather than GRDB: the store runs a handful of prepared statements on one
+        // writer thread, binds payloads straight from ByteBuffers, and so needs none of GRDB's
+        // record and observation machinery (nor its build time).
+        .systemLibrary(
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
         ),
         // Debian's Lua 5.4 with a shim for the macros Swift cannot import.
         .systemLibrary(

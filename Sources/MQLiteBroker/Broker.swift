@@ -1,3 +1,4 @@
+import Dispatch
 import Logging
 import MQTTCore
 import NIOCore
@@ -29,6 +30,8 @@ public final class Broker: Sendable {
     private let subscriptions: any SubscriptionIndex
     /// Retained messages by topic (see `retainedMessages(matching:)`).
     private let retained: any RetainedStore
+    /// Where retained messages are kept across restarts (nil: memory only).
+    let store: PersistentStore?
     /// Nodes a retained scan visits per hold of the retained lock.
     static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])
@@ -69,8 +72,11 @@ public final class Broker: Sendable {
         ObjectIdentifier(ByteToMessageHandler<WebSocketFrameDecoder>.self),
     ]
 
-    public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger) {
-        self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger)
+    /// `store`: where retained messages are kept across restarts (opened, and loaded, by the
+    /// caller: see `PersistentStore`); nil keeps them in memory only. The broker closes it as it
+    /// stops.
+    public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger, store: PersistentStore? = nil) {
+        self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger, retained: store?.retained ?? TreeRetainedStore(), store: store)
     }
 
     /// A broker on the given stores (in memory unless told otherwise), with one worker per loop of
@@ -79,9 +85,10 @@ public final class Broker: Sendable {
     init(
         configuration: BrokerConfiguration, hooks: any BrokerHooks, sessionObserver: (any SessionObserver)?, logger: Logger,
         registry: any SessionRegistry = InMemorySessionRegistry(), subscriptions: any SubscriptionIndex = TrieSubscriptionIndex(),
-        retained: any RetainedStore = TreeRetainedStore(), group: (any EventLoopGroup)? = nil
+        retained: any RetainedStore = TreeRetainedStore(), store: PersistentStore? = nil, group: (any EventLoopGroup)? = nil
     ) {
         precondition(!Self.handlerTypes.isEmpty)
+        self.store = store
         self.registry = registry
         self.subscriptions = subscriptions
         self.retained = retained
@@ -263,6 +270,8 @@ public final class Broker: Sendable {
         await hooks.shutdown()
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
+        // What the loops changed last is committed before the process goes.
+        if let store { await withCheckedContinuation { done in DispatchQueue.global().async { store.close(); done.resume() } } }
         logger.info("stopped")
     }
 

@@ -65,7 +65,7 @@ public enum ConfigFile {
         let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
         config.baseDirectory = directory
         let top = Section(table: root, path: nil, file: file)
-        try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting"])
+        try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting", "persistence"])
 
         if let server = try top.table("server") {
             try server.allowOnly(["workers", "log_level", "sys_interval"])
@@ -147,6 +147,22 @@ public enum ConfigFile {
                 }
             }
             config.plugins.append(PluginConfiguration(script: path, options: options))
+        }
+
+        if let persistence = try top.table("persistence") {
+            try persistence.allowOnly(["path", "sync", "flush_interval"])
+            guard let path = try persistence.string("path") else { throw persistence.error("path", "is required (the store's file)") }
+            guard !path.isEmpty else { throw persistence.error("path", "must be a file name, not empty") }
+            var store = PersistenceConfiguration(
+                path: path.hasPrefix("/") ? path : URL(fileURLWithPath: directory).appendingPathComponent(path).path)
+            if let sync = try persistence.string("sync") {
+                guard let parsed = PersistenceConfiguration.Sync(rawValue: sync) else {
+                    throw persistence.error("sync", "must be one of \(PersistenceConfiguration.Sync.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", ")), not \"\(sync)\"")
+                }
+                store.sync = parsed
+            }
+            if let v = try persistence.number("flush_interval", in: PersistenceConfiguration.flushIntervalRange) { store.flushInterval = v }
+            config.persistence = store
         }
 
         if let scripting = try top.table("scripting") {

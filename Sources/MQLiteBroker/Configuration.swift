@@ -20,6 +20,8 @@ public struct BrokerConfiguration: Sendable {
     /// Seconds between two publications of the `$SYS/broker/...` topics; 0 = none
     /// (`[server] sys_interval`, as Mosquitto's).
     public var sysInterval: Int
+    /// `[persistence]`: nil keeps everything in memory only.
+    public var persistence: PersistenceConfiguration?
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,

@@ -645,11 +645,23 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
         case .atLeastOnce:
             let id = publish.packetID!
-            writePacket(version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id))
+            let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
+            if publish.retain, let store = broker.store, store.acknowledgesAfterCommit {
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+                return acknowledge(ack, after: store)
+            }
+            writePacket(ack)
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
+            if publish.retain, let store = broker.store, store.acknowledgesAfterCommit {
+                if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return writePacket(ack) }
+                if session.receivedQoS2(id) {
+                    route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+                }
+                return acknowledge(ack, after: store)
+            }
             writePacket(ack)
             // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
             if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return }
@@ -657,6 +669,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             }
+        }
+    }
+
+    /// `[persistence] sync = "full"`: the PUBACK/PUBREC of a retained message goes out once the
+    /// store has committed it. The client's next packets wait meanwhile, so its acknowledgements
+    /// keep their order. (A publish hook that waits, an HTTP call, routes the message later: its
+    /// acknowledgement does not wait for the disk.)
+    private func acknowledge(_ ack: MQTTPacket, after store: PersistentStore) {
+        guard !machine.hookPending, !machine.isClosed else { return writePacket(ack) }
+        whenAnswered(.later(store.committed(on: worker.loop)), failed: ()) { handler, _ in
+            if !handler.machine.isClosed { handler.writePacket(ack) }
         }
     }
 

@@ -242,7 +242,11 @@ final class SharedGroup: Sendable {
 /// The retained topic trie (names → messages) behind one lock; a scan holds it for one step at
 /// a time.
 final class TreeRetainedStore: RetainedStore {
-    private let tree = Mutex(RetainedTree<Message>())
+    private let tree: Mutex<RetainedTree<Message>>
+
+    init(_ tree: RetainedTree<Message> = RetainedTree()) {
+        self.tree = Mutex(tree)
+    }
 
     func set(topic: TopicName, _ message: Message) {
         let path = topic.string

@@ -356,6 +356,12 @@ extension MQTTProperties {
     /// The largest value of a variable byte integer (four bytes).
     public static let maxVariableByteInteger = 268_435_455
 
+    /// A PUBLISH's properties as `writeMQTTProperties` wrote them, checked as a client's are (a
+    /// store keeps them so).
+    public static func readPublishProperties(from bytes: inout ByteBuffer) throws(MQTTProtocolError) -> MQTTProperties {
+        try read(.publish, from: &bytes)
+    }
+
     /// Reads a property length and the properties it covers, checking each against the rules
     /// of `context`. The length is checked against the bytes left before anything is read, so
     /// a huge length costs nothing; the work is linear in the bytes (the seen-set is a bit mask).

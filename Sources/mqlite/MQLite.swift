@@ -60,10 +60,23 @@ struct MQLite: AsyncParsableCommand {
             return
         }
 
+        // The store loads before anything listens; one that cannot be used stops startup.
+        var store: PersistentStore?
+        if let persistence = configuration.persistence {
+            do {
+                store = try PersistentStore(configuration: persistence, logger: logger)
+            } catch {
+                printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "persistence.path", problem: error.description))")
+                throw ExitCode(2)
+            }
+            let loaded = store!.loaded
+            logger.info("store \(persistence.path) (sync \(persistence.sync.rawValue)): loaded \(loaded.retained) retained messages in \(String(format: "%.3f", loaded.seconds)) s")
+        }
+
         // The broker and the SIGHUP reloader run in a service group, which turns SIGTERM and
         // SIGINT into a graceful shutdown (its signal handlers are in place before the broker
         // binds anything, so a stop request never meets the default action).
-        let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger)
+        let broker = Broker(configuration: configuration, hooks: scripting ?? NoHooks(), logger: logger, store: store)
         scripting?.bind(to: broker)
         // Whatever else in the process reports through swift-metrics lands on the broker's
         // /metrics too (the broker and its hooks use the factory directly, not this global).

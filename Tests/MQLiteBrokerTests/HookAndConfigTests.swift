@@ -266,6 +266,9 @@ struct ConfigFileTests {
         #expect(config.allowAnonymous == defaults.allowAnonymous)
         #expect(config.scripting == defaults.scripting)
         #expect(config.plugins.isEmpty)
+        // The shipped file turns persistence on (the built-in default, without a file, is memory only).
+        #expect(defaults.persistence == nil)
+        #expect(config.persistence == PersistenceConfiguration(path: URL(fileURLWithPath: path).deletingLastPathComponent().path + "/mqlite.db"))
     }
 
     @Test("[[plugin]] paths are resolved against the config file's folder; options keep their TOML types")

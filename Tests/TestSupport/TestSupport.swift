@@ -66,7 +66,9 @@ public func withBroker(
     let logs = InMemoryLogHandler()
     let logger = Logger(label: "mqlite-test", factory: { _ in logs })
     let hooks = try makeHooks?(config, logger) ?? hooks
-    let broker = Broker(configuration: config, hooks: hooks, logger: logger)
+    // `[persistence]`: the store opens (and loads) first, as the executable does.
+    let store = try config.persistence.map { try PersistentStore(configuration: $0, logger: logger) }
+    let broker = Broker(configuration: config, hooks: hooks, logger: logger, store: store)
     prepare(broker)
     let addresses = try await broker.start()
     guard let port = addresses.first?.port else { throw TestFailure("no port bound") }

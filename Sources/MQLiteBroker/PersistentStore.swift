@@ -1,0 +1,404 @@
+import Dispatch
+import Foundation
+import Logging
+import MQTTCore
+import NIOCore
+import Synchronization
+
+/// `[persistence]`: where the store is and when what it is given reaches the disk.
+public struct PersistenceConfiguration: Sendable, Equatable {
+    public enum Sync: String, Sendable, CaseIterable {
+        /// A change is committed as soon as the writer takes it (changes that arrive together
+        /// share one commit), with fsync; an acknowledgement that depends on it waits for it.
+        case full
+        /// Committed every `flush_interval` seconds, with fsync of the WAL at checkpoints only.
+        case batch
+        /// Committed every `flush_interval` seconds, without fsync (the OS writes it when it likes).
+        case off
+    }
+
+    public var path: String
+    public var sync: Sync
+    public var flushInterval: Double
+
+    public static let flushIntervalRange = 0.01...60.0
+
+    public init(path: String, sync: Sync = .full, flushInterval: Double = 1.0) {
+        self.path = path
+        self.sync = sync
+        self.flushInterval = flushInterval
+    }
+}
+
+/// A store that cannot be opened: the file, and what is wrong with it.
+public struct StoreOpenError: Error, CustomStringConvertible {
+    public let path: String
+    public let problem: String
+    public var description: String { "\(path): \(problem)" }
+}
+
+/// Retained messages kept in SQLite (WAL mode), so that they survive a restart and a crash.
+///
+/// The broker works on the in-memory tree as always; each change is also handed to this store,
+/// which a thread of its own (the writer) commits to the database, never an event loop. Changes
+/// that arrive together share a transaction, and a topic changed many times before the writer
+/// gets to it is written once (the pending changes are kept per topic, so they are bounded by
+/// the retained messages themselves). Only retained messages reach it: a broker whose clients
+/// publish no retained messages does no disk work at all.
+///
+/// With `sync = "full"`, an acknowledgement that promises a retained message (PUBACK, PUBREC)
+/// waits for `committed(on:)`. A commit that fails (disk full) is logged and counted, and the
+/// acknowledgements go out anyway: the broker keeps serving from memory, and the changes of that
+/// batch reach the disk only when their topics change again.
+public final class PersistentStore: Sendable {
+    public let configuration: PersistenceConfiguration
+    /// The retained messages: the tree the broker reads, which tells the journal of every change.
+    let retained: PersistentRetainedStore
+    /// What startup loaded, for its log line.
+    public let loaded: (retained: Int, seconds: Double)
+    /// Commits that failed since start.
+    public var failedCommits: Int { failures.load(ordering: .relaxed) }
+
+    private let logger: Logger
+    private let journal: Journal
+    private let failures = Atomic<Int>(0)
+    private let failureLog = Mutex((last: NIODeadline.distantPast, unlogged: 0))
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// The schema this build writes, and how to get there from each older version.
+    static let schemaVersion: Int64 = 1
+    private static let migrations: [Int64: String] = [
+        0: """
+            CREATE TABLE retained (
+                topic BLOB PRIMARY KEY,
+                payload BLOB NOT NULL,
+                qos INTEGER NOT NULL,
+                properties BLOB,
+                expires_at INTEGER
+            ) WITHOUT ROWID;
+            """,
+    ]
+
+    /// Opens (or makes) the store, takes it for this process alone, brings its schema up to date
+    /// and loads what it holds; then starts the writer.
+    public init(configuration: PersistenceConfiguration, logger: Logger) throws(StoreOpenError) {
+        let started = NIODeadline.now()
+        let loaded = RetainedTree<Message>()
+        let opened: (db: SQLiteDatabase, count: Int)
+        do {
+            opened = try Self.open(configuration, into: loaded, logger: logger)
+        } catch let error as SQLiteError {
+            let problem = error.code == 26 /* SQLITE_NOTADB */ ? "is not an mqlite store (not an SQLite database)"
+                : error.code == 5 /* SQLITE_BUSY */ ? "is locked by another process (another mqlite on the same store?)"
+                : error.code == 14 /* SQLITE_CANTOPEN */ ? "cannot open: \(error.description)" : error.description
+            throw StoreOpenError(path: configuration.path, problem: problem)
+        } catch {
+            throw StoreOpenError(path: configuration.path, problem: "\(error)")
+        }
+        self.configuration = configuration
+        self.logger = logger
+        self.loaded = (opened.count, Double((NIODeadline.now() - started).nanoseconds) / 1e9)
+        journal = Journal(wakesAtOnce: configuration.sync == .full)
+        retained = PersistentRetainedStore(loaded, journal: journal)
+        let writer = Writer(db: opened.db)
+        let thread = Thread { [self] in run(writer) }
+        thread.name = "mqlite-store"
+        thread.start()
+    }
+
+    /// Opens the database, takes it for this process alone, brings its schema up to date and
+    /// loads the retained messages into `tree` (dropping what expired while the broker was down).
+    private static func open(_ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger) throws -> (SQLiteDatabase, Int) {
+        let db = try SQLiteDatabase(path: configuration.path)
+        // Exclusive locking: the first write below takes the lock for the process's life, so that
+        // a second mqlite on the same file stops at startup instead of sharing it.
+        try db.execute("PRAGMA locking_mode = EXCLUSIVE; PRAGMA busy_timeout = 0;")
+        guard try db.text("PRAGMA journal_mode = WAL") == "wal" else { throw SQLiteError(code: 0, description: "cannot use WAL mode") }
+        let synchronous = switch configuration.sync { case .full: "FULL"; case .batch: "NORMAL"; case .off: "OFF" }
+        try db.execute("PRAGMA synchronous = \(synchronous); BEGIN IMMEDIATE;")
+        let version = try db.integer("PRAGMA user_version") ?? 0
+        guard version <= schemaVersion else {
+            throw SQLiteError(code: 0, description: "schema version \(version) is newer than this mqlite's (\(schemaVersion)): use a newer mqlite or another path")
+        }
+        for from in version..<schemaVersion {
+            guard let migration = migrations[from] else { throw SQLiteError(code: 0, description: "no migration from schema version \(from)") }
+            try db.execute(migration)
+        }
+        try db.execute("PRAGMA user_version = \(schemaVersion); COMMIT;")
+        let now = Int64(Date().timeIntervalSince1970)
+        try db.execute("DELETE FROM retained WHERE expires_at IS NOT NULL AND expires_at <= \(now)")
+        let rows = try db.prepare("SELECT topic, payload, qos, properties, expires_at FROM retained")
+        var count = 0
+        var skipped = 0
+        while try rows.step() {
+            guard let message = message(from: rows, now: now) else {
+                skipped += 1
+                continue
+            }
+            tree.set(message.topic.string, message)
+            count += 1
+        }
+        if skipped > 0 { logger.warning("\(configuration.path): \(skipped) retained messages could not be read and were skipped") }
+        return (db, count)
+    }
+
+    /// A row of `retained` as a message (nil: it cannot be read).
+    private static func message(from row: SQLiteDatabase.Statement, now: Int64) -> Message? {
+        guard let topic = try? TopicName(validating: row.bytes(0)), let qos = QoS(rawValue: UInt8(clamping: row.int64(2))) else { return nil }
+        var properties = MQTTProperties()
+        if !row.isNull(3) {
+            var bytes = row.bytes(3)
+            guard let read = try? MQTTProperties.readPublishProperties(from: &bytes), bytes.readableBytes == 0 else { return nil }
+            properties = read
+        }
+        if !row.isNull(4) {
+            let remaining = max(row.int64(4) - now, 1)
+            properties.messageExpiryInterval = UInt32(clamping: remaining)
+            properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(remaining) * 1_000_000_000
+        }
+        return Message(topic: topic, payload: row.bytes(1), qos: qos, retain: true, properties: properties).compacted()
+    }
+
+    /// A future that succeeds on `loop` once what was recorded before this call is committed
+    /// (or its commit failed: see the type's comment).
+    func committed(on loop: any EventLoop) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        journal.wait(promise)
+        return promise.futureResult
+    }
+
+    /// Whether acknowledgements wait for the disk.
+    var acknowledgesAfterCommit: Bool { configuration.sync == .full }
+
+    /// Commits what is pending, stops the writer and closes the database. Idempotent.
+    public func close() {
+        guard journal.close() else { return }
+        finished.wait()
+    }
+
+    // MARK: - The writer (its own thread)
+
+    /// The database and its statements: made here, then used by the writer thread alone (that
+    /// is what makes it Sendable).
+    private final class Writer: @unchecked Sendable {
+        let db: SQLiteDatabase
+        var upsert: SQLiteDatabase.Statement?
+        var delete: SQLiteDatabase.Statement?
+
+        init(db: SQLiteDatabase) { self.db = db }
+
+        func commit(_ changes: [ByteBuffer: Journal.Change]) throws(SQLiteError) {
+            guard !changes.isEmpty else { return }
+            if upsert == nil {
+                upsert = try db.prepare("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?, ?, ?, ?, ?)")
+                delete = try db.prepare("DELETE FROM retained WHERE topic = ?")
+            }
+            try db.execute("BEGIN")
+            do {
+                for (topic, change) in changes {
+                    switch change {
+                    case .set(let payload, let qos, let properties, let expiresAt):
+                        upsert!.bind(1, topic)
+                        upsert!.bind(2, payload)
+                        upsert!.bind(3, Int64(qos.rawValue))
+                        upsert!.bind(4, properties)
+                        upsert!.bind(5, expiresAt)
+                        try upsert!.run()
+                    case .remove:
+                        delete!.bind(1, topic)
+                        try delete!.run()
+                    }
+                }
+                try db.execute("COMMIT")
+            } catch {
+                upsert!.reset()
+                delete!.reset()
+                try? db.execute("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    private func run(_ writer: Writer) {
+        let interval = configuration.flushInterval
+        while true {
+            let (changes, waiters, closing) = journal.take()
+            do {
+                try writer.commit(changes)
+            } catch {
+                failed(error, changes: changes.count)
+            }
+            for waiter in waiters { waiter.succeed() }
+            if closing { break }
+            journal.sleep(timeout: configuration.sync == .full ? nil : interval)
+        }
+        try? writer.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        // Waiters that came in meanwhile: nothing more will be written.
+        for waiter in journal.closed() { waiter.succeed() }
+        finished.signal()
+    }
+
+    /// A commit failed: counted, and logged at most once per 10 s (with the count since).
+    private func failed(_ error: SQLiteError, changes: Int) {
+        failures.add(1, ordering: .relaxed)
+        let now = NIODeadline.now()
+        let suppressed = failureLog.withLock { log -> Int? in
+            guard now - log.last >= .seconds(10) else {
+                log.unlogged += 1
+                return nil
+            }
+            log.last = now
+            defer { log.unlogged = 0 }
+            return log.unlogged
+        }
+        guard let suppressed else { return }
+        logger.error(
+            "store \(configuration.path): a commit of \(changes) changes failed: \(error.description); serving from memory",
+            metadata: suppressed > 0 ? ["suppressed": "\(suppressed)"] : [:])
+    }
+}
+
+/// Changes on their way to the writer: the latest per topic (so that they are bounded by the
+/// retained messages themselves, however often a topic changes), and acknowledgements waiting for
+/// the next commit. Any thread records; the writer takes.
+final class Journal: Sendable {
+    enum Change {
+        /// The retained message of a topic; `expiresAt`: wall-clock seconds since 1970.
+        case set(payload: ByteBuffer, qos: QoS, properties: ByteBuffer?, expiresAt: Int64?)
+        case remove
+    }
+
+    private struct State {
+        var pending: [ByteBuffer: Change] = [:]
+        var waiters: [EventLoopPromise<Void>] = []
+        var writerAsleep = false
+        var closing = false
+        var closed = false
+    }
+
+    /// Whether a change wakes the writer (`sync = "full"`); else it waits for its timer.
+    private let wakesAtOnce: Bool
+    private let state = Mutex(State())
+    private let wake = DispatchSemaphore(value: 0)
+
+    init(wakesAtOnce: Bool) {
+        self.wakesAtOnce = wakesAtOnce
+    }
+
+    func record(_ change: Change, topic: TopicName) {
+        let wakeWriter = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            state.pending[topic.bytes] = change
+            return wakesAtOnce && takeAsleep(&state)
+        }
+        if wakeWriter { wake.signal() }
+    }
+
+    /// `promise` succeeds after the next commit (at once once the store is closed).
+    func wait(_ promise: EventLoopPromise<Void>) {
+        let (accepted, wakeWriter) = state.withLock { state -> (Bool, Bool) in
+            guard !state.closed else { return (false, false) }
+            state.waiters.append(promise)
+            return (true, wakesAtOnce && takeAsleep(&state))
+        }
+        if !accepted { promise.succeed() }
+        if wakeWriter { wake.signal() }
+    }
+
+    private func takeAsleep(_ state: inout State) -> Bool {
+        guard state.writerAsleep else { return false }
+        state.writerAsleep = false
+        return true
+    }
+
+    /// The writer's next batch, and whether the store is closing (this is the last one).
+    func take() -> (changes: [ByteBuffer: Change], waiters: [EventLoopPromise<Void>], closing: Bool) {
+        state.withLock { state in
+            defer {
+                state.pending = [:]
+                state.waiters = []
+            }
+            return (state.pending, state.waiters, state.closing)
+        }
+    }
+
+    /// The writer waits for work: a change or a waiter (nil), or `timeout` seconds.
+    func sleep(timeout: Double?) {
+        guard let timeout else {
+            let idle = state.withLock { state -> Bool in
+                guard state.pending.isEmpty, state.waiters.isEmpty, !state.closing else { return false }
+                state.writerAsleep = true
+                return true
+            }
+            if idle { wake.wait() }
+            return
+        }
+        _ = wake.wait(timeout: .now() + timeout)
+    }
+
+    /// Asks the writer to commit what is pending and stop; false if it was asked already.
+    func close() -> Bool {
+        let first = state.withLock { state -> Bool in
+            defer { state.closing = true }
+            return !state.closing
+        }
+        if first { wake.signal() }
+        return first
+    }
+
+    /// The writer stopped: waiters that came since its last batch (nothing more is recorded).
+    func closed() -> [EventLoopPromise<Void>] {
+        state.withLock { state in
+            state.closed = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+    }
+}
+
+/// The retained tree in memory, with every change also given to the journal.
+final class PersistentRetainedStore: RetainedStore {
+    private let tree: TreeRetainedStore
+    private let journal: Journal
+
+    fileprivate init(_ loaded: RetainedTree<Message>, journal: Journal) {
+        tree = TreeRetainedStore(loaded)
+        self.journal = journal
+    }
+
+    /// `$SYS/...`: the broker's own, made again every `sys_interval`: not kept.
+    private static func isSys(_ topic: TopicName) -> Bool {
+        topic.bytes.readableBytesView.starts(with: "$SYS/".utf8)
+    }
+
+    func set(topic: TopicName, _ message: Message) {
+        tree.set(topic: topic, message)
+        guard !Self.isSys(topic) else { return }
+        var expiresAt: Int64?
+        if let deadline = message.properties.messageExpiresAt {
+            let remaining = Int64(deadline) - Int64(NIODeadline.now().uptimeNanoseconds)
+            expiresAt = Int64(Date().timeIntervalSince1970) + max(remaining, 0) / 1_000_000_000
+        }
+        var properties: ByteBuffer?
+        if !message.properties.isEmpty {
+            var stored = message.properties
+            // The interval is kept as a deadline (expires_at) instead.
+            stored.messageExpiryInterval = nil
+            var bytes = ByteBuffer()
+            bytes.writeMQTTProperties(stored)
+            properties = bytes
+        }
+        journal.record(.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt), topic: topic)
+    }
+
+    func remove(topic: TopicName) {
+        tree.remove(topic: topic)
+        guard !Self.isSys(topic) else { return }
+        journal.record(.remove, topic: topic)
+    }
+
+    func scan(matching filter: TopicFilter) -> Scan { tree.scan(matching: filter) }
+    func continueScan(_ scan: inout Scan, limit: Int) -> [Message] { tree.continueScan(&scan, limit: limit) }
+    var count: Int { tree.count }
+    var nodeCount: Int { tree.nodeCount }
+}

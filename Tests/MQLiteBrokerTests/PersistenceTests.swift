@@ -1,0 +1,150 @@
+import Foundation
+import Logging
+@testable import MQLiteBroker
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Testing
+
+/// `[persistence]`: retained messages in SQLite, across a restart of the broker.
+@Suite("Persistence (SQLite)")
+struct PersistenceTests {
+    /// A fresh folder for one test's store, removed afterwards.
+    static func withFolder(_ body: (String) async throws -> Void) async throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-store-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        try await body(folder)
+    }
+
+    static let logger = Logger(label: "mqlite-test")
+
+    @Test("retained messages survive a restart, for every sync mode: QoS, payload, MQTT 5 properties and what remains of their expiry; cleared ones stay cleared; expired ones are gone")
+    func restart() async throws {
+        for sync in PersistenceConfiguration.Sync.allCases {
+            try await Self.withFolder { folder in
+                let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: sync, flushInterval: 0.05)
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    let c = try await b.client("pub")
+                    try await c.publish("r/a", "one", qos: .atLeastOnce, retain: true)
+                    try await c.publish("r/b", "two", qos: .exactlyOnce, retain: true, id: 2)
+                    try await c.publish("r/gone", "x", qos: .atMostOnce, retain: true)
+                    try await c.publish("r/gone", "", qos: .atLeastOnce, retain: true, id: 3)
+                    let (v5, _) = try await b.client5("pub5")
+                    var properties = MQTTProperties()
+                    properties.userProperties = [UserProperty(name: "k", value: "v")]
+                    properties.contentType = "text/plain"
+                    properties.messageExpiryInterval = 600
+                    v5.send(.publish(PublishPacket(topic: ByteBuffer(string: "r/v5"), payload: ByteBuffer(string: "five"), qos: .atMostOnce, retain: true, properties: properties)))
+                    var short = MQTTProperties()
+                    short.messageExpiryInterval = 1
+                    v5.send(.publish(PublishPacket(topic: ByteBuffer(string: "r/short"), payload: ByteBuffer(string: "soon"), qos: .atMostOnce, retain: true, properties: short)))
+                    try await v5.ping()
+                }
+                try await Task.sleep(for: .milliseconds(1100))  // r/short expires meanwhile
+                let reopened = try PersistentStore(configuration: store, logger: Self.logger)
+                #expect(reopened.loaded.retained == 3)
+                reopened.close()
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    let (sub, _) = try await b.client5("sub")
+                    try await sub.subscribe("r/#", qos: .exactlyOnce)
+                    var got: [String: PublishPacket] = [:]
+                    for _ in 0..<3 {
+                        let p = try await sub.expectPublish()
+                        got[String(buffer: p.topic)] = p
+                    }
+                    try await sub.expectNothing()
+                    #expect(String(buffer: got["r/a"]!.payload) == "one" && got["r/a"]!.qos == .atLeastOnce && got["r/a"]!.retain)
+                    #expect(String(buffer: got["r/b"]!.payload) == "two" && got["r/b"]!.qos == .exactlyOnce)
+                    let v5 = got["r/v5"]!
+                    #expect(String(buffer: v5.payload) == "five" && v5.properties.userProperties == [UserProperty(name: "k", value: "v")])
+                    #expect(v5.properties.contentType == "text/plain")
+                    #expect((590...600).contains(v5.properties.messageExpiryInterval ?? 0))
+                }
+            }
+        }
+    }
+
+    @Test("a store that cannot be used says which file and why: not a database, locked by another mqlite, a newer schema, a folder that does not exist")
+    func openErrors() async throws {
+        try await Self.withFolder { folder in
+            let junk = folder + "/junk.db"
+            try Data(repeating: 0x41, count: 4096).write(to: URL(fileURLWithPath: junk))
+            #expect(throws: StoreOpenError.self) { try PersistentStore(configuration: PersistenceConfiguration(path: junk), logger: Self.logger) }
+            do {
+                _ = try PersistentStore(configuration: PersistenceConfiguration(path: junk), logger: Self.logger)
+            } catch {
+                #expect("\(error)" == "\(junk): is not an mqlite store (not an SQLite database)")
+            }
+
+            let path = folder + "/mqlite.db"
+            let first = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
+            do {
+                _ = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
+                Issue.record("a second store on the same file opened")
+            } catch {
+                #expect("\(error)" == "\(path): is locked by another process (another mqlite on the same store?)")
+            }
+            first.close()
+
+            do {
+                let db = try SQLiteDatabase(path: path)
+                try db.execute("PRAGMA user_version = 99")
+            }
+            do {
+                _ = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
+                Issue.record("a store of a newer schema opened")
+            } catch {
+                #expect("\(error)".contains("schema version 99 is newer than this mqlite's (1)"))
+            }
+
+            let nowhere = folder + "/no/such/folder/mqlite.db"
+            do {
+                _ = try PersistentStore(configuration: PersistenceConfiguration(path: nowhere), logger: Self.logger)
+                Issue.record("a store in a missing folder opened")
+            } catch {
+                #expect("\(error)".hasPrefix("\(nowhere): cannot open"))
+            }
+        }
+    }
+
+    @Test("a topic retained many times keeps its last message (changes between commits are written once); a message without RETAIN is not stored")
+    func coalescing() async throws {
+        try await Self.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .batch, flushInterval: 0.2)
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                let c = try await b.client("pub")
+                for i in 0..<2000 { try await c.publish("same", "v\(i)", retain: true) }
+                try await c.publish("plain", "not retained", qos: .atLeastOnce)
+                try await c.ping()
+            }
+            let db = try SQLiteDatabase(path: folder + "/mqlite.db")
+            #expect(try db.integer("SELECT count(*) FROM retained") == 1)
+            #expect(try db.text("SELECT CAST(payload AS TEXT) FROM retained") == "v1999")
+        }
+    }
+
+    @Test("[persistence] in the config file: path relative to the file, sync and flush_interval checked, with file, key and problem")
+    func config() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-conf-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        func load(_ text: String) throws -> BrokerConfiguration {
+            let file = folder + "/mqlite.conf"
+            try text.write(toFile: file, atomically: true, encoding: .utf8)
+            return try ConfigFile.load(path: file)
+        }
+        let config = try load("[persistence]\npath = \"data/mqlite.db\"\nsync = \"batch\"\nflush_interval = 0.5\n")
+        #expect(config.persistence == PersistenceConfiguration(path: folder + "/data/mqlite.db", sync: .batch, flushInterval: 0.5))
+        #expect(try load("").persistence == nil)
+        #expect(throws: ConfigError(file: folder + "/mqlite.conf", key: "persistence.sync", problem: "must be one of \"full\", \"batch\", \"off\", not \"sometimes\"")) {
+            try load("[persistence]\npath = \"a.db\"\nsync = \"sometimes\"\n")
+        }
+        #expect(throws: ConfigError(file: folder + "/mqlite.conf", key: "persistence.path", problem: "is required (the store's file)")) {
+            try load("[persistence]\nsync = \"full\"\n")
+        }
+        #expect(throws: ConfigError(file: folder + "/mqlite.conf", key: "persistence.flush_interval", problem: "must be from 0.01 to 60.0, not 0.0")) {
+            try load("[persistence]\npath = \"a.db\"\nflush_interval = 0\n")
+        }
+    }
+}
