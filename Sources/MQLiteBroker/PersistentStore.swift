@@ -5,31 +5,6 @@ import MQTTCore
 import NIOCore
 import Synchronization
 
-/// `[persistence]`: where the store is and when what it is given reaches the disk.
-public struct PersistenceConfiguration: Sendable, Equatable {
-    public enum Sync: String, Sendable, CaseIterable {
-        /// A change is committed as soon as the writer takes it (changes that arrive together
-        /// share one commit), with fsync; an acknowledgement that depends on it waits for it.
-        case full
-        /// Committed every `flush_interval` seconds, with fsync of the WAL at checkpoints only.
-        case batch
-        /// Committed every `flush_interval` seconds, without fsync (the OS writes it when it likes).
-        case off
-    }
-
-    public var path: String
-    public var sync: Sync
-    public var flushInterval: Double
-
-    public static let flushIntervalRange = 0.01...60.0
-
-    public init(path: String, sync: Sync = .full, flushInterval: Double = 1.0) {
-        self.path = path
-        self.sync = sync
-        self.flushInterval = flushInterval
-    }
-}
-
 /// A store that cannot be opened: the file, and what is wrong with it.
 public struct StoreOpenError: Error, CustomStringConvertible {
     public let path: String
