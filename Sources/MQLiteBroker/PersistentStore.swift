@@ -162,6 +162,12 @@ public final class PersistentStore: Sendable {
 
         init(db: SQLiteDatabase) { self.db = db }
 
+        func close() {
+            upsert = nil
+            delete = nil
+            db.close()
+        }
+
         func commit(_ changes: [ByteBuffer: Journal.Change]) throws(SQLiteError) {
             guard !changes.isEmpty else { return }
             if upsert == nil {
@@ -208,6 +214,8 @@ public final class PersistentStore: Sendable {
             journal.sleep(timeout: configuration.sync == .full ? nil : interval)
         }
         try? writer.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        // Closed before `close()` returns: the next mqlite on the file may open it at once.
+        writer.close()
         // Waiters that came in meanwhile: nothing more will be written.
         for waiter in journal.closed() { waiter.succeed() }
         finished.signal()

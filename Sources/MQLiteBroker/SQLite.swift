@@ -23,7 +23,16 @@ final class SQLiteDatabase {
         handle = db
     }
 
+    private var isClosed = false
+
     deinit {
+        close()
+    }
+
+    /// Closes the connection now (its lock goes with it), once its statements are finalized.
+    func close() {
+        guard !isClosed else { return }
+        isClosed = true
         sqlite3_close_v2(handle)
     }
 
