@@ -343,6 +343,9 @@ final class Journal: Sendable {
 final class PersistentRetainedStore: RetainedStore {
     private let tree: TreeRetainedStore
     private let journal: Journal
+    /// Held across a change to the tree and its record in the journal, so that two workers
+    /// retaining on one topic at once leave the same message last in both.
+    private let order = Mutex(())
 
     fileprivate init(_ loaded: RetainedTree<Message>, journal: Journal) {
         tree = TreeRetainedStore(loaded)
@@ -355,8 +358,7 @@ final class PersistentRetainedStore: RetainedStore {
     }
 
     func set(topic: TopicName, _ message: Message) {
-        tree.set(topic: topic, message)
-        guard !Self.isSys(topic) else { return }
+        guard !Self.isSys(topic) else { return tree.set(topic: topic, message) }
         var expiresAt: Int64?
         if let deadline = message.properties.messageExpiresAt {
             let remaining = Int64(deadline) - Int64(NIODeadline.now().uptimeNanoseconds)
@@ -371,13 +373,19 @@ final class PersistentRetainedStore: RetainedStore {
             bytes.writeMQTTProperties(stored)
             properties = bytes
         }
-        journal.record(.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt), topic: topic)
+        let change = Journal.Change.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt)
+        order.withLock { _ in
+            tree.set(topic: topic, message)
+            journal.record(change, topic: topic)
+        }
     }
 
     func remove(topic: TopicName) {
-        tree.remove(topic: topic)
-        guard !Self.isSys(topic) else { return }
-        journal.record(.remove, topic: topic)
+        guard !Self.isSys(topic) else { return tree.remove(topic: topic) }
+        order.withLock { _ in
+            tree.remove(topic: topic)
+            journal.record(.remove, topic: topic)
+        }
     }
 
     func scan(matching filter: TopicFilter) -> Scan { tree.scan(matching: filter) }
