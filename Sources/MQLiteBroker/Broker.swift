@@ -268,10 +268,11 @@ public final class Broker: Sendable {
         }
         for (i, channel) in channels.enumerated() where isHTTP[i] { try? await channel.close() }
         await hooks.shutdown()
+        // What the loops changed last is committed before the process goes, while the loops
+        // still run (acknowledgements waiting for it complete on them).
+        if let store { await withCheckedContinuation { done in DispatchQueue.global().async { store.close(); done.resume() } } }
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
-        // What the loops changed last is committed before the process goes.
-        if let store { await withCheckedContinuation { done in DispatchQueue.global().async { store.close(); done.resume() } } }
         logger.info("stopped")
     }
 

@@ -598,7 +598,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
-    /// subscribed to its own topic reads PUBACK/PUBREC first.
+    /// subscribed to its own topic reads PUBACK/PUBREC first. (Not for a retained message with
+    /// `[persistence] sync = "full"`: its acknowledgement waits for the disk, `acknowledge`.)
     private func handlePublish(_ publish: PublishPacket, session: Session) {
         // MQTT 5: a topic alias, or properties to check.
         if version == .v5 { return handlePublishV5(publish, session: session) }

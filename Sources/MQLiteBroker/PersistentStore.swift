@@ -24,7 +24,7 @@ public struct StoreOpenError: Error, CustomStringConvertible {
 /// With `sync = "full"`, an acknowledgement that promises a retained message (PUBACK, PUBREC)
 /// waits for `committed(on:)`. A commit that fails (disk full) is logged and counted, and the
 /// acknowledgements go out anyway: the broker keeps serving from memory, and the changes of that
-/// batch reach the disk only when their topics change again.
+/// batch are tried again a second later (with whatever changed since), until a commit succeeds.
 public final class PersistentStore: Sendable {
     public let configuration: PersistenceConfiguration
     /// The retained messages: the tree the broker reads, which tells the journal of every change.
@@ -119,7 +119,11 @@ public final class PersistentStore: Sendable {
 
     /// A row of `retained` as a message (nil: it cannot be read).
     private static func message(from row: SQLiteDatabase.Statement, now: Int64) -> Message? {
-        guard let topic = try? TopicName(validating: row.bytes(0)), let qos = QoS(rawValue: UInt8(clamping: row.int64(2))) else { return nil }
+        // (An empty payload clears a retained message: such a row is not one.)
+        let payload = row.bytes(1)
+        guard let topic = try? TopicName(validating: row.bytes(0)), (0...2).contains(row.int64(2)), let qos = QoS(rawValue: UInt8(row.int64(2))),
+              payload.readableBytes > 0
+        else { return nil }
         var properties = MQTTProperties()
         if !row.isNull(3) {
             var bytes = row.bytes(3)
@@ -127,11 +131,12 @@ public final class PersistentStore: Sendable {
             properties = read
         }
         if !row.isNull(4) {
-            let remaining = max(row.int64(4) - now, 1)
+            // (A stored deadline past what an interval can say is held to the largest one.)
+            let remaining = min(max(row.int64(4) - now, 1), Int64(UInt32.max))
             properties.messageExpiryInterval = UInt32(clamping: remaining)
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(remaining) * 1_000_000_000
         }
-        return Message(topic: topic, payload: row.bytes(1), qos: qos, retain: true, properties: properties).compacted()
+        return Message(topic: topic, payload: payload, qos: qos, retain: true, properties: properties).compacted()
     }
 
     /// A future that succeeds on `loop` once what was recorded before this call is committed
@@ -170,9 +175,10 @@ public final class PersistentStore: Sendable {
 
         func commit(_ changes: [ByteBuffer: Journal.Change]) throws(SQLiteError) {
             guard !changes.isEmpty else { return }
-            if upsert == nil {
-                upsert = try db.prepare("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?, ?, ?, ?, ?)")
+            if upsert == nil || delete == nil {
+                let preparedUpsert = try db.prepare("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?, ?, ?, ?, ?)")
                 delete = try db.prepare("DELETE FROM retained WHERE topic = ?")
+                upsert = preparedUpsert
             }
             try db.execute("BEGIN")
             do {
@@ -204,14 +210,18 @@ public final class PersistentStore: Sendable {
         let interval = configuration.flushInterval
         while true {
             let (changes, waiters, closing) = journal.take()
+            var retry = false
             do {
                 try writer.commit(changes)
             } catch {
                 failed(error, changes: changes.count)
+                // Kept for the next attempt (a change made since goes instead), a second later.
+                journal.requeue(changes)
+                retry = !closing
             }
             for waiter in waiters { waiter.succeed() }
             if closing { break }
-            journal.sleep(timeout: configuration.sync == .full ? nil : interval)
+            journal.sleep(timeout: retry ? max(interval, 1) : configuration.sync == .full ? nil : interval)
         }
         try? writer.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         // Closed before `close()` returns: the next mqlite on the file may open it at once.
@@ -305,6 +315,13 @@ final class Journal: Sendable {
         }
     }
 
+    /// Changes whose commit failed, back in line where no newer change of their topic is.
+    func requeue(_ changes: [ByteBuffer: Change]) {
+        state.withLock { state in
+            state.pending.merge(changes) { newer, _ in newer }
+        }
+    }
+
     /// The writer waits for work: a change or a waiter (nil), or `timeout` seconds.
     func sleep(timeout: Double?) {
         guard let timeout else {
@@ -383,8 +400,9 @@ final class PersistentRetainedStore: RetainedStore {
     func remove(topic: TopicName) {
         guard !Self.isSys(topic) else { return tree.remove(topic: topic) }
         order.withLock { _ in
-            tree.remove(topic: topic)
-            journal.record(.remove, topic: topic)
+            // A topic that held nothing has nothing on disk either. (Its own copy of the name:
+            // the client's may be a slice of a large read buffer.)
+            if tree.removed(topic: topic) { journal.record(.remove, topic: topic.copied()) }
         }
     }
 

@@ -120,8 +120,10 @@ final class SQLiteDatabase {
         }
 
         func bytes(_ column: Int32) -> ByteBuffer {
+            // The blob first, then its size (SQLite's order).
+            let pointer = sqlite3_column_blob(statement, column)
             let count = Int(sqlite3_column_bytes(statement, column))
-            guard count > 0, let pointer = sqlite3_column_blob(statement, column) else { return ByteBuffer() }
+            guard count > 0, let pointer else { return ByteBuffer() }
             return ByteBuffer(bytes: UnsafeRawBufferPointer(start: pointer, count: count))
         }
     }

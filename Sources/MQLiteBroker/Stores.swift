@@ -254,8 +254,13 @@ final class TreeRetainedStore: RetainedStore {
     }
 
     func remove(topic: TopicName) {
+        _ = removed(topic: topic)
+    }
+
+    /// Removes the retained message of `topic`; whether there was one.
+    func removed(topic: TopicName) -> Bool {
         let path = topic.string
-        tree.withLock { _ = $0.remove(path) }
+        return tree.withLock { $0.remove(path) }
     }
 
     func scan(matching filter: TopicFilter) -> Scan {

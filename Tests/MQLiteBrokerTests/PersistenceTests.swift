@@ -124,6 +124,31 @@ struct PersistenceTests {
         }
     }
 
+    @Test("rows a hand or a bug put in the store: unreadable ones are skipped (invalid topic, QoS 7, empty payload), a deadline too far away is held to the largest interval")
+    func oddRows() async throws {
+        try await Self.withFolder { folder in
+            let path = folder + "/mqlite.db"
+            try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger).close()
+            do {
+                let db = try SQLiteDatabase(path: path)
+                try db.execute("""
+                    INSERT INTO retained VALUES (CAST('a/+' AS BLOB), X'41', 0, NULL, NULL);
+                    INSERT INTO retained VALUES (CAST('q/7' AS BLOB), X'41', 7, NULL, NULL);
+                    INSERT INTO retained VALUES (CAST('empty' AS BLOB), X'', 0, NULL, NULL);
+                    INSERT INTO retained VALUES (CAST('far' AS BLOB), X'41', 1, NULL, 9223372036854775807);
+                    INSERT INTO retained VALUES (CAST('ok' AS BLOB), X'42', 2, NULL, NULL);
+                    """)
+            }
+            let store = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
+            #expect(store.loaded.retained == 2)
+            var scan = store.retained.scan(matching: try TopicFilter("#"))
+            let loaded = store.retained.continueScan(&scan, limit: 100)
+            store.close()
+            #expect(Set(loaded.map(\.topic.string)) == ["far", "ok"])
+            #expect(loaded.first { $0.topic.string == "far" }?.properties.messageExpiryInterval == UInt32.max)
+        }
+    }
+
     @Test("[persistence] in the config file: path relative to the file, sync and flush_interval checked, with file, key and problem")
     func config() throws {
         let folder = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-conf-\(UUID().uuidString)").path
