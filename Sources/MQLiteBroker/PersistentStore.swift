@@ -393,7 +393,7 @@ final class PersistentRetainedStore: RetainedStore {
         let change = Journal.Change.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt)
         order.withLock { _ in
             tree.set(topic: topic, message)
-            journal.record(change, topic: topic)
+            journal.record(change, topic: message.topic)  // (the compacted copy: not a slice of a read buffer)
         }
     }
 
