@@ -305,10 +305,14 @@ public final class Broker: Sendable {
         guard !workers.isEmpty else { return }  // stopped
         let worker = workers[index % workers.count]
         let message = Message(topic: name, payload: payload, qos: qos, retain: retain)
-        // Always as a task of its own, even on this loop: a plugin publishes from inside a hook,
+        // A retained message is kept at once, in the order the hooks run: a taken-over
+        // connection's `on_disconnected` runs before the new connection's `on_connected`, so its
+        // "offline" cannot land after the other's "online" when the two workers' tasks race.
+        if retain { self.retain(message) }
+        // Routing is a task of its own, even on this loop: a plugin publishes from inside a hook,
         // and routing now could call other hooks (`on_deliver`) in the same Lua state while that
         // hook is still running.
-        worker.loop.execute { worker.publish(message) }
+        worker.loop.execute { worker.publish(message, retaining: false) }
     }
 
     // MARK: - Clients, for plugins

@@ -295,16 +295,17 @@ final class Worker: @unchecked Sendable {
 
     /// Stores or clears a retained message, then routes the message to every matching
     /// subscriber. On this worker's loop.
-    func publish(_ message: Message) {
-        publish(message, along: route(for: message.topic))
+    /// (`retaining`: false when the retained message was kept already.)
+    func publish(_ message: Message, retaining: Bool = true) {
+        publish(message, along: route(for: message.topic), retaining: retaining)
     }
 
     /// As `publish(_:)`, with the route already looked up. Returns whether a subscriber's queue
     /// or a mailbox is filling up (then `isCongested` tells whether to hold the publisher back).
     @discardableResult
-    func publish(_ message: Message, along route: Route, from publisher: Session? = nil) -> Bool {
+    func publish(_ message: Message, along route: Route, from publisher: Session? = nil, retaining: Bool = true) -> Bool {
         assertOnLoop()
-        if message.retain { broker.retain(message) }
+        if retaining && message.retain { broker.retain(message) }
         let targets = route.targets
         if targets.isEmpty && route.groups.isEmpty { return false }
         var filling = false
