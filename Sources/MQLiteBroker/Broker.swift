@@ -32,6 +32,8 @@ public final class Broker: Sendable {
     private let retained: any RetainedStore
     /// Where retained messages are kept across restarts (nil: memory only).
     let store: PersistentStore?
+    /// The store when acknowledgements of retained messages wait for its commits (`sync = "full"`).
+    var waitingStore: PersistentStore? { store?.acknowledgesAfterCommit == true ? store : nil }
     /// Nodes a retained scan visits per hold of the retained lock.
     static let retainedScanChunk = 512
     private let serverChannels = Mutex<[any Channel]>([])

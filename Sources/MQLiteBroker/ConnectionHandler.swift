@@ -647,29 +647,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .atLeastOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
-            if publish.retain, let store = broker.store, store.acknowledgesAfterCommit {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
-                return acknowledge(ack, after: store)
-            }
-            writePacket(ack)
+            let store = publish.retain ? broker.waitingStore : nil
+            if store == nil { writePacket(ack) }
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+            if let store { acknowledge(ack, after: store) }
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
-            if publish.retain, let store = broker.store, store.acknowledgesAfterCommit {
-                if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return writePacket(ack) }
-                if session.receivedQoS2(id) {
-                    route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
-                }
-                return acknowledge(ack, after: store)
-            }
-            writePacket(ack)
             // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
-            if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return }
+            if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return writePacket(ack) }
+            let store = publish.retain ? broker.waitingStore : nil
+            if store == nil { writePacket(ack) }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             }
+            if let store { acknowledge(ack, after: store) }
         }
     }
 
