@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import Logging
 import MQTTCore
 import NIOCore
@@ -78,7 +79,9 @@ public final class Broker: Sendable {
     /// caller: see `PersistentStore`); nil keeps them in memory only. The broker closes it as it
     /// stops.
     public convenience init(configuration: BrokerConfiguration, hooks: any BrokerHooks = NoHooks(), logger: Logger, store: PersistentStore? = nil) {
-        self.init(configuration: configuration, hooks: hooks, sessionObserver: nil, logger: logger, retained: store?.retained ?? TreeRetainedStore(), store: store)
+        self.init(
+            configuration: configuration, hooks: hooks, sessionObserver: store?.sessions, logger: logger, retained: store?.retained ?? TreeRetainedStore(),
+            store: store)
     }
 
     /// A broker on the given stores (in memory unless told otherwise), with one worker per loop of
@@ -114,6 +117,7 @@ public final class Broker: Sendable {
     /// Binds every configured listener and returns the addresses actually bound (real ports).
     public func start() async throws -> [SocketAddress] {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw AlreadyStarted() }
+        try await restoreSessions()
         // Timeouts are checked to within this: a quarter of connect_timeout, at most half a second.
         let sweep = TimeAmount.nanoseconds(max(min(configuration.limits.connectTimeout.nanoseconds / 4, 500_000_000), 10_000_000))
         for worker in workers { worker.startTimeoutSweep(every: sweep) }
@@ -432,6 +436,67 @@ public final class Broker: Sendable {
         }
     }
 
+    /// Makes the persistent sessions the store held at startup, offline (as their clients left
+    /// them, or as the broker stopped under them), spread over the workers by client id; the
+    /// ones whose expiry passed while the broker was down go from the store instead.
+    private func restoreSessions() async throws {
+        guard let store else { return }
+        let stored = store.takeLoadedSessions()
+        guard !stored.isEmpty else { return }
+        let started = NIODeadline.now()
+        let now = Int64(Date().timeIntervalSince1970)
+        var byWorker = Array(repeating: [(StoredSession, TimeAmount)](), count: workers.count)
+        var expired = 0
+        for session in stored {
+            let expiry = session.expiry(configured: configuration.limits.sessionExpiry) ?? configuration.limits.sessionExpiry
+            // (Online when the broker stopped: its time offline starts now.)
+            let offline = TimeAmount.seconds(max(0, now - (session.offlineSince ?? now)))
+            if expiry != .zero, expiry != Session.neverExpires, offline >= expiry {
+                store.forget(session: session.clientID)
+                expired += 1
+                continue
+            }
+            byWorker[Int(UInt(bitPattern: session.clientID.hashValue) % UInt(workers.count))].append((session, offline))
+        }
+        for (worker, sessions) in zip(workers, byWorker) where !sessions.isEmpty {
+            try await worker.loop.submit {
+                for (session, offline) in sessions { self.restore(session, offlineFor: offline, on: worker) }
+            }.get()
+        }
+        let seconds = String(format: "%.3f", Double((NIODeadline.now() - started).nanoseconds) / 1e9)
+        logger.info("restored \(stored.count - expired) persistent sessions (\(expired) expired while stopped) in \(seconds) s")
+    }
+
+    /// One stored session, offline, on `worker`'s loop. What it does is not told to the store
+    /// again (it holds it already).
+    private func restore(_ stored: StoredSession, offlineFor offline: TimeAmount, on worker: Worker) {
+        let session = Session(clientID: stored.clientID, persistent: true, owner: worker.index, context: sessionContext)
+        registry.update(clientID: stored.clientID) { $0 = session }
+        if let expiry = stored.expiry(configured: configuration.limits.sessionExpiry) { session.setExpiry(expiry) }
+        for (filter, subscription) in stored.subscriptions {
+            subscribe(session, filter: filter, grant: subscription.grant, identifier: subscription.identifier)
+        }
+        if !stored.names.isEmpty { session.withSubscriptionNames { $0 = SubscriptionNames(pairs: stored.names) } }
+        session.restore(inflight: stored.inflight, queue: stored.queue, awaitingPubrel: stored.awaitingPubrel, lastSeq: stored.lastSeq)
+        session.isStored = true
+        worker.sessionWentOffline(session, since: .now() - offline)
+    }
+
+    /// Succeeds on `worker`'s loop once the store has committed what `worker` recorded so far and
+    /// what the deliveries it has posted to the other workers record: a task queued on each
+    /// other loop after `worker`'s posts runs after the drain that delivers them.
+    func committed(after worker: Worker) -> EventLoopFuture<Void> {
+        guard let store else { return worker.loop.makeSucceededVoidFuture() }
+        guard workers.count > 1 else { return store.committed(on: worker.loop) }
+        let futures = workers.map { other -> EventLoopFuture<Void> in
+            guard other !== worker else { return store.committed(on: worker.loop) }
+            let promise = worker.loop.makePromise(of: Void.self)
+            other.loop.execute { store.wait(promise) }
+            return promise.futureResult
+        }
+        return EventLoopFuture.andAllSucceed(futures, on: worker.loop)
+    }
+
     /// Runs `body` on the loop of the worker that owns `session`, following it if it moves.
     private func onOwner(of session: Session, _ body: @escaping @Sendable (Worker) -> Void) {
         let owner = workers[session.owner]
@@ -492,7 +557,7 @@ public final class Broker: Sendable {
         subscriptions.insert(filter: filter, session: session, grant: grant)
         // Routes follow the filter that topics are matched against (a shared one's inner filter).
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }
-        session.report(.subscribed(filter: filter, qos: qos))
+        session.report(.subscribed(filter: filter, grant: grant, identifier: identifier))
     }
 
     func unsubscribe(_ session: Session, filter: TopicFilter) {
@@ -530,6 +595,7 @@ public final class Broker: Sendable {
         }
         subscribe(session, filter: filter, grant: grant, identifier: identifier)
         if let replaced { unsubscribe(session, filter: replaced) }
+        session.report(.renamed)
     }
 
     /// UNSUBSCRIBE of the client's filter `name`: removes what it was subscribed as (unless
@@ -542,6 +608,7 @@ public final class Broker: Sendable {
         }
         let (mapped, removed) = session.withSubscriptionNames { names in (names.filter(named: name), names.unsubscribed(name: name)) }
         if let removed { unsubscribe(session, filter: removed) }
+        session.report(.renamed)
         return mapped
     }
 

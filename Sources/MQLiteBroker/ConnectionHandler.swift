@@ -503,6 +503,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if expiry != nil || session.expiry != nil { session.setExpiry(expiry) }
         session.setClientLimits(limits)
         session.outbound = self
+        session.report(.attached)
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
         updateReading()
@@ -647,32 +648,42 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .atLeastOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
-            let store = publish.retain ? broker.waitingStore : nil
-            if store == nil { writePacket(ack) }
+            let waits = waitsForStore(publish, topic: topic, session: session)
+            if !waits { writePacket(ack) }
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
-            if let store { acknowledge(ack, after: store) }
+            if waits { acknowledgeAfterCommit(ack) }
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
             // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
             if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return writePacket(ack) }
-            let store = publish.retain ? broker.waitingStore : nil
-            if store == nil { writePacket(ack) }
+            let waits = waitsForStore(publish, topic: topic, session: session)
+            if !waits { writePacket(ack) }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             }
-            if let store { acknowledge(ack, after: store) }
+            if waits { acknowledgeAfterCommit(ack) }
         }
     }
 
-    /// `[persistence] sync = "full"`: the PUBACK/PUBREC of a retained message goes out once the
-    /// store has committed it. The client's next packets wait meanwhile, so its acknowledgements
-    /// keep their order. (A publish hook that waits, an HTTP call, routes the message later: its
-    /// acknowledgement does not wait for the disk.)
-    private func acknowledge(_ ack: MQTTPacket, after store: PersistentStore) {
+    /// Whether this QoS 1/2 message's acknowledgement waits for the store (`[persistence] sync =
+    /// "full"`): it is retained, a session the store keeps may get it, or (QoS 2) this client's
+    /// session is kept, and with it the id awaiting PUBREL that makes a re-sent PUBLISH a
+    /// duplicate after a restart.
+    private func waitsForStore(_ publish: PublishPacket, topic: TopicName, session: Session) -> Bool {
+        guard broker.waitingStore != nil else { return false }
+        return publish.retain || (publish.qos == .exactlyOnce && session.isStored) || worker.route(for: topic).persists
+    }
+
+    /// `[persistence] sync = "full"`: the PUBACK/PUBREC goes out once the store has committed
+    /// what the message changed, here and on the other workers it went to
+    /// (`Broker.committed(after:)`). The client's next packets wait meanwhile, so its
+    /// acknowledgements keep their order. (A publish hook that waits, an HTTP call, routes the
+    /// message later: its acknowledgement does not wait for the disk.)
+    private func acknowledgeAfterCommit(_ ack: MQTTPacket) {
         guard !machine.hookPending, !machine.isClosed else { return writePacket(ack) }
-        whenAnswered(.later(store.committed(on: worker.loop)), failed: ()) { handler, _ in
+        whenAnswered(.later(broker.committed(after: worker)), failed: ()) { handler, _ in
             if !handler.machine.isClosed { handler.writePacket(ack) }
         }
     }
@@ -1183,7 +1194,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         guard !revoked.isEmpty else { return }
         for filter in revoked {
             broker.unsubscribe(session, filter: filter)
-            if session.hasRenamedSubscriptions { session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) } }
+            if session.hasRenamedSubscriptions {
+                session.withSubscriptionNames { $0.removeAll(subscribedAs: filter) }
+                session.report(.renamed)
+            }
         }
         session.dropQueued(onlyFrom: revoked)
         logger.info("access rules changed: \(revoked.count) subscriptions removed")

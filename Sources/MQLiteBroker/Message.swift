@@ -60,6 +60,8 @@ struct Delivery: Sendable {
     /// subscriber's connection goes before it is acknowledged (and whose subscription's MQTT 5
     /// Subscription Identifier the message carries).
     var group: SharedGroup?
+    /// Its number in the session that keeps it, while a store keeps that session (`SessionEvent`).
+    var seq: UInt64 = 0
 }
 
 extension ApplicationMessage {

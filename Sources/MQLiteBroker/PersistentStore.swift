@@ -30,18 +30,25 @@ public final class PersistentStore: Sendable {
     /// The retained messages: the tree the broker reads, which tells the journal of every change.
     let retained: PersistentRetainedStore
     /// What startup loaded, for its log line.
-    public let loaded: (retained: Int, seconds: Double)
+    public let loaded: (retained: Int, sessions: Int, seconds: Double)
+    /// Follows the persistent sessions into the journal (the broker's `SessionObserver`).
+    let sessions: SessionPersister
+    /// The sessions loaded, until the broker takes them (`takeLoadedSessions`).
+    private let loadedSessions: Mutex<[StoredSession]>
     /// Commits that failed since start.
     public var failedCommits: Int { failures.load(ordering: .relaxed) }
+    /// Commits that wrote something, since start.
+    public var commits: Int { commitCount.load(ordering: .relaxed) }
 
     private let logger: Logger
     private let journal: Journal
     private let failures = Atomic<Int>(0)
+    private let commitCount = Atomic<Int>(0)
     private let failureLog = Mutex((last: NIODeadline.distantPast, unlogged: 0))
     private let finished = DispatchSemaphore(value: 0)
 
     /// The schema this build writes, and how to get there from each older version.
-    static let schemaVersion: Int64 = 1
+    static let schemaVersion: Int64 = 2
     private static let migrations: [Int64: String] = [
         0: """
             CREATE TABLE retained (
@@ -52,6 +59,40 @@ public final class PersistentStore: Sendable {
                 expires_at INTEGER
             ) WITHOUT ROWID;
             """,
+        1: """
+            CREATE TABLE sessions (
+                client_id BLOB PRIMARY KEY,
+                expiry INTEGER,
+                offline_since INTEGER,
+                names BLOB
+            ) WITHOUT ROWID;
+            CREATE TABLE subscriptions (
+                client_id BLOB NOT NULL,
+                filter BLOB NOT NULL,
+                qos INTEGER NOT NULL,
+                options INTEGER NOT NULL,
+                identifier INTEGER,
+                PRIMARY KEY (client_id, filter)
+            ) WITHOUT ROWID;
+            CREATE TABLE session_messages (
+                client_id BLOB NOT NULL,
+                seq INTEGER NOT NULL,
+                state INTEGER NOT NULL,
+                packet_id INTEGER,
+                qos INTEGER NOT NULL,
+                retain INTEGER NOT NULL,
+                topic BLOB,
+                payload BLOB,
+                properties BLOB,
+                expires_at INTEGER,
+                PRIMARY KEY (client_id, seq)
+            ) WITHOUT ROWID;
+            CREATE TABLE awaiting_pubrel (
+                client_id BLOB NOT NULL,
+                packet_id INTEGER NOT NULL,
+                PRIMARY KEY (client_id, packet_id)
+            ) WITHOUT ROWID;
+            """,
     ]
 
     /// Opens (or makes) the store, takes it for this process alone, brings its schema up to date
@@ -59,7 +100,7 @@ public final class PersistentStore: Sendable {
     public init(configuration: PersistenceConfiguration, logger: Logger) throws(StoreOpenError) {
         let started = NIODeadline.now()
         let loaded = RetainedTree<Message>()
-        let opened: (db: SQLiteDatabase, count: Int)
+        let opened: (db: SQLiteDatabase, count: Int, sessions: [StoredSession])
         do {
             opened = try Self.open(configuration, into: loaded, logger: logger)
         } catch let error as SQLiteError {
@@ -72,9 +113,11 @@ public final class PersistentStore: Sendable {
         }
         self.configuration = configuration
         self.logger = logger
-        self.loaded = (opened.count, Double((NIODeadline.now() - started).nanoseconds) / 1e9)
+        self.loaded = (opened.count, opened.sessions.count, Double((NIODeadline.now() - started).nanoseconds) / 1e9)
         journal = Journal(wakesAtOnce: configuration.sync == .full)
         retained = PersistentRetainedStore(loaded, journal: journal)
+        sessions = SessionPersister(journal: journal)
+        loadedSessions = Mutex(opened.sessions)
         let writer = Writer(db: opened.db)
         let thread = Thread { [self] in run(writer) }
         thread.name = "mqlite-store"
@@ -83,7 +126,9 @@ public final class PersistentStore: Sendable {
 
     /// Opens the database, takes it for this process alone, brings its schema up to date and
     /// loads the retained messages into `tree` (dropping what expired while the broker was down).
-    private static func open(_ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger) throws -> (SQLiteDatabase, Int) {
+    private static func open(
+        _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
+    ) throws -> (SQLiteDatabase, Int, [StoredSession]) {
         let db = try SQLiteDatabase(path: configuration.path)
         // Exclusive locking: the first write below takes the lock for the process's life, so that
         // a second mqlite on the same file stops at startup instead of sharing it.
@@ -114,29 +159,20 @@ public final class PersistentStore: Sendable {
             count += 1
         }
         if skipped > 0 { logger.warning("\(configuration.path): \(skipped) retained messages could not be read and were skipped") }
-        return (db, count)
+        skipped = 0
+        let sessions = try StoredSession.loadAll(from: db, now: now, skipped: &skipped)
+        if skipped > 0 { logger.warning("\(configuration.path): \(skipped) rows of sessions could not be read and were skipped") }
+        return (db, count, sessions)
     }
 
     /// A row of `retained` as a message (nil: it cannot be read).
     private static func message(from row: SQLiteDatabase.Statement, now: Int64) -> Message? {
         // (An empty payload clears a retained message: such a row is not one.)
         let payload = row.bytes(1)
-        guard let topic = try? TopicName(validating: row.bytes(0)), (0...2).contains(row.int64(2)), let qos = QoS(rawValue: UInt8(row.int64(2))),
-              payload.readableBytes > 0
-        else { return nil }
-        var properties = MQTTProperties()
-        if !row.isNull(3) {
-            var bytes = row.bytes(3)
-            guard let read = try? MQTTProperties.readPublishProperties(from: &bytes), bytes.readableBytes == 0 else { return nil }
-            properties = read
-        }
-        if !row.isNull(4) {
-            // (A stored deadline past what an interval can say is held to the largest one.)
-            let remaining = min(max(row.int64(4) - now, 1), Int64(UInt32.max))
-            properties.messageExpiryInterval = UInt32(clamping: remaining)
-            properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(remaining) * 1_000_000_000
-        }
-        return Message(topic: topic, payload: payload, qos: qos, retain: true, properties: properties).compacted()
+        guard payload.readableBytes > 0 else { return nil }
+        return StoredMessage.decode(
+            topic: row.bytes(0), payload: payload, qos: row.int64(2), retain: true, properties: row.isNull(3) ? nil : row.bytes(3),
+            expiresAt: row.isNull(4) ? nil : row.int64(4), now: now)
     }
 
     /// A future that succeeds on `loop` once what was recorded before this call is committed
@@ -145,6 +181,24 @@ public final class PersistentStore: Sendable {
         let promise = loop.makePromise(of: Void.self)
         journal.wait(promise)
         return promise.futureResult
+    }
+
+    /// `promise` succeeds once what was recorded before this call is committed.
+    func wait(_ promise: EventLoopPromise<Void>) {
+        journal.wait(promise)
+    }
+
+    /// The sessions the store held at startup, once (the broker restores them).
+    func takeLoadedSessions() -> [StoredSession] {
+        loadedSessions.withLock { sessions in
+            defer { sessions = [] }
+            return sessions
+        }
+    }
+
+    /// A session the broker did not restore (it expired while the broker was down): its rows go.
+    func forget(session clientID: String) {
+        journal.record(clientID) { $0.clear() }
     }
 
     /// Whether acknowledgements wait for the disk.
@@ -164,20 +218,25 @@ public final class PersistentStore: Sendable {
         let db: SQLiteDatabase
         var upsert: SQLiteDatabase.Statement?
         var delete: SQLiteDatabase.Statement?
+        var sessions: SessionStatements?
 
         init(db: SQLiteDatabase) { self.db = db }
 
         func close() {
             upsert = nil
             delete = nil
+            sessions = nil
             db.close()
         }
 
-        func commit(_ changes: [ByteBuffer: Journal.Change]) throws(SQLiteError) {
-            guard !changes.isEmpty else { return }
-            if upsert == nil || delete == nil {
+        /// Writes `batch` in one transaction; whether there was anything to write.
+        func commit(_ batch: Journal.Batch) throws(SQLiteError) -> Bool {
+            let changes = batch.retained
+            guard !changes.isEmpty || !batch.sessions.isEmpty else { return false }
+            if upsert == nil || delete == nil || sessions == nil {
                 let preparedUpsert = try db.prepare("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?, ?, ?, ?, ?)")
                 delete = try db.prepare("DELETE FROM retained WHERE topic = ?")
+                sessions = try SessionStatements(db)
                 upsert = preparedUpsert
             }
             try db.execute("BEGIN")
@@ -196,10 +255,13 @@ public final class PersistentStore: Sendable {
                         try delete!.run()
                     }
                 }
+                for (client, changes) in batch.sessions { try sessions!.write(client.id, changes) }
                 try db.execute("COMMIT")
+                return true
             } catch {
                 upsert!.reset()
                 delete!.reset()
+                sessions!.reset()
                 try? db.execute("ROLLBACK")
                 throw error
             }
@@ -212,9 +274,9 @@ public final class PersistentStore: Sendable {
             let (changes, waiters, closing) = journal.take()
             var retry = false
             do {
-                try writer.commit(changes)
+                if try writer.commit(changes) { commitCount.add(1, ordering: .relaxed) }
             } catch {
-                failed(error, changes: changes.count)
+                failed(error, changes: changes.retained.count + changes.sessions.count)
                 // Kept for the next attempt (a change made since goes instead), a second later.
                 journal.requeue(changes)
                 retry = !closing
@@ -261,8 +323,14 @@ final class Journal: Sendable {
         case remove
     }
 
+    /// What one commit writes: retained topics, and sessions by client id.
+    struct Batch {
+        var retained: [ByteBuffer: Change] = [:]
+        var sessions: [ClientIDKey: SessionChanges] = [:]
+    }
+
     private struct State {
-        var pending: [ByteBuffer: Change] = [:]
+        var pending = Batch()
         var waiters: [EventLoopPromise<Void>] = []
         var writerAsleep = false
         var closing = false
@@ -281,7 +349,17 @@ final class Journal: Sendable {
     func record(_ change: Change, topic: TopicName) {
         let wakeWriter = state.withLock { state -> Bool in
             guard !state.closed else { return false }
-            state.pending[topic.bytes] = change
+            state.pending.retained[topic.bytes] = change
+            return wakesAtOnce && takeAsleep(&state)
+        }
+        if wakeWriter { wake.signal() }
+    }
+
+    /// Records a change of the session of `clientID` (`body` changes what is pending for it).
+    func record(_ clientID: String, _ body: (inout SessionChanges) -> Void) {
+        let wakeWriter = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            body(&state.pending.sessions[ClientIDKey(clientID), default: SessionChanges()])
             return wakesAtOnce && takeAsleep(&state)
         }
         if wakeWriter { wake.signal() }
@@ -305,10 +383,10 @@ final class Journal: Sendable {
     }
 
     /// The writer's next batch, and whether the store is closing (this is the last one).
-    func take() -> (changes: [ByteBuffer: Change], waiters: [EventLoopPromise<Void>], closing: Bool) {
+    func take() -> (changes: Batch, waiters: [EventLoopPromise<Void>], closing: Bool) {
         state.withLock { state in
             defer {
-                state.pending = [:]
+                state.pending = Batch()
                 state.waiters = []
             }
             return (state.pending, state.waiters, state.closing)
@@ -316,9 +394,10 @@ final class Journal: Sendable {
     }
 
     /// Changes whose commit failed, back in line where no newer change of their topic is.
-    func requeue(_ changes: [ByteBuffer: Change]) {
+    func requeue(_ changes: Batch) {
         state.withLock { state in
-            state.pending.merge(changes) { newer, _ in newer }
+            state.pending.retained.merge(changes.retained) { newer, _ in newer }
+            state.pending.sessions.merge(changes.sessions) { newer, older in older.followed(by: newer) }
         }
     }
 
@@ -326,7 +405,7 @@ final class Journal: Sendable {
     func sleep(timeout: Double?) {
         guard let timeout else {
             let idle = state.withLock { state -> Bool in
-                guard state.pending.isEmpty, state.waiters.isEmpty, !state.closing else { return false }
+                guard state.pending.retained.isEmpty, state.pending.sessions.isEmpty, state.waiters.isEmpty, !state.closing else { return false }
                 state.writerAsleep = true
                 return true
             }
@@ -376,20 +455,7 @@ final class PersistentRetainedStore: RetainedStore {
 
     func set(topic: TopicName, _ message: Message) {
         guard !Self.isSys(topic) else { return tree.set(topic: topic, message) }
-        var expiresAt: Int64?
-        if let deadline = message.properties.messageExpiresAt {
-            let remaining = Int64(deadline) - Int64(NIODeadline.now().uptimeNanoseconds)
-            expiresAt = Int64(Date().timeIntervalSince1970) + max(remaining, 0) / 1_000_000_000
-        }
-        var properties: ByteBuffer?
-        if !message.properties.isEmpty {
-            var stored = message.properties
-            // The interval is kept as a deadline (expires_at) instead.
-            stored.messageExpiryInterval = nil
-            var bytes = ByteBuffer()
-            bytes.writeMQTTProperties(stored)
-            properties = bytes
-        }
+        let (properties, expiresAt) = StoredMessage.encode(message)
         let change = Journal.Change.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt)
         order.withLock { _ in
             tree.set(topic: topic, message)

@@ -33,21 +33,33 @@ protocol SessionOutbound: AnyObject {
 
 /// What happened to a session, for whoever must follow it (`SessionObserver`): the single tap a
 /// store keeping sessions across restarts uses. Reported on the session's owner loop, after the
-/// change.
+/// change. A QoS 1/2 message owed to a session that a store keeps (`Session.isStored`) has a
+/// sequence number of the session's (`Delivery.seq`, never 0), which names it from the moment it
+/// is queued or sent until it is acknowledged or dropped.
 enum SessionEvent {
-    case subscribed(filter: TopicFilter, qos: QoS)
+    /// A connection took the session (made or resumed), its expiry set.
+    case attached
+    case subscribed(filter: TopicFilter, grant: Grant, identifier: UInt32?)
     case unsubscribed(filter: TopicFilter)
+    /// The names the client used for filters an `on_subscribe` hook rewrote changed.
+    case renamed
     /// A message was kept in the queue for later (offline, window full, or the socket full).
     case queued(Delivery)
-    /// A QoS 1/2 message went out with `packetID` and waits for its acknowledgement.
-    case inflightAdded(packetID: UInt16, Delivery)
+    /// A QoS 1/2 message went out with `packetID` and waits for its acknowledgement; `queued`:
+    /// it was queued before (with the same `seq`).
+    case inflightAdded(packetID: UInt16, Delivery, queued: Bool)
     /// PUBREC came for a QoS 2 message: only its PUBREL/PUBCOMP remain.
-    case released(packetID: UInt16)
+    case released(packetID: UInt16, seq: UInt64)
     /// The in-flight message with this id is done (PUBACK, or PUBCOMP).
-    case acknowledged(packetID: UInt16)
-    /// A message of a shared subscription, queued or in flight with `packetID`, went to another
-    /// member of its group: this session's connection went away before it was acknowledged.
-    case handedOver(Delivery, packetID: UInt16?)
+    case acknowledged(packetID: UInt16, seq: UInt64)
+    /// A queued message left the queue without being sent: expired, too large for the client,
+    /// held back by a hook or the ACL, or its subscription revoked.
+    case discarded(seq: UInt64)
+    /// A message of a shared subscription, queued or in flight, went to another member of its
+    /// group: this session's connection went away before it was acknowledged.
+    case handedOver(seq: UInt64)
+    /// An inbound QoS 2 id awaits its PUBREL (`awaiting`), or no longer does.
+    case inboundQoS2(packetID: UInt16, awaiting: Bool)
     /// Its connection went away; a persistent session stays.
     case detached
     /// Offline past `session_expiry`: it is discarded next (`ended`).
@@ -116,6 +128,8 @@ final class Session: @unchecked Sendable {
         var released: Bool
         /// Sent through a shared subscription of this group.
         var group: SharedGroup?
+        /// Its number while a store keeps the session (`SessionEvent`); 0 otherwise.
+        var seq: UInt64 = 0
     }
 
     let clientID: String
@@ -199,6 +213,10 @@ final class Session: @unchecked Sendable {
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
         /// Filters the client named that an `on_subscribe` hook rewrote.
         var names = SubscriptionNames()
+        /// A store keeps this session (its observer says so): owed messages get numbers.
+        var stored = false
+        /// The last number given to an owed message (`SessionEvent`).
+        var lastSeq: UInt64 = 0
 
         /// MQTT 5: whether what this client gets may differ from the message (`forClient`).
         var adorns: Bool { maximumPacketSize != nil || aliases != nil || subscriptionIdentifiers != nil }
@@ -305,6 +323,23 @@ final class Session: @unchecked Sendable {
         }
     }
 
+    /// Whether a store keeps this session (set by the store's observer, owner loop): then its
+    /// owed messages are numbered (`SessionEvent`).
+    var isStored: Bool {
+        get { occasional?.stored ?? false }
+        set {
+            guard newValue || occasional != nil else { return }
+            more.stored = newValue
+        }
+    }
+
+    /// The number of the next owed message of a stored session.
+    private func nextSeq() -> UInt64 {
+        let more = self.more
+        more.lastSeq += 1
+        return more.lastSeq
+    }
+
     /// Names the client used for rewritten filters (bounded by `max_subscriptions` as well).
     var subscriptionNameCount: Int { occasional?.names.count ?? 0 }
 
@@ -315,7 +350,9 @@ final class Session: @unchecked Sendable {
         queue.removeAll { delivery in
             let topic = delivery.message.topic
             func matches(_ filter: TopicFilter) -> Bool { SharedFilter.matching(filter).matches(topic) }
-            return revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches)
+            guard revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches) else { return false }
+            if delivery.seq != 0 { report(.discarded(seq: delivery.seq)) }
+            return true
         }
         queueChanged()
         occasional?.queuedBytes = queue.reduce(0) { $0 + $1.message.size }
@@ -579,6 +616,7 @@ final class Session: @unchecked Sendable {
         var kept = delivery
         kept.message = delivery.message.compacted()
         kept.frame = nil
+        if delivery.qos != .atMostOnce && more.stored { kept.seq = nextSeq() }
         queue.append(kept)
         queueChanged()
         more.queuedBytes += size
@@ -644,9 +682,13 @@ final class Session: @unchecked Sendable {
             }
         } else {
             let id = nextPacketID()
-            inflight.append(Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group))
+            var delivery = delivery
+            let queued = delivery.seq != 0
+            if !queued, let occasional, occasional.stored { delivery.seq = nextSeq() }
+            inflight.append(
+                Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: delivery.seq))
             outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
-            report(.inflightAdded(packetID: id, delivery))
+            report(.inflightAdded(packetID: id, delivery, queued: queued))
         }
     }
 
@@ -674,6 +716,8 @@ final class Session: @unchecked Sendable {
             more.queuedBytes -= head.message.size
             drained += head.message.size
             send(queue.removeFirst(), on: outbound)
+            // A numbered message that did not go in flight is owed no longer.
+            if head.seq != 0, inflight.last?.seq != head.seq { report(.discarded(seq: head.seq)) }
         }
         if drained > 0 {
             progressed(context.limits, drained: drained)
@@ -713,19 +757,19 @@ final class Session: @unchecked Sendable {
         if inflight.contains(where: { $0.group != nil }) {
             inflight.removeAll { entry in
                 guard let group = entry.group, !entry.released, movable(group) else { return false }
-                let delivery = Delivery(message: entry.message.compacted(), qos: entry.qos, retain: false, frame: nil, group: group)
-                taken.append(delivery)
-                report(.handedOver(delivery, packetID: entry.id))
+                taken.append(Delivery(message: entry.message.compacted(), qos: entry.qos, retain: false, frame: nil, group: group))
+                if entry.seq != 0 { report(.handedOver(seq: entry.seq)) }
                 return true
             }
         }
         if queue.contains(where: { $0.group != nil }) {
             var kept = Deque<Delivery>()
-            for delivery in queue {
+            for var delivery in queue {
                 if let group = delivery.group, movable(group) {
                     more.queuedBytes -= delivery.message.size
+                    if delivery.seq != 0 { report(.handedOver(seq: delivery.seq)) }
+                    delivery.seq = 0  // (the other member's session numbers its own)
                     taken.append(delivery)
-                    report(.handedOver(delivery, packetID: nil))
                 } else {
                     kept.append(delivery)
                 }
@@ -741,12 +785,16 @@ final class Session: @unchecked Sendable {
     /// Records an inbound QoS 2 PUBLISH id until its PUBREL; whether it is new (a re-sent
     /// PUBLISH whose id still awaits PUBREL is not delivered again).
     func receivedQoS2(_ id: UInt16) -> Bool {
-        more.awaitingPubrel.insert(id).inserted
+        let more = self.more
+        guard more.awaitingPubrel.insert(id).inserted else { return false }
+        if more.stored { report(.inboundQoS2(packetID: id, awaiting: true)) }
+        return true
     }
 
     /// PUBREL came for an inbound QoS 2 id.
     func released(inbound id: UInt16) {
-        occasional?.awaitingPubrel.remove(id)
+        guard let occasional, occasional.awaitingPubrel.remove(id) != nil, occasional.stored else { return }
+        report(.inboundQoS2(packetID: id, awaiting: false))
     }
 
     // MARK: - Acknowledgements of outgoing messages
@@ -754,8 +802,8 @@ final class Session: @unchecked Sendable {
     func puback(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
-            inflight.remove(at: i)
-            report(.acknowledged(packetID: id))
+            let done = inflight.remove(at: i)
+            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
             pump()
         }
     }
@@ -766,15 +814,15 @@ final class Session: @unchecked Sendable {
         guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
         inflight[i].released = true
         inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
-        report(.released(packetID: id))
+        if inflight[i].seq != 0 { report(.released(packetID: id, seq: inflight[i].seq)) }
     }
 
     /// MQTT 5: the client refused a QoS 2 message (PUBREC with a failure code): it is done.
     func pubrecRefused(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) {
-            inflight.remove(at: i)
-            report(.acknowledged(packetID: id))
+            let done = inflight.remove(at: i)
+            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
             pump()
         }
     }
@@ -782,8 +830,8 @@ final class Session: @unchecked Sendable {
     func pubcomp(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
-            inflight.remove(at: i)
-            report(.acknowledged(packetID: id))
+            let done = inflight.remove(at: i)
+            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
             pump()
         }
     }
@@ -795,6 +843,23 @@ final class Session: @unchecked Sendable {
             lastPacketID = lastPacketID == UInt16.max ? 1 : lastPacketID + 1
         } while inflight.contains(where: { $0.id == lastPacketID })
         return lastPacketID
+    }
+
+    /// What a store kept of this session before a restart (owner loop, before any connection
+    /// takes it): messages in flight (sent again with DUP, or their PUBREL, on resume), the
+    /// queue, inbound QoS 2 ids awaiting PUBREL, and the last number given to an owed message.
+    func restore(inflight restored: [Inflight], queue kept: [Delivery], awaitingPubrel: [UInt16], lastSeq: UInt64) {
+        assertOnOwner()
+        inflight = restored
+        lastPacketID = restored.last?.id ?? 0
+        let more = self.more
+        for delivery in kept {
+            queue.append(delivery)
+            more.queuedBytes += delivery.message.size
+        }
+        queueChanged()
+        more.awaitingPubrel.formUnion(awaitingPubrel)
+        more.lastSeq = lastSeq
     }
 
     /// Forgets everything queued or in flight: the session is discarded (`ended`).

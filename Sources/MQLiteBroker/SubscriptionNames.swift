@@ -15,6 +15,16 @@ struct SubscriptionNames {
     /// Filter subscribed → how many names map to it.
     private var references: [TopicFilter: Int] = [:]
 
+    init() {}
+
+    /// The names as `pairs` listed them (a store kept them across a restart).
+    init(pairs: [(name: TopicFilter, filter: TopicFilter)]) {
+        for (name, filter) in pairs { add(name, filter) }
+    }
+
+    /// Each name and the filter it is subscribed as (for a store).
+    var pairs: [(name: TopicFilter, filter: TopicFilter)] { subscribed.map { ($0.key, $0.value) } }
+
     var isEmpty: Bool { subscribed.isEmpty }
     var count: Int { subscribed.count }
 

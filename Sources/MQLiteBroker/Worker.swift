@@ -58,6 +58,10 @@ final class Worker: @unchecked Sendable {
         var groups: [SharedGroup] = []
         /// Delivery hooks want the topic (`BrokerHooks.isDeliverHooked`).
         var deliverHooked = false
+        /// A store keeps sessions and one of the subscribers may be such a session (persistent,
+        /// or in a shared group): with `sync = "full"`, a QoS 1/2 message's acknowledgement
+        /// waits for the commit (`Broker.committed(after:)`).
+        var persists = false
     }
 
     private static let routeCacheLimit = 10_000
@@ -228,11 +232,11 @@ final class Worker: @unchecked Sendable {
     // MARK: - Offline sessions
 
     /// A persistent session lost its connection (owner loop).
-    func sessionWentOffline(_ session: Session) {
+    func sessionWentOffline(_ session: Session, since: NIODeadline = .now()) {
         assertOnLoop()
         let expiry = session.expiry ?? broker.configuration.limits.sessionExpiry
         guard expiry != .zero, expiry != Session.neverExpires else { return }
-        session.offline = (.now(), session.latestClaim)
+        session.offline = (since, session.latestClaim)
         offlineSessions[ObjectIdentifier(session)] = session
     }
 
@@ -380,6 +384,7 @@ final class Worker: @unchecked Sendable {
         route.groups = broker.sharedGroups(matching: topic)
         let goesSomewhere = !targets.isEmpty || !route.groups.isEmpty
         if goesSomewhere { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
+        if broker.store != nil { route.persists = !route.groups.isEmpty || targets.contains { $0.session.persistent } }
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
         // wants would only fill the cache.
         if !goesSomewhere && !route.hooked { return route }

@@ -70,7 +70,7 @@ struct MQLite: AsyncParsableCommand {
                 throw ExitCode(2)
             }
             let loaded = store!.loaded
-            logger.info("store \(persistence.path) (sync \(persistence.sync.rawValue)): loaded \(loaded.retained) retained messages in \(String(format: "%.3f", loaded.seconds)) s")
+            logger.info("store \(persistence.path) (sync \(persistence.sync.rawValue)): loaded \(loaded.retained) retained messages and \(loaded.sessions) sessions in \(String(format: "%.3f", loaded.seconds)) s")
         }
 
         // The broker and the SIGHUP reloader run in a service group, which turns SIGTERM and

@@ -95,7 +95,7 @@ struct PersistenceTests {
                 _ = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
                 Issue.record("a store of a newer schema opened")
             } catch {
-                #expect("\(error)".contains("schema version 99 is newer than this mqlite's (1)"))
+                #expect("\(error)".contains("schema version 99 is newer than this mqlite's (2)"))
             }
 
             let nowhere = folder + "/no/such/folder/mqlite.db"

@@ -60,13 +60,17 @@ final class RecordingObserver: SessionObserver {
     func session(_ session: Session, _ event: SessionEvent) {
         let text: String
         switch event {
-        case .subscribed(let filter, let qos): text = "subscribed \(filter) \(qos.rawValue)"
+        case .attached: text = "attached"
+        case .subscribed(let filter, let grant, _): text = "subscribed \(filter) \(grant.qos.rawValue)"
         case .unsubscribed(let filter): text = "unsubscribed \(filter)"
-        case .queued(let d): text = "queued \(String(buffer: d.message.payload))"
-        case .inflightAdded(let id, let d): text = "inflight \(id) \(String(buffer: d.message.payload))"
-        case .released(let id): text = "released \(id)"
-        case .acknowledged(let id): text = "acknowledged \(id)"
-        case .handedOver(let d, let id): text = "handed over \(String(buffer: d.message.payload))\(id.map { " \($0)" } ?? "")"
+        case .renamed: text = "renamed"
+        case .queued(let d): text = "queued \(String(buffer: d.message.payload)) #\(d.seq)"
+        case .inflightAdded(let id, let d, _): text = "inflight \(id) \(String(buffer: d.message.payload)) #\(d.seq)"
+        case .released(let id, let seq): text = "released \(id) #\(seq)"
+        case .acknowledged(let id, let seq): text = "acknowledged \(id) #\(seq)"
+        case .discarded(let seq): text = "discarded #\(seq)"
+        case .handedOver(let seq): text = "handed over #\(seq)"
+        case .inboundQoS2(let id, let awaiting): text = "inbound \(id) \(awaiting)"
         case .detached: text = "detached"
         case .expired: text = "expired"
         case .ended: text = "ended"
@@ -149,6 +153,7 @@ struct SessionSeamTests {
         let context = standaloneContext(configure: { $0.maxQueued = 5; $0.maxInflight = 3 }, observer: observer)
         let (sent, dropped, events) = {
             let session = Session(clientID: "offline", persistent: true, owner: 0, context: context)
+            session.isStored = true  // (as a store would: its owed messages are numbered)
             for i in 0..<8 { session.deliver(delivery("q\(i)", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce)) }
             session.deliver(delivery("zero", qos: .atMostOnce))
             let out = RecordingOutbound()
@@ -173,7 +178,8 @@ struct SessionSeamTests {
         #expect(sent.map(\.qos) == [.atLeastOnce, .exactlyOnce, .atLeastOnce, .exactlyOnce, .atLeastOnce])
         #expect(sent.allSatisfy { !$0.dup })
         #expect(dropped == 3)
-        #expect(events.prefix(5) == ["queued q0", "queued q1", "queued q2", "queued q3", "queued q4"])
+        #expect(events.prefix(5) == ["queued q0 #1", "queued q1 #2", "queued q2 #3", "queued q3 #4", "queued q4 #5"])
+        #expect(events.contains("inflight 1 q0 #1") && events.contains("released 2 #2") && events.contains("acknowledged 5 #5"))
         #expect(events.filter { $0.hasPrefix("inflight") }.count == 5)
         #expect(events.filter { $0.hasPrefix("acknowledged") }.count == 5)
         #expect(events.filter { $0.hasPrefix("released") }.count == 2)
@@ -418,6 +424,7 @@ struct MailboxTests {
 struct SharedSubscriptionTests {
     private static func member(_ id: String, _ broker: Broker, filter: String, qos: QoS = .atLeastOnce, connected: Bool = true) throws -> (Session, RecordingOutbound) {
         let session = Session(clientID: id, persistent: !connected, owner: 0, context: broker.sessionContext)
+        session.isStored = true  // (as a store would: its owed messages are numbered)
         let out = RecordingOutbound()
         if connected { session.outbound = out }
         broker.subscribe(session, filter: try TopicFilter(filter), qos: qos)
@@ -472,7 +479,7 @@ struct SharedSubscriptionTests {
         #expect(kept == [true], "the QoS 2 message past PUBREC stays with its session")
         #expect(received == ["p1", "p3", "p5", "p7", "p2", "p4", "p6"])
         #expect(qos == [.atLeastOnce], "at the QoS the receiving member was granted")
-        #expect(observer.of("a").filter { $0.hasPrefix("handed over") } == ["handed over p2 2", "handed over p4", "handed over p6"])
+        #expect(observer.of("a").filter { $0.hasPrefix("handed over") } == ["handed over #2", "handed over #3", "handed over #4"])
     }
 
     @Test("a group goes with its last member: routes are dropped, the index's nodes pruned")

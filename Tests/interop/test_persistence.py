@@ -1,5 +1,6 @@
 """[persistence]: retained messages in SQLite, across a restart and a kill -9, with real clients."""
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -103,4 +104,124 @@ def test_a_store_that_cannot_be_used_stops_startup_with_exit_2(tmp_path):
         r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and "locked by another process" in r.stderr, r.stderr
     finally:
+        b.stop()
+
+
+def session_config(path, port, sync="full"):
+    """A store, a fixed port (clients reconnect to the restarted broker there) and a queue that
+    holds the whole stream."""
+    return (f'[[listener]]\nbind = "127.0.0.1:{port}"\n[limits]\nmax_queued = 20000\n'
+            f'[persistence]\npath = "{path}"\nsync = "{sync}"\n')
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def persistent_subscriber(port, client_id, filter, qos):
+    """A clean_session=0 subscription, then offline."""
+    c = paho_client(client_id, clean_session=False)
+    start(c, port)
+    c.subscribe(filter, qos=qos)
+    time.sleep(0.3)
+    c.disconnect()
+    c.loop_stop()
+
+
+def drain(port, client_id, expected, timeout=60):
+    """Reconnects `client_id` (clean_session=0): what it gets until `expected` messages came and
+    a second passed without more; CONNACK's session present flag too."""
+    c = paho_client(client_id, clean_session=False)
+    start(c, port)
+    assert wait_for(lambda: len(c.messages) >= expected, timeout=timeout), (len(c.messages), expected)
+    count = -1
+    while count != len(c.messages):
+        count = len(c.messages)
+        time.sleep(1)
+    present = c.flags.session_present
+    c.disconnect()
+    c.loop_stop()
+    return present, [m.payload for m in c.messages]
+
+
+def test_kill_9_during_a_qos1_stream_to_an_offline_persistent_subscriber_loses_nothing_acknowledged(tmp_path):
+    """10,000 QoS 1 messages for a clean_session=0 subscriber that is offline; the broker is killed
+    (SIGKILL) mid-stream with sync = "full": after a restart, the subscriber gets every message the
+    publisher had a PUBACK for (QoS 1 allows duplicates; it loses none)."""
+    db = tmp_path / "mqlite.db"
+    port = free_port()
+    b = Broker([], config_text=session_config(db, port))
+    persistent_subscriber(port, "stream-sub", "stream/#", 1)
+    acked = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stream-pub")
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    c.on_publish = lambda client, userdata, mid, reason_code, properties: acked.append(mid)
+    payload_of = {}
+    start_pub = threading.Event()
+    c.on_connect = lambda *a: start_pub.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    assert start_pub.wait(5)
+    try:
+        for i in range(10000):
+            info = c.publish("stream/x", b"m-%d" % i, qos=1)
+            payload_of[info.mid] = b"m-%d" % i
+        assert wait_for(lambda: len(acked) >= 3000, timeout=60)
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(10)
+        promised = {payload_of[mid] for mid in list(acked)}
+    finally:
+        c.loop_stop()
+        b.stop()
+    assert 3000 <= len(promised) < 10000, len(promised)
+    b = Broker([], config_text=session_config(db, port))
+    try:
+        assert "loaded 0 retained messages and 1 sessions" in b.log(), b.log()
+        present, got = drain(port, "stream-sub", len(promised))
+        assert present
+        missing = promised - set(got)
+        assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
+    finally:
+        b.stop()
+
+
+def test_qos2_exactly_once_across_a_kill_9(tmp_path):
+    """A clean_session=0 publisher sends 2,000 QoS 2 messages to an offline persistent subscriber;
+    the broker is killed mid-stream and started again on the same port; the publisher reconnects
+    and finishes its flows (re-sending PUBLISH or PUBREL as its session says). The subscriber then
+    gets every message exactly once."""
+    db = tmp_path / "mqlite.db"
+    port = free_port()
+    b = Broker([], config_text=session_config(db, port))
+    persistent_subscriber(port, "once-sub", "once/#", 2)
+    completed = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="once-pub", clean_session=False)
+    c.max_inflight_messages_set(50)
+    c.max_queued_messages_set(0)
+    c.reconnect_delay_set(min_delay=1, max_delay=1)
+    c.on_publish = lambda client, userdata, mid, reason_code, properties: completed.append(mid)
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    assert connected.wait(5)
+    try:
+        for i in range(2000):
+            c.publish("once/x", b"q2-%d" % i, qos=2)
+        assert wait_for(lambda: len(completed) >= 500, timeout=60)
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(10)
+        assert len(completed) < 2000
+        b = Broker([], config_text=session_config(db, port))
+        assert wait_for(lambda: len(completed) >= 2000, timeout=90), len(completed)
+        present, got = drain(port, "once-sub", 2000)
+        assert present
+        assert len(got) == 2000 and len(set(got)) == 2000, (len(got), len(set(got)))
+    finally:
+        c.loop_stop()
         b.stop()

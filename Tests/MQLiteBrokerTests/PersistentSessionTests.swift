@@ -1,0 +1,218 @@
+import Foundation
+@testable import MQLiteBroker
+import MQLiteTestSupport
+import MQTTCore
+import NIOCore
+import Testing
+
+/// `[persistence]`: persistent sessions (3.1.1 clean session 0, MQTT 5 session expiry) in
+/// SQLite, across a restart of the broker.
+@Suite("Persistent sessions (SQLite)")
+struct PersistentSessionTests {
+    static func connect(_ b: BrokerFixture, _ id: String, clean: Bool = false) async throws -> (TestClient, ConnackPacket) {
+        let c = try await TestClient.open(port: b.port)
+        let connack = try await c.connect(ConnectPacket(cleanSession: clean, keepAlive: 0, clientID: id))
+        guard connack.returnCode == .accepted else { throw TestFailure("CONNACK \(connack.returnCode) for \(id)") }
+        return (c, connack)
+    }
+
+    @Test("a persistent session survives a restart, for every sync mode: its subscriptions, its queue (QoS 1 and 2, not QoS 0), its messages in flight (re-sent with DUP, or their PUBREL), and inbound QoS 2 ids awaiting PUBREL (a re-sent PUBLISH is not delivered twice)")
+    func restart() async throws {
+        for sync in PersistenceConfiguration.Sync.allCases {
+            try await PersistenceTests.withFolder { folder in
+                let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: sync, flushInterval: 0.05)
+                var inflightID: UInt16 = 0
+                var releasedID: UInt16 = 0
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    let (sub, first) = try await Self.connect(b, "sub")
+                    #expect(!first.sessionPresent)
+                    #expect(try await sub.subscribe([("q/#", .exactlyOnce), ("one/+", .atLeastOnce)]) == [.granted(.exactlyOnce), .granted(.atLeastOnce)])
+                    let pub = try await b.client("pub")
+                    // In flight to the subscriber: a QoS 1 message it does not acknowledge, and a
+                    // QoS 2 message it acknowledges with PUBREC only (PUBREL sent, PUBCOMP owed).
+                    try await pub.publish("q/inflight", "i", qos: .atLeastOnce)
+                    let p1 = try await sub.expectPublish()
+                    inflightID = p1.packetID!
+                    try await pub.publish("q/released", "r", qos: .exactlyOnce, id: 2)
+                    let p2 = try await sub.expectPublish()
+                    releasedID = p2.packetID!
+                    sub.send(.pubrec(packetID: releasedID))
+                    #expect(try await sub.expectPacket() == .pubrel(packetID: releasedID))
+                    await sub.abort()
+                    try await eventually("the subscriber is offline") { b.broker.registry.session(for: "sub")?.isOnline == false }
+                    // Offline: QoS 1 and 2 are queued, QoS 0 is not.
+                    try await pub.publish("q/a", "a", qos: .atLeastOnce, id: 3)
+                    try await pub.publish("q/zero", "z", qos: .atMostOnce)
+                    try await pub.publish("one/x", "x", qos: .exactlyOnce, id: 4)
+                    // A publisher with a persistent session stops between PUBREC and PUBREL.
+                    let (p2c, _) = try await Self.connect(b, "pub2")
+                    p2c.send(.publish(PublishPacket(topic: ByteBuffer(string: "q/once"), payload: ByteBuffer(string: "once"), qos: .exactlyOnce, retain: false, packetID: 7)))
+                    #expect(try await p2c.expectPacket() == .pubrec(packetID: 7))
+                    await p2c.abort()
+                    try await pub.ping()
+                }
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    #expect(b.logMessages.contains { $0.contains("restored 2 persistent sessions") })
+                    let (sub, connack) = try await Self.connect(b, "sub")
+                    #expect(connack.sessionPresent)
+                    // In flight first, as it was: the QoS 1 PUBLISH again with DUP, and the PUBREL.
+                    let again = try await sub.expectPublish()
+                    #expect(again.dup && again.packetID == inflightID && String(buffer: again.topic) == "q/inflight" && again.qos == .atLeastOnce)
+                    #expect(try await sub.expectPacket() == .pubrel(packetID: releasedID))
+                    sub.send(.puback(packetID: inflightID))
+                    sub.send(.pubcomp(packetID: releasedID))
+                    var queued: [String] = []
+                    for _ in 0..<3 {
+                        let p = try await sub.expectPublish()
+                        queued.append("\(String(buffer: p.topic)) \(String(buffer: p.payload)) \(p.qos.rawValue)")
+                        #expect(!p.dup, "queued, not sent before")
+                        if p.qos == .atLeastOnce { sub.send(.puback(packetID: p.packetID!)) }
+                        if p.qos == .exactlyOnce {
+                            sub.send(.pubrec(packetID: p.packetID!))
+                            #expect(try await sub.expectPacket() == .pubrel(packetID: p.packetID!))
+                            sub.send(.pubcomp(packetID: p.packetID!))
+                        }
+                    }
+                    #expect(queued == ["q/a a 1", "one/x x 1", "q/once once 2"])
+                    // The publisher's QoS 2 id still awaits PUBREL: its PUBLISH again is not delivered again.
+                    let (p2c, present) = try await Self.connect(b, "pub2")
+                    #expect(present.sessionPresent)
+                    p2c.send(.publish(PublishPacket(topic: ByteBuffer(string: "q/once"), payload: ByteBuffer(string: "once"), qos: .exactlyOnce, retain: false, dup: true, packetID: 7)))
+                    #expect(try await p2c.expectPacket() == .pubrec(packetID: 7))
+                    p2c.send(.pubrel(packetID: 7))
+                    #expect(try await p2c.expectPacket() == .pubcomp(packetID: 7))
+                    try await sub.expectNothing()
+                    // The subscriptions are live again.
+                    let pub = try await b.client("pub")
+                    try await pub.publish("one/y", "y", qos: .atLeastOnce)
+                    let live = try await sub.expectPublish()
+                    #expect(String(buffer: live.topic) == "one/y" && live.qos == .atLeastOnce)
+                    sub.send(.puback(packetID: live.packetID!))
+                    try await sub.ping()
+                }
+                // What was delivered and acknowledged is owed no longer; the session stays.
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    let (sub, connack) = try await Self.connect(b, "sub")
+                    #expect(connack.sessionPresent)
+                    try await sub.expectNothing()
+                    // A clean session 1 ends it: gone after the next restart.
+                    await sub.abort()
+                    let (clean, _) = try await Self.connect(b, "sub", clean: true)
+                    await clean.disconnect()
+                }
+                try await withBroker(configure: { $0.persistence = store }) { b in
+                    let (sub, connack) = try await Self.connect(b, "sub")
+                    #expect(!connack.sessionPresent)
+                    await sub.abort()
+                }
+            }
+        }
+    }
+
+    @Test("MQTT 5: a session's expiry, its subscriptions' options (No Local, Retain As Published) and Subscription Identifiers, and message properties survive a restart")
+    func mqtt5() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            var keep = MQTTProperties()
+            keep.sessionExpiryInterval = 300
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                let (c, _) = try await b.client5("five", cleanStart: false, properties: keep)
+                var properties = MQTTProperties()
+                properties.subscriptionIdentifiers = [42]
+                c.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [
+                    Subscription(filter: "five/#", qos: .atLeastOnce, noLocal: true, retainAsPublished: true),
+                ], properties: properties)))
+                guard case .suback = try await c.expectPacket() else { throw TestFailure("expected SUBACK") }
+                c.send(.disconnect)
+                try await eventually("offline") { b.broker.registry.session(for: "five")?.isOnline == false }
+                let (pub, _) = try await b.client5("pub")
+                var user = MQTTProperties()
+                user.userProperties = [UserProperty(name: "k", value: "v")]
+                user.messageExpiryInterval = 600
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "five/a"), payload: ByteBuffer(string: "a"), qos: .atLeastOnce, retain: true, packetID: 1, properties: user)))
+                #expect(try await pub.expectPacket() == .puback(packetID: 1))
+            }
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                let (c, connack) = try await b.client5("five", cleanStart: false, properties: keep)
+                #expect(connack.sessionPresent && connack.properties.sessionExpiryInterval == nil)
+                let p = try await c.expectPublish()
+                #expect(String(buffer: p.topic) == "five/a" && p.retain, "Retain As Published")
+                #expect(p.properties.subscriptionIdentifiers == [42] && p.properties.userProperties == [UserProperty(name: "k", value: "v")])
+                #expect((590...600).contains(p.properties.messageExpiryInterval ?? 0))
+                c.send(.puback(packetID: p.packetID!))
+                // No Local: its own message does not come back.
+                c.send(.publish(PublishPacket(topic: ByteBuffer(string: "five/own"), payload: ByteBuffer(string: "own"), qos: .atMostOnce)))
+                try await c.expectNothing()
+                // The session ends with this connection now (expiry 0 at DISCONNECT): gone after a restart.
+                var end = MQTTProperties()
+                end.sessionExpiryInterval = 0
+                c.send(.disconnectV5(DisconnectPacket(reasonCode: .normalDisconnection, properties: end)))
+                _ = try await c.expectClosed()
+            }
+            let reopened = try PersistentStore(configuration: store, logger: PersistenceTests.logger)
+            #expect(reopened.loaded.sessions == 0)
+            reopened.close()
+        }
+    }
+
+    @Test("a session whose expiry passes is gone: at run time (session_expiry), and while the broker is stopped (MQTT 5 Session Expiry Interval)")
+    func expiry() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = store; $0.limits.sessionExpiry = .seconds(1) }) { b in
+                let (old, _) = try await Self.connect(b, "old")
+                try await old.subscribe("x", qos: .atLeastOnce)
+                await old.abort()
+                try await eventually("the 3.1.1 session expires at run time", timeout: .seconds(5)) {
+                    b.logMessages.contains { $0.contains("session expired") && $0.contains("old") }
+                }
+            }
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                let (five, _) = try await b.client5("five", cleanStart: false, properties: { var p = MQTTProperties(); p.sessionExpiryInterval = 1; return p }())
+                await five.abort()
+                // Stopped before it expires here.
+            }
+            try await Task.sleep(for: .milliseconds(1200))
+            try await withBroker(configure: { $0.persistence = store; $0.limits.sessionExpiry = .seconds(1) }) { b in
+                #expect(b.logMessages.contains { $0.contains("restored 0 persistent sessions (1 expired while stopped)") })
+                for id in ["old", "five"] {
+                    let (c, connack) = try await Self.connect(b, id)
+                    #expect(!connack.sessionPresent)
+                    await c.abort()
+                }
+            }
+        }
+    }
+
+    @Test("clean sessions, and messages nobody persistent gets, do no disk work at all; a persistent subscriber's messages are committed before their PUBACK (sync full)")
+    func noDiskWorkForCleanSessions() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let configuration = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = configuration }) { b in
+                let store = b.broker.store!
+                let sub = try await b.client("sub")
+                try await sub.subscribe("c/#", qos: .atLeastOnce)
+                let pub = try await b.client("pub")
+                for i in 0..<50 {
+                    try await pub.publish("c/\(i)", "m", qos: i % 2 == 0 ? .atLeastOnce : .exactlyOnce, id: UInt16(i + 1))
+                    let p = try await sub.expectPublish()
+                    sub.send(p.qos == .atLeastOnce ? .puback(packetID: p.packetID!) : .pubrec(packetID: p.packetID!))
+                    if p.qos == .exactlyOnce {
+                        #expect(try await sub.expectPacket() == .pubrel(packetID: p.packetID!))
+                        sub.send(.pubcomp(packetID: p.packetID!))
+                    }
+                }
+                try await sub.ping()
+                #expect(store.commits == 0)
+                // A persistent subscriber: what it is owed is on disk when the publisher's PUBACK comes.
+                let (keep, _) = try await Self.connect(b, "keep")
+                try await keep.subscribe("c/#", qos: .atLeastOnce)
+                await keep.abort()
+                try await eventually("offline") { b.broker.registry.session(for: "keep")?.isOnline == false }
+                let before = store.commits
+                try await pub.publish("c/kept", "k", qos: .atLeastOnce, id: 99)
+                #expect(store.commits > before)
+            }
+        }
+    }
+}
