@@ -31,8 +31,9 @@ public final class Broker: Sendable {
     private let subscriptions: any SubscriptionIndex
     /// Retained messages by topic (see `retainedMessages(matching:)`).
     private let retained: any RetainedStore
-    /// Where retained messages are kept across restarts (nil: memory only).
-    let store: PersistentStore?
+    /// Where retained messages, persistent sessions and `mqlite.kv` keys set with `persist` are
+    /// kept across restarts (nil: memory only).
+    public let store: PersistentStore?
     /// The store when acknowledgements of retained messages wait for its commits (`sync = "full"`).
     var waitingStore: PersistentStore? { store?.acknowledgesAfterCommit == true ? store : nil }
     /// Nodes a retained scan visits per hold of the retained lock.

@@ -35,6 +35,8 @@ public final class PersistentStore: Sendable {
     let sessions: SessionPersister
     /// The sessions loaded, until the broker takes them (`takeLoadedSessions`).
     private let loadedSessions: Mutex<[StoredSession]>
+    /// The `mqlite.kv` keys kept with `persist = true`, until the scripting layer takes them.
+    private let loadedKV: Mutex<[StoredKV]>
     /// Commits that failed since start.
     public var failedCommits: Int { failures.load(ordering: .relaxed) }
     /// Commits that wrote something, since start.
@@ -48,7 +50,7 @@ public final class PersistentStore: Sendable {
     private let finished = DispatchSemaphore(value: 0)
 
     /// The schema this build writes, and how to get there from each older version.
-    static let schemaVersion: Int64 = 2
+    static let schemaVersion: Int64 = 3
     private static let migrations: [Int64: String] = [
         0: """
             CREATE TABLE retained (
@@ -93,6 +95,14 @@ public final class PersistentStore: Sendable {
                 PRIMARY KEY (client_id, packet_id)
             ) WITHOUT ROWID;
             """,
+        2: """
+            CREATE TABLE kv (
+                key BLOB PRIMARY KEY,
+                type INTEGER NOT NULL,
+                value,
+                expires_at INTEGER
+            ) WITHOUT ROWID;
+            """,
     ]
 
     /// Opens (or makes) the store, takes it for this process alone, brings its schema up to date
@@ -100,7 +110,7 @@ public final class PersistentStore: Sendable {
     public init(configuration: PersistenceConfiguration, logger: Logger) throws(StoreOpenError) {
         let started = NIODeadline.now()
         let loaded = RetainedTree<Message>()
-        let opened: (db: SQLiteDatabase, count: Int, sessions: [StoredSession])
+        let opened: (db: SQLiteDatabase, count: Int, sessions: [StoredSession], kv: [StoredKV])
         do {
             opened = try Self.open(configuration, into: loaded, logger: logger)
         } catch let error as SQLiteError {
@@ -118,6 +128,7 @@ public final class PersistentStore: Sendable {
         retained = PersistentRetainedStore(loaded, journal: journal)
         sessions = SessionPersister(journal: journal)
         loadedSessions = Mutex(opened.sessions)
+        loadedKV = Mutex(opened.kv)
         let writer = Writer(db: opened.db)
         let thread = Thread { [self] in run(writer) }
         thread.name = "mqlite-store"
@@ -128,7 +139,7 @@ public final class PersistentStore: Sendable {
     /// loads the retained messages into `tree` (dropping what expired while the broker was down).
     private static func open(
         _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
-    ) throws -> (SQLiteDatabase, Int, [StoredSession]) {
+    ) throws -> (SQLiteDatabase, Int, [StoredSession], [StoredKV]) {
         let db = try SQLiteDatabase(path: configuration.path)
         // Exclusive locking: the first write below takes the lock for the process's life, so that
         // a second mqlite on the same file stops at startup instead of sharing it.
@@ -162,7 +173,9 @@ public final class PersistentStore: Sendable {
         skipped = 0
         let sessions = try StoredSession.loadAll(from: db, now: now, skipped: &skipped)
         if skipped > 0 { logger.warning("\(configuration.path): \(skipped) rows of sessions could not be read and were skipped") }
-        return (db, count, sessions)
+        try db.execute("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= \(now)")
+        let kv = try StoredKV.loadAll(from: db)
+        return (db, count, sessions, kv)
     }
 
     /// A row of `retained` as a message (nil: it cannot be read).
@@ -196,6 +209,20 @@ public final class PersistentStore: Sendable {
         }
     }
 
+    /// The `mqlite.kv` keys the store held at startup, once (the scripting layer takes them).
+    public func takeLoadedKV() -> [StoredKV] {
+        loadedKV.withLock { kv in
+            defer { kv = [] }
+            return kv
+        }
+    }
+
+    /// An `mqlite.kv` key kept across restarts changed (nil: it is gone, or no longer kept).
+    /// Called under the kv store's lock, so that the last change in memory is the last here.
+    public func recordKV(_ key: [UInt8], _ value: StoredKV?) {
+        journal.record(kv: key, value)
+    }
+
     /// A session the broker did not restore (it expired while the broker was down): its rows go.
     func forget(session clientID: String) {
         journal.record(clientID) { $0.clear() }
@@ -219,6 +246,8 @@ public final class PersistentStore: Sendable {
         var upsert: SQLiteDatabase.Statement?
         var delete: SQLiteDatabase.Statement?
         var sessions: SessionStatements?
+        var upsertKV: SQLiteDatabase.Statement?
+        var deleteKV: SQLiteDatabase.Statement?
 
         init(db: SQLiteDatabase) { self.db = db }
 
@@ -226,17 +255,21 @@ public final class PersistentStore: Sendable {
             upsert = nil
             delete = nil
             sessions = nil
+            upsertKV = nil
+            deleteKV = nil
             db.close()
         }
 
         /// Writes `batch` in one transaction; whether there was anything to write.
         func commit(_ batch: Journal.Batch) throws(SQLiteError) -> Bool {
             let changes = batch.retained
-            guard !changes.isEmpty || !batch.sessions.isEmpty else { return false }
-            if upsert == nil || delete == nil || sessions == nil {
+            guard !changes.isEmpty || !batch.sessions.isEmpty || !batch.kv.isEmpty else { return false }
+            if upsert == nil || delete == nil || sessions == nil || upsertKV == nil || deleteKV == nil {
                 let preparedUpsert = try db.prepare("INSERT OR REPLACE INTO retained (topic, payload, qos, properties, expires_at) VALUES (?, ?, ?, ?, ?)")
                 delete = try db.prepare("DELETE FROM retained WHERE topic = ?")
                 sessions = try SessionStatements(db)
+                upsertKV = try db.prepare("INSERT OR REPLACE INTO kv (key, type, value, expires_at) VALUES (?, ?, ?, ?)")
+                deleteKV = try db.prepare("DELETE FROM kv WHERE key = ?")
                 upsert = preparedUpsert
             }
             try db.execute("BEGIN")
@@ -256,12 +289,26 @@ public final class PersistentStore: Sendable {
                     }
                 }
                 for (client, changes) in batch.sessions { try sessions!.write(client.id, changes) }
+                for (key, stored) in batch.kv {
+                    let bytes = ByteBuffer(bytes: key)
+                    guard let stored else {
+                        deleteKV!.bind(1, bytes)
+                        try deleteKV!.run()
+                        continue
+                    }
+                    upsertKV!.bind(1, bytes)
+                    stored.bind(to: upsertKV!, type: 2, value: 3)
+                    upsertKV!.bind(4, stored.expiresAt)
+                    try upsertKV!.run()
+                }
                 try db.execute("COMMIT")
                 return true
             } catch {
                 upsert!.reset()
                 delete!.reset()
                 sessions!.reset()
+                upsertKV!.reset()
+                deleteKV!.reset()
                 try? db.execute("ROLLBACK")
                 throw error
             }
@@ -276,7 +323,7 @@ public final class PersistentStore: Sendable {
             do {
                 if try writer.commit(changes) { commitCount.add(1, ordering: .relaxed) }
             } catch {
-                failed(error, changes: changes.retained.count + changes.sessions.count)
+                failed(error, changes: changes.retained.count + changes.sessions.count + changes.kv.count)
                 // Kept for the next attempt (a change made since goes instead), a second later.
                 journal.requeue(changes)
                 retry = !closing
@@ -327,6 +374,8 @@ final class Journal: Sendable {
     struct Batch {
         var retained: [ByteBuffer: Change] = [:]
         var sessions: [ClientIDKey: SessionChanges] = [:]
+        /// `mqlite.kv` keys: the value to keep, or nil: gone.
+        var kv: [[UInt8]: StoredKV?] = [:]
     }
 
     private struct State {
@@ -350,6 +399,15 @@ final class Journal: Sendable {
         let wakeWriter = state.withLock { state -> Bool in
             guard !state.closed else { return false }
             state.pending.retained[topic.bytes] = change
+            return wakesAtOnce && takeAsleep(&state)
+        }
+        if wakeWriter { wake.signal() }
+    }
+
+    func record(kv key: [UInt8], _ value: StoredKV?) {
+        let wakeWriter = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            state.pending.kv[key] = .some(value)
             return wakesAtOnce && takeAsleep(&state)
         }
         if wakeWriter { wake.signal() }
@@ -398,6 +456,7 @@ final class Journal: Sendable {
         state.withLock { state in
             state.pending.retained.merge(changes.retained) { newer, _ in newer }
             state.pending.sessions.merge(changes.sessions) { newer, older in older.followed(by: newer) }
+            state.pending.kv.merge(changes.kv) { newer, _ in newer }
         }
     }
 
@@ -405,7 +464,8 @@ final class Journal: Sendable {
     func sleep(timeout: Double?) {
         guard let timeout else {
             let idle = state.withLock { state -> Bool in
-                guard state.pending.retained.isEmpty, state.pending.sessions.isEmpty, state.waiters.isEmpty, !state.closing else { return false }
+                let pending = state.pending
+                guard pending.retained.isEmpty, pending.sessions.isEmpty, pending.kv.isEmpty, state.waiters.isEmpty, !state.closing else { return false }
                 state.writerAsleep = true
                 return true
             }

@@ -81,6 +81,10 @@ final class SQLiteDatabase {
             if let value { sqlite3_bind_int64(statement, index, value) } else { sqlite3_bind_null(statement, index) }
         }
 
+        func bind(_ index: Int32, _ value: Double) {
+            sqlite3_bind_double(statement, index, value)
+        }
+
         /// Binds bytes (SQLite copies them).
         func bind(_ index: Int32, _ bytes: ByteBuffer?) {
             guard let bytes else { sqlite3_bind_null(statement, index); return }
@@ -113,6 +117,8 @@ final class SQLiteDatabase {
         func isNull(_ column: Int32) -> Bool { sqlite3_column_type(statement, column) == SQLITE_NULL }
 
         func int64(_ column: Int32) -> Int64 { sqlite3_column_int64(statement, column) }
+
+        func double(_ column: Int32) -> Double { sqlite3_column_double(statement, column) }
 
         func text(_ column: Int32) -> String? {
             guard let text = sqlite3_column_text(statement, column) else { return nil }

@@ -355,7 +355,7 @@ final class SessionStatements {
                 upsertSubscription.bind(1, id)
                 upsertSubscription.bind(2, ByteBuffer(string: filter))
                 upsertSubscription.bind(3, Int64(grant.qos.rawValue))
-                upsertSubscription.bind(4, (grant.noLocal ? 1 : 0) | (grant.retainAsPublished ? 2 : 0))
+                upsertSubscription.bind(4, Int64((grant.noLocal ? 1 : 0) | (grant.retainAsPublished ? 2 : 0)))
                 upsertSubscription.bind(5, subscription.identifier.map(Int64.init))
                 try upsertSubscription.run()
             } else {
@@ -372,7 +372,7 @@ final class SessionStatements {
                 upsertMessage.bind(3, owed.state.rawValue)
                 upsertMessage.bind(4, owed.packetID.map(Int64.init))
                 upsertMessage.bind(5, Int64(owed.qos.rawValue))
-                upsertMessage.bind(6, owed.retain ? 1 : 0)
+                upsertMessage.bind(6, Int64(owed.retain ? 1 : 0))
                 if let message = owed.message {
                     let (properties, expiresAt) = StoredMessage.encode(message)
                     upsertMessage.bind(7, message.topic.bytes)
@@ -393,5 +393,61 @@ final class SessionStatements {
             statement.bind(2, Int64(packetID))
             try statement.run()
         }
+    }
+}
+
+/// An `mqlite.kv` key kept across restarts (`{ persist = true }`): its value, and when it expires
+/// (wall-clock seconds since 1970; nil: never).
+public struct StoredKV: Sendable, Equatable {
+    public enum Value: Sendable, Equatable {
+        case string([UInt8])
+        case int(Int64)
+        case double(Double)
+        case bool(Bool)
+    }
+
+    public var key: [UInt8]
+    public var value: Value
+    public var expiresAt: Int64?
+
+    public init(key: [UInt8], value: Value, expiresAt: Int64?) {
+        self.key = key
+        self.value = value
+        self.expiresAt = expiresAt
+    }
+
+    /// Binds the value's type (0 string, 1 integer, 2 double, 3 boolean) and the value itself.
+    func bind(to statement: SQLiteDatabase.Statement, type: Int32, value column: Int32) {
+        switch value {
+        case .string(let bytes):
+            statement.bind(type, Int64(0))
+            statement.bind(column, ByteBuffer(bytes: bytes))
+        case .int(let n):
+            statement.bind(type, Int64(1))
+            statement.bind(column, n)
+        case .double(let d):
+            statement.bind(type, Int64(2))
+            statement.bind(column, d)
+        case .bool(let b):
+            statement.bind(type, Int64(3))
+            statement.bind(column, Int64(b ? 1 : 0))
+        }
+    }
+
+    static func loadAll(from db: SQLiteDatabase) throws -> [StoredKV] {
+        var loaded: [StoredKV] = []
+        let rows = try db.prepare("SELECT key, type, value, expires_at FROM kv")
+        while try rows.step() {
+            let value: Value
+            switch rows.int64(1) {
+            case 0: value = .string(Array(rows.bytes(2).readableBytesView))
+            case 1: value = .int(rows.int64(2))
+            case 2: value = .double(rows.double(2))
+            case 3: value = .bool(rows.int64(2) != 0)
+            default: continue
+            }
+            loaded.append(StoredKV(key: Array(rows.bytes(0).readableBytesView), value: value, expiresAt: rows.isNull(3) ? nil : rows.int64(3)))
+        }
+        return loaded
     }
 }

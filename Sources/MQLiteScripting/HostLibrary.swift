@@ -457,10 +457,38 @@ enum HostLibrary {
         return 1
     }
 
-    /// `mqlite.kv.set(key, value[, ttl_seconds])`; a nil value deletes.
+    /// The options of `kv.set` and `kv.incr` at `index`: a number of seconds (the ttl), or a
+    /// table `{ ttl = seconds, persist = true }`; nil and none are no options. Nil: not options.
+    private static func kvOptions(_ L: LuaState, _ index: Int32) -> (ttl: Double?, persist: Bool)? {
+        func seconds(_ at: Int32) -> Double?? {
+            // Any number of seconds (clamped to 0...1e9 by the store), but not NaN.
+            guard lua_type(L, at) == LUA_TNUMBER, !lua_tonumberx(L, at, nil).isNaN else { return lua_type(L, at) == LUA_TNIL ? .some(nil) : nil }
+            return lua_tonumberx(L, at, nil)
+        }
+        switch lua_type(L, index) {
+        case LUA_TNONE, LUA_TNIL:
+            return (nil, false)
+        case LUA_TTABLE:
+            L.push("ttl")
+            lua_rawget(L, index)
+            let ttl = seconds(-1)
+            L.push("persist")
+            lua_rawget(L, index)
+            let persist = lua_type(L, -1) == LUA_TNIL ? false : lua_type(L, -1) == LUA_TBOOLEAN ? lua_toboolean(L, -1) != 0 : nil
+            lua_settop(L, -3)
+            guard let ttl, let persist else { return nil }
+            return (ttl, persist)
+        default:
+            guard let ttl = seconds(index), let ttl else { return nil }
+            return (ttl, false)
+        }
+    }
+
+    /// `mqlite.kv.set(key, value[, ttl_seconds | { ttl = seconds, persist = true }])`; a nil value deletes.
     static let kvSet: Function = { L in
         let L = L!
-        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.set(key, value[, ttl_seconds])") }
+        let usage = "mqlite.kv.set(key, value[, ttl_seconds | { ttl = seconds, persist = true }])"
+        guard let key = bytes(L, 1) else { return fail(L, usage) }
         let value: SharedKV.Value?
         switch lua_type(L, 2) {
         case LUA_TNIL, LUA_TNONE: value = nil
@@ -470,12 +498,8 @@ enum HostLibrary {
         case LUA_TSTRING: value = .string(bytes(L, 2)!)
         default: return fail(L, "mqlite.kv.set: values are strings, numbers or booleans")
         }
-        var ttl: Double?
-        // Any number of seconds (clamped to 0...1e9 by the store), but not NaN.
-        if lua_type(L, 3) == LUA_TNUMBER && !lua_tonumberx(L, 3, nil).isNaN {
-            ttl = lua_tonumberx(L, 3, nil)
-        } else if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
-            return fail(L, "mqlite.kv.set: ttl must be a number of seconds")
+        guard let options = kvOptions(L, 3) else {
+            return fail(L, "mqlite.kv.set: ttl must be a number of seconds, persist a boolean")
         }
         let kv = context(L).vm.host.kv
         guard let value else {
@@ -483,24 +507,27 @@ enum HostLibrary {
             return 0
         }
         do throws(SharedKV.Failure) {
-            try kv.set(key, value, ttl: ttl)
+            try kv.set(key, value, ttl: options.ttl, persist: options.persist)
         } catch {
             return fail(L, kvFull)
         }
         return 0
     }
 
-    /// `mqlite.kv.incr(key[, by])` → the new integer value.
+    /// `mqlite.kv.incr(key[, by[, { persist = true }]])` → the new integer value.
     static let kvIncr: Function = { L in
         let L = L!
-        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.incr(key[, by])") }
+        guard let key = bytes(L, 1) else { return fail(L, "mqlite.kv.incr(key[, by[, { persist = true }]])") }
         var by: Int64 = 1
         if lua_type(L, 2) != LUA_TNONE && lua_type(L, 2) != LUA_TNIL {
             guard lua_isinteger(L, 2) != 0 else { return fail(L, "mqlite.kv.incr: by must be an integer") }
             by = lua_tointegerx(L, 2, nil)
         }
+        guard lua_type(L, 3) != LUA_TNUMBER, let options = kvOptions(L, 3), options.ttl == nil else {
+            return fail(L, "mqlite.kv.incr: the options are { persist = true } (an existing key keeps its expiry)")
+        }
         do throws(SharedKV.Failure) {
-            lua_pushinteger(L, try context(L).vm.host.kv.incr(key, by: by))
+            lua_pushinteger(L, try context(L).vm.host.kv.incr(key, by: by, persist: options.persist))
             return 1
         } catch .notInteger {
             return fail(L, "mqlite.kv.incr: \"\(LogText(String(decoding: key, as: UTF8.self)))\" holds a value that is not an integer")

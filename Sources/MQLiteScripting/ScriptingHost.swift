@@ -158,6 +158,8 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     /// outlive its hooks (it does: it owns them).
     public func bind(to broker: Broker) {
         boundBroker.withLock { $0 = UnownedBroker(broker: broker) }
+        // `mqlite.kv` keys set with `persist = true` are kept in the broker's store, if it has one.
+        if let store = broker.store { kv.keep(in: store) }
         let factory = broker.metrics.factory
         metricsFactory.withLock { $0 = factory }
         stats.withLock { stats in

@@ -1,4 +1,6 @@
 import Dispatch
+import Foundation
+import MQLiteBroker
 import Synchronization
 
 /// `mqlite.kv`: a small key-value store shared by every script on every worker, with optional
@@ -42,6 +44,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         var value: Value
         var expires: ContinuousClock.Instant?
         var cost: Int
+        /// Kept across restarts (`{ persist = true }`): every change goes to the store too.
+        var persist = false
     }
 
     private struct Expiry {
@@ -63,17 +67,38 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
         func isLive(_ expiry: Expiry) -> Bool { entries[expiry.key]?.expires == expiry.at }
 
+        /// An entry as the store keeps it: its expiry as a wall-clock deadline.
+        func stored(_ key: [UInt8], _ entry: Entry) -> StoredKV {
+            let value: StoredKV.Value = switch entry.value {
+            case .string(let bytes): .string(bytes)
+            case .int(let n): .int(n)
+            case .double(let d): .double(d)
+            case .bool(let b): .bool(b)
+            }
+            let expiresAt = entry.expires.map { expires -> Int64 in
+                let remaining = ContinuousClock.now.duration(to: expires).components.seconds
+                return Int64(Date().timeIntervalSince1970) + max(remaining, 0) + 1
+            }
+            return StoredKV(key: key, value: value, expiresAt: expiresAt)
+        }
+
+        /// Where keys kept across restarts go (nil: none are).
+        var store: PersistentStore?
+
         mutating func remove(_ key: [UInt8]) {
             guard let old = entries.removeValue(forKey: key) else { return }
             bytes -= old.cost
             if old.expires != nil { expiring -= 1 }
+            if old.persist { store?.recordKV(key, nil) }
         }
 
         mutating func put(_ key: [UInt8], _ entry: Entry) {
-            if let old = entries.updateValue(entry, forKey: key) {
+            let old = entries.updateValue(entry, forKey: key)
+            if let old {
                 bytes -= old.cost
                 if old.expires != nil { expiring -= 1 }
             }
+            if let store, entry.persist || old?.persist == true { store.recordKV(key, entry.persist ? stored(key, entry) : nil) }
             bytes += entry.cost
             guard let at = entry.expires else { return }
             expiring += 1
@@ -178,12 +203,36 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         }
     }
 
-    /// Stores `value` for `ttl` seconds (clamped to 0...1e9), or until replaced. Fails with
-    /// `.full` if that would take the store past `maxBytes`.
-    func set(_ key: [UInt8], _ value: Value, ttl: Double?) throws(Failure) {
+    /// Keeps the keys set with `persist` in `store` from now on, and loads the ones it held
+    /// (before the scripts' hooks run; past `maxBytes`, the rest is not loaded).
+    func keep(in store: PersistentStore) {
+        let loaded = store.takeLoadedKV()
+        let now = ContinuousClock.now
+        let wallNow = Int64(Date().timeIntervalSince1970)
+        state.withLock { state in
+            for kept in loaded {
+                let value: Value = switch kept.value {
+                case .string(let bytes): .string(bytes)
+                case .int(let n): .int(n)
+                case .double(let d): .double(d)
+                case .bool(let b): .bool(b)
+                }
+                let expires = kept.expiresAt.map { now + .seconds(max($0 - wallNow, 0)) }
+                let entry = Entry(value: value, expires: expires, cost: Self.cost(kept.key, value), persist: true)
+                guard state.bytes + entry.cost <= maxBytes else { break }
+                state.put(kept.key, entry)
+            }
+            state.store = store
+        }
+    }
+
+    /// Stores `value` for `ttl` seconds (clamped to 0...1e9), or until replaced; `persist`: kept
+    /// across restarts (with a store). Fails with `.full` if that would take the store past
+    /// `maxBytes`.
+    func set(_ key: [UInt8], _ value: Value, ttl: Double?, persist: Bool = false) throws(Failure) {
         let now = ContinuousClock.now
         let expires = ttl.map { now + .nanoseconds(Int64(min(max($0, 0), 1e9) * 1e9)) }
-        let entry = Entry(value: value, expires: expires, cost: Self.cost(key, value))
+        let entry = Entry(value: value, expires: expires, cost: Self.cost(key, value), persist: persist)
         let stored = state.withLock { state -> Bool in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
             guard fits(&state, key: key, cost: entry.cost, now: now) else { return false }
@@ -202,9 +251,10 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     }
 
     /// Adds `by` to an integer (a missing or expired key counts as 0) and returns the new value.
-    /// Keeps the key's expiry. Fails with `.notInteger` if the key holds something else, and with
-    /// `.full` if the key is new and would take the store past `maxBytes`.
-    func incr(_ key: [UInt8], by: Int64) throws(Failure) -> Int64 {
+    /// Keeps the key's expiry, and whether it is kept across restarts (a new key: `persist`).
+    /// Fails with `.notInteger` if the key holds something else, and with `.full` if the key is
+    /// new and would take the store past `maxBytes`.
+    func incr(_ key: [UInt8], by: Int64, persist: Bool = false) throws(Failure) -> Int64 {
         let now = ContinuousClock.now
         let result = state.withLock { state -> Result<Int64, Failure> in
             state.removeExpired(now: now, limit: Self.sweepPerOperation)
@@ -213,9 +263,10 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
                 let next = current &+ by
                 entry.value = .int(next)
                 state.entries[key] = entry  // same size, same expiry
+                if entry.persist { state.store?.recordKV(key, state.stored(key, entry)) }
                 return .success(next)
             }
-            let entry = Entry(value: .int(by), expires: nil, cost: Self.cost(key, .int(by)))
+            let entry = Entry(value: .int(by), expires: nil, cost: Self.cost(key, .int(by)), persist: persist)
             guard fits(&state, key: key, cost: entry.cost, now: now) else { return .failure(.full) }
             state.put(key, entry)
             return .success(by)
