@@ -109,6 +109,8 @@ public struct BrokerStats: Sendable {
     /// Most connections open at once since start.
     public var maximumConnections = 0
     public var uptimeSeconds = 0
+    /// `[persistence]`: commits that wrote something, and commits that failed (nil: no store).
+    public var storeCommits: (done: Int, failed: Int)?
     /// Summed over workers: one entry per script and hook.
     public var hooks: [HookCallStats] = []
 
@@ -186,6 +188,7 @@ extension Broker {
         base.retained = retainedCount
         base.maximumConnections = maximumConnections.load(ordering: .relaxed)
         base.uptimeSeconds = Int((NIODeadline.now() - startTime).nanoseconds / 1_000_000_000)
+        if let store { base.storeCommits = (store.commits, store.failedCommits) }
         base.connectionsTotal = Array(repeating: 0, count: configuration.listeners.count)
         base.connectionsOpen = base.connectionsTotal
         return EventLoopFuture.reduce(base, parts, on: loop) { sum, part in
@@ -279,6 +282,10 @@ public final class BrokerMetrics: Sendable {
             gauge("mqlite_inflight_messages", [], stats.inflight)
             gauge("mqlite_queued_messages", [], stats.queued)
             gauge("mqlite_uptime_seconds", [], stats.uptimeSeconds)
+            if let commits = stats.storeCommits {
+                counter("mqlite_store_commits_total", [("result", "ok")], commits.done)
+                counter("mqlite_store_commits_total", [("result", "failed")], commits.failed)
+            }
             for hook in stats.hooks {
                 let labels = [("script", hook.script), ("hook", hook.hook)]
                 counter("mqlite_lua_hook_calls_total", labels, hook.calls)

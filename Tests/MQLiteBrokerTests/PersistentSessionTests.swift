@@ -212,6 +212,12 @@ struct PersistentSessionTests {
                 let before = store.commits
                 try await pub.publish("c/kept", "k", qos: .atLeastOnce, id: 99)
                 #expect(store.commits > before)
+                // Exported: mqlite_store_commits_total{result="ok"|"failed"}.
+                let stats = try await b.broker.collectStats(on: b.broker.group.next()).get()
+                b.broker.metrics.update(stats, listeners: b.broker.configuration.listeners)
+                let text = b.broker.metrics.render()
+                #expect(text.contains("mqlite_store_commits_total{result=\"ok\"} \(store.commits)"), "\(text)")
+                #expect(text.contains("mqlite_store_commits_total{result=\"failed\"} 0"))
             }
         }
     }
