@@ -77,6 +77,16 @@ OTHER_LUA = ('mqlite.on_publish("other/#", function(m) return { payload = m.payl
              'mqlite.on_unsubscribe(function(u) end)\n'
              'mqlite.every(1, function() end)\n'
              'mqlite.on_subscribe(function(s) return nil end)\n')
+# Persistence (issue 14): mqlite with a store, sync "full" and "batch", beside Mosquitto with
+# `persistence true` (which writes only snapshots, every autosave_interval: 30 minutes by default).
+STORE = """[persistence]
+path = "{path}"
+sync = "{sync}"
+"""
+MOSQUITTO_PERSIST = """persistence true
+persistence_location {dir}/
+"""
+PERSIST_PORTS = {"mqlite+store-full": 18914, "mqlite+store-batch": 18915, "mosquitto+persistence": 18916}
 # Metrics on (issue 11): an http listener scraped every second during the row, $SYS every second.
 METRICS_PORT = 18907
 METRICS = """[[listener]]
@@ -182,6 +192,12 @@ def run_bench(broker, args):
     return json.loads(lines[-1])
 
 
+PERSIST_ROW = "fan-out qos1 16B to 20 persistent subscribers"
+PERSIST_ARGS = ["fan-out", "--qos", "1", "--payload", "16", "--clients", "20", "--persistent"]
+CLEAN_ROW = "pairs qos1 16B"
+CLEAN_ARGS = ["pairs", "--qos", "1", "--payload", "16"]
+
+
 def main():
     for tool in ("mosquitto", "taskset", "openssl"):
         if not shutil.which(tool):
@@ -198,13 +214,21 @@ def main():
         "mqlite+metrics": (MQLITE_CONF.format(workers=workers, port=18906).replace("[server]\n", "[server]\nsys_interval = 1\n")
                            + METRICS.format(port=METRICS_PORT)),
     }
+    for sync in ("full", "batch"):
+        name = f"mqlite+store-{sync}"
+        configs[name] = MQLITE_CONF.format(workers=workers, port=PERSIST_PORTS[name]) + STORE.format(path=tmp / f"{sync}.db", sync=sync)
     brokers = {}
-    for name, port in (("mqlite", 18901), ("mqlite+lua-other", 18902), ("mqlite+lua-hooked", 18903), ("mqlite+metrics", 18906)):
+    for name, port in (("mqlite", 18901), ("mqlite+lua-other", 18902), ("mqlite+lua-hooked", 18903), ("mqlite+metrics", 18906),
+                       ("mqlite+store-full", PERSIST_PORTS["mqlite+store-full"]), ("mqlite+store-batch", PERSIST_PORTS["mqlite+store-batch"])):
         path = tmp / f"{name}.conf"
         path.write_text(configs[name])
         brokers[name] = Broker(name, [str(MQLITE), "-c", str(path)], port)
     (tmp / "mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=18900) + MOSQUITTO_TLS.format(port=TLS_PORTS["mosquitto"], dir=tmp))
     brokers["mosquitto"] = Broker("mosquitto", ["mosquitto", "-c", str(tmp / "mosquitto.conf")], 18900)
+    (tmp / "mosquitto-persist.conf").write_text(
+        MOSQUITTO_CONF.format(port=PERSIST_PORTS["mosquitto+persistence"]).replace("persistence false\n", "") + MOSQUITTO_PERSIST.format(dir=tmp))
+    brokers["mosquitto+persistence"] = Broker("mosquitto+persistence", ["mosquitto", "-c", str(tmp / "mosquitto-persist.conf")],
+                                              PERSIST_PORTS["mosquitto+persistence"])
 
     # (label, bench arguments, metric, target kind)
     scenarios = []
@@ -298,6 +322,16 @@ def main():
                     results.setdefault(("lua", name), []).append(res.get("rate"))
                     losses[("lua", name)] = losses.get(("lua", name), 0) + (res.get("lost") or 0)
                     print(f"round {rnd + 1} lua pairs qos0 16B {name:20} {res.get('rate')} lost={res.get('lost')}", flush=True)
+            # Persistence: QoS 1 to 20 persistent subscribers (each broker keeping them), and
+            # clean sessions on a broker with a store against the same without.
+            persist_runs = [(PERSIST_ROW, name, PERSIST_ARGS) for name in PERSIST_PORTS]
+            persist_runs += [(CLEAN_ROW, name, CLEAN_ARGS) for name in ("mqlite", "mqlite+store-full")]
+            shift = rnd % len(persist_runs)
+            for row, name, args in persist_runs[shift:] + persist_runs[:shift]:
+                res = run_bench(brokers[name], args)
+                results.setdefault((row, name), []).append(res.get("rate"))
+                losses[(row, name)] = losses.get((row, name), 0) + (res.get("lost") or 0)
+                print(f"round {rnd + 1} {row} {name:22} {res.get('rate')} lost={res.get('lost')}", flush=True)
     finally:
         for b in brokers.values():
             b.stop()
@@ -347,6 +381,19 @@ def main():
             continue
         rows.append((f"lua: {desc} (pairs qos0 16B)", fmt(v, "/s"), f"{fmt(base, '/s')} (mqlite, no plugins)",
                      f"{ratio:.3f}" if ratio else "-", f"{losses.get(('lua', name), 0)}", f">= {target}x of no plugins", mark(ratio is not None and ratio >= target)))
+
+    mosq = median(PERSIST_ROW, "mosquitto+persistence")
+    for sync, target in (("full", 1.0), ("batch", 2.0)):
+        v = median(PERSIST_ROW, f"mqlite+store-{sync}")
+        ratio = v / mosq if v and mosq else None
+        loss = f"{losses.get((PERSIST_ROW, f'mqlite+store-{sync}'), 0)} / {losses.get((PERSIST_ROW, 'mosquitto+persistence'), 0)}"
+        rows.append((f"{PERSIST_ROW}, sync {sync} (Mosquitto: persistence true)", fmt(v, "/s"), fmt(mosq, "/s"),
+                     f"{ratio:.2f}" if ratio else "-", loss, f">= {target:g}x", mark(ratio is not None and ratio >= target)))
+    v, base = median(CLEAN_ROW, "mqlite+store-full"), median(CLEAN_ROW, "mqlite")
+    ratio = v / base if v and base else None
+    rows.append((f"{CLEAN_ROW}, clean sessions, store on (sync full)", fmt(v, "/s"), f"{fmt(base, '/s')} (mqlite, no store)",
+                 f"{ratio:.3f}" if ratio else "-", f"{losses.get((CLEAN_ROW, 'mqlite+store-full'), 0)}", ">= 0.97x of no store",
+                 mark(ratio is not None and ratio >= 0.97)))
 
     rows += http_auth_rows(tmp_parent=Path(tempfile.mkdtemp(prefix="mqlite-bench-auth-")), workers=workers)
 

@@ -35,7 +35,9 @@ protocol SessionOutbound: AnyObject {
 /// store keeping sessions across restarts uses. Reported on the session's owner loop, after the
 /// change. A QoS 1/2 message owed to a session that a store keeps (`Session.isStored`) has a
 /// sequence number of the session's (`Delivery.seq`, never 0), which names it from the moment it
-/// is queued or sent until it is acknowledged or dropped.
+/// is queued or sent until it is acknowledged or dropped; the message events are reported for
+/// numbered messages only (and inbound QoS 2 ids of stored sessions), so that a clean session's
+/// messages cost nothing here.
 enum SessionEvent {
     /// A connection took the session (made or resumed), its expiry set.
     case attached
@@ -621,7 +623,7 @@ final class Session: @unchecked Sendable {
         queueChanged()
         more.queuedBytes += size
         checkCongestion(limits)
-        report(.queued(kept))
+        if kept.seq != 0 { report(.queued(kept)) }
         return kept.message
     }
 
@@ -688,7 +690,7 @@ final class Session: @unchecked Sendable {
             inflight.append(
                 Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: delivery.seq))
             outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
-            report(.inflightAdded(packetID: id, delivery, queued: queued))
+            if delivery.seq != 0 { report(.inflightAdded(packetID: id, delivery, queued: queued)) }
         }
     }
 

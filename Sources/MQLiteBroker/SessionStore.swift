@@ -146,11 +146,9 @@ final class SessionPersister: SessionObserver {
         case .unsubscribed(let filter):
             journal.record(session.clientID) { $0.subscriptions[filter.string] = .some(nil) }
         case .queued(let delivery):
-            guard delivery.seq != 0 else { return }
             let owed = SessionChanges.OwedMessage(state: .queued, message: delivery.message, retain: delivery.retain, qos: delivery.qos)
             journal.record(session.clientID) { $0.record(delivery.seq, .set(owed, fresh: true)) }
         case .inflightAdded(let packetID, let delivery, let queued):
-            guard delivery.seq != 0 else { return }
             let owed = SessionChanges.OwedMessage(
                 state: .sent, packetID: packetID, message: delivery.message.compacted(), retain: delivery.retain, qos: delivery.qos)
             journal.record(session.clientID) { $0.record(delivery.seq, .set(owed, fresh: !queued)) }

@@ -128,7 +128,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Opens a connection, sends CONNECT and completes on CONNACK 0.
     static func connect(
         on loop: any EventLoop, host: String, port: Int, clientID: String, readTimestamps: Bool = false, sendConnect: Bool = true,
-        tls: NIOSSLContext? = nil, version: ProtocolVersion = .v3_1_1
+        tls: NIOSSLContext? = nil, version: ProtocolVersion = .v3_1_1, cleanSession: Bool = true
     ) -> EventLoopFuture<BenchConnection> {
         let promise = loop.makePromise(of: BenchConnection.self)
         let handler = BenchConnection(loop: loop, version: version)
@@ -164,7 +164,11 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
                         }
                     }
                     var buffer = channel.allocator.buffer(capacity: 64)
-                    buffer.writeMQTTPacket(.connect(ConnectPacket(protocolLevel: version.rawValue, cleanSession: true, keepAlive: 0, clientID: clientID)))
+                    // (MQTT 5: a session that outlives the connection has a Session Expiry Interval.)
+                    var properties = MQTTProperties()
+                    if !cleanSession && version == .v5 { properties.sessionExpiryInterval = 3600 }
+                    buffer.writeMQTTPacket(.connect(ConnectPacket(
+                        protocolLevel: version.rawValue, cleanSession: cleanSession, keepAlive: 0, clientID: clientID, properties: properties)))
                     channel.writeAndFlush(buffer, promise: nil)
                 }
             }

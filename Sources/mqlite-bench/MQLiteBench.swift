@@ -45,6 +45,7 @@ struct MQLiteBench: AsyncParsableCommand {
     @Flag(help: "connections: open TCP sockets without sending CONNECT (the transport's share of the memory)") var tcpOnly = false
     @Option(help: "fan-in, fan-out, pairs: the MQTT version the clients speak, 4 (3.1.1) or 5") var mqtt = 4
     @Flag(help: "pairs with --mqtt 5: publishers name their topic once, then send only a topic alias") var topicAlias = false
+    @Flag(help: "fan-in, fan-out, pairs: subscribers keep a persistent session (clean session 0; MQTT 5: a session expiry)") var persistent = false
     @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
 
     /// The client TLS context for every connection of the run (nil: plain TCP). TLS 1.2 or 1.3 as
@@ -106,11 +107,12 @@ struct MQLiteBench: AsyncParsableCommand {
     }
 
     private func connect(
-        _ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?, version: ProtocolVersion = .v3_1_1
+        _ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?, version: ProtocolVersion = .v3_1_1,
+        cleanSession: Bool = true
     ) async throws -> BenchConnection {
         try await BenchConnection.connect(
             on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps,
-            tls: tlsContext, version: version
+            tls: tlsContext, version: version, cleanSession: cleanSession
         ).get()
     }
 
@@ -125,7 +127,7 @@ struct MQLiteBench: AsyncParsableCommand {
         guard !topicAlias || (mqtt == 5 && shape == .pairs) else { throw ValidationError("--topic-alias is for pairs with --mqtt 5") }
         let version: ProtocolVersion = mqtt == 5 ? .v5 : .v3_1_1
         func connect(_ loop: any EventLoop, _ id: String, tls: NIOSSLContext?) async throws -> BenchConnection {
-            try await self.connect(loop, id, tls: tls, version: version)
+            try await self.connect(loop, id, tls: tls, version: version, cleanSession: !(persistent && id.hasPrefix("sub")))
         }
         var publishers: [Publisher] = []
         var subscribers: [BenchConnection] = []
