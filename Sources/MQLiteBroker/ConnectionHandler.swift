@@ -43,7 +43,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func updateRare(_ change: (Rare) -> Void) {
         let box = rare ?? Rare()
         change(box)
-        rare = box.will == nil && box.access == nil && box.authentication == nil ? nil : box
+        rare = box.will == nil && box.access == nil && box.authentication == nil && box.storeAcks == nil ? nil : box
     }
 
     private func rare(authentication: Authentication) { updateRare { $0.authentication = authentication } }
@@ -649,16 +649,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
             let waits = waitsForStore(publish, topic: topic, session: session)
-            if !waits { writePacket(ack) }
+            if !waits { sendAck(ack) }
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             if waits { acknowledgeAfterCommit(ack) }
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
             // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
-            if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return writePacket(ack) }
+            if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return sendAck(ack) }
             let waits = waitsForStore(publish, topic: topic, session: session)
-            if !waits { writePacket(ack) }
+            if !waits { sendAck(ack) }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
@@ -678,14 +678,27 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// `[persistence] sync = "full"`: the PUBACK/PUBREC goes out once the store has committed
     /// what the message changed, here and on the other workers it went to
-    /// (`Broker.committed(after:)`). The client's next packets wait meanwhile, so its
-    /// acknowledgements keep their order. (A publish hook that waits, an HTTP call, routes the
-    /// message later: its acknowledgement does not wait for the disk.)
+    /// (`Broker.committed(after:)`), and after the acknowledgements of earlier PUBLISHes
+    /// (`StoreAcks`). (A publish hook that waits, an HTTP call, routes the message later: its
+    /// acknowledgement does not wait for the disk.)
     private func acknowledgeAfterCommit(_ ack: MQTTPacket) {
-        guard !machine.hookPending, !machine.isClosed else { return writePacket(ack) }
-        whenAnswered(.later(broker.committed(after: worker)), failed: ()) { handler, _ in
-            if !handler.machine.isClosed { handler.writePacket(ack) }
+        guard !machine.hookPending, !machine.isClosed else { return sendAck(ack) }
+        let acks = rare?.storeAcks ?? StoreAcks()
+        if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
+        acks.issued += 1
+        let ticket = acks.issued
+        acks.entries.append((ack, ticket))
+        whenAnswered(.later(broker.committed(after: worker)), failed: (), pausing: acks.waiting >= StoreAcks.maxWaiting) { handler, _ in
+            acks.committed = max(acks.committed, ticket)
+            guard !handler.machine.isClosed else { return }
+            for entry in acks.takeReady() { handler.writePacket(entry.ack) }
         }
+    }
+
+    /// A PUBACK/PUBREC that waits for nothing: now, or after those waiting for the store.
+    private func sendAck(_ ack: MQTTPacket) {
+        if let acks = rare?.storeAcks, !acks.isEmpty { return acks.entries.append((ack, 0)) }
+        writePacket(ack)
     }
 
     /// An MQTT 5 PUBACK or PUBREC: it says when the ACL refuses the message (0x87) or when nobody
@@ -1294,11 +1307,46 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 }
 
-/// What most connections do not have: a will, access rules, enhanced authentication.
+/// What most connections do not have: a will, access rules, enhanced authentication,
+/// acknowledgements waiting for the store.
 private final class Rare {
     var will: Will?
     var access: Access?
     var authentication: Authentication?
+    var storeAcks: StoreAcks?
+}
+
+/// `[persistence] sync = "full"`: PUBACKs and PUBRECs waiting for the store's commit, and those
+/// of later PUBLISHes queued behind them, so that they go out in the order their PUBLISHes came
+/// (MQTT-4.6.0-2, -3) while the client's next packets are read and routed meanwhile (they join the
+/// same commit instead of each waiting for one of its own).
+private final class StoreAcks {
+    /// Each acknowledgement with the ticket of the commit it waits for (0: none).
+    var entries: [(ack: MQTTPacket, ticket: UInt64)] = []
+    var start = 0
+    /// Tickets given, and the latest whose commit came.
+    var issued: UInt64 = 0
+    var committed: UInt64 = 0
+    /// Past this many waiting, the client's packets wait too (a disk that stalls must not let one
+    /// client's acknowledgements pile up without a limit).
+    static let maxWaiting: UInt64 = 1024
+
+    var isEmpty: Bool { start == entries.count }
+    var waiting: UInt64 { issued - committed }
+
+    /// The acknowledgements whose turn came, in order.
+    func takeReady() -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
+        var end = start
+        while end < entries.count, entries[end].ticket <= committed { end += 1 }
+        defer {
+            start = end
+            if start == entries.count {
+                entries.removeAll(keepingCapacity: entries.count <= 64)
+                start = 0
+            }
+        }
+        return entries[start..<end]
+    }
 }
 
 /// An MQTT 5 enhanced authentication method in use on a connection: the exchange in progress (at

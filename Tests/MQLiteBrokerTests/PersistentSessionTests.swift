@@ -221,4 +221,38 @@ struct PersistentSessionTests {
             }
         }
     }
+
+    @Test("sync full: PUBACKs and PUBRECs keep the order of their PUBLISHes when some wait for the store and others do not, and a burst shares commits instead of taking one each")
+    func acknowledgementOrder() async throws {
+        try await PersistenceTests.withFolder { folder in
+            try await withBroker(configure: { $0.persistence = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full) }) { b in
+                let (keep, _) = try await Self.connect(b, "keep")
+                try await keep.subscribe("kept/#", qos: .exactlyOnce)
+                await keep.abort()
+                try await eventually("offline") { b.broker.registry.session(for: "keep")?.isOnline == false }
+                let pub = try await b.client("pub")
+                let before = b.broker.store!.commits
+                // 300 PUBLISHes sent at once: every third waits for the store (a persistent
+                // subscriber gets it), the others do not; QoS 1 and 2 mixed.
+                for i in 1...300 {
+                    let topic = i % 3 == 0 ? "kept/\(i)" : "free/\(i)"
+                    pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: "m"), qos: i % 2 == 0 ? .exactlyOnce : .atLeastOnce, packetID: UInt16(i))))
+                }
+                var order: [UInt16] = []
+                while order.count < 300 {
+                    switch try await pub.expectPacket() {
+                    case .puback(let id): order.append(id)
+                    case .pubrec(let id):
+                        order.append(id)
+                        pub.send(.pubrel(packetID: id))
+                    case .pubcomp: continue
+                    case let other: throw TestFailure("unexpected \(other)")
+                    }
+                }
+                #expect(order == Array(1...300), "acknowledgements out of order")
+                let commits = b.broker.store!.commits - before
+                #expect(commits < 100, "\(commits) commits for 100 kept messages sent at once")
+            }
+        }
+    }
 }
