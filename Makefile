@@ -11,7 +11,7 @@ APT_PACKAGES := liblua5.4-dev libsqlite3-dev mosquitto mosquitto-clients openssl
 PY_MODULES := paho.mqtt pytest
 PY_PACKAGES := paho-mqtt pytest
 
-.PHONY: deps test-deps build build-release run test test-tsan bench alloc-check clean fuzz-build fuzz fuzz-smoke
+.PHONY: deps test-deps build build-release run test test-tsan bench bench-startup alloc-check clean fuzz-build fuzz fuzz-smoke
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -76,6 +76,10 @@ fuzz-smoke: fuzz-build
 bench: build-release
 	$(PYTHON) bench/run.py
 	$(MAKE) alloc-check
+
+# Startup on a store of 1,000,000 retained messages and 100,000 offline sessions (docs/BENCHMARKS.md).
+bench-startup: build-release
+	$(PYTHON) bench/startup.py
 
 alloc-check: build-release
 	LD_PRELOAD=$(CURDIR)/.build/release/libMallocInterposerSwift.so .build/release/mqlite-alloc bench/allocations.json
