@@ -146,7 +146,8 @@ public final class PersistentStore: Sendable {
         try db.execute("PRAGMA locking_mode = EXCLUSIVE; PRAGMA busy_timeout = 0;")
         guard try db.text("PRAGMA journal_mode = WAL") == "wal" else { throw SQLiteError(code: 0, description: "cannot use WAL mode") }
         let synchronous = switch configuration.sync { case .full: "FULL"; case .batch: "NORMAL"; case .off: "OFF" }
-        try db.execute("PRAGMA synchronous = \(synchronous); BEGIN IMMEDIATE;")
+        // (The WAL is truncated back to 64 MiB after a checkpoint that let it grow past that.)
+        try db.execute("PRAGMA synchronous = \(synchronous); PRAGMA journal_size_limit = 67108864; BEGIN IMMEDIATE;")
         let version = try db.integer("PRAGMA user_version") ?? 0
         guard version <= schemaVersion else {
             throw SQLiteError(code: 0, description: "schema version \(version) is newer than this mqlite's (\(schemaVersion)): use a newer mqlite or another path")
