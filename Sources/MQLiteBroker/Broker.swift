@@ -48,6 +48,9 @@ public final class Broker: Sendable {
     private let started = Atomic<Bool>(false)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
     let connectionObjects = Atomic<Int>(0)
+    /// The `[[bridge]]` links, made by `start()` (read-only after).
+    private let bridgeLinks = Mutex<[BridgeLink]>([])
+    var bridges: [BridgeLink] { bridgeLinks.withLock { $0 } }
     /// Connections of `http` listeners open now (`HTTPListenerLimits.maxConnections`).
     let httpConnections = Atomic<Int>(0)
     /// Subscriptions held (filters of every session), for metrics and `$SYS`.
@@ -74,6 +77,7 @@ public final class Broker: Sendable {
     static let handlerTypes: [ObjectIdentifier] = [
         ObjectIdentifier(ByteToMessageHandler<HTTPRequestDecoder>.self),
         ObjectIdentifier(ByteToMessageHandler<WebSocketFrameDecoder>.self),
+        ObjectIdentifier(ByteToMessageHandler<MQTTDecoder>.self),
     ]
 
     /// `store`: where retained messages are kept across restarts (opened, and loaded, by the
@@ -156,8 +160,40 @@ public final class Broker: Sendable {
                 logger.info("listening on \(local.ipAddress ?? address.host):\(local.port ?? address.port)\(suffix)")
             }
         }
+        try await startBridges()
         startSysPublisher()
         return bound
+    }
+
+    // MARK: - Bridges
+
+    /// Starts each `[[bridge]]`'s link, on the worker of its session kept from before (the store
+    /// restored it) or on the next worker in turn.
+    private func startBridges() async throws {
+        for (index, configuration) in configuration.bridges.enumerated() {
+            let kept = registry.session(for: configuration.localClientID)
+            let worker = workers[kept?.owner ?? index % workers.count]
+            let link = BridgeLink(configuration: configuration, broker: self, worker: worker, logger: logger)
+            bridgeLinks.withLock { $0.append(link) }
+            try await worker.loop.submit { try link.start() }.get()
+        }
+    }
+
+    /// The local session of a bridge (`$bridge/NAME`): the one kept from before, or a new one,
+    /// persistent and never expiring (owner loop).
+    func bridgeSession(for configuration: BridgeConfiguration, on worker: Worker) -> Session {
+        worker.assertOnLoop()
+        if let kept = registry.session(for: configuration.localClientID), kept.owner == worker.index, !kept.ended {
+            worker.sessionClaimed(kept)
+            kept.setExpiry(Session.neverExpires)
+            return kept
+        }
+        let session = Session(clientID: configuration.localClientID, persistent: true, owner: worker.index, context: sessionContext)
+        registry.update(clientID: configuration.localClientID) { $0 = session }
+        session.setExpiry(Session.neverExpires)
+        // A store keeps it from now on: what it is subscribed to, and what queues before the link is up.
+        session.report(.attached)
+        return session
     }
 
     /// Re-reads the certificate files of every TLS listener (SIGHUP): new handshakes use them,
@@ -267,6 +303,7 @@ public final class Broker: Sendable {
         let kinds = runningListeners.withLock { $0.map(\.kind) }
         let isHTTP = channels.indices.map { $0 < kinds.count && kinds[$0] == .http }
         for (i, channel) in channels.enumerated() where !isHTTP[i] { try? await channel.close() }
+        for link in bridges { try? await link.worker.loop.submit { link.stop() }.get() }
         for worker in workers {
             try? await worker.loop.submit {
                 for connection in worker.connections.values { connection.closeForShutdown() }

@@ -1,4 +1,5 @@
 import Foundation
+import MQTTCore
 import Logging
 import NIOCore
 import TOMLKit
@@ -65,7 +66,7 @@ public enum ConfigFile {
         let directory = URL(fileURLWithPath: file).deletingLastPathComponent().path
         config.baseDirectory = directory
         let top = Section(table: root, path: nil, file: file)
-        try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting", "persistence"])
+        try top.allowOnly(["server", "listener", "limits", "auth", "plugin", "scripting", "persistence", "bridge"])
 
         if let server = try top.table("server") {
             try server.allowOnly(["workers", "log_level", "sys_interval"])
@@ -149,6 +150,16 @@ public enum ConfigFile {
             config.plugins.append(PluginConfiguration(script: path, options: options))
         }
 
+        if let bridges = try top.arrayOfTables("bridge") {
+            for bridge in bridges {
+                let parsed = try Self.bridge(bridge, directory: directory)
+                if config.bridges.contains(where: { $0.name == parsed.name }) {
+                    throw bridge.error("name", "\"\(parsed.name)\" names another bridge already")
+                }
+                config.bridges.append(parsed)
+            }
+        }
+
         if let persistence = try top.table("persistence") {
             try persistence.allowOnly(["path", "sync", "flush_interval"])
             guard let path = try persistence.string("path") else { throw persistence.error("path", "is required (the store's file)") }
@@ -181,6 +192,84 @@ public enum ConfigFile {
             }
         }
         return config
+    }
+
+    /// One `[[bridge]]` and its `[[bridge.topic]]`s.
+    private static func bridge(_ section: Section, directory: String) throws(ConfigError) -> BridgeConfiguration {
+        try section.allowOnly([
+            "name", "address", "client_id", "username", "password", "clean_session", "keep_alive", "protocol_version", "cafile", "certfile",
+            "keyfile", "reconnect_delay", "topic",
+        ])
+        guard let name = try section.string("name") else { throw section.error("name", "is required") }
+        guard !name.isEmpty, name.utf8.count <= 64, !name.contains(where: { "/+#\u{0}".contains($0) || $0.isWhitespace }) else {
+            throw section.error("name", "must be 1 to 64 characters without /, +, #, spaces or NUL, not \"\(name)\"")
+        }
+        guard let text = try section.string("address") else { throw section.error("address", "is required (\"HOST:PORT\" of the remote broker)") }
+        guard let address = ListenAddress(parsing: text), address.port > 0 else {
+            throw section.error("address", "must be \"HOST:PORT\" with a host name or address and a port from 1 to 65535, not \"\(text)\"")
+        }
+        var bridge = BridgeConfiguration(name: name, address: address)
+        if let id = try section.string("client_id") {
+            guard !id.isEmpty, id.utf8.count <= 65535 else { throw section.error("client_id", "must not be empty") }
+            bridge.clientID = id
+        }
+        bridge.username = try section.string("username")
+        bridge.password = try section.string("password")
+        if bridge.password != nil && bridge.username == nil { throw section.error("password", "needs username (MQTT 3.1.1 sends no password alone)") }
+        if let clean = try section.bool("clean_session") { bridge.cleanSession = clean }
+        if let keepAlive = try section.int("keep_alive", in: 0...65535) { bridge.keepAlive = UInt16(keepAlive) }
+        if let version = try section.int("protocol_version", in: 4...5) { bridge.protocolVersion = version == 5 ? .v5 : .v3_1_1 }
+        func path(_ key: String) throws(ConfigError) -> String? {
+            guard let value = try section.string(key) else { return nil }
+            guard !value.isEmpty else { throw section.error(key, "must be a file name, not empty") }
+            let resolved = value.hasPrefix("/") ? value : directory + "/" + value
+            guard FileManager.default.isReadableFile(atPath: resolved) else { throw section.error(key, "cannot read \"\(resolved)\"") }
+            return resolved
+        }
+        bridge.cafile = try path("cafile")
+        bridge.certfile = try path("certfile")
+        bridge.keyfile = try path("keyfile")
+        if (bridge.certfile == nil) != (bridge.keyfile == nil) {
+            throw section.error(bridge.certfile == nil ? "certfile" : "keyfile", "is required with \(bridge.certfile == nil ? "keyfile" : "certfile") (a client certificate needs both)")
+        }
+        if bridge.certfile != nil && bridge.cafile == nil { throw section.error("cafile", "is required with certfile (TLS to the remote is on when cafile is set)") }
+        if let delay = try section.table("reconnect_delay") {
+            try delay.allowOnly(["min", "max"])
+            if let v = try delay.seconds("min") { bridge.reconnectMin = v }
+            if let v = try delay.seconds("max") { bridge.reconnectMax = v }
+            guard bridge.reconnectMin <= bridge.reconnectMax else { throw delay.error("max", "must not be less than min") }
+        }
+        guard let topics = try section.arrayOfTables("topic"), !topics.isEmpty else {
+            throw section.error("topic", "needs at least one [[bridge.topic]] (what crosses the bridge)")
+        }
+        for topic in topics {
+            try topic.allowOnly(["pattern", "direction", "qos", "local_prefix", "remote_prefix"])
+            guard let pattern = try topic.string("pattern") else { throw topic.error("pattern", "is required") }
+            let directionText = try topic.string("direction") ?? "out"
+            guard let direction = BridgeConfiguration.Direction(rawValue: directionText) else {
+                throw topic.error("direction", "must be one of \"out\", \"in\", \"both\", not \"\(directionText)\"")
+            }
+            let qos = QoS(rawValue: UInt8(try topic.int("qos", in: 0...2) ?? 0))!
+            let entry = BridgeConfiguration.Topic(
+                pattern: pattern, direction: direction, qos: qos, localPrefix: try topic.string("local_prefix") ?? "",
+                remotePrefix: try topic.string("remote_prefix") ?? "")
+            // Both filters must be valid: the pattern with each prefix (a prefix is a topic's start,
+            // so it has no wildcards; "site1/" and "" are the usual ones).
+            for (key, prefix) in [("local_prefix", entry.localPrefix), ("remote_prefix", entry.remotePrefix)] {
+                guard !prefix.contains("+"), !prefix.contains("#"), !prefix.hasPrefix("$share/") else {
+                    throw topic.error(key, "must be the start of a topic name (no wildcards), not \"\(prefix)\"")
+                }
+            }
+            do throws(MQTTProtocolError) {
+                _ = try TopicFilter(entry.localFilter)
+                _ = try TopicFilter(entry.remoteFilter)
+                guard !entry.pattern.hasPrefix("$share/") else { throw .invalidTopicFilter("a shared subscription") }
+            } catch {
+                throw topic.error("pattern", "must be a valid topic filter (with its prefixes too), not \"\(pattern)\": \(error)")
+            }
+            bridge.topics.append(entry)
+        }
+        return bridge
     }
 
     /// A listener's TLS keys, checked against each other and against the files they name (read

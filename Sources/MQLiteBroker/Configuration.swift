@@ -1,3 +1,4 @@
+import Foundation
 import MQTTCore
 import Logging
 import NIOCore
@@ -22,6 +23,8 @@ public struct BrokerConfiguration: Sendable {
     public var sysInterval: Int
     /// `[persistence]`: nil keeps everything in memory only.
     public var persistence: PersistenceConfiguration?
+    /// `[[bridge]]`: links to other brokers.
+    public var bridges: [BridgeConfiguration] = []
 
     public init(
         workers: Int = 0, logLevel: Logger.Level = .info,
@@ -277,4 +280,68 @@ public struct ScriptingConfiguration: Sendable, Equatable {
         self.onError = onError
         self.kvMaxBytes = kvMaxBytes
     }
+}
+
+/// One `[[bridge]]`: a link to another broker, as its MQTT client (docs/CONFIG.md#bridge).
+public struct BridgeConfiguration: Sendable {
+    public enum Direction: String, CaseIterable, Sendable {
+        case out, `in`, both
+        var goesOut: Bool { self != .in }
+        var comesIn: Bool { self != .out }
+    }
+
+    /// One `[[bridge.topic]]`: what crosses, which way, at what QoS, with which prefixes.
+    public struct Topic: Sendable {
+        public var pattern: String
+        public var direction: Direction
+        public var qos: QoS
+        public var localPrefix: String
+        public var remotePrefix: String
+
+        public init(pattern: String, direction: Direction, qos: QoS = .atMostOnce, localPrefix: String = "", remotePrefix: String = "") {
+            self.pattern = pattern
+            self.direction = direction
+            self.qos = qos
+            self.localPrefix = localPrefix
+            self.remotePrefix = remotePrefix
+        }
+
+        /// The filter subscribed to locally (out), or on the remote (in).
+        public var localFilter: String { localPrefix + pattern }
+        public var remoteFilter: String { remotePrefix + pattern }
+    }
+
+    public var name: String
+    public var address: ListenAddress
+    public var clientID: String
+    public var username: String?
+    public var password: String?
+    /// False: a persistent session on the remote (QoS 1/2 survive link loss there too).
+    public var cleanSession = false
+    public var keepAlive: UInt16 = 60
+    /// 4 (3.1.1) or 5.
+    public var protocolVersion: ProtocolVersion = .v3_1_1
+    /// TLS to the remote when set: the CAs to trust, and a client certificate.
+    public var cafile: String?
+    public var certfile: String?
+    public var keyfile: String?
+    public var reconnectMin = TimeAmount.seconds(1)
+    public var reconnectMax = TimeAmount.seconds(60)
+    public var topics: [Topic] = []
+
+    public init(name: String, address: ListenAddress, clientID: String? = nil, topics: [Topic] = []) {
+        self.name = name
+        self.address = address
+        self.clientID = clientID ?? Self.defaultClientID(name: name)
+        self.topics = topics
+    }
+
+    /// `mqlite-<hostname>-<name>`, as the issue says Mosquitto-like bridges name themselves.
+    public static func defaultClientID(name: String) -> String {
+        "mqlite-\(ProcessInfo.processInfo.hostName)-\(name)"
+    }
+
+    /// The client id its local session is known by (`$bridge/NAME`): ACLs and hooks see it; no
+    /// client may connect with an id in `$bridge/`.
+    public var localClientID: String { "$bridge/\(name)" }
 }

@@ -333,6 +333,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             guard connect.cleanSession || version == .v5 else { return refuse(.identifierRejected, "empty client id with clean session 0") }
             clientID = "mqlite-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         }
+        // The ids of bridges' local sessions: no client may take one.
+        if clientID.hasPrefix("$bridge/") { return refuse(.identifierRejected, "client id in $bridge/ (bridges' own)") }
         // MQTT 5 has the server's keep-alive take its place instead (Server Keep Alive in CONNACK).
         if Int(connect.keepAlive) > broker.configuration.limits.maxKeepAlive, version != .v5 {
             return refuse(.identifierRejected, "keep-alive \(connect.keepAlive) over max_keep_alive")

@@ -1,0 +1,547 @@
+import Foundation
+import Logging
+import MQTTCore
+import NIOCore
+import NIOPosix
+import NIOSSL
+import Synchronization
+
+/// What a bridge has done, for metrics and `$SYS` (any thread).
+final class BridgeCounters: Sendable {
+    let connected = Atomic<Bool>(false)
+    let messagesOut = Atomic<Int>(0)
+    let messagesIn = Atomic<Int>(0)
+    let bytesOut = Atomic<Int>(0)
+    let bytesIn = Atomic<Int>(0)
+    let reconnects = Atomic<Int>(0)
+    /// Messages waiting in the bridge's local session (queued), as of its last change.
+    let queued = Atomic<Int>(0)
+}
+
+/// A link to another broker (`[[bridge]]`): an MQTT client of the remote, and a session of the
+/// local broker (`$bridge/NAME`), on one worker's loop.
+///
+/// Out: the local session subscribes to each outgoing topic's local filter (No Local: what came in
+/// over this bridge does not go back out); the session decides what is sent and when (queue,
+/// in-flight window, packet ids, re-sending with DUP after a reconnect), exactly as for a client,
+/// and this link, its `SessionOutbound`, writes it to the remote with the topic mapped
+/// (`local_prefix` off, `remote_prefix` on). The session is persistent, so QoS 1/2 messages queue
+/// while the link is down (and in the store, with `[persistence]`).
+///
+/// In: the link subscribes on the remote to each incoming topic's remote filter; what comes is
+/// published locally with the topic mapped back, as from a client `$bridge/NAME`: the ACL the
+/// `authorize` hook gives that name applies, and `on_publish` hooks run.
+///
+/// Everything here runs on `worker.loop` (hence `@unchecked Sendable`).
+final class BridgeLink: SessionOutbound, @unchecked Sendable {
+    let configuration: BridgeConfiguration
+    let counters = BridgeCounters()
+    private unowned let broker: Broker
+    let worker: Worker
+    private var logger: Logger
+    private let clientInfo: ClientInfo
+    private var session: Session?
+    private var channel: (any Channel)?
+    /// CONNACK 0 came on `channel`.
+    private var connected = false
+    private var stopped = false
+    private var delay: TimeAmount
+    private var reconnectTask: Scheduled<Void>?
+    private var pingTask: RepeatedTask?
+    /// A PINGREQ went out and its PINGRESP has not come.
+    private var pingOutstanding = false
+    private var flushScheduled = false
+    private var acl: ClientACL?
+    private var verdicts: [TopicName: Bool] = [:]
+    private var sslContext: NIOSSLContext?
+    /// 3.1.1 remotes echo what the bridge publishes on topics it also subscribes to there: what
+    /// went out on such topics, to drop once when it comes back (bounded).
+    private var echoes = EchoFilter()
+    private let echoesPossible: Bool
+    private let version: ProtocolVersion
+
+    init(configuration: BridgeConfiguration, broker: Broker, worker: Worker, logger: Logger) {
+        self.configuration = configuration
+        self.broker = broker
+        self.worker = worker
+        var logger = logger
+        logger[metadataKey: "bridge"] = "\(configuration.name)"
+        self.logger = logger
+        self.delay = configuration.reconnectMin
+        self.version = configuration.protocolVersion
+        clientInfo = ClientInfo(
+            clientID: configuration.localClientID, username: configuration.username, address: configuration.address.description,
+            origin: RunningListener(unboundNamed: "bridge \(configuration.name)"))
+        // MQTT 5 remotes honour No Local; a 3.1.1 one sends back what the bridge publishes on a
+        // topic it subscribes to there too.
+        echoesPossible = configuration.protocolVersion == .v3_1_1
+            && configuration.topics.contains { $0.direction.goesOut }
+            && configuration.topics.contains { $0.direction.comesIn }
+    }
+
+    // MARK: - Lifecycle (worker loop)
+
+    /// Takes (or makes) the local session, subscribes it locally, and connects.
+    func start() throws {
+        worker.assertOnLoop()
+        if configuration.cafile != nil {
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = .file(configuration.cafile!)
+            if let certfile = configuration.certfile, let keyfile = configuration.keyfile {
+                tls.certificateChain = try NIOSSLCertificate.fromPEMFile(certfile).map { .certificate($0) }
+                tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyfile, format: .pem))
+            }
+            sslContext = try NIOSSLContext(configuration: tls)
+        }
+        let session = broker.bridgeSession(for: configuration, on: worker)
+        self.session = session
+        // (A session kept in the store from a run with other topics: what is no longer configured goes.)
+        let filters = Set(configuration.topics.filter(\.direction.goesOut).map(\.localFilter))
+        for filter in session.subscriptions.keys where !filters.contains(filter.string) { broker.unsubscribe(session, filter: filter) }
+        for topic in configuration.topics where topic.direction.goesOut {
+            guard let filter = try? TopicFilter(topic.localFilter) else { continue }
+            broker.subscribe(session, filter: filter, grant: Grant(qos: topic.qos, noLocal: true))
+        }
+        switch broker.hooks.authorize(clientInfo, worker: worker.index) {
+        case .now(let tables):
+            authorized(tables)
+            connect()
+        case .later(let future):
+            future.hop(to: worker.loop).whenComplete { [self] result in
+                authorized((try? result.get()) ?? [.denyAll])
+                connect()
+            }
+        }
+    }
+
+    private func authorized(_ tables: [ACLTable]) {
+        acl = tables.isEmpty ? nil : ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username)
+        verdicts = [:]
+    }
+
+    /// Stops for good (the broker is stopping): DISCONNECT, and no reconnect.
+    func stop() {
+        worker.assertOnLoop()
+        stopped = true
+        reconnectTask?.cancel()
+        pingTask?.cancel()
+        if let channel, connected {
+            var buffer = channel.allocator.buffer(capacity: 2)
+            buffer.writeMQTTPacket(.disconnect, version: version)
+            channel.writeAndFlush(buffer, promise: nil)
+        }
+        channel?.close(promise: nil)
+    }
+
+    private func connect() {
+        guard !stopped else { return }
+        let configuration = self.configuration
+        let sslContext = self.sslContext
+        let decoder = MQTTDecoder(
+            maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels,
+            protocolVersion: version)
+        let host = configuration.address.host
+        let isAddress = (try? SocketAddress(ipAddress: host, port: 0)) != nil
+        let handler = BridgeChannelHandler(link: self)
+        ClientBootstrap(group: worker.loop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(10))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let sslContext {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: sslContext, serverHostname: isAddress ? nil : host))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(decoder))
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+            .connect(host: host, port: configuration.address.port)
+            .whenComplete { [self] result in
+                switch result {
+                case .success(let channel):
+                    guard !stopped else { return channel.close(promise: nil) }
+                    self.channel = channel
+                    sendConnect(on: channel)
+                case .failure(let error):
+                    logger.info("bridge cannot connect to \(configuration.address): \(error)")
+                    scheduleReconnect()
+                }
+            }
+    }
+
+    private func sendConnect(on channel: any Channel) {
+        var properties = MQTTProperties()
+        // MQTT 5: a session that outlives the connection needs an expiry (0 ends it with it).
+        if version == .v5 && !configuration.cleanSession { properties.sessionExpiryInterval = UInt32.max }
+        let connect = ConnectPacket(
+            protocolLevel: version.rawValue, cleanSession: configuration.cleanSession, keepAlive: configuration.keepAlive,
+            clientID: configuration.clientID, username: configuration.username, password: configuration.password.map { ByteBuffer(string: $0) },
+            properties: properties)
+        var buffer = channel.allocator.buffer(capacity: 64)
+        buffer.writeMQTTPacket(.connect(connect), version: version)
+        channel.writeAndFlush(buffer, promise: nil)
+    }
+
+    /// Reconnects after the current delay (with jitter), and doubles it up to `max`.
+    private func scheduleReconnect() {
+        guard !stopped, reconnectTask == nil else { return }
+        let jittered = TimeAmount.nanoseconds(Int64(Double(delay.nanoseconds) * Double.random(in: 0.75...1.25)))
+        delay = min(delay * 2, configuration.reconnectMax)
+        counters.reconnects.add(1, ordering: .relaxed)
+        reconnectTask = worker.loop.scheduleTask(in: jittered) { [self] in
+            reconnectTask = nil
+            connect()
+        }
+    }
+
+    // MARK: - From the remote (worker loop)
+
+    fileprivate func received(_ packet: MQTTPacket, on channel: any Channel) {
+        guard channel === self.channel, !stopped else { return }
+        switch packet {
+        case .connack(let connack):
+            connackReceived(connack, on: channel)
+        case .publish(let publish):
+            guard connected else { return }
+            incoming(publish, on: channel)
+        case .puback(let id):
+            session?.puback(id)
+        case .pubrec(let id):
+            session?.pubrec(id)
+            write(.pubrel(packetID: id))
+        case .pubcomp(let id):
+            session?.pubcomp(id)
+        case .pubrel(let id):
+            session?.released(inbound: id)
+            write(.pubcomp(packetID: id))
+        case .ackV5(let ack):
+            switch ack.kind {
+            case .puback: session?.puback(ack.packetID)
+            case .pubrec:
+                if ack.reasonCode.isFailure {
+                    session?.pubrecRefused(ack.packetID)
+                } else {
+                    session?.pubrec(ack.packetID)
+                    write(.pubrel(packetID: ack.packetID))
+                }
+            case .pubcomp: session?.pubcomp(ack.packetID)
+            case .pubrel:
+                session?.released(inbound: ack.packetID)
+                write(.pubcomp(packetID: ack.packetID))
+            }
+        case .suback(let suback):
+            let refused = suback.value.returnCodes.filter { $0 == .failure }.count
+            if refused > 0 { logger.warning("the remote refused \(refused) of the bridge's subscriptions") }
+        case .pingresp:
+            pingOutstanding = false
+        case .disconnect, .disconnectV5:
+            logger.info("the remote sent DISCONNECT")
+            channel.close(promise: nil)
+        default:
+            break
+        }
+        flushSoon()
+    }
+
+    private func connackReceived(_ connack: ConnackPacket, on channel: any Channel) {
+        let accepted = version == .v5 ? connack.reasonCode == .success : connack.returnCode == .accepted
+        guard accepted else {
+            let code = version == .v5 ? connack.reasonCode.rawValue : connack.returnCode.rawValue
+            logger.warning("the remote refused the bridge's CONNECT: CONNACK code \(code); trying again later")
+            channel.close(promise: nil)
+            return
+        }
+        connected = true
+        counters.connected.store(true, ordering: .relaxed)
+        delay = configuration.reconnectMin
+        logger.info("bridge connected to \(configuration.address) (session present: \(connack.sessionPresent))")
+        // Subscriptions on the remote: each incoming topic's remote filter (MQTT 5: No Local).
+        let incoming = configuration.topics.filter(\.direction.comesIn)
+        if !incoming.isEmpty {
+            let subscriptions = incoming.map {
+                Subscription(filter: $0.remoteFilter, qos: $0.qos, noLocal: version == .v5)
+            }
+            write(.subscribe(SubscribePacket(packetID: 1, subscriptions: subscriptions)))
+        }
+        if configuration.keepAlive > 0 {
+            let period = TimeAmount.seconds(Int64(configuration.keepAlive))
+            pingOutstanding = false
+            pingTask = worker.loop.scheduleRepeatedTask(initialDelay: period, delay: period) { [self] _ in
+                guard let channel = self.channel, connected else { return }
+                if pingOutstanding {
+                    logger.info("the remote did not answer PINGREQ within keep_alive: reconnecting")
+                    channel.close(promise: nil)
+                    return
+                }
+                pingOutstanding = true
+                write(.pingreq)
+                flushSoon()
+            }
+        }
+        guard let session else { return }
+        session.outbound = self
+        session.report(.attached)
+        session.resume()
+        counters.queued.store(session.queue.count, ordering: .relaxed)
+    }
+
+    /// The link went down: the session stays (persistent) and queues; reconnect later.
+    fileprivate func closed(_ channel: any Channel) {
+        guard channel === self.channel else { return }
+        self.channel = nil
+        pingTask?.cancel()
+        pingTask = nil
+        if connected {
+            connected = false
+            counters.connected.store(false, ordering: .relaxed)
+            logger.info("bridge link to \(configuration.address) lost")
+            if let session, session.outbound === self { session.disconnected() }
+        }
+        scheduleReconnect()
+    }
+
+    /// The link's channel failed (a TLS handshake the remote's certificate failed, a packet the
+    /// decoder refused): logged; it closes, and the link reconnects.
+    fileprivate func failed(_ error: any Error, on channel: any Channel) {
+        guard channel === self.channel else { return }
+        logger.warning("bridge link error with \(configuration.address): \(LogText("\(error)", limit: 256))")
+    }
+
+    fileprivate func writabilityChanged(_ channel: any Channel) {
+        guard channel === self.channel, channel.isWritable, connected else { return }
+        session?.pump()
+        flushSoon()
+    }
+
+    /// A PUBLISH from the remote: acknowledged, its topic mapped, and published locally as from
+    /// `$bridge/NAME` (unless it is this bridge's own message coming back).
+    private func incoming(_ publish: PublishPacket, on channel: any Channel) {
+        counters.messagesIn.add(1, ordering: .relaxed)
+        counters.bytesIn.add(publish.payload.readableBytes, ordering: .relaxed)
+        var deliver = true
+        switch publish.qos {
+        case .atMostOnce: break
+        case .atLeastOnce: write(.puback(packetID: publish.packetID!))
+        case .exactlyOnce:
+            let id = publish.packetID!
+            deliver = session?.receivedQoS2(id) ?? true
+            write(.pubrec(packetID: id))
+        }
+        guard deliver, let local = localTopic(for: String(buffer: publish.topic)) else { return }
+        if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return }
+        guard let topic = try? TopicName(validating: ByteBuffer(string: local)) else { return }
+        guard topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic) else { return }
+        var properties = publish.properties
+        properties.topicAlias = nil
+        if let interval = properties.messageExpiryInterval {
+            properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
+        }
+        let message = Message(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+        let route = worker.route(for: topic)
+        guard route.hooked else { return publishLocally(message, along: route) }
+        switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {
+        case .now(let decision): apply(decision, to: message)
+        case .later(let future):
+            future.hop(to: worker.loop).whenComplete { [self] result in
+                worker.beginBatch()
+                apply((try? result.get()) ?? .drop, to: message)
+                worker.flushDirty()
+            }
+        }
+    }
+
+    private func apply(_ decision: PublishDecision, to message: Message) {
+        switch decision {
+        case .deliver: publishLocally(message, along: worker.route(for: message.topic))
+        case .drop: worker.stats.droppedHook &+= 1
+        case .change(let changed): publishChanged(changed, original: message)
+        case .replace(let messages): for changed in messages { publishChanged(changed, original: message) }
+        }
+    }
+
+    private func publishChanged(_ m: HookedMessage, original: Message) {
+        guard m.topic.levelCount <= broker.configuration.limits.maxTopicLevels, m.topic == original.topic || mayPublish(m.topic) else { return }
+        let message = Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, properties: m.properties)
+        publishLocally(message, along: worker.route(for: m.topic))
+    }
+
+    private func publishLocally(_ message: Message, along route: Worker.Route) {
+        // From the bridge's session: its own subscriptions (No Local) do not send it back out.
+        worker.publish(message, along: route, from: session)
+    }
+
+    private func mayPublish(_ topic: TopicName) -> Bool {
+        guard let acl else { return true }
+        if let verdict = verdicts[topic] { return verdict }
+        let verdict = acl.allowsPublish(topic: topic)
+        if verdicts.count >= 1000 { verdicts.removeAll(keepingCapacity: true) }
+        verdicts[topic.copied()] = verdict
+        if !verdict { worker.stats.droppedACL &+= 1 }
+        return verdict
+    }
+
+    // MARK: - Topic mapping
+
+    /// The remote topic of a local one going out: the first outgoing topic whose local filter
+    /// matches, with its local prefix taken off and its remote prefix put on.
+    private func remoteTopic(for local: String) -> String? {
+        for topic in configuration.topics where topic.direction.goesOut && local.hasPrefix(topic.localPrefix) {
+            guard let filter = try? TopicFilter(topic.localFilter), let name = try? TopicName(local), filter.matches(name) else { continue }
+            return topic.remotePrefix + local.dropFirst(topic.localPrefix.count)
+        }
+        return nil
+    }
+
+    /// The local topic of a remote one coming in (the other way round).
+    private func localTopic(for remote: String) -> String? {
+        for topic in configuration.topics where topic.direction.comesIn && remote.hasPrefix(topic.remotePrefix) {
+            guard let filter = try? TopicFilter(topic.remoteFilter), let name = try? TopicName(remote), filter.matches(name) else { continue }
+            return topic.localPrefix + remote.dropFirst(topic.remotePrefix.count)
+        }
+        return nil
+    }
+
+    // MARK: - SessionOutbound (to the remote)
+
+    var canWrite: Bool { connected && (channel?.isWritable ?? false) }
+
+    func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
+        guard let remote = remoteTopic(for: message.topic.string) else { return }
+        let topic = ByteBuffer(string: remote)
+        var properties = message.properties
+        properties.subscriptionIdentifiers = []
+        properties.topicAlias = nil
+        if let expiresAt = properties.messageExpiresAt {
+            let now = NIODeadline.now().uptimeNanoseconds
+            properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
+        }
+        if version == .v3_1_1 { properties = MQTTProperties() }
+        if echoesPossible { echoes.add(topic: topic, payload: message.payload) }
+        counters.messagesOut.add(1, ordering: .relaxed)
+        counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
+        // RETAIN as the local message had it: a retained message stays retained on the remote.
+        write(.publish(PublishPacket(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID, properties: properties)))
+        flushSoon()
+    }
+
+    func writeQoS0(frame: ByteBuffer, message: Message) {
+        writePublish(message, qos: .atMostOnce, packetID: nil, retain: false, dup: false)
+    }
+
+    func writePubrel(packetID: UInt16) {
+        write(.pubrel(packetID: packetID))
+        flushSoon()
+    }
+
+    func pumpSoon() {
+        worker.loop.execute { [self] in
+            session?.pump()
+            flushSoon()
+        }
+    }
+
+    // No client can take a bridge's session (`$bridge/` ids are refused), nor a plugin close it.
+    func takenOver(publishWill: Bool) {}
+    func disconnect(reason: String) {}
+    func reauthorize() {
+        switch broker.hooks.authorize(clientInfo, worker: worker.index) {
+        case .now(let tables): authorized(tables)
+        case .later(let future):
+            future.hop(to: worker.loop).whenComplete { [self] result in authorized((try? result.get()) ?? [.denyAll]) }
+        }
+    }
+
+    func interceptDelivery(_ message: Message) -> Message? {
+        switch broker.hooks.interceptDelivery(message, to: clientInfo, worker: worker.index) {
+        case .deliver: return message
+        case .drop: return nil
+        case .change(var changed):
+            changed.qos = message.qos
+            changed.retain = message.retain
+            changed.isCompact = false
+            return changed
+        }
+    }
+
+    private func write(_ packet: MQTTPacket) {
+        guard let channel else { return }
+        var buffer = channel.allocator.buffer(capacity: 32)
+        buffer.writeMQTTPacket(packet, version: version)
+        channel.write(buffer, promise: nil)
+    }
+
+    /// One flush per loop tick, however many packets were written.
+    private func flushSoon() {
+        guard !flushScheduled, channel != nil else { return }
+        flushScheduled = true
+        worker.loop.execute { [self] in
+            flushScheduled = false
+            channel?.flush()
+            if let session { counters.queued.store(session.queue.count, ordering: .relaxed) }
+        }
+    }
+}
+
+/// Hands the link what its channel reads and tells it when the channel goes.
+private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = MQTTPacket
+    private let link: BridgeLink
+
+    init(link: BridgeLink) { self.link = link }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        link.received(unwrapInboundIn(data), on: context.channel)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        link.closed(context.channel)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        link.writabilityChanged(context.channel)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        link.failed(error, on: context.channel)
+        context.close(promise: nil)
+    }
+}
+
+/// What a bridge sent to a 3.1.1 remote on topics it also subscribes to there, to recognise it
+/// when the remote sends it back: a hash of topic and payload, counted, the oldest forgotten past
+/// `capacity` (an echo comes back within a round trip; one that comes later is delivered twice).
+struct EchoFilter {
+    static let capacity = 8192
+    private var order: [Int] = []
+    private var head = 0
+    private var counts: [Int: Int] = [:]
+
+    private static func key(_ topic: ByteBuffer, _ payload: ByteBuffer) -> Int {
+        var hasher = Hasher()
+        hasher.combine(topic.readableBytesView.count)
+        topic.withUnsafeReadableBytes { hasher.combine(bytes: $0) }
+        payload.withUnsafeReadableBytes { hasher.combine(bytes: $0) }
+        return hasher.finalize()
+    }
+
+    mutating func add(topic: ByteBuffer, payload: ByteBuffer) {
+        let key = Self.key(topic, payload)
+        if order.count < Self.capacity {
+            order.append(key)
+        } else {
+            let old = order[head]
+            if let count = counts[old] { counts[old] = count > 1 ? count - 1 : nil }
+            order[head] = key
+            head = (head + 1) % Self.capacity
+        }
+        counts[key, default: 0] += 1
+    }
+
+    /// Whether this message is one sent out (then it is forgotten once).
+    mutating func take(topic: ByteBuffer, payload: ByteBuffer) -> Bool {
+        let key = Self.key(topic, payload)
+        guard let count = counts[key] else { return false }
+        counts[key] = count > 1 ? count - 1 : nil
+        return true
+    }
+}

@@ -1,0 +1,277 @@
+"""[[bridge]]: mqlite as a client of another broker (a real Mosquitto, or another mqlite), with
+topic prefixes, both directions, Lua on what comes in, TLS, link loss and two edges on one core."""
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from conftest import BINARY, Broker, wait_for
+from test_interop import paho_client, start
+from test_persistence import free_port
+from test_tls import make_ca, make_cert
+
+
+class Mosquitto:
+    """A Mosquitto on a fixed port of 127.0.0.1 (so that it can be stopped and started again)."""
+
+    def __init__(self, port=None, extra=""):
+        self.port = port or free_port()
+        self.dir = tempfile.TemporaryDirectory()
+        self.conf = Path(self.dir.name) / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{extra}")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert wait_for(lambda: self.accepts(), timeout=10), "mosquitto did not start"
+
+    def accepts(self):
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+def open_dir():
+    """A folder the mosquitto user can read and write (Mosquitto started as root drops to it, and
+    pytest's tmp_path sits in a folder only root may enter)."""
+    d = Path(tempfile.mkdtemp(prefix="mqlite-bridge-"))
+    os.chmod(d, 0o777)
+    return d
+
+
+def bridge_config(remote_port, topics, extra="", bridge_extra="", name="cloud"):
+    text = f'[[listener]]\nbind = "127.0.0.1:0"\n{extra}\n'
+    text += f'[[bridge]]\nname = "{name}"\naddress = "127.0.0.1:{remote_port}"\nkeep_alive = 5\n'
+    text += 'reconnect_delay = {{ min = 0.2, max = 1 }}\n'.format()
+    text += bridge_extra
+    for t in topics:
+        text += "[[bridge.topic]]\n" + "".join(f'{k} = {v!r}\n'.replace("'", '"') for k, v in t.items())
+    return text
+
+
+def subscriber(port, topic, qos=1, client_id=None):
+    c = paho_client(client_id or "sub-%d" % time.monotonic_ns())
+    start(c, port)
+    c.subscribe(topic, qos=qos)
+    time.sleep(0.3)
+    return c
+
+
+def published(port, topic, payload, qos=1, retain=False):
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-m", payload, "-q", str(qos)]
+                   + (["-r"] if retain else []), check=True, timeout=10)
+
+
+def connected(b):
+    return wait_for(lambda: "bridge connected" in b.log(), timeout=10)
+
+
+def got(c):
+    return [(m.topic, m.payload.decode()) for m in c.messages]
+
+
+def test_out_in_and_both_with_prefixes():
+    remote = Mosquitto()
+    b = Broker([], config_text=bridge_config(remote.port, [
+        {"pattern": "sensors/#", "direction": "out", "qos": 1, "remote_prefix": "site1/"},
+        {"pattern": "cmd/#", "direction": "in", "qos": 1, "remote_prefix": "site1/", "local_prefix": "edge/"},
+        {"pattern": "chat/#", "direction": "both", "qos": 0},
+    ]))
+    try:
+        assert connected(b), b.log()
+        far = subscriber(remote.port, "#")
+        near = subscriber(b.port, "#")
+        published(b.port, "sensors/t1", "21.5")           # out: site1/ on
+        published(remote.port, "site1/cmd/reboot", "now")  # in: site1/ off, edge/ on
+        published(remote.port, "cmd/other", "x")           # not under the remote prefix: stays there
+        published(b.port, "chat/a", "from edge", qos=0)    # both ways, without prefixes
+        published(remote.port, "chat/b", "from cloud", qos=0)
+        published(b.port, "private/x", "stays local")      # matches no topic: does not cross
+        assert wait_for(lambda: len(far.messages) >= 5 and len(near.messages) >= 5, timeout=10), (got(far), got(near))
+        time.sleep(0.5)
+        assert sorted(got(far)) == sorted([
+            ("site1/sensors/t1", "21.5"), ("site1/cmd/reboot", "now"), ("cmd/other", "x"), ("chat/a", "from edge"), ("chat/b", "from cloud")])
+        # Each once: the bridge does not send back what came in, nor deliver its own echo twice.
+        assert sorted(got(near)) == sorted([
+            ("sensors/t1", "21.5"), ("edge/cmd/reboot", "now"), ("chat/a", "from edge"), ("chat/b", "from cloud"), ("private/x", "stays local")])
+        assert got(far).count(("chat/a", "from edge")) == 1 and got(far).count(("chat/b", "from cloud")) == 1
+        # A client may not take the bridge's own id.
+        r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-i", "$bridge/cloud", "-t", "x", "-m", "y"],
+                           capture_output=True, text=True, timeout=10)
+        assert r.returncode != 0
+    finally:
+        b.stop()
+        remote.stop()
+
+
+def test_a_lua_on_publish_hook_rewrites_what_comes_in(tmp_path):
+    script = tmp_path / "gateway.lua"
+    script.write_text(
+        'mqlite.on_publish("in/#", function(m)\n'
+        '  if m.client_id ~= "$bridge/cloud" then return end\n'
+        '  return { topic = "devices/" .. m.topic:sub(4), payload = string.upper(m.payload) }\n'
+        'end)\n')
+    remote = Mosquitto()
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "#", "direction": "in", "qos": 1, "local_prefix": "in/",
+                                                             "remote_prefix": "cloud/"}],
+                                              extra=f'[[plugin]]\nscript = "{script}"\n'))
+    try:
+        assert connected(b), b.log()
+        near = subscriber(b.port, "#")
+        published(remote.port, "cloud/lamp/1", "on")
+        assert wait_for(lambda: len(near.messages) >= 1, timeout=10), b.log()
+        time.sleep(0.3)
+        assert got(near) == [("devices/lamp/1", "ON")]
+    finally:
+        b.stop()
+        remote.stop()
+
+
+def test_tls_to_mosquitto():
+    tmp_path = open_dir()
+    make_ca(tmp_path, "ca", "bridge test CA")
+    make_cert(tmp_path, "server", "ca", "/CN=127.0.0.1", "IP:127.0.0.1,DNS:localhost")
+    make_ca(tmp_path, "other", "another CA")
+    os.chmod(tmp_path / "server.key", 0o644)
+    tls = f"certfile {tmp_path}/server.crt\nkeyfile {tmp_path}/server.key\n"
+    remote = Mosquitto(extra=tls)
+    topics = [{"pattern": "t/#", "direction": "out", "qos": 1}]
+    b = Broker([], config_text=bridge_config(remote.port, topics, bridge_extra=f'cafile = "{tmp_path}/ca.crt"\n'))
+    wrong = Broker([], config_text=bridge_config(remote.port, topics, bridge_extra=f'cafile = "{tmp_path}/other.crt"\n', name="wrong"))
+    try:
+        assert connected(b), b.log()
+        far = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(remote.port), "--cafile", str(tmp_path / "ca.crt"),
+                                "-t", "t/#", "-C", "1", "-v", "-W", "10"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        published(b.port, "t/secure", "yes")
+        out, _ = far.communicate(timeout=15)
+        assert out.strip() == "t/secure yes"
+        # A remote whose certificate the bridge's CA did not sign: no link.
+        time.sleep(1)
+        assert wait_for(lambda: "bridge link error" in wrong.log(), timeout=10), wrong.log()
+        assert "bridge connected" not in wrong.log()
+    finally:
+        b.stop()
+        wrong.stop()
+        remote.stop()
+
+
+def test_link_flap_loses_no_qos1_message_and_keeps_the_order():
+    """The remote Mosquitto stops for 3 s while 10,000 QoS 1 messages are published locally; it
+    comes back (with its persistent subscriber's session: persistence true): every message
+    arrives there, in order (QoS 1 may repeat one the remote had before it stopped)."""
+    tmp_path = open_dir()
+    # (Mosquitto drops past 1000 queued for a client by default; the bridge's backlog may arrive
+    # before its subscriber is back.)
+    remote = Mosquitto(extra=f"persistence true\npersistence_location {tmp_path}/\nmax_queued_messages 0\n")
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "flow/#", "direction": "out", "qos": 1}],
+                                              extra="[limits]\nmax_queued = 20000\n"))
+    far = paho_client("far-sub", clean_session=False)
+    far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
+    try:
+        assert connected(b), b.log()
+        start(far, remote.port)
+        far.subscribe("flow/#", qos=1)
+        time.sleep(0.5)
+        pub = paho_client("near-pub")
+        pub.max_inflight_messages_set(100)
+        start(pub, b.port)
+        done = threading.Event()
+
+        def publish_all():
+            for i in range(10000):
+                pub.publish("flow/x", b"%d" % i, qos=1).wait_for_publish(30)
+                if i == 2000:
+                    remote.stop()
+                    threading.Timer(3, remote.start).start()
+            done.set()
+
+        threading.Thread(target=publish_all, daemon=True).start()
+        assert done.wait(120)
+        assert wait_for(lambda: len({m.payload for m in far.messages}) >= 10000, timeout=60), \
+            (len(far.messages), sorted(set(range(10000)) - {int(m.payload) for m in far.messages})[:20], b.log()[-2000:])
+        seen, order = set(), []
+        for m in far.messages:
+            n = int(m.payload)
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+        assert order == list(range(10000))
+        assert "bridge link to" in b.log() and b.log().count("bridge connected") >= 2
+    finally:
+        far.loop_stop()
+        b.stop()
+        remote.stop()
+
+
+def test_two_edges_through_a_core_without_loops():
+    """Edge A and edge B each bridge devices/# both ways to one core (a third mqlite). A device on
+    A reaches a device on B; every copy arrives once, nothing loops."""
+    core = Broker([], config_text='[[listener]]\nbind = "127.0.0.1:0"\n')
+    topics = [{"pattern": "devices/#", "direction": "both", "qos": 1}]
+    a = Broker([], config_text=bridge_config(core.port, topics, bridge_extra='client_id = "edge-a"\n', name="core"))
+    b = Broker([], config_text=bridge_config(core.port, topics, bridge_extra='client_id = "edge-b"\n', name="core"))
+    try:
+        assert connected(a) and connected(b)
+        on_b = subscriber(b.port, "devices/#")
+        on_a = subscriber(a.port, "devices/#")
+        on_core = subscriber(core.port, "devices/#")
+        published(a.port, "devices/a1/hello", "from a")
+        published(b.port, "devices/b1/hello", "from b")
+        assert wait_for(lambda: len(on_b.messages) >= 2 and len(on_a.messages) >= 2 and len(on_core.messages) >= 2, timeout=10)
+        time.sleep(2)  # a loop would keep adding copies
+        expected = sorted([("devices/a1/hello", "from a"), ("devices/b1/hello", "from b")])
+        assert sorted(got(on_b)) == expected and sorted(got(on_a)) == expected and sorted(got(on_core)) == expected
+    finally:
+        for x in (a, b, core):
+            x.stop()
+
+
+def test_a_refused_connect_is_logged_with_its_code_and_retried():
+    tmp_path = open_dir()
+    passwords = tmp_path / "passwd"
+    passwords.write_text("edge:secret\n")
+    subprocess.run(["mosquitto_passwd", "-U", str(passwords)], check=True)
+    os.chmod(passwords, 0o644)
+    remote = Mosquitto(extra=f"allow_anonymous false\npassword_file {passwords}\n")
+    remote.conf.write_text(remote.conf.read_text().replace("allow_anonymous true\n", ""))
+    remote.stop()
+    remote.start()
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "t/#", "direction": "out"}],
+                                              bridge_extra='username = "edge"\npassword = "wrong"\n'))
+    try:
+        assert wait_for(lambda: b.log().count("refused the bridge's CONNECT: CONNACK code 5") >= 2, timeout=15), b.log()
+    finally:
+        b.stop()
+        remote.stop()
+
+
+def test_bad_bridge_config_stops_startup_naming_the_key(tmp_path):
+    cases = [
+        ('[[bridge]]\nname = "x"\n[[bridge.topic]]\npattern = "a/#"\n', "bridge[0].address", "is required"),
+        ('[[bridge]]\nname = "x"\naddress = "127.0.0.1:1883"\n[[bridge.topic]]\npattern = "a/#"\ndirection = "sideways"\n',
+         "bridge[0].topic[0].direction", "sideways"),
+        ('[[bridge]]\nname = "x"\naddress = "127.0.0.1:1883"\n[[bridge.topic]]\npattern = "a/#/b"\n', "bridge[0].topic[0].pattern",
+         "valid topic filter"),
+        ('[[bridge]]\nname = "x"\naddress = "127.0.0.1:1883"\n', "bridge[0].topic", "at least one"),
+    ]
+    for body, key, problem in cases:
+        conf = tmp_path / "bad.conf"
+        conf.write_text('[[listener]]\nbind = "127.0.0.1:0"\n' + body)
+        r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (body, r.stderr)
+        assert str(conf) in r.stderr and key in r.stderr and problem in r.stderr, r.stderr
