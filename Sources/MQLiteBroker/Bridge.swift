@@ -253,6 +253,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         }
         connected = true
         counters.connected.store(true, ordering: .relaxed)
+        publishState()
         delay = configuration.reconnectMin
         logger.info("bridge connected to \(configuration.address) (session present: \(connack.sessionPresent))")
         // Subscriptions on the remote: each incoming topic's remote filter (MQTT 5: No Local).
@@ -282,7 +283,14 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         session.outbound = self
         session.report(.attached)
         session.resume()
-        counters.queued.store(session.queue.count, ordering: .relaxed)
+    }
+
+    /// `$SYS/broker/bridges/NAME/state`, retained, as the link comes and goes (and every
+    /// `sys_interval` with the other `$SYS` topics).
+    private func publishState() {
+        guard broker.isAccepting else { return }
+        let topic = TopicName(alreadyValidated: ByteBuffer(string: "$SYS/broker/bridges/\(configuration.name)/state"))
+        worker.publish(Message(topic: topic, payload: ByteBuffer(string: connected ? "connected" : "disconnected"), qos: .atMostOnce, retain: true))
     }
 
     /// The link went down: the session stays (persistent) and queues; reconnect later.
@@ -294,6 +302,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         if connected {
             connected = false
             counters.connected.store(false, ordering: .relaxed)
+            publishState()
             logger.info("bridge link to \(configuration.address) lost")
             if let session, session.outbound === self { session.disconnected() }
         }
@@ -470,6 +479,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         channel.write(buffer, promise: nil)
     }
 
+    /// The depth of the local session's queue, for metrics (worker loop).
+    func refreshQueued() {
+        if let session { counters.queued.store(session.queue.count, ordering: .relaxed) }
+    }
+
     /// One flush per loop tick, however many packets were written.
     private func flushSoon() {
         guard !flushScheduled, channel != nil else { return }
@@ -477,7 +491,6 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         worker.loop.execute { [self] in
             flushScheduled = false
             channel?.flush()
-            if let session { counters.queued.store(session.queue.count, ordering: .relaxed) }
         }
     }
 }

@@ -84,6 +84,20 @@ public struct HookCallStats: Sendable, Equatable {
 
 /// The broker's counters summed over the workers, at one moment (each worker's part is read on its
 /// loop, so the parts are consistent each; the sum is a few microseconds wide).
+/// One bridge's state and counts since start.
+public struct BridgeStats: Sendable {
+    public var name: String
+    public var connected: Bool
+    public var messagesOut: Int
+    public var messagesIn: Int
+    public var bytesOut: Int
+    public var bytesIn: Int
+    /// Messages waiting in its local session's queue.
+    public var queued: Int
+    /// Connection attempts after the first.
+    public var reconnects: Int
+}
+
 public struct BrokerStats: Sendable {
     public var messagesReceived = PerQoS()
     public var bytesReceived = PerQoS()
@@ -109,6 +123,8 @@ public struct BrokerStats: Sendable {
     /// Most connections open at once since start.
     public var maximumConnections = 0
     public var uptimeSeconds = 0
+    /// `[[bridge]]`s, in config order.
+    public var bridges: [BridgeStats] = []
     /// `[persistence]`: commits that wrote something, and commits that failed (nil: no store).
     public var storeCommits: (done: Int, failed: Int)?
     /// Summed over workers: one entry per script and hook.
@@ -161,6 +177,7 @@ extension Worker {
     fileprivate func statsPart() -> WorkerPart {
         assertOnLoop()
         var part = WorkerPart(stats: stats)
+        for link in broker.bridges where link.worker === self { link.refreshQueued() }
         for connection in connections.values {
             guard let held = connection.sessionLoad() else { continue }
             part.online += 1
@@ -195,6 +212,18 @@ extension Broker {
             var sum = sum
             sum.add(part)
             return sum
+        }.map { [self] stats in
+            // (After the parts: each worker refreshed its bridges' queue depth.)
+            var stats = stats
+            stats.bridges = bridges.map { link in
+                let c = link.counters
+                return BridgeStats(
+                    name: link.configuration.name, connected: c.connected.load(ordering: .relaxed),
+                    messagesOut: c.messagesOut.load(ordering: .relaxed), messagesIn: c.messagesIn.load(ordering: .relaxed),
+                    bytesOut: c.bytesOut.load(ordering: .relaxed), bytesIn: c.bytesIn.load(ordering: .relaxed),
+                    queued: c.queued.load(ordering: .relaxed), reconnects: c.reconnects.load(ordering: .relaxed))
+            }
+            return stats
         }
     }
 
@@ -282,6 +311,16 @@ public final class BrokerMetrics: Sendable {
             gauge("mqlite_inflight_messages", [], stats.inflight)
             gauge("mqlite_queued_messages", [], stats.queued)
             gauge("mqlite_uptime_seconds", [], stats.uptimeSeconds)
+            for bridge in stats.bridges {
+                let name = ("bridge", bridge.name)
+                gauge("mqlite_bridge_connected", [name], bridge.connected ? 1 : 0)
+                counter("mqlite_bridge_messages_total", [name, ("direction", "out")], bridge.messagesOut)
+                counter("mqlite_bridge_messages_total", [name, ("direction", "in")], bridge.messagesIn)
+                counter("mqlite_bridge_bytes_total", [name, ("direction", "out")], bridge.bytesOut)
+                counter("mqlite_bridge_bytes_total", [name, ("direction", "in")], bridge.bytesIn)
+                gauge("mqlite_bridge_queued_messages", [name], bridge.queued)
+                counter("mqlite_bridge_reconnects_total", [name], bridge.reconnects)
+            }
             if let commits = stats.storeCommits {
                 counter("mqlite_store_commits_total", [("result", "ok")], commits.done)
                 counter("mqlite_store_commits_total", [("result", "failed")], commits.failed)

@@ -54,6 +54,12 @@ final class SysPublisher: @unchecked Sendable {
             ("bytes/received", "\(bytesReceived)"),
             ("bytes/sent", "\(bytesSent)"),
         ]
+        for bridge in stats.bridges {
+            topics.append(("bridges/\(bridge.name)/state", bridge.connected ? "connected" : "disconnected"))
+            topics.append(("bridges/\(bridge.name)/messages/sent", "\(bridge.messagesOut)"))
+            topics.append(("bridges/\(bridge.name)/messages/received", "\(bridge.messagesIn)"))
+            topics.append(("bridges/\(bridge.name)/queued", "\(bridge.queued)"))
+        }
         let names = ["messages/received", "messages/sent", "bytes/received", "bytes/sent"]
         for (i, name) in names.enumerated() {
             for (w, window) in Self.windows.enumerated() {

@@ -275,3 +275,35 @@ def test_bad_bridge_config_stops_startup_naming_the_key(tmp_path):
         r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2, (body, r.stderr)
         assert str(conf) in r.stderr and key in r.stderr and problem in r.stderr, r.stderr
+
+
+def test_state_in_sys_topics_and_metrics():
+    import urllib.request
+    remote = Mosquitto()
+    metrics_port = free_port()
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "m/#", "direction": "out", "qos": 1}],
+                                              extra=f'[[listener]]\nbind = "127.0.0.1:{metrics_port}"\nprotocol = "http"\n'))
+    watcher = None
+    try:
+        assert connected(b), b.log()
+        watcher = subscriber(b.port, "$SYS/broker/bridges/cloud/state")
+        assert wait_for(lambda: any(m.payload == b"connected" for m in watcher.messages), timeout=5)
+        published(b.port, "m/1", "one")
+
+        def scrape():
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+                return r.read().decode()
+
+        assert wait_for(lambda: 'mqlite_bridge_messages_total{bridge="cloud",direction="out"} 1' in scrape(), timeout=5), scrape()
+        assert 'mqlite_bridge_connected{bridge="cloud"} 1.0' in scrape()
+        remote.stop()
+        assert wait_for(lambda: watcher.messages[-1].payload == b"disconnected", timeout=10)
+        published(b.port, "m/2", "queued while down")
+        assert wait_for(lambda: 'mqlite_bridge_connected{bridge="cloud"} 0.0' in scrape(), timeout=5), scrape()
+        assert wait_for(lambda: 'mqlite_bridge_queued_messages{bridge="cloud"} 1.0' in scrape(), timeout=5), scrape()
+        assert wait_for(lambda: 'mqlite_bridge_reconnects_total{bridge="cloud"} 0' not in scrape(), timeout=5), scrape()
+    finally:
+        if watcher:
+            watcher.loop_stop()
+        b.stop()
+        remote.stop()
