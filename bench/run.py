@@ -86,6 +86,24 @@ sync = "{sync}"
 MOSQUITTO_PERSIST = """persistence true
 persistence_location {dir}/
 """
+# Bridges (issue 15): an edge bridging bench/# out to a core (an mqlite on the load generator's
+# CPU, the same for both); publishers on the edge, subscribers on the core. Both edges may queue
+# 20,000 messages (one link carries every pair's messages).
+BRIDGE_CORE_PORT = 18920
+BRIDGE_EDGE_PORTS = {"mqlite": 18921, "mosquitto": 18922}
+MQLITE_BRIDGE = """[[bridge]]
+name = "core"
+address = "127.0.0.1:{core}"
+[[bridge.topic]]
+pattern = "bench/#"
+direction = "out"
+qos = 1
+"""
+MOSQUITTO_BRIDGE = """connection core
+address 127.0.0.1:{core}
+topic bench/# out 1
+try_private false
+"""
 PERSIST_PORTS = {"mqlite+store-full": 18914, "mqlite+store-batch": 18915, "mosquitto+persistence": 18916}
 # Metrics on (issue 11): an http listener scraped every second during the row, $SYS every second.
 METRICS_PORT = 18907
@@ -192,6 +210,8 @@ def run_bench(broker, args):
     return json.loads(lines[-1])
 
 
+BRIDGE_ROWS = [(f"bridge: pairs qos{q} {p}B forwarded edge -> core", ["pairs", "--qos", str(q), "--payload", str(p)])
+               for q in (0, 1) for p in (16, 1024)]
 PERSIST_ROW = "fan-out qos1 16B to 20 persistent subscribers"
 PERSIST_ARGS = ["fan-out", "--qos", "1", "--payload", "16", "--clients", "20", "--persistent"]
 CLEAN_ROW = "pairs qos1 16B"
@@ -217,9 +237,16 @@ def main():
     for sync in ("full", "batch"):
         name = f"mqlite+store-{sync}"
         configs[name] = MQLITE_CONF.format(workers=workers, port=PERSIST_PORTS[name]) + STORE.format(path=tmp / f"{sync}.db", sync=sync)
+    configs["mqlite+bridge"] = (MQLITE_CONF.format(workers=workers, port=BRIDGE_EDGE_PORTS["mqlite"]).replace("max_queued = 1000", "max_queued = 20000")
+                                + MQLITE_BRIDGE.format(core=BRIDGE_CORE_PORT))
     brokers = {}
+    (tmp / "core.conf").write_text(MQLITE_CONF.format(workers=1, port=BRIDGE_CORE_PORT).replace("max_queued = 1000", "max_queued = 20000"))
+    core = subprocess.Popen(["taskset", "-c", CLIENT_CPUS, str(MQLITE), "-c", str(tmp / "core.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(1)
     for name, port in (("mqlite", 18901), ("mqlite+lua-other", 18902), ("mqlite+lua-hooked", 18903), ("mqlite+metrics", 18906),
-                       ("mqlite+store-full", PERSIST_PORTS["mqlite+store-full"]), ("mqlite+store-batch", PERSIST_PORTS["mqlite+store-batch"])):
+                       ("mqlite+store-full", PERSIST_PORTS["mqlite+store-full"]), ("mqlite+store-batch", PERSIST_PORTS["mqlite+store-batch"]),
+                       ("mqlite+bridge", BRIDGE_EDGE_PORTS["mqlite"])):
         path = tmp / f"{name}.conf"
         path.write_text(configs[name])
         brokers[name] = Broker(name, [str(MQLITE), "-c", str(path)], port)
@@ -227,6 +254,11 @@ def main():
     brokers["mosquitto"] = Broker("mosquitto", ["mosquitto", "-c", str(tmp / "mosquitto.conf")], 18900)
     (tmp / "mosquitto-persist.conf").write_text(
         MOSQUITTO_CONF.format(port=PERSIST_PORTS["mosquitto+persistence"]).replace("persistence false\n", "") + MOSQUITTO_PERSIST.format(dir=tmp))
+    (tmp / "mosquitto-bridge.conf").write_text(
+        MOSQUITTO_CONF.format(port=BRIDGE_EDGE_PORTS["mosquitto"]).replace("max_queued_messages 1000", "max_queued_messages 20000")
+        + MOSQUITTO_BRIDGE.format(core=BRIDGE_CORE_PORT))
+    brokers["mosquitto+bridge"] = Broker("mosquitto+bridge", ["mosquitto", "-c", str(tmp / "mosquitto-bridge.conf")], BRIDGE_EDGE_PORTS["mosquitto"])
+    time.sleep(1)  # the bridges connect
     brokers["mosquitto+persistence"] = Broker("mosquitto+persistence", ["mosquitto", "-c", str(tmp / "mosquitto-persist.conf")],
                                               PERSIST_PORTS["mosquitto+persistence"])
 
@@ -322,6 +354,13 @@ def main():
                     results.setdefault(("lua", name), []).append(res.get("rate"))
                     losses[("lua", name)] = losses.get(("lua", name), 0) + (res.get("lost") or 0)
                     print(f"round {rnd + 1} lua pairs qos0 16B {name:20} {res.get('rate')} lost={res.get('lost')}", flush=True)
+            # Bridges: forwarded messages per second, edge to core.
+            for label, args in BRIDGE_ROWS:
+                for name in (("mqlite", "mosquitto") if rnd % 2 == 0 else ("mosquitto", "mqlite")):
+                    res = run_bench(brokers[f"{name}+bridge"], args + ["--subscribe-port", str(BRIDGE_CORE_PORT)])
+                    results.setdefault((label, name), []).append(res.get("rate"))
+                    losses[(label, name)] = losses.get((label, name), 0) + (res.get("lost") or 0)
+                    print(f"round {rnd + 1} {label} {name:10} {res.get('rate')} lost={res.get('lost')}", flush=True)
             # Persistence: QoS 1 to 20 persistent subscribers (each broker keeping them), and
             # clean sessions on a broker with a store against the same without.
             persist_runs = [(PERSIST_ROW, name, PERSIST_ARGS) for name in PERSIST_PORTS]
@@ -335,6 +374,8 @@ def main():
     finally:
         for b in brokers.values():
             b.stop()
+        core.terminate()
+        core.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def median(label, name):
@@ -382,6 +423,11 @@ def main():
         rows.append((f"lua: {desc} (pairs qos0 16B)", fmt(v, "/s"), f"{fmt(base, '/s')} (mqlite, no plugins)",
                      f"{ratio:.3f}" if ratio else "-", f"{losses.get(('lua', name), 0)}", f">= {target}x of no plugins", mark(ratio is not None and ratio >= target)))
 
+    for label, _ in BRIDGE_ROWS:
+        a, b = median(label, "mqlite"), median(label, "mosquitto")
+        ratio = a / b if a and b else None
+        rows.append((label, fmt(a, "/s"), fmt(b, "/s"), f"{ratio:.2f}" if ratio else "-",
+                     f"{losses.get((label, 'mqlite'), 0)} / {losses.get((label, 'mosquitto'), 0)}", ">= 3x", mark(ratio is not None and ratio >= 3)))
     mosq = median(PERSIST_ROW, "mosquitto+persistence")
     for sync, target in (("full", 1.0), ("batch", 2.0)):
         v = median(PERSIST_ROW, f"mqlite+store-{sync}")

@@ -59,6 +59,32 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var echoes = EchoFilter()
     private let echoesPossible: Bool
     private let version: ProtocolVersion
+    /// The topics of each direction, their filters parsed once.
+    private let outgoing: [Mapping]
+    private let incomingTopics: [Mapping]
+    /// Packets written since the last flush, sent as one buffer (as a connection's batch).
+    private var batch: ByteBuffer?
+    /// Past this much in `batch`, the link counts as unable to take more until it is flushed.
+    private static let maxBatchedBytes = 1 << 20
+
+    /// One `[[bridge.topic]]` for one direction: the filter topics are matched against, the
+    /// prefix to take off and the one to put on.
+    private struct Mapping {
+        var filter: TopicFilter
+        var strip: Int
+        var add: ByteBuffer
+        /// Nothing to change: the topic goes as it is.
+        var identity: Bool { strip == 0 && add.readableBytes == 0 }
+
+        /// The topic `name` becomes, if this mapping takes it.
+        func map(_ name: TopicName) -> ByteBuffer? {
+            guard filter.matches(name) else { return nil }
+            if identity { return name.bytes }
+            var mapped = add
+            mapped.writeImmutableBuffer(name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)!)
+            return mapped
+        }
+    }
 
     init(configuration: BridgeConfiguration, broker: Broker, worker: Worker, logger: Logger) {
         self.configuration = configuration
@@ -77,6 +103,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         echoesPossible = configuration.protocolVersion == .v3_1_1
             && configuration.topics.contains { $0.direction.goesOut }
             && configuration.topics.contains { $0.direction.comesIn }
+        // (The filters were checked when the configuration was read.)
+        outgoing = configuration.topics.filter(\.direction.goesOut).compactMap { topic in
+            (try? TopicFilter(topic.localFilter)).map { Mapping(filter: $0, strip: topic.localPrefix.utf8.count, add: ByteBuffer(string: topic.remotePrefix)) }
+        }
+        incomingTopics = configuration.topics.filter(\.direction.comesIn).compactMap { topic in
+            (try? TopicFilter(topic.remoteFilter)).map { Mapping(filter: $0, strip: topic.remotePrefix.utf8.count, add: ByteBuffer(string: topic.localPrefix)) }
+        }
     }
 
     // MARK: - Lifecycle (worker loop)
@@ -94,6 +127,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             sslContext = try NIOSSLContext(configuration: tls)
         }
         let session = broker.bridgeSession(for: configuration, on: worker)
+        session.setMaxInflight(configuration.maxInflight)
         self.session = session
         // (A session kept in the store from a run with other topics: what is no longer configured goes.)
         let filters = Set(configuration.topics.filter(\.direction.goesOut).map(\.localFilter))
@@ -280,6 +314,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             }
         }
         guard let session else { return }
+        // An MQTT 5 remote's Receive Maximum lowers the window.
+        session.setClientLimits(ClientLimits(receiveMaximum: connack.properties.receiveMaximum.map(Int.init)))
         session.outbound = self
         session.report(.attached)
         session.resume()
@@ -297,6 +333,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     fileprivate func closed(_ channel: any Channel) {
         guard channel === self.channel else { return }
         self.channel = nil
+        batch = nil  // (what the session had sent on it goes again with DUP, or is QoS 0)
         pingTask?.cancel()
         pingTask = nil
         if connected {
@@ -336,9 +373,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             deliver = session?.receivedQoS2(id) ?? true
             write(.pubrec(packetID: id))
         }
-        guard deliver, let local = localTopic(for: String(buffer: publish.topic)) else { return }
+        guard deliver, let remote = try? TopicName(validating: publish.topic), let local = localTopic(for: remote) else { return }
         if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return }
-        guard let topic = try? TopicName(validating: ByteBuffer(string: local)) else { return }
+        guard let topic = try? TopicName(validating: local) else { return }
         guard topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic) else { return }
         var properties = publish.properties
         properties.topicAlias = nil
@@ -393,30 +430,23 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     /// The remote topic of a local one going out: the first outgoing topic whose local filter
     /// matches, with its local prefix taken off and its remote prefix put on.
-    private func remoteTopic(for local: String) -> String? {
-        for topic in configuration.topics where topic.direction.goesOut && local.hasPrefix(topic.localPrefix) {
-            guard let filter = try? TopicFilter(topic.localFilter), let name = try? TopicName(local), filter.matches(name) else { continue }
-            return topic.remotePrefix + local.dropFirst(topic.localPrefix.count)
-        }
+    private func remoteTopic(for local: TopicName) -> ByteBuffer? {
+        for mapping in outgoing { if let mapped = mapping.map(local) { return mapped } }
         return nil
     }
 
     /// The local topic of a remote one coming in (the other way round).
-    private func localTopic(for remote: String) -> String? {
-        for topic in configuration.topics where topic.direction.comesIn && remote.hasPrefix(topic.remotePrefix) {
-            guard let filter = try? TopicFilter(topic.remoteFilter), let name = try? TopicName(remote), filter.matches(name) else { continue }
-            return topic.localPrefix + remote.dropFirst(topic.remotePrefix.count)
-        }
+    private func localTopic(for remote: TopicName) -> ByteBuffer? {
+        for mapping in incomingTopics { if let mapped = mapping.map(remote) { return mapped } }
         return nil
     }
 
     // MARK: - SessionOutbound (to the remote)
 
-    var canWrite: Bool { connected && (channel?.isWritable ?? false) }
+    var canWrite: Bool { connected && (channel?.isWritable ?? false) && (batch?.readableBytes ?? 0) < Self.maxBatchedBytes }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        guard let remote = remoteTopic(for: message.topic.string) else { return }
-        let topic = ByteBuffer(string: remote)
+        guard let topic = remoteTopic(for: message.topic) else { return }
         var properties = message.properties
         properties.subscriptionIdentifiers = []
         properties.topicAlias = nil
@@ -474,9 +504,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     private func write(_ packet: MQTTPacket) {
         guard let channel else { return }
-        var buffer = channel.allocator.buffer(capacity: 32)
-        buffer.writeMQTTPacket(packet, version: version)
-        channel.write(buffer, promise: nil)
+        if batch == nil { batch = channel.allocator.buffer(capacity: 4096) }
+        batch!.writeMQTTPacket(packet, version: version)
     }
 
     /// The depth of the local session's queue, for metrics (worker loop).
@@ -490,7 +519,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         flushScheduled = true
         worker.loop.execute { [self] in
             flushScheduled = false
-            channel?.flush()
+            guard let channel, let pending = batch else { return }
+            batch = nil
+            channel.writeAndFlush(pending, promise: nil)
+            // The batch's limit stopped the session, not the socket: go on.
+            if connected, channel.isWritable, let session, session.hasQueued { session.pump() }
         }
     }
 }

@@ -325,6 +325,10 @@ public struct BridgeConfiguration: Sendable {
     public var cafile: String?
     public var certfile: String?
     public var keyfile: String?
+    /// QoS 1/2 messages the bridge has unacknowledged on the remote at once (a link carries many
+    /// clients' messages: more than one client's `max_inflight`). An MQTT 5 remote's Receive
+    /// Maximum lowers it.
+    public var maxInflight = 100
     public var reconnectMin = TimeAmount.seconds(1)
     public var reconnectMax = TimeAmount.seconds(60)
     public var topics: [Topic] = []

@@ -204,6 +204,8 @@ final class Session: @unchecked Sendable {
         var pendingWill: (task: Scheduled<Void>, publish: () -> Void)?
         /// MQTT 5: the client's Receive Maximum and Maximum Packet Size (nil: none said).
         var receiveMaximum: Int?
+        /// A window of its own instead of `max_inflight` (a bridge's link: `[[bridge]] max_inflight`).
+        var maxInflight: Int?
         var maximumPacketSize: Int?
         /// MQTT 5: the topic aliases of the connection (nil until one is used either way).
         var aliases: TopicAliases?
@@ -507,8 +509,16 @@ final class Session: @unchecked Sendable {
     /// QoS 1/2 messages that may be unacknowledged at once: `max_inflight`, or fewer if the
     /// client asked for fewer.
     private var window: Int {
-        guard let asked = occasional?.receiveMaximum else { return context.limits.maxInflight }
-        return min(asked, context.limits.maxInflight)
+        guard let occasional else { return context.limits.maxInflight }
+        let cap = occasional.maxInflight ?? context.limits.maxInflight
+        guard let asked = occasional.receiveMaximum else { return cap }
+        return min(asked, cap)
+    }
+
+    /// QoS 1/2 messages this session may have unacknowledged at once, in place of `max_inflight`
+    /// (a bridge's link sets its own).
+    func setMaxInflight(_ window: Int) {
+        more.maxInflight = max(1, window)
     }
 
     /// Offline persistent session: since when, and the claim it was left at (owner loop).

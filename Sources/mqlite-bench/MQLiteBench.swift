@@ -46,6 +46,7 @@ struct MQLiteBench: AsyncParsableCommand {
     @Option(help: "fan-in, fan-out, pairs: the MQTT version the clients speak, 4 (3.1.1) or 5") var mqtt = 4
     @Flag(help: "pairs with --mqtt 5: publishers name their topic once, then send only a topic alias") var topicAlias = false
     @Flag(help: "fan-in, fan-out, pairs: subscribers keep a persistent session (clean session 0; MQTT 5: a session expiry)") var persistent = false
+    @Option(help: "fan-in, fan-out, pairs: subscribers connect to this port instead (a broker the first one bridges to)") var subscribePort: Int?
     @Option(help: ArgumentHelp("Connect over TLS, trusting the CA certificates in this PEM file (the broker's certificate is checked against them, not against the host name)", valueName: "file")) var tlsCa: String?
 
     /// The client TLS context for every connection of the run (nil: plain TCP). TLS 1.2 or 1.3 as
@@ -108,10 +109,10 @@ struct MQLiteBench: AsyncParsableCommand {
 
     private func connect(
         _ loop: any EventLoop, _ id: String, timestamps: Bool = false, tls tlsContext: NIOSSLContext?, version: ProtocolVersion = .v3_1_1,
-        cleanSession: Bool = true
+        cleanSession: Bool = true, port: Int? = nil
     ) async throws -> BenchConnection {
         try await BenchConnection.connect(
-            on: loop, host: host, port: port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps,
+            on: loop, host: host, port: port ?? self.port, clientID: "\(prefix)-\(id)-\(UInt32.random(in: 0...UInt32.max))", readTimestamps: timestamps,
             tls: tlsContext, version: version, cleanSession: cleanSession
         ).get()
     }
@@ -127,7 +128,9 @@ struct MQLiteBench: AsyncParsableCommand {
         guard !topicAlias || (mqtt == 5 && shape == .pairs) else { throw ValidationError("--topic-alias is for pairs with --mqtt 5") }
         let version: ProtocolVersion = mqtt == 5 ? .v5 : .v3_1_1
         func connect(_ loop: any EventLoop, _ id: String, tls: NIOSSLContext?) async throws -> BenchConnection {
-            try await self.connect(loop, id, tls: tls, version: version, cleanSession: !(persistent && id.hasPrefix("sub")))
+            let subscriber = id.hasPrefix("sub")
+            return try await self.connect(
+                loop, id, tls: tls, version: version, cleanSession: !(persistent && subscriber), port: subscriber ? subscribePort : nil)
         }
         var publishers: [Publisher] = []
         var subscribers: [BenchConnection] = []

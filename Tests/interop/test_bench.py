@@ -37,6 +37,26 @@ def test_throughput_counts_every_delivery(broker, scenario, qos, payload):
     assert r["delivered"] == r["expected"] == r["published"] * fanout > 0
 
 
+def test_persistent_subscribers_and_a_bridge(tmp_path):
+    """--persistent (clean session 0 subscribers, on a broker with a store) and --subscribe-port
+    (subscribers on another broker: an edge bridging to a core)."""
+    from conftest import Broker
+    from test_persistence import free_port
+    core_port = free_port()
+    core = Broker([], config_text=f'[[listener]]\nbind = "127.0.0.1:{core_port}"\n[persistence]\npath = "{tmp_path}/core.db"\n')
+    edge = Broker([], config_text=f'[[listener]]\nbind = "127.0.0.1:0"\n[[bridge]]\nname = "core"\naddress = "127.0.0.1:{core_port}"\n'
+                                  '[[bridge.topic]]\npattern = "bench/#"\nqos = 1\n')
+    try:
+        r = bench(core_port, "fan-out", "--qos", "1", "--clients", "3", "--persistent")
+        assert r["lost"] == 0 and r["delivered"] == r["expected"] > 0
+        time.sleep(0.5)  # (the bridge connects)
+        r = bench(edge.port, "pairs", "--qos", "1", "--clients", "2", "--subscribe-port", str(core_port))
+        assert r["lost"] == 0 and r["delivered"] == r["expected"] > 0
+    finally:
+        edge.stop()
+        core.stop()
+
+
 def test_latency_reports_percentiles(broker):
     r = bench(broker.port, "latency", "--clients", "2", "--rate", "500")
     assert r["lost"] == 0
