@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from conftest import BINARY, Broker, wait_for
 from test_interop import paho_client, start
@@ -84,9 +85,10 @@ def got(c):
     return [(m.topic, m.payload.decode()) for m in c.messages]
 
 
-def test_out_in_and_both_with_prefixes():
+@pytest.mark.parametrize("version", [4, 5])
+def test_out_in_and_both_with_prefixes(version):
     remote = Mosquitto()
-    b = Broker([], config_text=bridge_config(remote.port, [
+    b = Broker([], config_text=bridge_config(remote.port, bridge_extra=f"protocol_version = {version}\n", topics=[
         {"pattern": "sensors/#", "direction": "out", "qos": 1, "remote_prefix": "site1/"},
         {"pattern": "cmd/#", "direction": "in", "qos": 1, "remote_prefix": "site1/", "local_prefix": "edge/"},
         {"pattern": "chat/#", "direction": "both", "qos": 0},
@@ -305,5 +307,42 @@ def test_state_in_sys_topics_and_metrics():
     finally:
         if watcher:
             watcher.loop_stop()
+        b.stop()
+        remote.stop()
+
+
+def test_what_queues_while_the_link_is_down_survives_a_restart_of_the_edge(tmp_path):
+    """With [persistence], the bridge's queue is on disk: QoS 1 messages published while the remote
+    is down, then the edge restarted, then the remote back: all arrive, in order."""
+    store = open_dir()
+    remote = Mosquitto(extra=f"persistence true\npersistence_location {store}/\n")  # keeps far-kept's session
+    port = remote.port
+    far = paho_client("far-kept", clean_session=False)
+    start(far, port)
+    far.subscribe("kept/#", qos=1)
+    time.sleep(0.3)
+    far.disconnect()
+    far.loop_stop()
+    config = bridge_config(port, [{"pattern": "kept/#", "direction": "out", "qos": 1}],
+                           extra=f'[persistence]\npath = "{tmp_path}/edge.db"\n')
+    b = Broker([], config_text=config)
+    try:
+        assert connected(b), b.log()
+        remote.stop()
+        assert wait_for(lambda: "bridge link to" in b.log(), timeout=10)
+        for i in range(50):
+            published(b.port, "kept/x", str(i))
+    finally:
+        b.stop()
+    b = Broker([], config_text=config)
+    try:
+        assert "restored 1 persistent sessions" in b.log(), b.log()
+        remote.start()
+        far = paho_client("far-kept", clean_session=False)
+        start(far, port)
+        assert wait_for(lambda: len(far.messages) >= 50, timeout=20), (len(far.messages), b.log())
+        time.sleep(0.5)
+        assert [m.payload.decode() for m in far.messages] == [str(i) for i in range(50)]
+    finally:
         b.stop()
         remote.stop()
