@@ -59,6 +59,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var echoes = EchoFilter()
     private let echoesPossible: Bool
     private let version: ProtocolVersion
+    /// `sync = "full"`: acknowledgements to the remote waiting for the store, in order.
+    private let acks = StoreAcks()
     /// The topics of each direction, their filters parsed once.
     private let outgoing: [Mapping]
     private let incomingTopics: [Mapping]
@@ -242,12 +244,12 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             session?.puback(id)
         case .pubrec(let id):
             session?.pubrec(id)
-            write(.pubrel(packetID: id))
+            acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true, on: channel)
         case .pubcomp(let id):
             session?.pubcomp(id)
         case .pubrel(let id):
             session?.released(inbound: id)
-            write(.pubcomp(packetID: id))
+            acknowledge(.pubcomp(packetID: id), waiting: session?.isStored == true, on: channel)
         case .ackV5(let ack):
             switch ack.kind {
             case .puback: session?.puback(ack.packetID)
@@ -256,12 +258,12 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     session?.pubrecRefused(ack.packetID)
                 } else {
                     session?.pubrec(ack.packetID)
-                    write(.pubrel(packetID: ack.packetID))
+                    acknowledge(.pubrel(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
                 }
             case .pubcomp: session?.pubcomp(ack.packetID)
             case .pubrel:
                 session?.released(inbound: ack.packetID)
-                write(.pubcomp(packetID: ack.packetID))
+                acknowledge(.pubcomp(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
             }
         case .suback(let suback):
             let refused = suback.value.returnCodes.filter { $0 == .failure }.count
@@ -334,6 +336,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         guard channel === self.channel else { return }
         self.channel = nil
         batch = nil  // (what the session had sent on it goes again with DUP, or is QoS 0)
+        acks.reset()  // (the remote sends again what it had no acknowledgement for)
         pingTask?.cancel()
         pingTask = nil
         if connected {
@@ -359,32 +362,64 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         flushSoon()
     }
 
-    /// A PUBLISH from the remote: acknowledged, its topic mapped, and published locally as from
-    /// `$bridge/NAME` (unless it is this bridge's own message coming back).
+    /// A PUBLISH from the remote: its topic mapped, published locally as from `$bridge/NAME`
+    /// (unless it is this bridge's own message coming back), and acknowledged: with `sync =
+    /// "full"`, once the store has what it changed, in order with the other acknowledgements.
     private func incoming(_ publish: PublishPacket, on channel: any Channel) {
         counters.messagesIn.add(1, ordering: .relaxed)
         counters.bytesIn.add(publish.payload.readableBytes, ordering: .relaxed)
-        var deliver = true
-        switch publish.qos {
-        case .atMostOnce: break
-        case .atLeastOnce: write(.puback(packetID: publish.packetID!))
-        case .exactlyOnce:
-            let id = publish.packetID!
-            deliver = session?.receivedQoS2(id) ?? true
-            write(.pubrec(packetID: id))
+        // Exactly once: a PUBLISH again whose id still awaits PUBREL is not published again.
+        let fresh = publish.qos != .exactlyOnce || (session?.receivedQoS2(publish.packetID!) ?? true)
+        var waits = false
+        if fresh, let message = localMessage(for: publish) {
+            let route = worker.route(for: message.topic)
+            waits = broker.waitingStore != nil
+                && (message.retain || route.persists || (publish.qos == .exactlyOnce && session?.isStored == true))
+            publishLocally(message, along: route)
         }
-        guard deliver, let remote = try? TopicName(validating: publish.topic), let local = localTopic(for: remote) else { return }
-        if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return }
-        guard let topic = try? TopicName(validating: local) else { return }
-        guard topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic) else { return }
+        guard let id = publish.packetID else { return }
+        acknowledge(publish.qos == .atLeastOnce ? .puback(packetID: id) : .pubrec(packetID: id), waiting: waits, on: channel)
+    }
+
+    /// A PUBACK, PUBREC, PUBREL or PUBCOMP to the remote, in order with the others; `waiting`, with
+    /// `sync = "full"`: once the store has what the packet it answers changed (as a connection's).
+    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, on channel: any Channel) {
+        guard waiting, broker.waitingStore != nil else {
+            if !acks.isEmpty { return acks.entries.append((ack, 0)) }
+            return write(ack)
+        }
+        acks.issued += 1
+        let ticket = acks.issued
+        acks.entries.append((ack, ticket))
+        if acks.waiting >= StoreAcks.maxWaiting { channel.setOption(.autoRead, value: false).whenComplete { _ in } }
+        broker.committed(after: worker).whenComplete { [self] _ in
+            acks.committed = max(acks.committed, ticket)
+            guard channel === self.channel else { return }
+            for entry in acks.takeReady() { write(entry.ack) }
+            if acks.waiting < StoreAcks.maxWaiting { channel.setOption(.autoRead, value: true).whenComplete { _ in } }
+            flushSoon()
+        }
+    }
+
+    /// The local message a remote PUBLISH stands for: its topic mapped back, checked against the
+    /// level limit and the ACL; nil if it does not come in (no incoming topic takes it, an echo of
+    /// this bridge's own, denied).
+    private func localMessage(for publish: PublishPacket) -> Message? {
+        guard let remote = try? TopicName(validating: publish.topic), let local = localTopic(for: remote) else { return nil }
+        if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return nil }
+        guard let topic = try? TopicName(validating: local), topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic)
+        else { return nil }
         var properties = publish.properties
         properties.topicAlias = nil
         if let interval = properties.messageExpiryInterval {
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
-        let message = Message(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
-        let route = worker.route(for: topic)
-        guard route.hooked else { return publishLocally(message, along: route) }
+        return Message(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+    }
+
+    /// Publishes a message from the remote locally: the publish hooks first, if they want its topic.
+    private func publishLocally(_ message: Message, along route: Worker.Route) {
+        guard route.hooked else { return forward(message, along: route) }
         switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {
         case .now(let decision): apply(decision, to: message)
         case .later(let future):
@@ -398,7 +433,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     private func apply(_ decision: PublishDecision, to message: Message) {
         switch decision {
-        case .deliver: publishLocally(message, along: worker.route(for: message.topic))
+        case .deliver: forward(message, along: worker.route(for: message.topic))
         case .drop: worker.stats.droppedHook &+= 1
         case .change(let changed): publishChanged(changed, original: message)
         case .replace(let messages): for changed in messages { publishChanged(changed, original: message) }
@@ -408,10 +443,10 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private func publishChanged(_ m: HookedMessage, original: Message) {
         guard m.topic.levelCount <= broker.configuration.limits.maxTopicLevels, m.topic == original.topic || mayPublish(m.topic) else { return }
         let message = Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, properties: m.properties)
-        publishLocally(message, along: worker.route(for: m.topic))
+        forward(message, along: worker.route(for: m.topic))
     }
 
-    private func publishLocally(_ message: Message, along route: Worker.Route) {
+    private func forward(_ message: Message, along route: Worker.Route) {
         // From the bridge's session: its own subscriptions (No Local) do not send it back out.
         worker.publish(message, along: route, from: session)
     }

@@ -488,7 +488,8 @@ public final class Broker: Sendable {
         for session in stored {
             let expiry = session.expiry(configured: configuration.limits.sessionExpiry) ?? configuration.limits.sessionExpiry
             // (Online when the broker stopped: its time offline starts now.)
-            let offline = TimeAmount.seconds(max(0, now - (session.offlineSince ?? now)))
+            let since = min(max(session.offlineSince ?? now, 0), now)  // (a row in the future, or far in the past)
+            let offline = TimeAmount.seconds(now - since)
             if expiry != .zero, expiry != Session.neverExpires, offline >= expiry {
                 store.forget(session: session.clientID)
                 expired += 1

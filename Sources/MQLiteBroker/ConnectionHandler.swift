@@ -248,14 +248,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             session?.puback(id)
         case .pubrec(let id):
             session?.pubrec(id)
-            writePacket(.pubrel(packetID: id))
+            // (With the store: once it has the message as released, or a restart would send the
+            // whole PUBLISH again, and the client deliver it twice.)
+            acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true)
         case .pubrecRefused(let id):
             session?.pubrecRefused(id)
         case .pubcomp(let id):
             session?.pubcomp(id)
         case .pubrel(let id):
             session?.released(inbound: id)
-            writePacket(.pubcomp(packetID: id))
+            // (With the store: once the id no longer awaits PUBREL there, or after a restart the
+            // client's next message with that id would pass for this one sent again, and be lost.)
+            acknowledge(.pubcomp(packetID: id), waiting: session?.isStored == true)
         case .subscribe(let subscribe):
             guard let session else { return }
             handleSubscribe(subscribe, session: session)
@@ -653,7 +657,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let waits = waitsForStore(publish, topic: topic, session: session)
             if !waits { sendAck(ack) }
             route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
-            if waits { acknowledgeAfterCommit(ack) }
+            if waits { acknowledge(ack, waiting: true) }
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
@@ -665,7 +669,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
             }
-            if waits { acknowledgeAfterCommit(ack) }
+            if waits { acknowledge(ack, waiting: true) }
         }
     }
 
@@ -678,13 +682,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return publish.retain || (publish.qos == .exactlyOnce && session.isStored) || worker.route(for: topic).persists
     }
 
-    /// `[persistence] sync = "full"`: the PUBACK/PUBREC goes out once the store has committed
-    /// what the message changed, here and on the other workers it went to
-    /// (`Broker.committed(after:)`), and after the acknowledgements of earlier PUBLISHes
-    /// (`StoreAcks`). (A publish hook that waits, an HTTP call, routes the message later: its
-    /// acknowledgement does not wait for the disk.)
-    private func acknowledgeAfterCommit(_ ack: MQTTPacket) {
-        guard !machine.hookPending, !machine.isClosed else { return sendAck(ack) }
+    /// A PUBACK, PUBREC, PUBREL or PUBCOMP, in order with the others. `waiting`, with `[persistence]
+    /// sync = "full"`: it goes once the store has committed what the packet it answers changed,
+    /// here and on the other workers a message went to (`Broker.committed(after:)`), and after the
+    /// acknowledgements before it (`StoreAcks`). (A publish hook that waits, an HTTP call, routes
+    /// the message later: its acknowledgement does not wait for the disk.)
+    private func acknowledge(_ ack: MQTTPacket, waiting: Bool) {
+        guard waiting, broker.waitingStore != nil, !machine.hookPending, !machine.isClosed else { return sendAck(ack) }
         let acks = rare?.storeAcks ?? StoreAcks()
         if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
         acks.issued += 1
@@ -1316,39 +1320,6 @@ private final class Rare {
     var access: Access?
     var authentication: Authentication?
     var storeAcks: StoreAcks?
-}
-
-/// `[persistence] sync = "full"`: PUBACKs and PUBRECs waiting for the store's commit, and those
-/// of later PUBLISHes queued behind them, so that they go out in the order their PUBLISHes came
-/// (MQTT-4.6.0-2, -3) while the client's next packets are read and routed meanwhile (they join the
-/// same commit instead of each waiting for one of its own).
-private final class StoreAcks {
-    /// Each acknowledgement with the ticket of the commit it waits for (0: none).
-    var entries: [(ack: MQTTPacket, ticket: UInt64)] = []
-    var start = 0
-    /// Tickets given, and the latest whose commit came.
-    var issued: UInt64 = 0
-    var committed: UInt64 = 0
-    /// Past this many waiting, the client's packets wait too (a disk that stalls must not let one
-    /// client's acknowledgements pile up without a limit).
-    static let maxWaiting: UInt64 = 1024
-
-    var isEmpty: Bool { start == entries.count }
-    var waiting: UInt64 { issued - committed }
-
-    /// The acknowledgements whose turn came, in order.
-    func takeReady() -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
-        var end = start
-        while end < entries.count, entries[end].ticket <= committed { end += 1 }
-        defer {
-            start = end
-            if start == entries.count {
-                entries.removeAll(keepingCapacity: entries.count <= 64)
-                start = 0
-            }
-        }
-        return entries[start..<end]
-    }
 }
 
 /// An MQTT 5 enhanced authentication method in use on a connection: the exchange in progress (at

@@ -46,7 +46,12 @@ public final class PersistentStore: Sendable {
     private let journal: Journal
     private let failures = Atomic<Int>(0)
     private let commitCount = Atomic<Int>(0)
+    /// Tests: milliseconds the writer waits before each commit (a slow disk), to see what waits for
+    /// it; and commits made to fail (a full disk).
+    let commitDelay = Atomic<Int>(0)
+    let failCommits = Atomic<Bool>(false)
     private let failureLog = Mutex((last: NIODeadline.distantPast, unlogged: 0))
+    private let fileCheck = Mutex(NIODeadline.distantPast)
     private let finished = DispatchSemaphore(value: 0)
 
     /// The schema this build writes, and how to get there from each older version.
@@ -318,16 +323,30 @@ public final class PersistentStore: Sendable {
 
     private func run(_ writer: Writer) {
         let interval = configuration.flushInterval
+        var retried = false
         while true {
             let (changes, waiters, closing) = journal.take()
             var retry = false
-            do {
-                if try writer.commit(changes) { commitCount.add(1, ordering: .relaxed) }
+            let delay = commitDelay.load(ordering: .relaxed)
+            if delay > 0 { Thread.sleep(forTimeInterval: Double(delay) / 1000) }
+            do throws(SQLiteError) {
+                if failCommits.load(ordering: .relaxed), !changes.retained.isEmpty || !changes.sessions.isEmpty || !changes.kv.isEmpty {
+                    throw SQLiteError(code: 13, description: "database or disk is full")
+                }
+                if try writer.commit(changes) {
+                    commitCount.add(1, ordering: .relaxed)
+                    if retried { journal.setFailing(false) }
+                    checkFile()
+                }
+                retried = false
             } catch {
                 failed(error, changes: changes.retained.count + changes.sessions.count + changes.kv.count)
-                // Kept for the next attempt (a change made since goes instead), a second later.
+                // Kept for the next attempt (a change made since goes instead), a second later;
+                // meanwhile acknowledgements do not wait for it.
                 journal.requeue(changes)
+                journal.setFailing(true)
                 retry = !closing
+                retried = true
             }
             for waiter in waiters { waiter.succeed() }
             if closing { break }
@@ -339,6 +358,19 @@ public final class PersistentStore: Sendable {
         // Waiters that came in meanwhile: nothing more will be written.
         for waiter in journal.closed() { waiter.succeed() }
         finished.signal()
+    }
+
+    /// Every 10 s of commits: whether the file is still there (one removed while mqlite runs takes
+    /// every later commit with it, into a file no one can open again).
+    private func checkFile() {
+        let now = NIODeadline.now()
+        let due = fileCheck.withLock { last -> Bool in
+            guard now - last >= .seconds(10) else { return false }
+            last = now
+            return true
+        }
+        guard due, !FileManager.default.fileExists(atPath: configuration.path) else { return }
+        logger.error("store \(configuration.path) was removed while mqlite runs: what it commits now is lost when mqlite stops; restart mqlite to make a new store")
     }
 
     /// A commit failed: counted, and logged at most once per 10 s (with the count since).
@@ -385,6 +417,8 @@ final class Journal: Sendable {
         var writerAsleep = false
         var closing = false
         var closed = false
+        /// The last commit failed: acknowledgements do not wait for the disk until one succeeds.
+        var failing = false
     }
 
     /// Whether a change wakes the writer (`sync = "full"`); else it waits for its timer.
@@ -424,10 +458,11 @@ final class Journal: Sendable {
         if wakeWriter { wake.signal() }
     }
 
-    /// `promise` succeeds after the next commit (at once once the store is closed).
+    /// `promise` succeeds after the next commit (at once once the store is closed, or while its
+    /// commits fail: see `PersistentStore`).
     func wait(_ promise: EventLoopPromise<Void>) {
         let (accepted, wakeWriter) = state.withLock { state -> (Bool, Bool) in
-            guard !state.closed else { return (false, false) }
+            guard !state.closed, !state.failing else { return (false, false) }
             state.waiters.append(promise)
             return (true, wakesAtOnce && takeAsleep(&state))
         }
@@ -450,6 +485,11 @@ final class Journal: Sendable {
             }
             return (state.pending, state.waiters, state.closing)
         }
+    }
+
+    /// Whether the last commit failed (`wait` then answers at once).
+    func setFailing(_ failing: Bool) {
+        state.withLock { $0.failing = failing }
     }
 
     /// Changes whose commit failed, back in line where no newer change of their topic is.
@@ -537,4 +577,45 @@ final class PersistentRetainedStore: RetainedStore {
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message] { tree.continueScan(&scan, limit: limit) }
     var count: Int { tree.count }
     var nodeCount: Int { tree.nodeCount }
+}
+
+/// `[persistence] sync = "full"`: PUBACKs and PUBRECs waiting for the store's commit, and those
+/// of later PUBLISHes queued behind them, so that they go out in the order their PUBLISHes came
+/// (MQTT-4.6.0-2, -3) while the client's next packets are read and routed meanwhile (they join the
+/// same commit instead of each waiting for one of its own). A connection's, and a bridge link's for
+/// what its remote sends. Used on one event loop.
+final class StoreAcks {
+    /// Each acknowledgement with the ticket of the commit it waits for (0: none).
+    var entries: [(ack: MQTTPacket, ticket: UInt64)] = []
+    var start = 0
+    /// Tickets given, and the latest whose commit came.
+    var issued: UInt64 = 0
+    var committed: UInt64 = 0
+    /// Past this many waiting, the client's packets wait too (a disk that stalls must not let one
+    /// client's acknowledgements pile up without a limit).
+    static let maxWaiting: UInt64 = 1024
+
+    var isEmpty: Bool { start == entries.count }
+    var waiting: UInt64 { issued - committed }
+
+    /// Forgets every acknowledgement (their connection went).
+    func reset() {
+        entries.removeAll()
+        start = 0
+        committed = issued
+    }
+
+    /// The acknowledgements whose turn came, in order.
+    func takeReady() -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
+        var end = start
+        while end < entries.count, entries[end].ticket <= committed { end += 1 }
+        defer {
+            start = end
+            if start == entries.count {
+                entries.removeAll(keepingCapacity: entries.count <= 64)
+                start = 0
+            }
+        }
+        return entries[start..<end]
+    }
 }

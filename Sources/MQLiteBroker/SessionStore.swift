@@ -38,8 +38,10 @@ enum StoredMessage {
             read = decoded
         }
         if let expiresAt {
-            // (A stored deadline past what an interval can say is held to the largest one.)
-            let remaining = min(max(expiresAt - now, 1), Int64(UInt32.max))
+            // Expired (rows with such deadlines are not loaded); a deadline past what an interval
+            // can say is held to the largest one. (`expiresAt > now`: the difference cannot overflow.)
+            guard expiresAt > now else { return nil }
+            let remaining = min(expiresAt - now, Int64(UInt32.max))
             read.messageExpiryInterval = UInt32(clamping: remaining)
             read.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(remaining) * 1_000_000_000
         }
@@ -210,7 +212,7 @@ struct StoredSession {
     /// How long it may stay offline in all (nil: `session_expiry`).
     func expiry(configured: TimeAmount) -> TimeAmount? {
         guard let expiry else { return nil }
-        return expiry < 0 ? Session.neverExpires : .seconds(expiry)
+        return expiry < 0 ? Session.neverExpires : .seconds(min(expiry, Int64(UInt32.max)))
     }
 
     /// Loads every stored session. A row that cannot be read is skipped (`skipped` counts them).
@@ -258,7 +260,14 @@ struct StoredSession {
                 continue
             }
             sessions[id]!.lastSeq = max(sessions[id]!.lastSeq, seq)
+            // A message whose expiry passed while the broker was down is not owed any more.
+            if !messages.isNull(9), messages.int64(9) <= now { continue }
             let packetID = UInt16(exactly: messages.int64(3))
+            // (Two rows in flight with one packet id: a hand or a bug made them; the first stays.)
+            if state != .queued, let packetID, sessions[id]!.inflight.contains(where: { $0.id == packetID }) {
+                skipped += 1
+                continue
+            }
             if state == .released {
                 guard let packetID, packetID != 0 else {
                     skipped += 1

@@ -217,7 +217,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
                 case .double(let d): .double(d)
                 case .bool(let b): .bool(b)
                 }
-                let expires = kept.expiresAt.map { now + .seconds(max($0 - wallNow, 0)) }
+                // (Clamped as a ttl is: a hand-edited deadline cannot overflow.)
+                let expires = kept.expiresAt.map { now + .seconds($0 <= wallNow ? 0 : min($0 - wallNow, 1_000_000_000)) }
                 let entry = Entry(value: value, expires: expires, cost: Self.cost(kept.key, value), persist: true)
                 guard state.bytes + entry.cost <= maxBytes else { break }
                 state.put(kept.key, entry)

@@ -255,4 +255,91 @@ struct PersistentSessionTests {
             }
         }
     }
+
+    @Test("sync full, QoS 2 with stored sessions: PUBCOMP to a publisher and PUBREL to a subscriber wait for the commit (else a kill -9 could leave an id awaiting PUBREL that swallows the client's next message, or send a released message again)")
+    func qos2WaitsForTheStore() async throws {
+        try await PersistenceTests.withFolder { folder in
+            try await withBroker(configure: { $0.persistence = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full) }) { b in
+                let store = b.broker.store!
+                let (sub, _) = try await Self.connect(b, "q2sub")
+                try await sub.subscribe("q2/#", qos: .exactlyOnce)
+                let (pub, _) = try await Self.connect(b, "q2pub")
+                store.commitDelay.store(300, ordering: .relaxed)
+                let clock = ContinuousClock()
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "q2/x"), payload: ByteBuffer(string: "m"), qos: .exactlyOnce, packetID: 5)))
+                #expect(try await pub.expectPacket() == .pubrec(packetID: 5))
+                let p = try await sub.expectPublish()
+                var started = clock.now
+                pub.send(.pubrel(packetID: 5))
+                #expect(try await pub.expectPacket() == .pubcomp(packetID: 5))
+                #expect(clock.now - started >= .milliseconds(250), "PUBCOMP before the commit")
+                started = clock.now
+                sub.send(.pubrec(packetID: p.packetID!))
+                #expect(try await sub.expectPacket() == .pubrel(packetID: p.packetID!))
+                #expect(clock.now - started >= .milliseconds(250), "PUBREL before the commit")
+                sub.send(.pubcomp(packetID: p.packetID!))
+                store.commitDelay.store(0, ordering: .relaxed)
+            }
+        }
+    }
+
+    @Test("while commits fail (a full disk) acknowledgements go out as usual instead of waiting for the retry; once commits succeed again what was owed is on disk")
+    func failingCommits() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let configuration = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = configuration }) { b in
+                let store = b.broker.store!
+                let (keep, _) = try await Self.connect(b, "keep")
+                try await keep.subscribe("f/#", qos: .atLeastOnce)
+                await keep.abort()
+                try await eventually("offline") { b.broker.registry.session(for: "keep")?.isOnline == false }
+                store.failCommits.store(true, ordering: .relaxed)
+                let pub = try await b.client("pub")
+                let clock = ContinuousClock()
+                let started = clock.now
+                for i in 1...10 { try await pub.publish("f/\(i)", "m\(i)", qos: .atLeastOnce, id: UInt16(i)) }
+                #expect(clock.now - started < .milliseconds(900), "acknowledgements waited for a failing disk")
+                #expect(store.failedCommits > 0)
+                #expect(b.logMessages.contains { $0.contains("commit of") && $0.contains("failed") && $0.contains("serving from memory") })
+                store.failCommits.store(false, ordering: .relaxed)
+                try await eventually("a commit succeeds", timeout: .seconds(5)) { store.commits > 0 }
+            }
+            let reopened = try PersistentStore(configuration: configuration, logger: PersistenceTests.logger)
+            let sessions = reopened.takeLoadedSessions()
+            reopened.close()
+            #expect(sessions.first { $0.clientID == "keep" }?.queue.count == 10)
+        }
+    }
+
+    @Test("rows with deadlines far in the past or future (a hand or a bug) neither crash startup nor revive what expired")
+    func oddTimes() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let path = folder + "/mqlite.db"
+            let configuration = PersistenceConfiguration(path: path, sync: .full)
+            try PersistentStore(configuration: configuration, logger: PersistenceTests.logger).close()
+            do {
+                let db = try SQLiteDatabase(path: path)
+                try db.execute("""
+                    INSERT INTO sessions VALUES (CAST('past' AS BLOB), 100, -9223372036854775808, NULL);
+                    INSERT INTO sessions VALUES (CAST('future' AS BLOB), 9223372036854775807, 9223372036854775807, NULL);
+                    INSERT INTO subscriptions VALUES (CAST('future' AS BLOB), CAST('t/#' AS BLOB), 1, 0, NULL);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 1, 0, NULL, 1, 0, CAST('t/a' AS BLOB), CAST('old' AS BLOB), NULL, -9223372036854775808);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 2, 0, NULL, 1, 0, CAST('t/b' AS BLOB), CAST('late' AS BLOB), NULL, 9223372036854775807);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 3, 1, 7, 1, 0, CAST('t/c' AS BLOB), CAST('one' AS BLOB), NULL, NULL);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 4, 1, 7, 1, 0, CAST('t/d' AS BLOB), CAST('same id' AS BLOB), NULL, NULL);
+                    INSERT INTO kv VALUES (CAST('k' AS BLOB), 0, CAST('v' AS BLOB), -9223372036854775808);
+                    """)
+                db.close()
+            }
+            try await withBroker(configure: { $0.persistence = configuration }) { b in
+                let (c, connack) = try await Self.connect(b, "future")
+                #expect(connack.sessionPresent)
+                let again = try await c.expectPublish()
+                #expect(String(buffer: again.payload) == "one" && again.dup && again.packetID == 7)
+                let queued = try await c.expectPublish()
+                #expect(String(buffer: queued.payload) == "late")
+                try await c.expectNothing()
+            }
+        }
+    }
 }

@@ -225,3 +225,4 @@ def test_qos2_exactly_once_across_a_kill_9(tmp_path):
     finally:
         c.loop_stop()
         b.stop()
+
