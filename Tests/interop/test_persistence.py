@@ -15,6 +15,22 @@ def store_config(path, sync="full"):
     return f'[[listener]]\nbind = "127.0.0.1:0"\n[persistence]\npath = "{path}"\nsync = "{sync}"\n'
 
 
+def acked_publisher(port, client_id, inflight, clean_session=True):
+    """A paho publisher that never queues locally, connected; the mids whose flow completed
+    (PUBACK, or PUBCOMP) are appended to the list returned with it (by paho's thread)."""
+    acked = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+    c.max_inflight_messages_set(inflight)
+    c.max_queued_messages_set(0)
+    c.on_publish = lambda client, userdata, mid, reason_code, properties: acked.append(mid)
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    assert connected.wait(5)
+    return c, acked
+
+
 def retained_on(port, filter, count, timeout=10):
     """What a new subscriber to `filter` gets: topic -> payload (expects `count` messages)."""
     c = paho_client("reader-%d" % time.monotonic_ns())
@@ -55,17 +71,8 @@ def test_kill_9_loses_no_acknowledged_retained_message_with_sync_full(tmp_path):
     PUBACKs: after a restart every message the publisher had a PUBACK for is there."""
     db = tmp_path / "mqlite.db"
     b = Broker([], config_text=store_config(db, sync="full"))
-    acked = []  # mids, appended by paho's thread (list.append is atomic)
     topic_of = {}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="crash-pub")
-    c.max_inflight_messages_set(100)
-    c.max_queued_messages_set(0)
-    c.on_publish = lambda client, userdata, mid, reason_code, properties: acked.append(mid)
-    connected = threading.Event()
-    c.on_connect = lambda *a: connected.set()
-    c.connect("127.0.0.1", b.port)
-    c.loop_start()
-    assert connected.wait(5)
+    c, acked = acked_publisher(b.port, "crash-pub", 100)
     try:
         for i in range(2000):
             info = c.publish("crash/%d" % i, b"payload-%d" % i, qos=1, retain=True)
@@ -156,17 +163,8 @@ def test_kill_9_during_a_qos1_stream_to_an_offline_persistent_subscriber_loses_n
     port = free_port()
     b = Broker([], config_text=session_config(db, port))
     persistent_subscriber(port, "stream-sub", "stream/#", 1)
-    acked = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stream-pub")
-    c.max_inflight_messages_set(100)
-    c.max_queued_messages_set(0)
-    c.on_publish = lambda client, userdata, mid, reason_code, properties: acked.append(mid)
     payload_of = {}
-    start_pub = threading.Event()
-    c.on_connect = lambda *a: start_pub.set()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    assert start_pub.wait(5)
+    c, acked = acked_publisher(port, "stream-pub", 100)
     try:
         for i in range(10000):
             info = c.publish("stream/x", b"m-%d" % i, qos=1)
@@ -199,17 +197,8 @@ def test_qos2_exactly_once_across_a_kill_9(tmp_path):
     port = free_port()
     b = Broker([], config_text=session_config(db, port))
     persistent_subscriber(port, "once-sub", "once/#", 2)
-    completed = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="once-pub", clean_session=False)
-    c.max_inflight_messages_set(50)
-    c.max_queued_messages_set(0)
+    c, completed = acked_publisher(port, "once-pub", 50, clean_session=False)
     c.reconnect_delay_set(min_delay=1, max_delay=1)
-    c.on_publish = lambda client, userdata, mid, reason_code, properties: completed.append(mid)
-    connected = threading.Event()
-    c.on_connect = lambda *a: connected.set()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    assert connected.wait(5)
     try:
         for i in range(2000):
             c.publish("once/x", b"q2-%d" % i, qos=2)
