@@ -654,20 +654,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .atLeastOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
-            let waits = waitsForStore(publish, topic: topic, session: session)
+            var known: Worker.Route?
+            let waits = waitsForStore(publish, topic: topic, session: session, route: &known)
             if !waits { sendAck(ack) }
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties, known: known)
             if waits { acknowledge(ack, waiting: true) }
         case .exactlyOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.pubrec, id, for: topic) : .pubrec(packetID: id)
             // A refused QoS 2 message (MQTT 5 PUBREC with a failure code) ends its flow there.
             if case .ackV5(let refused) = ack, refused.reasonCode.isFailure { return sendAck(ack) }
-            let waits = waitsForStore(publish, topic: topic, session: session)
+            var known: Worker.Route?
+            let waits = waitsForStore(publish, topic: topic, session: session, route: &known)
             if !waits { sendAck(ack) }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
             if session.receivedQoS2(id) {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties, known: known)
             }
             if waits { acknowledge(ack, waiting: true) }
         }
@@ -677,9 +679,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// "full"`): it is retained, a session the store keeps may get it, or (QoS 2) this client's
     /// session is kept, and with it the id awaiting PUBREL that makes a re-sent PUBLISH a
     /// duplicate after a restart.
-    private func waitsForStore(_ publish: PublishPacket, topic: TopicName, session: Session) -> Bool {
+    /// (`route`: the topic's route when this looked it up, for routing to use rather than look
+    /// it up again.)
+    private func waitsForStore(_ publish: PublishPacket, topic: TopicName, session: Session, route: inout Worker.Route?) -> Bool {
         guard broker.waitingStore != nil else { return false }
-        return publish.retain || (publish.qos == .exactlyOnce && session.isStored) || worker.route(for: topic).persists
+        if publish.retain || (publish.qos == .exactlyOnce && session.isStored) { return true }
+        let found = worker.route(for: topic)
+        route = found
+        return found.persists
     }
 
     /// A PUBACK, PUBREC, PUBREL or PUBCOMP, in order with the others. `waiting`, with `[persistence]
@@ -756,7 +763,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, properties: MQTTProperties) {
+    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, properties: MQTTProperties, known: Worker.Route? = nil) {
         guard mayPublish(topic) else {
             worker.stats.droppedACL &+= 1
             return
@@ -767,7 +774,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
         let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, properties: properties)
-        let route = worker.route(for: topic)
+        let route = known ?? worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).
         switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {

@@ -342,4 +342,36 @@ struct PersistentSessionTests {
             }
         }
     }
+
+    /// Rewrites SUBSCRIBE `mine/+` to `tenant/a/mine/+`, as an `on_subscribe` hook may.
+    final class TenantHooks: BrokerHooks {
+        func authorizeSubscribe(_ request: SubscribeRequest, worker: Int) -> HookAnswer<SubscribeDecision> {
+            .now(request.filter == "mine/+" ? .rewrite(filter: "tenant/a/mine/+", qos: .atLeastOnce) : .allow)
+        }
+    }
+
+    @Test("a filter an on_subscribe hook rewrote keeps its name across a restart: UNSUBSCRIBE of the name the client used removes it")
+    func renamedSubscriptions() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(hooks: TenantHooks(), configure: { $0.persistence = store }) { b in
+                let (c, _) = try await Self.connect(b, "tenant")
+                #expect(try await c.subscribe([("mine/+", .atLeastOnce)]) == [.granted(.atLeastOnce)])
+                await c.abort()
+            }
+            try await withBroker(hooks: TenantHooks(), configure: { $0.persistence = store }) { b in
+                let (c, connack) = try await Self.connect(b, "tenant")
+                #expect(connack.sessionPresent)
+                let pub = try await b.client("pub")
+                try await pub.publish("tenant/a/mine/x", "1", qos: .atLeastOnce)
+                let p = try await c.expectPublish()
+                #expect(String(buffer: p.topic) == "tenant/a/mine/x")
+                c.send(.puback(packetID: p.packetID!))
+                c.send(.unsubscribe(UnsubscribePacket(packetID: 3, filters: ["mine/+"])))
+                #expect(try await c.expectPacket() == .unsuback(packetID: 3))
+                try await pub.publish("tenant/a/mine/x", "2", qos: .atLeastOnce)
+                try await c.expectNothing()
+            }
+        }
+    }
 }

@@ -346,3 +346,38 @@ def test_what_queues_while_the_link_is_down_survives_a_restart_of_the_edge(tmp_p
     finally:
         b.stop()
         remote.stop()
+
+
+def test_the_remote_session_is_resumed_after_the_edge_restarts(tmp_path):
+    """clean_session = false: what the remote published for the bridge while the edge was down
+    (QoS 1, kept in the bridge's session there) comes in once the edge is back, for a persistent
+    subscriber of the edge."""
+    remote = Mosquitto()
+    config = bridge_config(remote.port, [{"pattern": "down/#", "direction": "in", "qos": 1}],
+                           extra=f'[persistence]\npath = "{tmp_path}/edge.db"\n', bridge_extra='client_id = "edge-resume"\n')
+    b = Broker([], config_text=config)
+    try:
+        assert connected(b), b.log()
+        near = paho_client("near-kept", clean_session=False)
+        start(near, b.port)
+        near.subscribe("down/#", qos=1)
+        time.sleep(0.3)
+        near.disconnect()
+        near.loop_stop()
+    finally:
+        b.stop()
+    try:
+        for i in range(20):
+            published(remote.port, "down/x", str(i))
+        b = Broker([], config_text=config)
+        assert connected(b), b.log()
+        assert "session present: true" in b.log(), b.log()
+        near = paho_client("near-kept", clean_session=False)
+        start(near, b.port)
+        assert wait_for(lambda: len(near.messages) >= 20, timeout=15), (len(near.messages), b.log())
+        time.sleep(0.3)
+        assert [m.payload.decode() for m in near.messages] == [str(i) for i in range(20)]
+        near.loop_stop()
+    finally:
+        b.stop()
+        remote.stop()
