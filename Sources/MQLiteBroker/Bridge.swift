@@ -6,6 +6,14 @@ import NIOPosix
 import NIOSSL
 import Synchronization
 
+/// A bridge whose TLS files could not be used when the broker started.
+public struct BridgeSetupError: Error, CustomStringConvertible {
+    /// Position of the bridge in the configuration.
+    public var index: Int
+    public var underlying: any Error
+    public var description: String { "cannot use the TLS files: \(underlying)" }
+}
+
 /// What a bridge has done, for metrics and `$SYS` (any thread).
 final class BridgeCounters: Sendable {
     let connected = Atomic<Bool>(false)
@@ -47,6 +55,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var stopped = false
     private var delay: TimeAmount
     private var reconnectTask: Scheduled<Void>?
+    /// Closes a connection whose CONNACK does not come (a remote that accepts and says nothing).
+    private var connackTimeout: Scheduled<Void>?
     private var pingTask: RepeatedTask?
     /// A PINGREQ went out and its PINGRESP has not come.
     private var pingOutstanding = false
@@ -160,6 +170,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         worker.assertOnLoop()
         stopped = true
         reconnectTask?.cancel()
+        connackTimeout?.cancel()
         pingTask?.cancel()
         if let channel, connected {
             var buffer = channel.allocator.buffer(capacity: 2)
@@ -198,6 +209,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     guard !stopped else { return channel.close(promise: nil) }
                     self.channel = channel
                     sendConnect(on: channel)
+                    // (keep_alive, at most 10 s: a remote that answers no CONNECT may answer no PINGREQ either.)
+                    let wait = configuration.keepAlive == 0 ? 10 : min(Int64(configuration.keepAlive), 10)
+                    connackTimeout = worker.loop.scheduleTask(in: .seconds(wait)) { [self] in
+                        guard channel === self.channel, !connected else { return }
+                        logger.warning("no CONNACK from \(configuration.address) within \(wait) s; trying again later")
+                        channel.close(promise: nil)
+                    }
                 case .failure(let error):
                     logger.info("bridge cannot connect to \(configuration.address): \(error)")
                     scheduleReconnect()
@@ -287,6 +305,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             channel.close(promise: nil)
             return
         }
+        connackTimeout?.cancel()
+        connackTimeout = nil
         connected = true
         counters.connected.store(true, ordering: .relaxed)
         publishState()
@@ -336,6 +356,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         guard channel === self.channel else { return }
         self.channel = nil
         batch = nil  // (what the session had sent on it goes again with DUP, or is QoS 0)
+        connackTimeout?.cancel()
+        connackTimeout = nil
         acks.reset()  // (the remote sends again what it had no acknowledgement for)
         pingTask?.cancel()
         pingTask = nil

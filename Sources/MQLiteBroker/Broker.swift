@@ -175,7 +175,11 @@ public final class Broker: Sendable {
             let worker = workers[kept?.owner ?? index % workers.count]
             let link = BridgeLink(configuration: configuration, broker: self, worker: worker, logger: logger)
             bridgeLinks.withLock { $0.append(link) }
-            try await worker.loop.submit { try link.start() }.get()
+            do {
+                try await worker.loop.submit { try link.start() }.get()
+            } catch {
+                throw BridgeSetupError(index: index, underlying: error)
+            }
         }
     }
 

@@ -94,6 +94,9 @@ struct MQLite: AsyncParsableCommand {
             let key = bind.isEmpty ? "listener[\(error.index)].bind" : "-b"
             printError("mqlite: \(ConfigError(file: bind.isEmpty ? (config ?? "defaults") : "command line", key: key, problem: error.description))")
             throw ExitCode(2)
+        } catch let error as BridgeSetupError {
+            printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "bridge[\(error.index)].cafile", problem: error.description))")
+            throw ExitCode(2)
         } catch let error as TLSSetupError {
             // A certificate file that changed since the check above.
             printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "listener[\(error.index)].\(error.error.key)", problem: error.description))")

@@ -381,3 +381,39 @@ def test_the_remote_session_is_resumed_after_the_edge_restarts(tmp_path):
     finally:
         b.stop()
         remote.stop()
+
+
+def test_a_silent_remote_and_bad_tls_files():
+    """A remote that accepts the connection and never answers CONNECT is left after keep_alive and
+    tried again; a cafile that is not a certificate stops startup with exit 2 naming the key."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = server.getsockname()[1]
+    b = Broker([], config_text=bridge_config(port, [{"pattern": "t/#"}]).replace("keep_alive = 5", "keep_alive = 1"))
+    try:
+        assert wait_for(lambda: b.log().count("no CONNACK from") >= 2, timeout=10), b.log()
+        assert len(held) >= 2
+    finally:
+        b.stop()
+        stop.set()
+        server.close()
+    d = open_dir()
+    (d / "junk.crt").write_text("not a certificate\n")
+    conf = d / "bad.conf"
+    conf.write_text(bridge_config(port, [{"pattern": "t/#"}], bridge_extra=f'cafile = "{d}/junk.crt"\n'))
+    r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "bridge[0].cafile" in r.stderr, (r.returncode, r.stderr)
