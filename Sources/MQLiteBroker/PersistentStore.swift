@@ -52,6 +52,8 @@ public final class PersistentStore: Sendable {
     let failCommits = Atomic<Bool>(false)
     private let failureLog = Mutex((last: NIODeadline.distantPast, unlogged: 0))
     private let fileCheck = Mutex(NIODeadline.distantPast)
+    /// The writer's own (only its thread reads and writes it).
+    nonisolated(unsafe) private var lastVacuum = NIODeadline.now()
     private let finished = DispatchSemaphore(value: 0)
 
     /// The schema this build writes, and how to get there from each older version.
@@ -148,7 +150,9 @@ public final class PersistentStore: Sendable {
         let db = try SQLiteDatabase(path: configuration.path)
         // Exclusive locking: the first write below takes the lock for the process's life, so that
         // a second mqlite on the same file stops at startup instead of sharing it.
-        try db.execute("PRAGMA locking_mode = EXCLUSIVE; PRAGMA busy_timeout = 0;")
+        // Pages freed by deletions go back to the file system (`vacuumSoon`); only a new store can
+        // take this (an older one keeps its free pages for reuse).
+        try db.execute("PRAGMA locking_mode = EXCLUSIVE; PRAGMA busy_timeout = 0; PRAGMA auto_vacuum = INCREMENTAL;")
         guard try db.text("PRAGMA journal_mode = WAL") == "wal" else { throw SQLiteError(code: 0, description: "cannot use WAL mode") }
         let synchronous = switch configuration.sync { case .full: "FULL"; case .batch: "NORMAL"; case .off: "OFF" }
         // (The WAL is truncated back to 64 MiB after a checkpoint that let it grow past that.)
@@ -337,6 +341,7 @@ public final class PersistentStore: Sendable {
                     commitCount.add(1, ordering: .relaxed)
                     if retried { journal.setFailing(false) }
                     checkFile()
+                    vacuumSoon(writer)
                 }
                 retried = false
             } catch {
@@ -371,6 +376,16 @@ public final class PersistentStore: Sendable {
         }
         guard due, !FileManager.default.fileExists(atPath: configuration.path) else { return }
         logger.error("store \(configuration.path) was removed while mqlite runs: what it commits now is lost when mqlite stops; restart mqlite to make a new store")
+    }
+
+    /// Once a minute of commits: up to 2,048 free pages (8 MiB) given back to the file system, so
+    /// that the file shrinks after sessions and messages are gone (a step at a time: the writer is
+    /// not held long).
+    private func vacuumSoon(_ writer: Writer) {
+        let now = NIODeadline.now()
+        guard now - lastVacuum >= .seconds(60) else { return }
+        lastVacuum = now
+        try? writer.db.execute("PRAGMA incremental_vacuum(2048)")
     }
 
     /// A commit failed: counted, and logged at most once per 10 s (with the count since).

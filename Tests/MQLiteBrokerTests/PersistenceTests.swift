@@ -92,7 +92,12 @@ struct PersistenceTests {
             reopened.close()
             let db = try SQLiteDatabase(path: path)
             #expect(try db.integer("PRAGMA user_version") == PersistentStore.schemaVersion)
+            #expect(try db.integer("PRAGMA auto_vacuum") == 0, "an older store keeps its free pages")
             db.close()
+            try PersistentStore(configuration: PersistenceConfiguration(path: folder + "/new.db"), logger: Self.logger).close()
+            let fresh = try SQLiteDatabase(path: folder + "/new.db")
+            #expect(try fresh.integer("PRAGMA auto_vacuum") == 2, "a new store gives free pages back (incremental)")
+            fresh.close()
         }
     }
 
