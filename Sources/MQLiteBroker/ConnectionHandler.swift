@@ -43,7 +43,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func updateRare(_ change: (Rare) -> Void) {
         let box = rare ?? Rare()
         change(box)
-        rare = box.will == nil && box.access == nil && box.authentication == nil && box.storeAcks == nil ? nil : box
+        rare = box.will == nil && box.access == nil && box.authentication == nil && box.storeAcks == nil && !box.peerIsBridge ? nil : box
     }
 
     private func rare(authentication: Authentication) { updateRare { $0.authentication = authentication } }
@@ -331,6 +331,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func handleConnect(_ connect: ConnectPacket) {
         if connect.protocolVersion == .v5 { version = .v5 }
+        if connect.isBridge { updateRare { $0.peerIsBridge = true } }
         var clientID = connect.clientID
         if clientID.isEmpty {
             // MQTT 5 lets a client with an empty id keep a session (Clean Start 0): it is new anyway.
@@ -917,7 +918,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             case .sendOnNewSubscription: session.subscriptions[filter] == nil
             case .doNotSend: false
             }
-            let grant = Grant(qos: qos, noLocal: subscription.noLocal, retainAsPublished: subscription.retainAsPublished)
+            // (A Mosquitto bridge does not want back what it published: No Local for all it subscribes to.)
+            let noLocal = subscription.noLocal || (rare?.peerIsBridge ?? false)
+            let grant = Grant(qos: qos, noLocal: noLocal, retainAsPublished: subscription.retainAsPublished)
             broker.subscribe(session, named: named, as: filter, grant: grant, identifier: identifier)
             codes.append(.granted(qos))
             if sendsRetained { granted.append((filter, qos)) }
@@ -1327,6 +1330,8 @@ private final class Rare {
     var access: Access?
     var authentication: Authentication?
     var storeAcks: StoreAcks?
+    /// A Mosquitto bridge (`ConnectPacket.isBridge`): its subscriptions have No Local.
+    var peerIsBridge = false
 }
 
 /// An MQTT 5 enhanced authentication method in use on a connection: the exchange in progress (at

@@ -204,10 +204,13 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     /// CONNECT, in the layout of the protocol level it carries (read first).
     func parseConnect(body: inout ByteBuffer) throws(MQTTProtocolError) -> ConnectPacket {
         let name = try Self.readString(.connect, &body)
-        guard let level: UInt8 = body.readInteger() else { throw .truncated(.connect) }
+        guard let raw: UInt8 = body.readInteger() else { throw .truncated(.connect) }
+        // A Mosquitto bridge sets 0x80 on 3 or 4 (`try_private`).
+        let isBridge = raw == 0x83 || raw == 0x84
+        let level = isBridge ? raw & 0x7F : raw
         let known = name == "MQTT" ? (level == 4 || level == 5) : (name == "MQIsdp" && level == 3)
         guard known, let version = ProtocolVersion(rawValue: level), acceptedVersions.contains(version) else {
-            throw .unsupportedProtocol(name: name, level: level)
+            throw .unsupportedProtocol(name: name, level: raw)
         }
         let isV5 = version == .v5
         guard let flags: UInt8 = body.readInteger(), let keepAlive: UInt16 = body.readInteger() else {
@@ -238,10 +241,12 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         let username = hasUsername ? try Self.readString(.connect, &body) : nil
         let password = hasPassword ? try Self.readBinary(.connect, &body) : nil
         if body.readableBytes != 0 { throw .unexpectedLength(.connect, length: body.readableBytes) }
-        return ConnectPacket(
+        var connect = ConnectPacket(
             protocolName: name, protocolLevel: level, cleanSession: flags & 0x02 != 0, keepAlive: keepAlive,
             clientID: clientID, will: will, username: username, password: password,
             properties: properties, willProperties: willProperties)
+        connect.isBridge = isBridge
+        return connect
     }
 
     /// The topic filters of UNSUBSCRIBE, at least one.

@@ -150,7 +150,7 @@ extension ByteBuffer {
         writeInteger(UInt8(0x10))
         writeRemainingLength(length)
         writeMQTTString(c.protocolName)
-        writeInteger(c.protocolLevel)
+        writeInteger(c.protocolLevel | (c.isBridge ? 0x80 : 0))
         writeInteger(flags)
         writeInteger(c.keepAlive)
         if isV5 { writeMQTTProperties(c.properties) }

@@ -90,6 +90,9 @@ public struct ConnectPacket: Equatable, Sendable {
     public var properties: MQTTProperties
     /// MQTT 5: the will properties (empty without a will).
     public var willProperties: MQTTProperties
+    /// Mosquitto's bridge bit (0x80 on a 3.1 or 3.1.1 level, its `try_private`): the client is a
+    /// broker bridging to this one, and does not want its own messages back.
+    public var isBridge = false
 
     public init(
         protocolName: String = "MQTT", protocolLevel: UInt8 = 4, cleanSession: Bool = true,

@@ -184,6 +184,23 @@ struct ValidationTests {
         #expect(c.value.clientID == "c")
     }
 
+    @Test("a Mosquitto bridge's CONNECT (0x80 on level 3 or 4, try_private) is read as that level with isBridge, and written back the same; 0x85 is no level")
+    func bridgeLevel() throws {
+        for (name, raw, level) in [("MQTT", UInt8(0x84), UInt8(4)), ("MQIsdp", 0x83, 3)] {
+            let bytes = connect(name: name, level: raw, flags: 0x02)
+            guard case .connect(let c) = try decodeOne(bytes) else {
+                Issue.record("level \(raw) not accepted")
+                continue
+            }
+            #expect(c.value.protocolLevel == level && c.value.isBridge && c.value.protocolVersion != nil)
+            var written = ByteBuffer()
+            written.writeMQTTPacket(.connect(c.value))
+            #expect(Array(written.readableBytesView) == bytes)
+        }
+        expectError(connect(level: 0x85, flags: 0x02), .unsupportedProtocol(name: "MQTT", level: 0x85))
+        expectError(connect(level: 0x04 | 0x40, flags: 0x02), .unsupportedProtocol(name: "MQTT", level: 0x44))
+    }
+
     @Test func emptySubscribeAndUnsubscribe() {
         expectError([0x82, 0x02, 0, 1], .noTopicFilters(.subscribe))
         expectError([0xA2, 0x02, 0, 1], .noTopicFilters(.unsubscribe))

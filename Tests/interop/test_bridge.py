@@ -417,3 +417,25 @@ def test_a_silent_remote_and_bad_tls_files():
     conf.write_text(bridge_config(port, [{"pattern": "t/#"}], bridge_extra=f'cafile = "{d}/junk.crt"\n'))
     r = subprocess.run([BINARY, "-c", str(conf)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "bridge[0].cafile" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_a_mosquitto_edge_bridges_into_mqlite():
+    """Mosquitto's own bridge into mqlite, as Mosquitto configures it by default (try_private:
+    protocol level 0x84): accepted at once, and what the edge publishes is not sent back to it."""
+    core = Broker([], config_text='[[listener]]\nbind = "127.0.0.1:0"\n')
+    edge = Mosquitto(extra=f"connection core\naddress 127.0.0.1:{core.port}\ntopic chat/# both 1\n")
+    try:
+        on_core = subscriber(core.port, "chat/#")
+        on_edge = subscriber(edge.port, "chat/#")
+        time.sleep(1.5)  # (the edge's bridge connects)
+        assert "refusing CONNECT" not in core.log(), core.log()
+        published(edge.port, "chat/from-edge", "e")
+        published(core.port, "chat/from-core", "c")
+        assert wait_for(lambda: len(on_core.messages) >= 2 and len(on_edge.messages) >= 2, timeout=10), (got(on_core), got(on_edge))
+        time.sleep(1.5)  # a loop would keep adding copies
+        expected = sorted([("chat/from-edge", "e"), ("chat/from-core", "c")])
+        assert sorted(got(on_core)) == expected and sorted(got(on_edge)) == expected
+        assert "refusing CONNECT" not in core.log(), core.log()
+    finally:
+        edge.stop()
+        core.stop()
