@@ -55,6 +55,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var stopped = false
     private var delay: TimeAmount
     private var reconnectTask: Scheduled<Void>?
+    /// When the current link got its CONNACK: the back-off starts again from `min` only after a
+    /// link that lasted (a remote that accepts and drops at once is not retried at full speed).
+    private var connectedAt = NIODeadline.distantPast
     /// Closes a connection whose CONNACK does not come (a remote that accepts and says nothing).
     private var connackTimeout: Scheduled<Void>?
     private var pingTask: RepeatedTask?
@@ -89,11 +92,16 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         var identity: Bool { strip == 0 && add.readableBytes == 0 }
 
         /// The topic `name` becomes, if this mapping takes it.
+        /// (Nil too for the prefix's own parent, which `prefix/#` also matches, and for a topic
+        /// the prefix makes longer than a topic may be.)
         func map(_ name: TopicName) -> ByteBuffer? {
-            guard filter.matches(name) else { return nil }
+            guard filter.matches(name), name.bytes.readableBytes >= strip else { return nil }
             if identity { return name.bytes }
+            guard add.readableBytes + name.bytes.readableBytes - strip <= TopicName.maxLength,
+                  let rest = name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)
+            else { return nil }
             var mapped = add
-            mapped.writeImmutableBuffer(name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)!)
+            mapped.writeImmutableBuffer(rest)
             return mapped
         }
     }
@@ -305,12 +313,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             channel.close(promise: nil)
             return
         }
+        guard !connected else {
+            logger.warning("the remote sent a second CONNACK: closing the link")
+            channel.close(promise: nil)
+            return
+        }
         connackTimeout?.cancel()
         connackTimeout = nil
         connected = true
+        connectedAt = .now()
         counters.connected.store(true, ordering: .relaxed)
         publishState()
-        delay = configuration.reconnectMin
         logger.info("bridge connected to \(configuration.address) (session present: \(connack.sessionPresent))")
         // Subscriptions on the remote: each incoming topic's remote filter (MQTT 5: No Local).
         let incoming = configuration.topics.filter(\.direction.comesIn)
@@ -336,8 +349,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             }
         }
         guard let session else { return }
-        // An MQTT 5 remote's Receive Maximum lowers the window.
-        session.setClientLimits(ClientLimits(receiveMaximum: connack.properties.receiveMaximum.map(Int.init)))
+        // A remote that kept no session for the bridge has no QoS 2 flow half done either: the ids
+        // it sends from now on are new.
+        if !connack.sessionPresent { session.forgetInboundQoS2() }
+        // An MQTT 5 remote's Receive Maximum lowers the window; what is over its Maximum Packet
+        // Size is not sent (as for a client).
+        session.setClientLimits(ClientLimits(
+            receiveMaximum: connack.properties.receiveMaximum.map(Int.init), maximumPacketSize: connack.properties.maximumPacketSize.map(Int.init)))
         session.outbound = self
         session.report(.attached)
         session.resume()
@@ -367,6 +385,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             publishState()
             logger.info("bridge link to \(configuration.address) lost")
             if let session, session.outbound === self { session.disconnected() }
+            if .now() - connectedAt >= .seconds(10) { delay = configuration.reconnectMin }
+        } else {
+            logger.info("bridge link to \(configuration.address) closed before CONNACK")
         }
         scheduleReconnect()
     }
@@ -503,7 +524,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     var canWrite: Bool { connected && (channel?.isWritable ?? false) && (batch?.readableBytes ?? 0) < Self.maxBatchedBytes }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        guard let topic = remoteTopic(for: message.topic) else { return }
+        guard let topic = remoteTopic(for: message.topic) else {
+            // No remote topic for it (too long with the prefix, or the prefix's parent): it is not
+            // sent, and done with as if the remote had acknowledged it (after this call returns:
+            // the session is in the middle of sending it).
+            logger.info("not forwarded: no remote topic for \"\(LogText(message.topic.string))\"")
+            guard let packetID, let session else { return }
+            worker.loop.execute {
+                if qos == .atLeastOnce { session.puback(packetID) } else { session.pubrec(packetID); session.pubcomp(packetID) }
+            }
+            return
+        }
         var properties = message.properties
         properties.subscriptionIdentifiers = []
         properties.topicAlias = nil
@@ -512,7 +543,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
         }
         if version == .v3_1_1 { properties = MQTTProperties() }
-        if echoesPossible { echoes.add(topic: topic, payload: message.payload) }
+        if echoesPossible, !dup { echoes.add(topic: topic, payload: message.payload) }
         counters.messagesOut.add(1, ordering: .relaxed)
         counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
         // RETAIN as the local message had it: a retained message stays retained on the remote.

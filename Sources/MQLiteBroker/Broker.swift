@@ -528,13 +528,19 @@ public final class Broker: Sendable {
     /// Succeeds on `worker`'s loop once the store has committed what `worker` recorded so far and
     /// what the deliveries it has posted to the other workers record: a task queued on each
     /// other loop after `worker`'s posts runs after the drain that delivers them.
-    func committed(after worker: Worker) -> EventLoopFuture<Void> {
+    ///
+    /// `held`: the caller recorded a change whose other half the deliveries are (an inbound QoS 2
+    /// id): the writer waits for each other worker's part (`Journal.hold`) before its next batch.
+    func committed(after worker: Worker, held: Bool = false) -> EventLoopFuture<Void> {
         guard let store else { return worker.loop.makeSucceededVoidFuture() }
         guard workers.count > 1 else { return store.committed(on: worker.loop) }
         let futures = workers.map { other -> EventLoopFuture<Void> in
             guard other !== worker else { return store.committed(on: worker.loop) }
             let promise = worker.loop.makePromise(of: Void.self)
-            other.loop.execute { store.wait(promise) }
+            other.loop.execute {
+                store.wait(promise)
+                if held { store.release() }
+            }
             return promise.futureResult
         }
         return EventLoopFuture.andAllSucceed(futures, on: worker.loop)

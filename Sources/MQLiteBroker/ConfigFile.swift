@@ -238,6 +238,7 @@ public enum ConfigFile {
             try delay.allowOnly(["min", "max"])
             if let v = try delay.seconds("min") { bridge.reconnectMin = v }
             if let v = try delay.seconds("max") { bridge.reconnectMax = v }
+            guard bridge.reconnectMin >= .milliseconds(10) else { throw delay.error("min", "must be at least 0.01 seconds") }
             guard bridge.reconnectMin <= bridge.reconnectMax else { throw delay.error("max", "must not be less than min") }
         }
         guard let topics = try section.arrayOfTables("topic"), !topics.isEmpty else {

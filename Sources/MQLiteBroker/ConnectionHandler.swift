@@ -669,10 +669,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let waits = waitsForStore(publish, topic: topic, session: session, route: &known)
             if !waits { sendAck(ack) }
             // Exactly once: a re-sent PUBLISH whose id still awaits PUBREL is not delivered again.
+            // (With the store, the id and the deliveries other workers make are held to one
+            // commit where possible: the id alone on disk would swallow the message after a crash.)
+            let held = waits && session.isStored && broker.workers.count > 1
+            if held { broker.store?.hold(broker.workers.count - 1) }
             if session.receivedQoS2(id) {
                 route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties, known: known)
             }
-            if waits { acknowledge(ack, waiting: true) }
+            if waits { acknowledge(ack, waiting: true, held: held) }
         }
     }
 
@@ -695,14 +699,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// here and on the other workers a message went to (`Broker.committed(after:)`), and after the
     /// acknowledgements before it (`StoreAcks`). (A publish hook that waits, an HTTP call, routes
     /// the message later: its acknowledgement does not wait for the disk.)
-    private func acknowledge(_ ack: MQTTPacket, waiting: Bool) {
-        guard waiting, broker.waitingStore != nil, !machine.hookPending, !machine.isClosed else { return sendAck(ack) }
+    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, held: Bool = false) {
+        guard waiting, broker.waitingStore != nil, !machine.hookPending, !machine.isClosed else {
+            if held { for _ in 1..<broker.workers.count { broker.store?.release() } }
+            return sendAck(ack)
+        }
         let acks = rare?.storeAcks ?? StoreAcks()
         if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
         acks.issued += 1
         let ticket = acks.issued
         acks.entries.append((ack, ticket))
-        whenAnswered(.later(broker.committed(after: worker)), failed: (), pausing: acks.waiting >= StoreAcks.maxWaiting) { handler, _ in
+        whenAnswered(.later(broker.committed(after: worker, held: held)), failed: (), pausing: acks.waiting >= StoreAcks.maxWaiting) { handler, _ in
             acks.committed = max(acks.committed, ticket)
             guard !handler.machine.isClosed else { return }
             for entry in acks.takeReady() { handler.writePacket(entry.ack) }

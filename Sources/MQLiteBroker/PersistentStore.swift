@@ -211,6 +211,10 @@ public final class PersistentStore: Sendable {
         journal.wait(promise)
     }
 
+    /// See `Journal.hold`.
+    func hold(_ count: Int) { journal.hold(count) }
+    func release() { journal.release() }
+
     /// The sessions the store held at startup, once (the broker restores them).
     func takeLoadedSessions() -> [StoredSession] {
         loadedSessions.withLock { sessions in
@@ -329,6 +333,7 @@ public final class PersistentStore: Sendable {
         let interval = configuration.flushInterval
         var retried = false
         while true {
+            journal.waitForHolds()
             let (changes, waiters, closing) = journal.take()
             var retry = false
             let delay = commitDelay.load(ordering: .relaxed)
@@ -434,6 +439,9 @@ final class Journal: Sendable {
         var closed = false
         /// The last commit failed: acknowledgements do not wait for the disk until one succeeds.
         var failing = false
+        /// Changes recorded on one worker whose other half other workers are still recording
+        /// (`hold`): the writer waits a little for them before it takes a batch.
+        var holds = 0
     }
 
     /// Whether a change wakes the writer (`sync = "full"`); else it waits for its timer.
@@ -499,6 +507,27 @@ final class Journal: Sendable {
                 state.waiters = []
             }
             return (state.pending, state.waiters, state.closing)
+        }
+    }
+
+    /// A change that other workers complete is being recorded (an inbound QoS 2 id whose message
+    /// they deliver): until as many `release`s, the writer waits (at most `holdWait`) before it
+    /// takes a batch, so that the two halves land in one commit.
+    func hold(_ count: Int) {
+        state.withLock { $0.holds += count }
+    }
+
+    func release() {
+        state.withLock { $0.holds -= 1 }
+    }
+
+    static let holdWait = 0.01
+
+    /// The writer, before it takes: waits up to `holdWait` for the holds to be released.
+    func waitForHolds() {
+        let deadline = Date().addingTimeInterval(Self.holdWait)
+        while state.withLock({ $0.holds > 0 }), Date() < deadline {
+            usleep(50)
         }
     }
 

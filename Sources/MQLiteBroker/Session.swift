@@ -803,6 +803,12 @@ final class Session: @unchecked Sendable {
         return true
     }
 
+    /// The peer kept no session: no inbound QoS 2 id awaits PUBREL any more (a bridge's remote).
+    func forgetInboundQoS2() {
+        guard let occasional, !occasional.awaitingPubrel.isEmpty else { return }
+        for id in occasional.awaitingPubrel { released(inbound: id) }
+    }
+
     /// PUBREL came for an inbound QoS 2 id.
     func released(inbound id: UInt16) {
         guard let occasional, occasional.awaitingPubrel.remove(id) != nil, occasional.stored else { return }

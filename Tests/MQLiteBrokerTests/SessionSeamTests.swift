@@ -120,6 +120,18 @@ private func delivery(_ payload: String, qos: QoS, topic: TopicName = "t") -> De
 
 @Suite("Session seam: a session without a socket")
 struct SessionSeamTests {
+    @Test("inbound QoS 2: an id awaiting PUBREL makes a PUBLISH again a duplicate, until PUBREL or until the peer says it kept no session (a bridge's remote)")
+    func inboundQoS2() {
+        let session = Session(clientID: "in", persistent: true, owner: 0, context: standaloneContext())
+        #expect(session.receivedQoS2(7))
+        #expect(!session.receivedQoS2(7), "sent again before PUBREL: not delivered twice")
+        session.released(inbound: 7)
+        #expect(session.receivedQoS2(7), "after PUBREL the id is free")
+        #expect(session.receivedQoS2(8))
+        session.forgetInboundQoS2()
+        #expect(session.receivedQoS2(7) && session.receivedQoS2(8), "a peer without a session sends new messages")
+    }
+
     @Test("packet ids run 1...65535, wrap to 1 (never 0), and skip an id still in flight")
     func packetIDWrap() throws {
         let (first, ids, skipped) = {

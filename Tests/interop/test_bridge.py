@@ -439,3 +439,27 @@ def test_a_mosquitto_edge_bridges_into_mqlite():
     finally:
         edge.stop()
         core.stop()
+
+
+def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
+    """The prefix's own parent (which prefix/# matches) and a topic the prefix makes too long have
+    no remote name: not forwarded, done with in the bridge's session (QoS 1 flows behind them go)."""
+    remote = Mosquitto()
+    b = Broker([], config_text=bridge_config(remote.port, [
+        {"pattern": "#", "direction": "out", "qos": 1, "local_prefix": "loc/"},
+        {"pattern": "sensors/#", "direction": "out", "qos": 1, "remote_prefix": "site1/"},
+    ], bridge_extra="max_inflight = 1\n"))
+    try:
+        assert connected(b), b.log()
+        far = subscriber(remote.port, "#")
+        published(b.port, "loc", "parent")
+        published(b.port, "sensors/" + "a" * (65535 - len("sensors/")), "too long")
+        published(b.port, "loc/x", "one")
+        published(b.port, "sensors/ok", "two")
+        assert wait_for(lambda: len(far.messages) >= 2, timeout=10), (got(far), b.log()[-1500:])
+        time.sleep(0.5)
+        assert sorted(got(far)) == [("site1/sensors/ok", "two"), ("x", "one")]
+        assert b.proc.poll() is None
+    finally:
+        b.stop()
+        remote.stop()
