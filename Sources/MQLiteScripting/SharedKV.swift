@@ -13,17 +13,8 @@ import Synchronization
 /// once: O(log n) per set, amortized), a timer sweeps every second what no operation did, and a
 /// set that would go past `maxBytes` first removes every expired entry.
 final class SharedKV: @unchecked Sendable {  // the timer is set in init and only cancelled in deinit
-    enum Value: Sendable, Equatable {
-        case string([UInt8])
-        case int(Int64)
-        case double(Double)
-        case bool(Bool)
-
-        var byteCount: Int {
-            if case .string(let bytes) = self { return bytes.count }
-            return 8
-        }
-    }
+    /// A string, number or boolean: the store's own type, so that a kept key goes to it as it is.
+    typealias Value = StoredKV.Value
 
     enum Failure: Error {
         /// `maxBytes` reached.
@@ -69,17 +60,11 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
 
         /// An entry as the store keeps it: its expiry as a wall-clock deadline.
         func stored(_ key: [UInt8], _ entry: Entry) -> StoredKV {
-            let value: StoredKV.Value = switch entry.value {
-            case .string(let bytes): .string(bytes)
-            case .int(let n): .int(n)
-            case .double(let d): .double(d)
-            case .bool(let b): .bool(b)
-            }
             let expiresAt = entry.expires.map { expires -> Int64 in
                 let remaining = ContinuousClock.now.duration(to: expires).components.seconds
                 return Int64(Date().timeIntervalSince1970) + max(remaining, 0) + 1
             }
-            return StoredKV(key: key, value: value, expiresAt: expiresAt)
+            return StoredKV(key: key, value: entry.value, expiresAt: expiresAt)
         }
 
         /// Where keys kept across restarts go (nil: none are).
@@ -178,7 +163,8 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     }
 
     private static func cost(_ key: [UInt8], _ value: Value) -> Int {
-        entryOverhead + key.count + value.byteCount
+        let bytes = if case .string(let bytes) = value { bytes.count } else { 8 }
+        return entryOverhead + key.count + bytes
     }
 
     /// Bytes held: keys, values and `entryOverhead` per entry, expired entries not yet swept included.
@@ -211,15 +197,9 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
         let wallNow = Int64(Date().timeIntervalSince1970)
         state.withLock { state in
             for kept in loaded {
-                let value: Value = switch kept.value {
-                case .string(let bytes): .string(bytes)
-                case .int(let n): .int(n)
-                case .double(let d): .double(d)
-                case .bool(let b): .bool(b)
-                }
                 // (Clamped as a ttl is: a hand-edited deadline cannot overflow.)
                 let expires = kept.expiresAt.map { now + .seconds($0 <= wallNow ? 0 : min($0 - wallNow, 1_000_000_000)) }
-                let entry = Entry(value: value, expires: expires, cost: Self.cost(kept.key, value), persist: true)
+                let entry = Entry(value: kept.value, expires: expires, cost: Self.cost(kept.key, kept.value), persist: true)
                 guard state.bytes + entry.cost <= maxBytes else { break }
                 state.put(kept.key, entry)
             }
