@@ -428,17 +428,15 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// `sync = "full"`: once the store has what the packet it answers changed (as a connection's).
     private func acknowledge(_ ack: MQTTPacket, waiting: Bool, on channel: any Channel) {
         guard waiting, broker.waitingStore != nil else {
-            if !acks.isEmpty { return acks.entries.append((ack, 0)) }
-            return write(ack)
+            if !acks.queueBehind(ack) { write(ack) }
+            return
         }
-        acks.issued += 1
-        let ticket = acks.issued
-        acks.entries.append((ack, ticket))
+        let ticket = acks.wait(ack)
         if acks.waiting >= StoreAcks.maxWaiting { channel.setOption(.autoRead, value: false).whenComplete { _ in } }
         broker.committed(after: worker).whenComplete { [self] _ in
-            acks.committed = max(acks.committed, ticket)
+            let ready = acks.committed(ticket)
             guard channel === self.channel else { return }
-            for entry in acks.takeReady() { write(entry.ack) }
+            for entry in ready { write(entry.ack) }
             if acks.waiting < StoreAcks.maxWaiting { channel.setOption(.autoRead, value: true).whenComplete { _ in } }
             flushSoon()
         }
@@ -579,15 +577,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 
     func interceptDelivery(_ message: Message) -> Message? {
-        switch broker.hooks.interceptDelivery(message, to: clientInfo, worker: worker.index) {
-        case .deliver: return message
-        case .drop: return nil
-        case .change(var changed):
-            changed.qos = message.qos
-            changed.retain = message.retain
-            changed.isCompact = false
-            return changed
-        }
+        broker.interceptDelivery(message, to: clientInfo, worker: worker.index, logger: logger)
     }
 
     private func write(_ packet: MQTTPacket) {

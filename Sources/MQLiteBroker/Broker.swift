@@ -165,6 +165,30 @@ public final class Broker: Sendable {
         return bound
     }
 
+    /// What the delivery hooks make of `message` for `client` (a connection's or a bridge's
+    /// outbound, as it goes out): it, a changed one (its topic held to `max_topic_levels`, its QoS
+    /// and RETAIN the delivery's), or nil for none.
+    func interceptDelivery(_ message: Message, to client: ClientInfo, worker: Int, logger: Logger) -> Message? {
+        switch hooks.interceptDelivery(message, to: client, worker: worker) {
+        case .deliver:
+            return message
+        case .drop:
+            return nil
+        case .change(var changed):
+            // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
+            let limit = configuration.limits.maxTopicLevels
+            guard changed.topic.levelCount <= limit else {
+                let error = MQTTProtocolError.tooManyTopicLevels(levels: changed.topic.levelCount, limit: limit)
+                logger.info("delivery hook produced an invalid topic \"\(LogText(changed.topic.string))\": \(LogText(error.description))")
+                return nil
+            }
+            changed.qos = message.qos
+            changed.retain = message.retain
+            changed.isCompact = false
+            return changed
+        }
+    }
+
     // MARK: - Bridges
 
     /// Starts each `[[bridge]]`'s link, on the worker of its session kept from before (the store

@@ -706,19 +706,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         let acks = rare?.storeAcks ?? StoreAcks()
         if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
-        acks.issued += 1
-        let ticket = acks.issued
-        acks.entries.append((ack, ticket))
+        let ticket = acks.wait(ack)
         whenAnswered(.later(broker.committed(after: worker, held: held)), failed: (), pausing: acks.waiting >= StoreAcks.maxWaiting) { handler, _ in
-            acks.committed = max(acks.committed, ticket)
+            let ready = acks.committed(ticket)
             guard !handler.machine.isClosed else { return }
-            for entry in acks.takeReady() { handler.writePacket(entry.ack) }
+            for entry in ready { handler.writePacket(entry.ack) }
         }
     }
 
     /// A PUBACK/PUBREC that waits for nothing: now, or after those waiting for the store.
     private func sendAck(_ ack: MQTTPacket) {
-        if let acks = rare?.storeAcks, !acks.isEmpty { return acks.entries.append((ack, 0)) }
+        if let acks = rare?.storeAcks, acks.queueBehind(ack) { return }
         writePacket(ack)
     }
 
@@ -1240,24 +1238,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func interceptDelivery(_ message: Message) -> Message? {
-        switch broker.hooks.interceptDelivery(message, to: clientInfo, worker: worker.index) {
-        case .deliver:
-            return message
-        case .drop:
-            return nil
-        case .change(var changed):
-            // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
-            let limit = broker.configuration.limits.maxTopicLevels
-            guard changed.topic.levelCount <= limit else {
-                let error = MQTTProtocolError.tooManyTopicLevels(levels: changed.topic.levelCount, limit: limit)
-                logger.info("delivery hook produced an invalid topic \"\(LogText(changed.topic.string))\": \(LogText(error.description))")
-                return nil
-            }
-            changed.qos = message.qos
-            changed.retain = message.retain
-            changed.isCompact = false
-            return changed
-        }
+        broker.interceptDelivery(message, to: clientInfo, worker: worker.index, logger: logger)
     }
 
     func takenOver(publishWill: Bool) {

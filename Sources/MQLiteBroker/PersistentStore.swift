@@ -649,8 +649,28 @@ final class StoreAcks {
         committed = issued
     }
 
+    /// Queues `ack` to go after the commit that follows; returns its ticket (for `committed`).
+    func wait(_ ack: MQTTPacket) -> UInt64 {
+        issued += 1
+        entries.append((ack, issued))
+        return issued
+    }
+
+    /// Queues `ack` behind those waiting, if any wait: whether it did (else it goes now).
+    func queueBehind(_ ack: MQTTPacket) -> Bool {
+        guard !isEmpty else { return false }
+        entries.append((ack, 0))
+        return true
+    }
+
+    /// The commit `ticket` waited for came: the acknowledgements whose turn came, in order.
+    func committed(_ ticket: UInt64) -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
+        committed = max(committed, ticket)
+        return takeReady()
+    }
+
     /// The acknowledgements whose turn came, in order.
-    func takeReady() -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
+    private func takeReady() -> ArraySlice<(ack: MQTTPacket, ticket: UInt64)> {
         var end = start
         while end < entries.count, entries[end].ticket <= committed { end += 1 }
         defer {
