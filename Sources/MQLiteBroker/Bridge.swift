@@ -77,7 +77,10 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// The topics of each direction, their filters parsed once.
     private let outgoing: [Mapping]
     private let incomingTopics: [Mapping]
-    /// Packets written since the last flush, sent as one buffer (as a connection's batch).
+    /// Packets written since the last flush, sent as one buffer (as a connection's batch). While
+    /// the channel is not writable (the remote or the network is slower than the local side), the
+    /// batch is kept and grows up to `maxBatchedBytes`; only then does the session queue messages
+    /// (a queued message is first copied out of its read buffer: one copy more than the batch's).
     private var batch: ByteBuffer?
     /// Past this much in `batch`, the link counts as unable to take more until it is flushed.
     private static let maxBatchedBytes = 1 << 20
@@ -200,6 +203,10 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         let handler = BridgeChannelHandler(link: self)
         ClientBootstrap(group: worker.loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            // One link carries what many clients publish: room for a tick's batch in the channel
+            // before it counts as unwritable and the session queues (and copies) messages.
+            .channelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
+            .channelOption(.recvAllocator, value: Broker.receiveAllocator)
             .connectTimeout(.seconds(10))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -400,8 +407,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 
     fileprivate func writabilityChanged(_ channel: any Channel) {
-        guard channel === self.channel, channel.isWritable, connected else { return }
-        session?.pump()
+        guard channel === self.channel, channel.isWritable else { return }
+        if connected { session?.pump() }
         flushSoon()
     }
 
@@ -519,7 +526,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     // MARK: - SessionOutbound (to the remote)
 
-    var canWrite: Bool { connected && (channel?.isWritable ?? false) && (batch?.readableBytes ?? 0) < Self.maxBatchedBytes }
+    var canWrite: Bool { connected && channel != nil && (batch?.readableBytes ?? 0) < Self.maxBatchedBytes }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
         guard let topic = remoteTopic(for: message.topic) else {
@@ -533,19 +540,29 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             }
             return
         }
-        var properties = message.properties
-        properties.subscriptionIdentifiers = []
-        properties.topicAlias = nil
-        if let expiresAt = properties.messageExpiresAt {
-            let now = NIODeadline.now().uptimeNanoseconds
-            properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
-        }
-        if version == .v3_1_1 { properties = MQTTProperties() }
         if echoesPossible, !dup { echoes.add(topic: topic, payload: message.payload) }
         counters.messagesOut.add(1, ordering: .relaxed)
         counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
+        guard let channel else { return }
+        if batch == nil { batch = channel.allocator.buffer(capacity: 4096) }
         // RETAIN as the local message had it: a retained message stays retained on the remote.
-        write(.publish(PublishPacket(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID, properties: properties)))
+        if version == .v3_1_1 {
+            batch!.writePublish(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID)
+        } else {
+            var properties = message.properties
+            if !properties.isUnset {
+                properties.subscriptionIdentifiers = []
+                properties.topicAlias = nil
+                if let expiresAt = properties.messageExpiresAt {
+                    let now = NIODeadline.now().uptimeNanoseconds
+                    properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
+                }
+            }
+            batch!.writePublishHeader(
+                topic: topic, payloadLength: message.payload.readableBytes, qos: qos, retain: message.retain, dup: dup, packetID: packetID,
+                properties: properties)
+            batch!.writeImmutableBuffer(message.payload)
+        }
         flushSoon()
     }
 
@@ -591,13 +608,14 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         if let session { counters.queued.store(session.queue.count, ordering: .relaxed) }
     }
 
-    /// One flush per loop tick, however many packets were written.
+    /// One flush per loop tick, however many packets were written; none while the channel is not
+    /// writable (`writabilityChanged` flushes then).
     private func flushSoon() {
         guard !flushScheduled, channel != nil else { return }
         flushScheduled = true
         worker.loop.execute { [self] in
             flushScheduled = false
-            guard let channel, let pending = batch else { return }
+            guard let channel, channel.isWritable, let pending = batch else { return }
             batch = nil
             channel.writeAndFlush(pending, promise: nil)
             // The batch's limit stopped the session, not the socket: go on.

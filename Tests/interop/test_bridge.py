@@ -13,6 +13,7 @@ import pytest
 
 from conftest import BINARY, Broker, wait_for
 from test_interop import paho_client, start
+from test_hostile import rss_kib
 from test_persistence import free_port
 from test_tls import make_ca, make_cert
 
@@ -463,3 +464,94 @@ def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
     finally:
         b.stop()
         remote.stop()
+
+
+def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
+    """Back-pressure: a remote that stops reading while 20,000 QoS 0 messages of 1 KiB come in. The
+    link's batch, then the session's queue, hold what they may and the rest is dropped (QoS 0):
+    the edge's memory stays bounded, and what the remote reads afterwards comes in order, once
+    each; a QoS 1 message after that still goes through."""
+    import socket
+    import struct
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    config = bridge_config(port, [{"pattern": "t/#", "direction": "out", "qos": 0}]).replace("keep_alive = 5", "keep_alive = 60")
+    b = Broker([], config_text=config)
+    try:
+        server.settimeout(10)
+        link, _ = server.accept()
+        link.settimeout(10)
+        first = link.recv(4096)
+        assert first and first[0] == 0x10, first  # CONNECT
+        link.sendall(bytes([0x20, 2, 0, 0]))
+        assert connected(b), b.log()
+        rss_before = rss_kib(b.proc.pid)
+
+        def publish_packet(topic, payload, qos=0, packet_id=1):
+            body = struct.pack(">H", len(topic)) + topic + (struct.pack(">H", packet_id) if qos else b"") + payload
+            length, encoded = len(body), b""
+            while True:
+                byte, length = length % 128, length // 128
+                encoded += bytes([byte | (0x80 if length else 0)])
+                if not length:
+                    break
+            return bytes([0x30 | (qos << 1)]) + encoded + body
+
+        device = socket.create_connection(("127.0.0.1", b.port))
+        device.sendall(bytes([0x10, 16, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 0, 0, 4]) + b"dev1")
+        assert device.recv(4)[:1] == b"\x20"
+        filler = b"x" * 1000
+        device.sendall(b"".join(publish_packet(b"t/a", b"%08d" % i + filler) for i in range(20000)))
+        time.sleep(2)  # the link's channel fills; the remote reads nothing meanwhile
+        rss_full = rss_kib(b.proc.pid)
+
+        # The remote reads again: what was kept, then (once a second passes without more) a QoS 1
+        # message published now.
+        seen, stream, last, sent_last = [], b"", False, False
+        link.settimeout(1)
+        deadline = time.time() + 30
+        while not last and time.time() < deadline:
+            try:
+                chunk = link.recv(1 << 20)
+            except socket.timeout:
+                assert not sent_last, ("the last message did not come", len(seen), b.log()[-2000:])
+                device.sendall(publish_packet(b"t/last", b"last", qos=1, packet_id=7))
+                sent_last, chunk = True, None
+                link.settimeout(10)
+                continue
+            assert chunk, ("the link closed", len(seen), b.log()[-2000:])
+            stream += chunk
+            while len(stream) >= 2:
+                length, shift, i = 0, 0, 1
+                while i < len(stream) and stream[i] & 0x80:
+                    length |= (stream[i] & 0x7F) << shift
+                    shift, i = shift + 7, i + 1
+                if i >= len(stream):
+                    break
+                length |= stream[i] << shift
+                if len(stream) < i + 1 + length:
+                    break
+                packet, stream = stream[:i + 1 + length], stream[i + 1 + length:]
+                if packet[0] == 0xC0:  # PINGREQ
+                    link.sendall(bytes([0xD0, 0]))
+                elif packet[0] >> 4 == 3:
+                    topic_length = struct.unpack(">H", packet[i + 1:i + 3])[0]
+                    topic = packet[i + 3:i + 3 + topic_length]
+                    payload = packet[i + 3 + topic_length + (2 if packet[0] & 0x06 else 0):]
+                    if topic == b"t/last":
+                        last = True
+                    else:
+                        seen.append(int(payload[:8]))
+        assert last, (len(seen), b.log()[-1500:])
+        assert len(seen) >= 1000, len(seen)
+        assert all(a < b_ for a, b_ in zip(seen, seen[1:])), "out of order or repeated"
+        assert rss_full - rss_before < 64 * 1024, (rss_before, rss_full)
+        assert b.proc.poll() is None
+        device.close()
+        link.close()
+    finally:
+        b.stop()
+        server.close()
+
