@@ -19,7 +19,10 @@ struct BenchDecoder {
     /// MQTT 5: a PUBLISH has properties (their length, then them) after the packet id.
     let v5: Bool
 
-    func decode(buffer: inout ByteBuffer) -> BenchEvent? {
+    /// The packet that `buffer` starts, read from its head alone (fixed header; for a PUBLISH the
+    /// topic, packet id, properties and, with timestamps, 8 payload bytes), and its whole length;
+    /// nil while the head is not all there. The payload's other bytes are never looked at.
+    func head(_ buffer: ByteBuffer) -> (event: BenchEvent, length: Int)? {
         let start = buffer.readerIndex
         guard let first: UInt8 = buffer.getInteger(at: start) else { return nil }
         var length = 0
@@ -29,29 +32,33 @@ struct BenchDecoder {
             guard let byte: UInt8 = buffer.getInteger(at: start + offset) else { return nil }
             length += Int(byte & 0x7F) * multiplier
             offset += 1
-            if byte & 0x80 == 0 { break }
+            if byte & 0x80 == 0 || offset > 4 { break }
             multiplier *= 128
         }
-        guard buffer.readableBytes >= offset + length else { return nil }
-        defer { buffer.moveReaderIndex(to: start + offset + length) }
         let body = start + offset
+        let whole = offset + length
         switch first >> 4 {
-        case 2: return .connack(code: buffer.getInteger(at: body + 1) ?? 255)
-        case 9: return .suback
-        case 4: return .puback
+        case 2:
+            guard let code: UInt8 = buffer.getInteger(at: body + 1) else { return nil }
+            return (.connack(code: code), whole)
+        case 9: return (.suback, whole)
+        case 4: return (.puback, whole)
         case 3:
             let qos = (first >> 1) & 3
-            let topicLength = Int(buffer.getInteger(at: body, as: UInt16.self) ?? 0)
-            var cursor = body + 2 + topicLength
+            guard let topicLength = buffer.getInteger(at: body, as: UInt16.self) else { return nil }
+            var cursor = body + 2 + Int(topicLength)
             var id: UInt16 = 0
             if qos > 0 {
-                id = buffer.getInteger(at: cursor) ?? 0
+                guard let value: UInt16 = buffer.getInteger(at: cursor) else { return nil }
+                id = value
                 cursor += 2
             }
+            guard readTimestamps else { return (.publish(qos: qos, packetID: id, timestamp: 0), whole) }
             if v5 {
                 var propertiesLength = 0
                 var shift = 0
-                while let byte: UInt8 = buffer.getInteger(at: cursor) {
+                while true {
+                    guard let byte: UInt8 = buffer.getInteger(at: cursor) else { return nil }
                     cursor += 1
                     propertiesLength |= Int(byte & 0x7F) << shift
                     shift += 7
@@ -59,32 +66,20 @@ struct BenchDecoder {
                 }
                 cursor += propertiesLength
             }
-            let timestamp: UInt64 = readTimestamps ? (buffer.getInteger(at: cursor) ?? 0) : 0
-            return .publish(qos: qos, packetID: id, timestamp: timestamp)
-        default: return .other
+            guard let timestamp: UInt64 = buffer.getInteger(at: cursor) else { return nil }
+            return (.publish(qos: qos, packetID: id, timestamp: timestamp), whole)
+        default: return (.other, whole)
         }
-    }
-
-    /// The whole length of the packet that `buffer` starts, once its fixed header is there.
-    static func packetLength(_ buffer: ByteBuffer) -> Int? {
-        var length = 0
-        var multiplier = 1
-        for offset in 1...4 {
-            guard let byte: UInt8 = buffer.getInteger(at: buffer.readerIndex + offset) else { return nil }
-            length += Int(byte & 0x7F) * multiplier
-            if byte & 0x80 == 0 { return 1 + offset + length }
-            multiplier *= 128
-        }
-        return 1 + 4 + length
     }
 }
 
 /// One benchmark connection. Everything runs on the benchmark's single event loop.
 ///
 /// It decodes what it reads in place, packet by packet, without a decoder stage in the pipeline
-/// (each packet would be boxed in `NIOAny` and passed on) and without copying the bytes of whole
-/// reads: only a packet split between two reads is put together in a buffer of its own. The load
-/// generator shares a core with what it measures, so its cost per message counts.
+/// (each packet would be boxed in `NIOAny` and passed on), and reads only each packet's head:
+/// payloads are skipped, never copied, even when split between reads (only a split head is put
+/// together). The load generator shares a core with what it measures, so its cost per message
+/// counts.
 final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -99,8 +94,10 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     /// What this connection speaks (its CONNECT's level).
     let version: ProtocolVersion
     private let decoder: BenchDecoder
-    /// The start of a packet that the last read ended in the middle of.
+    /// The start of a packet whose head the last read ended in the middle of.
     private var partial: ByteBuffer?
+    /// Bytes of a packet already passed on that are still to come (its payload's rest).
+    private var skip = 0
 
     init(loop: any EventLoop, version: ProtocolVersion, readTimestamps: Bool) {
         self.loop = loop
@@ -112,21 +109,42 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        if var packet = partial {
-            // Complete the split packet with as many bytes as it lacks (its fixed header first).
-            partial = nil
-            while BenchDecoder.packetLength(packet) == nil {
-                guard let byte: UInt8 = buffer.readInteger() else { partial = packet; return }
-                packet.writeInteger(byte)
-            }
-            let length = BenchDecoder.packetLength(packet)!
-            var rest = buffer.readSlice(length: min(length - packet.readableBytes, buffer.readableBytes))!
-            packet.writeBuffer(&rest)
-            guard packet.readableBytes == length else { partial = packet; return }
-            if let event = decoder.decode(buffer: &packet) { onEvent(self, event) }
+        if skip > 0 {
+            let n = min(skip, buffer.readableBytes)
+            buffer.moveReaderIndex(forwardBy: n)
+            skip -= n
+            if skip > 0 { return }
         }
-        while let event = decoder.decode(buffer: &buffer) { onEvent(self, event) }
-        if buffer.readableBytes > 0 { partial = ByteBuffer(bytes: buffer.readableBytesView) }
+        if var packet = partial {
+            // A packet whose head the last read split: put the head together (a few bytes at a
+            // time), then skip what is left of the packet.
+            partial = nil
+            while true {
+                if let (event, length) = decoder.head(packet) {
+                    // Bytes taken past the packet's end belong to the next one: give them back.
+                    let rest = length - packet.readableBytes
+                    if rest < 0 { buffer.moveReaderIndex(to: buffer.readerIndex + rest) }
+                    consume(length: max(rest, 0), of: &buffer, event: event)
+                    break
+                }
+                guard buffer.readableBytes > 0 else { partial = packet; return }
+                var more = buffer.readSlice(length: min(64, buffer.readableBytes))!
+                packet.writeBuffer(&more)
+            }
+        }
+        while skip == 0, let (event, length) = decoder.head(buffer) {
+            consume(length: length, of: &buffer, event: event)
+        }
+        if skip == 0, buffer.readableBytes > 0 { partial = ByteBuffer(bytes: buffer.readableBytesView) }
+    }
+
+    /// Passes `event` on and moves past its packet's `length` bytes: those in `buffer` now, and
+    /// the rest (`skip`) as the next reads bring them.
+    private func consume(length: Int, of buffer: inout ByteBuffer, event: BenchEvent) {
+        let n = min(length, buffer.readableBytes)
+        buffer.moveReaderIndex(forwardBy: n)
+        skip = length - n
+        onEvent(self, event)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
