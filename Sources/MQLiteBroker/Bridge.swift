@@ -200,7 +200,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             protocolVersion: version)
         let host = configuration.address.host
         let isAddress = (try? SocketAddress(ipAddress: host, port: 0)) != nil
-        let handler = BridgeChannelHandler(link: self)
+        let handler = BridgeChannelHandler(link: self, decoder: decoder)
         ClientBootstrap(group: worker.loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             // One link carries what many clients publish: room for a tick's batch in the channel
@@ -213,7 +213,6 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     if let sslContext {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: sslContext, serverHostname: isAddress ? nil : host))
                     }
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(decoder))
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
@@ -624,15 +623,44 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 }
 
-/// Hands the link what its channel reads and tells it when the channel goes.
+/// Hands the link the packets its channel reads and tells it when the channel goes. It decodes
+/// in place, as a client connection's handler does (no decoder stage: no `NIOAny` per packet; a
+/// link carries many clients' acknowledgements); only an incomplete packet is kept between reads,
+/// and the decoder refuses one past `max_packet_size` from its header.
 private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = MQTTPacket
+    typealias InboundIn = ByteBuffer
     private let link: BridgeLink
+    private let decoder: MQTTDecoder
+    /// What the last read ended with: the start of a packet.
+    private var cumulation: ByteBuffer?
+    private var failed = false
 
-    init(link: BridgeLink) { self.link = link }
+    init(link: BridgeLink, decoder: MQTTDecoder) {
+        self.link = link
+        self.decoder = decoder
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        link.received(unwrapInboundIn(data), on: context.channel)
+        guard !failed else { return }
+        var buffer = unwrapInboundIn(data)
+        if var pending = cumulation {
+            cumulation = nil
+            pending.writeBuffer(&buffer)
+            buffer = pending
+        }
+        do {
+            while let packet = try decoder.decode(buffer: &buffer, version: decoder.protocolVersion) {
+                link.received(packet, on: context.channel)
+            }
+        } catch {
+            failed = true
+            errorCaught(context: context, error: error)
+            return
+        }
+        if buffer.readableBytes > 0 {
+            buffer.discardReadBytes()
+            cumulation = buffer
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
