@@ -226,6 +226,21 @@ struct MQLiteBench: AsyncParsableCommand {
     /// under way at a time (a new one starts as one is done): the seconds until the last CONNACK,
     /// as after a broker restart or a network outage.
     private func storm(loop: any EventLoop, tls: NIOSSLContext?) async throws -> [String: Any] {
+        #if canImport(Glibc)
+        if tls == nil, let storm = RawStorm(host: host, port: port, total: connections, inFlight: 1000, prefix: prefix) {
+            let start = ContinuousClock.now
+            storm.run()
+            let elapsed = ContinuousClock.now - start
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            let connected = storm.open.count
+            if let error = storm.firstError {
+                FileHandle.standardError.write(Data("mqlite-bench: \(connections - connected) clients failed to connect, the first: \(error)\n".utf8))
+            }
+            storm.closeAll()
+            try await Task.sleep(for: .seconds(1))  // let the broker see them go before the next scenario
+            return ["scenario": "storm", "connections": connections, "connected": connected, "seconds": seconds, "lost": connections - connected]
+        }
+        #endif
         final class Storm: @unchecked Sendable {  // loop-only
             var next = 0
             var done = 0
