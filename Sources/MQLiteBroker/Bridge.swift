@@ -542,11 +542,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         if echoesPossible, !dup { echoes.add(topic: topic, payload: message.payload) }
         counters.messagesOut.add(1, ordering: .relaxed)
         counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
-        guard let channel else { return }
-        if batch == nil { batch = channel.allocator.buffer(capacity: 4096) }
         // RETAIN as the local message had it: a retained message stays retained on the remote.
         if version == .v3_1_1 {
-            batch!.writePublish(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID)
+            appendBatch { $0.writePublish(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID) }
         } else {
             var properties = message.properties
             if !properties.isUnset {
@@ -557,10 +555,12 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
                 }
             }
-            batch!.writePublishHeader(
-                topic: topic, payloadLength: message.payload.readableBytes, qos: qos, retain: message.retain, dup: dup, packetID: packetID,
-                properties: properties)
-            batch!.writeImmutableBuffer(message.payload)
+            appendBatch {
+                $0.writePublishHeader(
+                    topic: topic, payloadLength: message.payload.readableBytes, qos: qos, retain: message.retain, dup: dup, packetID: packetID,
+                    properties: properties)
+                $0.writeImmutableBuffer(message.payload)
+            }
         }
         flushSoon()
     }
@@ -597,9 +597,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 
     private func write(_ packet: MQTTPacket) {
+        appendBatch { $0.writeMQTTPacket(packet, version: version) }
+    }
+
+    private func appendBatch(_ write: (inout ByteBuffer) -> Void) {
         guard let channel else { return }
         if batch == nil { batch = channel.allocator.buffer(capacity: 4096) }
-        batch!.writeMQTTPacket(packet, version: version)
+        write(&batch!)
     }
 
     /// The depth of the local session's queue, for metrics (worker loop).
