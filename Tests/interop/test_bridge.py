@@ -12,8 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import BINARY, Broker, wait_for
+from test_hostile import connect_packet, publish_packet, rss_kib
 from test_interop import paho_client, start
-from test_hostile import rss_kib
 from test_persistence import free_port
 from test_tls import make_ca, make_cert
 
@@ -489,18 +489,8 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
         assert connected(b), b.log()
         rss_before = rss_kib(b.proc.pid)
 
-        def publish_packet(topic, payload, qos=0, packet_id=1):
-            body = struct.pack(">H", len(topic)) + topic + (struct.pack(">H", packet_id) if qos else b"") + payload
-            length, encoded = len(body), b""
-            while True:
-                byte, length = length % 128, length // 128
-                encoded += bytes([byte | (0x80 if length else 0)])
-                if not length:
-                    break
-            return bytes([0x30 | (qos << 1)]) + encoded + body
-
         device = socket.create_connection(("127.0.0.1", b.port))
-        device.sendall(bytes([0x10, 16, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 0, 0, 4]) + b"dev1")
+        device.sendall(connect_packet(b"dev1"))
         assert device.recv(4)[:1] == b"\x20"
         filler = b"x" * 1000
         device.sendall(b"".join(publish_packet(b"t/a", b"%08d" % i + filler) for i in range(20000)))
@@ -509,7 +499,7 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
 
         # The remote reads again: what was kept, then (once a second passes without more) a QoS 1
         # message published now.
-        seen, stream, last, sent_last = [], b"", False, False
+        seen, stream, pos, last, sent_last = [], bytearray(), 0, False, False
         link.settimeout(1)
         deadline = time.time() + 30
         while not last and time.time() < deadline:
@@ -518,32 +508,37 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
             except socket.timeout:
                 assert not sent_last, ("the last message did not come", len(seen), b.log()[-2000:])
                 device.sendall(publish_packet(b"t/last", b"last", qos=1, packet_id=7))
-                sent_last, chunk = True, None
+                sent_last = True
                 link.settimeout(10)
                 continue
             assert chunk, ("the link closed", len(seen), b.log()[-2000:])
             stream += chunk
-            while len(stream) >= 2:
-                length, shift, i = 0, 0, 1
-                while i < len(stream) and stream[i] & 0x80:
+            while len(stream) - pos >= 2:  # each whole packet from `pos` on
+                length, shift, i = 0, 0, pos + 1
+                while i < len(stream):
                     length |= (stream[i] & 0x7F) << shift
                     shift, i = shift + 7, i + 1
-                if i >= len(stream):
+                    if not stream[i - 1] & 0x80:
+                        break
+                else:
                     break
-                length |= stream[i] << shift
-                if len(stream) < i + 1 + length:
+                if len(stream) - i < length:
                     break
-                packet, stream = stream[:i + 1 + length], stream[i + 1 + length:]
-                if packet[0] == 0xC0:  # PINGREQ
+                kind, body = stream[pos], bytes(stream[i:i + length])
+                pos = i + length
+                if kind == 0xC0:  # PINGREQ
                     link.sendall(bytes([0xD0, 0]))
-                elif packet[0] >> 4 == 3:
-                    topic_length = struct.unpack(">H", packet[i + 1:i + 3])[0]
-                    topic = packet[i + 3:i + 3 + topic_length]
-                    payload = packet[i + 3 + topic_length + (2 if packet[0] & 0x06 else 0):]
+                elif kind >> 4 == 3:
+                    topic_length = struct.unpack(">H", body[:2])[0]
+                    topic = body[2:2 + topic_length]
+                    payload = body[2 + topic_length + (2 if kind & 0x06 else 0):]
                     if topic == b"t/last":
                         last = True
                     else:
                         seen.append(int(payload[:8]))
+            if pos > 1 << 20:
+                del stream[:pos]
+                pos = 0
         assert last, (len(seen), b.log()[-1500:])
         assert len(seen) >= 1000, len(seen)
         assert all(a < b_ for a, b_ in zip(seen, seen[1:])), "out of order or repeated"
@@ -554,4 +549,3 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
     finally:
         b.stop()
         server.close()
-
