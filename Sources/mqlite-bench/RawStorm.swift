@@ -14,9 +14,9 @@ final class RawStorm {
     private let connects: [[UInt8]]
     private let inFlight: Int
     private let epoll: Int32
-    /// Per descriptor: the client's index, and how much of its CONNACK has come (-1: connecting).
-    private var clients: [Int32: (index: Int, received: Int)] = [:]
-    private var connackBytes: [Int32: [UInt8]] = [:]
+    /// Per descriptor under way: the client's index, and its CONNACK's bytes so far (nil while
+    /// connecting).
+    private var clients: [Int32: (index: Int, connack: [UInt8]?)] = [:]
     private(set) var open: [Int32] = []
     private(set) var firstError: String?
 
@@ -42,28 +42,44 @@ final class RawStorm {
         let total = connects.count
         var next = 0
         var done = 0
-        func startOne() {
-            let index = next
-            next += 1
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else { return fail(nil, "socket: errno \(errno)") }
-            var address = self.address
-            let result = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            guard result == 0 || errno == EINPROGRESS else { return fail(fd, "connect: errno \(errno)") }
-            clients[fd] = (index, -1)
-            watch(fd, Epoll.writable, add: true)
-        }
-        func fail(_ fd: Int32?, _ reason: String) {
+        func failed(_ reason: String) {
             if firstError == nil { firstError = reason }
-            if let fd {
-                clients[fd] = nil
-                close(fd)
-            }
             done += 1
         }
-        while next < min(inFlight, total) { startOne() }
+        /// Ends a client's attempt: its descriptor stays open if it got CONNACK 0.
+        func finish(_ fd: Int32, failure: String?) {
+            clients[fd] = nil
+            if let failure {
+                close(fd)
+                failed(failure)
+            } else {
+                open.append(fd)
+                done += 1
+            }
+        }
+        /// Starts clients until `inFlight` are under way or none is left.
+        func refill() {
+            while next < total && next - done < inFlight {
+                let index = next
+                next += 1
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                guard fd >= 0 else {
+                    failed("socket: errno \(errno)")
+                    continue
+                }
+                var address = self.address
+                let result = withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                guard result == 0 || errno == EINPROGRESS else {
+                    finish(fd, failure: "connect: errno \(errno)")
+                    continue
+                }
+                clients[fd] = (index, nil)
+                watch(fd, Epoll.writable, add: true)
+            }
+        }
+        refill()
         let capacity = 1024
         let events = UnsafeMutableRawPointer.allocate(byteCount: capacity * Epoll.eventSize, alignment: 8)
         defer { events.deallocate() }
@@ -79,46 +95,34 @@ final class RawStorm {
                 let fd = Int32(truncatingIfNeeded: events.loadUnaligned(fromByteOffset: i * Epoll.eventSize + Epoll.dataOffset, as: UInt64.self))
                 guard let client = clients[fd] else { continue }
                 if kinds & (Epoll.error | Epoll.hangUp) != 0 && kinds & Epoll.readable == 0 {
-                    fail(fd, "connection \(client.index) failed or was closed")
-                } else if client.received < 0 {
+                    finish(fd, failure: "connection \(client.index) failed or was closed")
+                } else if var connack = client.connack {
+                    var bytes = [UInt8](repeating: 0, count: 4 - connack.count)
+                    let count = recv(fd, &bytes, bytes.count, 0)
+                    guard count > 0 else {
+                        finish(fd, failure: "connection \(client.index) closed before CONNACK")
+                        continue
+                    }
+                    connack += bytes[0..<count]
+                    if connack.count < 4 {
+                        clients[fd] = (client.index, connack)
+                        watch(fd, Epoll.readable, add: false)
+                    } else {
+                        finish(fd, failure: connack[0] == 0x20 && connack[3] == 0 ? nil : "CONNACK \(connack) for client \(client.index)")
+                    }
+                } else {
                     // Connected (or failed: then the send fails): CONNECT, then wait for CONNACK.
                     let packet = connects[client.index]
                     let sent = packet.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                     guard sent == packet.count else {
-                        fail(fd, "CONNECT \(client.index): errno \(errno)")
-                        if next < total { startOne() }
+                        finish(fd, failure: "CONNECT \(client.index): errno \(errno)")
                         continue
                     }
-                    clients[fd] = (client.index, 0)
+                    clients[fd] = (client.index, [])
                     watch(fd, Epoll.readable, add: false)
-                    continue
-                } else {
-                    var bytes = [UInt8](repeating: 0, count: 4 - client.received)
-                    let count = recv(fd, &bytes, bytes.count, 0)
-                    guard count > 0 else {
-                        fail(fd, "connection \(client.index) closed before CONNACK")
-                        if next < total { startOne() }
-                        continue
-                    }
-                    connackBytes[fd, default: []].append(contentsOf: bytes[0..<count])
-                    let received = client.received + count
-                    guard received == 4 else {
-                        clients[fd] = (client.index, received)
-                        watch(fd, Epoll.readable, add: false)
-                        continue
-                    }
-                    let connack = connackBytes.removeValue(forKey: fd)!
-                    guard connack[0] == 0x20, connack[3] == 0 else {
-                        fail(fd, "CONNACK \(connack) for client \(client.index)")
-                        if next < total { startOne() }
-                        continue
-                    }
-                    clients[fd] = nil
-                    open.append(fd)
-                    done += 1
                 }
-                if next < total { startOne() }
             }
+            refill()
         }
     }
 
