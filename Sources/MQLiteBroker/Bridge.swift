@@ -195,9 +195,10 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         guard !stopped else { return }
         let configuration = self.configuration
         let sslContext = self.sslContext
-        let decoder = MQTTDecoder(
-            maxPacketSize: broker.configuration.limits.maxPacketSize, maxTopicLevels: broker.configuration.limits.maxTopicLevels,
-            protocolVersion: version)
+        // No level limit on what the remote sends: `max_topic_levels` holds for the local topic it
+        // maps to (`localMessage`), which is dropped past it, not the link closed (the remote would
+        // send it again on every reconnect).
+        let decoder = MQTTDecoder(maxPacketSize: broker.configuration.limits.maxPacketSize, protocolVersion: version)
         let host = configuration.address.host
         let isAddress = (try? SocketAddress(ipAddress: host, port: 0)) != nil
         let handler = BridgeChannelHandler(link: self, decoder: decoder)
@@ -452,7 +453,12 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// level limit and the ACL; nil if it does not come in (no incoming topic takes it, an echo of
     /// this bridge's own, denied).
     private func localMessage(for publish: PublishPacket) -> Message? {
-        guard let remote = try? TopicName(validating: publish.topic), let local = localTopic(for: remote) else { return nil }
+        // Validated by the decoder, which counted its levels (an empty topic would need a topic
+        // alias, which the bridge allows none).
+        guard publish.topic.readableBytes > 0 else { return nil }
+        let remote = publish.topicLevels != 0
+            ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
+        guard let local = localTopic(for: remote) else { return nil }
         if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return nil }
         guard let topic = try? TopicName(validating: local), topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic)
         else { return nil }
