@@ -276,7 +276,7 @@ public final class Broker: Sendable {
     /// CONNECTs, SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than
     /// NIO's default 2 KiB. It doubles for busy connections, within one read event (each read
     /// that fills the buffer asks for twice as much next).
-    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64, maximum: 256 * 1024)
+    static let receiveAllocator = ReceiveAllocator()
 
     private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
         guard let options = channel.syncOptions else { return }

@@ -69,6 +69,23 @@ struct IdleFootprintTests {
         #expect(handlers.map(Self.mallocSize).min()! <= 208)
     }
     #endif
+
+    @Test("the receive allocator sizes reads as NIO's adaptive one does, and fits an existential without a box")
+    func receiveAllocator() {
+        #expect(MemoryLayout<ReceiveAllocator>.size <= 3 * MemoryLayout<Int>.size)
+        var ours = ReceiveAllocator()
+        var nio = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64, maximum: 256 * 1024)
+        var rng = SystemRandomNumberGenerator()
+        for step in 0..<20_000 {
+            // Runs of full reads (growth to the maximum) and of small ones (shrinking to the minimum).
+            let size = ours.nextBufferSize()!
+            let read = (step / 500) % 2 == 0 ? size : Int.random(in: 0...size, using: &rng)
+            #expect(ours.record(actualReadBytes: read) == nio.record(actualReadBytes: read))
+            #expect(ours.nextBufferSize() == nio.nextBufferSize(), "after \(step) reads")
+            if ours.nextBufferSize() != nio.nextBufferSize() { break }
+        }
+        #expect(ours.buffer(allocator: ByteBufferAllocator()).capacity == ours.nextBufferSize())
+    }
 }
 
 #if canImport(Glibc)
