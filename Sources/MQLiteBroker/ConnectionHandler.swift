@@ -20,15 +20,48 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private var session: Session?
     /// The will and access rules, nil (no storage at all) for a client that has neither.
     private var rare: Rare?
-    /// Bytes of a packet not yet complete. Nil when everything read was consumed, so an idle
-    /// connection holds no read buffer.
+    /// Bytes read and not yet handled: the start of one packet, in a buffer of its own
+    /// (`partial`), or, while reading is paused, all that was read after the pause, as read. Nil
+    /// when everything read was consumed, so an idle connection holds no read buffer.
     private var cumulation: ByteBuffer?
     private var output: ByteBuffer?
     /// The protocol's rules for this connection; this handler carries out what it decides.
     private var machine = ConnectionStateMachine(now: .now())
-    private var counted = false
-    private var isDirty = false
-    private var holdBackCheckPending = false
+    /// The handler's yes/no state, in one byte.
+    private var flags = Flags()
+    private struct Flags: OptionSet {
+        let rawValue: UInt8
+        /// In the broker's count of open connections.
+        static let counted = Flags(rawValue: 1 << 0)
+        /// Has output in the worker's batch.
+        static let dirty = Flags(rawValue: 1 << 1)
+        static let holdBackCheckPending = Flags(rawValue: 1 << 2)
+        /// `cumulation` is the start of one packet and nothing else, in a buffer made for it.
+        static let partial = Flags(rawValue: 1 << 3)
+        /// The channel is not writable (as its last writability change said): read on every
+        /// delivery, so kept here rather than asked of the channel.
+        static let unwritable = Flags(rawValue: 1 << 4)
+        /// The packet being handled was read alone into a buffer of its own (`process`): a
+        /// message made of it is kept without a copy.
+        static let readAlone = Flags(rawValue: 1 << 5)
+    }
+
+    private var counted: Bool {
+        get { flags.contains(.counted) }
+        set { flags.set(.counted, newValue) }
+    }
+    private var isDirty: Bool {
+        get { flags.contains(.dirty) }
+        set { flags.set(.dirty, newValue) }
+    }
+    private var holdBackCheckPending: Bool {
+        get { flags.contains(.holdBackCheckPending) }
+        set { flags.set(.holdBackCheckPending, newValue) }
+    }
+    private var partial: Bool {
+        get { flags.contains(.partial) }
+        set { flags.set(.partial, newValue) }
+    }
     private var will: Will? {
         get { rare?.will }
         set { updateRare { $0.will = newValue } }
@@ -90,6 +123,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         cumulation = nil
+        partial = false
         output = nil
     }
 
@@ -159,28 +193,71 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         machine.bytesRead(now: .now())
-        if var pending = cumulation {
+        while var pending = cumulation {
             cumulation = nil
-            pending.writeBuffer(&buffer)
-            buffer = pending
+            guard partial, holdBack == nil, !machine.hookPending else {
+                // Paused, or what a pause kept: this read waits behind it, in order.
+                partial = false
+                pending.writeBuffer(&buffer)
+                return process(&pending)
+            }
+            // The packet begun in an earlier read: completed from this one, and decoded alone;
+            // the rest of this read is decoded where it is, not copied behind it.
+            partial = false
+            guard complete(&pending, from: &buffer) else {
+                cumulation = pending
+                partial = true
+                return
+            }
+            process(&pending, ownBuffer: true)  // (a pause keeps it: the loop appends this read)
+            if machine.isClosed { return }
         }
         process(&buffer)
     }
 
+    /// Moves from `buffer` to `pending` what completes the packet `pending` starts, and no more:
+    /// whether it is complete now (or its fixed header is bad: decoding it then says why).
+    private func complete(_ pending: inout ByteBuffer, from buffer: inout ByteBuffer) -> Bool {
+        while true {
+            let length: Int?
+            do { length = try worker.decoder.packetLength(pending, version: version) } catch { return true }
+            guard let length else {
+                // The fixed header is not all there yet: one more byte of it.
+                guard let byte: UInt8 = buffer.readInteger() else { return false }
+                pending.writeInteger(byte)
+                continue
+            }
+            let missing = length - pending.readableBytes
+            guard missing > 0 else { return true }
+            var part = buffer.readSlice(length: min(missing, buffer.readableBytes))!
+            pending.writeBuffer(&part)
+            return pending.readableBytes == length
+        }
+    }
+
+    /// Goes on with what was read while reading was paused (nothing while it is the start of a
+    /// packet: that waits for the next read).
+    private func processKept() {
+        guard !partial, var pending = cumulation else { return }
+        cumulation = nil
+        process(&pending)
+    }
+
     /// Decodes and handles the packets in `buffer`, keeping what is left (an incomplete packet,
     /// or everything after the point where back-pressure paused this client) for later.
-    private func process(_ buffer: inout ByteBuffer) {
+    /// `ownBuffer`: `buffer` holds one packet and nothing else, so a message made of it is kept
+    /// without a copy.
+    private func process(_ buffer: inout ByteBuffer, ownBuffer: Bool = false) {
         let decoder = worker.decoder  // stateless: the limits only
+        let outer = flags.contains(.readAlone)
+        flags.set(.readAlone, ownBuffer)
+        defer { flags.set(.readAlone, outer) }
         do {
             while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(packet))
                 if machine.isClosed { return }
             }
-            // Keep only what is left, moved to the front so the buffer does not grow.
-            if buffer.readableBytes > 0 {
-                buffer.discardReadBytes()
-                cumulation = buffer
-            }
+            if buffer.readableBytes > 0 { keep(&buffer) }
         } catch {
             let (connack, reason) = machine.decodeFailed(error)
             if let connack {
@@ -191,6 +268,25 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
             closeWithWill(reason: reason)
         }
+    }
+
+    /// Keeps what `process` left. While paused, as it is (moved to the front so that the buffer
+    /// does not grow). Else it is the start of one packet (whose header `decode` checked): it is
+    /// copied into a buffer of its own, which later reads fill to the packet's end. That buffer
+    /// is made for the packet (twice the bytes in hand at most: a client does not make the broker
+    /// hold more than it sent), so that it does not pin the read buffer it came from.
+    private func keep(_ rest: inout ByteBuffer) {
+        if holdBack != nil || machine.hookPending {
+            rest.discardReadBytes()
+            cumulation = rest
+            return
+        }
+        let length = (try? worker.decoder.packetLength(rest, version: version)) ?? nil
+        var own = ByteBuffer()
+        own.reserveCapacity(max(rest.readableBytes, min(length ?? 0, 2 * rest.readableBytes)))
+        own.writeBuffer(&rest)
+        cumulation = own
+        partial = true
     }
 
     /// One read batch is done: flush what it produced, for every connection it wrote to.
@@ -210,7 +306,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { pump() }
+        flags.set(.unwritable, !context.channel.isWritable)
+        if !flags.contains(.unwritable) { pump() }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -235,8 +332,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     // MARK: - Packets
 
     /// Carries out what the state machine made of a packet.
-    private func handle(_ action: ConnectionStateMachine.PacketAction) {
-        switch action {
+    private func handle(_ action: consuming ConnectionStateMachine.PacketAction) {
+        switch consume action {
         case .none:
             break
         case .connect(let connect):
@@ -576,10 +673,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func hookAnswered(held: [MQTTPacket]) {
         if !machine.isClosed {
             handle(packets: held)
-            if holdBack == nil, !machine.hookPending, var pending = cumulation {
-                cumulation = nil
-                process(&pending)
-            }
+            if holdBack == nil, !machine.hookPending { processKept() }
             updateReading()
         }
         worker.flushDirty()
@@ -608,7 +702,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first. (Not for a retained message with
     /// `[persistence] sync = "full"`: its acknowledgement waits for the disk, `acknowledge`.)
-    private func handlePublish(_ publish: PublishPacket, session: Session) {
+    private func handlePublish(_ publish: consuming PublishPacket, session: Session) {
         // MQTT 5: a topic alias, or properties to check.
         if version == .v5 { return handlePublishV5(publish, session: session) }
         // Validated by the decoder, which counted its levels: only its hash is computed here.
@@ -647,18 +741,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// A PUBLISH whose topic is known: acknowledged, then routed.
     private func accept(_ publish: PublishPacket, topic: TopicName, properties: MQTTProperties, session: Session) {
+        let ownBuffer = flags.contains(.readAlone)  // (a held PUBLISH, handled later, is not)
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties)
         case .atLeastOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
             var known: Worker.Route?
             let waits = waitsForStore(publish, topic: topic, session: session, route: &known)
             if !waits { sendAck(ack) }
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties, known: known)
+            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties, known: known)
             if waits { acknowledge(ack, waiting: true) }
         case .exactlyOnce:
             let id = publish.packetID!
@@ -674,7 +769,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let held = waits && session.isStored && broker.workers.count > 1
             if held { broker.store?.hold(broker.workers.count - 1) }
             if session.receivedQoS2(id) {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties, known: known)
+                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties, known: known)
             }
             if waits { acknowledge(ack, waiting: true, held: held) }
         }
@@ -769,7 +864,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    private func route(topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, properties: MQTTProperties, known: Worker.Route? = nil) {
+    /// (`ownBuffer`: topic and payload are all their buffer holds, `Flags.readAlone`.)
+    private func route(
+        topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, ownBuffer: Bool = false, properties: MQTTProperties,
+        known: Worker.Route? = nil
+    ) {
         guard mayPublish(topic) else {
             worker.stats.droppedACL &+= 1
             return
@@ -779,7 +878,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // MQTT 5: the message expires this long after the broker got it (a will: published it).
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
-        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, properties: properties)
+        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, isCompact: ownBuffer, properties: properties)
         let route = known ?? worker.route(for: topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).
@@ -980,10 +1079,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         if isCongested(targets) { return scheduleHoldBackCheck() }
         holdBack = nil
-        if var pending = cumulation {
-            cumulation = nil
+        if cumulation != nil {
             worker.beginBatch()
-            process(&pending)
+            processKept()
             worker.flushDirty()
         }
         if holdBack == nil { updateReading() }
@@ -1163,8 +1261,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Whether the socket can take more now (else deliveries queue in the session).
     var canWrite: Bool {
-        guard let context else { return false }
-        return context.channel.isWritable && (output?.readableBytes ?? 0) < Self.maxBatchedBytes
+        context != nil && !flags.contains(.unwritable) && (output?.readableBytes ?? 0) < Self.maxBatchedBytes
     }
 
     private func appendOutput(_ write: (inout ByteBuffer) -> Void) {
@@ -1307,7 +1404,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writeBatch()
         context.flush()
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
-        if let session, session.hasQueued, context.channel.isWritable, machine.isConnected { session.pump() }
+        if let session, session.hasQueued, !flags.contains(.unwritable), machine.isConnected { session.pump() }
     }
 }
 
@@ -1359,4 +1456,10 @@ private final class Access {
     var verdicts: [TopicName: Bool] = [:]
 
     init(_ acl: ClientACL) { self.acl = acl }
+}
+
+extension OptionSet {
+    fileprivate mutating func set(_ member: Element, _ on: Bool) {
+        if on { insert(member) } else { remove(member) }
+    }
 }

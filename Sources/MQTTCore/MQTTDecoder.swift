@@ -48,14 +48,27 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     /// Decodes one packet as `version` (a CONNECT as its own level), leaving `protocolVersion` as
     /// it is: for a decoder shared by many connections, each with its own negotiated version.
     public func decode(buffer: inout ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> MQTTPacket? {
-        guard let header = try Self.peekFixedHeader(buffer, version: version) else { return nil }
-        if header.remainingLength > maxPacketSize {
-            throw MQTTProtocolError.packetTooLarge(length: header.remainingLength, limit: maxPacketSize)
-        }
+        guard let header = try checkedHeader(buffer, version: version) else { return nil }
         guard buffer.readableBytes >= header.headerLength + header.remainingLength else { return nil }
         buffer.moveReaderIndex(forwardBy: header.headerLength)
         var body = buffer.readSlice(length: header.remainingLength)!
         return try parseBody(type: header.type, flags: header.flags, body: &body, version: version)
+    }
+
+    /// The whole length (fixed header included) of the packet `buffer` starts with, once its
+    /// fixed header is all there (nil before). Throws what `decode` would for that header: a
+    /// reader can size a buffer for the packet before its bytes come, and not beyond the limit.
+    public func packetLength(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> Int? {
+        guard let header = try checkedHeader(buffer, version: version) else { return nil }
+        return header.headerLength + header.remainingLength
+    }
+
+    private func checkedHeader(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> FixedHeader? {
+        guard let header = try Self.peekFixedHeader(buffer, version: version) else { return nil }
+        if header.remainingLength > maxPacketSize {
+            throw MQTTProtocolError.packetTooLarge(length: header.remainingLength, limit: maxPacketSize)
+        }
+        return header
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> MQTTPacket? {

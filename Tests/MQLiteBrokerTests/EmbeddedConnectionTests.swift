@@ -89,6 +89,85 @@ struct EmbeddedConnectionTests {
         #expect(!old.isActive)
     }
 
+    @Test("a stream cut anywhere, fixed headers too, reads as it does whole: same packets, same order")
+    func streamCutAnywhere() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let sub = try b.connection()
+        try sub.send(.connect(ConnectPacket(clientID: "sub")))
+        try sub.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "t/#", qos: .atLeastOnce)])))
+        _ = try sub.received()
+
+        // A 3-byte remaining length (20,000 bytes), a 2-byte one, and 1-byte ones.
+        let big = String(repeating: "b", count: 20_000), medium = String(repeating: "m", count: 300)
+        var rng = SystemRandomNumberGenerator()
+        for (n, cut) in [1, 2, 3, 5, 64, 1000, 4097, 0].enumerated() {
+            var stream = ByteBuffer()
+            for packet: MQTTPacket in [
+                .connect(ConnectPacket(clientID: "pub\(n)")), .publish(PublishPacket(topic: "t/big", payload: big)),
+                .publish(PublishPacket(topic: "t/one", payload: "x", qos: .atLeastOnce, packetID: 5)), .pingreq,
+                .publish(PublishPacket(topic: "t/medium", payload: medium)), .disconnect,
+            ] { stream.writeMQTTPacket(packet) }
+            let pub = try b.connection()
+            while stream.readableBytes > 0 {  // cut 0: random cuts of 1 to 600 bytes
+                let size = cut > 0 ? cut : Int.random(in: 1...600, using: &rng)
+                try pub.writeInbound(stream.readSlice(length: min(size, stream.readableBytes))!)
+            }
+            #expect(
+                try pub.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), .puback(packetID: 5), .pingresp],
+                "cut every \(cut) bytes")
+            let delivered = try sub.received().compactMap { packet -> String? in
+                guard case .publish(let p) = packet else { return nil }
+                return "\(String(buffer: p.topic)) \(p.payload.readableBytes)"
+            }
+            #expect(delivered == ["t/big 20000", "t/one 1", "t/medium 300"], "cut every \(cut) bytes")
+        }
+    }
+
+    @Test("a PUBLISH that comes in two reads is kept as read (no copy); one whole in a read is copied out of it")
+    func packetAcrossReadsKeptWithoutCopy() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let sub = try b.connection()
+        try sub.send(.connect(ConnectPacket(cleanSession: false, clientID: "sub")))
+        try sub.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "t/#", qos: .atLeastOnce)])))
+        try sub.send(.disconnect)  // offline: its QoS 1 messages are queued (kept)
+        let pub = try b.connection()
+        try pub.send(.connect(ConnectPacket(clientID: "pub")))
+
+        /// Where the queued message's payload starts, counted from its topic's start: right after
+        /// the topic in a copy, after the packet id too where it is the PUBLISH's own bytes.
+        func payloadOffset() throws -> Int {
+            let message = try #require(b.broker.registry.session(for: "sub")?.queue.last?.message)
+            #expect(message.isCompact)
+            return message.topic.bytes.withUnsafeReadableBytes { t in
+                message.payload.withUnsafeReadableBytes { p in t.baseAddress!.distance(to: p.baseAddress!) }
+            }
+        }
+        var packet = ByteBuffer()
+        packet.writeMQTTPacket(.publish(PublishPacket(topic: "t/a", payload: String(repeating: "p", count: 5000), qos: .atLeastOnce, packetID: 1)))
+        try pub.writeInbound(packet.readSlice(length: 2000)!)
+        try pub.writeInbound(packet)
+        #expect(try payloadOffset() == 3 + 2)
+
+        try pub.send(.publish(PublishPacket(topic: "t/b", payload: String(repeating: "p", count: 5000), qos: .atLeastOnce, packetID: 2)))
+        #expect(try payloadOffset() == 3)
+        #expect(b.broker.registry.session(for: "sub")?.queue.count == 2)
+    }
+
+    @Test("a fixed header cut between reads is still checked: a remaining length over the limit closes the connection")
+    func cutHeaderOverLimit() throws {
+        let b = EmbeddedBroker { $0.limits.maxPacketSize = 1000 }
+        defer { try? b.broker.stopLoops() }
+        let client = try b.connection()
+        try client.send(.connect(ConnectPacket(clientID: "big")))
+        _ = try client.received()
+        try client.writeInbound(ByteBuffer(bytes: [0x30, 0xFF]))
+        #expect(client.isActive)
+        try client.writeInbound(ByteBuffer(bytes: [0xFF, 0x7F, 0x00, 0x01, 0x61]))  // 2 MiB
+        #expect(!client.isActive)
+    }
+
     @Test("a client's EOF (inputClosed) closes the connection, with its will, in a tick that has room for it")
     func inputClosedWaitsForRoom() throws {
         let b = EmbeddedBroker()
