@@ -646,6 +646,15 @@ final class Session: @unchecked Sendable {
     }
 
     private func send(_ delivery: Delivery, on outbound: any SessionOutbound) {
+        if delivery.hooked || delivery.message.properties.messageExpiresAt != nil { return sendChanged(delivery, on: outbound) }
+        if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
+        transmit(delivery, as: delivery.message, adorned: false, on: outbound)
+    }
+
+    /// `send` for a delivery that a hook may change or that expires: out of line, so that the
+    /// usual one is not copied.
+    @inline(never)
+    private func sendChanged(_ delivery: Delivery, on outbound: any SessionOutbound) {
         var delivery = delivery
         if delivery.hooked {
             guard let message = outbound.interceptDelivery(delivery.message) else { return }

@@ -49,19 +49,35 @@ final class Worker: @unchecked Sendable {
 
     /// What this worker knows about a topic: its subscribers, and whether publish hooks want
     /// it. Valid until a filter matching the topic changes its subscribers (then the route is
-    /// dropped from the cache) or the hooks are reloaded.
-    struct Route {
-        var hookGeneration: Int
-        var targets: [(session: Session, grant: Grant)]
-        var hooked: Bool
+    /// dropped from the cache) or the hooks are reloaded. A class: what each publish gets from
+    /// the cache is one reference, not a copy of each of its arrays.
+    final class Route: Sendable {
+        let hookGeneration: Int
+        let targets: [(session: Session, grant: Grant)]
+        let hooked: Bool
         /// Shared subscriptions' groups: one member of each gets the message.
-        var groups: [SharedGroup] = []
+        let groups: [SharedGroup]
         /// Delivery hooks want the topic (`BrokerHooks.isDeliverHooked`).
-        var deliverHooked = false
+        let deliverHooked: Bool
         /// A store keeps sessions and one of the subscribers may be such a session (persistent,
         /// or in a shared group): with `sync = "full"`, a QoS 1/2 message's acknowledgement
         /// waits for the commit (`Broker.committed(after:)`).
-        var persists = false
+        let persists: Bool
+
+        init(
+            hookGeneration: Int, targets: [(session: Session, grant: Grant)], hooked: Bool, groups: [SharedGroup],
+            deliverHooked: Bool, persists: Bool
+        ) {
+            self.hookGeneration = hookGeneration
+            self.targets = targets
+            self.hooked = hooked
+            self.groups = groups
+            self.deliverHooked = deliverHooked
+            self.persists = persists
+        }
+
+        /// A topic nobody subscribes to and no hook wants (not cached: one object for them all).
+        static let nowhere = Route(hookGeneration: 0, targets: [], hooked: false, groups: [], deliverHooked: false, persists: false)
     }
 
     private static let routeCacheLimit = 10_000
@@ -313,25 +329,28 @@ final class Worker: @unchecked Sendable {
         let targets = route.targets
         if targets.isEmpty && route.groups.isEmpty { return false }
         var filling = false
-        // Once a session queues the message, the others get its compacted copy.
-        var message = message
+        // One delivery, changed per subscriber (its QoS, RETAIN flag and frame), rather than one
+        // made per subscriber: the message is copied into it once per publish. Once a session
+        // queues the message, the others get the compacted copy it kept.
+        var delivery = Delivery(message: message, qos: message.qos, retain: false, frame: nil, hooked: route.deliverHooked)
         var qos0Frame: ByteBuffer?
         for target in targets {
             let grant = target.grant
             if grant.noLocal, target.session === publisher { continue }  // MQTT 5 No Local
-            let qos = min(message.qos, grant.qos)
+            delivery.qos = min(message.qos, grant.qos)
             // RETAIN is 0 on live messages, unless the subscription asks for it as published (MQTT 5).
-            let retain = grant.retainAsPublished && message.retain
-            var delivery = Delivery(message: message, qos: qos, retain: retain, frame: nil, hooked: route.deliverHooked)
+            delivery.retain = grant.retainAsPublished && message.retain
             // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
             // straight into its batch buffer instead (no frame of its own to allocate).
-            if qos == .atMostOnce && targets.count > 1 && !retain {
+            if delivery.qos == .atMostOnce && targets.count > 1 && !delivery.retain {
                 if qos0Frame == nil { qos0Frame = message.encodeQoS0Frame() }
-                delivery.frame = qos0Frame
+                if delivery.frame == nil { delivery.frame = qos0Frame }
+            } else if delivery.frame != nil {
+                delivery.frame = nil
             }
             let owner = target.session.owner
             if owner == index {
-                if let kept = target.session.deliver(delivery) { message = kept }
+                if let kept = target.session.deliver(delivery) { delivery.message = kept }
             } else {
                 outgoing[owner].append((target.session, delivery))
             }
@@ -342,14 +361,14 @@ final class Worker: @unchecked Sendable {
             let qos = min(message.qos, member.grant.qos)
             // The group goes with the message, so that another member gets it if this one goes
             // (and the member's Subscription Identifier is that subscription's).
-            let delivery = Delivery(
-                message: message, qos: qos, retain: member.grant.retainAsPublished && message.retain, frame: nil, hooked: route.deliverHooked,
-                group: group)
+            let shared = Delivery(
+                message: delivery.message, qos: qos, retain: member.grant.retainAsPublished && message.retain, frame: nil,
+                hooked: route.deliverHooked, group: group)
             let owner = member.session.owner
             if owner == index {
-                if let kept = member.session.deliver(delivery) { message = kept }
+                if let kept = member.session.deliver(shared) { delivery.message = kept }
             } else {
-                outgoing[owner].append((member.session, delivery))
+                outgoing[owner].append((member.session, shared))
             }
             if member.session.mayBeCongested { filling = true }
         }
@@ -380,14 +399,16 @@ final class Worker: @unchecked Sendable {
             return cached
         }
         let targets = broker.matchSubscribers(topic: topic)
-        var route = Route(hookGeneration: hookGeneration, targets: targets, hooked: broker.hooks.isPublishHooked(topic: topic, worker: index))
-        route.groups = broker.sharedGroups(matching: topic)
-        let goesSomewhere = !targets.isEmpty || !route.groups.isEmpty
-        if goesSomewhere { route.deliverHooked = broker.hooks.isDeliverHooked(topic: topic, worker: index) }
-        if broker.store != nil { route.persists = !route.groups.isEmpty || targets.contains { $0.session.persistent } }
+        let groups = broker.sharedGroups(matching: topic)
+        let hooked = broker.hooks.isPublishHooked(topic: topic, worker: index)
+        let goesSomewhere = !targets.isEmpty || !groups.isEmpty
         // A topic that goes nowhere is not kept: a client cycling through distinct topics nobody
         // wants would only fill the cache.
-        if !goesSomewhere && !route.hooked { return route }
+        if !goesSomewhere && !hooked { return .nowhere }
+        let route = Route(
+            hookGeneration: hookGeneration, targets: targets, hooked: hooked, groups: groups,
+            deliverHooked: goesSomewhere && broker.hooks.isDeliverHooked(topic: topic, worker: index),
+            persists: broker.store != nil && (!groups.isEmpty || targets.contains { $0.session.persistent }))
         let cost = Self.routeCost(topic: topic, route: route)
         if routeCache.count >= Self.routeCacheLimit || routeCacheBytes + cost > Self.routeCacheByteLimit {
             clearRouteCache()
