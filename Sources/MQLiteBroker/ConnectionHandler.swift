@@ -254,7 +254,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         defer { flags.set(.readAlone, outer) }
         do {
             while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
-                handle(machine.packetReceived(packet))
+                handle(machine.packetReceived(consume packet))
                 if machine.isClosed { return }
             }
             if buffer.readableBytes > 0 { keep(&buffer) }
