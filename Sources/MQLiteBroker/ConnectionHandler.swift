@@ -741,19 +741,23 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// A PUBLISH whose topic is known: acknowledged, then routed.
     private func accept(_ publish: PublishPacket, topic: TopicName, properties: MQTTProperties, session: Session) {
-        let ownBuffer = flags.contains(.readAlone)  // (a held PUBLISH, handled later, is not)
+        // (Read alone into a buffer of its own, it is kept as it is; a held PUBLISH, handled
+        // later, is not.)
+        let message = Message(
+            topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, isCompact: flags.contains(.readAlone),
+            properties: properties)
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
         case .atMostOnce:
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties)
+            route(message)
         case .atLeastOnce:
             let id = publish.packetID!
             let ack = version == .v5 ? ack(.puback, id, for: topic) : .puback(packetID: id)
             var known: Worker.Route?
             let waits = waitsForStore(publish, topic: topic, session: session, route: &known)
             if !waits { sendAck(ack) }
-            route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties, known: known)
+            route(message, known: known)
             if waits { acknowledge(ack, waiting: true) }
         case .exactlyOnce:
             let id = publish.packetID!
@@ -769,7 +773,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let held = waits && session.isStored && broker.workers.count > 1
             if held { broker.store?.hold(broker.workers.count - 1) }
             if session.receivedQoS2(id) {
-                route(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, ownBuffer: ownBuffer, properties: properties, known: known)
+                route(message, known: known)
             }
             if waits { acknowledge(ack, waiting: true, held: held) }
         }
@@ -864,22 +868,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish
     /// hooks if the topic is hooked, then routing.
-    /// (`ownBuffer`: topic and payload are all their buffer holds, `Flags.readAlone`.)
-    private func route(
-        topic: TopicName, payload: ByteBuffer, qos: QoS, retain: Bool, ownBuffer: Bool = false, properties: MQTTProperties,
-        known: Worker.Route? = nil
-    ) {
-        guard mayPublish(topic) else {
+    private func route(_ message: consuming Message, known: Worker.Route? = nil) {
+        guard mayPublish(message.topic) else {
             worker.stats.droppedACL &+= 1
             return
         }
-        var properties = properties
-        if !properties.isUnset, let interval = properties.messageExpiryInterval {
+        if !message.properties.isUnset, let interval = message.properties.messageExpiryInterval {
             // MQTT 5: the message expires this long after the broker got it (a will: published it).
-            properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
+            message.properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
-        let message = Message(topic: topic, payload: payload, qos: qos, retain: retain, isCompact: ownBuffer, properties: properties)
-        let route = known ?? worker.route(for: topic)
+        let message = message
+        let route = known ?? worker.route(for: message.topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).
         switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {
@@ -1154,15 +1153,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             self.will = nil
             // As any message of this client: the ACL and the publish hooks see it. MQTT 5 may
             // delay it, while the session lasts, for a client that comes back meanwhile.
-            var properties = will.properties
-            let delay = properties.willDelayInterval ?? 0
-            if properties.willDelayInterval != nil { properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
+            var message = will
+            let delay = message.properties.willDelayInterval ?? 0
+            if message.properties.willDelayInterval != nil { message.properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
             if delay > 0, !session.ended {
-                session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in
-                    route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: properties)
-                }
+                session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in route(message) }
             } else {
-                route(topic: will.topic, payload: will.payload, qos: will.qos, retain: will.retain, properties: properties)
+                route(message)
             }
         }
         will = nil
