@@ -625,16 +625,17 @@ final class Session: @unchecked Sendable {
             }
             return nil
         }
-        var kept = delivery
-        kept.message = delivery.message.compacted()
-        kept.frame = nil
-        if delivery.qos != .atMostOnce && more.stored { kept.seq = nextSeq() }
-        queue.append(kept)
+        // Made field by field and moved into the queue: copies of a whole delivery would count
+        // references to every part of it.
+        let message = delivery.message.compacted()
+        let seq = delivery.qos != .atMostOnce && more.stored ? nextSeq() : 0
+        queue.append(
+            Delivery(message: message, qos: delivery.qos, retain: delivery.retain, frame: nil, hooked: delivery.hooked, group: delivery.group, seq: seq))
         queueChanged()
         more.queuedBytes += size
         checkCongestion(limits)
-        if kept.seq != 0 { report(.queued(kept)) }
-        return kept.message
+        if seq != 0 { report(.queued(queue[queue.index(before: queue.endIndex)])) }
+        return message
     }
 
     /// Copies in-flight messages out of the read buffers they are slices of, so that a client
@@ -703,13 +704,17 @@ final class Session: @unchecked Sendable {
             }
         } else {
             let id = nextPacketID()
-            var delivery = delivery
             let queued = delivery.seq != 0
-            if !queued, let occasional, occasional.stored { delivery.seq = nextSeq() }
+            var seq = delivery.seq
+            if !queued, let occasional, occasional.stored { seq = nextSeq() }
             inflight.append(
-                Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: delivery.seq))
+                Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq))
             outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
-            if delivery.seq != 0 { report(.inflightAdded(packetID: id, delivery, queued: queued)) }
+            if seq != 0 {
+                var numbered = delivery
+                numbered.seq = seq
+                report(.inflightAdded(packetID: id, numbered, queued: queued))
+            }
         }
     }
 
@@ -721,7 +726,7 @@ final class Session: @unchecked Sendable {
         var drained = 0
         var retainedSteps = 0
         while outbound.canWrite, !ended {
-            guard let head = queue.first else {
+            guard !queue.isEmpty else {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
                 // that delivers little (an ACL holds most back) yields the loop now and then.
                 guard hasQueued else { break }
@@ -733,12 +738,15 @@ final class Session: @unchecked Sendable {
                 _ = continueRetained()
                 continue
             }
-            if head.qos != .atMostOnce && inflight.count >= maxInflight { break }
-            more.queuedBytes -= head.message.size
-            drained += head.message.size
-            send(queue.removeFirst(), on: outbound)
+            // (The head is read in place and then moved out: a copy of it would count references.)
+            if queue[queue.startIndex].qos != .atMostOnce && inflight.count >= maxInflight { break }
+            let next = queue.removeFirst()
+            let size = next.message.size, seq = next.seq
+            more.queuedBytes -= size
+            drained += size
+            send(next, on: outbound)
             // A numbered message that did not go in flight is owed no longer.
-            if head.seq != 0, inflight.last?.seq != head.seq { report(.discarded(seq: head.seq)) }
+            if seq != 0, inflight.isEmpty || inflight[inflight.count - 1].seq != seq { report(.discarded(seq: seq)) }
         }
         if drained > 0 {
             progressed(context.limits, drained: drained)
@@ -828,7 +836,7 @@ final class Session: @unchecked Sendable {
 
     func puback(_ id: UInt16) {
         assertOnOwner()
-        if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .atLeastOnce }) {
+        if let i = inflight.indices.first(where: { inflight[$0].id == id && inflight[$0].qos == .atLeastOnce }) {
             let done = inflight.remove(at: i)
             if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
             pump()
