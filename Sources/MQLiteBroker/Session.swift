@@ -703,18 +703,25 @@ final class Session: @unchecked Sendable {
                 outbound.writePublish(wire, qos: .atMostOnce, packetID: nil, retain: delivery.retain, dup: false)
             }
         } else {
-            let id = nextPacketID()
-            let queued = delivery.seq != 0
-            var seq = delivery.seq
-            if !queued, let occasional, occasional.stored { seq = nextSeq() }
-            inflight.append(
-                Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq))
-            outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
-            if seq != 0 {
-                var numbered = delivery
-                numbered.seq = seq
-                report(.inflightAdded(packetID: id, numbered, queued: queued))
-            }
+            transmitInFlight(delivery, as: wire, on: outbound)
+        }
+    }
+
+    /// `transmit` at QoS 1 or 2: the message goes in flight under a new packet id. (Out of line:
+    /// the QoS 0 path stays small enough to be inlined where it is used.)
+    @inline(never)
+    private func transmitInFlight(_ delivery: Delivery, as wire: Message, on outbound: any SessionOutbound) {
+        let id = nextPacketID()
+        let queued = delivery.seq != 0
+        var seq = delivery.seq
+        if !queued, let occasional, occasional.stored { seq = nextSeq() }
+        inflight.append(
+            Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq))
+        outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
+        if seq != 0 {
+            var numbered = delivery  // (a copy only for a session the store keeps)
+            numbered.seq = seq
+            report(.inflightAdded(packetID: id, numbered, queued: queued))
         }
     }
 
