@@ -42,7 +42,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         /// delivery, so kept here rather than asked of the channel.
         static let unwritable = Flags(rawValue: 1 << 4)
         /// The packet being handled was read alone into a buffer of its own (`process`): a
-        /// message made of it is kept without a copy.
+        /// message made of it is kept without a copy. Cleared once that PUBLISH is accepted,
+        /// and before held packets are handled.
         static let readAlone = Flags(rawValue: 1 << 5)
     }
 
@@ -249,9 +250,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// without a copy.
     private func process(_ buffer: inout ByteBuffer, ownBuffer: Bool = false) {
         let decoder = worker.decoder  // stateless: the limits only
-        let outer = flags.contains(.readAlone)
         flags.set(.readAlone, ownBuffer)
-        defer { flags.set(.readAlone, outer) }
+        defer { flags.remove(.readAlone) }
         do {
             while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(consume packet))
@@ -626,6 +626,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Handles decoded packets in order, stopping where a hook starts to wait: the rest wait with
     /// the state machine until it answers.
     private func handle(packets: [MQTTPacket]) {
+        flags.remove(.readAlone)  // (held packets were not read alone)
         var rest = packets[...]
         while let packet = rest.first, machine.isConnected {
             if machine.hookPending { return machine.hold(rest) }
@@ -741,11 +742,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// A PUBLISH whose topic is known: acknowledged, then routed.
     private func accept(_ publish: PublishPacket, topic: TopicName, properties: MQTTProperties, session: Session) {
-        // (Read alone into a buffer of its own, it is kept as it is; a held PUBLISH, handled
-        // later, is not.)
+        // Read alone into a buffer of its own, it is kept as it is. (The mark is for this packet
+        // only: a held one, handled while this one's hook answers, is not.)
         let message = Message(
             topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, isCompact: flags.contains(.readAlone),
             properties: properties)
+        flags.remove(.readAlone)
         worker.stats.messagesReceived.add(publish.qos)
         worker.stats.bytesReceived.add(publish.qos, publish.payload.readableBytes)
         switch publish.qos {
