@@ -47,22 +47,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         static let readAlone = Flags(rawValue: 1 << 5)
     }
 
-    private var counted: Bool {
-        get { flags.contains(.counted) }
-        set { flags.set(.counted, newValue) }
-    }
-    private var isDirty: Bool {
-        get { flags.contains(.dirty) }
-        set { flags.set(.dirty, newValue) }
-    }
-    private var holdBackCheckPending: Bool {
-        get { flags.contains(.holdBackCheckPending) }
-        set { flags.set(.holdBackCheckPending, newValue) }
-    }
-    private var partial: Bool {
-        get { flags.contains(.partial) }
-        set { flags.set(.partial, newValue) }
-    }
     private var will: Will? {
         get { rare?.will }
         set { updateRare { $0.will = newValue } }
@@ -124,7 +108,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         cumulation = nil
-        partial = false
+        flags.remove(.partial)
         output = nil
     }
 
@@ -133,7 +117,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         machine = ConnectionStateMachine(now: .now())
         worker.connections[ObjectIdentifier(self)] = self
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
-        counted = true
+        flags.insert(.counted)
         let listener = clientInfo.origin.index
         if listener >= 0 {
             worker.stats.connectionsTotal[listener] &+= 1
@@ -179,11 +163,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelInactive(context: ChannelHandlerContext) {
         worker.connections[ObjectIdentifier(self)] = nil
-        if counted {
+        if flags.contains(.counted) {
             broker.connectionCount.add(-1, ordering: .relaxed)
             if clientInfo.origin.index >= 0 { worker.stats.connectionsOpen[clientInfo.origin.index] &-= 1 }
         }
-        counted = false
+        flags.remove(.counted)
         // After a DISCONNECT the session is already detached (will discarded), so this does nothing.
         detach(publishWill: true, reason: "connection lost")
         // A read that ended in an error gets no channelReadComplete: end its batch here.
@@ -196,18 +180,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         machine.bytesRead(now: .now())
         while var pending = cumulation {
             cumulation = nil
-            guard partial, holdBack == nil, !machine.hookPending else {
+            guard flags.contains(.partial), holdBack == nil, !machine.hookPending else {
                 // Paused, or what a pause kept: this read waits behind it, in order.
-                partial = false
+                flags.remove(.partial)
                 pending.writeBuffer(&buffer)
                 return process(&pending)
             }
             // The packet begun in an earlier read: completed from this one, and decoded alone;
             // the rest of this read is decoded where it is, not copied behind it.
-            partial = false
+            flags.remove(.partial)
             guard complete(&pending, from: &buffer) else {
                 cumulation = pending
-                partial = true
+                flags.insert(.partial)
                 return
             }
             process(&pending, ownBuffer: true)  // (a pause keeps it: the loop appends this read)
@@ -239,7 +223,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Goes on with what was read while reading was paused (nothing while it is the start of a
     /// packet: that waits for the next read).
     private func processKept() {
-        guard !partial, var pending = cumulation else { return }
+        guard !flags.contains(.partial), var pending = cumulation else { return }
         cumulation = nil
         process(&pending)
     }
@@ -286,7 +270,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         own.reserveCapacity(max(rest.readableBytes, min(length ?? 0, 2 * rest.readableBytes)))
         own.writeBuffer(&rest)
         cumulation = own
-        partial = true
+        flags.insert(.partial)
     }
 
     /// One read batch is done: flush what it produced, for every connection it wrote to.
@@ -1061,8 +1045,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// Waits for the next check: woken by a worker whose mailbox drains, or polled every 2 ms
     /// while a subscriber's queue is the reason.
     private func scheduleHoldBackCheck() {
-        guard !holdBackCheckPending else { return }
-        holdBackCheckPending = true
+        guard !flags.contains(.holdBackCheckPending) else { return }
+        flags.insert(.holdBackCheckPending)
         let this = NIOLoopBound(self, eventLoop: worker.loop)
         let loop = worker.loop
         if let full = broker.workers.first(where: { $0 !== worker && $0.mailboxIsFull }) {
@@ -1073,7 +1057,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func checkHoldBack() {
-        holdBackCheckPending = false
+        flags.remove(.holdBackCheckPending)
         guard let targets = holdBack, machine.isConnected else {
             holdBack = nil
             return
@@ -1270,8 +1254,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func markDirty() {
-        if !isDirty {
-            isDirty = true
+        if !flags.contains(.dirty) {
+            flags.insert(.dirty)
             worker.markDirty(self)
         }
     }
@@ -1398,7 +1382,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Writes and flushes what is batched. Called once per loop iteration by the worker.
     func flushOutput() {
-        isDirty = false
+        flags.remove(.dirty)
         guard let context else { return }
         writeBatch()
         context.flush()
