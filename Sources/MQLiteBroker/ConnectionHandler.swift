@@ -265,7 +265,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             cumulation = rest
             return
         }
-        let length = (try? worker.decoder.packetLength(rest, version: version)) ?? nil
+        let length = try? worker.decoder.packetLength(rest, version: version)
         var own = ByteBuffer()
         own.reserveCapacity(max(rest.readableBytes, min(length ?? 0, 2 * rest.readableBytes)))
         own.writeBuffer(&rest)
@@ -316,8 +316,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     // MARK: - Packets
 
     /// Carries out what the state machine made of a packet.
-    private func handle(_ action: consuming ConnectionStateMachine.PacketAction) {
-        switch consume action {
+    private func handle(_ action: ConnectionStateMachine.PacketAction) {
+        switch action {
         case .none:
             break
         case .connect(let connect):
@@ -687,7 +687,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
     /// subscribed to its own topic reads PUBACK/PUBREC first. (Not for a retained message with
     /// `[persistence] sync = "full"`: its acknowledgement waits for the disk, `acknowledge`.)
-    private func handlePublish(_ publish: consuming PublishPacket, session: Session) {
+    private func handlePublish(_ publish: PublishPacket, session: Session) {
         // MQTT 5: a topic alias, or properties to check.
         if version == .v5 { return handlePublishV5(publish, session: session) }
         // Validated by the decoder, which counted its levels: only its hash is computed here.
@@ -863,7 +863,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // MQTT 5: the message expires this long after the broker got it (a will: published it).
             message.properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
-        let message = message
+        let message = message  // (a constant from here: the closure below captures no variable)
         let route = known ?? worker.route(for: message.topic)
         guard route.hooked else { return publish(message, along: route) }
         // The hooks see the same message (no String, no copy made for them).

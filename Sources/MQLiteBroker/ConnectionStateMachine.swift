@@ -194,8 +194,7 @@ struct ConnectionStateMachine {
             state = .opening(pending: pending)
             return .none
         case .connected:
-            let type = packet.type
-            switch consume packet {  // (moved into the action, not copied)
+            switch packet {
             case .publish(let publish): return .publish(publish)
             case .puback(let id): return .puback(id)
             case .pubrec(let id): return .pubrec(id)
@@ -206,7 +205,7 @@ struct ConnectionStateMachine {
             case .pingreq: return .ping
             case .disconnect: return .disconnect
             case .connect: return .close(reason: "second CONNECT")
-            case .connack, .suback, .unsuback, .unsubackV5, .pingresp: return .close(reason: "\(type) is sent by servers only")
+            case .connack, .suback, .unsuback, .unsubackV5, .pingresp: return .close(reason: "\(packet.type) is sent by servers only")
             // (Only a connection decoded as MQTT 5 has these.)
             case .ackV5(let ack):
                 switch ack.kind {

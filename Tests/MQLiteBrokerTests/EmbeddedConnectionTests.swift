@@ -26,6 +26,15 @@ private struct EmbeddedBroker {
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 40000)).wait()
         return channel
     }
+
+    /// A connection of `clientID` subscribed to `filter`, its CONNACK and SUBACK read.
+    func subscriber(_ clientID: String, to filter: String, qos: QoS, cleanSession: Bool = true) throws -> EmbeddedChannel {
+        let channel = try connection()
+        try channel.send(.connect(ConnectPacket(cleanSession: cleanSession, clientID: clientID)))
+        try channel.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: filter, qos: qos)])))
+        _ = try channel.received()
+        return channel
+    }
 }
 
 extension EmbeddedChannel {
@@ -93,10 +102,7 @@ struct EmbeddedConnectionTests {
     func streamCutAnywhere() throws {
         let b = EmbeddedBroker()
         defer { try? b.broker.stopLoops() }
-        let sub = try b.connection()
-        try sub.send(.connect(ConnectPacket(clientID: "sub")))
-        try sub.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "t/#", qos: .atLeastOnce)])))
-        _ = try sub.received()
+        let sub = try b.subscriber("sub", to: "t/#", qos: .atLeastOnce)
 
         // A 3-byte remaining length (20,000 bytes), a 2-byte one, and 1-byte ones.
         let big = String(repeating: "b", count: 20_000), medium = String(repeating: "m", count: 300)
@@ -128,9 +134,7 @@ struct EmbeddedConnectionTests {
     func packetAcrossReadsKeptWithoutCopy() throws {
         let b = EmbeddedBroker()
         defer { try? b.broker.stopLoops() }
-        let sub = try b.connection()
-        try sub.send(.connect(ConnectPacket(cleanSession: false, clientID: "sub")))
-        try sub.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "t/#", qos: .atLeastOnce)])))
+        let sub = try b.subscriber("sub", to: "t/#", qos: .atLeastOnce, cleanSession: false)
         try sub.send(.disconnect)  // offline: its QoS 1 messages are queued (kept)
         let pub = try b.connection()
         try pub.send(.connect(ConnectPacket(clientID: "pub")))
@@ -172,10 +176,7 @@ struct EmbeddedConnectionTests {
     func inputClosedWaitsForRoom() throws {
         let b = EmbeddedBroker()
         defer { try? b.broker.stopLoops() }
-        let watcher = try b.connection()
-        try watcher.send(.connect(ConnectPacket(clientID: "watcher")))
-        try watcher.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "gone/#", qos: .atMostOnce)])))
-        _ = try watcher.received()
+        let watcher = try b.subscriber("watcher", to: "gone/#", qos: .atMostOnce)
         let client = try b.connection()
         try client.send(.connect(ConnectPacket(
             clientID: "leaver", will: Will(topic: "gone/leaver", payload: ByteBuffer(string: "bye"), qos: .atMostOnce, retain: false))))
