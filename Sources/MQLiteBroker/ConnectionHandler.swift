@@ -177,7 +177,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
-        machine.bytesRead(now: .now())
+        machine.bytesRead()
         while var pending = cumulation {
             cumulation = nil
             guard flags.contains(.partial), holdBack == nil, !machine.hookPending else {
@@ -236,11 +236,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let decoder = worker.decoder  // stateless: the limits only
         flags.set(.readAlone, ownBuffer)
         defer { flags.remove(.readAlone) }
+        let start = buffer.readerIndex
         do {
             while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(consume packet))
                 if machine.isClosed { return }
             }
+            if buffer.readerIndex != start { machine.packetsRead(now: .now()) }
             if buffer.readableBytes > 0 { keep(&buffer) }
         } catch {
             let (connack, reason) = machine.decodeFailed(error)

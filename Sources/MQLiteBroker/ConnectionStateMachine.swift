@@ -77,12 +77,17 @@ struct ConnectionStateMachine {
 
     // MARK: - Reading
 
-    /// Bytes came from the client: with a keep-alive, that is what its timer counts from.
-    mutating func bytesRead(now: NIODeadline) {
-        if keepAliveMilliseconds != 0 { lastRead = now }
-        // Read after CONNACK went out: the client may have had it (what came in earlier reads
-        // was sent before it).
+    /// Bytes came from the client: read after CONNACK went out, so the client may have had it
+    /// (what came in earlier reads was sent before it).
+    mutating func bytesRead() {
         if authenticatesFirst, case .connected = state { bits &= ~0x40 }
+    }
+
+    /// Whole packets came from the client: with a keep-alive, that is what its timer counts from
+    /// (MQTT-3.1.2-24 counts Control Packets, as Mosquitto does; the bytes of a packet trickled
+    /// in do not keep a connection alive).
+    mutating func packetsRead(now: NIODeadline) {
+        if keepAliveMilliseconds != 0 { lastRead = now }
     }
 
     /// Whether the socket should be read: while waiting for CONNECT and while connected, but not

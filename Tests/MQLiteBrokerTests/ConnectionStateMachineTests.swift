@@ -61,7 +61,7 @@ struct ConnectionStateMachineTests {
         // CONNACK went out: what was read with the AUTH still closes; a read after it clears that.
         var stillEarly = machine
         #expect(stillEarly.packetReceived(.pingreq) == .close(reason: "pingreq before CONNACK after enhanced authentication"))
-        machine.bytesRead(now: start)
+        machine.bytesRead()
         #expect(machine.packetReceived(.pingreq) == .ping)
         #expect(machine.version == .v3_1_1)  // (the flag has a bit of its own)
     }
@@ -160,7 +160,7 @@ struct ConnectionStateMachineTests {
         #expect(connected().decodeFailed(unsupported).connack == nil, "after CONNECT it is a plain protocol error")
     }
 
-    @Test("connect_timeout before CONNECT; 1.5 x keep-alive after it, counted from the last read, not while held back")
+    @Test("connect_timeout before CONNECT; 1.5 x keep-alive after it, counted from the last packet read, not while held back")
     func timeouts() {
         let timeout = TimeAmount.seconds(10)
         let fresh = ConnectionStateMachine(now: start)
@@ -175,7 +175,10 @@ struct ConnectionStateMachineTests {
         #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: false, closing: true)
             == .close(reason: "keep-alive expired (no packet for 15000 ms)", code: .keepAliveTimeout))
         #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: true, closing: true) == .tidy)
-        machine.bytesRead(now: start + .seconds(14))
+        machine.bytesRead()  // (part of a packet: counts for nothing)
+        #expect(machine.timeoutCheck(now: start + .seconds(15), connectTimeout: timeout, heldBack: false, closing: true)
+            == .close(reason: "keep-alive expired (no packet for 15000 ms)", code: .keepAliveTimeout))
+        machine.packetsRead(now: start + .seconds(14))
         #expect(machine.timeoutCheck(now: start + .seconds(28), connectTimeout: timeout, heldBack: false, closing: true) == .tidy)
 
         var noKeepAlive = ConnectionStateMachine(now: start)

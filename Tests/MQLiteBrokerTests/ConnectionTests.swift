@@ -160,6 +160,25 @@ struct ConnectionTests {
         }
     }
 
+    @Test("keep-alive: the bytes of a packet trickled in, one at a time, do not keep the connection open")
+    func keepAliveTrickle() async throws {
+        try await withBroker { b in
+            let c = try await b.client("trickle", keepAlive: 1)
+            let clock = ContinuousClock()
+            let start = clock.now
+            c.sendRaw([0x30, 100])  // a PUBLISH of 100 bytes, then one byte every 200 ms
+            trickle: for _ in 0..<25 {  // 5 s, and still 75 bytes short
+                switch await c.nextEvent(timeout: .milliseconds(200)) {
+                case .closed: break trickle
+                case .packet(let packet): throw TestFailure("unexpected \(packet)")
+                case nil: c.sendRaw([0])
+                }
+            }
+            let elapsed = clock.now - start
+            #expect(elapsed >= .milliseconds(1500) && elapsed < .milliseconds(4000), "closed after \(elapsed)")
+        }
+    }
+
     @Test("keep-alive: PINGREQ within the period keeps the connection open")
     func keepAlivePing() async throws {
         try await withBroker { b in
