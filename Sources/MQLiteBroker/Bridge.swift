@@ -636,13 +636,14 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 /// Hands the link the packets its channel reads and tells it when the channel goes. It decodes
 /// in place, as a client connection's handler does (no decoder stage: no `NIOAny` per packet; a
 /// link carries many clients' acknowledgements); only an incomplete packet is kept between reads,
-/// and the decoder refuses one past `max_packet_size` from its header.
+/// in a buffer of its own that the next reads complete (`MQTTDecoder.keepPartial`), and the
+/// decoder refuses one past `max_packet_size` from its header.
 private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     private let link: BridgeLink
     private let decoder: MQTTDecoder
     /// What the last read ended with: the start of a packet.
-    private var cumulation: ByteBuffer?
+    private var partial: ByteBuffer?
     private var failed = false
 
     init(link: BridgeLink, decoder: MQTTDecoder) {
@@ -653,13 +654,17 @@ private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Send
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         var buffer = unwrapInboundIn(data)
-        if var pending = cumulation {
-            cumulation = nil
-            pending.writeBuffer(&buffer)
-            buffer = pending
-        }
+        let version = decoder.protocolVersion
         do {
-            while let packet = try decoder.decode(buffer: &buffer, version: decoder.protocolVersion) {
+            if var pending = partial {
+                partial = nil
+                guard decoder.complete(&pending, from: &buffer, version: version) else {
+                    partial = pending
+                    return
+                }
+                if let packet = try decoder.decode(buffer: &pending, version: version) { link.received(packet, on: context.channel) }
+            }
+            while let packet = try decoder.decode(buffer: &buffer, version: version) {
                 link.received(packet, on: context.channel)
             }
         } catch {
@@ -667,10 +672,7 @@ private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Send
             errorCaught(context: context, error: error)
             return
         }
-        if buffer.readableBytes > 0 {
-            buffer.discardReadBytes()
-            cumulation = buffer
-        }
+        if buffer.readableBytes > 0 { partial = decoder.keepPartial(&buffer, version: version) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -189,7 +189,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // The packet begun in an earlier read: completed from this one, and decoded alone;
             // the rest of this read is decoded where it is, not copied behind it.
             flags.remove(.partial)
-            guard complete(&pending, from: &buffer) else {
+            guard worker.decoder.complete(&pending, from: &buffer, version: version) else {
                 cumulation = pending
                 flags.insert(.partial)
                 return
@@ -198,26 +198,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if machine.isClosed { return }
         }
         process(&buffer)
-    }
-
-    /// Moves from `buffer` to `pending` what completes the packet `pending` starts, and no more:
-    /// whether it is complete now (or its fixed header is bad: decoding it then says why).
-    private func complete(_ pending: inout ByteBuffer, from buffer: inout ByteBuffer) -> Bool {
-        while true {
-            let length: Int?
-            do { length = try worker.decoder.packetLength(pending, version: version) } catch { return true }
-            guard let length else {
-                // The fixed header is not all there yet: one more byte of it.
-                guard let byte: UInt8 = buffer.readInteger() else { return false }
-                pending.writeInteger(byte)
-                continue
-            }
-            let missing = length - pending.readableBytes
-            guard missing > 0 else { return true }
-            var part = buffer.readSlice(length: min(missing, buffer.readableBytes))!
-            pending.writeBuffer(&part)
-            return pending.readableBytes == length
-        }
     }
 
     /// Goes on with what was read while reading was paused (nothing while it is the start of a
@@ -257,21 +237,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Keeps what `process` left. While paused, as it is (moved to the front so that the buffer
-    /// does not grow). Else it is the start of one packet (whose header `decode` checked): it is
-    /// copied into a buffer of its own, which later reads fill to the packet's end. That buffer
-    /// is made for the packet (twice the bytes in hand at most: a client does not make the broker
-    /// hold more than it sent), so that it does not pin the read buffer it came from.
+    /// does not grow). Else it is the start of one packet: in a buffer of its own, which later
+    /// reads fill to the packet's end (`MQTTDecoder.keepPartial`).
     private func keep(_ rest: inout ByteBuffer) {
         if holdBack != nil || machine.hookPending {
             rest.discardReadBytes()
             cumulation = rest
             return
         }
-        let length = try? worker.decoder.packetLength(rest, version: version)
-        var own = ByteBuffer()
-        own.reserveCapacity(max(rest.readableBytes, min(length ?? 0, 2 * rest.readableBytes)))
-        own.writeBuffer(&rest)
-        cumulation = own
+        cumulation = worker.decoder.keepPartial(&rest, version: version)
         flags.insert(.partial)
     }
 

@@ -56,11 +56,50 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     }
 
     /// The whole length (fixed header included) of the packet `buffer` starts with, once its
-    /// fixed header is all there (nil before). Throws what `decode` would for that header: a
-    /// reader can size a buffer for the packet before its bytes come, and not beyond the limit.
-    public func packetLength(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> Int? {
+    /// fixed header is all there (nil before). Throws what `decode` would for that header.
+    private func packetLength(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> Int? {
         guard let header = try checkedHeader(buffer, version: version) else { return nil }
         return header.headerLength + header.remainingLength
+    }
+
+    // MARK: - A packet split between reads
+    //
+    // A reader decodes each read in place. What a read ends with, the start of one packet, is
+    // kept in a buffer of its own (`keepPartial`), which the next reads fill to the packet's end
+    // and no further (`complete`): that packet is then decoded alone, from a buffer that holds
+    // nothing else, and the rest of the read in place, never copied behind it.
+
+    /// A buffer of its own for `rest`, the start of one packet (whose fixed header, if all
+    /// there, `decode` checked): sized for the packet, but at most twice the bytes in hand, so
+    /// that a peer does not make the reader hold more than it sent. It does not pin the read
+    /// buffer `rest` came from.
+    public func keepPartial(_ rest: inout ByteBuffer, version: ProtocolVersion) -> ByteBuffer {
+        let length = try? packetLength(rest, version: version)
+        var own = ByteBuffer()
+        own.reserveCapacity(max(rest.readableBytes, min(length ?? 0, 2 * rest.readableBytes)))
+        own.writeBuffer(&rest)
+        return own
+    }
+
+    /// Moves from `buffer` to `pending` (from `keepPartial`) what completes the packet `pending`
+    /// starts, and no more: whether it is complete now, or its fixed header is bad (`decode`
+    /// then says why). The fixed header is completed a byte at a time, so nothing past it is
+    /// taken before its length is known.
+    public func complete(_ pending: inout ByteBuffer, from buffer: inout ByteBuffer, version: ProtocolVersion) -> Bool {
+        while true {
+            let length: Int?
+            do { length = try packetLength(pending, version: version) } catch { return true }
+            guard let length else {
+                guard let byte: UInt8 = buffer.readInteger() else { return false }
+                pending.writeInteger(byte)
+                continue
+            }
+            let missing = length - pending.readableBytes
+            guard missing > 0 else { return true }
+            var part = buffer.readSlice(length: min(missing, buffer.readableBytes))!
+            pending.writeBuffer(&part)
+            return pending.readableBytes == length
+        }
     }
 
     private func checkedHeader(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> FixedHeader? {

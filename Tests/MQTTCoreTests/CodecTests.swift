@@ -78,6 +78,62 @@ struct RoundTripTests {
         #expect(buffer.readableBytes == bytes.readableBytes - 1)
     }
 
+    @Test("a stream cut anywhere: the packet split between reads is completed in a buffer of its own and no further, the rest decoded in place")
+    func splitBetweenReads() throws {
+        let packets = samplePackets.filter { encode([$0]).readableBytes < 1000 }
+        let stream = encode(packets)
+        let decoder = MQTTDecoder()
+        for cut in [1, 2, 3, 5, 7, 11, 64] {
+            var decoded: [MQTTPacket] = []
+            var partial: ByteBuffer?
+            var offset = 0
+            while offset < stream.readableBytes {
+                var read = stream.getSlice(at: offset, length: min(cut, stream.readableBytes - offset))!
+                offset += read.readableBytes
+                if var pending = partial {
+                    partial = nil
+                    guard decoder.complete(&pending, from: &read, version: .v3_1_1) else {
+                        #expect(read.readableBytes == 0)  // all of this read went to the packet
+                        partial = pending
+                        continue
+                    }
+                    let packet = try decoder.decode(buffer: &pending, version: .v3_1_1)
+                    #expect(packet != nil && pending.readableBytes == 0, "completed exactly one packet")
+                    decoded.append(packet!)
+                }
+                while let packet = try decoder.decode(buffer: &read, version: .v3_1_1) { decoded.append(packet) }
+                if read.readableBytes > 0 {
+                    let held = read.readableBytes
+                    partial = decoder.keepPartial(&read, version: .v3_1_1)
+                    #expect(read.readableBytes == 0 && partial!.readableBytes == held)
+                    #expect(partial!.capacity <= max(2 * held, 64), "kept in a buffer at most twice what came")
+                }
+            }
+            #expect(decoded == packets, "cut every \(cut) bytes")
+            #expect(partial == nil)
+        }
+    }
+
+    @Test("completing a packet takes its fixed header a byte at a time and stops at a bad one; a kept start is sized for its packet")
+    func completeHeader() throws {
+        let decoder = MQTTDecoder(maxPacketSize: 100)
+        // PUBLISH of 200 bytes: its header (0x30 0xC8 0x01) is refused once its length is whole,
+        // and nothing after it is taken.
+        var pending = ByteBuffer(bytes: [0x30])
+        var read = ByteBuffer(bytes: [0xC8, 0x01, 1, 2, 3])
+        #expect(decoder.complete(&pending, from: &read, version: .v3_1_1))
+        #expect(Array(pending.readableBytesView) == [0x30, 0xC8, 0x01] && read.readableBytes == 3)
+        #expect(throws: MQTTProtocolError.packetTooLarge(length: 200, limit: 100)) { try decoder.decode(buffer: &pending, version: .v3_1_1) }
+        // A 50-byte packet begun with 40 bytes: kept in room for all 52; begun with 10: room for 20.
+        let whole = encode([.publish(PublishPacket(topic: "t", payload: String(repeating: "p", count: 47)))])
+        #expect(whole.readableBytes == 52)
+        var start = whole.getSlice(at: 0, length: 40)!
+        #expect(decoder.keepPartial(&start, version: .v3_1_1).capacity >= 52)
+        var small = whole.getSlice(at: 0, length: 10)!
+        let kept = decoder.keepPartial(&small, version: .v3_1_1)
+        #expect(kept.capacity >= 10 && kept.capacity < 52)
+    }
+
     @Test("PUBLISH topic and payload are slices of the read buffer, not copies")
     func zeroCopy() throws {
         var decoder = MQTTDecoder()
