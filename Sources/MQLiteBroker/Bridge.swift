@@ -47,6 +47,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private unowned let broker: Broker
     let worker: Worker
     private var logger: Logger
+    /// When a remote message was last logged as dropped for its topic, and how many since.
+    private var topicDrops: (logged: NIODeadline?, count: Int) = (nil, 0)
     private let clientInfo: ClientInfo
     private var session: Session?
     private var channel: (any Channel)?
@@ -460,8 +462,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             ? TopicName(alreadyValidated: publish.topic, levels: Int(publish.topicLevels)) : TopicName(alreadyValidated: publish.topic)
         guard let local = localTopic(for: remote) else { return nil }
         if echoesPossible, echoes.take(topic: publish.topic, payload: publish.payload) { return nil }
-        guard let topic = try? TopicName(validating: local), topic.levelCount <= broker.configuration.limits.maxTopicLevels, mayPublish(topic)
-        else { return nil }
+        guard let topic = try? TopicName(validating: local), topic.levelCount <= broker.configuration.limits.maxTopicLevels else {
+            droppedTopic(local, remote: remote)
+            return nil
+        }
+        guard mayPublish(topic) else { return nil }
         var properties = publish.properties
         properties.topicAlias = nil
         if let interval = properties.messageExpiryInterval {
@@ -527,6 +532,21 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private func localTopic(for remote: TopicName) -> ByteBuffer? {
         for mapping in incomingTopics { if let mapped = mapping.map(remote) { return mapped } }
         return nil
+    }
+
+    /// A remote message whose mapped topic is not one here: acknowledged and dropped (the remote
+    /// would send it again on every reconnect otherwise), counted, and logged, at most once every
+    /// ten seconds per bridge with the count since.
+    private func droppedTopic(_ local: ByteBuffer, remote: TopicName) {
+        worker.stats.droppedTopic &+= 1
+        topicDrops.count += 1
+        let now = NIODeadline.now()
+        if let last = topicDrops.logged, now - last < .seconds(10) { return }
+        let levels = local.readableBytesView.reduce(1) { $0 + ($1 == UInt8(ascii: "/") ? 1 : 0) }
+        logger.warning(
+            "message from the remote dropped: its local topic \"\(LogText(String(buffer: local)))\" (\(levels) levels, \(local.readableBytes) bytes) is over max_topic_levels (\(broker.configuration.limits.maxTopicLevels)) or not a topic; \(topicDrops.count) dropped since the last such line",
+            metadata: ["remote_topic": "\(LogText(remote.string))"])
+        topicDrops = (now, 0)
     }
 
     // MARK: - SessionOutbound (to the remote)

@@ -49,6 +49,9 @@ struct WorkerStats {
     /// Messages of clients dropped by the publish ACL, and by a publish hook (its answer, or its failure).
     var droppedACL = 0
     var droppedHook = 0
+    /// Messages from a bridge's remote whose local topic is not one (over `max_topic_levels`, or
+    /// past a topic's length once a prefix is added).
+    var droppedTopic = 0
     /// Connections accepted and open, by listener index.
     var connectionsTotal: [Int]
     var connectionsOpen: [Int]
@@ -106,6 +109,7 @@ public struct BrokerStats: Sendable {
     public var droppedQueueFull = 0
     public var droppedACL = 0
     public var droppedHook = 0
+    public var droppedTopic = 0
     /// By listener index.
     public var connectionsTotal: [Int] = []
     public var connectionsOpen: [Int] = []
@@ -138,6 +142,7 @@ public struct BrokerStats: Sendable {
         bytesSent = bytesSent + s.bytesSent
         droppedACL += s.droppedACL
         droppedHook += s.droppedHook
+        droppedTopic += s.droppedTopic
         if connectionsTotal.count < s.connectionsTotal.count {
             connectionsTotal += Array(repeating: 0, count: s.connectionsTotal.count - connectionsTotal.count)
             connectionsOpen += Array(repeating: 0, count: s.connectionsOpen.count - connectionsOpen.count)
@@ -304,6 +309,7 @@ public final class BrokerMetrics: Sendable {
             counter("mqlite_messages_dropped_total", [("reason", "queue_full")], stats.droppedQueueFull)
             counter("mqlite_messages_dropped_total", [("reason", "acl")], stats.droppedACL)
             counter("mqlite_messages_dropped_total", [("reason", "hook")], stats.droppedHook)
+            counter("mqlite_messages_dropped_total", [("reason", "topic")], stats.droppedTopic)
             gauge("mqlite_retained_messages", [], stats.retained)
             gauge("mqlite_sessions", [("state", "online")], stats.sessionsOnline)
             gauge("mqlite_sessions", [("state", "offline")], stats.sessionsOffline)
