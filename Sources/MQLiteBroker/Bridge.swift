@@ -242,8 +242,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     private func sendConnect(on channel: any Channel) {
         var properties = MQTTProperties()
-        // MQTT 5: a session that outlives the connection needs an expiry (0 ends it with it).
-        if version == .v5 && !configuration.cleanSession { properties.sessionExpiryInterval = UInt32.max }
+        if version == .v5 {
+            // A session that outlives the connection needs an expiry (0 ends it with it).
+            if !configuration.cleanSession { properties.sessionExpiryInterval = UInt32.max }
+            // The remote must not send more (MQTT-3.1.2-24: it drops the message): a larger
+            // packet would close the link, again on every reconnect if it is a QoS 1/2 resend.
+            properties.maximumPacketSize = broker.configuration.limits.maximumPacketSizeProperty
+        }
         let connect = ConnectPacket(
             protocolLevel: version.rawValue, cleanSession: configuration.cleanSession, keepAlive: configuration.keepAlive,
             clientID: configuration.clientID, username: configuration.username, password: configuration.password.map { ByteBuffer(string: $0) },

@@ -164,6 +164,12 @@ public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
 public struct Limits: Sendable {
     /// Largest accepted remaining length of a packet, in bytes.
     public var maxPacketSize: Int
+    /// MQTT 5's Maximum Packet Size for `maxPacketSize`, as told to a peer (CONNACK, a bridge's
+    /// CONNECT): it counts the fixed header too, its first byte and the remaining length's.
+    var maximumPacketSizeProperty: UInt32 {
+        let lengthBytes = maxPacketSize < 128 ? 1 : maxPacketSize < 16_384 ? 2 : maxPacketSize < 2_097_152 ? 3 : 4
+        return UInt32(clamping: 1 + lengthBytes + maxPacketSize)
+    }
     /// Most simultaneous client connections; 0 means no limit.
     public var maxConnections: Int
     /// Most unacknowledged outgoing QoS 1/2 messages per client.

@@ -525,10 +525,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if granted != asked { properties.sessionExpiryInterval = granted }
         if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
         if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
-        // The packet size counts the fixed header too: its first byte and the remaining length's.
-        let remaining = broker.configuration.limits.maxPacketSize
-        let lengthBytes = remaining < 128 ? 1 : remaining < 16_384 ? 2 : remaining < 2_097_152 ? 3 : 4
-        properties.maximumPacketSize = UInt32(clamping: 1 + lengthBytes + remaining)
+        properties.maximumPacketSize = broker.configuration.limits.maximumPacketSizeProperty
         let aliases = broker.configuration.limits.maxTopicAlias
         if aliases > 0 { properties.topicAliasMaximum = UInt16(aliases) }
         // Enhanced authentication: its method, and the hook's last data (§3.2.2.3.17).

@@ -551,6 +551,28 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
         server.close()
 
 
+def test_an_mqtt5_remote_is_told_max_packet_size_and_keeps_larger_messages_to_itself():
+    """The bridge's CONNECT to an MQTT 5 remote carries Maximum Packet Size (`max_packet_size`
+    plus its fixed header): the remote drops a larger message (MQTT-3.1.2-24) rather than send a
+    packet that would close the link; what follows still comes in, on the same link."""
+    remote = Mosquitto()
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "cmd/#", "direction": "in", "qos": 1}],
+                                             extra="[limits]\nmax_packet_size = 1024\n", bridge_extra="protocol_version = 5\n"))
+    try:
+        assert connected(b), b.log()
+        near = subscriber(b.port, "cmd/#")
+        published(remote.port, "cmd/big", "x" * 5000)
+        published(remote.port, "cmd/ok", "after")
+        assert wait_for(lambda: len(near.messages) >= 1, timeout=10), b.log()[-1500:]
+        time.sleep(0.5)
+        assert got(near) == [("cmd/ok", "after")]
+        log = b.log()
+        assert log.count("bridge connected") == 1 and "bridge link error" not in log, log[-1500:]
+    finally:
+        b.stop()
+        remote.stop()
+
+
 def test_a_remote_topic_past_max_topic_levels_is_dropped_not_the_link():
     """What the remote sends on a topic deeper than `max_topic_levels` is acknowledged and dropped
     (the remote would send it again on every reconnect if the link closed over it), counted, and
