@@ -175,6 +175,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Closing (`closeSocket`): what the client still sends is dropped.
+        if machine.isClosed { return }
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         machine.bytesRead()
@@ -526,6 +528,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
         if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
         properties.maximumPacketSize = broker.configuration.limits.maximumPacketSizeProperty
+        let inflight = broker.configuration.limits.maxInflight
+        if inflight < Int(UInt16.max) { properties.receiveMaximum = UInt16(inflight) }
         let aliases = broker.configuration.limits.maxTopicAlias
         if aliases > 0 { properties.topicAliasMaximum = UInt16(aliases) }
         // Enhanced authentication: its method, and the hook's last data (§3.2.2.3.17).
@@ -654,7 +658,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         writePacket(.connack(connack))
         machine.connectRefused()
         flushOutput()
-        context?.close(promise: nil)
+        closeSocket()
     }
 
     /// The acknowledgement goes out before the message is forwarded (as Mosquitto): a client
@@ -670,6 +674,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func handlePublishV5(_ publish: PublishPacket, session: Session) {
+        // The client was told `max_inflight` as its Receive Maximum (CONNACK): more QoS 2
+        // messages than that without PUBCOMP is an error (§3.3.4; Mosquitto counts the same).
+        let receiveMaximum = broker.configuration.limits.maxInflight
+        if publish.qos == .exactlyOnce, session.exceedsInboundQoS2(publish.packetID!, limit: receiveMaximum) {
+            tellV5(.receiveMaximumExceeded)
+            return closeWithWill(reason: "more than \(receiveMaximum) QoS 2 messages awaiting PUBREL (its Receive Maximum)")
+        }
         var topic: TopicName
         var properties = publish.properties
         if let alias = publish.bareAlias {
@@ -1068,7 +1079,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         logger.info("closing connection: \(LogText(reason, limit: 512))")
         flushOutput()
         detach(publishWill: true, reason: reason)
-        context?.close(promise: nil)
+        closeSocket()
     }
 
     /// Closes without a will: the broker is stopping.
@@ -1085,8 +1096,27 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // The reason may quote the client (a topic, a protocol name): bounded.
         logger.info("closing connection: \(LogText(reason, limit: 512))")
         detach(publishWill: false, reason: reason, keepShared: keepShared)
-        context?.close(promise: nil)
+        closeSocket()
     }
+
+    /// Closes the socket when the broker ends the connection (a refusal, a protocol error, a
+    /// timeout, a takeover), after the packet that says why (CONNACK, an MQTT 5 DISCONNECT).
+    /// The output is shut first (FIN after that packet), and what the client still sends is read
+    /// and dropped until it closes too, for a second at most: a socket closed with unread bytes
+    /// is reset, and a client still writing (pipelined packets, a QoS 2 flow) would get the reset
+    /// before it read why. Where the output cannot be shut alone, it is closed at once.
+    private func closeSocket() {
+        guard let context else { return }
+        let channel = context.channel
+        let outputClosed = channel.eventLoop.makePromise(of: Void.self)
+        context.close(mode: .output, promise: outputClosed)
+        outputClosed.futureResult.whenComplete { result in
+            guard case .success = result else { return channel.close(promise: nil) }
+            channel.eventLoop.scheduleTask(in: Self.lingerTime) { channel.close(promise: nil) }
+        }
+    }
+
+    static let lingerTime = TimeAmount.seconds(1)
 
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.

@@ -827,6 +827,13 @@ final class Session: @unchecked Sendable {
         return true
     }
 
+    /// Whether inbound QoS 2 id `id` would be one more than `limit` awaiting PUBREL (a re-sent
+    /// PUBLISH whose id already waits is not).
+    func exceedsInboundQoS2(_ id: UInt16, limit: Int) -> Bool {
+        guard let occasional, occasional.awaitingPubrel.count >= limit else { return false }
+        return !occasional.awaitingPubrel.contains(id)
+    }
+
     /// The peer kept no session: no inbound QoS 2 id awaits PUBREL any more (a bridge's remote).
     func forgetInboundQoS2() {
         guard let occasional, !occasional.awaitingPubrel.isEmpty else { return }

@@ -355,10 +355,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         context.write(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .binary, data: buffer)), promise: promise)
     }
 
-    /// The broker closes the connection (a protocol error, a takeover, shutdown): a close frame
-    /// first, so that browsers see a clean close.
+    /// The broker closes the connection (a protocol error, a takeover, shutdown), or its output
+    /// first: a close frame before, so that browsers see a clean close.
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        if mode == .all, context.channel.isActive { sendClose(context: context, code: .normalClosure) }
+        if mode != .input, context.channel.isActive { sendClose(context: context, code: .normalClosure) }
         context.close(mode: mode, promise: promise)
     }
 }

@@ -205,6 +205,29 @@ struct MQTT5Tests {
         }
     }
 
+    @Test("the broker's Receive Maximum is max_inflight (CONNACK): one QoS 2 PUBLISH more than that awaiting PUBREL gets DISCONNECT 0x93; a re-sent one does not count, a released one no longer")
+    func serverReceiveMaximum() async throws {
+        try await withV5Broker(configure: { $0.limits.maxInflight = 3 }) { b in
+            let (c, connack) = try await b.client5("q2")
+            #expect(connack.properties.receiveMaximum == 3)
+            func publish(_ id: UInt16, dup: Bool = false) async throws {
+                c.send(.publish(PublishPacket(topic: "rmx", payload: "x", qos: .exactlyOnce, dup: dup, packetID: id)))
+                #expect(try await c.expectPacket() == .ackV5(AckPacket(.pubrec, packetID: id, reasonCode: .noMatchingSubscribers)))
+            }
+            for id: UInt16 in 1...3 { try await publish(id) }
+            try await publish(2, dup: true)  // its id still waits: not one more
+            c.send(.pubrel(packetID: 1))
+            #expect(try await c.expectPacket() == .pubcomp(packetID: 1))
+            try await publish(4)  // three wait again
+            c.send(.publish(PublishPacket(topic: "rmx", payload: "x", qos: .exactlyOnce, packetID: 5)))
+            #expect(try await c.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .receiveMaximumExceeded))])
+        }
+        try await withV5Broker(configure: { $0.limits.maxInflight = 65535 }) { b in
+            let (_, connack) = try await b.client5("q2")
+            #expect(connack.properties.receiveMaximum == nil)  // 65535, the default
+        }
+    }
+
     @Test("a PUBREC with a failure code ends that QoS 2 message: no PUBREL, and the window moves on")
     func pubrecRefused() async throws {
         try await withV5Broker(configure: { $0.limits.maxInflight = 1 }) { b in

@@ -476,3 +476,29 @@ def test_paho_v5_with_scripts_acl_reason_codes_properties_and_refusals(tmp_path)
         stop(sub, pub)
     finally:
         b.stop()
+
+
+def test_a_client_still_writing_reads_why_it_was_closed():
+    """Closing a connection, the broker shuts its side after the DISCONNECT and drops what the client
+    still sends (for up to a second) rather than reset it: a client that keeps writing (the PUBRELs
+    of its QoS 2 flows, as in the Paho conformance suite's flow control test) can still read every
+    PUBREC and the DISCONNECT 0x93 (Receive Maximum exceeded: `max_inflight` is the client's)."""
+    b = Broker([], config_text='[[listener]]\nbind = "127.0.0.1:0"\n[limits]\nmax_inflight = 3\n')
+    try:
+        s = raw_v5(b.port, b"writer")
+        for i in range(1, 5):  # one more QoS 2 PUBLISH than its Receive Maximum
+            s.sendall(bytes([0x34, 8, 0, 3]) + b"qos" + i.to_bytes(2, "big") + b"\x00")
+        time.sleep(0.3)  # answered, and the broker's side shut
+        for i in range(1, 4):  # a reset connection would fail the second of these
+            s.sendall(bytes([0x62, 2]) + i.to_bytes(2, "big"))
+            time.sleep(0.05)
+        packets = []
+        while True:
+            try:
+                packets.append(read_packet(s))
+            except AssertionError:  # closed
+                break
+        assert [kind for kind, _ in packets] == [0x50, 0x50, 0x50, 0xE0], packets
+        assert packets[-1][1][:1] == b"\x93", packets[-1]
+    finally:
+        b.stop()
