@@ -57,6 +57,7 @@ let package = Package(
             dependencies: [
                 "MQTTCore",
                 "CSQLite",
+                "CMalloc",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 // MQTT over WebSocket listeners (HTTP/1.1 upgrade, then WebSocket frames).
@@ -83,6 +84,8 @@ let package = Package(
             pkgConfig: "sqlite3",
             providers: [.apt(["libsqlite3-dev"])]
         ),
+        // glibc's malloc.h (malloc_trim: the workers give freed memory back to the system).
+        .systemLibrary(name: "CMalloc"),
         // Debian's Lua 5.4 with a shim for the macros Swift cannot import.
         .systemLibrary(
             name: "CLua",

@@ -1,3 +1,4 @@
+import CMalloc
 import Dispatch
 import Foundation
 import Logging
@@ -44,6 +45,8 @@ public final class Broker: Sendable {
     /// Stands for a listener for connections served from a socketpair (the fuzzer's).
     let unboundListener = RunningListener(unboundNamed: "socketpair")
     let connectionCount = Atomic<Int>(0)
+    /// When `returnFreedMemory` last trimmed, in uptime nanoseconds.
+    private let lastMemoryTrim = Atomic<UInt64>(0)
     /// Set by the first `start()`.
     private let started = Atomic<Bool>(false)
     /// Connection handlers alive (a closed connection's must be freed: tests check it).
@@ -277,12 +280,14 @@ public final class Broker: Sendable {
     /// NIO's default 2 KiB. It doubles for busy connections, within one read event (each read
     /// that fills the buffer asks for twice as much next).
     static let receiveAllocator = ReceiveAllocator()
+    /// Reads per read event, and so receive buffers NIO may keep per channel.
+    static let maxMessagesPerRead: UInt = 16
 
     private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
         guard let options = channel.syncOptions else { return }
         try options.setOption(.socketOption(.tcp_nodelay), value: 1)
         if halfClosure { try options.setOption(.allowRemoteHalfClosure, value: true) }
-        try options.setOption(.maxMessagesPerRead, value: 16)
+        try options.setOption(.maxMessagesPerRead, value: maxMessagesPerRead)
         try options.setOption(.recvAllocator, value: receiveAllocator)
         try options.setOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
     }
@@ -737,6 +742,20 @@ public final class Broker: Sendable {
     public var isStarted: Bool { started.load(ordering: .acquiring) }
 
     /// Number of client connections open now.
+    /// Gives memory that the workers freed back to the system, at most every 10 s (a worker's
+    /// sweep calls it when something was let go there). glibc keeps what is freed in the middle
+    /// of its heaps for reuse: after a burst of large messages, or a storm of connections gone,
+    /// the resident size would stay at its peak. `malloc_trim` takes a few milliseconds on the
+    /// calling worker.
+    func returnFreedMemory(now: NIODeadline) {
+        let last = lastMemoryTrim.load(ordering: .relaxed)
+        let nanoseconds = now.uptimeNanoseconds
+        guard nanoseconds >= last + 10_000_000_000 || last == 0,
+            lastMemoryTrim.compareExchange(expected: last, desired: nanoseconds, ordering: .relaxed).exchanged
+        else { return }
+        malloc_trim(0)
+    }
+
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }
     /// Connection handlers still in memory: open connections, and closed ones not yet freed.
     public var connectionObjectCount: Int { connectionObjects.load(ordering: .relaxed) }

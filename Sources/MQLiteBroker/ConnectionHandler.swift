@@ -29,6 +29,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private var machine = ConnectionStateMachine(now: .now())
     /// The handler's yes/no state, in one byte.
     private var flags = Flags()
+    /// KiB of payload written to the channel as buffers of their own (large payloads) since the
+    /// last flush: `canWrite` counts them with the batch. (After `flags`, in the two bytes the
+    /// state machine and flags leave free.)
+    private var unflushedKiB: UInt16 = 0
     private struct Flags: OptionSet {
         let rawValue: UInt8
         /// In the broker's count of open connections.
@@ -45,6 +49,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         /// message made of it is kept without a copy. Cleared once that PUBLISH is accepted,
         /// and before held packets are handled.
         static let readAlone = Flags(rawValue: 1 << 5)
+        /// Read into a receive buffer over 8 KiB since the last sweep (`trimReceivePool`).
+        static let bigReads = Flags(rawValue: 1 << 6)
     }
 
     private var will: Will? {
@@ -145,6 +151,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// NIO keeps up to `maxMessagesPerRead` receive buffers per channel for reuse: one more each
+    /// time a read finds the last one still referenced (a message in flight or a large payload
+    /// waiting in a subscriber's socket hold slices of it), each as large as the reads had grown
+    /// (up to 256 KiB). After a burst a connection would keep megabytes it no longer uses, for
+    /// good. Setting the option to 1 and back, NIO's only way, drops all but one; a burst that
+    /// goes on grows the pool again.
+    private func trimReceivePool() {
+        guard let options = context?.channel.syncOptions else { return }
+        try? options.setOption(.maxMessagesPerRead, value: 1)
+        try? options.setOption(.maxMessagesPerRead, value: Broker.maxMessagesPerRead)
+        worker.freedMemory = true
+    }
+
     /// The worker's periodic check (no connection holds a timer of its own): connect_timeout and
     /// keep-alive. With `closing` false (a late sweep) it only tidies.
     func checkTimeouts(now: NIODeadline, closing: Bool) {
@@ -156,6 +175,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .tidy:
             // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
             session?.compactInflight()
+            if flags.contains(.bigReads) {
+                flags.remove(.bigReads)
+                trimReceivePool()
+            }
         case .none:
             break
         }
@@ -163,6 +186,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelInactive(context: ChannelHandlerContext) {
         worker.connections[ObjectIdentifier(self)] = nil
+        worker.freedMemory = true
         if flags.contains(.counted) {
             broker.connectionCount.add(-1, ordering: .relaxed)
             if clientInfo.origin.index >= 0 { worker.stats.connectionsOpen[clientInfo.origin.index] &-= 1 }
@@ -178,6 +202,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // Closing (`closeSocket`): what the client still sends is dropped.
         if machine.isClosed { return }
         var buffer = unwrapInboundIn(data)
+        if buffer.capacity > 8192 { flags.insert(.bigReads) }
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         machine.bytesRead()
         while var pending = cumulation {
@@ -1104,16 +1129,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// The output is shut first (FIN after that packet), and what the client still sends is read
     /// and dropped until it closes too, for a second at most: a socket closed with unread bytes
     /// is reset, and a client still writing (pipelined packets, a QoS 2 flow) would get the reset
-    /// before it read why. Where the output cannot be shut alone, it is closed at once.
+    /// before it read why. Where the output cannot be shut alone, it is closed at once. The
+    /// second counts from here, not from the FIN: NIO shuts the output once what is queued for
+    /// the socket is written, which a client that does not read would put off for ever.
     private func closeSocket() {
         guard let context else { return }
         let channel = context.channel
         let outputClosed = channel.eventLoop.makePromise(of: Void.self)
         context.close(mode: .output, promise: outputClosed)
-        outputClosed.futureResult.whenComplete { result in
-            guard case .success = result else { return channel.close(promise: nil) }
-            channel.eventLoop.scheduleTask(in: Self.lingerTime) { channel.close(promise: nil) }
-        }
+        outputClosed.futureResult.whenFailure { _ in channel.close(promise: nil) }
+        channel.eventLoop.scheduleTask(in: Self.lingerTime) { channel.close(promise: nil) }
     }
 
     static let lingerTime = TimeAmount.seconds(1)
@@ -1247,13 +1272,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Whether the socket can take more now (else deliveries queue in the session).
     var canWrite: Bool {
-        context != nil && !flags.contains(.unwritable) && (output?.readableBytes ?? 0) < Self.maxBatchedBytes
+        // What is written but not flushed does not count for NIO's writability yet; a TLS
+        // handler holds it until the flush, and encrypts all of it then.
+        context != nil && !flags.contains(.unwritable) && (output?.readableBytes ?? 0) + (Int(unflushedKiB) << 10) < Self.maxBatchedBytes
     }
 
     private func appendOutput(_ write: (inout ByteBuffer) -> Void) {
         if output == nil { output = context?.channel.allocator.buffer(capacity: 1024) ?? ByteBuffer() }
         write(&output!)
         markDirty()
+    }
+
+    private func countUnflushed(_ bytes: Int) {
+        unflushedKiB = UInt16(clamping: Int(unflushedKiB) + (bytes + 1023) >> 10)
     }
 
     private func markDirty() {
@@ -1345,6 +1376,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             writeBatch()
             context.write(wrapOutboundOut(frame), promise: nil)
             context.write(wrapOutboundOut(payload), promise: nil)
+            countUnflushed(payload.readableBytes)
             markDirty()
         } else {
             appendOutput { $0.writeImmutableBuffer(frame) }
@@ -1368,6 +1400,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
             context.write(wrapOutboundOut(header), promise: nil)
             context.write(wrapOutboundOut(message.payload), promise: nil)
+            countUnflushed(message.payload.readableBytes)
             markDirty()
         } else {
             appendOutput {
@@ -1388,6 +1421,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         flags.remove(.dirty)
         guard let context else { return }
         writeBatch()
+        unflushedKiB = 0
         context.flush()
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
         if let session, session.hasQueued, !flags.contains(.unwritable), machine.isConnected { session.pump() }

@@ -42,6 +42,9 @@ final class Worker: @unchecked Sendable {
     /// Changed filters taken from `changedFilters`, kept for their capacity.
     private var changedScratch = ChangedFilters()
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
+    /// Memory was let go here since the last sweep (a connection closed, a receive pool trimmed):
+    /// the sweep may give it back to the system (`Broker.returnFreedMemory`).
+    var freedMemory = false
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
     /// This worker's counters for metrics and `$SYS`: plain integers, summed when scraped.
@@ -242,6 +245,10 @@ final class Worker: @unchecked Sendable {
             last = now
             for connection in self.connections.values { connection.checkTimeouts(now: now, closing: !late) }
             if !late { self.expireSessions(now: now) }
+            if self.freedMemory {
+                self.freedMemory = false
+                self.broker.returnFreedMemory(now: now)
+            }
         }
     }
 

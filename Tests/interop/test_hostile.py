@@ -433,3 +433,33 @@ def test_retained_on_subscribe_is_fetched_as_the_client_reads(broker):
     hog.close()
     for s in others + [pub]:
         s.close()
+
+
+def open_descriptors(pid):
+    import os
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_client_that_stops_reading_is_still_closed(broker):
+    """A connection the broker ends is closed within about a second even when the client reads
+    nothing (its output never drains, so the shutdown of the broker's side never completes): it
+    does not keep its descriptor, its max_connections slot and its buffers for as long as the
+    client likes."""
+    pub = socket.create_connection(("127.0.0.1", broker.port))
+    pub.sendall(connect_packet(b"retainer"))
+    read_exactly(pub, 4)
+    pub.sendall(b"".join(b"\x31" + publish_packet(b"big/%d" % i, b"x" * 100_000, 0)[1:] for i in range(40)))  # retained
+    pub.sendall(b"\xc0\x00")  # PINGREQ: the retained messages are stored once it is answered
+    read_exactly(pub, 2)
+    victim = socket.socket()
+    victim.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    victim.connect(("127.0.0.1", broker.port))
+    victim.sendall(connect_packet(b"victim") + subscribe_packet(b"big/#", 0))
+    time.sleep(1)  # the broker's output to it is stuck: 4 MB of retained messages, a full window
+    before = open_descriptors(broker.proc.pid)
+    victim.sendall(b"\xf0\x00")  # packet type 15: malformed, closes the connection
+    assert wait_for(lambda: open_descriptors(broker.proc.pid) == before - 1, timeout=4), \
+        f"{open_descriptors(broker.proc.pid)} descriptors open, {before} before the close"
+    assert "closing connection" in broker.log()
+    victim.close()
+    pub.close()
