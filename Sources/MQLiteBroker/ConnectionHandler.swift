@@ -1272,8 +1272,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Whether the socket can take more now (else deliveries queue in the session).
     var canWrite: Bool {
-        // What is written but not flushed does not count for NIO's writability yet; a TLS
-        // handler holds it until the flush, and encrypts all of it then.
+        // A TLS handler holds what is written until the flush (and encrypts all of it then):
+        // NIO's writability does not see it before.
         context != nil && !flags.contains(.unwritable) && (output?.readableBytes ?? 0) + (Int(unflushedKiB) << 10) < Self.maxBatchedBytes
     }
 
@@ -1284,6 +1284,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func countUnflushed(_ bytes: Int) {
+        // (Elsewhere the channel counts writes as they come.)
+        guard clientInfo.origin.tls != nil else { return }
         unflushedKiB = UInt16(clamping: Int(unflushedKiB) + (bytes + 1023) >> 10)
     }
 
