@@ -746,14 +746,15 @@ public final class Broker: Sendable {
     /// sweep calls it when something was let go there). glibc keeps what is freed in the middle
     /// of its heaps for reuse: after a burst of large messages, or a storm of connections gone,
     /// the resident size would stay at its peak. `malloc_trim` takes a few milliseconds on the
-    /// calling worker.
-    func returnFreedMemory(now: NIODeadline) {
+    /// calling worker. Whether it did (not within 10 s of the last).
+    func returnFreedMemory(now: NIODeadline) -> Bool {
         let last = lastMemoryTrim.load(ordering: .relaxed)
         let nanoseconds = now.uptimeNanoseconds
         guard nanoseconds >= last + 10_000_000_000 || last == 0,
             lastMemoryTrim.compareExchange(expected: last, desired: nanoseconds, ordering: .relaxed).exchanged
-        else { return }
+        else { return false }
         malloc_trim(0)
+        return true
     }
 
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }

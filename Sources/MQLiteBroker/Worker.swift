@@ -245,10 +245,8 @@ final class Worker: @unchecked Sendable {
             last = now
             for connection in self.connections.values { connection.checkTimeouts(now: now, closing: !late) }
             if !late { self.expireSessions(now: now) }
-            if self.freedMemory {
-                self.freedMemory = false
-                self.broker.returnFreedMemory(now: now)
-            }
+            // (Still pending while another trim was too recent: a later sweep does it.)
+            if self.freedMemory, self.broker.returnFreedMemory(now: now) { self.freedMemory = false }
         }
     }
 
