@@ -163,9 +163,9 @@ struct ConnectionTests {
     @Test("keep-alive: the bytes of a packet trickled in, one at a time, do not keep the connection open")
     func keepAliveTrickle() async throws {
         try await withBroker { b in
-            let c = try await b.client("trickle", keepAlive: 1)
             let clock = ContinuousClock()
-            let start = clock.now
+            let start = clock.now  // (before CONNECT: the broker counts from it)
+            let c = try await b.client("trickle", keepAlive: 1)
             c.sendRaw([0x30, 100])  // a PUBLISH of 100 bytes, then one byte every 200 ms
             trickle: for _ in 0..<25 {  // 5 s, and still 75 bytes short
                 switch await c.nextEvent(timeout: .milliseconds(200)) {
