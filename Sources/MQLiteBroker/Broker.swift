@@ -741,7 +741,6 @@ public final class Broker: Sendable {
     /// Whether `start()` has been called.
     public var isStarted: Bool { started.load(ordering: .acquiring) }
 
-    /// Number of client connections open now.
     /// Gives memory that the workers freed back to the system, at most every 10 s (a worker's
     /// sweep calls it when something was let go there). glibc keeps what is freed in the middle
     /// of its heaps for reuse: after a burst of large messages, or a storm of connections gone,
@@ -757,6 +756,7 @@ public final class Broker: Sendable {
         return true
     }
 
+    /// Number of client connections open now.
     public var openConnections: Int { connectionCount.load(ordering: .relaxed) }
     /// Connection handlers still in memory: open connections, and closed ones not yet freed.
     public var connectionObjectCount: Int { connectionObjects.load(ordering: .relaxed) }

@@ -1141,7 +1141,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         channel.eventLoop.scheduleTask(in: Self.lingerTime) { channel.close(promise: nil) }
     }
 
-    static let lingerTime = TimeAmount.seconds(1)
+    private static let lingerTime = TimeAmount.seconds(1)
 
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
