@@ -88,6 +88,17 @@ def subscribe_packet(topic, qos, packet_id=1):
     return bytes([0x82, len(body)]) + body
 
 
+def connected_clients(port, prefix, n):
+    """n raw connections, each with its CONNACK read (client ids prefix0, prefix1, ...)."""
+    clients = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(connect_packet(prefix + b"%d" % i))
+        read_exactly(s, 4)
+        clients.append(s)
+    return clients
+
+
 def read_exactly(sock, n):
     data = b""
     while len(data) < n:
@@ -413,12 +424,7 @@ def test_retained_on_subscribe_is_fetched_as_the_client_reads(broker):
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     hog.sendall(persistent_connect(b"hog") + bytes(header) + body)
     # Other clients, on both workers, get their PINGRESP promptly meanwhile.
-    others = []
-    for i in range(4):
-        s = socket.create_connection(("127.0.0.1", broker.port))
-        s.sendall(connect_packet(b"other%d" % i))
-        read_exactly(s, 4)
-        others.append(s)
+    others = connected_clients(broker.port, b"other", 4)
     worst = 0.0
     for _ in range(5):
         for s in others:
@@ -470,12 +476,7 @@ def test_memory_comes_back_after_a_burst_to_a_stalled_subscriber(broker):
     nothing; then it goes and they stay, idle. Their receive-buffer pools are trimmed (NIO kept up
     to 16 buffers each, of up to 256 KiB) and freed memory goes back to the system: before, the
     broker stayed about 60 MB over its size before the burst."""
-    publishers = []
-    for i in range(100):
-        s = socket.create_connection(("127.0.0.1", broker.port))
-        s.sendall(connect_packet(b"burst%d" % i))
-        read_exactly(s, 4)
-        publishers.append(s)
+    publishers = connected_clients(broker.port, b"burst", 100)
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", broker.port))
