@@ -9,7 +9,7 @@ extension Broker {
     package func serveConnectedSocket(_ descriptor: CInt, worker index: Int) -> EventLoopFuture<any Channel> {
         let worker = workers[index % workers.count]
         return ClientBootstrap(group: worker.loop)
-            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelOption(.maxMessagesPerRead, value: Self.maxMessagesPerRead)
             .channelOption(.recvAllocator, value: Self.receiveAllocator)
             .channelOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))
             .channelInitializer { [self] channel in

@@ -277,11 +277,15 @@ public final class Broker: Sendable {
     /// would leave NIOSSL waiting for one.
     /// NIO keeps each channel's last receive buffer for reuse: it starts at 64 bytes (most
     /// CONNECTs, SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than
-    /// NIO's default 2 KiB. It doubles for busy connections, within one read event (each read
-    /// that fills the buffer asks for twice as much next).
+    /// NIO's default 2 KiB. It doubles for busy connections (each read that fills the buffer
+    /// asks for twice as much next), up to 256 KiB.
     static let receiveAllocator = ReceiveAllocator()
-    /// Reads per read event, and so receive buffers NIO may keep per channel.
-    static let maxMessagesPerRead: UInt = 16
+    /// Reads per read event: one. A client that keeps its socket full is read once per loop tick,
+    /// like every other ready client, so one read (at most 256 KiB) is the longest anyone waits
+    /// behind it: with NIO's loop of up to 16 reads a tick, one client flooding 16-byte PUBLISHes
+    /// made every other client on its worker wait ~120 ms for a PINGRESP (~10 ms now), at the
+    /// same rate. It is also how many receive buffers NIO keeps per channel: one.
+    static let maxMessagesPerRead: UInt = 1
 
     private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
         guard let options = channel.syncOptions else { return }

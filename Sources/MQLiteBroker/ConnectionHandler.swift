@@ -49,8 +49,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         /// message made of it is kept without a copy. Cleared once that PUBLISH is accepted,
         /// and before held packets are handled.
         static let readAlone = Flags(rawValue: 1 << 5)
-        /// Read into a receive buffer over 8 KiB since the last sweep (`trimReceivePool`).
-        static let bigReads = Flags(rawValue: 1 << 6)
     }
 
     private var will: Will? {
@@ -151,19 +149,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// NIO keeps up to `maxMessagesPerRead` receive buffers per channel for reuse: one more each
-    /// time a read finds the last one still referenced (a message in flight or a large payload
-    /// waiting in a subscriber's socket hold slices of it), each as large as the reads had grown
-    /// (up to 256 KiB). After a burst a connection would keep megabytes it no longer uses, for
-    /// good. Setting the option to 1 and back, NIO's only way, drops all but one; a burst that
-    /// goes on grows the pool again.
-    private func trimReceivePool() {
-        guard let options = context?.channel.syncOptions else { return }
-        try? options.setOption(.maxMessagesPerRead, value: 1)
-        try? options.setOption(.maxMessagesPerRead, value: Broker.maxMessagesPerRead)
-        worker.freedMemory = true
-    }
-
     /// The worker's periodic check (no connection holds a timer of its own): connect_timeout and
     /// keep-alive. With `closing` false (a late sweep) it only tidies.
     func checkTimeouts(now: NIODeadline, closing: Bool) {
@@ -175,10 +160,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .tidy:
             // Messages still unacknowledged a sweep after they went out stop pinning read buffers.
             session?.compactInflight()
-            if flags.contains(.bigReads) {
-                flags.remove(.bigReads)
-                trimReceivePool()
-            }
         case .none:
             break
         }
@@ -202,7 +183,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // Closing (`closeSocket`): what the client still sends is dropped.
         if machine.isClosed { return }
         var buffer = unwrapInboundIn(data)
-        if buffer.capacity > 8192 { flags.insert(.bigReads) }
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         machine.bytesRead()
         while var pending = cumulation {
