@@ -2,5 +2,5 @@
 import MQTTCore
 
 /// The ThreadSanitizer build's `Mutex` (`make test-tsan`): see MQTTCore's `TSanMutex`.
-typealias Mutex<Value> = TSanMutex<Value>
+typealias Mutex<Value: ~Copyable> = TSanMutex<Value>
 #endif

@@ -16,10 +16,10 @@ import Synchronization
 /// Each module that uses `Mutex` has `typealias Mutex = TSanMutex` under `#if MQLITE_TSAN`
 /// (its `Mutex+TSan.swift`), which shadows `Synchronization.Mutex` in that module. Not in normal
 /// builds: there `Mutex` is `Synchronization.Mutex` itself.
-public final class TSanMutex<Value>: Sendable {
+public final class TSanMutex<Value: ~Copyable>: Sendable {
     private let lock: Synchronization.Mutex<Value>
 
-    public init(_ initialValue: sending Value) {
+    public init(_ initialValue: consuming sending Value) {
         lock = Synchronization.Mutex(initialValue)
     }
 
