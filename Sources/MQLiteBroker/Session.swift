@@ -766,19 +766,47 @@ final class Session: @unchecked Sendable {
     }
 
     /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
+    /// MQTT 5: a message whose Message Expiry Interval passed while it waited for its
+    /// acknowledgement is not sent again (as Mosquitto), one that goes tells what remains of the
+    /// interval (MQTT-3.3.2-6), and one larger than the new connection's Maximum Packet Size is
+    /// discarded as if sent (MQTT-3.1.2-25): either way it is done.
     func resume() {
         assertOnOwner()
         guard let outbound else { return }
-        for entry in inflight {
-            if entry.released {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var i = 0
+        while i < inflight.count {
+            let entry = inflight[i]
+            guard !entry.released else {
                 outbound.writePubrel(packetID: entry.id)
-            } else {
-                // (One too large for this connection's client goes as it is: it is in flight.)
-                let wire = occasional?.adorns == true ? forClient(entry.message, qos: entry.qos, group: entry.group) ?? entry.message : entry.message
-                outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+                i += 1
+                continue
             }
+            var wire = entry.message
+            if let expiresAt = wire.properties.messageExpiresAt {
+                guard now < expiresAt else {
+                    inflightDone(at: i)
+                    continue
+                }
+                wire.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+            }
+            if occasional?.adorns == true {
+                guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {
+                    inflightDone(at: i)
+                    continue
+                }
+                wire = adorned
+            }
+            outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+            i += 1
         }
         pump()
+    }
+
+    /// The in-flight message at `index` is done without its acknowledgement.
+    private func inflightDone(at index: Int) {
+        let done = inflight.remove(at: index)
+        if done.seq != 0 { report(.acknowledged(packetID: done.id, seq: done.seq)) }
     }
 
     // MARK: - Shared subscriptions

@@ -471,6 +471,42 @@ struct MQTT5ExpiryTests {
             try await late.expectNothing(for: .milliseconds(150))  // the retained one expired
         }
     }
+
+    @Test("A resumed session's messages in flight: one expired meanwhile is not sent again, one that is tells what remains of its interval (MQTT-3.3.2-6), one over the new connection's Maximum Packet Size is discarded as sent (MQTT-3.1.2-25); all three are done")
+    func resumedInflight() async throws {
+        try await withV5Broker { b in
+            var keep = MQTTProperties()
+            keep.sessionExpiryInterval = 100
+            let (sub, _) = try await b.client5("sub", properties: keep)
+            try await sub.subscribe("inf/#", qos: .atLeastOnce)
+            let (pub, _) = try await b.client5("pub")
+            for (topic, seconds, size) in [("inf/short", UInt32(1), 10), ("inf/long", 100, 10), ("inf/big", 0, 300)] {
+                var properties = MQTTProperties()
+                if seconds > 0 { properties.messageExpiryInterval = seconds }
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(repeating: 0x41, count: size), qos: .atLeastOnce, packetID: 1, properties: properties)))
+                _ = try await pub.expectPacket()
+            }
+            for _ in 0..<3 { _ = try await sub.expectPublish() }  // not acknowledged
+            await sub.abort()
+            try await Task.sleep(for: .milliseconds(1300))
+            var small = keep
+            small.maximumPacketSize = 100
+            let (back, connack) = try await b.client5("sub", cleanStart: false, properties: small)
+            #expect(connack.sessionPresent)
+            let p = try await back.expectPublish()
+            #expect(p.dup && p.topicString == "inf/long")
+            let remaining = try #require(p.properties.messageExpiryInterval)
+            #expect(remaining <= 99 && remaining >= 90)
+            try await back.expectNothing(for: .milliseconds(150))
+            await back.abort()
+            // Done, not waiting: the next connection (no limit now) gets "inf/long" alone again.
+            let (again, _) = try await b.client5("sub", cleanStart: false, properties: keep)
+            let q = try await again.expectPublish()
+            #expect(q.dup && q.topicString == "inf/long")
+            again.send(.puback(packetID: q.packetID!))
+            try await again.expectNothing(for: .milliseconds(150))
+        }
+    }
 }
 
 @Suite("MQTT 5.0 sessions")
