@@ -209,10 +209,13 @@ struct StoredSession {
     var awaitingPubrel: [UInt16] = []
     var lastSeq: UInt64 = 0
 
-    /// How long it may stay offline in all (nil: `session_expiry`).
+    /// How long it may stay offline in all (nil: `session_expiry`): what its client asked for,
+    /// capped by `configured` (`session_expiry` now, which may be lower than when it was stored)
+    /// unless that is 0, as a CONNECT's would be (`Limits.sessionExpiry(for:)`).
     func expiry(configured: TimeAmount) -> TimeAmount? {
         guard let expiry else { return nil }
-        return expiry < 0 ? Session.neverExpires : .seconds(min(expiry, Int64(UInt32.max)))
+        let asked = expiry < 0 ? Session.neverExpires : .seconds(min(expiry, Int64(UInt32.max)))
+        return configured == .zero ? asked : min(asked, configured)
     }
 
     /// Loads every stored session. A row that cannot be read is skipped (`skipped` counts them).

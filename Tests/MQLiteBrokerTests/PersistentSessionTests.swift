@@ -155,7 +155,7 @@ struct PersistentSessionTests {
         }
     }
 
-    @Test("a session whose expiry passes is gone: at run time (session_expiry), and while the broker is stopped (MQTT 5 Session Expiry Interval)")
+    @Test("a session whose expiry passes is gone: at run time (session_expiry), and while the broker is stopped (MQTT 5 Session Expiry Interval, capped by the session_expiry of the broker that restores it)")
     func expiry() async throws {
         try await PersistenceTests.withFolder { folder in
             let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
@@ -170,12 +170,15 @@ struct PersistentSessionTests {
             try await withBroker(configure: { $0.persistence = store }) { b in
                 let (five, _) = try await b.client5("five", cleanStart: false, properties: { var p = MQTTProperties(); p.sessionExpiryInterval = 1; return p }())
                 await five.abort()
+                // Asked for never, granted with no session_expiry: capped by the next broker's.
+                let (forever, _) = try await b.client5("forever", cleanStart: false, properties: { var p = MQTTProperties(); p.sessionExpiryInterval = .max; return p }())
+                await forever.abort()
                 // Stopped before it expires here.
             }
             try await Task.sleep(for: .milliseconds(1200))
             try await withBroker(configure: { $0.persistence = store; $0.limits.sessionExpiry = .seconds(1) }) { b in
-                #expect(b.logMessages.contains { $0.contains("restored 0 persistent sessions (1 expired while stopped)") })
-                for id in ["old", "five"] {
+                #expect(b.logMessages.contains { $0.contains("restored 0 persistent sessions (2 expired while stopped)") })
+                for id in ["old", "five", "forever"] {
                     let (c, connack) = try await Self.connect(b, id)
                     #expect(!connack.sessionPresent)
                     await c.abort()
