@@ -64,6 +64,9 @@ public final class Broker: Sendable {
     let startTime = NIODeadline.now()
     /// Set when `shutdown()` begins: `/health` answers 503 from then on.
     private let stopping = Atomic<Bool>(false)
+    /// The stop is committing the store's last changes (`shutdown`): the process's stop deadline
+    /// waits for it, since going before it ends loses what was acknowledged.
+    private let committingStore = Atomic<Bool>(false)
     /// The `$SYS` publisher's timer, cancelled on shutdown.
     let sysTask = Mutex<RepeatedTask?>(nil)
     /// The metrics the `http` listeners export (docs/METRICS.md).
@@ -351,7 +354,11 @@ public final class Broker: Sendable {
         await hooks.shutdown()
         // What the loops changed last is committed before the process goes, while the loops
         // still run (acknowledgements waiting for it complete on them).
-        if let store { await withCheckedContinuation { done in DispatchQueue.global().async { store.close(); done.resume() } } }
+        if let store {
+            committingStore.store(true, ordering: .releasing)
+            await withCheckedContinuation { done in DispatchQueue.global().async { store.close(); done.resume() } }
+            committingStore.store(false, ordering: .releasing)
+        }
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")
@@ -362,6 +369,9 @@ public final class Broker: Sendable {
     func beginStopping() {
         stopping.store(true, ordering: .releasing)
     }
+
+    /// Whether a stop is committing the store's last changes.
+    public var isCommittingStore: Bool { committingStore.load(ordering: .acquiring) }
 
     /// Whether the broker accepts connections (started, not stopping): what `/health` reports.
     public var isAccepting: Bool { isStarted && !stopping.load(ordering: .acquiring) }

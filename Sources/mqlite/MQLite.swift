@@ -152,11 +152,23 @@ struct Reloader: Service {
             for await _ in hangups.cancelOnGracefulShutdown() { reload() }
         } onGracefulShutdown: {
             logger.info("stopping")
-            let deadline = MQLite.shutdownDeadline
-            DispatchQueue.global().asyncAfter(deadline: .now() + deadline) {
-                FileHandle.standardError.write(Data("mqlite: shutdown did not finish within \(deadline) s, exiting\n".utf8))
-                Foundation.exit(1)
+            Self.armDeadline(broker: broker, logger: logger, after: MQLite.shutdownDeadline)
+        }
+    }
+
+    /// Past the deadline the process exits with status 1, unless the broker is committing its
+    /// store: acknowledged messages are in that commit, so the deadline waits for it, a second
+    /// at a time (a service manager's own stop timeout still bounds it), then gives the rest of
+    /// the stop another deadline.
+    private static func armDeadline(broker: Broker, logger: Logger, after seconds: Double, waited: Bool = false) {
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) {
+            if broker.isCommittingStore {
+                if !waited { logger.warning("stopping: still committing the store's last changes, waiting for it") }
+                return armDeadline(broker: broker, logger: logger, after: 1, waited: true)
             }
+            if waited { return armDeadline(broker: broker, logger: logger, after: MQLite.shutdownDeadline) }
+            FileHandle.standardError.write(Data("mqlite: shutdown did not finish within \(MQLite.shutdownDeadline) s, exiting\n".utf8))
+            Foundation.exit(1)
         }
     }
 
