@@ -247,8 +247,13 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         pipeline.removeHandler(context: context, promise: nil)
         pipeline.removeHandler(responseEncoder, promise: nil)
         pipeline.removeHandler(requestLimit, promise: nil)
-        // Last: its left-over bytes go to the frame decoder, now right behind it.
-        pipeline.removeHandler(requestDecoder, promise: nil)
+        // Last: its left-over bytes go to the frame decoder, now right behind it. They come after
+        // this read's end (the removal is done in a later loop turn), so a read-complete follows
+        // them: the connection handler flushes what it answered (a CONNACK) at a read's end.
+        let removed = context.eventLoop.makePromise(of: Void.self)
+        let channelPipeline = context.pipeline
+        removed.futureResult.whenSuccess { channelPipeline.fireChannelReadComplete() }
+        pipeline.removeHandler(requestDecoder, promise: removed)
     }
 }
 
@@ -300,14 +305,28 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         case .connectionClose:
             // Answered with the client's status code (RFC 6455 section 5.5.1), then closed; for MQTT
             // this is a connection lost without DISCONNECT.
-            var payload = frame.unmaskedData
-            let code = payload.readWebSocketErrorCode() ?? .normalClosure
-            sendClose(context: context, code: code)
+            sendClose(context: context, code: Self.answer(toClose: frame.unmaskedData))
             failed = true
             context.close(promise: nil)
         default:
             fail(context: context, .protocolError, "unknown opcode \(frame.opcode)")
         }
+    }
+
+    /// The status code that answers a client's close frame: its own when it is one an endpoint
+    /// may send (RFC 6455 section 7.4), 1000 for none, 1002 for a body too short for a code or a
+    /// code that may not be sent (1004-1006, 1015, under 1000, 1016-2999, over 4999), 1007 for a
+    /// reason that is not UTF-8 (section 8.1).
+    static func answer(toClose body: ByteBuffer) -> WebSocketErrorCode {
+        var body = body
+        guard body.readableBytes > 0 else { return .normalClosure }
+        guard let code = body.readInteger(as: UInt16.self) else { return .protocolError }
+        switch code {
+        case 1000...1003, 1007...1014, 3000...4999: break
+        default: return .protocolError
+        }
+        guard String(validating: body.readableBytesView, as: UTF8.self) != nil else { return .dataInconsistentWithMessage }
+        return WebSocketErrorCode(codeNumber: Int(code))
     }
 
     private func forward(_ frame: WebSocketFrame, context: ChannelHandlerContext) {

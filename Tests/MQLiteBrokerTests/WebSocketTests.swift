@@ -90,6 +90,20 @@ struct WebSocketTests {
         _ = try? channel.finish()
     }
 
+    @Test("a close frame is answered with its own code if an endpoint may send it, 1000 for none, 1002 for a short body or a reserved code, 1007 for a reason that is not UTF-8")
+    func closeAnswers() {
+        func answer(_ bytes: [UInt8]) -> WebSocketErrorCode { WebSocketMQTTBridge.answer(toClose: ByteBuffer(bytes: bytes)) }
+        #expect(answer([]) == WebSocketErrorCode(codeNumber: 1000))
+        #expect(answer([0x03]) == WebSocketErrorCode(codeNumber: 1002))
+        #expect(answer([0x03, 0xE8]) == WebSocketErrorCode(codeNumber: 1000))
+        #expect(answer([0x03, 0xE9, 0x62, 0x79, 0x65]) == WebSocketErrorCode(codeNumber: 1001))
+        #expect(answer([0x0F, 0xA0]) == WebSocketErrorCode(codeNumber: 4000))
+        for reserved: UInt16 in [999, 1004, 1005, 1006, 1015, 2999, 5000] {
+            #expect(answer([UInt8(reserved >> 8), UInt8(reserved & 0xFF)]) == WebSocketErrorCode(codeNumber: 1002))
+        }
+        #expect(answer([0x03, 0xE8, 0xC3, 0x28]) == WebSocketErrorCode(codeNumber: 1007))
+    }
+
     @Test("text frames, unmasked frames and stray continuations: a close frame, and the error reaches the connection handler", arguments: [
         ("text", "text frame"), ("unmasked", "unmasked"), ("continuation", "continuation frame without a message"),
     ])
@@ -241,6 +255,23 @@ struct WebSocketTests {
             try await client.send(Self.frame([0x00], opcode: 0x0))
             _ = try await client.read(atLeast: 4)
             #expect(try Self.packets(client.take()) == [.pingresp])
+            try await client.channel.close()
+        }
+    }
+
+    @Test("a CONNECT sent with the upgrade request, without waiting for 101, is answered at once (it was written but not flushed until the client sent more)")
+    func connectWithTheRequest() async throws {
+        try await withWebSocketBroker { fixture in
+            let client = try await RawClient(port: fixture.port)
+            let request = Array(("GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").utf8)
+            let connect = Self.encode(.connect(ConnectPacket(cleanSession: true, keepAlive: 0, clientID: "ws-eager")))
+            try await client.send(request + Self.frame(connect))
+            try await eventually("101 and CONNACK") {
+                let bytes = client.collector.bytes.withLock { $0 }
+                guard let end = bytes.firstRange(of: Array("\r\n\r\n".utf8))?.upperBound else { return false }
+                return Self.serverFrames(Array(bytes[end...])).first.map { $0.1 == [0x20, 0x02, 0x00, 0x00] } ?? false
+            }
             try await client.channel.close()
         }
     }
