@@ -185,6 +185,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         var buffer = unwrapInboundIn(data)
         worker.beginBatch()  // ended by channelReadComplete (or errorCaught / channelInactive)
         machine.bytesRead()
+        if cumulation == nil, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self), let refused = machine.packetStarts(with: first) {
+            return handle(refused)
+        }
         while var pending = cumulation {
             cumulation = nil
             guard flags.contains(.partial), holdBack == nil, !machine.hookPending else {

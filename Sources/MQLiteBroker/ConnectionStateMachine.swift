@@ -83,6 +83,16 @@ struct ConnectionStateMachine {
         if authenticatesFirst, case .connected = state { bits &= ~0x40 }
     }
 
+    /// A read starts a packet with `byte`. The first packet must be CONNECT (MQTT-3.1.0-1), and
+    /// its first byte says whether it is: anything else closes the connection now, not once the
+    /// packet it seems to begin is complete (a PROXY protocol header on a listener without
+    /// `proxy_protocol` reads as a PUBREC of 82 bytes, which only `connect_timeout` ended).
+    func packetStarts(with byte: UInt8) -> PacketAction? {
+        guard byte != 0x10, case .awaitingConnect = state, !hookPending else { return nil }
+        let type = PacketType(rawValue: byte >> 4).map { "\($0)" } ?? "reserved type 0"
+        return .close(reason: "first packet is \(type), not CONNECT (first byte 0x\(String(byte, radix: 16, uppercase: true)))")
+    }
+
     /// Whole packets came from the client: with a keep-alive, that is what its timer counts from
     /// (MQTT-3.1.2-24 counts Control Packets, as Mosquitto does; the bytes of a packet trickled
     /// in do not keep a connection alive).

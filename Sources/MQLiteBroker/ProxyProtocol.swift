@@ -109,6 +109,11 @@ public struct ProxyHeader: Sendable, Equatable {
         let length = v2FixedLength + bodyLength
         // LOCAL: the proxy's own connection (a health check); the socket's address stays.
         if command == 0 { return ProxyHeader(source: nil, length: length) }
+        // UNSPEC goes with UNSPEC only: 0x10 or 0x01 is none of the values the protocol defines,
+        // which "must be rejected as invalid by receivers".
+        guard (family == 0) == (transport == 0) else {
+            throw ProxyHeaderError(.invalidV2("address family \(family) with transport \(transport)"))
+        }
         // A proxied datagram flow is not a TCP client.
         guard transport != 2 else { throw ProxyHeaderError(.invalidV2("DGRAM transport on a stream listener")) }
         let at = start + v2FixedLength

@@ -33,6 +33,18 @@ struct ConnectionStateMachineTests {
         #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
     }
 
+    @Test("a read whose first byte is not CONNECT's closes before the packet it begins is complete; after CONNECT (its hooks answering, or accepted) any packet may start a read")
+    func firstByte() {
+        var machine = ConnectionStateMachine(now: start)
+        #expect(machine.packetStarts(with: 0x10) == nil)
+        #expect(machine.packetStarts(with: 0x50) == .close(reason: "first packet is pubrec, not CONNECT (first byte 0x50)"))
+        #expect(machine.packetStarts(with: 0x16) != nil)  // TLS to a plain listener
+        #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
+        machine.hookStarted()
+        #expect(machine.packetStarts(with: 0x30) == nil)
+        #expect(connected().packetStarts(with: 0x30) == nil)
+    }
+
     @Test("MQTT 5 enhanced authentication: reading goes on, AUTH and DISCONNECT pass, anything else closes, before CONNACK too (MQTT-3.1.2-30); connect_timeout counts from the socket's opening; accepted, the client connects as usual")
     func authenticating() {
         var machine = ConnectionStateMachine(now: start)

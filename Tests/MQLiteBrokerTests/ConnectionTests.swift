@@ -21,7 +21,7 @@ struct ConnectionTests {
             c.send(.pingreq)
             let before = try await c.expectClosed()
             #expect(before.isEmpty)
-            try await eventually("log line") { b.logMessages.contains { $0.contains("first packet is pingreq, not CONNECT") } }
+            try await eventually("log line") { b.logMessages.contains { $0.contains("first packet is pingreq, not CONNECT (first byte 0xC0)") } }
         }
     }
 
@@ -97,6 +97,16 @@ struct ConnectionTests {
             // The other client carries on.
             try await watcher.publish("still/here", "yes")
             #expect(try await watcher.expectPublish().topicString == "still/here")
+        }
+    }
+
+    @Test("a PROXY protocol header on a listener without proxy_protocol closes the connection at once (its first byte is not CONNECT's), not at connect_timeout")
+    func proxyHeaderOnAPlainListener() async throws {
+        try await withBroker(configure: { $0.limits.connectTimeout = .seconds(30) }) { b in
+            let c = try await TestClient.open(port: b.port)
+            c.sendRaw(Array("PROXY TCP4 10.66.1.1 127.0.0.1 51000 1883\r\n".utf8))
+            _ = try await c.expectClosed(timeout: .seconds(5))
+            try await eventually("log line") { b.logMessages.contains { $0.contains("first packet is pubrec, not CONNECT (first byte 0x50)") } }
         }
     }
 

@@ -95,6 +95,8 @@ struct ProxyProtocolTests {
         cases.append((header([0x21, 0x11, 0, 11]), "too short"))
         cases.append((header([0x21, 0x21, 0, 35]), "too short"))
         cases.append((header([0x21, 0x12, 0, 12] + [UInt8](repeating: 0, count: 12)), "DGRAM"))
+        cases.append((header([0x21, 0x10, 0, 12] + [UInt8](repeating: 0, count: 12)), "address family 1 with transport 0"))
+        cases.append((header([0x21, 0x01, 0, 0]), "address family 0 with transport 1"))
         // 65535 announced: refused at once, not buffered.
         cases.append((header([0x21, 0x11, 0xFF, 0xFF]), "longer than allowed"))
         return cases
