@@ -123,7 +123,8 @@ public final class PersistentStore: Sendable {
         } catch let error as SQLiteError {
             let problem = error.code == 26 /* SQLITE_NOTADB */ ? "is not an mqlite store (not an SQLite database)"
                 : error.code == 5 /* SQLITE_BUSY */ ? "is locked by another process (another mqlite on the same store?)"
-                : error.code == 14 /* SQLITE_CANTOPEN */ ? "cannot open: \(error.description)" : error.description
+                : Self.unwritable(configuration.path)
+                ?? (error.code == 14 /* SQLITE_CANTOPEN */ ? "cannot open: \(error.description)" : error.description)
             throw StoreOpenError(path: configuration.path, problem: problem)
         } catch {
             throw StoreOpenError(path: configuration.path, problem: "\(error)")
@@ -148,6 +149,7 @@ public final class PersistentStore: Sendable {
         _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
     ) throws -> (SQLiteDatabase, Int, [StoredSession], [StoredKV]) {
         let db = try SQLiteDatabase(path: configuration.path)
+        try checkIsOurs(db)
         // Exclusive locking: the first write below takes the lock for the process's life, so that
         // a second mqlite on the same file stops at startup instead of sharing it.
         // Pages freed by deletions go back to the file system (`vacuumSoon`); only a new store can
@@ -186,6 +188,48 @@ public final class PersistentStore: Sendable {
         try db.execute("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= \(now)")
         let kv = try StoredKV.loadAll(from: db)
         return (db, count, sessions, kv)
+    }
+
+    /// Why this process cannot write the store, if that is why it failed (SQLite says only "disk
+    /// I/O error" or "attempt to write a readonly database"): the file, or its folder, where
+    /// SQLite makes the `-wal` and `-shm` files beside it.
+    private static func unwritable(_ path: String) -> String? {
+        let files = FileManager.default
+        if files.fileExists(atPath: path), !files.isWritableFile(atPath: path) {
+            return "cannot write the file (user id \(getuid()) has no write permission)"
+        }
+        var folder = (path as NSString).deletingLastPathComponent
+        if folder.isEmpty { folder = "." }
+        guard files.fileExists(atPath: folder) else { return "its folder \(folder) does not exist" }
+        if !files.isWritableFile(atPath: folder) {
+            return "cannot write its folder \(folder) (user id \(getuid()) has no write permission; SQLite makes the -wal and -shm files beside the store)"
+        }
+        return nil
+    }
+
+    /// The tables each migration makes (`migrations`), by the schema version it starts from.
+    private static let tablesMade: [Int64: Set<String>] = [
+        0: ["retained"], 1: ["sessions", "subscriptions", "session_messages", "awaiting_pubrel"], 2: ["kv"],
+    ]
+
+    /// Before anything is written: the file is empty, or an mqlite store of a version this one
+    /// knows with the tables that version has and no others. Another program's SQLite database
+    /// given as `path` by mistake is refused untouched (it was made an mqlite store, or half
+    /// migrated, and switched to WAL mode).
+    private static func checkIsOurs(_ db: SQLiteDatabase) throws(SQLiteError) {
+        let version = try db.integer("PRAGMA user_version") ?? 0
+        var tables = Set<String>()
+        let rows = try db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")
+        while try rows.step() { tables.insert(rows.text(0) ?? "") }
+        guard version <= schemaVersion else { return }  // (refused below, with its own message)
+        let expected = (0..<max(version, 0)).reduce(into: Set<String>()) { $0.formUnion(tablesMade[$1] ?? []) }
+        guard tables != expected else { return }
+        let others = tables.subtracting(expected).sorted()
+        let missing = expected.subtracting(tables).sorted()
+        var problem = "is not an mqlite store (schema version \(version)"
+        if !others.isEmpty { problem += "; tables of another program: \(others.prefix(5).joined(separator: ", "))" }
+        if !missing.isEmpty { problem += "; missing tables: \(missing.joined(separator: ", "))" }
+        throw SQLiteError(code: 0, description: problem + "): left as it is; give [persistence] path a file of its own")
     }
 
     /// A row of `retained` as a message (nil: it cannot be read).

@@ -139,7 +139,30 @@ struct PersistenceTests {
                 _ = try PersistentStore(configuration: PersistenceConfiguration(path: nowhere), logger: Self.logger)
                 Issue.record("a store in a missing folder opened")
             } catch {
-                #expect("\(error)".hasPrefix("\(nowhere): cannot open"))
+                #expect("\(error)" == "\(nowhere): its folder \(folder)/no/such/folder does not exist")
+            }
+        }
+    }
+
+    @Test("another program's SQLite database given as the store is refused and left as it was: not made an mqlite store, not migrated, not switched to WAL")
+    func foreignDatabase() async throws {
+        try await Self.withFolder { folder in
+            for version in [0, 1, 2] {
+                let path = folder + "/app\(version).db"
+                do {
+                    let db = try SQLiteDatabase(path: path)
+                    try db.execute("CREATE TABLE users (name TEXT); PRAGMA user_version = \(version)")
+                }
+                do {
+                    _ = try PersistentStore(configuration: PersistenceConfiguration(path: path), logger: Self.logger)
+                    Issue.record("another program's database (user_version \(version)) opened")
+                } catch {
+                    #expect("\(error)".contains("is not an mqlite store (schema version \(version); tables of another program: users"), "\(error)")
+                }
+                let db = try SQLiteDatabase(path: path)
+                #expect(try db.integer("PRAGMA user_version") == Int64(version))
+                #expect(try db.text("PRAGMA journal_mode") == "delete")
+                #expect(try db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table'") == 1)
             }
         }
     }
