@@ -193,6 +193,15 @@ extension Worker {
             part.inflight += session.inflight.count
             part.queued += session.queue.count
         }
+        for (id, session) in lastingSessions {
+            // (One that moved to another worker, came back online or ended is no longer here.)
+            guard session.owner == index, !session.isOnline, !session.ended else {
+                lastingSessions[id] = nil
+                continue
+            }
+            part.inflight += session.inflight.count
+            part.queued += session.queue.count
+        }
         part.hooks = broker.hooks.hookCallStats(worker: index)
         return part
     }

@@ -42,11 +42,14 @@ final class Worker: @unchecked Sendable {
     /// Changed filters taken from `changedFilters`, kept for their capacity.
     private var changedScratch = ChangedFilters()
     var connections: [ObjectIdentifier: ConnectionHandler] = [:]
-    /// Memory was let go here since the last sweep (a connection closed, a receive pool trimmed):
+    /// Memory was let go here since the last sweep (a connection closed):
     /// the sweep may give it back to the system (`Broker.returnFreedMemory`).
     var freedMemory = false
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
+    /// Persistent sessions offline that never expire: not swept, only counted in the stats
+    /// (`statsPart`: what they hold queued and in flight).
+    var lastingSessions: [ObjectIdentifier: Session] = [:]
     /// This worker's counters for metrics and `$SYS`: plain integers, summed when scraped.
     var stats: WorkerStats
 
@@ -256,7 +259,10 @@ final class Worker: @unchecked Sendable {
     func sessionWentOffline(_ session: Session, since: NIODeadline = .now()) {
         assertOnLoop()
         let expiry = session.expiry ?? broker.configuration.limits.sessionExpiry
-        guard expiry != .zero, expiry != Session.neverExpires else { return }
+        guard expiry != .zero, expiry != Session.neverExpires else {
+            lastingSessions[ObjectIdentifier(session)] = session
+            return
+        }
         session.offline = (since, session.latestClaim)
         offlineSessions[ObjectIdentifier(session)] = session
     }
@@ -264,6 +270,7 @@ final class Worker: @unchecked Sendable {
     /// A session is being taken over by a connection (owner loop, before it moves or attaches).
     func sessionClaimed(_ session: Session) {
         assertOnLoop()
+        lastingSessions[ObjectIdentifier(session)] = nil
         guard session.offline != nil else { return }
         session.offline = nil
         offlineSessions[ObjectIdentifier(session)] = nil

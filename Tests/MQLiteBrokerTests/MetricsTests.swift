@@ -125,6 +125,25 @@ struct MetricsTests {
         }
     }
 
+    @Test("mqlite_queued_messages counts what offline sessions hold, those that never expire (no session_expiry) too")
+    func queuedOffline() async throws {
+        try await withBroker(configure: configure) { fixture in
+            let http = fixture.broker.boundPorts[1]
+            let kept = try await fixture.client("kept", clean: false)
+            try await kept.subscribe("q/#", qos: .atLeastOnce)
+            await kept.disconnect()
+            try await eventually("offline") { fixture.broker.registry.session(for: "kept")?.isOnline == false }
+            let pub = try await fixture.client("pub")
+            for id in 1...3 { try await pub.publish("q/a", "x", qos: .atLeastOnce, id: UInt16(id)) }
+            #expect(value(try await get(http, "/metrics"), "mqlite_queued_messages") == 3)
+            // Back online, it takes them: none queued.
+            let back = try await fixture.client("kept", clean: false)
+            for _ in 0..<3 { back.send(.puback(packetID: try await back.expectPublish().packetID!)) }
+            try await back.ping()
+            #expect(value(try await get(http, "/metrics"), "mqlite_queued_messages") == 0)
+        }
+    }
+
     @Test("refused CONNECTs and ACL drops are counted by reason")
     func refusals() async throws {
         try await withBroker(configure: configure) { fixture in
