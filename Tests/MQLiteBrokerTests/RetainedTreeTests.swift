@@ -82,7 +82,7 @@ extension HeavyBrokerTests {
                     var batch = ByteBuffer()
                     for topic in topics { batch.writeMQTTPacket(.publish(PublishPacket(topic: topic, payload: payload, retain: true))) }
                     try await pub.channel.writeAndFlush(batch)
-                    try await pub.ping()
+                    try await pub.ping(timeout: .seconds(60))  // (over 5 s under TSan on a busy machine)
                 }
                 try await sendAll(payload: "v")
                 try await eventually("10,000 retained") { b.broker.retainedCount == 10_000 }

@@ -227,10 +227,11 @@ public final class TestClient: Sendable {
         }
     }
 
-    /// A round trip through the broker: everything sent before is handled once this returns.
-    public func ping() async throws {
+    /// A round trip through the broker: everything sent before is handled once this returns
+    /// (`timeout`: longer behind a large batch, for a sanitizer's build).
+    public func ping(timeout: TimeAmount = .seconds(5)) async throws {
         send(.pingreq)
-        let reply = try await expectPacket()
+        let reply = try await expectPacket(timeout: timeout)
         guard reply == .pingresp else { throw TestFailure("expected PINGRESP, got \(reply)") }
     }
 
