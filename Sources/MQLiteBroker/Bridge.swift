@@ -65,6 +65,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var pingTask: RepeatedTask?
     /// A PINGREQ went out and its PINGRESP has not come.
     private var pingOutstanding = false
+    /// What an MQTT 5 remote's CONNACK said it takes (3.1.1: everything): QoS is lowered to its
+    /// Maximum QoS (MQTT-3.2.2-11), RETAIN cleared when it has none (MQTT-3.2.2-14), and a
+    /// PUBLISH over its Maximum Packet Size, as mapped, not sent (MQTT-3.2.2-15).
+    private var remote = RemoteLimits()
+    private struct RemoteLimits {
+        var maximumQoS = QoS.exactlyOnce
+        var retains = true
+        var maximumPacketSize = Int.max
+        /// QoS 2 messages sent at QoS 1 (a Maximum QoS of 1): their PUBACK completes them.
+        var downgraded = Set<UInt16>()
+    }
     private var flushScheduled = false
     private var acl: ClientACL?
     private var verdicts: [TopicName: Bool] = [:]
@@ -97,12 +108,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         var identity: Bool { strip == 0 && add.readableBytes == 0 }
 
         /// The topic `name` becomes, if this mapping takes it.
-        /// (Nil too for the prefix's own parent, which `prefix/#` also matches, and for a topic
+        /// (Nil too for the prefix's own parent, which `prefix/#` also matches, for the prefix
+        /// itself with no prefix to put on (an empty topic name, MQTT-4.7.3-1), and for a topic
         /// the prefix makes longer than a topic may be.)
         func map(_ name: TopicName) -> ByteBuffer? {
             guard filter.matches(name), name.bytes.readableBytes >= strip else { return nil }
             if identity { return name.bytes }
-            guard add.readableBytes + name.bytes.readableBytes - strip <= TopicName.maxLength,
+            guard (1...TopicName.maxLength).contains(add.readableBytes + name.bytes.readableBytes - strip),
                   let rest = name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)
             else { return nil }
             var mapped = add
@@ -279,9 +291,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             connackReceived(connack, on: channel)
         case .publish(let publish):
             guard connected else { return }
+            // The bridge's CONNECT allows no topic aliases (no Topic Alias Maximum).
+            if publish.properties.topicAlias != nil {
+                logger.warning("the remote sent a topic alias, which the bridge did not allow: closing the link")
+                write(.disconnectV5(DisconnectPacket(reasonCode: .topicAliasInvalid)))
+                flushSoon()
+                channel.close(promise: nil)
+                return
+            }
             incoming(publish, on: channel)
         case .puback(let id):
-            session?.puback(id)
+            acknowledged(id)
         case .pubrec(let id):
             session?.pubrec(id)
             acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true, on: channel)
@@ -292,7 +312,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             acknowledge(.pubcomp(packetID: id), waiting: session?.isStored == true, on: channel)
         case .ackV5(let ack):
             switch ack.kind {
-            case .puback: session?.puback(ack.packetID)
+            case .puback: acknowledged(ack.packetID)
             case .pubrec:
                 if ack.reasonCode.isFailure {
                     session?.pubrecRefused(ack.packetID)
@@ -347,8 +367,16 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             }
             write(.subscribe(SubscribePacket(packetID: 1, subscriptions: subscriptions)))
         }
-        if configuration.keepAlive > 0 {
-            let period = TimeAmount.seconds(Int64(configuration.keepAlive))
+        remote = RemoteLimits()
+        if version == .v5 {
+            remote.maximumQoS = connack.properties.maximumQoS ?? .exactlyOnce
+            remote.retains = connack.properties.retainAvailable ?? true
+            remote.maximumPacketSize = connack.properties.maximumPacketSize.map(Int.init) ?? .max
+        }
+        // MQTT 5: the remote's Server Keep Alive replaces the bridge's (MQTT-3.2.2-21).
+        let keepAlive = version == .v5 ? connack.properties.serverKeepAlive ?? configuration.keepAlive : configuration.keepAlive
+        if keepAlive > 0 {
+            let period = TimeAmount.seconds(Int64(keepAlive))
             pingOutstanding = false
             pingTask = worker.loop.scheduleRepeatedTask(initialDelay: period, delay: period) { [self] _ in
                 guard let channel = self.channel, connected else { return }
@@ -366,10 +394,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         // A remote that kept no session for the bridge has no QoS 2 flow half done either: the ids
         // it sends from now on are new.
         if !connack.sessionPresent { session.forgetInboundQoS2() }
-        // An MQTT 5 remote's Receive Maximum lowers the window; what is over its Maximum Packet
-        // Size is not sent (as for a client).
-        session.setClientLimits(ClientLimits(
-            receiveMaximum: connack.properties.receiveMaximum.map(Int.init), maximumPacketSize: connack.properties.maximumPacketSize.map(Int.init)))
+        // An MQTT 5 remote's Receive Maximum lowers the window (its Maximum Packet Size is
+        // checked with the remote topic, in `writePublish`).
+        session.setClientLimits(ClientLimits(receiveMaximum: connack.properties.receiveMaximum.map(Int.init), maximumPacketSize: nil))
         session.outbound = self
         session.report(.attached)
         session.resume()
@@ -414,9 +441,19 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 
     fileprivate func writabilityChanged(_ channel: any Channel) {
-        guard channel === self.channel, channel.isWritable else { return }
+        guard channel === self.channel else { return }
+        updateReading(channel)
+        guard channel.isWritable else { return }
         if connected { session?.pump() }
         flushSoon()
+    }
+
+    /// The link is read while what it answers can go out: not while its channel is unwritable
+    /// (a remote that sends PUBLISHes or PUBRELs without reading the acknowledgements would grow
+    /// the batch without bound), nor while `StoreAcks.maxWaiting` acknowledgements wait for the
+    /// disk.
+    private func updateReading(_ channel: any Channel) {
+        channel.setOption(.autoRead, value: channel.isWritable && acks.waiting < StoreAcks.maxWaiting).whenComplete { _ in }
     }
 
     /// A PUBLISH from the remote: its topic mapped, published locally as from `$bridge/NAME`
@@ -446,12 +483,12 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             return
         }
         let ticket = acks.wait(ack)
-        if acks.waiting >= StoreAcks.maxWaiting { channel.setOption(.autoRead, value: false).whenComplete { _ in } }
+        if acks.waiting >= StoreAcks.maxWaiting { updateReading(channel) }
         broker.committed(after: worker).whenComplete { [self] _ in
             let ready = acks.committed(ticket)
             guard channel === self.channel else { return }
             for entry in ready { write(entry.ack) }
-            if acks.waiting < StoreAcks.maxWaiting { channel.setOption(.autoRead, value: true).whenComplete { _ in } }
+            updateReading(channel)
             flushSoon()
         }
     }
@@ -478,6 +515,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             properties.messageExpiresAt = NIODeadline.now().uptimeNanoseconds + UInt64(interval) * 1_000_000_000
         }
         return Message(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
+    }
+
+    /// PUBACK from the remote: for a QoS 1 message, or a QoS 2 one sent at QoS 1 (`remote.downgraded`).
+    private func acknowledged(_ id: UInt16) {
+        guard let session else { return }
+        if remote.downgraded.remove(id) != nil {
+            session.pubrec(id)
+            session.pubcomp(id)
+        } else {
+            session.puback(id)
+        }
     }
 
     /// Publishes a message from the remote locally: the publish hooks first, if they want its topic.
@@ -561,21 +609,16 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
         guard let topic = remoteTopic(for: message.topic) else {
             // No remote topic for it (too long with the prefix, or the prefix's parent): it is not
-            // sent, and done with as if the remote had acknowledged it (after this call returns:
-            // the session is in the middle of sending it).
+            // sent, and done with as if the remote had acknowledged it.
             logger.info("not forwarded: no remote topic for \"\(LogText(message.topic.string))\"")
-            guard let packetID, let session else { return }
-            worker.loop.execute {
-                if qos == .atLeastOnce { session.puback(packetID) } else { session.pubrec(packetID); session.pubcomp(packetID) }
-            }
-            return
+            return doneWithoutRemote(packetID, qos: qos)
         }
-        if echoesPossible, !dup { echoes.add(topic: topic, payload: message.payload) }
-        counters.messagesOut.add(1, ordering: .relaxed)
-        counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
         // RETAIN as the local message had it: a retained message stays retained on the remote.
+        let retain = message.retain && remote.retains
+        let wireQoS = min(qos, remote.maximumQoS)
+        if echoesPossible, !dup { echoes.add(topic: topic, payload: message.payload) }
         if version == .v3_1_1 {
-            appendBatch { $0.writePublish(topic: topic, payload: message.payload, qos: qos, retain: message.retain, dup: dup, packetID: packetID) }
+            appendBatch { $0.writePublish(topic: topic, payload: message.payload, qos: qos, retain: retain, dup: dup, packetID: packetID) }
         } else {
             var properties = message.properties
             if !properties.isUnset {
@@ -586,14 +629,35 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
                 }
             }
+            let size = ByteBuffer.publishFrameSize(
+                topicLength: topic.readableBytes, payloadLength: message.payload.readableBytes, qos: wireQoS, properties: properties)
+            guard size <= remote.maximumPacketSize else {
+                logger.info("not forwarded: \(size) bytes as a PUBLISH to the remote, over its Maximum Packet Size (\(remote.maximumPacketSize))")
+                return doneWithoutRemote(packetID, qos: qos)
+            }
+            let wireID = wireQoS == .atMostOnce ? nil : packetID
+            if qos == .exactlyOnce, wireQoS == .atLeastOnce, let packetID { remote.downgraded.insert(packetID) }
             appendBatch {
                 $0.writePublishHeader(
-                    topic: topic, payloadLength: message.payload.readableBytes, qos: qos, retain: message.retain, dup: dup, packetID: packetID,
-                    properties: properties)
+                    topic: topic, payloadLength: message.payload.readableBytes, qos: wireQoS, retain: retain, dup: dup && wireID != nil,
+                    packetID: wireID, properties: properties)
                 $0.writeImmutableBuffer(message.payload)
             }
+            // Sent at QoS 0 (the remote's Maximum QoS): nothing will acknowledge it.
+            if wireQoS == .atMostOnce, qos != .atMostOnce { doneWithoutRemote(packetID, qos: qos) }
         }
+        counters.messagesOut.add(1, ordering: .relaxed)
+        counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
         flushSoon()
+    }
+
+    /// A message the remote will not acknowledge (not sent, or sent at QoS 0): done with as if it
+    /// had, once this call returns (the session is in the middle of sending it).
+    private func doneWithoutRemote(_ packetID: UInt16?, qos: QoS) {
+        guard let packetID, let session else { return }
+        worker.loop.execute {
+            if qos == .atLeastOnce { session.puback(packetID) } else { session.pubrec(packetID); session.pubcomp(packetID) }
+        }
     }
 
     func writeQoS0(frame: ByteBuffer, message: Message) {

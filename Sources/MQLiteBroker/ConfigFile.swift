@@ -156,6 +156,10 @@ public enum ConfigFile {
                 if config.bridges.contains(where: { $0.name == parsed.name }) {
                     throw bridge.error("name", "\"\(parsed.name)\" names another bridge already")
                 }
+                // Two links with one client id would take each other's session on the remote.
+                if config.bridges.contains(where: { $0.clientID == parsed.clientID && $0.address == parsed.address }) {
+                    throw bridge.error("client_id", "\"\(LogText(parsed.clientID))\" is another bridge's to the same remote already")
+                }
                 config.bridges.append(parsed)
             }
         }
@@ -210,8 +214,14 @@ public enum ConfigFile {
         }
         var bridge = BridgeConfiguration(name: name, address: address)
         if let id = try section.string("client_id") {
-            guard !id.isEmpty, id.utf8.count <= 65535 else { throw section.error("client_id", "must not be empty") }
+            guard !id.isEmpty, id.utf8.count <= 65535 else { throw section.error("client_id", "must be 1 to 65,535 bytes of UTF-8, not \(id.utf8.count)") }
             bridge.clientID = id
+        }
+        // (An MQTT string: at most 65,535 bytes.)
+        for key in ["username", "password"] {
+            if let value = try section.string(key), value.utf8.count > 65535 {
+                throw section.error(key, "must be at most 65,535 bytes of UTF-8, not \(value.utf8.count)")
+            }
         }
         bridge.username = try section.string("username")
         bridge.password = try section.string("password")

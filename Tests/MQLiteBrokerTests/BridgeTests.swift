@@ -64,6 +64,16 @@ struct BridgeTests {
         #expect(problem(head + "certfile = \"/etc/hostname\"\nkeyfile = \"/etc/hostname\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].cafile"))
         #expect(problem(head + "reconnect_delay = { min = 5, max = 1 }\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].reconnect_delay.max"))
         #expect(problem(head + "[[bridge.topic]]\npattern = \"a\"\n" + head + "[[bridge.topic]]\npattern = \"b\"\n").contains("names another bridge"))
+        // Past what an MQTT string holds (the encoder would trap on the first connect).
+        let long = String(repeating: "u", count: 65536)
+        #expect(problem(head + "username = \"\(long)\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].username: must be at most 65,535 bytes"))
+        #expect(problem(head + "username = \"u\"\npassword = \"\(long)\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].password: must be at most 65,535 bytes"))
+        #expect(problem(head + "client_id = \"\(long)\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].client_id: must be 1 to 65,535 bytes"))
+        // One client id for two links to one remote: they would take each other's session there.
+        let twice = head + "client_id = \"edge\"\n[[bridge.topic]]\npattern = \"a\"\n"
+            + "[[bridge]]\nname = \"y\"\naddress = \"127.0.0.1:1883\"\nclient_id = \"edge\"\n[[bridge.topic]]\npattern = \"b\"\n"
+        #expect(problem(twice).contains("bridge[1].client_id"))
+        #expect(problem(twice.replacingOccurrences(of: "name = \"y\"\naddress = \"127.0.0.1:1883\"", with: "name = \"y\"\naddress = \"127.0.0.2:1883\"")) == "accepted")
     }
 
     @Test("the echo filter drops each message sent once when it comes back, and forgets the oldest past its capacity")

@@ -55,9 +55,9 @@ def open_dir():
     return d
 
 
-def bridge_config(remote_port, topics, extra="", bridge_extra="", name="cloud"):
+def bridge_config(remote_port, topics, extra="", bridge_extra="", name="cloud", keep_alive=5):
     text = f'[[listener]]\nbind = "127.0.0.1:0"\n{extra}\n'
-    text += f'[[bridge]]\nname = "{name}"\naddress = "127.0.0.1:{remote_port}"\nkeep_alive = 5\n'
+    text += f'[[bridge]]\nname = "{name}"\naddress = "127.0.0.1:{remote_port}"\nkeep_alive = {keep_alive}\n'
     text += 'reconnect_delay = {{ min = 0.2, max = 1 }}\n'.format()
     text += bridge_extra
     for t in topics:
@@ -454,6 +454,7 @@ def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
         assert connected(b), b.log()
         far = subscriber(remote.port, "#")
         published(b.port, "loc", "parent")
+        published(b.port, "loc/", "the prefix itself: an empty topic name on the remote")
         published(b.port, "sensors/" + "a" * (65535 - len("sensors/")), "too long")
         published(b.port, "loc/x", "one")
         published(b.port, "sensors/ok", "two")
@@ -461,6 +462,7 @@ def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
         time.sleep(0.5)
         assert sorted(got(far)) == [("site1/sensors/ok", "two"), ("x", "one")]
         assert b.proc.poll() is None
+        assert b.log().count("bridge connected") == 1, b.log()[-1500:]
     finally:
         b.stop()
         remote.stop()
@@ -593,6 +595,43 @@ def test_a_remote_topic_past_max_topic_levels_is_dropped_not_the_link():
         log = b.log()
         assert log.count("message from the remote dropped") == 1 and "(22 levels" in log, log[-1500:]
         assert log.count("bridge connected") == 1 and "bridge link error" not in log, log[-1500:]
+    finally:
+        b.stop()
+        remote.stop()
+
+
+def test_an_mqtt5_remotes_limits_are_kept():
+    """An MQTT 5 remote's CONNACK limits: Maximum QoS (QoS 2 goes as 1, MQTT-3.2.2-11), Retain
+    Available 0 (RETAIN cleared, MQTT-3.2.2-14), Maximum Packet Size counted with the remote prefix
+    (MQTT-3.2.2-15: not sent), Server Keep Alive (pings at its interval, MQTT-3.2.2-21, not the
+    bridge's 60 s). Mosquitto closes the link for each of them otherwise."""
+    remote = Mosquitto(extra="max_qos 1\nretain_available false\nmax_keepalive 10\nmax_packet_size 300\n")
+    b = Broker([], config_text=bridge_config(remote.port, [
+        {"pattern": "out/#", "direction": "out", "qos": 2, "remote_prefix": "p" * 150 + "/"},
+    ], bridge_extra="protocol_version = 5\n", keep_alive=60))
+    try:
+        assert connected(b), b.log()
+        far = paho_client("far")   # (keep-alive within the remote's max_keepalive, or refused)
+        far.connect("127.0.0.1", remote.port, keepalive=10)
+        far.loop_start()
+        assert far.connected.wait(5)
+        far.subscribe("#", qos=1)
+        time.sleep(0.3)
+        c = paho_client("local-pub")
+        start(c, b.port)
+        c.publish("out/big", "x" * 200, qos=2).wait_for_publish(10)   # over 300 bytes with the prefix
+        c.publish("out/a", "q2 retained", qos=2, retain=True).wait_for_publish(10)
+        assert wait_for(lambda: len(far.messages) >= 1, timeout=10), (got(far), b.log()[-1500:])
+        m = far.messages[0]
+        assert (m.topic, m.payload.decode(), m.qos, m.retain) == ("p" * 150 + "/out/a", "q2 retained", 1, False)
+        time.sleep(16)   # idle past 1.5 x the remote's keep-alive of 10 s (the bridge's is 60)
+        c.publish("out/b", "after", qos=1).wait_for_publish(10)
+        assert wait_for(lambda: len(far.messages) >= 2, timeout=10), (got(far), b.log()[-1500:])
+        assert [t[1] for t in got(far)] == ["q2 retained", "after"]
+        log = b.log()
+        assert log.count("bridge connected") == 1, log[-2000:]
+        assert "over its Maximum Packet Size (300)" in log, log[-2000:]
+        c.loop_stop()
     finally:
         b.stop()
         remote.stop()
