@@ -277,6 +277,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         flags.set(.unwritable, !context.channel.isWritable)
+        updateReading()
         if !flags.contains(.unwritable) { pump() }
     }
 
@@ -1070,9 +1071,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Reads from the socket when the state machine wants to (what was read while it does not
-    /// waits in `cumulation`, or in the machine before CONNACK).
+    /// waits in `cumulation`, or in the machine before CONNACK), and while the client reads what
+    /// it is sent: one whose socket is full (NIO's high-water mark) is not read until it drains,
+    /// so that a client sending packets that are answered (QoS 1 and 2 PUBLISHes, PUBRELs,
+    /// PINGREQs) without reading the answers cannot grow its output without bound.
     private func updateReading() {
-        guard let reading = machine.wantsToRead(heldBack: holdBack != nil) else { return }
+        guard let reading = machine.wantsToRead(heldBack: holdBack != nil || flags.contains(.unwritable)) else { return }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: reading)
     }
 

@@ -498,3 +498,38 @@ def test_memory_comes_back_after_a_burst_to_a_stalled_subscriber(broker):
     assert after - before < 40 * 1024, f"{after - before} KiB still held after the burst (peak +{peak - before})"
     for s in publishers:
         s.close()
+
+
+def test_a_client_that_sends_without_reading_its_answers_is_not_read_either(broker):
+    """PUBRELs (each answered by a PUBCOMP) and QoS 1 PUBLISHes (each by a PUBACK) sent as fast as
+    the socket takes them by a client that reads nothing: the broker stops reading it once its
+    answers fill the socket (NIO's high-water mark), so its output does not grow without bound
+    (Mosquitto's RSS stays flat; mqlite's grew ~12 MB a second), and other clients are served."""
+    import threading
+    other = socket.create_connection(("127.0.0.1", broker.port))
+    other.sendall(connect_packet(b"other"))
+    read_exactly(other, 4)
+    before = rss_kib(broker.proc.pid)
+    for kind, chunk in ((b"pubrel", b"".join(b"\x62\x02" + struct.pack("!H", 1 + k) for k in range(4096))),
+                        (b"puback", b"".join(publish_packet(b"t", b"x", 1, 1 + k) for k in range(1000)))):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", broker.port))
+        s.sendall(connect_packet(b"flood-" + kind))
+        sent = [0]
+
+        def flood():
+            try:
+                while True:
+                    s.sendall(chunk)  # blocks once the broker stops reading
+                    sent[0] += len(chunk)
+            except OSError:
+                pass
+        threading.Thread(target=flood, daemon=True).start()
+        time.sleep(4)
+        other.sendall(b"\xc0\x00")  # still served
+        assert read_exactly(other, 2) == b"\xd0\x00"
+        grown = rss_kib(broker.proc.pid) - before
+        assert grown < 20 * 1024, f"RSS grew {grown} KiB while a client sent {sent[0]} bytes of {kind.decode()} without reading"
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
