@@ -326,12 +326,24 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                 acknowledge(.pubcomp(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
             }
         case .suback(let suback):
-            let refused = suback.value.returnCodes.filter { $0 == .failure }.count
-            if refused > 0 { logger.warning("the remote refused \(refused) of the bridge's subscriptions") }
+            let refused = suback.value.returnCodes.compactMap { code -> String? in
+                switch code {
+                case .granted: nil
+                case .failure: "0x80"
+                case .refused(let reason): "0x\(String(reason.rawValue, radix: 16, uppercase: true))"
+                }
+            }
+            if !refused.isEmpty {
+                logger.warning("the remote refused \(refused.count) of the bridge's subscriptions (\(refused.joined(separator: ", ")))")
+            }
         case .pingresp:
             pingOutstanding = false
-        case .disconnect, .disconnectV5:
+        case .disconnect:
             logger.info("the remote sent DISCONNECT")
+            channel.close(promise: nil)
+        case .disconnectV5(let disconnect):
+            let reason = disconnect.properties.reasonString.map { ": \(LogText($0, limit: 256))" } ?? ""
+            logger.info("the remote sent DISCONNECT, reason code 0x\(String(disconnect.reasonCode.rawValue, radix: 16, uppercase: true))\(reason)")
             channel.close(promise: nil)
         default:
             break
