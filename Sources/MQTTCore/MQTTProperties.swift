@@ -122,8 +122,20 @@ public struct MQTTProperties: Equatable, Sendable {
     public init() {}
 
     init(_ values: Values) {
-        if values != Values.empty { storage = Storage(values) }
+        guard values != Values.empty else { return }
+        storage = Storage(values)
+        if values.userProperties.count >= Self.userPropertiesKeptEncoded {
+            var encoded = ByteBuffer()
+            for p in values.userProperties { encoded.writeUserProperty(p) }
+            storage!.userPropertiesEncoded = encoded
+        }
     }
+
+    /// From this many user properties on, a decoded set keeps them encoded too, and every packet
+    /// made of it copies those bytes: a message sent to many subscribers, each its own PUBLISH,
+    /// does not encode its user properties again for each (200,000 of them to 100 subscribers
+    /// held a worker for 2 s).
+    static let userPropertiesKeptEncoded = 16
 
     /// Whether no property is set.
     public var isEmpty: Bool { storage.map { $0.values == Values.empty } ?? true }
@@ -164,7 +176,9 @@ public struct MQTTProperties: Equatable, Sendable {
             if storage == nil {
                 storage = Storage(Values.empty)
             } else if !isKnownUniquelyReferenced(&storage!) {
-                storage = Storage(storage!.values)
+                let copy = Storage(storage!.values)
+                copy.userPropertiesEncoded = storage!.userPropertiesEncoded
+                storage = copy
             }
             storage!.values[keyPath: field] = newValue
         }
@@ -284,7 +298,10 @@ public struct MQTTProperties: Equatable, Sendable {
     /// 0x26, every packet with properties, and will: name/value pairs, in order, repeats kept.
     public var userProperties: [UserProperty] {
         get { self[\.userProperties] }
-        set { self[\.userProperties] = newValue }
+        set {
+            self[\.userProperties] = newValue
+            storage!.userPropertiesEncoded = nil
+        }
     }
     /// 0x27, CONNECT and CONNACK: the largest packet the sender accepts (not 0).
     public var maximumPacketSize: UInt32? {
@@ -346,8 +363,13 @@ public struct MQTTProperties: Equatable, Sendable {
     /// shares nothing mutable.
     private final class Storage: @unchecked Sendable {
         var values: Values
+        /// `values.userProperties` as written on the wire, when many (`userPropertiesKeptEncoded`).
+        var userPropertiesEncoded: ByteBuffer?
         init(_ values: Values) { self.values = values }
     }
+
+    /// The user properties as written on the wire, if kept so.
+    var encodedUserProperties: ByteBuffer? { storage?.userPropertiesEncoded }
 }
 
 // MARK: - Decoding
@@ -496,7 +518,11 @@ extension MQTTProperties {
         if v.topicAlias != nil { n += 3 }
         if v.maximumQoS != nil { n += 2 }
         if v.retainAvailable != nil { n += 2 }
-        for p in v.userProperties { n += 5 + p.name.utf8.count + p.value.utf8.count }
+        if let encoded = storage.userPropertiesEncoded {
+            n += encoded.readableBytes
+        } else {
+            for p in v.userProperties { n += 5 + p.name.utf8.count + p.value.utf8.count }
+        }
         if v.maximumPacketSize != nil { n += 5 }
         if v.wildcardSubscriptionAvailable != nil { n += 2 }
         if v.subscriptionIdentifierAvailable != nil { n += 2 }
@@ -541,15 +567,21 @@ extension ByteBuffer {
         if let x = v.topicAlias { id(.topicAlias); writeInteger(x) }
         if let x = v.maximumQoS { id(.maximumQoS); writeInteger(x.rawValue) }
         if let x = v.retainAvailable { id(.retainAvailable); writeInteger(UInt8(x ? 1 : 0)) }
-        for p in v.userProperties {
-            id(.userProperty)
-            writeMQTTString(p.name)
-            writeMQTTString(p.value)
+        if let encoded = properties.encodedUserProperties {
+            writeImmutableBuffer(encoded)
+        } else {
+            for p in v.userProperties { writeUserProperty(p) }
         }
         if let x = v.maximumPacketSize { id(.maximumPacketSize); writeInteger(x) }
         if let x = v.wildcardSubscriptionAvailable { id(.wildcardSubscriptionAvailable); writeInteger(UInt8(x ? 1 : 0)) }
         if let x = v.subscriptionIdentifierAvailable { id(.subscriptionIdentifierAvailable); writeInteger(UInt8(x ? 1 : 0)) }
         if let x = v.sharedSubscriptionAvailable { id(.sharedSubscriptionAvailable); writeInteger(UInt8(x ? 1 : 0)) }
+    }
+
+    mutating func writeUserProperty(_ p: UserProperty) {
+        writeInteger(PropertyIdentifier.userProperty.rawValue)
+        writeMQTTString(p.name)
+        writeMQTTString(p.value)
     }
 
     mutating func writeMQTTBinary(_ bytes: ByteBuffer) {

@@ -216,6 +216,35 @@ struct MQTT5RoundTripTests {
     }
 }
 
+@Suite("MQTT 5 user properties kept encoded")
+struct MQTT5UserPropertiesEncodedTests {
+    @Test("a decoded PUBLISH with many user properties writes the same bytes, after a change to another property too; a change to the user properties writes the new ones")
+    func keptEncoded() throws {
+        let many = (0..<40).map { UserProperty(name: "k\($0)", value: String(repeating: "v", count: $0)) }
+        let publish = PublishPacket(topic: "a/b", payload: "xyz", qos: .atLeastOnce, packetID: 1, properties: props { $0.userProperties = many; $0.contentType = "t" })
+        let wire = encodeV5([.publish(publish)])
+        guard case .publish(let decoded) = try decodeAllV5(wire).first else { Issue.record("no PUBLISH"); return }
+        #expect(decoded.properties.userProperties == many)
+        #expect(encodeV5([.publish(decoded)]) == wire)
+        // Another property changed on a copy (as per subscriber): the user properties go as they were.
+        var adorned = decoded
+        adorned.properties.subscriptionIdentifiers = [7]
+        var expected = publish
+        expected.properties.subscriptionIdentifiers = [7]
+        #expect(encodeV5([.publish(adorned)]) == encodeV5([.publish(expected)]))
+        #expect(encodeV5([.publish(decoded)]) == wire, "the original is unchanged")
+        var sizes = ByteBuffer()
+        sizes.writeMQTTProperties(adorned.properties)
+        #expect(sizes.readableBytes == adorned.properties.encodedSizeWithLength)
+        // The user properties themselves changed: the new list is written.
+        var changed = decoded
+        changed.properties.userProperties = Array(many.prefix(2))
+        var fewer = publish
+        fewer.properties.userProperties = Array(many.prefix(2))
+        #expect(encodeV5([.publish(changed)]) == encodeV5([.publish(fewer)]))
+    }
+}
+
 @Suite("MQTT 5 packets from a real client")
 struct MQTT5CapturedTests {
     /// mosquitto_pub 2.0 (-V mqttv5 -q 1 -i cap1 -t sensors/temp -m 21.5 -D connect
