@@ -49,6 +49,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         /// message made of it is kept without a copy. Cleared once that PUBLISH is accepted,
         /// and before held packets are handled.
         static let readAlone = Flags(rawValue: 1 << 5)
+        /// Not read: the client does not read what it is sent, and its answers pile up
+        /// (`checkAnswerBacklog`).
+        static let answersHeld = Flags(rawValue: 1 << 6)
     }
 
     private var will: Will? {
@@ -262,6 +265,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// One read batch is done: flush what it produced, for every connection it wrote to.
     func channelReadComplete(context: ChannelHandlerContext) {
         worker.flushDirty()
+        if flags.contains(.unwritable) { checkAnswerBacklog() }
     }
 
     /// Pumps the session again once the loop has served others.
@@ -277,9 +281,31 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         flags.set(.unwritable, !context.channel.isWritable)
-        updateReading()
-        if !flags.contains(.unwritable) { pump() }
+        guard !flags.contains(.unwritable) else { return }
+        if flags.contains(.answersHeld) {
+            flags.remove(.answersHeld)
+            updateReading()
+        }
+        pump()
     }
+
+    /// After a read while the channel is not writable: if what waits to be written has grown past
+    /// `maxAnswerBacklog`, the client sends packets that are answered (QoS 1 and 2 PUBLISHes,
+    /// PUBRELs, PINGREQs) without reading the answers, and is not read until it does (a flood of
+    /// PUBRELs grew the broker ~12 MB a second). A slow reader's own messages wait in its session's
+    /// queue instead (`canWrite`), so its PINGREQ or DISCONNECT is still read.
+    private func checkAnswerBacklog() {
+        guard let channel = context?.channel, let options = channel.syncOptions,
+              let buffered = try? options.getOption(.bufferedWritableBytes), buffered > Self.maxAnswerBacklog
+        else { return }
+        flags.insert(.answersHeld)
+        updateReading()
+    }
+
+    /// What may wait to be written to a client that does not read before it is not read either:
+    /// NIO's high-water mark plus a full batch (what a session sends up to, `maxBatchedBytes`), and
+    /// as much again.
+    static let maxAnswerBacklog = 2 * (256 * 1024 + maxBatchedBytes)
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if clientInfo.origin.tls != nil, !(error is WebSocketTransportError) {
@@ -1071,12 +1097,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Reads from the socket when the state machine wants to (what was read while it does not
-    /// waits in `cumulation`, or in the machine before CONNACK), and while the client reads what
-    /// it is sent: one whose socket is full (NIO's high-water mark) is not read until it drains,
-    /// so that a client sending packets that are answered (QoS 1 and 2 PUBLISHes, PUBRELs,
-    /// PINGREQs) without reading the answers cannot grow its output without bound.
+    /// waits in `cumulation`, or in the machine before CONNACK), and not while the client's
+    /// answers pile up unread (`checkAnswerBacklog`).
     private func updateReading() {
-        guard let reading = machine.wantsToRead(heldBack: holdBack != nil || flags.contains(.unwritable)) else { return }
+        guard let reading = machine.wantsToRead(heldBack: holdBack != nil || flags.contains(.answersHeld)) else { return }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: reading)
     }
 
