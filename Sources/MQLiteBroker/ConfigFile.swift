@@ -218,13 +218,13 @@ public enum ConfigFile {
             bridge.clientID = id
         }
         // (An MQTT string: at most 65,535 bytes.)
-        for key in ["username", "password"] {
-            if let value = try section.string(key), value.utf8.count > 65535 {
-                throw section.error(key, "must be at most 65,535 bytes of UTF-8, not \(value.utf8.count)")
-            }
+        func mqttString(_ key: String) throws(ConfigError) -> String? {
+            guard let value = try section.string(key) else { return nil }
+            guard value.utf8.count <= 65535 else { throw section.error(key, "must be at most 65,535 bytes of UTF-8, not \(value.utf8.count)") }
+            return value
         }
-        bridge.username = try section.string("username")
-        bridge.password = try section.string("password")
+        bridge.username = try mqttString("username")
+        bridge.password = try mqttString("password")
         if bridge.password != nil && bridge.username == nil { throw section.error("password", "needs username (MQTT 3.1.1 sends no password alone)") }
         if let clean = try section.bool("clean_session") { bridge.cleanSession = clean }
         if let keepAlive = try section.int("keep_alive", in: 0...65535) { bridge.keepAlive = UInt16(keepAlive) }

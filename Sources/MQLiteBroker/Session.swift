@@ -803,7 +803,7 @@ final class Session: @unchecked Sendable {
         pump()
     }
 
-    /// The in-flight message at `index` is done without its acknowledgement.
+    /// The in-flight message at `index` is done: acknowledged, or (`resume`) not owed any more.
     private func inflightDone(at index: Int) {
         let done = inflight.remove(at: index)
         if done.seq != 0 { report(.acknowledged(packetID: done.id, seq: done.seq)) }
@@ -879,8 +879,7 @@ final class Session: @unchecked Sendable {
     func puback(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.indices.first(where: { inflight[$0].id == id && inflight[$0].qos == .atLeastOnce }) {
-            let done = inflight.remove(at: i)
-            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
+            inflightDone(at: i)
             pump()
         }
     }
@@ -898,8 +897,7 @@ final class Session: @unchecked Sendable {
     func pubrecRefused(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) {
-            let done = inflight.remove(at: i)
-            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
+            inflightDone(at: i)
             pump()
         }
     }
@@ -907,8 +905,7 @@ final class Session: @unchecked Sendable {
     func pubcomp(_ id: UInt16) {
         assertOnOwner()
         if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
-            let done = inflight.remove(at: i)
-            if done.seq != 0 { report(.acknowledged(packetID: id, seq: done.seq)) }
+            inflightDone(at: i)
             pump()
         }
     }
