@@ -346,7 +346,7 @@ public final class Broker: Sendable {
         for link in bridges { try? await link.worker.loop.submit { link.stop() }.get() }
         for worker in workers {
             try? await worker.loop.submit {
-                for connection in worker.connections.values { connection.closeForShutdown() }
+                for connection in worker.connections { connection.handler.closeForShutdown() }
                 worker.pacing.stop()
             }.get()
         }
@@ -445,7 +445,7 @@ public final class Broker: Sendable {
     public func reauthorizeAll() {
         for worker in workers {
             worker.loop.execute {
-                for connection in worker.connections.values { connection.reauthorize() }
+                for connection in worker.connections { connection.handler.reauthorize() }
             }
         }
     }

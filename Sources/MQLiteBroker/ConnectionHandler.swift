@@ -12,7 +12,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     // Stored properties are laid out in this order: references and words first, then the
     // single-byte ones together, so that an idle connection's handler stays in a small malloc
     // size class (`IdleFootprintTests`). For the same reason what most clients do not have (a
-    // will, access rules) is kept out of line, in one box, and `clientInfo` refers to the listener.
+    // will, access rules, TLS details, publishers held back) is kept out of line, in one box, and
+    // the handler refers to its listener.
     private let worker: Worker
     /// The worker's (not a field of its own: one word less on every connection).
     private var broker: Broker { worker.broker }
@@ -52,6 +53,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         /// Not read: the client does not read what it is sent, and its answers pile up
         /// (`checkAnswerBacklog`).
         static let answersHeld = Flags(rawValue: 1 << 6)
+        /// Not read: subscribers of what it publishes are filling up (`holdBack`).
+        static let heldBack = Flags(rawValue: 1 << 7)
     }
 
     private var will: Will? {
@@ -68,7 +71,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func updateRare(_ change: (Rare) -> Void) {
         let box = rare ?? Rare()
         change(box)
-        rare = box.will == nil && box.access == nil && box.authentication == nil && box.storeAcks == nil && !box.peerIsBridge ? nil : box
+        rare = box.isEmpty ? nil : box
     }
 
     private func rare(authentication: Authentication) { updateRare { $0.authentication = authentication } }
@@ -84,7 +87,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     init(worker: Worker, listener: RunningListener) {
         self.worker = worker
-        self.clientInfo = ClientInfo(clientID: "", username: nil, address: "?", origin: listener)
+        origin = listener
         worker.broker.connectionObjects.add(1, ordering: .relaxed)
     }
 
@@ -96,13 +99,26 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// is logged, so connections carry no metadata storage.
     private var logger: Logger {
         var logger = broker.logger
-        logger[metadataKey: "address"] = "\(clientInfo.address)"
-        if !clientInfo.clientID.isEmpty { logger[metadataKey: "client"] = "\(LogText(clientInfo.clientID))" }
+        logger[metadataKey: "address"] = "\(address)"
+        if !clientID.isEmpty { logger[metadataKey: "client"] = "\(LogText(clientID))" }
         return logger
     }
 
-    /// Who this client is (for hooks and logs); set once CONNECT has given the client id.
-    private var clientInfo: ClientInfo
+    // Who this client is (for hooks and logs): its id and user name once CONNECT has given them.
+    private var clientID = ""
+    private var username: String?
+    private var address = "?"
+    /// The listener the client came in on.
+    private let origin: RunningListener
+    /// As the client's CONNECT said: 3, 4 or 5.
+    private var protocolLevel: UInt8 = 4
+
+    /// For the hooks.
+    private var clientInfo: ClientInfo {
+        var info = ClientInfo(clientID: clientID, username: username, address: address, origin: origin, tls: rare?.tls)
+        info.protocolVersion = protocolLevel
+        return info
+    }
 
     // MARK: - Channel events
 
@@ -120,12 +136,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        clientInfo.address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
         machine = ConnectionStateMachine(now: .now())
-        worker.connections[ObjectIdentifier(self)] = self
+        worker.connections.insert(Worker.Connection(handler: self))
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue
         flags.insert(.counted)
-        let listener = clientInfo.origin.index
+        let listener = origin.index
         if listener >= 0 {
             worker.stats.connectionsTotal[listener] &+= 1
             worker.stats.connectionsOpen[listener] &+= 1
@@ -145,7 +161,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// once): the connection is lost, and closes when the worker's tick has room for it
     /// (`ConnectPacing`), so that a thousand clients leaving at once do not hold up the others.
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let proxied = event as? ProxiedAddressEvent { clientInfo.address = proxied.address.addressText }
+        if let proxied = event as? ProxiedAddressEvent { address = proxied.address.addressText }
         if let event = event as? ChannelEvent, event == .inputClosed {
             worker.pacing.run { context.close(promise: nil) }
         }
@@ -156,7 +172,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// keep-alive. With `closing` false (a late sweep) it only tidies.
     func checkTimeouts(now: NIODeadline, closing: Bool) {
         let limit = broker.configuration.limits.connectTimeout
-        switch machine.timeoutCheck(now: now, connectTimeout: limit, heldBack: holdBack != nil, closing: closing) {
+        switch machine.timeoutCheck(now: now, connectTimeout: limit, heldBack: flags.contains(.heldBack), closing: closing) {
         case .close(let reason, let code):
             tellV5(code)
             closeWithWill(reason: reason)
@@ -169,11 +185,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        worker.connections[ObjectIdentifier(self)] = nil
+        worker.connections.remove(Worker.Connection(handler: self))
         worker.freedMemory = true
         if flags.contains(.counted) {
             broker.connectionCount.add(-1, ordering: .relaxed)
-            if clientInfo.origin.index >= 0 { worker.stats.connectionsOpen[clientInfo.origin.index] &-= 1 }
+            if origin.index >= 0 { worker.stats.connectionsOpen[origin.index] &-= 1 }
         }
         flags.remove(.counted)
         // After a DISCONNECT the session is already detached (will discarded), so this does nothing.
@@ -193,7 +209,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         while var pending = cumulation {
             cumulation = nil
-            guard flags.contains(.partial), holdBack == nil, !machine.hookPending else {
+            guard flags.contains(.partial), !flags.contains(.heldBack), !machine.hookPending else {
                 // Paused, or what a pause kept: this read waits behind it, in order.
                 flags.remove(.partial)
                 pending.writeBuffer(&buffer)
@@ -231,7 +247,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         defer { flags.remove(.readAlone) }
         let start = buffer.readerIndex
         do {
-            while holdBack == nil, !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
+            while !flags.contains(.heldBack), !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(consume packet))
                 if machine.isClosed { return }
             }
@@ -253,7 +269,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// does not grow). Else it is the start of one packet: in a buffer of its own, which later
     /// reads fill to the packet's end (`MQTTDecoder.keepPartial`).
     private func keep(_ rest: inout ByteBuffer) {
-        if holdBack != nil || machine.hookPending {
+        if flags.contains(.heldBack) || machine.hookPending {
             rest.discardReadBytes()
             cumulation = rest
             return
@@ -308,11 +324,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     static let maxAnswerBacklog = 2 * (256 * 1024 + maxBatchedBytes)
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if clientInfo.origin.tls != nil, !(error is WebSocketTransportError) {
+        if origin.tls != nil, !(error is WebSocketTransportError) {
             // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
             // during it). Logged with a rate limit, so that a scanner cannot flood the log.
             if case .awaitingConnect = machine.state {
-                clientInfo.origin.logHandshakeFailure("\(error)", logger: logger)
+                origin.logHandshakeFailure("\(error)", logger: logger)
                 machine.closed()
                 context.close(promise: nil)
                 worker.flushDirty()
@@ -366,7 +382,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 if version == .v5 { codes.append(session.isSubscribed(named: named) ? .success : .noSubscriptionExisted) }
                 let subscribed = broker.unsubscribe(session, named: named)
                 broker.hooks.unsubscribed(
-                    UnsubscribeRequest(clientID: clientInfo.clientID, username: clientInfo.username, filter: filter, subscribed: subscribed.string),
+                    UnsubscribeRequest(clientID: clientID, username: username, filter: filter, subscribed: subscribed.string),
                     worker: worker.index)
             }
             writePacket(version == .v5
@@ -448,10 +464,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         var username = connect.username
         var password = connect.password
-        if let tls = clientInfo.origin.tls {
+        var tlsInfo: TLSClientInfo?
+        if let tls = origin.tls {
             // Once per connection: the handshake is done (CONNECT came through it).
             let info = clientTLSInfo(tls)
-            clientInfo.tls = info
+            tlsInfo = info
+            updateRare { $0.tls = info }
             if tls.useIdentityAsUsername {
                 // As Mosquitto: the certificate's CN replaces whatever user name and password the
                 // client sent (require_certificate guarantees a verified certificate).
@@ -462,15 +480,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 password = nil
             }
         }
-        clientInfo.clientID = clientID
-        clientInfo.username = username
+        self.clientID = clientID
+        self.username = username
 
         var request = ConnectRequest(
-            clientID: clientID, username: username, password: password, address: clientInfo.address,
-            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: clientInfo.listener, tls: clientInfo.tls)
+            clientID: clientID, username: username, password: password, address: address,
+            cleanSession: connect.cleanSession, keepAlive: connect.keepAlive, listener: origin.bind, tls: tlsInfo)
         request.connection = ObjectIdentifier(self)
         request.protocolVersion = connect.protocolLevel
-        clientInfo.protocolVersion = connect.protocolLevel
+        protocolLevel = connect.protocolLevel
         if version == .v5 { request.userProperties = connect.properties.userProperties }
         // In a storm of CONNECTs, this one may wait for a later tick of the loop (`ConnectPacing`).
         whenAnswered(worker.pacing.admit(), failed: ()) { handler, _ in
@@ -499,7 +517,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .accept:
             break
         case .pass:
-            if clientInfo.username == nil && !broker.configuration.allowAnonymous {
+            if username == nil && !broker.configuration.allowAnonymous {
                 return refuse(.notAuthorized, "anonymous clients are not allowed")
             }
         }
@@ -510,8 +528,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func authorized(_ connect: ConnectPacket, _ tables: [ACLTable]) {
         guard !machine.isClosed else { return }
-        let clientID = clientInfo.clientID
-        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: clientInfo.username)) }
+        let clientID = self.clientID
+        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: username)) }
         // A will is a message this client publishes later: its topic must be one the client may
         // publish to (CONNACK 5, as Mosquitto answers).
         if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
@@ -560,7 +578,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let asked = connect.properties.sessionExpiryInterval ?? 0
         let granted = expiry == Session.neverExpires ? UInt32.max : UInt32(expiry.nanoseconds / 1_000_000_000)
         if granted != asked { properties.sessionExpiryInterval = granted }
-        if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientInfo.clientID }
+        if connect.clientID.isEmpty { properties.assignedClientIdentifier = clientID }
         if keepAlive != connect.keepAlive { properties.serverKeepAlive = keepAlive }
         properties.maximumPacketSize = broker.configuration.limits.maximumPacketSizeProperty
         let inflight = broker.configuration.limits.maxInflight
@@ -670,7 +688,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func hookAnswered(held: [MQTTPacket]) {
         if !machine.isClosed {
             handle(packets: held)
-            if holdBack == nil, !machine.hookPending { processKept() }
+            if !flags.contains(.heldBack), !machine.hookPending { processKept() }
             updateReading()
         }
         worker.flushDirty()
@@ -952,7 +970,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         for index in first..<packet.subscriptions.count {
             let subscription = packet.subscriptions[index]
             let request = SubscribeRequest(
-                clientID: clientInfo.clientID, username: clientInfo.username, filter: subscription.filter, qos: subscription.qos)
+                clientID: clientID, username: username, filter: subscription.filter, qos: subscription.qos)
             switch broker.hooks.authorizeSubscribe(request, worker: worker.index) {
             case .now(let decision):
                 decisions.append(decision)
@@ -1047,15 +1065,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// Reading is paused because a subscriber of what this client publishes, one that is still
     /// reading, is over half its queue budget, or another worker's mailbox is full: the
-    /// subscribers this waits for. What was already read waits in `cumulation`.
-    private var holdBack: [(session: Session, grant: Grant)]?
+    /// subscribers this waits for. What was already read waits in `cumulation`. (In `rare`; the
+    /// read loop asks the `heldBack` flag.)
+    private var holdBack: [(session: Session, grant: Grant)]? {
+        get { rare?.holdBack }
+        set {
+            flags.set(.heldBack, newValue != nil)
+            if newValue != nil || rare?.holdBack != nil { updateRare { $0.holdBack = newValue } }
+        }
+    }
 
     /// After a publish that found a subscriber queue or a mailbox filling up: pause reading this
     /// client until they drain (rechecked every 2 ms), so that the subscribers keeping up lose
     /// nothing. A subscriber that makes no progress stops counting after a while
     /// (`Session.stallTimeout`) and has its messages dropped instead.
     private func holdBackIfCongested(_ targets: [(session: Session, grant: Grant)]) {
-        guard holdBack == nil, isCongested(targets) else { return }
+        guard !flags.contains(.heldBack), isCongested(targets) else { return }
         holdBack = targets
         updateReading()
         scheduleHoldBackCheck()
@@ -1088,7 +1113,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             processKept()
             worker.flushDirty()
         }
-        if holdBack == nil { updateReading() }
+        if !flags.contains(.heldBack) { updateReading() }
     }
 
     /// Whether this client should wait before more of its messages are read.
@@ -1100,7 +1125,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// waits in `cumulation`, or in the machine before CONNACK), and not while the client's
     /// answers pile up unread (`checkAnswerBacklog`).
     private func updateReading() {
-        guard let reading = machine.wantsToRead(heldBack: holdBack != nil || flags.contains(.answersHeld)) else { return }
+        guard let reading = machine.wantsToRead(heldBack: flags.contains(.heldBack) || flags.contains(.answersHeld)) else { return }
         try? context?.channel.syncOptions?.setOption(.autoRead, value: reading)
     }
 
@@ -1202,7 +1227,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         authentication.step += 1
         var request = AuthRequest(
-            clientID: clientInfo.clientID, username: clientInfo.username, address: clientInfo.address, listener: clientInfo.listener,
+            clientID: clientID, username: username, address: address, listener: origin.bind,
             method: authentication.method, data: data, step: authentication.step, reauthenticating: authentication.connect == nil,
             state: authentication.state)
         request.connection = ObjectIdentifier(self)
@@ -1296,7 +1321,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func countUnflushed(_ bytes: Int) {
         // (Elsewhere the channel counts writes as they come.)
-        guard clientInfo.origin.tls != nil else { return }
+        guard origin.tls != nil else { return }
         unflushedKiB = UInt16(clamping: Int(unflushedKiB) + (bytes + 1023) >> 10)
     }
 
@@ -1342,7 +1367,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     private func reauthorized(_ session: Session, _ tables: [ACLTable]) {
-        access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientInfo.clientID, username: clientInfo.username))
+        access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientID, username: username))
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         guard let acl = access?.acl else { return }
         revoke(session, acl: acl)
@@ -1442,7 +1467,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 }
 
 /// What most connections do not have: a will, access rules, enhanced authentication,
-/// acknowledgements waiting for the store.
+/// acknowledgements waiting for the store, TLS, publishers held back.
 private final class Rare {
     var will: Will?
     var access: Access?
@@ -1450,6 +1475,13 @@ private final class Rare {
     var storeAcks: StoreAcks?
     /// A Mosquitto bridge (`ConnectPacket.isBridge`): its subscriptions have No Local.
     var peerIsBridge = false
+    /// On TLS listeners, what the handshake told of the client.
+    var tls: TLSClientInfo?
+    var holdBack: [(session: Session, grant: Grant)]?
+
+    var isEmpty: Bool {
+        will == nil && access == nil && authentication == nil && storeAcks == nil && !peerIsBridge && tls == nil && holdBack == nil
+    }
 }
 
 /// An MQTT 5 enhanced authentication method in use on a connection: the exchange in progress (at

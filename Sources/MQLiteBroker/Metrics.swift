@@ -183,8 +183,8 @@ extension Worker {
         assertOnLoop()
         var part = WorkerPart(stats: stats)
         for link in broker.bridges where link.worker === self { link.refreshQueued() }
-        for connection in connections.values {
-            guard let held = connection.sessionLoad() else { continue }
+        for connection in connections {
+            guard let held = connection.handler.sessionLoad() else { continue }
             part.online += 1
             part.inflight += held.inflight
             part.queued += held.queued

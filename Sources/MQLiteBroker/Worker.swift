@@ -41,7 +41,14 @@ final class Worker: @unchecked Sendable {
     private var outgoing: [[(Session, Delivery)]]
     /// Changed filters taken from `changedFilters`, kept for their capacity.
     private var changedScratch = ChangedFilters()
-    var connections: [ObjectIdentifier: ConnectionHandler] = [:]
+    /// Its open connections: a set of references (one word an entry, where a dictionary by
+    /// identifier took two: memory per idle connection).
+    var connections = Set<Connection>()
+    struct Connection: Hashable {
+        let handler: ConnectionHandler
+        static func == (a: Self, b: Self) -> Bool { a.handler === b.handler }
+        func hash(into hasher: inout Hasher) { hasher.combine(ObjectIdentifier(handler)) }
+    }
     /// Memory was let go here since the last sweep (a connection closed):
     /// the sweep may give it back to the system (`Broker.returnFreedMemory`).
     var freedMemory = false
@@ -246,7 +253,7 @@ final class Worker: @unchecked Sendable {
             let now = NIODeadline.now()
             let late = now - last > period * 2
             last = now
-            for connection in self.connections.values { connection.checkTimeouts(now: now, closing: !late) }
+            for connection in self.connections { connection.handler.checkTimeouts(now: now, closing: !late) }
             if !late { self.expireSessions(now: now) }
             // (Still pending while another trim was too recent: a later sweep does it.)
             if self.freedMemory, self.broker.returnFreedMemory(now: now) { self.freedMemory = false }

@@ -54,7 +54,7 @@ struct IdleFootprintTests {
         mallocUsableSize(Unmanaged.passUnretained(object).toOpaque())
     }
 
-    @Test("a session takes at most 120 bytes of heap, and a connection handler at most 208, until used")
+    @Test("a session takes at most 120 bytes of heap, and a connection handler at most 184, until used")
     func smallObjects() throws {
         var logger = Logger(label: "test")
         logger.logLevel = .critical
@@ -66,7 +66,7 @@ struct IdleFootprintTests {
         #expect(sessions.map(Self.mallocSize).min()! <= 120)
         let listener = RunningListener(unboundNamed: "test")
         let handlers = (0..<64).map { _ in ConnectionHandler(worker: broker.workers[0], listener: listener) }
-        #expect(handlers.map(Self.mallocSize).min()! <= 208)
+        #expect(handlers.map(Self.mallocSize).min()! <= 184)
     }
     #endif
 
