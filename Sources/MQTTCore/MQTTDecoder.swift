@@ -148,6 +148,8 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         switch type {
         case .publish:
             if (flags >> 1) & 0x03 == 3 { throw .invalidQoS(.publish) }
+            // MQTT-3.3.1-2: DUP is 0 on every QoS 0 message (Mosquitto closes the connection too).
+            if flags & 0x0E == 0x08 { throw .dupOnQoS0 }
         case .pubrel, .subscribe, .unsubscribe:
             if flags != 0x02 { throw .reservedFlags(type, flags: flags) }
         default:

@@ -16,6 +16,8 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     case unexpectedLength(PacketType, length: Int)
     /// A PUBLISH with both QoS bits set.
     case invalidQoS(PacketType)
+    /// A QoS 0 PUBLISH with the DUP flag set (MQTT-3.3.1-2).
+    case dupOnQoS0
     /// A string that is not well-formed UTF-8.
     case invalidUTF8
     /// A string that contains U+0000.
@@ -77,6 +79,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .truncated(let t): "\(t) body ends before its fields do"
         case .unexpectedLength(let t, let l): "\(t) body of unexpected length \(l)"
         case .invalidQoS(let t): "QoS 3 in \(t)"
+        case .dupOnQoS0: "DUP flag set on a QoS 0 PUBLISH"
         case .invalidUTF8: "string is not well-formed UTF-8"
         case .nullCharacter: "string contains U+0000"
         case .invalidTopicName(let n): "invalid topic name \"\(n)\""
@@ -108,7 +111,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     public var reasonCode: ReasonCode {
         switch self {
         case .invalidPacketType, .reservedFlags, .malformedRemainingLength, .truncated, .unexpectedLength,
-            .invalidQoS, .invalidUTF8, .nullCharacter, .connectReservedFlag, .invalidWillQoS, .willFlagsWithoutWill,
+            .invalidQoS, .dupOnQoS0, .invalidUTF8, .nullCharacter, .connectReservedFlag, .invalidWillQoS, .willFlagsWithoutWill,
             .passwordWithoutUsername, .invalidConnack, .malformedVariableByteInteger, .propertyLengthOverrun,
             .unknownProperty:
             .malformedPacket

@@ -189,6 +189,21 @@ struct ValidationTests {
         expectError([0x36, 0x05, 0, 1, 0x61, 0, 1], .invalidQoS(.publish))
     }
 
+    @Test("DUP on a QoS 0 PUBLISH is refused (MQTT-3.3.1-2), with or without RETAIN; on QoS 1 and 2 it is read")
+    func publishQoS0WithDUP() throws {
+        expectError([0x38, 0x04, 0, 1, 0x61, 0x78], .dupOnQoS0)
+        expectError([0x39, 0x04, 0, 1, 0x61, 0x78], .dupOnQoS0)
+        #expect(MQTTProtocolError.dupOnQoS0.reasonCode == .malformedPacket)
+        for first: UInt8 in [0x3A, 0x3C] {
+            var buffer = ByteBuffer(bytes: [first, 0x05, 0, 1, 0x61, 0, 7])
+            guard case .publish(let packet) = try MQTTDecoder().decode(buffer: &buffer, version: .v3_1_1) else {
+                Issue.record("no PUBLISH from 0x\(String(first, radix: 16))")
+                continue
+            }
+            #expect(packet.dup && packet.packetID == 7)
+        }
+    }
+
     @Test func remainingLengthOverFourBytes() {
         expectError([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], .malformedRemainingLength)
     }
