@@ -18,7 +18,9 @@
 --                `[scripting] on_error` decides ("deny", the default, refuses the client).
 -- The worker goes on serving every other client while a request is out; `[scripting]
 -- max_pending_calls` bounds how many wait at once on each worker. Answers are cached by a hash
--- of the client id and credentials.
+-- of the client id and credentials. A password that is not UTF-8 (MQTT passwords are bytes) cannot
+-- go in the JSON request: that client is refused (CONNACK 4) without asking, whatever `on_error`
+-- says (the service did not fail; a client must not be able to make it look as if it had).
 
 local url = mqlite.options.url
 local timeout = mqlite.options.timeout or 2
@@ -65,6 +67,7 @@ local function ask(c)
 end
 
 mqlite.on_connect(function(c)
+  if c.password and not utf8.len(c.password) then return false, 4 end
   local answer = cache_ttl > 0 and mqlite.kv.get(cache_key(c)) or nil
   if answer == nil then
     answer = ask(c)

@@ -10,12 +10,19 @@
 
 local rules = mqlite.options.rules or {}
 
+-- With plain finds: a pattern such as "(.-)/" is "too complex" for Lua on topics of a few KB
+-- (PLUGINS.md, "Patterns"), and such a topic's message was dropped.
 local function split(s)
-  local levels = {}
-  for level in (s .. "/"):gmatch("(.-)/") do
-    levels[#levels + 1] = level
+  local levels, start = {}, 1
+  while true do
+    local slash = s:find("/", start, true)
+    if not slash then
+      levels[#levels + 1] = s:sub(start)
+      return levels
+    end
+    levels[#levels + 1] = s:sub(start, slash - 1)
+    start = slash + 1
   end
-  return levels
 end
 
 local function captures(filter, topic)

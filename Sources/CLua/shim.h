@@ -155,11 +155,19 @@ static inline int mqlite_call(lua_State *L, int nargs, int nresults) {
     c->step = c->instruction_limit < MQLITE_HOOK_STEP ? (int)c->instruction_limit : MQLITE_HOOK_STEP;
     lua_sethook(L, mqlite_limit_hook, LUA_MASKCOUNT, c->step);
     __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* odd: running */
+    int base = lua_gettop(L) - nargs - 1;
     c->enforce = 1;
     int status = lua_pcall(L, nargs, nresults, 0);
     c->enforce = 0;
     __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* even: idle */
     lua_sethook(L, NULL, 0, 0);
+    if (status == LUA_OK && c->exhausted) {
+        /* A limit was hit in a coroutine of the script, whose resume caught the error: the call
+           still fails, as the limit's documentation says. */
+        lua_settop(L, base);
+        lua_pushstring(L, "limit exceeded (caught and ignored by the script)");
+        status = LUA_ERRRUN;
+    }
     return status;
 }
 
@@ -180,6 +188,13 @@ static inline int mqlite_resume(lua_State *from, lua_State *co, int nargs, int *
     __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* even: idle */
     lua_sethook(co, NULL, 0, 0);
     *remaining = c->remaining;
+    if (status == LUA_OK && c->exhausted) {
+        /* As in mqlite_call: a limit error the script caught still fails the call. */
+        lua_pop(co, *nresults);
+        lua_pushstring(co, "limit exceeded (caught and ignored by the script)");
+        *nresults = 0;
+        status = LUA_ERRRUN;
+    }
     return status;
 }
 

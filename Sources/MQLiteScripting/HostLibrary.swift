@@ -569,6 +569,15 @@ enum HostLibrary {
     static let jsonDecode: Function = { L in
         let L = L!
         guard let text = L.rawBytes(at: 1) else { return fail(L, "mqlite.json.decode(string)") }
+        // Text that could not fit what the script's memory_limit has left once decoded (a Lua
+        // value takes several times its JSON text) is refused before Foundation's parser spends
+        // time and memory, outside the budget and the time limit, on it.
+        let room = Int(clamping: mqlite_memory_remaining(mqlite_control_of(L)!)) / 4
+        guard text.count <= room else {
+            lua_pushnil(L)
+            L.push("text of \(text.count) bytes: more than the script's memory_limit leaves room for once decoded")
+            return 2
+        }
         // Deeper text never reaches the parser (whose recursion this bounds) nor the Lua stack.
         guard LuaJSON.nestingDepth(text, limit: LuaJSON.maxDepth) <= LuaJSON.maxDepth else {
             lua_pushnil(L)

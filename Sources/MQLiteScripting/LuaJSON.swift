@@ -21,14 +21,38 @@ enum LuaJSON {
     /// in their shortest form, `1.0` as `1`); strings must be UTF-8 and are escaped as JSON
     /// requires (`"`, `\\`, and control characters; `/` and non-ASCII as they are); object keys
     /// in byte order.
+    ///
+    /// Bounded as a Lua call is: the text may not outgrow what the script's `memory_limit` has
+    /// left (the string it becomes counts there), and the call's `time_limit` ends it. A table
+    /// that holds one other table twice, level after level (`t = {t, t}`), doubles the text at
+    /// each level: without the bound, 12 levels of 1 MiB strings made 4 GiB outside the budget.
     static func encode(_ L: LuaState, _ index: Int32) throws(HookResultError) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(128)
-        try write(L, lua_absindex(L, index), depth: 0, into: &out)
+        let control = mqlite_control_of(L)!
+        var bound = Bound(control: control, maxBytes: Int(clamping: mqlite_memory_remaining(control)))
+        try write(L, lua_absindex(L, index), depth: 0, into: &out, &bound)
         return out
     }
 
-    private static func write(_ L: LuaState, _ index: Int32, depth: Int, into out: inout [UInt8]) throws(HookResultError) {
+    /// What one `encode` may still do: text bytes, and (every `checkEvery` values) the clock.
+    private struct Bound {
+        let control: UnsafeMutablePointer<mqlite_control>
+        let maxBytes: Int
+        var values = 0
+        static let checkEvery = 1024
+
+        mutating func check(_ out: [UInt8]) throws(HookResultError) {
+            guard out.count <= maxBytes else {
+                throw HookResultError("the text would be over the memory the script has left (\(maxBytes) bytes)")
+            }
+            values &+= 1
+            if values % Self.checkEvery == 0, mqlite_overdue(control) != 0 { throw HookResultError("time limit exceeded") }
+        }
+    }
+
+    private static func write(_ L: LuaState, _ index: Int32, depth: Int, into out: inout [UInt8], _ bound: inout Bound) throws(HookResultError) {
+        try bound.check(out)
         switch lua_type(L, index) {
         case LUA_TNIL, LUA_TNONE:
             out.append(contentsOf: "null".utf8)
@@ -76,7 +100,7 @@ enum LuaJSON {
                     if i > 1 { out.append(UInt8(ascii: ",")) }
                     lua_rawgeti(L, index, lua_Integer(i))
                     defer { mqlite_pop(L, 1) }
-                    try write(L, lua_gettop(L), depth: depth + 1, into: &out)
+                    try write(L, lua_gettop(L), depth: depth + 1, into: &out, &bound)
                 }
                 out.append(UInt8(ascii: "]"))
                 return
@@ -106,7 +130,7 @@ enum LuaJSON {
                 out.append(UInt8(ascii: ":"))
                 lua_rawget(L, index)
                 defer { mqlite_pop(L, 1) }
-                try write(L, lua_gettop(L), depth: depth + 1, into: &out)
+                try write(L, lua_gettop(L), depth: depth + 1, into: &out, &bound)
             }
             out.append(UInt8(ascii: "}"))
         default:
@@ -188,6 +212,9 @@ enum LuaJSON {
                 lua_pushboolean(L, n.boolValue ? 1 : 0)
             } else if type == "d" || type == "f" {
                 lua_pushnumber(L, n.doubleValue)
+            } else if type == "Q" || type == "L", n.uint64Value > UInt64(Int64.max) {
+                // Past Lua's integers (2^63 and up): a float, as other JSON libraries for Lua do.
+                lua_pushnumber(L, Double(n.uint64Value))
             } else {
                 lua_pushinteger(L, n.int64Value)
             }

@@ -6,6 +6,8 @@ import Foundation
 /// `$7$ITERATIONS$SALT$HASH` (PBKDF2-HMAC-SHA512) and `$6$SALT$HASH` (SHA-512 of password then
 /// salt), salt and hash in base64.
 enum PasswordHash {
+    static let maxIterations = 1_000_000
+
     static func verify(_ encoded: String, password: [UInt8]) -> Bool {
         let parts = encoded.split(separator: "$", omittingEmptySubsequences: false)
         // "$7$101$salt$hash" splits into ["", "7", "101", "salt", "hash"].
@@ -18,9 +20,12 @@ enum PasswordHash {
             hasher.update(data: salt)
             return constantTimeEqual(Array(hasher.finalize()), Array(expected))
         case "7" where parts.count == 5:
-            guard let iterations = Int(parts[2]), iterations > 0, iterations <= 10_000_000,
+            // At most one PBKDF2 block (64 bytes, what mosquitto_passwd writes: a longer hash costs
+            // the iterations once more per block) and a million iterations (about a second here;
+            // mosquitto_passwd's default is 101): a hash past either is refused, not computed.
+            guard let iterations = Int(parts[2]), iterations > 0, iterations <= maxIterations,
                 let salt = Data(base64Encoded: String(parts[3])), let expected = Data(base64Encoded: String(parts[4])),
-                !expected.isEmpty
+                !expected.isEmpty, expected.count <= 64
             else { return false }
             guard let key = try? KDF.Insecure.PBKDF2.deriveKey(
                 from: password, salt: salt, using: .sha512, outputByteCount: expected.count, unsafeUncheckedRounds: iterations)

@@ -59,4 +59,26 @@ struct JSONRoundTripTests {
         #expect(try transform("", #"mqlite.json.encode("\255")"#) == nil, "not UTF-8")
         #expect(try transform("", #"mqlite.json.encode(0/0)"#) == nil, "not finite")
     }
+
+    @Test("encode of a table that holds one table twice per level stops at the memory the script has left, or its time limit (no abort, no stall)")
+    func sharedSubtables() throws {
+        let clock = ContinuousClock()
+        let start = clock.now
+        // 2^14 copies of a 1 MiB string: 16 GiB of text, which aborted the broker.
+        #expect(try transform("", #"(function() local t = { string.rep("x", 1 << 20) } for i = 1, 14 do t = { t, t } end return mqlite.json.encode(t) end)()"#) == nil)
+        // 2^40 small values: the time limit.
+        #expect(try transform("", #"(function() local t = { 1 } for i = 1, 40 do t = { t, t } end return mqlite.json.encode(t) end)()"#) == nil)
+        #expect(clock.now - start < .seconds(20))  // ~1 s; the margin is for a loaded machine
+        // Shared tables themselves are fine.
+        #expect(try transform("", #"(function() local t = { 1 } for i = 1, 3 do t = { t, t } end return mqlite.json.encode(t) end)()"#)
+            == "[[[[1],[1]],[[1],[1]]],[[[1],[1]],[[1],[1]]]]")
+    }
+
+    @Test("decode: integers past Lua's (2^63 and up) are floats, not negative numbers")
+    func largeIntegers() throws {
+        let echo = #"(function() local v = mqlite.json.decode(m.payload) return math.type(v[1]) .. " " .. string.format("%.0f", v[1]) .. " " .. math.type(v[2]) .. " " .. v[2] end)()"#
+        #expect(try transform("[9223372036854775808, 9223372036854775807]", echo) == "float 9223372036854775808 integer 9223372036854775807")
+        let sign = #"(function() local v = mqlite.json.decode(m.payload) return tostring(v[1] > 2^63) .. " " .. tostring(v[2] < 0) end)()"#
+        #expect(try transform("[18446744073709551615, -9223372036854775807]", sign) == "true true")
+    }
 }

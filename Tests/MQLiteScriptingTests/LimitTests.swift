@@ -70,6 +70,26 @@ struct TimeLimitTests {
         }
     }
 
+    @Test("a limit hit inside the script's own coroutine fails the call even though coroutine.resume caught it")
+    func limitCaughtInCoroutine() async throws {
+        let script = """
+            mqlite.on_publish("caught/#", function(m)
+              local ok, err = coroutine.resume(coroutine.create(function() while true do end end))
+              return { payload = "carried on after: " .. tostring(err) }
+            end)
+            """
+        for (name, configure) in [("instructions", { (c: inout BrokerConfiguration) in c.scripting.instructionLimit = 100_000 }),
+                                  ("time", { (c: inout BrokerConfiguration) in c.scripting.timeLimit = 0.1; c.scripting.instructionLimit = Int(Int32.max) })] {
+            try await withScripts([script], configure: configure) { b, host, _ in
+                let c = try await b.client("c")
+                try await c.subscribe("caught/#")
+                try await c.publish("caught/x", "x", qos: .atLeastOnce)  // PUBACK once the hook has returned
+                #expect(host.failureCount == 1, "\(name)")
+                try await c.expectNothing()  // the hook's result is not delivered (the message is dropped)
+            }
+        }
+    }
+
     @Test("stop() ends a running hook at once")
     func stopEndsRunningHook() async throws {
         let script = #"mqlite.on_publish("spin", function(m) while true do end end)"#

@@ -346,6 +346,28 @@ struct HostLibraryTests {
             }
         }
     }
+
+    @Test("check_password refuses, without computing it, a $7$ hash longer than one block or with more than a million iterations")
+    func checkPasswordBounds() async throws {
+        let salt = "+zz+Kj084HGRHXLL"
+        let long = String(repeating: "A", count: 400_000)  // a 300 KB "digest": 4,700 blocks of 101 rounds
+        let script = """
+            mqlite.on_connect(function(c)
+              local hashes = { long = "$7$101$\(salt)$\(long)", many = "$7$2000000$\(salt)$sdXjw422DBzCmvYR1QtFcgpej1wQJIO+jwCIvZGhCrZsPO0ytJfXpiCtc6oExuuhF+MsJd5RX/0JQmASebrmJg==" }
+              return mqlite.check_password(hashes[c.username], "secret")
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 30 }) { b, _, _ in
+            let clock = ContinuousClock()
+            for user in ["long", "many"] {
+                let start = clock.now
+                let c = try await TestClient.open(port: b.port)
+                #expect(try await c.connect(ConnectPacket(clientID: user, username: user)).returnCode == .notAuthorized)
+                #expect(clock.now - start < .seconds(2), "\(user)")
+                await c.abort()
+            }
+        }
+    }
 }
 
 @Suite("Lua failures and reload")

@@ -231,3 +231,27 @@ def test_thousand_clients_connect_at_once_while_another_client_is_served(tmp_pat
             probe.kill()
             probe.wait()
         b.stop()
+
+
+def test_a_password_that_is_not_utf8_is_refused_not_a_service_failure(tmp_path, service):
+    """MQTT passwords are bytes; the plugin's JSON request cannot carry one that is not UTF-8.
+    json.encode failed, the hook failed, and with on_error = "allow" that client was let in without
+    the service being asked (and could take over another client's id). Now it is refused
+    (CONNACK 4) whatever on_error says; the others still go through the service."""
+    b = broker_with(tmp_path, f'{{ url = "{service.url}/auth" }}', extra='[scripting]\non_error = "allow"\n')
+    try:
+        def connect(password):
+            s = socket.create_connection(("127.0.0.1", b.port), timeout=10)
+            cid, user = b"intruder", b"nobody"
+            body = (b"\x00\x04MQTT\x04\xc2\x00\x3c" + struct.pack(">H", len(cid)) + cid
+                    + struct.pack(">H", len(user)) + user + struct.pack(">H", len(password)) + password)
+            s.sendall(bytes([0x10, len(body)]) + body)
+            answer = s.recv(4)
+            s.close()
+            return answer
+        assert connect(b"\xff\xfe") == b"\x20\x02\x00\x04"
+        assert "Lua hook failed" not in b.log()
+        # A UTF-8 password still asks the service, which refuses this user (401 -> CONNACK 5).
+        assert connect("ü-secret".encode()) == b"\x20\x02\x00\x05"
+    finally:
+        b.stop()

@@ -201,3 +201,37 @@ def test_broken_plugin_stops_startup_with_path_and_line(tmp_path):
     r = subprocess.run([BINARY, "-c", str(path), "--check"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert str(script) in r.stderr and "broken.lua:5:" in r.stderr and "'end' expected" in r.stderr, r.stderr
+
+
+def test_presence_substitutes_once_and_skips_user_names_that_cannot_form_a_topic(tmp_path):
+    """`%c` then `%u` in two passes let a client named "%u" publish the presence of the user it
+    logged in as (another client's topic); a user name with "/" made a topic of more levels."""
+    b = start_broker(config(tmp_path, [("presence.lua", '{ topic = "presence/%u/%c" }')]))
+    try:
+        watcher = sub_process(b.port, "-i", "watcher", "-t", "presence/#", "-v", "-W", "3")
+        time.sleep(0.5)
+        pub(b.port, "-i", "%u", "-u", "victim", "-t", "x", "-m", "y")
+        pub(b.port, "-i", "dev", "-u", "a/b", "-t", "x", "-m", "y")
+        pub(b.port, "-i", "dev", "-u", "ok", "-t", "x", "-m", "y")
+        out, _ = watcher.communicate(timeout=15)
+        lines = out.splitlines()
+        assert "presence/victim/%u online" in lines and "presence/victim/victim online" not in lines, out
+        assert not any(line.startswith("presence/a/b") for line in lines), out
+        assert "presence/ok/dev online" in lines and "presence/ok/dev offline" in lines, out
+    finally:
+        assert b.stop() == 0
+
+
+def test_topic_rewrite_keeps_messages_with_long_topics(tmp_path):
+    """Splitting with gmatch("(.-)/") failed ("pattern too complex") on topics of a few KB: the
+    message was acknowledged and dropped."""
+    b = start_broker(config(tmp_path, [("topic_rewrite.lua", '{ rules = [ { from = "legacy/+/temp", to = "sensors/{1}/temperature" } ] }')]))
+    try:
+        device = "d" * 20000
+        sub = sub_process(b.port, "-t", "sensors/+/temperature", "-v", "-C", "1", "-W", "5")
+        time.sleep(0.5)
+        pub(b.port, "-t", f"legacy/{device}/temp", "-m", "21", "-q", "1")
+        out, err = sub.communicate(timeout=15)
+        assert out.strip() == f"sensors/{device}/temperature 21", (out[:200], err, b.log()[-500:])
+    finally:
+        assert b.stop() == 0
