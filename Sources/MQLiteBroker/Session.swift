@@ -751,6 +751,12 @@ final class Session: @unchecked Sendable {
             let size = next.message.size, seq = next.seq
             more.queuedBytes -= size
             drained += size
+            // Queued for the client that held the session then: this one's rights decide (another
+            // client may have taken the client id over, or the broker restarted without the ACL).
+            if let occasional, occasional.receiveACL != nil, !mayReceive(next.message.topic, occasional) {
+                if seq != 0 { report(.discarded(seq: seq)) }
+                continue
+            }
             send(next, on: outbound)
             // A numbered message that did not go in flight is owed no longer.
             if seq != 0, inflight.isEmpty || inflight[inflight.count - 1].seq != seq { report(.discarded(seq: seq)) }
@@ -780,6 +786,12 @@ final class Session: @unchecked Sendable {
             guard !entry.released else {
                 outbound.writePubrel(packetID: entry.id)
                 i += 1
+                continue
+            }
+            // Sent to the client that held the session before: sent again only if this one may
+            // receive it (else done with, as Mosquitto drops it).
+            if let occasional, occasional.receiveACL != nil, !mayReceive(entry.message.topic, occasional) {
+                inflightDone(at: i)
                 continue
             }
             var wire = entry.message

@@ -235,3 +235,72 @@ def test_topic_rewrite_keeps_messages_with_long_topics(tmp_path):
         assert out.strip() == f"sensors/{device}/temperature 21", (out[:200], err, b.log()[-500:])
     finally:
         assert b.stop() == 0
+
+
+def test_a_client_taking_over_a_client_id_gets_only_what_its_own_acl_allows(tmp_path):
+    """Messages queued for, or in flight to, the client that held a persistent session were sent
+    to whoever took its client id over, unchecked (the ACL was asked only when a message was first
+    delivered). Now they go through the new client's ACL (and are dropped otherwise, as Mosquitto
+    does); live messages always did."""
+    import socket
+    import struct
+    passwd = tmp_path / "passwd"
+    passwd.touch()
+    mosquitto_passwd(passwd, "alice", "secret")
+    mosquitto_passwd(passwd, "bob", "secret")
+    (tmp_path / "acl").write_text("user alice\ntopic readwrite alice/#\nuser bob\ntopic read alice/news\ntopic write alice/#\n")
+    b = start_broker(config(tmp_path, [("password_file.lua", '{ password_file = "passwd" }'), ("acl_file.lua", '{ acl_file = "acl" }')]))
+
+    def connect(user):
+        s = socket.create_connection(("127.0.0.1", b.port), timeout=10)
+        cid, password = b"alice-dev", b"secret"
+        body = (b"\x00\x04MQTT\x04\xc0\x00\x3c" + struct.pack(">H", len(cid)) + cid + struct.pack(">H", len(user)) + user
+                + struct.pack(">H", len(password)) + password)
+        s.sendall(bytes([0x10, len(body)]) + body)
+        return s, s.recv(4)
+
+    def read_packet(s):
+        head = s.recv(1)
+        assert head, "closed"
+        length, shift = 0, 0
+        while True:
+            byte = s.recv(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            body += s.recv(length - len(body))
+        return head[0], body
+
+    def topic_of(body):
+        return body[2:2 + struct.unpack(">H", body[:2])[0]]
+
+    try:
+        auth = ["-u", "bob", "-P", "secret", "-q", "1"]
+        alice, connack = connect(b"alice")
+        assert connack == b"\x20\x02\x00\x00"
+        alice.sendall(b"\x82\x0c\x00\x01\x00\x07alice/#\x01")
+        assert read_packet(alice)[0] == 0x90
+        pub(b.port, *auth, "-t", "alice/inflight", "-m", "one")
+        kind, body = read_packet(alice)  # not acknowledged: in flight when alice goes
+        assert kind & 0xF0 == 0x30 and topic_of(body) == b"alice/inflight"
+        alice.close()
+        time.sleep(0.3)
+        pub(b.port, *auth, "-t", "alice/queued", "-m", "two")
+        pub(b.port, *auth, "-t", "alice/news", "-m", "three")
+
+        bob, connack = connect(b"bob")
+        assert connack == b"\x20\x02\x01\x00", connack  # the session is there
+        kind, body = read_packet(bob)
+        assert kind & 0xF0 == 0x30 and topic_of(body) == b"alice/news", (kind, body)
+        bob.settimeout(1)
+        try:
+            extra = read_packet(bob)
+            raise AssertionError(f"bob got {extra}")
+        except socket.timeout:
+            pass
+        bob.close()
+    finally:
+        assert b.stop() == 0
