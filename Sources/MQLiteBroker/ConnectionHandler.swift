@@ -535,6 +535,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
             return refuse(.notAuthorized, "will topic denied by ACL")
         }
+        if let will = connect.will, Self.isBrokerOnly(will.topic) {
+            return refuse(.notAuthorized, "will topic is the broker's own ($SYS or $share)")
+        }
         will = connect.will.map { will in
             var will = will
             will.properties = connect.willProperties
@@ -878,8 +881,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return known
     }
 
-    /// Whether the ACL lets this client publish to `topic` (always, without an ACL).
+    /// Whether the ACL lets this client publish to `topic` (always, without an ACL), which must
+    /// not be one of the broker's own.
     private func mayPublish(_ topic: TopicName) -> Bool {
+        if Self.isBrokerOnly(topic) {
+            logger.debug("publish to \"\(LogText(topic.string))\" refused: the broker's own topic")
+            return false
+        }
         guard let access else { return true }
         if let verdict = access.verdicts[topic] { return verdict }
         let verdict = access.acl.allowsPublish(topic: topic)
@@ -887,6 +895,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         access.verdicts[topic.copied()] = verdict
         if !verdict { logger.debug("publish to \"\(LogText(topic.string))\" denied by ACL") }
         return verdict
+    }
+
+    /// Topics no client publishes to, whatever its ACL, as in Mosquitto: `$SYS...` (the broker's
+    /// statistics: a client could forge them, retained), except a bridge's connection state
+    /// (`$SYS/broker/connection/NAME/state`, which Mosquitto bridges publish to their remote), and
+    /// `$share...` (a shared subscription's prefix, not a topic). MQTT §4.7.2: the server should
+    /// keep clients from exchanging messages on `$` topics it uses.
+    static func isBrokerOnly(_ topic: TopicName) -> Bool {
+        let bytes = topic.bytes.readableBytesView
+        guard bytes.first == UInt8(ascii: "$") else { return false }
+        if bytes.starts(with: "$share".utf8) { return true }
+        guard bytes.starts(with: "$SYS".utf8) else { return false }
+        return !Topic.matches(filter: "$SYS/broker/connection/+/state", topic: topic.string)
     }
 
     /// Publishes a message of this client (a PUBLISH, or its will): the ACL, then the publish

@@ -71,6 +71,26 @@ def test_mosquitto_retained(broker):
     assert out == ""
 
 
+def test_clients_cannot_publish_to_sys_topics_as_in_mosquitto(broker):
+    """A client's PUBLISH to $SYS... (or $share...) is acknowledged and dropped, retained or not,
+    whatever its ACL (a client forged $SYS/broker/version for every $SYS subscriber); a Mosquitto
+    bridge's $SYS/broker/connection/NAME/state goes through. A will on $SYS is refused."""
+    watcher = sub_process(broker.port, "-t", "$SYS/broker/connection/#", "-t", "$SYS/forged/#", "-t", "$share/x", "-v", "-W", "3")
+    time.sleep(0.5)
+    pub(broker.port, "-t", "$SYS/forged/version", "-m", "FAKE", "-r", "-q", "1")
+    pub(broker.port, "-t", "$SYS/forged/live", "-m", "FAKE")
+    pub(broker.port, "-t", "$share/x", "-m", "FAKE", "-q", "1")
+    pub(broker.port, "-t", "$SYS/broker/connection/edge/state", "-m", "1", "-q", "1")
+    out, _ = watcher.communicate(timeout=15)
+    assert out.splitlines() == ["$SYS/broker/connection/edge/state 1"], out
+    late = sub_process(broker.port, "-t", "$SYS/forged/#", "-C", "1", "-W", "1")
+    out, _ = late.communicate(timeout=15)
+    assert out == "", "a forged $SYS message was retained"
+    r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "x", "-m", "y",
+                        "--will-topic", "$SYS/forged/will", "--will-payload", "gone"], capture_output=True, text=True, timeout=10)
+    assert r.returncode != 0 and "not authori" in r.stderr.lower(), r.stderr
+
+
 def test_paho_qos_and_retain_flags(broker):
     s = paho_client("paho-sub")
     start(s, broker.port)
