@@ -1,6 +1,7 @@
 /// Client-supplied text (client ids, topics, filters, user names, script errors) as it goes into a
 /// log line: at most `limit` bytes, cut on a character boundary and marked with the full size, so
-/// that a client sending a 64 KB client id cannot make every log line 64 KB.
+/// that a client sending a 64 KB client id cannot make every log line 64 KB; control characters
+/// escaped (`\n`, `\u{1}`), so that a client id with a newline in it cannot forge log lines.
 public struct LogText: CustomStringConvertible, Sendable {
     public static let defaultLimit = 128
 
@@ -10,12 +11,32 @@ public struct LogText: CustomStringConvertible, Sendable {
         let string = String(text)
         let utf8 = string.utf8
         guard utf8.count > limit else {
-            description = string
+            description = Self.escaped(string)
             return
         }
         var end = utf8.index(utf8.startIndex, offsetBy: limit)
         // Back off to the start of a UTF-8 sequence.
         while end > utf8.startIndex, utf8[end] & 0xC0 == 0x80 { end = utf8.index(before: end) }
-        description = String(string[..<end]) + "…(\(utf8.count) bytes)"
+        description = Self.escaped(String(string[..<end])) + "…(\(utf8.count) bytes)"
+    }
+
+    /// C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+    private static func isControl(_ scalar: Unicode.Scalar) -> Bool {
+        scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value) || scalar.value == 0x2028 || scalar.value == 0x2029
+    }
+
+    private static func escaped(_ string: String) -> String {
+        guard string.unicodeScalars.contains(where: isControl) else { return string }
+        var out = ""
+        for scalar in string.unicodeScalars {
+            switch scalar {
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where isControl(scalar): out += "\\u{\(String(scalar.value, radix: 16))}"
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
     }
 }
