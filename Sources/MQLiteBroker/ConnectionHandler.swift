@@ -344,6 +344,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     // MARK: - Packets
 
+    /// An acknowledgement that does not fit the flow of the message in flight under its id.
+    private func outOfFlow(_ kind: String, _ id: UInt16) {
+        tellV5(.protocolError)
+        closeWithWill(reason: "\(kind) for packet id \(id) does not fit the QoS of the message in flight under it, or its step")
+    }
+
     /// Carries out what the state machine made of a packet.
     private func handle(_ action: ConnectionStateMachine.PacketAction) {
         switch action {
@@ -355,16 +361,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             guard let session else { return }
             handlePublish(publish, session: session)
         case .puback(let id):
-            session?.puback(id)
+            if session?.puback(id) == true { outOfFlow("PUBACK", id) }
         case .pubrec(let id):
-            session?.pubrec(id)
+            if session?.pubrec(id) == true { return outOfFlow("PUBREC", id) }
             // (With the store: once it has the message as released, or a restart would send the
             // whole PUBLISH again, and the client deliver it twice.)
             acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true)
         case .pubrecRefused(let id):
-            session?.pubrecRefused(id)
+            if session?.pubrecRefused(id) == true { outOfFlow("PUBREC", id) }
         case .pubcomp(let id):
-            session?.pubcomp(id)
+            if session?.pubcomp(id) == true { outOfFlow("PUBCOMP", id) }
         case .pubrel(let id):
             session?.released(inbound: id)
             // (With the store: once the id no longer awaits PUBREL there, or after a restart the
@@ -446,6 +452,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if clientID.isEmpty {
             // MQTT 5 lets a client with an empty id keep a session (Clean Start 0): it is new anyway.
             guard connect.cleanSession || version == .v5 else { return refuse(.identifierRejected, "empty client id with clean session 0") }
+            // MQTT 3.1 has no assigned ids: its client id is 1 to 23 characters (Mosquitto refuses too).
+            guard connect.protocolLevel != 3 else { return refuse(.identifierRejected, "empty client id (MQTT 3.1)") }
             clientID = "mqlite-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         }
         // The ids of bridges' local sessions: no client may take one.

@@ -888,38 +888,55 @@ final class Session: @unchecked Sendable {
 
     // MARK: - Acknowledgements of outgoing messages
 
-    func puback(_ id: UInt16) {
+    // The acknowledgements of messages sent to the client. Each says whether it breaks the flow
+    // of the message in flight under its id (PUBACK answers QoS 1; PUBREC and PUBCOMP QoS 2,
+    // PUBCOMP only after PUBREC): a protocol violation, on which the connection closes, as
+    // Mosquitto's does (MQTT-4.8.0-1). An id not in flight is not: a late or repeated
+    // acknowledgement is ignored.
+
+    @discardableResult
+    func puback(_ id: UInt16) -> Bool {
         assertOnOwner()
-        if let i = inflight.indices.first(where: { inflight[$0].id == id && inflight[$0].qos == .atLeastOnce }) {
-            inflightDone(at: i)
-            pump()
-        }
+        guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
+        guard inflight[i].qos == .atLeastOnce else { return true }
+        inflightDone(at: i)
+        pump()
+        return false
     }
 
-    /// Marks a QoS 2 message in flight as received (PUBREL is sent next); an unknown id is ignored.
-    func pubrec(_ id: UInt16) {
+    /// Marks a QoS 2 message in flight as received (PUBREL is sent next).
+    @discardableResult
+    func pubrec(_ id: UInt16) -> Bool {
         assertOnOwner()
-        guard let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) else { return }
+        guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
+        guard inflight[i].qos == .exactlyOnce else { return true }
+        guard !inflight[i].released else { return false }
         inflight[i].released = true
         inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
         if inflight[i].seq != 0 { report(.released(packetID: id, seq: inflight[i].seq)) }
+        return false
     }
 
     /// MQTT 5: the client refused a QoS 2 message (PUBREC with a failure code): it is done.
-    func pubrecRefused(_ id: UInt16) {
+    @discardableResult
+    func pubrecRefused(_ id: UInt16) -> Bool {
         assertOnOwner()
-        if let i = inflight.firstIndex(where: { $0.id == id && $0.qos == .exactlyOnce && !$0.released }) {
-            inflightDone(at: i)
-            pump()
-        }
+        guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
+        guard inflight[i].qos == .exactlyOnce else { return true }
+        guard !inflight[i].released else { return false }
+        inflightDone(at: i)
+        pump()
+        return false
     }
 
-    func pubcomp(_ id: UInt16) {
+    @discardableResult
+    func pubcomp(_ id: UInt16) -> Bool {
         assertOnOwner()
-        if let i = inflight.firstIndex(where: { $0.id == id && $0.released }) {
-            inflightDone(at: i)
-            pump()
-        }
+        guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
+        guard inflight[i].qos == .exactlyOnce, inflight[i].released else { return true }
+        inflightDone(at: i)
+        pump()
+        return false
     }
 
     /// The next packet id for an outgoing QoS 1/2 message: 1 to 65535 in turn, skipping ids

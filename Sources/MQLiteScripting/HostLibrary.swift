@@ -570,34 +570,21 @@ enum HostLibrary {
         let L = L!
         guard let text = L.rawBytes(at: 1) else { return fail(L, "mqlite.json.decode(string)") }
         // Text that could not fit what the script's memory_limit has left once decoded (a Lua
-        // value takes several times its JSON text) is refused before Foundation's parser spends
-        // time and memory, outside the budget and the time limit, on it.
+        // value takes several times its JSON text) is refused before it is read. (The decoder
+        // checks the limits as it goes, every so many values.)
         let room = Int(clamping: mqlite_memory_remaining(mqlite_control_of(L)!)) / 4
         guard text.count <= room else {
             lua_pushnil(L)
             L.push("text of \(text.count) bytes: more than the script's memory_limit leaves room for once decoded")
             return 2
         }
-        // Deeper text never reaches the parser (whose recursion this bounds) nor the Lua stack.
-        guard LuaJSON.nestingDepth(text, limit: LuaJSON.maxDepth) <= LuaJSON.maxDepth else {
-            lua_pushnil(L)
-            L.push("nesting deeper than \(LuaJSON.maxDepth)")
-            return 2
-        }
-        guard let value = try? JSONSerialization.jsonObject(with: Data(text), options: [.fragmentsAllowed]) else {
-            lua_pushnil(L)
-            L.push("invalid JSON")
-            return 2
-        }
-        let top = lua_gettop(L)
-        do throws(HookResultError) {
-            try LuaJSON.push(L, value)
+        do throws(LuaJSONDecoder.Failure) {
+            try LuaJSONDecoder.decode(L, text)
+            return 1
         } catch {
-            lua_settop(L, top)
             lua_pushnil(L)
             L.push(error.message)
             return 2
         }
-        return 1
     }
 }

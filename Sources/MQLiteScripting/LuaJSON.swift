@@ -1,14 +1,13 @@
 import CLua
 import Foundation
 
-/// Lua values ⇄ JSON for `mqlite.json` (encoding writes the text directly; decoding parses with
-/// Foundation and pushes what it made). A table whose keys are all positive
+/// Lua values ⇄ JSON for `mqlite.json` (encoding writes the text directly; decoding is
+/// `LuaJSONDecoder`). A table whose keys are all positive
 /// integers is an array, with null for the missing items up to the largest; any other table is an
 /// object (its keys must be strings); an empty table is `{}`. JSON null decodes to nil.
 ///
-/// Nesting is limited to `maxDepth` levels both ways, which bounds every recursion here (and
-/// Foundation's parser, which never sees deeper text); each level makes room on the Lua stack
-/// before it pushes (Lua guarantees only LUA_MINSTACK = 20 free slots to a C function).
+/// Nesting is limited to `maxDepth` levels both ways, which bounds the recursion here (the
+/// decoder does not recurse); each level makes room on the Lua stack before it pushes (Lua guarantees only LUA_MINSTACK = 20 free slots to a C function).
 enum LuaJSON {
     /// Most nested arrays/objects (tables) in a value that is encoded or decoded.
     static let maxDepth = 64
@@ -138,7 +137,7 @@ enum LuaJSON {
         }
     }
 
-    private static func isUTF8(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    static func isUTF8(_ bytes: UnsafeRawBufferPointer) -> Bool {
         if !bytes.contains(where: { $0 >= 0x80 }) { return true }
         return String(validating: bytes, as: UTF8.self) != nil
     }
@@ -165,78 +164,5 @@ enum LuaJSON {
             }
         }
         out.append(UInt8(ascii: "\""))
-    }
-
-    /// The deepest nesting of arrays and objects in JSON `text` (brackets outside strings),
-    /// counted without recursion; stops as soon as it passes `limit`.
-    static func nestingDepth(_ text: UnsafeRawBufferPointer, limit: Int) -> Int {
-        var depth = 0
-        var deepest = 0
-        var inString = false
-        var escaped = false
-        for byte in text {
-            if inString {
-                if escaped {
-                    escaped = false
-                } else if byte == UInt8(ascii: "\\") {
-                    escaped = true
-                } else if byte == UInt8(ascii: "\"") {
-                    inString = false
-                }
-                continue
-            }
-            switch byte {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "["), UInt8(ascii: "{"):
-                depth += 1
-                if depth > deepest {
-                    deepest = depth
-                    if deepest > limit { return deepest }
-                }
-            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
-            default: break
-            }
-        }
-        return deepest
-    }
-
-    /// Pushes a decoded value. Its nesting was checked (at most `maxDepth`) before parsing; the
-    /// depth is checked again so that the recursion is bounded whatever the parser returned.
-    static func push(_ L: LuaState, _ value: Any, depth: Int = 0) throws(HookResultError) {
-        switch value {
-        case let s as String:
-            L.push(s)
-        case let n as NSNumber:
-            let type = String(cString: n.objCType)
-            if type == "c" || type == "B" {
-                lua_pushboolean(L, n.boolValue ? 1 : 0)
-            } else if type == "d" || type == "f" {
-                lua_pushnumber(L, n.doubleValue)
-            } else if type == "Q" || type == "L", n.uint64Value > UInt64(Int64.max) {
-                // Past Lua's integers (2^63 and up): a float, as other JSON libraries for Lua do.
-                lua_pushnumber(L, Double(n.uint64Value))
-            } else {
-                lua_pushinteger(L, n.int64Value)
-            }
-        case let array as [Any]:
-            guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth)") }
-            guard lua_checkstack(L, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
-            lua_createtable(L, Int32(clamping: array.count), 0)
-            for (i, item) in array.enumerated() {
-                do { try push(L, item, depth: depth + 1) } catch { mqlite_pop(L, 1); throw error }
-                lua_rawseti(L, -2, lua_Integer(i + 1))
-            }
-        case let object as [String: Any]:
-            guard depth < maxDepth else { throw HookResultError("nesting deeper than \(maxDepth)") }
-            guard lua_checkstack(L, 3) != 0 else { throw HookResultError("Lua stack exhausted") }
-            lua_createtable(L, 0, Int32(clamping: object.count))
-            for (key, item) in object {
-                L.push(key)
-                do { try push(L, item, depth: depth + 1) } catch { mqlite_pop(L, 2); throw error }
-                lua_rawset(L, -3)
-            }
-        default:
-            lua_pushnil(L)
-        }
     }
 }

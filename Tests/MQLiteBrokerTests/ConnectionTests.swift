@@ -72,12 +72,36 @@ struct ConnectionTests {
         }
     }
 
-    @Test("MQIsdp level 3 (MQTT 3.1) is accepted")
+    @Test("MQIsdp level 3 (MQTT 3.1) is accepted; with an empty client id it gets CONNACK 2 (3.1 assigns none)")
     func mqtt31() async throws {
         try await withBroker { b in
             let c = try await TestClient.open(port: b.port)
             let ack = try await c.connect(ConnectPacket(protocolName: "MQIsdp", protocolLevel: 3, clientID: "old"))
             #expect(ack.returnCode == .accepted)
+            let anonymous = try await TestClient.open(port: b.port)
+            #expect(try await anonymous.connect(ConnectPacket(protocolName: "MQIsdp", protocolLevel: 3, clientID: "")).returnCode == .identifierRejected)
+        }
+    }
+
+    @Test("an acknowledgement that does not fit the message in flight under its id closes the connection (PUBACK for QoS 2, PUBCOMP before PUBREC, PUBREC for QoS 1); one for an id not in flight is ignored")
+    func acknowledgementOutOfFlow() async throws {
+        try await withBroker { b in
+            let publisher = try await b.client("pub")
+            for (index, (qos, wrong)) in [(QoS.exactlyOnce, "puback"), (.exactlyOnce, "pubcomp"), (.atLeastOnce, "pubrec")].enumerated() {
+                let sub = try await b.client("sub\(index)")
+                try await sub.subscribe("flow/\(index)", qos: qos)
+                sub.send(.puback(packetID: 999))  // not in flight: ignored
+                try await sub.ping()
+                try await publisher.publish("flow/\(index)", "x", qos: qos)
+                let id = try await sub.expectPublish().packetID!
+                switch wrong {
+                case "puback": sub.send(.puback(packetID: id))
+                case "pubcomp": sub.send(.pubcomp(packetID: id))
+                default: sub.send(.pubrec(packetID: id))
+                }
+                try await sub.expectClosed()
+                try await eventually("log") { b.logMessages.contains { $0.contains("for packet id \(id) does not fit") } }
+            }
         }
     }
 

@@ -81,4 +81,17 @@ struct JSONRoundTripTests {
         let sign = #"(function() local v = mqlite.json.decode(m.payload) return tostring(v[1] > 2^63) .. " " .. tostring(v[2] < 0) end)()"#
         #expect(try transform("[18446744073709551615, -9223372036854775807]", sign) == "true true")
     }
+
+    @Test("decode reads RFC 8259 text (escapes, surrogate pairs, numbers, literals, any value at the top) and refuses the rest with a message")
+    func decodeGrammar() throws {
+        let show = #"(function() local v, e = mqlite.json.decode(m.payload) if e then return "nil: " .. e:match("^[^:]*") end return mqlite.json.encode(v) end)()"#
+        #expect(try transform(#" {"a" : "\u00e9\ud83d\ude00\n\/\"\\" , "b":[1,-0,2.5,1e3,-1E-2,true,false,null,3],"a2":{}} "#, show)
+            == #"{"a":"é😀\n/\"\\","a2":{},"b":[1,0,2.5,1000,-0.01,true,false,null,3]}"#)
+        #expect(try transform(#""top""#, show) == #""top""#)
+        #expect(try transform("42", show) == "42")
+        #expect(try transform(#"{"k":1,"k":2}"#, show) == #"{"k":2}"#)
+        for bad in ["", "[1,]", #"{"a" 1}"#, "01", "1.", "-", #""\ud800""#, #""\udc00x""#, "\"a\u{1}\"", "tru", "[1] x", "[", #"{"a":1"#, #""\x""#, "{1:2}", "[1 2]"] {
+            #expect(try transform(bad, show) == "nil: invalid JSON", "\(bad)")
+        }
+    }
 }
