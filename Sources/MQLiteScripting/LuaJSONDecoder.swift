@@ -163,6 +163,8 @@ struct LuaJSONDecoder {
         } else {
             // Past Lua's integers, or with a fraction or exponent: a float (strtod, as Lua reads).
             let value = String(decoding: digits, as: UTF8.self).withCString { strtod($0, nil) }
+            // (1e309 and beyond: not a number JSON can carry back out; encode refuses infinities.)
+            guard value.isFinite else { throw fail("number out of range") }
             lua_pushnumber(L, value)
         }
     }

@@ -90,7 +90,7 @@ struct JSONRoundTripTests {
         #expect(try transform(#""top""#, show) == #""top""#)
         #expect(try transform("42", show) == "42")
         #expect(try transform(#"{"k":1,"k":2}"#, show) == #"{"k":2}"#)
-        for bad in ["", "[1,]", #"{"a" 1}"#, "01", "1.", "-", #""\ud800""#, #""\udc00x""#, "\"a\u{1}\"", "tru", "[1] x", "[", #"{"a":1"#, #""\x""#, "{1:2}", "[1 2]"] {
+        for bad in ["", "[1,]", #"{"a" 1}"#, "01", "1.", "-", #""\ud800""#, #""\udc00x""#, "\"a\u{1}\"", "tru", "[1] x", "[", #"{"a":1"#, #""\x""#, "{1:2}", "[1 2]", "1e309", "[-1e400]"] {
             #expect(try transform(bad, show) == "nil: invalid JSON", "\(bad)")
         }
     }
