@@ -911,8 +911,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// `$share...` (a shared subscription's prefix, not a topic). MQTT §4.7.2: the server should
     /// keep clients from exchanging messages on `$` topics it uses.
     static func isBrokerOnly(_ topic: TopicName) -> Bool {
+        // (The first byte alone on the publish path: no view of the bytes, which allocates in a
+        // debug build.)
+        guard topic.bytes.getInteger(at: topic.bytes.readerIndex, as: UInt8.self) == UInt8(ascii: "$") else { return false }
         let bytes = topic.bytes.readableBytesView
-        guard bytes.first == UInt8(ascii: "$") else { return false }
         if bytes.starts(with: "$share".utf8) { return true }
         guard bytes.starts(with: "$SYS".utf8) else { return false }
         return !Topic.matches(filter: "$SYS/broker/connection/+/state", topic: topic.string)
