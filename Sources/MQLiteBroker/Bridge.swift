@@ -686,7 +686,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     }
 
     func pumpSoon() {
-        worker.loop.execute { [self] in
+        worker.pacing.later { [self] in
             session?.pump()
             flushSoon()
         }

@@ -72,6 +72,15 @@ final class ConnectPacing: @unchecked Sendable {
         scheduleDrain()
     }
 
+    /// On the loop: runs `body` in a later tick, after its poll of the sockets, with the answers
+    /// (a long walk that yields: `Session.pump` sending retained messages). A task would not do:
+    /// NIO runs the tasks that tasks add before it polls again. Unpaced, as the loop's next task.
+    func later(_ body: @escaping () -> Void) {
+        guard paced else { return loop.execute(body) }
+        answers.append(body)
+        scheduleDrain()
+    }
+
     /// The broker is stopping, its connections closed: what waits goes on now (a CONNECT of a
     /// closed connection stops there; no promise is left unfulfilled), and from now on everything
     /// goes on at once.

@@ -284,10 +284,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if flags.contains(.unwritable) { checkAnswerBacklog() }
     }
 
-    /// Pumps the session again once the loop has served others.
+    /// Pumps the session again once the loop has served its other sockets.
     func pumpSoon() {
         let this = NIOLoopBound(self, eventLoop: worker.loop)
-        worker.loop.execute { this.value.pump() }
+        worker.pacing.later { this.value.pump() }
     }
 
     /// Sends what the session has queued, if connected.

@@ -16,7 +16,8 @@ protocol SessionOutbound: AnyObject {
     /// frame leaves it out. An MQTT 5 client's outbound writes `message` in its own layout instead.
     func writeQoS0(frame: ByteBuffer, message: Message)
     func writePubrel(packetID: UInt16)
-    /// Asks for `Session.pump` again once the loop has served others.
+    /// Asks for `Session.pump` again once the loop has served others: in a later tick, after
+    /// its poll of the sockets (`ConnectPacing.later`).
     func pumpSoon()
     /// A newer connection takes the session over: let go of it and close, publishing the will
     /// or not.
@@ -588,14 +589,14 @@ final class Session: @unchecked Sendable {
 
     /// Delivers the next step of retained messages; whether there was anything to walk.
     private func continueRetained() -> Bool {
-        guard let occasional, var head = occasional.retainedBacklog.first else { return false }
+        guard let occasional, !occasional.retainedBacklog.isEmpty else { return false }
+        // Taken out while it goes on: a copy left in the backlog made the scan copy its list of
+        // nodes still to visit (as wide as the tree) at every step, quadratic in the retained
+        // messages (a SUBSCRIBE to "+/nomatch" over 200,000 held its worker 7.8 s).
+        var head = occasional.retainedBacklog.removeFirst()
         let step = max(1, min(Self.retainedStep, context.limits.maxQueued))
         let messages = context.retained.continueScan(&head.scan, limit: step)
-        if head.scan.isDone {
-            occasional.retainedBacklog.removeFirst()
-        } else {
-            occasional.retainedBacklog[occasional.retainedBacklog.startIndex] = head
-        }
+        if !head.scan.isDone { occasional.retainedBacklog.prepend(head) }
         for message in messages {
             let hooked = context.hooks.isDeliverHooked(topic: message.topic, worker: owner)
             deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked))
@@ -735,7 +736,8 @@ final class Session: @unchecked Sendable {
         while outbound.canWrite, !ended {
             guard !queue.isEmpty else {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
-                // that delivers little (an ACL holds most back) yields the loop now and then.
+                // that delivers little (a filter that matches little, an ACL that holds most
+                // back) yields the loop to its sockets now and then.
                 guard hasQueued else { break }
                 retainedSteps += 1
                 if retainedSteps > 16 {

@@ -223,28 +223,43 @@ public final class TopicTrie<Value>: @unchecked Sendable {
         }
 
         let levels: [Substring]
-        var pending: [Step]
+        /// The nodes still to visit, in a box: a copy of the scan kept anywhere (a queue of
+        /// scans, a tuple) would otherwise make each step copy them, as many as the tree is wide
+        /// (quadratic: "+/nomatch" over 200,000 retained topics took seconds). Copies of a scan
+        /// share it.
+        let pending: Pending
         /// Whether the scan has more to visit.
         public var isDone: Bool { pending.isEmpty }
+    }
+
+    /// A stack of steps that only its own methods touch (the array is never shared, so never
+    /// copied on a change).
+    final class Pending {
+        private var steps: [Scan.Step]
+        init(_ steps: [Scan.Step]) { self.steps = steps }
+        var isEmpty: Bool { steps.isEmpty }
+        func pop() -> Scan.Step? { steps.popLast() }
+        func push(_ step: Scan.Step) { steps.append(step) }
     }
 
     /// Starts the walk of `filter` (a valid topic filter) over the stored names. Nothing is
     /// visited yet.
     public func scan(matching filter: String) -> Scan {
-        Scan(levels: Self.levels(filter), pending: [.match(root, index: 0)])
+        Scan(levels: Self.levels(filter), pending: Pending([.match(root, index: 0)]))
     }
 
     /// Visits up to `limit` nodes of the scan, appending the values that match, parent before
     /// children; siblings in the order of their node's dictionary (stable while the trie is
     /// unchanged).
     public func continueScan(_ scan: inout Scan, limit: Int, into out: inout [Value]) {
+        let pending = scan.pending
         var visited = 0
-        while visited < limit, let step = scan.pending.popLast() {
+        while visited < limit, let step = pending.pop() {
             visited += 1
             switch step {
             case .subtree(let node):
                 if let value = node.value { out.append(value) }
-                for child in node.children.values { scan.pending.append(.subtree(child)) }
+                for child in node.children.values { pending.push(.subtree(child)) }
             case .match(let node, let index):
                 if index == scan.levels.count {
                     if let value = node.value { out.append(value) }
@@ -258,14 +273,14 @@ public final class TopicTrie<Value>: @unchecked Sendable {
                     // "a/#" also matches "a" itself: the parent level (§4.7.1.2).
                     if let value = node.value { out.append(value) }
                     for (key, child) in node.children where !(atRoot && key.text.utf8.first == UInt8(ascii: "$")) {
-                        scan.pending.append(.subtree(child))
+                        pending.push(.subtree(child))
                     }
                 case _ where level.isExactly("+"):
                     for (key, child) in node.children where !(atRoot && key.text.utf8.first == UInt8(ascii: "$")) {
-                        scan.pending.append(.match(child, index: index + 1))
+                        pending.push(.match(child, index: index + 1))
                     }
                 default:
-                    if let child = node.children[level] { scan.pending.append(.match(child, index: index + 1)) }
+                    if let child = node.children[level] { pending.push(.match(child, index: index + 1)) }
                 }
             }
         }
