@@ -9,6 +9,9 @@ enum PasswordHash {
     static let maxIterations = 1_000_000
 
     static func verify(_ encoded: String, password: [UInt8]) -> Bool {
+        // Longer than any hash mosquitto_passwd writes (a 64-byte digest is 88 base64 characters,
+        // its salt 16): refused before any decoding, which costs time on a long string.
+        guard encoded.utf8.count <= 512 else { return false }
         let parts = encoded.split(separator: "$", omittingEmptySubsequences: false)
         // "$7$101$salt$hash" splits into ["", "7", "101", "salt", "hash"].
         guard parts.count >= 4, parts[0].isEmpty else { return false }
