@@ -318,13 +318,18 @@ final class Session: @unchecked Sendable {
         report(.detached)
     }
 
-    /// The client's ACL when it denies topics: deliveries on denied topics are held back.
+    /// The client's ACL when it denies topics: deliveries on denied topics are held back, and
+    /// so are messages already queued when it is set (queued for the client that held the
+    /// session before, another client taking its id over, or a session restored after a restart
+    /// without rules): they are dropped, as Mosquitto does. (In flight: `resume`.)
     var receiveACL: ClientACL? {
         get { occasional?.receiveACL }
         set {
             guard newValue != nil || occasional != nil else { return }
+            let more = self.more
             more.receiveACL = newValue
             more.receiveVerdicts.removeAll()
+            if newValue != nil { dropQueued { !mayReceive($0.message.topic, more) } }
         }
     }
 
@@ -351,11 +356,18 @@ final class Session: @unchecked Sendable {
     /// Drops queued messages that only `revoked` filters brought (the access rules took those
     /// away); a message another subscription still matches stays.
     func dropQueued(onlyFrom revoked: [TopicFilter]) {
-        guard !queue.isEmpty else { return }
-        queue.removeAll { delivery in
+        dropQueued { delivery in
             let topic = delivery.message.topic
             func matches(_ filter: TopicFilter) -> Bool { SharedFilter.matching(filter).matches(topic) }
-            guard revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches) else { return false }
+            return revoked.contains(where: matches) && !subscriptions.keys.contains(where: matches)
+        }
+    }
+
+    /// Drops the queued messages `shouldDrop` picks (a store forgets them too).
+    private func dropQueued(where shouldDrop: (Delivery) -> Bool) {
+        guard !queue.isEmpty else { return }
+        queue.removeAll { delivery in
+            guard shouldDrop(delivery) else { return false }
             if delivery.seq != 0 { report(.discarded(seq: delivery.seq)) }
             return true
         }
@@ -589,14 +601,11 @@ final class Session: @unchecked Sendable {
 
     /// Delivers the next step of retained messages; whether there was anything to walk.
     private func continueRetained() -> Bool {
-        guard let occasional, !occasional.retainedBacklog.isEmpty else { return false }
-        // Taken out while it goes on: a copy left in the backlog made the scan copy its list of
-        // nodes still to visit (as wide as the tree) at every step, quadratic in the retained
-        // messages (a SUBSCRIBE to "+/nomatch" over 200,000 held its worker 7.8 s).
-        var head = occasional.retainedBacklog.removeFirst()
+        guard let occasional, var head = occasional.retainedBacklog.first else { return false }
         let step = max(1, min(Self.retainedStep, context.limits.maxQueued))
+        // (The scan's nodes still to visit are shared by its copies: `TopicTrie.Pending`.)
         let messages = context.retained.continueScan(&head.scan, limit: step)
-        if !head.scan.isDone { occasional.retainedBacklog.prepend(head) }
+        if head.scan.isDone { occasional.retainedBacklog.removeFirst() }
         for message in messages {
             let hooked = context.hooks.isDeliverHooked(topic: message.topic, worker: owner)
             deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked))
@@ -753,12 +762,6 @@ final class Session: @unchecked Sendable {
             let size = next.message.size, seq = next.seq
             more.queuedBytes -= size
             drained += size
-            // Queued for the client that held the session then: this one's rights decide (another
-            // client may have taken the client id over, or the broker restarted without the ACL).
-            if let occasional, occasional.receiveACL != nil, !mayReceive(next.message.topic, occasional) {
-                if seq != 0 { report(.discarded(seq: seq)) }
-                continue
-            }
             send(next, on: outbound)
             // A numbered message that did not go in flight is owed no longer.
             if seq != 0, inflight.isEmpty || inflight[inflight.count - 1].seq != seq { report(.discarded(seq: seq)) }
