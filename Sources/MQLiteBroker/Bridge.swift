@@ -54,6 +54,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var channel: (any Channel)?
     /// CONNACK 0 came on `channel`.
     private var connected = false
+    /// A read brought acknowledgements: `readDone` pumps the session.
+    private var acknowledgedInRead = false
     private var stopped = false
     private var delay: TimeAmount
     private var reconnectTask: Scheduled<Void>?
@@ -310,7 +312,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             session?.pubrec(id)
             acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true, on: channel)
         case .pubcomp(let id):
-            session?.pubcomp(id)
+            session?.pubcomp(id, pumping: false)
+            acknowledgedInRead = true
         case .pubrel(let id):
             session?.released(inbound: id)
             acknowledge(.pubcomp(packetID: id), waiting: session?.isStored == true, on: channel)
@@ -324,7 +327,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                     session?.pubrec(ack.packetID)
                     acknowledge(.pubrel(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
                 }
-            case .pubcomp: session?.pubcomp(ack.packetID)
+            case .pubcomp:
+                session?.pubcomp(ack.packetID, pumping: false)
+                acknowledgedInRead = true
             case .pubrel:
                 session?.released(inbound: ack.packetID)
                 acknowledge(.pubcomp(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
@@ -538,10 +543,19 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         guard let session else { return }
         if remote.downgraded.remove(id) != nil {
             session.pubrec(id)
-            session.pubcomp(id)
+            session.pubcomp(id, pumping: false)
         } else {
-            session.puback(id)
+            session.puback(id, pumping: false)
         }
+        acknowledgedInRead = true
+    }
+
+    /// After the packets of one read: the messages its acknowledgements made room for are sent
+    /// (one pass of the session's queue per read rather than per acknowledgement).
+    fileprivate func readDone() {
+        guard acknowledgedInRead else { return }
+        acknowledgedInRead = false
+        session?.pump()
     }
 
     /// Publishes a message from the remote locally: the publish hooks first, if they want its topic.
@@ -772,7 +786,9 @@ private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Send
             while let packet = try decoder.decode(buffer: &buffer, version: version) {
                 link.received(packet, on: context.channel)
             }
+            link.readDone()
         } catch {
+            link.readDone()
             failed = true
             errorCaught(context: context, error: error)
             return

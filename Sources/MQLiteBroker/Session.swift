@@ -165,6 +165,9 @@ final class Session: @unchecked Sendable {
     private let congestedUntil = Atomic<UInt64>(0)
     private var occasional: Occasional?
     private var lastPacketID: UInt16 = 0
+    /// Ids given in turn since nothing was in flight: while fewer than 65,535, the next one
+    /// cannot be in use. `UInt16.max` after a restore (ids from a store, in unknown order).
+    private var packetIDRun: UInt16 = 0
     /// Clean session 0 (MQTT 5: a session expiry interval over 0): kept after disconnect,
     /// queueing QoS 1/2 messages. Read by other threads (a CONNECT deciding whether to resume
     /// it); changed on the owner loop by an MQTT 5 client (`setExpiry`).
@@ -764,7 +767,7 @@ final class Session: @unchecked Sendable {
             drained += size
             send(next, on: outbound)
             // A numbered message that did not go in flight is owed no longer.
-            if seq != 0, inflight.isEmpty || inflight[inflight.count - 1].seq != seq { report(.discarded(seq: seq)) }
+            if seq != 0, inflight.last?.seq != seq { report(.discarded(seq: seq)) }
         }
         if drained > 0 {
             progressed(context.limits, drained: drained)
@@ -899,13 +902,14 @@ final class Session: @unchecked Sendable {
     // Mosquitto's does (MQTT-4.8.0-1). An id not in flight is not: a late or repeated
     // acknowledgement is ignored.
 
+    /// (`pumping` false: the caller pumps once after a read's acknowledgements, a bridge's link.)
     @discardableResult
-    func puback(_ id: UInt16) -> Bool {
+    func puback(_ id: UInt16, pumping: Bool = true) -> Bool {
         assertOnOwner()
         guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
         guard inflight[i].qos == .atLeastOnce else { return true }
         inflightDone(at: i)
-        pump()
+        if pumping { pump() }
         return false
     }
 
@@ -935,20 +939,26 @@ final class Session: @unchecked Sendable {
     }
 
     @discardableResult
-    func pubcomp(_ id: UInt16) -> Bool {
+    func pubcomp(_ id: UInt16, pumping: Bool = true) -> Bool {
         assertOnOwner()
         guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
         guard inflight[i].qos == .exactlyOnce, inflight[i].released else { return true }
         inflightDone(at: i)
-        pump()
+        if pumping { pump() }
         return false
     }
 
     /// The next packet id for an outgoing QoS 1/2 message: 1 to 65535 in turn, skipping ids
     /// still in flight (MQTT-2.3.1-2: never 0, never one in use).
     func nextPacketID() -> UInt16 {
+        if inflight.isEmpty { packetIDRun = 0 }
         repeat {
             lastPacketID = lastPacketID == UInt16.max ? 1 : lastPacketID + 1
+            // (In a run of fewer than 65,535, every id in flight is one of the run's: not this one.)
+            if packetIDRun < UInt16.max - 1 {
+                packetIDRun += 1
+                return lastPacketID
+            }
         } while inflight.contains(where: { $0.id == lastPacketID })
         return lastPacketID
     }
@@ -960,6 +970,7 @@ final class Session: @unchecked Sendable {
         assertOnOwner()
         inflight = restored
         lastPacketID = restored.last?.id ?? 0
+        packetIDRun = UInt16.max
         let more = self.more
         for delivery in kept {
             queue.append(delivery)
