@@ -788,7 +788,6 @@ private final class BridgeChannelHandler: ChannelInboundHandler, @unchecked Send
             }
             link.readDone()
         } catch {
-            link.readDone()
             failed = true
             errorCaught(context: context, error: error)
             return
