@@ -183,18 +183,74 @@ final class TrieSubscriptionIndex: SubscriptionIndex {
 /// there is one. Members change under the index's lock and the group's own; publishes on every
 /// worker pick under the group's.
 final class SharedGroup: Sendable {
+    typealias Member = (session: Session, grant: Grant)
     let shared: SharedFilter
-    private let state = Mutex<(members: [(session: Session, grant: Grant)], next: Int)>(([], 0))
+    private let state = Mutex(Members())
+
+    /// The members in two lists, so that a pick walks connected ones only: those connected when
+    /// last looked at, and those found offline (persistent sessions). A member is moved to
+    /// `offline` when a pick finds it gone, and back when a pick's look at a few offline members
+    /// finds it connected: neither a group of thousands of offline sessions nor adding and taking
+    /// out members costs a walk of the group.
+    private struct Members {
+        var online: [Member] = []
+        var offline: [Member] = []
+        /// Where each member is: its list and index.
+        var places: [ObjectIdentifier: (online: Bool, index: Int)] = [:]
+        var next = 0
+        var nextOffline = 0
+        /// Members looked at by picks (tests).
+        var looked = 0
+
+        mutating func append(_ member: Member, online isOnline: Bool) {
+            if isOnline {
+                places[ObjectIdentifier(member.session)] = (true, online.count)
+                online.append(member)
+            } else {
+                places[ObjectIdentifier(member.session)] = (false, offline.count)
+                offline.append(member)
+            }
+        }
+
+        /// Takes out the member at `index` of one list; the list's last member takes its place.
+        @discardableResult
+        mutating func take(online isOnline: Bool, at index: Int) -> Member {
+            func take(_ list: inout [Member]) -> Member {
+                list.swapAt(index, list.count - 1)
+                let member = list.removeLast()
+                if index < list.count { places[ObjectIdentifier(list[index].session)] = (isOnline, index) }
+                return member
+            }
+            let member = isOnline ? take(&online) : take(&offline)
+            places[ObjectIdentifier(member.session)] = nil
+            return member
+        }
+
+        /// Looks at up to `limit` offline members, in turn, and moves the connected ones back.
+        mutating func promote(limit: Int) {
+            var looked = 0
+            while looked < limit, !offline.isEmpty {
+                looked += 1
+                if nextOffline >= offline.count { nextOffline = 0 }
+                if offline[nextOffline].session.isOnline {
+                    append(take(online: false, at: nextOffline), online: true)  // (the last one is now here: looked at next)
+                } else {
+                    nextOffline += 1
+                }
+            }
+            self.looked += looked
+        }
+    }
 
     init(_ shared: SharedFilter) { self.shared = shared }
 
     /// Adds `session` (or changes its grant, if it is a member already).
     func add(_ session: Session, grant: Grant) {
         state.withLock { state in
-            if let i = state.members.firstIndex(where: { $0.session === session }) {
-                state.members[i].grant = grant
+            if let place = state.places[ObjectIdentifier(session)] {
+                if place.online { state.online[place.index].grant = grant } else { state.offline[place.index].grant = grant }
             } else {
-                state.members.append((session, grant))
+                state.append((session, grant), online: true)  // (moved to `offline` by the first pick that finds it gone)
             }
         }
     }
@@ -202,41 +258,59 @@ final class SharedGroup: Sendable {
     /// Takes `session` out; whether the group is left empty.
     func remove(_ session: Session) -> Bool {
         state.withLock { state in
-            state.members.removeAll { $0.session === session }
-            return state.members.isEmpty
+            if let place = state.places[ObjectIdentifier(session)] { state.take(online: place.online, at: place.index) }
+            return state.online.isEmpty && state.offline.isEmpty
         }
     }
 
     /// The next member in turn: the next connected one without a backlog (one that cannot keep
     /// up, or a client that stopped reading, is passed over while another can take the message),
-    /// else the next connected one, else the next one (a persistent session offline queues the
-    /// message). Never `excluding`.
-    func pick(excluding: Session? = nil) -> (session: Session, grant: Grant)? {
+    /// else the next connected one, else the next offline one (a persistent session queues the
+    /// message). Never `excluding`. A member that has just reconnected may be taken for offline
+    /// until a few picks have looked at it again (`promote`).
+    func pick(excluding: Session? = nil) -> Member? {
         state.withLock { state in
-            let count = state.members.count
-            var connected: Int?
-            var any: Int?
-            for step in 0..<count {
-                let i = (state.next &+ step) % count
-                let member = state.members[i].session
-                guard member !== excluding else { continue }
-                if member.isOnline {
-                    if !member.isBacklogged {
-                        state.next = i &+ 1
-                        return state.members[i]
-                    }
-                    if connected == nil { connected = i }
+            state.promote(limit: 2)
+            var connected: (member: Member, index: Int)?
+            var i = state.next
+            var looked = 0
+            let limit = state.online.count
+            while looked < limit, !state.online.isEmpty {
+                looked += 1
+                if i >= state.online.count { i = 0 }
+                let member = state.online[i]
+                if member.session === excluding {
+                    i += 1
+                } else if !member.session.isOnline {
+                    state.append(state.take(online: true, at: i), online: false)  // (the last one is now here)
+                } else if !member.session.isBacklogged {
+                    state.next = i + 1
+                    state.looked += looked
+                    return member
+                } else {
+                    if connected == nil { connected = (member, i) }
+                    i += 1
                 }
-                if any == nil { any = i }
             }
-            guard let i = connected ?? any else { return nil }
-            state.next = i &+ 1
-            return state.members[i]
+            state.looked += looked
+            if let connected {
+                state.next = connected.index + 1
+                return connected.member
+            }
+            for _ in 0..<min(state.offline.count, 2) {
+                if state.nextOffline >= state.offline.count { state.nextOffline = 0 }
+                let member = state.offline[state.nextOffline]
+                state.nextOffline += 1
+                if member.session !== excluding { return member }
+            }
+            return nil
         }
     }
 
     /// Members (tests, introspection).
-    var memberCount: Int { state.withLock { $0.members.count } }
+    var memberCount: Int { state.withLock { $0.online.count + $0.offline.count } }
+    /// Members looked at by picks so far (tests: a pick must not walk the offline ones).
+    var looked: Int { state.withLock { $0.looked } }
 }
 
 /// The retained topic trie (names → messages) behind one lock; a scan holds it for one step at

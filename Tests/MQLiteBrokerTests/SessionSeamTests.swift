@@ -566,4 +566,41 @@ struct SharedSubscriptionTests {
         await broker.shutdown()
         #expect(received.sorted() == ["on its way", "queued offline"])
     }
+
+    @Test("thousands of offline members: a pick does not walk them (a few looked at per pick); the connected member gets every message, one that reconnects is found again, and with none connected the offline ones take turns")
+    func manyOffline() throws {
+        let context = standaloneContext()
+        let group = SharedGroup(SharedFilter(group: "g", filter: try TopicFilter("t")))
+        let offline = (0..<10_000).map { Session(clientID: "off\($0)", persistent: true, owner: 0, context: context) }
+        let here = Session(clientID: "here", persistent: false, owner: 0, context: context)
+        here.outbound = RecordingOutbound()
+        for session in offline { group.add(session, grant: Grant(qos: .atLeastOnce)) }
+        group.add(here, grant: Grant(qos: .atLeastOnce))
+        // The first picks find the offline members gone, once each; after that a pick looks at a few.
+        for _ in 0..<2 { _ = group.pick() }
+        let before = group.looked
+        var picked: [Session] = []
+        for _ in 0..<1_000 { picked.append(try #require(group.pick()).session) }
+        #expect(picked.allSatisfy { $0 === here })
+        #expect(group.looked - before <= 5_000, "a pick walked the offline members: \(group.looked - before) looked at for 1,000 picks")
+        // One comes back: within (offline members / looked at per pick) picks it has its turns again.
+        offline[1234].outbound = RecordingOutbound()
+        var back = 0
+        for _ in 0..<12_000 where try #require(group.pick()).session === offline[1234] { back += 1 }
+        #expect(back > 1_000, "the reconnected member was not found again (\(back) picks)")
+        // None connected: the offline members take turns (each queues what it gets).
+        here.outbound = nil
+        offline[1234].outbound = nil
+        var seen = Set<ObjectIdentifier>()
+        for _ in 0..<100 { seen.insert(ObjectIdentifier(try #require(group.pick(excluding: offline[0])).session)) }
+        #expect(seen.count == 100)
+        #expect(!seen.contains(ObjectIdentifier(offline[0])))
+        // Taking members out (from either list) leaves the rest.
+        #expect(!group.remove(here))
+        #expect(!group.remove(offline[5]))
+        #expect(group.memberCount == 9_999)
+        for session in offline { _ = group.remove(session) }
+        #expect(group.memberCount == 0)
+        #expect(group.pick() == nil)
+    }
 }
