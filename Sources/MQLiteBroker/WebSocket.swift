@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import NIOWebSocket
 
 // MQTT over WebSocket (MQTT 3.1.1 section 6, RFC 6455): an HTTP/1.1 upgrade on any path with the
@@ -164,6 +165,14 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         // closing, and what the decoder still has to say (the request cut short at EOF) adds
         // nothing: not passed on, so that it is not logged once more for every connection.
         guard case .done = state else {
+            if error is NIOSSLError {
+                // The TLS handshake failed (a wss listener): nothing to answer over it.
+                state = .done
+                var log = logger
+                log[metadataKey: "address"] = "\(address ?? context.remoteAddress.map(\.addressText) ?? "?")"
+                listener.logHandshakeFailure("\(error)", logger: log)
+                return context.close(promise: nil)
+            }
             let reason = error is HTTPParserError ? "malformed HTTP request (\(error))" : "\(error)"
             return refuse(context: context, status: .badRequest, reason: reason, headers: [:])
         }
@@ -187,6 +196,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         guard head.method == .GET, head.version.major == 1, head.version.minor >= 1 else {
             return .refuse(.badRequest, "WebSocket upgrade must be an HTTP/1.1 GET", [:])
         }
+        guard headers["Host"].count == 1 else { return .refuse(.badRequest, "no Host header, or more than one (RFC 6455 section 4.1)", [:]) }
         guard headers["Sec-WebSocket-Version"] == ["13"] else {
             return .refuse(.upgradeRequired, "unsupported Sec-WebSocket-Version (13 is)", upgradeRequired)
         }
@@ -275,6 +285,8 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     private var inBinaryMessage = false
     private var closeSent = false
     private var failed = false
+    /// The data of the last ping of this read: answered once the read is handled.
+    private var pingData: ByteBuffer?
 
     init(maxFrameSize: Int) {
         self.maxFrameSize = maxFrameSize
@@ -297,9 +309,9 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         case .text:
             fail(context: context, .unacceptableData, "text frame (MQTT over WebSocket is binary frames only)")
         case .ping:
-            // A peer that sends pings but does not read gets no more pongs than the socket takes.
-            guard context.channel.isWritable, !closeSent else { return }
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+            // Answered after the read, the last one only (RFC 6455 section 5.5.3 allows it): a
+            // flood of pings costs one pong per read, not a write for each.
+            pingData = frame.unmaskedData
         case .pong:
             break
         case .connectionClose:
@@ -311,6 +323,17 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         default:
             fail(context: context, .protocolError, "unknown opcode \(frame.opcode)")
         }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        // A peer that sends pings but does not read gets no more pongs than the socket takes.
+        if let data = pingData {
+            pingData = nil
+            if context.channel.isWritable, !closeSent {
+                context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: data)), promise: nil)
+            }
+        }
+        context.fireChannelReadComplete()
     }
 
     /// The status code that answers a client's close frame: its own when it is one an endpoint

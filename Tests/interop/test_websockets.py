@@ -169,6 +169,38 @@ def test_ping_is_answered_and_close_frame_closes(wsbroker):
     assert closed and frames == [(0x8, b"\x03\xe8")]
 
 
+def test_ping_flood_gets_one_pong_per_read(wsbroker):
+    # RFC 6455 section 5.5.3: pings not yet answered may get one pong, for the most recent. A
+    # flood in one write is answered a few times at most (one pong per read), not 5,000 times.
+    ws = wsclient.connect(wsbroker.ports[1])
+    ws.send(wsclient.mqtt_connect("flooder"))
+    assert ws.recv_mqtt(4) == CONNACK_OK
+    ws.sock.sendall(b"".join(wsclient.frame(b"p%d" % i, opcode=0x9) for i in range(5000)))
+    pongs = []
+    while not pongs or pongs[-1] != b"p4999":
+        opcode, payload = ws.recv_frame()
+        assert opcode == 0xA
+        pongs.append(payload)
+    assert len(pongs) < 100, len(pongs)
+    ws.sock.settimeout(0.5)
+    with pytest.raises((socket.timeout, TimeoutError)):
+        ws.recv_frame()  # nothing more: every ping was answered by the last pong
+
+
+def test_upgrade_without_host_is_refused(wsbroker):
+    # RFC 6455 section 4.1: the request has a Host header (HTTP/1.1 requires exactly one).
+    for extra_host in ("", "Host: second\r\n"):
+        s = socket.create_connection(("127.0.0.1", wsbroker.ports[1]), timeout=5)
+        req, _ = wsclient.request()
+        if extra_host:
+            req = req.replace(b"\r\n\r\n", b"\r\n" + extra_host.encode() + b"\r\n")
+        else:
+            req = b"\r\n".join(line for line in req.split(b"\r\n") if not line.startswith(b"Host:"))
+        s.sendall(req)
+        assert wsclient.read_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 400"), extra_host
+        s.close()
+
+
 def test_packet_split_across_frames_and_two_packets_in_one_frame(wsbroker):
     ws = wsclient.connect(wsbroker.ports[1])
     connect = wsclient.mqtt_connect("splitter")
