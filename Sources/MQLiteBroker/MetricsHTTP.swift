@@ -30,6 +30,9 @@ extension Broker {
     func makeHTTPBootstrap() -> ServerBootstrap {
         serverBootstrap(backlog: 64)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 16 * 1024))
+            // A client that shuts its side after the request (`nc -N`, HTTP/1.0 tools) still gets
+            // the answer (RFC 9112 section 9.6), which /metrics sends once every worker reported.
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try MetricsHTTPHandler.addHandlers(to: channel.pipeline.syncOperations, broker: self)
@@ -113,6 +116,11 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch (unwrapInboundIn(data), state) {
         case (.head(let head), .awaitingHead):
+            // HTTP/1.1 requires exactly one Host header (RFC 9112 section 3.2).
+            if head.version.major == 1, head.version.minor >= 1, head.headers["Host"].count != 1 {
+                state = .answering
+                return respond(context: context, status: .badRequest, contentType: "text/plain; charset=utf-8", body: "400 Bad Request (Host)\n")
+            }
             let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
             state = .awaitingEnd(method: head.method, path: path)
         case (.body, .awaitingEnd):
@@ -132,6 +140,17 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             return respond(context: context, status: .badRequest, contentType: "text/plain; charset=utf-8", body: "400 Bad Request\n")
         }
         context.close(promise: nil)
+    }
+
+    /// The client shut its side: a request it completed is still answered (the answer closes
+    /// the connection); one it did not is closed.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            if case .answering = state { return }
+            state = .answering
+            return context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

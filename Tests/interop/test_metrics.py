@@ -168,6 +168,33 @@ def read_until_closed(s, timeout):
         return data, True
 
 
+def test_request_then_half_close_is_answered(mbroker):
+    # A client that shuts its sending side right after the request (nc -N, HTTP/1.0 tools) still
+    # gets the answer (RFC 9112 section 9.6); /metrics answers after every worker reported.
+    _, http = mbroker.ports
+    for request in (b"GET /metrics HTTP/1.0\r\n\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /health HTTP/1.0\r\n\r\n"):
+        s = socket.create_connection(("127.0.0.1", http))
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data, closed = read_until_closed(s, 5)
+        assert closed and data.startswith(b"HTTP/1.1 200"), (request, data[:100])
+        s.close()
+    # HTTP/1.1 without Host, or with two: 400 (RFC 9112 section 3.2); HTTP/1.0 needs none.
+    for request in (b"GET /metrics HTTP/1.1\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):
+        s = socket.create_connection(("127.0.0.1", http))
+        s.sendall(request)
+        data, closed = read_until_closed(s, 5)
+        assert closed and data.startswith(b"HTTP/1.1 400"), (request, data[:100])
+        s.close()
+    # A request cut short by the client's shutdown is closed without an answer.
+    s = socket.create_connection(("127.0.0.1", http))
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    s.shutdown(socket.SHUT_WR)
+    data, closed = read_until_closed(s, 5)
+    assert closed and not data.startswith(b"HTTP/1.1 200"), data[:100]
+    s.close()
+
+
 def test_hostile_http_peers_are_closed(mbroker):
     _, http = mbroker.ports
     # A header that never ends: 400 and closed once over the request limit.
