@@ -481,8 +481,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if tls.useIdentityAsUsername {
                 // As Mosquitto: the certificate's CN replaces whatever user name and password the
                 // client sent (require_certificate guarantees a verified certificate).
-                guard let cn = info.certificate?.commonName, !cn.isEmpty else {
-                    return refuse(.notAuthorized, "client certificate has no CN (use_identity_as_username)")
+                guard let cn = info.certificate?.username else {
+                    return refuse(.notAuthorized, "client certificate has no CN that can be a user name (use_identity_as_username)")
                 }
                 username = cn
                 password = nil

@@ -109,7 +109,7 @@ struct DistinguishedName {
         case .bmpString:
             guard bytes.count % 2 == 0 else { return nil }
             let units = stride(from: bytes.startIndex, to: bytes.endIndex, by: 2).map { UInt16(bytes[$0]) << 8 | UInt16(bytes[$0 + 1]) }
-            return String(decoding: units, as: UTF16.self)
+            return String(validating: units, as: UTF16.self)  // (a lone surrogate is refused, not repaired)
         case .universalString:
             guard bytes.count % 4 == 0 else { return nil }
             var scalars = String.UnicodeScalarView()

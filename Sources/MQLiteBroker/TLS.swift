@@ -241,6 +241,14 @@ public struct ClientCertificate: Sendable, Equatable {
         self.notAfter = notAfter
     }
 
+    /// The user name `use_identity_as_username` takes: the CN, unless empty or holding U+0000,
+    /// which no user name may (MQTT-1.5.3-2; a plugin reading it as a C string would see only
+    /// what comes before it).
+    var username: String? {
+        guard let commonName, !commonName.isEmpty, !commonName.unicodeScalars.contains("\0") else { return nil }
+        return commonName
+    }
+
     /// Most subject alternative names kept (a certificate a trusted CA signed could still list
     /// thousands).
     static let maxAlternativeNames = 256

@@ -44,6 +44,30 @@ Lb9vwFU+bTbGMptaHzf80kOhZkhyqhv3epA=
         #expect(certificate.notAfter == 2_111_340_727)
     }
 
+    /// Self-signed, its only CN "admin\0evil" (made with Python's `cryptography`).
+    static let nulPEM = """
+-----BEGIN CERTIFICATE-----
+MIIBFjCBvaADAgECAgEBMAoGCCqGSM49BAMCMBUxEzARBgNVBAMMCmFkbWluAGV2
+aWwwHhcNMjYxMjAyMDAwMDAwWhcNMzYxMTI5MDAwMDAwWjAVMRMwEQYDVQQDDAph
+ZG1pbgBldmlsMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEtbXYVrKOkjvVALe4
+T3UGs4EO4KxiX/0m0ndtrCF4jJ0Tri3DxghoshsbqPiSm0sAmJRfuQ2MmojwuZ2o
+Ob+xNzAKBggqhkjOPQQDAgNIADBFAiB0z2OmycRni/F4zQxaltJZiXsa2DVhjWN2
+CZBwHVOsJQIhANEmmODeV27AfOzcyvUROs2tnIzJJLvcc7pJYC7m3nYm
+-----END CERTIFICATE-----
+"""
+
+    @Test("use_identity_as_username: a CN holding U+0000 is no user name (MQTT-1.5.3-2), as no CN is; another CN is one as it is")
+    func usernameFromCN() throws {
+        let nul = try #require(ClientCertificate(NIOSSLCertificate(bytes: Array(Self.nulPEM.utf8), format: .pem)))
+        #expect(nul.commonName == "admin\0evil")
+        #expect(nul.subject == #"CN=admin\00evil"#)
+        #expect(nul.username == nil)
+        let odd = try #require(ClientCertificate(NIOSSLCertificate(bytes: Array(Self.pem.utf8), format: .pem)))
+        #expect(odd.username == "dev,ice")
+        #expect(ClientCertificate(subject: "", commonName: "", subjectAlternativeNames: [], fingerprint: "", notAfter: 0).username == nil)
+        #expect(ClientCertificate(subject: "", commonName: nil, subjectAlternativeNames: [], fingerprint: "", notAfter: 0).username == nil)
+    }
+
     @Test("RFC 4514 escapes")
     func escapes() {
         #expect(DistinguishedName.escape("a,b+c\"d\\e<f>g;h") == #"a\,b\+c\"d\\e\<f\>g\;h"#)
