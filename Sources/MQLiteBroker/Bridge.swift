@@ -307,33 +307,15 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             }
             incoming(publish, on: channel)
         case .puback(let id):
-            acknowledged(id)
+            remoteAcknowledged(.puback, id, refused: false, on: channel)
         case .pubrec(let id):
-            session?.pubrec(id)
-            acknowledge(.pubrel(packetID: id), waiting: session?.isStored == true, on: channel)
+            remoteAcknowledged(.pubrec, id, refused: false, on: channel)
         case .pubcomp(let id):
-            session?.pubcomp(id, pumping: false)
-            acknowledgedInRead = true
+            remoteAcknowledged(.pubcomp, id, refused: false, on: channel)
         case .pubrel(let id):
-            session?.released(inbound: id)
-            acknowledge(.pubcomp(packetID: id), waiting: session?.isStored == true, on: channel)
+            remoteAcknowledged(.pubrel, id, refused: false, on: channel)
         case .ackV5(let ack):
-            switch ack.kind {
-            case .puback: acknowledged(ack.packetID)
-            case .pubrec:
-                if ack.reasonCode.isFailure {
-                    session?.pubrecRefused(ack.packetID)
-                } else {
-                    session?.pubrec(ack.packetID)
-                    acknowledge(.pubrel(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
-                }
-            case .pubcomp:
-                session?.pubcomp(ack.packetID, pumping: false)
-                acknowledgedInRead = true
-            case .pubrel:
-                session?.released(inbound: ack.packetID)
-                acknowledge(.pubcomp(packetID: ack.packetID), waiting: session?.isStored == true, on: channel)
-            }
+            remoteAcknowledged(ack.kind, ack.packetID, refused: ack.reasonCode.isFailure, on: channel)
         case .suback(let suback):
             let refused = suback.value.returnCodes.compactMap { code -> String? in
                 switch code {
@@ -538,16 +520,40 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         return Message(topic: topic, payload: publish.payload, qos: publish.qos, retain: publish.retain, properties: properties)
     }
 
-    /// PUBACK from the remote: for a QoS 1 message, or a QoS 2 one sent at QoS 1 (`remote.downgraded`).
-    private func acknowledged(_ id: UInt16) {
+    /// An acknowledgement from the remote: of a message the bridge sent (PUBACK, PUBREC,
+    /// PUBCOMP: the session's flow goes on), or PUBREL of one it received. One that breaks the flow
+    /// of the message under its id (PUBREC for a QoS 1 message, PUBCOMP before PUBREC) is a
+    /// protocol violation that closes the link (MQTT-4.8.0-1), as Mosquitto's bridge does; an id
+    /// not in flight is not (a late or repeated acknowledgement).
+    private func remoteAcknowledged(_ kind: AckPacket.Kind, _ id: UInt16, refused: Bool, on channel: any Channel) {
         guard let session else { return }
-        if remote.downgraded.remove(id) != nil {
-            session.pubrec(id)
-            session.pubcomp(id, pumping: false)
-        } else {
-            session.puback(id, pumping: false)
+        let broken: Bool
+        switch kind {
+        case .puback:
+            // For a QoS 1 message, or a QoS 2 one sent at QoS 1 (`remote.downgraded`).
+            if remote.downgraded.remove(id) != nil {
+                broken = session.pubrec(id) || session.pubcomp(id, pumping: false)
+            } else {
+                broken = session.puback(id, pumping: false)
+            }
+        case .pubrec where refused:
+            broken = session.pubrecRefused(id, pumping: false)
+        case .pubrec:
+            broken = session.pubrec(id)
+            if !broken { acknowledge(.pubrel(packetID: id), waiting: session.isStored, on: channel) }
+        case .pubcomp:
+            broken = session.pubcomp(id, pumping: false)
+        case .pubrel:
+            session.released(inbound: id)
+            acknowledge(.pubcomp(packetID: id), waiting: session.isStored, on: channel)
+            return
         }
         acknowledgedInRead = true
+        guard broken else { return }
+        logger.warning("the remote sent \(kind) for packet id \(id), which is not in that state of its flow (MQTT-4.8.0-1): closing the link")
+        if version == .v5 { write(.disconnectV5(DisconnectPacket(reasonCode: .protocolError))) }
+        flushSoon()
+        channel.close(promise: nil)
     }
 
     /// After the packets of one read: the messages its acknowledgements made room for are sent

@@ -928,13 +928,13 @@ final class Session: @unchecked Sendable {
 
     /// MQTT 5: the client refused a QoS 2 message (PUBREC with a failure code): it is done.
     @discardableResult
-    func pubrecRefused(_ id: UInt16) -> Bool {
+    func pubrecRefused(_ id: UInt16, pumping: Bool = true) -> Bool {
         assertOnOwner()
         guard let i = inflight.firstIndex(where: { $0.id == id }) else { return false }
         guard inflight[i].qos == .exactlyOnce else { return true }
         guard !inflight[i].released else { return false }
         inflightDone(at: i)
-        pump()
+        if pumping { pump() }
         return false
     }
 

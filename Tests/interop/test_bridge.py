@@ -553,6 +553,74 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
         server.close()
 
 
+def test_a_remote_that_breaks_the_qos_flow_loses_the_link():
+    """A remote answering a QoS 1 message with PUBREC breaks its flow (MQTT-4.8.0-1): the link
+    closes with a log line (no PUBREL for it), as Mosquitto's bridge does, and on the next link
+    the message goes again (DUP) and completes with PUBACK. A PUBACK for an id not in flight is
+    ignored."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    config = bridge_config(port, [{"pattern": "t/#", "direction": "out", "qos": 1}])
+    b = Broker([], config_text=config)
+    try:
+        server.settimeout(10)
+
+        def accept():
+            link, _ = server.accept()
+            link.settimeout(10)
+            first = link.recv(4096)
+            assert first and first[0] == 0x10, first  # CONNECT
+            link.sendall(bytes([0x20, 2, 1 if accept.sessions else 0, 0]))  # session present the second time
+            accept.sessions += 1
+            return link
+
+        def next_publish(link):
+            data = b""
+            while not (data and data[0] >> 4 == 3 and len(data) >= 2 + data[1]):
+                chunk = link.recv(4096)
+                assert chunk, ("the link closed", b.log()[-1500:])
+                data += chunk
+            return data[0], data[2 + 2 + data[3]:2 + 2 + data[3] + 2]  # flags, packet id
+        accept.sessions = 0
+
+        link = accept()
+        assert connected(b), b.log()
+        device = socket.create_connection(("127.0.0.1", b.port))
+        device.sendall(connect_packet(b"dev1"))
+        assert device.recv(4)[:1] == b"\x20"
+        device.sendall(publish_packet(b"t/a", b"one", qos=1, packet_id=1))
+        flags, packet_id = next_publish(link)
+        assert flags & 0x06 == 0x02, flags  # QoS 1
+        link.sendall(bytes([0x40, 2]) + bytes([0x12, 0x34]))  # PUBACK for an id not in flight: ignored
+        link.sendall(bytes([0x50, 2]) + packet_id)  # PUBREC for a QoS 1 message
+        link.settimeout(5)
+        rest = b""
+        while True:
+            chunk = link.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        assert not rest.startswith(b"\x62"), rest  # no PUBREL
+        assert wait_for(lambda: "not in that state of its flow" in b.log()), b.log()[-1500:]
+        link.close()
+
+        link = accept()
+        flags, again = next_publish(link)
+        assert flags & 0x08 and again == packet_id, (flags, again)  # sent again, DUP, same id
+        link.sendall(bytes([0x40, 2]) + again)
+        time.sleep(0.5)
+        assert b.proc.poll() is None
+        assert b.log().count("not in that state of its flow") == 1
+        device.close()
+        link.close()
+    finally:
+        b.stop()
+        server.close()
+
+
 def test_an_mqtt5_remote_is_told_max_packet_size_and_keeps_larger_messages_to_itself():
     """The bridge's CONNECT to an MQTT 5 remote carries Maximum Packet Size (`max_packet_size`
     plus its fixed header): the remote drops a larger message (MQTT-3.1.2-24) rather than send a
