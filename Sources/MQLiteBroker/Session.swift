@@ -133,6 +133,8 @@ final class Session: @unchecked Sendable {
         var group: SharedGroup?
         /// Its number while a store keeps the session (`SessionEvent`); 0 otherwise.
         var seq: UInt64 = 0
+        /// To be sent again on this connection once its window has room (`resume`).
+        var owed = false
     }
 
     let clientID: String
@@ -215,6 +217,8 @@ final class Session: @unchecked Sendable {
         var aliases: TopicAliases?
         /// MQTT 5: the Subscription Identifiers of the subscriptions that have one.
         var subscriptionIdentifiers: SubscriptionIdentifiers?
+        /// Messages in flight are `owed` again to this connection (`resume`, `pump`).
+        var resendsOwed = false
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
         /// See `sendRetained`.
@@ -742,6 +746,7 @@ final class Session: @unchecked Sendable {
     func pump() {
         assertOnOwner()
         guard let outbound, !ended else { return }
+        if let occasional, occasional.resendsOwed { resendOwed(on: outbound) }
         let maxInflight = window
         var drained = 0
         var retainedSteps = 0
@@ -780,47 +785,90 @@ final class Session: @unchecked Sendable {
     }
 
     /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
-    /// MQTT 5: a message whose Message Expiry Interval passed while it waited for its
-    /// acknowledgement is not sent again (as Mosquitto), one that goes tells what remains of the
-    /// interval (MQTT-3.3.2-6), and one larger than the new connection's Maximum Packet Size is
-    /// discarded as if sent (MQTT-3.1.2-25): either way it is done.
+    /// No more than the connection's window (its Receive Maximum, MQTT-4.9.0-2: the send quota
+    /// starts again with each connection) goes at once; the rest is owed and goes, in order, as
+    /// acknowledgements make room (`pump`).
     func resume() {
         assertOnOwner()
         guard let outbound else { return }
         let now = NIODeadline.now().uptimeNanoseconds
+        let window = self.window
+        var sent = 0
+        var owed = false
         var i = 0
         while i < inflight.count {
-            let entry = inflight[i]
-            guard !entry.released else {
-                outbound.writePubrel(packetID: entry.id)
+            if inflight[i].released {
+                inflight[i].owed = false
+                outbound.writePubrel(packetID: inflight[i].id)
+                sent += 1
+                i += 1
+            } else if sent >= window {
+                inflight[i].owed = true
+                owed = true
+                i += 1
+            } else if resend(at: i, on: outbound, now: now) {
+                sent += 1
+                i += 1
+            }
+        }
+        if owed || occasional?.resendsOwed == true { more.resendsOwed = owed }
+        pump()
+    }
+
+    /// Sends owed in-flight messages (`resume`) while the window and the socket allow.
+    private func resendOwed(on outbound: any SessionOutbound) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        var sent = inflight.reduce(0) { $0 + ($1.owed ? 0 : 1) }
+        var owed = false
+        var i = 0
+        while i < inflight.count {
+            guard inflight[i].owed, !inflight[i].released else {
                 i += 1
                 continue
             }
-            // Sent to the client that held the session before: sent again only if this one may
-            // receive it (else done with, as Mosquitto drops it).
-            if let occasional, occasional.receiveACL != nil, !mayReceive(entry.message.topic, occasional) {
-                inflightDone(at: i)
-                continue
+            guard sent < window, outbound.canWrite else {
+                owed = true
+                break
             }
-            var wire = entry.message
-            if let expiresAt = wire.properties.messageExpiresAt {
-                guard now < expiresAt else {
-                    inflightDone(at: i)
-                    continue
-                }
-                wire.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+            if resend(at: i, on: outbound, now: now) {
+                sent += 1
+                i += 1
             }
-            if occasional?.adorns == true {
-                guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {
-                    inflightDone(at: i)
-                    continue
-                }
-                wire = adorned
-            }
-            outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
-            i += 1
         }
-        pump()
+        more.resendsOwed = owed
+    }
+
+    /// Sends the in-flight message at `index` again (DUP), to the client that holds the session
+    /// now; whether it is still in flight. MQTT 5: a message whose Message Expiry Interval passed
+    /// while it waited for its acknowledgement is not sent again (as Mosquitto), one that goes
+    /// tells what remains of the interval (MQTT-3.3.2-6), and one larger than the new
+    /// connection's Maximum Packet Size is discarded as if sent (MQTT-3.1.2-25): either way it
+    /// is done. Sent to the client that held the session before, it is sent again only if this
+    /// one may receive it (else done with, as Mosquitto drops it).
+    private func resend(at i: Int, on outbound: any SessionOutbound, now: UInt64) -> Bool {
+        inflight[i].owed = false
+        let entry = inflight[i]
+        if let occasional, occasional.receiveACL != nil, !mayReceive(entry.message.topic, occasional) {
+            inflightDone(at: i)
+            return false
+        }
+        var wire = entry.message
+        if let expiresAt = wire.properties.messageExpiresAt {
+            guard now < expiresAt else {
+                inflightDone(at: i)
+                return false
+            }
+            wire.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+        }
+        if occasional?.adorns == true {
+            guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {
+                inflightDone(at: i)
+                return false
+            }
+            wire = adorned
+        }
+        outbound.writePublish(wire, qos: entry.qos, packetID: entry.id, retain: entry.retain, dup: true)
+        return true
     }
 
     /// The in-flight message at `index` is done: acknowledged, or (`resume`) not owed any more.
@@ -921,6 +969,7 @@ final class Session: @unchecked Sendable {
         guard inflight[i].qos == .exactlyOnce else { return true }
         guard !inflight[i].released else { return false }
         inflight[i].released = true
+        inflight[i].owed = false  // (the client had it from the connection before)
         inflight[i].message = Message(topic: TopicName(alreadyValidated: ByteBuffer()), payload: ByteBuffer(), qos: .exactlyOnce, retain: false)
         if inflight[i].seq != 0 { report(.released(packetID: id, seq: inflight[i].seq)) }
         return false

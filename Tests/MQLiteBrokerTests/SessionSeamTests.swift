@@ -220,6 +220,39 @@ struct SessionSeamTests {
         #expect(after.first?.dup == true && after.first?.packetID == before[1].packetID)
     }
 
+    @Test("resume sends no more than the new connection's Receive Maximum (MQTT-4.9.0-2: the quota starts again); the rest, then the queue, go in order as acknowledgements make room; one the client acknowledges before it is sent again is done")
+    func resumeWithinTheNewWindow() throws {
+        let (first, second, afterAcks, ids) = {
+            let session = Session(clientID: "rm", persistent: true, owner: 0, context: standaloneContext { $0.maxInflight = 10 })
+            let out = RecordingOutbound()
+            session.outbound = out
+            for i in 0..<10 { session.deliver(delivery("m\(i)", qos: i == 3 ? .exactlyOnce : .atLeastOnce)) }
+            session.deliver(delivery("queued", qos: .atLeastOnce))
+            let ids = out.sent.map { $0.packetID! }
+            session.disconnected()
+            // Back with Receive Maximum 2: two go at once.
+            session.setClientLimits(ClientLimits(receiveMaximum: 2))
+            let again = RecordingOutbound()
+            session.outbound = again
+            session.resume()
+            let first = again.sent.map(\.payload)
+            // m3 (QoS 2) is acknowledged before it is sent again: PUBREC, then it waits for PUBCOMP.
+            session.pubrec(ids[3])
+            // Each PUBACK makes room for the next owed one, in order.
+            session.puback(ids[0])
+            let second = again.sent.map(\.payload)
+            for i in [1, 2, 4, 5, 6, 7, 8, 9] { session.puback(ids[i]) }
+            session.pubcomp(ids[3])
+            return (first, second, again.sent, ids)
+        }()
+        #expect(first == ["m0", "m1"])
+        #expect(second == ["m0", "m1"], "m3 holds the window's room while it waits for PUBCOMP: m2 waits for another acknowledgement")
+        #expect(afterAcks.map(\.payload) == ["m0", "m1", "m2", "m4", "m5", "m6", "m7", "m8", "m9", "queued"])
+        #expect(afterAcks.prefix(9).allSatisfy { $0.dup })
+        #expect(afterAcks.prefix(9).map { $0.packetID! } == [0, 1, 2, 4, 5, 6, 7, 8, 9].map { ids[$0] })
+        #expect(afterAcks.last?.dup == false)
+    }
+
     @Test("a full socket queues; pump sends in order once it can write")
     func backPressure() throws {
         let sent = {
