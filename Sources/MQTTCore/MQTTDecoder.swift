@@ -197,7 +197,7 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
                 } else if let qos = QoS(rawValue: raw) {
                     codes.append(.granted(qos))
                 } else {
-                    throw .unexpectedLength(type, length: Int(raw))
+                    throw .invalidReasonCode(type, raw)  // (a SUBACK return code: 0, 1, 2 or 0x80)
                 }
             }
             return .suback(SubackPacket(packetID: id, returnCodes: codes))

@@ -185,6 +185,11 @@ struct ValidationTests {
         expectError([0x11, 0x00], .reservedFlags(.connect, flags: 1))
     }
 
+    @Test("a SUBACK return code other than 0, 1, 2 and 0x80 is named as one (not as a length)")
+    func subackReturnCode() {
+        expectError([0x90, 0x03, 0, 1, 0x40], .invalidReasonCode(.suback, 0x40))
+    }
+
     @Test func publishQoS3() {
         expectError([0x36, 0x05, 0, 1, 0x61, 0, 1], .invalidQoS(.publish))
     }
