@@ -588,8 +588,13 @@ final class Session: @unchecked Sendable {
         return enqueue(delivery)
     }
 
-    /// Whether messages wait in the queue, or retained messages still to be sent.
-    var hasQueued: Bool { !queue.isEmpty || !(occasional?.retainedBacklog.isEmpty ?? true) }
+    /// Whether messages wait: in the queue, in flight to be sent again (`resume`), or retained
+    /// messages still to be sent.
+    var hasQueued: Bool {
+        guard queue.isEmpty else { return true }
+        guard let occasional else { return false }
+        return occasional.resendsOwed || !occasional.retainedBacklog.isEmpty
+    }
 
     // MARK: - Retained messages on SUBSCRIBE
 
@@ -755,7 +760,7 @@ final class Session: @unchecked Sendable {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
                 // that delivers little (a filter that matches little, an ACL that holds most
                 // back) yields the loop to its sockets now and then.
-                guard hasQueued else { break }
+                guard let occasional, !occasional.retainedBacklog.isEmpty else { break }
                 retainedSteps += 1
                 if retainedSteps > 16 {
                     outbound.pumpSoon()
@@ -784,45 +789,28 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), then the queue.
-    /// No more than the connection's window (its Receive Maximum, MQTT-4.9.0-2: the send quota
-    /// starts again with each connection) goes at once; the rest is owed and goes, in order, as
-    /// acknowledgements make room (`pump`).
+    /// After a reconnect: re-send what is in flight (PUBLISH with DUP, or PUBREL), in order, then
+    /// the queue, all by `pump`: no more at once than the connection's window
+    /// (its Receive Maximum, MQTT-4.9.0-2: the send quota starts again with each connection) and
+    /// its socket allow; the rest goes as acknowledgements and flushes make room.
     func resume() {
         assertOnOwner()
-        guard let outbound else { return }
-        let now = NIODeadline.now().uptimeNanoseconds
-        let window = self.window
-        var sent = 0
-        var owed = false
-        var i = 0
-        while i < inflight.count {
-            if inflight[i].released {
-                inflight[i].owed = false
-                outbound.writePubrel(packetID: inflight[i].id)
-                sent += 1
-                i += 1
-            } else if sent >= window {
-                inflight[i].owed = true
-                owed = true
-                i += 1
-            } else if resend(at: i, on: outbound, now: now) {
-                sent += 1
-                i += 1
-            }
-        }
-        if owed || occasional?.resendsOwed == true { more.resendsOwed = owed }
+        guard outbound != nil else { return }
+        for i in inflight.indices { inflight[i].owed = true }
+        if !inflight.isEmpty || occasional?.resendsOwed == true { more.resendsOwed = !inflight.isEmpty }
         pump()
     }
 
-    /// Sends owed in-flight messages (`resume`) while the window and the socket allow.
+    /// Sends owed in-flight messages and PUBRELs (`resume`), in order, while the window and the
+    /// socket allow.
     private func resendOwed(on outbound: any SessionOutbound) {
         let now = NIODeadline.now().uptimeNanoseconds
+        let window = self.window
         var sent = inflight.reduce(0) { $0 + ($1.owed ? 0 : 1) }
         var owed = false
         var i = 0
         while i < inflight.count {
-            guard inflight[i].owed, !inflight[i].released else {
+            guard inflight[i].owed else {
                 i += 1
                 continue
             }
@@ -830,7 +818,12 @@ final class Session: @unchecked Sendable {
                 owed = true
                 break
             }
-            if resend(at: i, on: outbound, now: now) {
+            if inflight[i].released {
+                inflight[i].owed = false
+                outbound.writePubrel(packetID: inflight[i].id)
+                sent += 1
+                i += 1
+            } else if resend(at: i, on: outbound, now: now) {
                 sent += 1
                 i += 1
             }

@@ -168,9 +168,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
             if error is NIOSSLError {
                 // The TLS handshake failed (a wss listener): nothing to answer over it.
                 state = .done
-                var log = logger
-                log[metadataKey: "address"] = "\(address ?? context.remoteAddress.map(\.addressText) ?? "?")"
-                listener.logHandshakeFailure("\(error)", logger: log)
+                listener.logHandshakeFailure("\(error)", logger: logger(context))
                 return context.close(promise: nil)
             }
             let reason = error is HTTPParserError ? "malformed HTTP request (\(error))" : "\(error)"
@@ -217,12 +215,17 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         return .upgrade(accept: Data(digest).base64EncodedString(), subprotocol: subprotocol)
     }
 
+    /// The listener's logger with the client's address (the PROXY header's, if one came).
+    private func logger(_ context: ChannelHandlerContext) -> Logger {
+        var log = logger
+        log[metadataKey: "address"] = "\(address ?? context.remoteAddress.map(\.addressText) ?? "?")"
+        return log
+    }
+
     private func refuse(context: ChannelHandlerContext, status: HTTPResponseStatus, reason: String, headers extra: [String: String]) {
         guard !isDone else { return }
         state = .done
-        var log = logger
-        log[metadataKey: "address"] = "\(address ?? context.remoteAddress.map(\.addressText) ?? "?")"
-        listener.logRefusal("closing WebSocket connection: \(status.code) \(reason)", logger: log)
+        listener.logRefusal("closing WebSocket connection: \(status.code) \(reason)", logger: logger(context))
         let body = ByteBuffer(string: "\(status.code) \(status.reasonPhrase): \(reason)\n")
         var headers = HTTPHeaders([("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "\(body.readableBytes)"), ("Connection", "close")])
         for (name, value) in extra.sorted(by: { $0.key < $1.key }) { headers.add(name: name, value: value) }
