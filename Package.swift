@@ -190,6 +190,7 @@ let package = Package(
             name: "MQTTCoreTests",
             dependencies: [
                 "MQTTCore",
+                "MQLiteTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),

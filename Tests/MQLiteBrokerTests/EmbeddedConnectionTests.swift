@@ -1,4 +1,5 @@
 import Logging
+import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import NIOEmbedded
@@ -99,34 +100,36 @@ struct EmbeddedConnectionTests {
     }
 
     @Test("a stream cut anywhere, fixed headers too, reads as it does whole: same packets, same order")
-    func streamCutAnywhere() throws {
-        let b = EmbeddedBroker()
-        defer { try? b.broker.stopLoops() }
-        let sub = try b.subscriber("sub", to: "t/#", qos: .atLeastOnce)
+    func streamCutAnywhere() async throws {
+        try await offThePool { () throws in
+            let b = EmbeddedBroker()
+            defer { try? b.broker.stopLoops() }
+            let sub = try b.subscriber("sub", to: "t/#", qos: .atLeastOnce)
 
-        // A 3-byte remaining length (20,000 bytes), a 2-byte one, and 1-byte ones.
-        let big = String(repeating: "b", count: 20_000), medium = String(repeating: "m", count: 300)
-        var rng = SystemRandomNumberGenerator()
-        for (n, cut) in [1, 2, 3, 5, 64, 1000, 4097, 0].enumerated() {
-            var stream = ByteBuffer()
-            for packet: MQTTPacket in [
-                .connect(ConnectPacket(clientID: "pub\(n)")), .publish(PublishPacket(topic: "t/big", payload: big)),
-                .publish(PublishPacket(topic: "t/one", payload: "x", qos: .atLeastOnce, packetID: 5)), .pingreq,
-                .publish(PublishPacket(topic: "t/medium", payload: medium)), .disconnect,
-            ] { stream.writeMQTTPacket(packet) }
-            let pub = try b.connection()
-            while stream.readableBytes > 0 {  // cut 0: random cuts of 1 to 600 bytes
-                let size = cut > 0 ? cut : Int.random(in: 1...600, using: &rng)
-                try pub.writeInbound(stream.readSlice(length: min(size, stream.readableBytes))!)
+            // A 3-byte remaining length (20,000 bytes), a 2-byte one, and 1-byte ones.
+            let big = String(repeating: "b", count: 20_000), medium = String(repeating: "m", count: 300)
+            var rng = SystemRandomNumberGenerator()
+            for (n, cut) in [1, 2, 3, 5, 64, 1000, 4097, 0].enumerated() {
+                var stream = ByteBuffer()
+                for packet: MQTTPacket in [
+                    .connect(ConnectPacket(clientID: "pub\(n)")), .publish(PublishPacket(topic: "t/big", payload: big)),
+                    .publish(PublishPacket(topic: "t/one", payload: "x", qos: .atLeastOnce, packetID: 5)), .pingreq,
+                    .publish(PublishPacket(topic: "t/medium", payload: medium)), .disconnect,
+                ] { stream.writeMQTTPacket(packet) }
+                let pub = try b.connection()
+                while stream.readableBytes > 0 {  // cut 0: random cuts of 1 to 600 bytes
+                    let size = cut > 0 ? cut : Int.random(in: 1...600, using: &rng)
+                    try pub.writeInbound(stream.readSlice(length: min(size, stream.readableBytes))!)
+                }
+                #expect(
+                    try pub.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), .puback(packetID: 5), .pingresp],
+                    "cut every \(cut) bytes")
+                let delivered = try sub.received().compactMap { packet -> String? in
+                    guard case .publish(let p) = packet else { return nil }
+                    return "\(String(buffer: p.topic)) \(p.payload.readableBytes)"
+                }
+                #expect(delivered == ["t/big 20000", "t/one 1", "t/medium 300"], "cut every \(cut) bytes")
             }
-            #expect(
-                try pub.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), .puback(packetID: 5), .pingresp],
-                "cut every \(cut) bytes")
-            let delivered = try sub.received().compactMap { packet -> String? in
-                guard case .publish(let p) = packet else { return nil }
-                return "\(String(buffer: p.topic)) \(p.payload.readableBytes)"
-            }
-            #expect(delivered == ["t/big 20000", "t/one 1", "t/medium 300"], "cut every \(cut) bytes")
         }
     }
 

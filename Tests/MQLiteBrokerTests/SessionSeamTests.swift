@@ -133,30 +133,32 @@ struct SessionSeamTests {
     }
 
     @Test("packet ids run 1...65535, wrap to 1 (never 0), and skip an id still in flight")
-    func packetIDWrap() throws {
-        let (first, ids, skipped) = {
-            let session = Session(clientID: "wrap", persistent: false, owner: 0, context: standaloneContext { $0.maxInflight = 2 })
-            let out = RecordingOutbound()
-            session.outbound = out
-            session.deliver(delivery("held", qos: .atLeastOnce))  // id 1, never acknowledged
-            let held = out.sent[0].packetID!
-            var ids: [UInt16] = []
-            for i in 0..<(65535 + 10) {
-                session.deliver(delivery("m\(i)", qos: .atLeastOnce))
-                let id = out.sent.last!.packetID!
-                ids.append(id)
-                session.puback(id)
-            }
-            return (held, ids, ids.contains(held))
-        }()
-        #expect(first == 1)
-        #expect(!ids.contains(0))
-        #expect(!skipped, "an id in flight was given out again")
-        #expect(ids.first == 2)
-        let wrapAt = try #require(ids.firstIndex(of: 65535))
-        #expect(wrapAt == 65533)
-        #expect(ids[wrapAt + 1] == 2, "after 65535 comes 1, which is in flight, so 2")
-        #expect(Set(ids[0...wrapAt]).count == wrapAt + 1)
+    func packetIDWrap() async throws {
+        try await offThePool { () throws in
+            let (first, ids, skipped) = {
+                let session = Session(clientID: "wrap", persistent: false, owner: 0, context: standaloneContext { $0.maxInflight = 2 })
+                let out = RecordingOutbound()
+                session.outbound = out
+                session.deliver(delivery("held", qos: .atLeastOnce))  // id 1, never acknowledged
+                let held = out.sent[0].packetID!
+                var ids: [UInt16] = []
+                for i in 0..<(65535 + 10) {
+                    session.deliver(delivery("m\(i)", qos: .atLeastOnce))
+                    let id = out.sent.last!.packetID!
+                    ids.append(id)
+                    session.puback(id)
+                }
+                return (held, ids, ids.contains(held))
+            }()
+            #expect(first == 1)
+            #expect(!ids.contains(0))
+            #expect(!skipped, "an id in flight was given out again")
+            #expect(ids.first == 2)
+            let wrapAt = try #require(ids.firstIndex(of: 65535))
+            #expect(wrapAt == 65533)
+            #expect(ids[wrapAt + 1] == 2, "after 65535 comes 1, which is in flight, so 2")
+            #expect(Set(ids[0...wrapAt]).count == wrapAt + 1)
+        }
     }
 
     @Test("offline, a persistent session queues QoS 1/2 up to max_queued, drops the rest and QoS 0, and sends the queue in order on resume")

@@ -1,3 +1,4 @@
+import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import NIOTestUtils
@@ -57,11 +58,13 @@ struct RoundTripTests {
     }
 
     @Test("the decoder gives the same packets whole, byte by byte and many per buffer")
-    func verifier() throws {
-        // Byte-by-byte feeding is quadratic in the verifier; the 70 kB packet is left to the other tests.
-        let pairs = samplePackets.map { (encode([$0]), [$0]) }.filter { $0.0.readableBytes < 20_000 }
-            + [(encode([.publish(PublishPacket(topic: "big", payload: String(repeating: "y", count: 3000)))]), [.publish(PublishPacket(topic: "big", payload: String(repeating: "y", count: 3000)))])]
-        try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) { MQTTDecoder() }
+    func verifier() async throws {
+        try await offThePool { () throws in
+            // Byte-by-byte feeding is quadratic in the verifier; the 70 kB packet is left to the other tests.
+            let pairs = samplePackets.map { (encode([$0]), [$0]) }.filter { $0.0.readableBytes < 20_000 }
+                + [(encode([.publish(PublishPacket(topic: "big", payload: String(repeating: "y", count: 3000)))]), [.publish(PublishPacket(topic: "big", payload: String(repeating: "y", count: 3000)))])]
+            try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) { MQTTDecoder() }
+        }
     }
 
     @Test("many packets in one buffer come out in order")
@@ -79,38 +82,40 @@ struct RoundTripTests {
     }
 
     @Test("a stream cut anywhere: the packet split between reads is completed in a buffer of its own and no further, the rest decoded in place")
-    func splitBetweenReads() throws {
-        let packets = samplePackets.filter { encode([$0]).readableBytes < 1000 }
-        let stream = encode(packets)
-        let decoder = MQTTDecoder()
-        for cut in [1, 2, 3, 5, 7, 11, 64] {
-            var decoded: [MQTTPacket] = []
-            var partial: ByteBuffer?
-            var offset = 0
-            while offset < stream.readableBytes {
-                var read = stream.getSlice(at: offset, length: min(cut, stream.readableBytes - offset))!
-                offset += read.readableBytes
-                if var pending = partial {
-                    partial = nil
-                    guard decoder.complete(&pending, from: &read, version: .v3_1_1) else {
-                        #expect(read.readableBytes == 0)  // all of this read went to the packet
-                        partial = pending
-                        continue
+    func splitBetweenReads() async throws {
+        try await offThePool { () throws in
+            let packets = samplePackets.filter { encode([$0]).readableBytes < 1000 }
+            let stream = encode(packets)
+            let decoder = MQTTDecoder()
+            for cut in [1, 2, 3, 5, 7, 11, 64] {
+                var decoded: [MQTTPacket] = []
+                var partial: ByteBuffer?
+                var offset = 0
+                while offset < stream.readableBytes {
+                    var read = stream.getSlice(at: offset, length: min(cut, stream.readableBytes - offset))!
+                    offset += read.readableBytes
+                    if var pending = partial {
+                        partial = nil
+                        guard decoder.complete(&pending, from: &read, version: .v3_1_1) else {
+                            #expect(read.readableBytes == 0)  // all of this read went to the packet
+                            partial = pending
+                            continue
+                        }
+                        let packet = try decoder.decode(buffer: &pending, version: .v3_1_1)
+                        #expect(packet != nil && pending.readableBytes == 0, "completed exactly one packet")
+                        decoded.append(packet!)
                     }
-                    let packet = try decoder.decode(buffer: &pending, version: .v3_1_1)
-                    #expect(packet != nil && pending.readableBytes == 0, "completed exactly one packet")
-                    decoded.append(packet!)
+                    while let packet = try decoder.decode(buffer: &read, version: .v3_1_1) { decoded.append(packet) }
+                    if read.readableBytes > 0 {
+                        let held = read.readableBytes
+                        partial = decoder.keepPartial(&read, version: .v3_1_1)
+                        #expect(read.readableBytes == 0 && partial!.readableBytes == held)
+                        #expect(partial!.capacity <= max(2 * held, 64), "kept in a buffer at most twice what came")
+                    }
                 }
-                while let packet = try decoder.decode(buffer: &read, version: .v3_1_1) { decoded.append(packet) }
-                if read.readableBytes > 0 {
-                    let held = read.readableBytes
-                    partial = decoder.keepPartial(&read, version: .v3_1_1)
-                    #expect(read.readableBytes == 0 && partial!.readableBytes == held)
-                    #expect(partial!.capacity <= max(2 * held, 64), "kept in a buffer at most twice what came")
-                }
+                #expect(decoded == packets, "cut every \(cut) bytes")
+                #expect(partial == nil)
             }
-            #expect(decoded == packets, "cut every \(cut) bytes")
-            #expect(partial == nil)
         }
     }
 

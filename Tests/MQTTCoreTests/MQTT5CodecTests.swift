@@ -1,3 +1,4 @@
+import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import NIOTestUtils
@@ -171,9 +172,11 @@ struct MQTT5RoundTripTests {
     }
 
     @Test("MQTT 5 packets come out the same whole, byte by byte and many per buffer")
-    func verifier() throws {
-        let pairs = sampleV5Packets.map { (encodeV5([$0]), [$0]) }
-        try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) { v5Decoder() }
+    func verifier() async throws {
+        try await offThePool { () throws in
+            let pairs = sampleV5Packets.map { (encodeV5([$0]), [$0]) }
+            try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) { v5Decoder() }
+        }
     }
 
     @Test("a stream of every MQTT 5 packet decodes in order")
@@ -538,20 +541,22 @@ struct MQTT5ValidationTests {
     }
 
     @Test("thousands of user properties are decoded in linear time, within the packet size limit")
-    func manyUserProperties() throws {
-        let count = 40_000
-        var properties = MQTTProperties()
-        properties.userProperties = (0..<count).map { UserProperty(name: "k", value: String($0 % 10)) }
-        let packet = MQTTPacket.publish(PublishPacket(topic: "t", payload: "x", properties: properties))
-        let bytes = encodeV5([packet])
-        #expect(bytes.readableBytes > 7 * count)
-        let start = ContinuousClock.now
-        #expect(try decodeAllV5(bytes) == [packet])
-        #expect(ContinuousClock.now - start < .seconds(20))
-        // Under a smaller limit the packet is refused from its header, before its body is read.
-        let header = bytes.getSlice(at: 0, length: 5)!
-        #expect(throws: MQTTProtocolError.packetTooLarge(length: bytes.readableBytes - 4, limit: 65_536)) {
-            try decodeAllV5(header, maxPacketSize: 65_536)
+    func manyUserProperties() async throws {
+        try await offThePool { () throws in
+            let count = 40_000
+            var properties = MQTTProperties()
+            properties.userProperties = (0..<count).map { UserProperty(name: "k", value: String($0 % 10)) }
+            let packet = MQTTPacket.publish(PublishPacket(topic: "t", payload: "x", properties: properties))
+            let bytes = encodeV5([packet])
+            #expect(bytes.readableBytes > 7 * count)
+            let start = ContinuousClock.now
+            #expect(try decodeAllV5(bytes) == [packet])
+            #expect(ContinuousClock.now - start < .seconds(20))
+            // Under a smaller limit the packet is refused from its header, before its body is read.
+            let header = bytes.getSlice(at: 0, length: 5)!
+            #expect(throws: MQTTProtocolError.packetTooLarge(length: bytes.readableBytes - 4, limit: 65_536)) {
+                try decodeAllV5(header, maxPacketSize: 65_536)
+            }
         }
     }
 }

@@ -1,3 +1,4 @@
+import MQLiteTestSupport
 import MQTTCore
 import Testing
 
@@ -63,14 +64,16 @@ struct RetainedTreeTests {
     }
 
     @Test("100,000 levels: set, match and remove are loops (no stack overflow)")
-    func deep() {
-        let depth = 100_000
-        let tree = RetainedTree<Int>()
-        let topic = Array(repeating: "a", count: depth).joined(separator: "/")
-        tree.set(topic, 1)
-        #expect(tree.values(matching: Array(repeating: "+", count: depth).joined(separator: "/")) == [1])
-        #expect(tree.values(matching: "#") == [1])
-        tree.remove(topic)
-        #expect(tree.nodeCount == 0)
+    func deep() async throws {
+        try await offThePool { () throws in
+            let depth = 100_000
+            let tree = RetainedTree<Int>()
+            let topic = Array(repeating: "a", count: depth).joined(separator: "/")
+            tree.set(topic, 1)
+            #expect(tree.values(matching: Array(repeating: "+", count: depth).joined(separator: "/")) == [1])
+            #expect(tree.values(matching: "#") == [1])
+            tree.remove(topic)
+            #expect(tree.nodeCount == 0)
+        }
     }
 }

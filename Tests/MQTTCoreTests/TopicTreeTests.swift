@@ -1,3 +1,4 @@
+import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import Testing
@@ -86,26 +87,28 @@ struct IterativeTopicTrieTests {
     }
 
     @Test("100,000 levels: insert, match and remove are loops (no stack overflow), and removal prunes")
-    func deep() {
-        let depth = 100_000
-        let trie = TopicTrie<[Int: Int]>()
-        let plusFilter = Array(repeating: "+", count: depth).joined(separator: "/")
-        let exactFilter = Array(repeating: "a", count: depth).joined(separator: "/")
-        let hashFilter = Array(repeating: "a", count: depth - 1).joined(separator: "/") + "/#"
-        trie.insert(filter: plusFilter, key: 1, value: 1)
-        trie.insert(filter: exactFilter, key: 2, value: 2)
-        trie.insert(filter: hashFilter, key: 3, value: 3)
-        var seen: [Int] = []
-        trie.forEachMatch(topic: exactFilter) { key, _ in seen.append(key) }
-        #expect(seen.sorted() == [1, 2, 3])
-        seen = []
-        trie.forEachMatch(topic: Array(repeating: "b", count: depth).joined(separator: "/")) { key, _ in seen.append(key) }
-        #expect(seen == [1])
-        trie.remove(filter: plusFilter, key: 1)
-        trie.remove(filter: exactFilter, key: 2)
-        #expect(trie.nodeCount == depth)  // a/a/.../# is left
-        trie.remove(filter: hashFilter, key: 3)
-        #expect(trie.count == 0 && trie.nodeCount == 0)
+    func deep() async throws {
+        try await offThePool { () throws in
+            let depth = 100_000
+            let trie = TopicTrie<[Int: Int]>()
+            let plusFilter = Array(repeating: "+", count: depth).joined(separator: "/")
+            let exactFilter = Array(repeating: "a", count: depth).joined(separator: "/")
+            let hashFilter = Array(repeating: "a", count: depth - 1).joined(separator: "/") + "/#"
+            trie.insert(filter: plusFilter, key: 1, value: 1)
+            trie.insert(filter: exactFilter, key: 2, value: 2)
+            trie.insert(filter: hashFilter, key: 3, value: 3)
+            var seen: [Int] = []
+            trie.forEachMatch(topic: exactFilter) { key, _ in seen.append(key) }
+            #expect(seen.sorted() == [1, 2, 3])
+            seen = []
+            trie.forEachMatch(topic: Array(repeating: "b", count: depth).joined(separator: "/")) { key, _ in seen.append(key) }
+            #expect(seen == [1])
+            trie.remove(filter: plusFilter, key: 1)
+            trie.remove(filter: exactFilter, key: 2)
+            #expect(trie.nodeCount == depth)  // a/a/.../# is left
+            trie.remove(filter: hashFilter, key: 3)
+            #expect(trie.count == 0 && trie.nodeCount == 0)
+        }
     }
 }
 

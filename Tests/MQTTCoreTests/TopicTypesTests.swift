@@ -1,3 +1,4 @@
+import MQLiteTestSupport
 import MQTTCore
 import NIOCore
 import Testing
@@ -223,32 +224,34 @@ struct GenericTopicTrieTests {
     }
 
     @Test("deep paths (100,000 and 10,000 levels) in both directions, and a deep trie let go without removing anything")
-    func deep() throws {
-        var depth = 100_000
-        var topic = Array(repeating: "a", count: depth).joined(separator: "/")
-        do {
-            let trie = TopicTrie<Int>()
-            trie.set(topic, 1)
-            trie.set(Array(repeating: "+", count: depth).joined(separator: "/"), 2)
+    func deep() async throws {
+        try await offThePool { () throws in
+            var depth = 100_000
+            var topic = Array(repeating: "a", count: depth).joined(separator: "/")
+            do {
+                let trie = TopicTrie<Int>()
+                trie.set(topic, 1)
+                trie.set(Array(repeating: "+", count: depth).joined(separator: "/"), 2)
+                var found: [Int] = []
+                // (Longer than a TopicName may be: the trie takes any path.)
+                trie.forEachMatch(name: topic) { found.append($0) }
+                #expect(found.sorted() == [1, 2])
+                #expect(trie.values(matching: "#").count == 1)  // names scan: only children, not '+'
+                // Going out of scope here frees 200,000 nodes: without an iterative teardown, a
+                // recursion per level.
+            }
+            depth = 10_000
+            topic = Array(repeating: "a", count: depth).joined(separator: "/")
+            let names = TopicTrie<Int>()
+            names.set(topic, 1)
             var found: [Int] = []
-            // (Longer than a TopicName may be: the trie takes any path.)
-            trie.forEachMatch(name: topic) { found.append($0) }
-            #expect(found.sorted() == [1, 2])
-            #expect(trie.values(matching: "#").count == 1)  // names scan: only children, not '+'
-            // Going out of scope here frees 200,000 nodes: without an iterative teardown, a
-            // recursion per level.
+            let filters = TopicTrie<Int>()
+            filters.set(Array(repeating: "+", count: depth - 1).joined(separator: "/") + "/#", 3)
+            filters.forEachMatch(try TopicName(topic)) { found.append($0) }
+            #expect(found == [3])
+            #expect(names.values(matching: Array(repeating: "+", count: depth).joined(separator: "/")) == [1])
+            #expect(names.remove(topic) && names.nodeCount == 0)
         }
-        depth = 10_000
-        topic = Array(repeating: "a", count: depth).joined(separator: "/")
-        let names = TopicTrie<Int>()
-        names.set(topic, 1)
-        var found: [Int] = []
-        let filters = TopicTrie<Int>()
-        filters.set(Array(repeating: "+", count: depth - 1).joined(separator: "/") + "/#", 3)
-        filters.forEachMatch(try TopicName(topic)) { found.append($0) }
-        #expect(found == [3])
-        #expect(names.values(matching: Array(repeating: "+", count: depth).joined(separator: "/")) == [1])
-        #expect(names.remove(topic) && names.nodeCount == 0)
     }
 
     @Test("shared subscriptions: $share/GROUP/FILTER parsed; a bad share name or no filter refused; other filters are not shared")
