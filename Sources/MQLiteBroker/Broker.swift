@@ -668,7 +668,10 @@ public final class Broker: Sendable {
     /// the session. On the session's owner loop, while the session is still a member.
     func handOverShared(from session: Session, worker: Worker) {
         let taken = session.takeShared { $0.memberCount > 1 }
+        let now = NIODeadline.now().uptimeNanoseconds
         for var delivery in taken {
+            // (One that expired while it waited here is not handed on: its delivery never started.)
+            if let expiresAt = delivery.message.properties.messageExpiresAt, expiresAt <= now { continue }
             guard let group = delivery.group, let member = group.pick(excluding: session) else { continue }
             delivery.qos = min(delivery.qos, member.grant.qos)
             worker.deliver(delivery, to: member.session)

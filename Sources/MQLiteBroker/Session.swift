@@ -568,9 +568,11 @@ final class Session: @unchecked Sendable {
 
     /// Sends now if the window and the socket allow it and nothing is queued ahead; else queues.
     /// Returns the compacted message when it queued one, so that the caller hands that copy to
-    /// the other sessions the message goes to (one copy however many queues keep it).
+    /// the other sessions the message goes to (one copy however many queues keep it). `live`: the
+    /// message is being published now (not a retained one), so that sending it now starts its
+    /// onward delivery whatever its Message Expiry Interval, 0 included.
     @discardableResult
-    func deliver(_ delivery: Delivery) -> Message? {
+    func deliver(_ delivery: Delivery, live: Bool = true) -> Message? {
         assertOnOwner()
         if ended { return nil }
         if let occasional, occasional.receiveACL != nil, !mayReceive(delivery.message.topic, occasional) { return nil }
@@ -582,7 +584,7 @@ final class Session: @unchecked Sendable {
         if queue.isEmpty && outbound.canWrite
             && (delivery.qos == .atMostOnce || inflight.count < window)
         {
-            send(delivery, on: outbound)
+            send(delivery, on: outbound, live: live)
             return nil
         }
         return enqueue(delivery)
@@ -620,7 +622,7 @@ final class Session: @unchecked Sendable {
         if head.scan.isDone { occasional.retainedBacklog.removeFirst() }
         for message in messages {
             let hooked = context.hooks.isDeliverHooked(topic: message.topic, worker: owner)
-            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked))
+            deliver(Delivery(message: message, qos: min(head.qos, message.qos), retain: true, frame: nil, hooked: hooked), live: false)
         }
         return true
     }
@@ -668,8 +670,8 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    private func send(_ delivery: Delivery, on outbound: any SessionOutbound) {
-        if delivery.hooked || delivery.message.properties.messageExpiresAt != nil { return sendChanged(delivery, on: outbound) }
+    private func send(_ delivery: Delivery, on outbound: any SessionOutbound, live: Bool = false) {
+        if delivery.hooked || delivery.message.properties.messageExpiresAt != nil { return sendChanged(delivery, on: outbound, live: live) }
         if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
         transmit(delivery, as: delivery.message, adorned: false, on: outbound)
     }
@@ -677,7 +679,7 @@ final class Session: @unchecked Sendable {
     /// `send` for a delivery that a hook may change or that expires: out of line, so that the
     /// usual one is not copied.
     @inline(never)
-    private func sendChanged(_ delivery: Delivery, on outbound: any SessionOutbound) {
+    private func sendChanged(_ delivery: Delivery, on outbound: any SessionOutbound, live: Bool) {
         var delivery = delivery
         if delivery.hooked {
             guard let message = outbound.interceptDelivery(delivery.message) else { return }
@@ -688,12 +690,14 @@ final class Session: @unchecked Sendable {
                 delivery.frame = nil
             }
         }
-        // MQTT 5: an expired message is not sent (to any client); one that is tells what remains
-        // of its Message Expiry Interval (§3.3.2.3.3).
+        // MQTT 5: a message whose Message Expiry Interval passed before its onward delivery
+        // started is not sent (to any client, MQTT-3.3.2-5); one that goes tells what remains of
+        // the interval (MQTT-3.3.2-6). Sent as it is published, its delivery starts now: even an
+        // interval of 0 reaches the subscribers that can take it at once (as 0), and only them.
         if let expiresAt = delivery.message.properties.messageExpiresAt {
             let now = NIODeadline.now().uptimeNanoseconds
-            guard now < expiresAt else { return }
-            delivery.message.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+            guard now < expiresAt || live else { return }
+            delivery.message.properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
         }
         if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
         transmit(delivery, as: delivery.message, adorned: false, on: outbound)

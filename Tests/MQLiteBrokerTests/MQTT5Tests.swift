@@ -472,6 +472,42 @@ struct MQTT5ExpiryTests {
         }
     }
 
+    @Test("Message Expiry Interval 0: delivered, as 0, to the subscribers online when it is published (QoS 0 and 1, 5.0 and 3.1.1); not queued for an offline one; retained, it is gone for later subscribers")
+    func messageExpiryZero() async throws {
+        try await withV5Broker { b in
+            var keep = MQTTProperties()
+            keep.sessionExpiryInterval = 100
+            let (away, _) = try await b.client5("away", properties: keep)
+            try await away.subscribe("zero/#", qos: .atLeastOnce)
+            await away.disconnect()
+            let (sub5, _) = try await b.client5("sub5")
+            try await sub5.subscribe("zero/#", qos: .atLeastOnce)
+            let sub3 = try await b.client("sub3")
+            try await sub3.subscribe("zero/#", qos: .atLeastOnce)
+            let (pub, _) = try await b.client5("pub")
+            var zero = MQTTProperties()
+            zero.messageExpiryInterval = 0
+            for (topic, qos, retain) in [("zero/q0", QoS.atMostOnce, false), ("zero/q1", .atLeastOnce, false), ("zero/kept", .atLeastOnce, true)] {
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: qos, retain: retain, packetID: qos == .atMostOnce ? nil : 1, properties: zero)))
+                if qos != .atMostOnce { #expect(try await pub.expectPacket() == .puback(packetID: 1)) }
+            }
+            for topic in ["zero/q0", "zero/q1", "zero/kept"] {
+                let p = try await sub5.expectPublish()
+                #expect(p.topicString == topic && p.properties.messageExpiryInterval == 0)
+                if let id = p.packetID { sub5.send(.puback(packetID: id)) }
+                let q = try await sub3.expectPublish()
+                #expect(q.topicString == topic && q.properties.isEmpty)
+                if let id = q.packetID { sub3.send(.puback(packetID: id)) }
+            }
+            let (back, connack) = try await b.client5("away", cleanStart: false, properties: keep)
+            #expect(connack.sessionPresent)
+            try await back.expectNothing(for: .milliseconds(150))  // its lifetime passed before it could start
+            let late = try await b.client("late")
+            try await late.subscribe("zero/#")
+            try await late.expectNothing(for: .milliseconds(150))
+        }
+    }
+
     @Test("A resumed session's messages in flight: one expired meanwhile is not sent again, one that is tells what remains of its interval (MQTT-3.3.2-6), one over the new connection's Maximum Packet Size is discarded as sent (MQTT-3.1.2-25); all three are done")
     func resumedInflight() async throws {
         try await withV5Broker { b in
