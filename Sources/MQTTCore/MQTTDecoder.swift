@@ -243,8 +243,10 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             }
             properties = try MQTTProperties.read(.publish, from: &body)
             // An empty topic stands for the one a topic alias names (§3.3.2.3.4).
-            if topic.readableBytes != 0 || properties.topicAlias == nil {
+            if topic.readableBytes != 0 {
                 levels = try Topic.validateName(topic, maxLevels: maxTopicLevels)
+            } else if properties.topicAlias == nil {
+                throw .emptyTopicWithoutAlias
             }
             if properties.payloadFormatIndicator == .utf8, !Self.isValidUTF8(body) { throw .payloadFormatInvalid }
         }

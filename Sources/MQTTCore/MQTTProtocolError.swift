@@ -69,6 +69,8 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     case payloadFormatInvalid
     /// A subscription with the no-local option on a shared subscription (`$share/...`).
     case noLocalOnSharedSubscription(String)
+    /// A PUBLISH with an empty topic name and no topic alias to stand for it (§3.3.2.3.4).
+    case emptyTopicWithoutAlias
 
     public var description: String {
         switch self {
@@ -103,17 +105,19 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .invalidReasonCode(let t, let c): "reason code 0x\(String(c, radix: 16)) is not allowed in \(t)"
         case .payloadFormatInvalid: "payload marked as UTF-8 is not well-formed UTF-8"
         case .noLocalOnSharedSubscription(let f): "no local option on shared subscription \"\(f)\""
+        case .emptyTopicWithoutAlias: "empty topic name without a topic alias"
         }
     }
 
     /// The MQTT 5 reason code that reports this error in CONNACK or DISCONNECT (§4.13): malformed
-    /// packet for bytes that cannot be parsed, protocol error for parsed packets that break a rule.
+    /// packet for bytes that cannot be parsed (a property the packet type does not allow among
+    /// them, §2.2.2.2), protocol error for parsed packets that break a rule.
     public var reasonCode: ReasonCode {
         switch self {
         case .invalidPacketType, .reservedFlags, .malformedRemainingLength, .truncated, .unexpectedLength,
             .invalidQoS, .dupOnQoS0, .invalidUTF8, .nullCharacter, .connectReservedFlag, .invalidWillQoS, .willFlagsWithoutWill,
             .passwordWithoutUsername, .invalidConnack, .malformedVariableByteInteger, .propertyLengthOverrun,
-            .unknownProperty:
+            .unknownProperty, .propertyNotAllowed:
             .malformedPacket
         case .packetTooLarge: .packetTooLarge
         case .invalidTopicName: .topicNameInvalid
@@ -121,8 +125,8 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .tooManyTopicLevels: .implementationSpecificError
         case .unsupportedProtocol: .unsupportedProtocolVersion
         case .invalidPropertyValue(_, .topicAlias): .topicAliasInvalid  // 0 (§3.3.2.3.4)
-        case .noTopicFilters, .zeroPacketID, .propertyNotAllowed, .duplicateProperty, .invalidPropertyValue,
-            .invalidReasonCode, .noLocalOnSharedSubscription:
+        case .noTopicFilters, .zeroPacketID, .duplicateProperty, .invalidPropertyValue,
+            .invalidReasonCode, .noLocalOnSharedSubscription, .emptyTopicWithoutAlias:
             .protocolError
         case .invalidSubscriptionOptions(let options):
             // Retain handling 3 is a protocol error (§3.8.3.1); reserved bits or QoS 3 are malformed.

@@ -395,7 +395,7 @@ struct MQTT5ValidationTests {
         #expect(p.properties.userProperties == [UserProperty(name: "a", value: ""), UserProperty(name: "", value: "")])
     }
 
-    @Test("a property not allowed in the packet is a protocol error")
+    @Test("a property not allowed in the packet is a malformed packet (§2.2.2.2)")
     func notAllowed() {
         expectError(publish([5, 0x11, 0, 0, 0, 1]), .propertyNotAllowed(.publish, .sessionExpiryInterval))
         expectError(publish([4, 0x1F, 0, 1, 0x61]), .propertyNotAllowed(.publish, .reasonString))
@@ -407,7 +407,7 @@ struct MQTT5ValidationTests {
         expectError(connect(properties: [5, 0x18, 0, 0, 0, 1]), .propertyNotAllowed(.connect, .willDelayInterval))
         // And a topic alias to neither.
         expectError(connect(flags: 0x06, properties: [0], will: [3, 0x23, 0, 1, 0, 1, 0x77, 0, 0]), .propertyNotAllowed(.connect, .topicAlias))
-        #expect(MQTTProtocolError.propertyNotAllowed(.publish, .reasonString).reasonCode == .protocolError)
+        #expect(MQTTProtocolError.propertyNotAllowed(.publish, .reasonString).reasonCode == .malformedPacket)
     }
 
     /// An MQTT 5 CONNECT with client id "c", these properties and, after the client id, `will`.
@@ -528,7 +528,9 @@ struct MQTT5ValidationTests {
         }
         #expect(q.bareAlias == nil && q.topicAlias == 5 && q.properties.payloadFormatIndicator == .utf8)
         expectError([0x30, 0x07, 0, 0, 3, 0x23, 0, 0, 0x78], .invalidPropertyValue(.publish, .topicAlias))
-        expectError([0x30, 0x04, 0, 0, 0, 0x78], .invalidTopicName(""))
+        // An empty topic and no alias: a protocol error (§3.3.2.3.4), not an invalid topic name.
+        expectError([0x30, 0x04, 0, 0, 0, 0x78], .emptyTopicWithoutAlias)
+        #expect(MQTTProtocolError.emptyTopicWithoutAlias.reasonCode == .protocolError)
     }
 
     @Test("an MQTT 5 CONNECT may carry a password without a user name; 3.1.1 may not")
