@@ -391,8 +391,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                     UnsubscribeRequest(clientID: clientID, username: username, filter: filter, subscribed: subscribed.string),
                     worker: worker.index)
             }
-            writePacket(version == .v5
-                ? .unsubackV5(UnsubackPacket(packetID: unsubscribe.packetID, reasonCodes: codes)) : .unsuback(packetID: unsubscribe.packetID))
+            // (After the store has the change, as SUBACK.)
+            acknowledge(version == .v5
+                ? .unsubackV5(UnsubackPacket(packetID: unsubscribe.packetID, reasonCodes: codes)) : .unsuback(packetID: unsubscribe.packetID),
+                waiting: session.isStored)
         case .ping:
             writePacket(.pingresp)
         case .disconnect:
@@ -827,15 +829,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         return found.persists
     }
 
-    /// A PUBACK, PUBREC, PUBREL or PUBCOMP, in order with the others. `waiting`, with `[persistence]
-    /// sync = "full"`: it goes once the store has committed what the packet it answers changed,
-    /// here and on the other workers a message went to (`Broker.committed(after:)`), and after the
-    /// acknowledgements before it (`StoreAcks`). (A publish hook that waits, an HTTP call, routes
-    /// the message later: its acknowledgement does not wait for the disk.)
-    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, held: Bool = false) {
+    /// A PUBACK, PUBREC, PUBREL or PUBCOMP (or SUBACK, UNSUBACK), in order with the others.
+    /// `waiting`, with `[persistence] sync = "full"`: it goes once the store has committed what the
+    /// packet it answers changed, here and on the other workers a message went to
+    /// (`Broker.committed(after:)`), and after the acknowledgements before it (`StoreAcks`). (A
+    /// publish hook that waits, an HTTP call, routes the message later: its acknowledgement does
+    /// not wait for the disk.) `then` runs once it is written.
+    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, held: Bool = false, then next: (() -> Void)? = nil) {
         guard waiting, broker.waitingStore != nil, !machine.hookPending, !machine.isClosed else {
             if held { for _ in 1..<broker.workers.count { broker.store?.release() } }
-            return sendAck(ack)
+            sendAck(ack)
+            next?()
+            return
         }
         let acks = rare?.storeAcks ?? StoreAcks()
         if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
@@ -844,6 +849,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let ready = acks.committed(ticket)
             guard !handler.machine.isClosed else { return }
             for entry in ready { handler.writePacket(entry.ack) }
+            // (This one is written: by now, or by a later ticket's commit that came first.)
+            next?()
         }
     }
 
@@ -1082,13 +1089,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             codes.append(.granted(qos))
             if sendsRetained { granted.append((filter, qos)) }
         }
-        writePacket(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)))
-        // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
-        // tree as the socket drains; none for a shared subscription (MQTT 5.0 §4.8.2). A filter
-        // granted twice in one packet is walked once.
-        var seen = Set<TopicFilter>()
-        for (filter, qos) in granted.reversed() where !SharedFilter.isShared(filter) && seen.insert(filter).inserted {
-            session.sendRetained(matching: filter, qos: qos)
+        // A session a store keeps hears of its subscriptions once the store has them (sync =
+        // "full"): after a crash, a session reported present has what its SUBACK granted.
+        // Then every retained message that matches is sent (MQTT-3.3.1-6), fetched from the
+        // retained tree as the socket drains; none for a shared subscription (MQTT 5.0 §4.8.2). A
+        // filter granted twice in one packet is walked once.
+        acknowledge(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)), waiting: session.isStored) {
+            var seen = Set<TopicFilter>()
+            for (filter, qos) in granted.reversed() where !SharedFilter.isShared(filter) && seen.insert(filter).inserted {
+                session.sendRetained(matching: filter, qos: qos)
+            }
         }
     }
 

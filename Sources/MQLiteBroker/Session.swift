@@ -737,10 +737,10 @@ final class Session: @unchecked Sendable {
     /// the QoS 0 path stays small enough to be inlined where it is used.)
     @inline(never)
     private func transmitInFlight(_ delivery: Delivery, as wire: Message, on outbound: any SessionOutbound) {
-        let id = nextPacketID()
         let queued = delivery.seq != 0
         var seq = delivery.seq
         if !queued, let occasional, occasional.stored { seq = nextSeq() }
+        let id = seq == 0 ? nextPacketID() : packetID(numbered: seq)
         inflight.append(
             Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq))
         outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
@@ -1009,6 +1009,26 @@ final class Session: @unchecked Sendable {
         return lastPacketID
     }
 
+    /// The packet id of a numbered message (a session a store keeps): its number's, modulo 65,535
+    /// (never 0), or the next one not in flight. The store learns that a queued message went in
+    /// flight after it was sent; after a crash in between it is restored as queued, and sent
+    /// again under the id it had: a client that holds that id awaiting PUBREL (QoS 2) takes it
+    /// as the duplicate it is, instead of a new message (delivered twice), and the id is not
+    /// given to another message (swallowed as a duplicate).
+    private func packetID(numbered seq: UInt64) -> UInt16 {
+        var id = UInt16(truncatingIfNeeded: (seq - 1) % UInt64(UInt16.max) + 1)
+        // (The window is below 65,535: an id is free.)
+        while inflight.contains(where: { $0.id == id }) { id = id == UInt16.max ? 1 : id + 1 }
+        lastPacketID = id
+        packetIDRun = UInt16.max  // (`nextPacketID` checks from here on)
+        return id
+    }
+
+    /// Numbers given after a restore start this far past the last one stored: those given after
+    /// the store's last commit before a crash (messages sent straight away, whose in-flight
+    /// record was lost) may be ids the client still holds, half the id space away from these.
+    static let restoredSeqGap: UInt64 = 32_768
+
     /// What a store kept of this session before a restart (owner loop, before any connection
     /// takes it): messages in flight (sent again with DUP, or their PUBREL, on resume), the
     /// queue, inbound QoS 2 ids awaiting PUBREL, and the last number given to an owed message.
@@ -1024,7 +1044,7 @@ final class Session: @unchecked Sendable {
         }
         queueChanged()
         more.awaitingPubrel.formUnion(awaitingPubrel)
-        more.lastSeq = lastSeq
+        more.lastSeq = lastSeq + Self.restoredSeqGap
     }
 
     /// Forgets everything queued or in flight: the session is discarded (`ended`).

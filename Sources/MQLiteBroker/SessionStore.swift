@@ -219,12 +219,15 @@ struct StoredSession {
     }
 
     /// Loads every stored session. A row that cannot be read is skipped (`skipped` counts them).
+    /// Rows go to their session by the bytes of its client id, as the registry tells clients apart:
+    /// two ids that are one text spelled differently (`"caf\u{E9}"`, `"cafe\u{301}"`) are two
+    /// sessions, which a `String` key would merge (Swift compares strings canonically).
     static func loadAll(from db: SQLiteDatabase, now: Int64, skipped: inout Int) throws -> [StoredSession] {
-        var sessions: [String: StoredSession] = [:]
+        var sessions: [ByteBuffer: StoredSession] = [:]
         let rows = try db.prepare("SELECT client_id, expiry, offline_since, names FROM sessions")
         while try rows.step() {
-            let id = String(buffer: rows.bytes(0))
-            var session = StoredSession(clientID: id, expiry: rows.isNull(1) ? nil : rows.int64(1), offlineSince: rows.isNull(2) ? nil : rows.int64(2))
+            let id = rows.bytes(0)
+            var session = StoredSession(clientID: String(buffer: id), expiry: rows.isNull(1) ? nil : rows.int64(1), offlineSince: rows.isNull(2) ? nil : rows.int64(2))
             if !rows.isNull(3) {
                 var bytes = rows.bytes(3)
                 while bytes.readableBytes > 0 {
@@ -241,7 +244,7 @@ struct StoredSession {
         }
         let subscriptions = try db.prepare("SELECT client_id, filter, qos, options, identifier FROM subscriptions")
         while try subscriptions.step() {
-            let id = String(buffer: subscriptions.bytes(0))
+            let id = subscriptions.bytes(0)
             let options = subscriptions.int64(3)
             guard sessions[id] != nil, let filter = try? TopicFilter(String(buffer: subscriptions.bytes(1))),
                   let qos = QoS(rawValue: UInt8(clamping: subscriptions.int64(2))), qos != .exactlyOnce || subscriptions.int64(2) == 2
@@ -256,9 +259,12 @@ struct StoredSession {
         let messages = try db.prepare(
             "SELECT client_id, seq, state, packet_id, qos, retain, topic, payload, properties, expires_at FROM session_messages ORDER BY client_id, seq")
         while try messages.step() {
-            let id = String(buffer: messages.bytes(0))
+            let id = messages.bytes(0)
+            // (Numbers start at 1: one below, or one so high that the next would overflow, was
+            // not written by mqlite.)
             let seq = UInt64(bitPattern: messages.int64(1))
-            guard sessions[id] != nil, let state = SessionChanges.OwedMessage.State(rawValue: messages.int64(2)) else {
+            guard sessions[id] != nil, (1..<UInt64(Int64.max)).contains(seq),
+                  let state = SessionChanges.OwedMessage.State(rawValue: messages.int64(2)) else {
                 skipped += 1
                 continue
             }
@@ -297,7 +303,7 @@ struct StoredSession {
         }
         let awaiting = try db.prepare("SELECT client_id, packet_id FROM awaiting_pubrel")
         while try awaiting.step() {
-            let id = String(buffer: awaiting.bytes(0))
+            let id = awaiting.bytes(0)
             guard sessions[id] != nil, let packetID = UInt16(exactly: awaiting.int64(1)), packetID != 0 else {
                 skipped += 1
                 continue

@@ -259,7 +259,7 @@ struct PersistentSessionTests {
         }
     }
 
-    @Test("sync full, QoS 2 with stored sessions: PUBCOMP to a publisher and PUBREL to a subscriber wait for the commit (else a kill -9 could leave an id awaiting PUBREL that swallows the client's next message, or send a released message again)")
+    @Test("sync full, QoS 2 with stored sessions: PUBCOMP to a publisher and PUBREL to a subscriber, SUBACK and UNSUBACK wait for the commit (else a kill -9 could leave an id awaiting PUBREL that swallows the client's next message, or send a released message again)")
     func qos2WaitsForTheStore() async throws {
         try await PersistenceTests.withFolder { folder in
             try await withBroker(configure: { $0.persistence = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full) }) { b in
@@ -281,6 +281,14 @@ struct PersistentSessionTests {
                 #expect(try await sub.expectPacket() == .pubrel(packetID: p.packetID!))
                 #expect(clock.now - started >= .milliseconds(250), "PUBREL before the commit")
                 sub.send(.pubcomp(packetID: p.packetID!))
+                // SUBACK and UNSUBACK too: a session reported present after a crash has what they said.
+                started = clock.now
+                #expect(try await sub.subscribe([("more/#", .atLeastOnce)], id: 8) == [.granted(.atLeastOnce)])
+                #expect(clock.now - started >= .milliseconds(250), "SUBACK before the commit")
+                started = clock.now
+                sub.send(.unsubscribe(UnsubscribePacket(packetID: 9, filters: ["more/#"])))
+                #expect(try await sub.expectPacket() == .unsuback(packetID: 9))
+                #expect(clock.now - started >= .milliseconds(250), "UNSUBACK before the commit")
                 store.commitDelay.store(0, ordering: .relaxed)
             }
         }
@@ -314,7 +322,7 @@ struct PersistentSessionTests {
         }
     }
 
-    @Test("rows with deadlines far in the past or future (a hand or a bug) neither crash startup nor revive what expired")
+    @Test("rows with deadlines far in the past or future, or message numbers out of range (a hand or a bug), neither crash the broker nor revive what expired")
     func oddTimes() async throws {
         try await PersistenceTests.withFolder { folder in
             let path = folder + "/mqlite.db"
@@ -330,6 +338,8 @@ struct PersistentSessionTests {
                     INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 2, 0, NULL, 1, 0, CAST('t/b' AS BLOB), CAST('late' AS BLOB), NULL, 9223372036854775807);
                     INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 3, 1, 7, 1, 0, CAST('t/c' AS BLOB), CAST('one' AS BLOB), NULL, NULL);
                     INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 4, 1, 7, 1, 0, CAST('t/d' AS BLOB), CAST('same id' AS BLOB), NULL, NULL);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), -1, 0, NULL, 1, 0, CAST('t/e' AS BLOB), CAST('minus one' AS BLOB), NULL, NULL);
+                    INSERT INTO session_messages VALUES (CAST('future' AS BLOB), 9223372036854775807, 0, NULL, 1, 0, CAST('t/f' AS BLOB), CAST('last' AS BLOB), NULL, NULL);
                     INSERT INTO kv VALUES (CAST('k' AS BLOB), 0, CAST('v' AS BLOB), -9223372036854775808);
                     """)
                 db.close()
@@ -342,6 +352,43 @@ struct PersistentSessionTests {
                 let queued = try await c.expectPublish()
                 #expect(String(buffer: queued.payload) == "late")
                 try await c.expectNothing()
+                // The next message is numbered after the last row read (a number of -1 read as
+                // the largest one made the next overflow: the broker stopped).
+                let pub = try await b.client("pub")
+                try await pub.publish("t/new", "new", qos: .atLeastOnce)
+                let new = try await c.expectPublish()
+                #expect(String(buffer: new.payload) == "new")
+            }
+        }
+    }
+
+    @Test("two client ids that are one text in two spellings (NFC and NFD) are two sessions after a restart too, each with its own subscriptions and queue")
+    func clientIDsByBytes() async throws {
+        let composed = "caf\u{E9}", decomposed = "cafe\u{301}"
+        #expect(composed == decomposed && Array(composed.utf8) != Array(decomposed.utf8))
+        try await PersistenceTests.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                for (id, filter) in [(decomposed, "victim/#"), (composed, "other/#")] {
+                    let (c, _) = try await Self.connect(b, id)
+                    try await c.subscribe(filter, qos: .atLeastOnce)
+                    await c.disconnect()
+                }
+                let pub = try await b.client("pub")
+                try await pub.publish("victim/secret", "for the victim", qos: .atLeastOnce)
+            }
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                #expect(b.logMessages.contains { $0.contains("restored 2 persistent sessions") })
+                let (other, present) = try await Self.connect(b, composed)
+                #expect(present.sessionPresent)
+                try await other.expectNothing(for: .milliseconds(200))
+                let (victim, victimPresent) = try await Self.connect(b, decomposed)
+                #expect(victimPresent.sessionPresent)
+                #expect(String(buffer: try await victim.expectPublish().payload) == "for the victim")
+                let pub = try await b.client("pub")
+                try await pub.publish("victim/secret", "again", qos: .atMostOnce)
+                #expect(String(buffer: try await victim.expectPublish().payload) == "again")
+                try await other.expectNothing(for: .milliseconds(200))
             }
         }
     }

@@ -199,6 +199,36 @@ struct SessionSeamTests {
         #expect(events.filter { $0.hasPrefix("released") }.count == 2)
     }
 
+    @Test("a stored session's packet ids follow its messages' numbers: a queued message sent just before a crash the store did not hear of goes again under the id it had; numbers after a restore start half the id space on")
+    func numberedPacketIDs() throws {
+        let context = standaloneContext { $0.maxInflight = 10 }
+        let session = Session(clientID: "numbered", persistent: true, owner: 0, context: context)
+        session.isStored = true
+        let out = RecordingOutbound()
+        session.outbound = out
+        for i in 0..<3 { session.deliver(delivery("m\(i)", qos: .exactlyOnce)) }
+        #expect(out.sent.map(\.packetID) == [1, 2, 3])
+        // After a crash: message 11 was queued (stored), then sent as id 11 (not stored); 12 to
+        // 14 went straight out, their records lost. The client holds 11 to 14 awaiting PUBREL.
+        let restored = Session(clientID: "numbered", persistent: true, owner: 0, context: context)
+        restored.isStored = true
+        var queued = delivery("A", qos: .exactlyOnce)
+        queued.seq = 11
+        restored.restore(inflight: [], queue: [queued], awaitingPubrel: [], lastSeq: 11)
+        let again = RecordingOutbound()
+        restored.outbound = again
+        restored.resume()
+        for i in 0..<3 { restored.deliver(delivery("n\(i)", qos: .exactlyOnce)) }
+        #expect(again.sent.map(\.payload) == ["A", "n0", "n1", "n2"])
+        #expect(again.sent.first?.packetID == 11, "the id it had")
+        let after = again.sent.dropFirst().compactMap(\.packetID)
+        #expect(after == [UInt16(11 + Session.restoredSeqGap + 1), UInt16(11 + Session.restoredSeqGap + 2), UInt16(11 + Session.restoredSeqGap + 3)])
+        // An id still in flight is skipped: number 65,546 would be id 11 again.
+        restored.restore(inflight: restored.inflight, queue: [], awaitingPubrel: [], lastSeq: 65_546 - 1 - Session.restoredSeqGap)
+        restored.deliver(delivery("wrapped", qos: .atLeastOnce))
+        #expect(again.sent.last?.payload == "wrapped" && again.sent.last?.packetID == 12)
+    }
+
     @Test("a window full of QoS 1 queues the rest; on a new outbound, in-flight messages go again with DUP and PUBREL for released QoS 2")
     func resumeResends() throws {
         let (before, after, pubrels) = {
