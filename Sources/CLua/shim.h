@@ -291,6 +291,36 @@ static inline void mqlite_guard_coroutines(lua_State *L) {
     lua_pop(L, 1);
 }
 
+/* xpcall whose message handler runs once the failed call has unwound, as an ordinary call of the
+ * script's, under its limits. Lua runs the handler at the point of the error: for a limit's error,
+ * raised from the count hook, that is inside the hook, where Lua turns hooks off, so a handler
+ * that looped (or merely took long) ran with no instruction count and no watchdog, and held its
+ * worker for good. The results are as xpcall's: true and the function's results, or false and
+ * what the handler returned; the function may yield (mqlite.http.request), the handler may not. */
+static int mqlite_xpcall_done(lua_State *L, int status, lua_KContext extra) {
+    if (status == LUA_OK || status == LUA_YIELD) return lua_gettop(L) - (int)extra;
+    lua_pushvalue(L, 2);   /* the handler, */
+    lua_insert(L, -2);     /* below the error */
+    lua_call(L, 1, 1);
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+}
+
+static int mqlite_xpcall(lua_State *L) {
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushboolean(L, 1);  /* the first result, if the call succeeds */
+    lua_pushvalue(L, 1);
+    for (int i = 3; i <= n; i++) lua_pushvalue(L, i);
+    return mqlite_xpcall_done(L, lua_pcallk(L, n > 2 ? n - 2 : 0, LUA_MULTRET, 0, n, mqlite_xpcall_done), n);
+}
+
+static inline void mqlite_guard_xpcall(lua_State *L) {
+    lua_pushcfunction(L, mqlite_xpcall);
+    lua_setglobal(L, "xpcall");
+}
+
 /// Marks the thread at `index` as a hook call's own.
 static inline void mqlite_mark_hook_thread(lua_State *L, int index) {
     index = lua_absindex(L, index);

@@ -182,6 +182,7 @@ final class LuaVM: @unchecked Sendable {
         mqlite_pop(L, 1)
         mqlite_guard_setmetatable(L)
         mqlite_guard_coroutines(L)
+        mqlite_guard_xpcall(L)
         lua_getglobal(L, "os")
         for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
             lua_pushnil(L)
@@ -432,7 +433,9 @@ final class LuaVM: @unchecked Sendable {
     }
 
     /// Failed calls: their thread is not reused (it may hold to-be-closed variables and a dead
-    /// call stack).
+    /// call stack), nor cleared: clearing its stack would close those variables, running their
+    /// `__close` here, outside any protected call and any limit (an error there aborted the
+    /// process, a loop held the worker). It is let go as it is, for the collector.
     private func failed(_ call: Call, status: Int32) {
         let message = status == LUA_ERRMEM ? "not enough memory (scripting.memory_limit)" : call.thread.string(at: -1) ?? "error"
         let failure: String
@@ -445,7 +448,6 @@ final class LuaVM: @unchecked Sendable {
         }
         call.hook.stats.failures[failure, default: 0] &+= 1
         host.reportFailure(call.hook.context, hook: call.kind, message: message)
-        lua_settop(call.thread, 0)
         luaL_unref(L, mqlite_registryindex(), call.threadRef)
     }
 

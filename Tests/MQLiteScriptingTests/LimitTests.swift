@@ -90,6 +90,45 @@ struct TimeLimitTests {
         }
     }
 
+    @Test("code the script runs while a call fails by its limits is limited too: an xpcall message handler, a to-be-closed variable's __close; the worker carries on")
+    func limitsWhileFailing() async throws {
+        let script = """
+            mqlite.on_publish("fail/handler", function(m)
+              xpcall(function() while true do end end, function(e) while true do end end)
+            end)
+            mqlite.on_publish("fail/close-error", function(m)
+              local guard <close> = setmetatable({}, { __close = function() error("error in __close") end })
+              while true do end
+            end)
+            mqlite.on_publish("fail/close-loop", function(m)
+              local guard <close> = setmetatable({}, { __close = function() while true do end end })
+              while true do end
+            end)
+            mqlite.on_publish("fail/ok", function(m)
+              local ok, sum = xpcall(function(a, b) return a + b end, tostring, 2, 3)
+              local bad, handled = xpcall(function() error("boom", 0) end, function(e) return "handled " .. e end)
+              return { payload = tostring(ok) .. " " .. sum .. " " .. tostring(bad) .. " " .. handled }
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 0.2; $0.scripting.instructionLimit = Int(Int32.max); $0.workers = 1 }) { b, host, _ in
+            let c = try await b.client("c")
+            try await c.subscribe("fail/ok")
+            let clock = ContinuousClock()
+            for (index, topic) in ["fail/handler", "fail/close-error", "fail/close-loop"].enumerated() {
+                let start = clock.now
+                // The PUBACK comes once the hook has failed (a handler or __close without limits
+                // held the worker for good; an error in __close aborted the process).
+                try await c.publish(topic, "x", qos: .atLeastOnce)
+                #expect(clock.now - start < .seconds(5), "\(topic)")
+                #expect(host.failureCount == index + 1, "\(topic)")
+                let other = try await b.client("other-\(index)")
+                try await other.ping()
+            }
+            try await c.publish("fail/ok", "x")
+            #expect(payload(try await c.expectPublish()) == "true 5 false handled boom")
+        }
+    }
+
     @Test("stop() ends a running hook at once")
     func stopEndsRunningHook() async throws {
         let script = #"mqlite.on_publish("spin", function(m) while true do end end)"#
