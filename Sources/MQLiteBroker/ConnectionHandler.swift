@@ -1248,7 +1248,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let delay = message.properties.willDelayInterval ?? 0
             if message.properties.willDelayInterval != nil { message.properties.willDelayInterval = nil }  // a will property, not a PUBLISH one
             if delay > 0, !session.ended {
-                session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in route(message) }
+                session.delayWill(after: .seconds(Int64(delay)), on: worker.loop) { [self] in routeDelayedWill(message) }
             } else {
                 route(message)
             }
@@ -1404,6 +1404,16 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll], pausing: false) { handler, tables in
             guard handler.machine.isConnected, handler.session === session else { return }
             handler.reauthorized(session, tables)
+        }
+    }
+
+    /// A will whose delay ran out: the `authorize` hook is asked again first, as the rules may
+    /// have changed while it waited (a reload, `mqlite.reauthorize`), which this connection,
+    /// gone, was not told of; Mosquitto too checks a will against the ACL as it sends it.
+    private func routeDelayedWill(_ message: Message) {
+        whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll], pausing: false) { handler, tables in
+            handler.access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: handler.clientID, username: handler.username))
+            handler.route(message)
         }
     }
 

@@ -2,6 +2,7 @@
 import MQLiteTestSupport
 import MQTTCore
 import NIOCore
+import Synchronization
 import Testing
 
 private func withV5Broker(
@@ -428,6 +429,33 @@ struct MQTT5WillDelayTests {
             await expiring.abort()
             #expect(String(buffer: try await watcher.expectPublish(timeout: .seconds(5)).payload) == "late")
             #expect(clock.now - gone >= .milliseconds(900))
+        }
+    }
+
+    /// Lets "w" publish on `wd/#` until `narrowed` is set, as a reload of its rules might.
+    final class NarrowingHooks: BrokerHooks {
+        let narrowed = Atomic<Bool>(false)
+        func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> {
+            guard client.clientID == "w" else { return .now([]) }
+            return .now([ACLTable(publish: narrowed.load(ordering: .relaxed) ? ["other/#"] : ["wd/#"], subscribe: ["#"])])
+        }
+    }
+
+    @Test("a delayed will is checked against the client's rules as they are when it goes: rules narrowed while it waited (a reload) hold it back, as Mosquitto does")
+    func delayedWillRechecked() async throws {
+        let hooks = NarrowingHooks()
+        try await withBroker(hooks: hooks) { b in
+            let (watcher, _) = try await b.client5("watcher")
+            try await watcher.subscribe("wd/#", qos: .atLeastOnce)
+            let w = try await Self.connect(b, delay: 1, expiry: 100)
+            await w.abort()
+            let p = try await watcher.expectPublish(timeout: .seconds(5))
+            #expect(String(buffer: p.payload) == "late")
+            watcher.send(.puback(packetID: p.packetID!))
+            let again = try await Self.connect(b, delay: 1, expiry: 100, cleanStart: false)
+            await again.abort()
+            hooks.narrowed.store(true, ordering: .relaxed)
+            try await watcher.expectNothing(for: .milliseconds(2500))
         }
     }
 }
