@@ -1017,10 +1017,18 @@ final class Session: @unchecked Sendable {
     /// given to another message (swallowed as a duplicate).
     private func packetID(numbered seq: UInt64) -> UInt16 {
         var id = UInt16(truncatingIfNeeded: (seq - 1) % UInt64(UInt16.max) + 1)
-        // (The window is below 65,535: an id is free.)
-        while inflight.contains(where: { $0.id == id }) { id = id == UInt16.max ? 1 : id + 1 }
+        if inflight.isEmpty { packetIDRun = 0 }
+        // The usual case, the id after the last one given: within a run, not in flight (as in
+        // `nextPacketID`).
+        if id == (lastPacketID == UInt16.max ? 1 : lastPacketID + 1), packetIDRun < UInt16.max - 1 {
+            packetIDRun += 1
+        } else {
+            // (The window is below 65,535: an id is free. The run is broken: checked from here
+            // on until nothing is in flight.)
+            while inflight.contains(where: { $0.id == id }) { id = id == UInt16.max ? 1 : id + 1 }
+            packetIDRun = UInt16.max
+        }
         lastPacketID = id
-        packetIDRun = UInt16.max  // (`nextPacketID` checks from here on)
         return id
     }
 
