@@ -292,28 +292,35 @@ static inline void mqlite_guard_coroutines(lua_State *L) {
 }
 
 /* xpcall whose message handler runs once the failed call has unwound, as an ordinary call of the
- * script's, under its limits. Lua runs the handler at the point of the error: for a limit's error,
- * raised from the count hook, that is inside the hook, where Lua turns hooks off, so a handler
- * that looped (or merely took long) ran with no instruction count and no watchdog, and held its
- * worker for good. The results are as xpcall's: true and the function's results, or false and
+ * script's, under its limits (in a protected call of its own). Lua runs the handler at the point
+ * of the error: for a limit's error, raised from the count hook, that is inside the hook, where
+ * Lua turns hooks off, so a handler that looped (or merely took long) ran with no instruction
+ * count and no watchdog, and held its worker for good. The results are as xpcall's: true and the function's results, or false and
  * what the handler returned; the function may yield (mqlite.http.request), the handler may not. */
 static int mqlite_xpcall_done(lua_State *L, int status, lua_KContext extra) {
     if (status == LUA_OK || status == LUA_YIELD) return lua_gettop(L) - (int)extra;
     lua_pushvalue(L, 2);   /* the handler, */
     lua_insert(L, -2);     /* below the error */
-    lua_call(L, 1, 1);
+    /* An error in the handler is answered as Lua answers it (LUA_ERRERR). A limit's error is
+       raised again by the next instruction the script runs. */
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        lua_pop(L, 1);
+        lua_pushliteral(L, "error in error handling");
+    }
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
     return 2;
 }
 
+/* As Lua's own (lbaselib.c): the handler and `true` go below the function and its arguments, so
+   that nothing is pushed per argument (a C function may only count on LUA_MINSTACK slots). */
 static int mqlite_xpcall(lua_State *L) {
     int n = lua_gettop(L);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     lua_pushboolean(L, 1);  /* the first result, if the call succeeds */
-    lua_pushvalue(L, 1);
-    for (int i = 3; i <= n; i++) lua_pushvalue(L, i);
-    return mqlite_xpcall_done(L, lua_pcallk(L, n > 2 ? n - 2 : 0, LUA_MULTRET, 0, n, mqlite_xpcall_done), n);
+    lua_pushvalue(L, 1);    /* the function */
+    lua_rotate(L, 3, 2);    /* both below the function's arguments */
+    return mqlite_xpcall_done(L, lua_pcallk(L, n - 2, LUA_MULTRET, 0, 2, mqlite_xpcall_done), 2);
 }
 
 static inline void mqlite_guard_xpcall(lua_State *L) {

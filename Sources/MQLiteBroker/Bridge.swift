@@ -660,9 +660,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             if !properties.isUnset {
                 properties.subscriptionIdentifiers = []
                 properties.topicAlias = nil
-                if let expiresAt = properties.messageExpiresAt {
-                    let now = NIODeadline.now().uptimeNanoseconds
-                    properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
+                if properties.messageExpiresAt != nil {
+                    properties.messageExpiryInterval = properties.remainingExpiryInterval(at: NIODeadline.now().uptimeNanoseconds)
                 }
             }
             let size = ByteBuffer.publishFrameSize(

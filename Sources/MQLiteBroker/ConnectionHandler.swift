@@ -539,7 +539,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func authorized(_ connect: ConnectPacket, _ tables: [ACLTable]) {
         guard !machine.isClosed else { return }
         let clientID = self.clientID
-        if !tables.isEmpty { access = Access(ClientACL(tables, clientID: clientID, username: username)) }
+        grant(tables)
         // A will is a message this client publishes later: its topic must be one the client may
         // publish to (CONNACK 5, as Mosquitto answers).
         if let will = connect.will, let acl = access?.acl, !acl.allowsPublish(topic: will.topic) {
@@ -834,13 +834,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// packet it answers changed, here and on the other workers a message went to
     /// (`Broker.committed(after:)`), and after the acknowledgements before it (`StoreAcks`). (A
     /// publish hook that waits, an HTTP call, routes the message later: its acknowledgement does
-    /// not wait for the disk.) `then` runs once it is written.
-    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, held: Bool = false, then next: (() -> Void)? = nil) {
+    /// not wait for the disk.)
+    private func acknowledge(_ ack: MQTTPacket, waiting: Bool, held: Bool = false) {
         guard waiting, broker.waitingStore != nil, !machine.hookPending, !machine.isClosed else {
             if held { for _ in 1..<broker.workers.count { broker.store?.release() } }
-            sendAck(ack)
-            next?()
-            return
+            return sendAck(ack)
         }
         let acks = rare?.storeAcks ?? StoreAcks()
         if rare?.storeAcks == nil { updateRare { $0.storeAcks = acks } }
@@ -849,8 +847,6 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let ready = acks.committed(ticket)
             guard !handler.machine.isClosed else { return }
             for entry in ready { handler.writePacket(entry.ack) }
-            // (This one is written: by now, or by a later ticket's commit that came first.)
-            next?()
         }
     }
 
@@ -1091,14 +1087,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         // A session a store keeps hears of its subscriptions once the store has them (sync =
         // "full"): after a crash, a session reported present has what its SUBACK granted.
-        // Then every retained message that matches is sent (MQTT-3.3.1-6), fetched from the
-        // retained tree as the socket drains; none for a shared subscription (MQTT 5.0 §4.8.2). A
-        // filter granted twice in one packet is walked once.
-        acknowledge(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)), waiting: session.isStored) {
-            var seen = Set<TopicFilter>()
-            for (filter, qos) in granted.reversed() where !SharedFilter.isShared(filter) && seen.insert(filter).inserted {
-                session.sendRetained(matching: filter, qos: qos)
-            }
+        acknowledge(.suback(SubackPacket(packetID: packet.packetID, returnCodes: codes)), waiting: session.isStored)
+        // Every retained message that matches is sent (MQTT-3.3.1-6), fetched from the retained
+        // tree as the socket drains; none for a shared subscription (MQTT 5.0 §4.8.2). A filter
+        // granted twice in one packet is walked once. They start now, before messages published
+        // after the SUBSCRIBE (which the subscription already gets), even when the SUBACK waits
+        // for the store: PUBLISH may come before SUBACK (§3.8.4).
+        var seen = Set<TopicFilter>()
+        for (filter, qos) in granted.reversed() where !SharedFilter.isShared(filter) && seen.insert(filter).inserted {
+            session.sendRetained(matching: filter, qos: qos)
         }
     }
 
@@ -1412,13 +1409,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// gone, was not told of; Mosquitto too checks a will against the ACL as it sends it.
     private func routeDelayedWill(_ message: Message) {
         whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll], pausing: false) { handler, tables in
-            handler.access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: handler.clientID, username: handler.username))
+            handler.grant(tables)
             handler.route(message)
         }
     }
 
-    private func reauthorized(_ session: Session, _ tables: [ACLTable]) {
+    /// Access rules from the `authorize` hook's tables (none: no rules).
+    private func grant(_ tables: [ACLTable]) {
         access = tables.isEmpty ? nil : Access(ClientACL(tables, clientID: clientID, username: username))
+    }
+
+    private func reauthorized(_ session: Session, _ tables: [ACLTable]) {
+        grant(tables)
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         guard let acl = access?.acl else { return }
         revoke(session, acl: acl)

@@ -692,12 +692,12 @@ final class Session: @unchecked Sendable {
         }
         // MQTT 5: a message whose Message Expiry Interval passed before its onward delivery
         // started is not sent (to any client, MQTT-3.3.2-5); one that goes tells what remains of
-        // the interval (MQTT-3.3.2-6). Sent as it is published, its delivery starts now: even an
-        // interval of 0 reaches the subscribers that can take it at once (as 0), and only them.
+        // the interval (MQTT-3.3.2-6). Sent as it is published, an interval of 0 starts its
+        // delivery now: it reaches the subscribers that can take it at once (as 0), and only them.
         if let expiresAt = delivery.message.properties.messageExpiresAt {
             let now = NIODeadline.now().uptimeNanoseconds
-            guard now < expiresAt || live else { return }
-            delivery.message.properties.messageExpiryInterval = UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
+            guard now < expiresAt || (live && delivery.message.properties.messageExpiryInterval == 0) else { return }
+            delivery.message.properties.messageExpiryInterval = delivery.message.properties.remainingExpiryInterval(at: now)
         }
         if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
         transmit(delivery, as: delivery.message, adorned: false, on: outbound)
@@ -855,7 +855,7 @@ final class Session: @unchecked Sendable {
                 inflightDone(at: i)
                 return false
             }
-            wire.properties.messageExpiryInterval = UInt32(clamping: (expiresAt - now + 999_999_999) / 1_000_000_000)
+            wire.properties.messageExpiryInterval = wire.properties.remainingExpiryInterval(at: now)
         }
         if occasional?.adorns == true {
             guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {

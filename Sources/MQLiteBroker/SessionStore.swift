@@ -260,10 +260,10 @@ struct StoredSession {
             "SELECT client_id, seq, state, packet_id, qos, retain, topic, payload, properties, expires_at FROM session_messages ORDER BY client_id, seq")
         while try messages.step() {
             let id = messages.bytes(0)
-            // (Numbers start at 1: one below, or one so high that the next would overflow, was
-            // not written by mqlite.)
+            // (Numbers start at 1: one below, or one so high that those after it (a restore adds
+            // `Session.restoredSeqGap`) would not fit the column, was not written by mqlite.)
             let seq = UInt64(bitPattern: messages.int64(1))
-            guard sessions[id] != nil, (1..<UInt64(Int64.max)).contains(seq),
+            guard sessions[id] != nil, (1..<(1 << 62)).contains(seq),
                   let state = SessionChanges.OwedMessage.State(rawValue: messages.int64(2)) else {
                 skipped += 1
                 continue

@@ -2,6 +2,7 @@
 import MQLiteTestSupport
 import MQTTCore
 import NIOCore
+import NIOPosix
 import Synchronization
 import Testing
 
@@ -533,6 +534,32 @@ struct MQTT5ExpiryTests {
             let late = try await b.client("late")
             try await late.subscribe("zero/#")
             try await late.expectNothing(for: .milliseconds(150))
+        }
+    }
+
+    /// Answers every publish hook after 1.5 s (as one waiting on an HTTP service would).
+    final class SlowPublishHooks: BrokerHooks {
+        func isPublishHooked(topic: TopicName, worker: Int) -> Bool { true }
+        func interceptPublish(_ message: HookedMessage, from client: ClientInfo, worker: Int) -> HookAnswer<PublishDecision> {
+            .later(MultiThreadedEventLoopGroup.singleton.next().scheduleTask(in: .milliseconds(1500)) { PublishDecision.deliver }.futureResult)
+        }
+    }
+
+    @Test("Message Expiry Interval: a message that expires while a publish hook holds it is not delivered; one that does not carries what remains")
+    func expiresWhileHooked() async throws {
+        try await withBroker(hooks: SlowPublishHooks()) { b in
+            let (sub, _) = try await b.client5("sub")
+            try await sub.subscribe("slow/#", qos: .atLeastOnce)
+            let (pub, _) = try await b.client5("pub")
+            for (topic, seconds) in [("slow/short", UInt32(1)), ("slow/long", 100)] {
+                var properties = MQTTProperties()
+                properties.messageExpiryInterval = seconds
+                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: .atMostOnce, properties: properties)))
+            }
+            let p = try await sub.expectPublish()
+            #expect(p.topicString == "slow/long")
+            #expect((p.properties.messageExpiryInterval ?? 0) <= 99)
+            try await sub.expectNothing(for: .milliseconds(300))
         }
     }
 

@@ -107,7 +107,12 @@ struct TimeLimitTests {
             mqlite.on_publish("fail/ok", function(m)
               local ok, sum = xpcall(function(a, b) return a + b end, tostring, 2, 3)
               local bad, handled = xpcall(function() error("boom", 0) end, function(e) return "handled " .. e end)
-              return { payload = tostring(ok) .. " " .. sum .. " " .. tostring(bad) .. " " .. handled }
+              local worse, again = xpcall(function() error("boom", 0) end, function(e) error("in the handler") end)
+              -- Many arguments (Lua's own xpcall moves them; copying each overran the C stack).
+              local many = {}
+              for i = 1, 300 do many[i] = i end
+              local counted, count = xpcall(function(...) return select("#", ...) end, tostring, table.unpack(many))
+              return { payload = table.concat({ tostring(ok), sum, tostring(bad), handled, tostring(worse), again, tostring(counted), count }, " ") }
             end)
             """
         try await withScripts([script], configure: { $0.scripting.timeLimit = 0.2; $0.scripting.instructionLimit = Int(Int32.max); $0.workers = 1 }) { b, host, _ in
@@ -125,7 +130,7 @@ struct TimeLimitTests {
                 try await other.ping()
             }
             try await c.publish("fail/ok", "x")
-            #expect(payload(try await c.expectPublish()) == "true 5 false handled boom")
+            #expect(payload(try await c.expectPublish()) == "true 5 false handled boom false error in error handling true 300")
         }
     }
 
