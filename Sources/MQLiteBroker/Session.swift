@@ -1032,15 +1032,23 @@ final class Session: @unchecked Sendable {
         return id
     }
 
-    /// Numbers given after a restore start this far past the last one stored: those given after
-    /// the store's last commit before a crash (messages sent straight away, whose in-flight
-    /// record was lost) may be ids the client still holds, half the id space away from these.
+    /// Numbers given after a restore start this far past the last one stored, and up to
+    /// `restoredSeqSpread` further at random: those given after the store's last commit before a
+    /// crash (messages sent straight away, whose in-flight record was lost) may be ids the client
+    /// still holds, half the id space away from these. The random part is for a second crash
+    /// before anything of the run in between was committed (the last stored number is the same
+    /// again): that run's numbers are not repeated, as they were without it, but land elsewhere
+    /// (k of them are met with a chance of about k in 8,000).
     static let restoredSeqGap: UInt64 = 32_768
+    static let restoredSeqSpread: UInt64 = 16_384
 
     /// What a store kept of this session before a restart (owner loop, before any connection
     /// takes it): messages in flight (sent again with DUP, or their PUBREL, on resume), the
     /// queue, inbound QoS 2 ids awaiting PUBREL, and the last number given to an owed message.
-    func restore(inflight restored: [Inflight], queue kept: [Delivery], awaitingPubrel: [UInt16], lastSeq: UInt64) {
+    func restore(
+        inflight restored: [Inflight], queue kept: [Delivery], awaitingPubrel: [UInt16], lastSeq: UInt64,
+        spread: UInt64 = .random(in: 0..<Session.restoredSeqSpread)
+    ) {
         assertOnOwner()
         inflight = restored
         lastPacketID = restored.last?.id ?? 0
@@ -1052,7 +1060,7 @@ final class Session: @unchecked Sendable {
         }
         queueChanged()
         more.awaitingPubrel.formUnion(awaitingPubrel)
-        more.lastSeq = lastSeq + Self.restoredSeqGap
+        more.lastSeq = lastSeq + Self.restoredSeqGap + spread
     }
 
     /// Forgets everything queued or in flight: the session is discarded (`ended`).

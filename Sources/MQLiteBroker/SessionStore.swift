@@ -261,7 +261,8 @@ struct StoredSession {
         while try messages.step() {
             let id = messages.bytes(0)
             // (Numbers start at 1: one below, or one so high that those after it (a restore adds
-            // `Session.restoredSeqGap`) would not fit the column, was not written by mqlite.)
+            // `Session.restoredSeqGap` and its spread) would not fit the column, was not written
+            // by mqlite.)
             let seq = UInt64(bitPattern: messages.int64(1))
             guard sessions[id] != nil, (1..<(1 << 62)).contains(seq),
                   let state = SessionChanges.OwedMessage.State(rawValue: messages.int64(2)) else {

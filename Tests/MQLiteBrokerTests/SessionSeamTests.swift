@@ -214,7 +214,7 @@ struct SessionSeamTests {
         restored.isStored = true
         var queued = delivery("A", qos: .exactlyOnce)
         queued.seq = 11
-        restored.restore(inflight: [], queue: [queued], awaitingPubrel: [], lastSeq: 11)
+        restored.restore(inflight: [], queue: [queued], awaitingPubrel: [], lastSeq: 11, spread: 0)
         let again = RecordingOutbound()
         restored.outbound = again
         restored.resume()
@@ -224,9 +224,24 @@ struct SessionSeamTests {
         let after = again.sent.dropFirst().compactMap(\.packetID)
         #expect(after == [UInt16(11 + Session.restoredSeqGap + 1), UInt16(11 + Session.restoredSeqGap + 2), UInt16(11 + Session.restoredSeqGap + 3)])
         // An id still in flight is skipped: number 65,546 would be id 11 again.
-        restored.restore(inflight: restored.inflight, queue: [], awaitingPubrel: [], lastSeq: 65_546 - 1 - Session.restoredSeqGap)
+        restored.restore(inflight: restored.inflight, queue: [], awaitingPubrel: [], lastSeq: 65_546 - 1 - Session.restoredSeqGap, spread: 0)
         restored.deliver(delivery("wrapped", qos: .atLeastOnce))
         #expect(again.sent.last?.payload == "wrapped" && again.sent.last?.packetID == 12)
+        // Restored from the same last number again and again (crashes before anything of the
+        // runs between was committed), the numbers start elsewhere each time, within the spread.
+        var firstIDs = Set<UInt16>()
+        for _ in 0..<10 {
+            let again = Session(clientID: "numbered", persistent: true, owner: 0, context: context)
+            again.isStored = true
+            again.restore(inflight: [], queue: [], awaitingPubrel: [], lastSeq: 11)
+            let out = RecordingOutbound()
+            again.outbound = out
+            again.deliver(delivery("first", qos: .exactlyOnce))
+            let id = try #require(out.sent.first?.packetID)
+            #expect(UInt64(id) > 11 + Session.restoredSeqGap && UInt64(id) <= 11 + Session.restoredSeqGap + Session.restoredSeqSpread)
+            firstIDs.insert(id)
+        }
+        #expect(firstIDs.count > 1, "the same numbers after every restore")
     }
 
     @Test("a window full of QoS 1 queues the rest; on a new outbound, in-flight messages go again with DUP and PUBREL for released QoS 2")
