@@ -295,8 +295,9 @@ static inline void mqlite_guard_coroutines(lua_State *L) {
  * script's, under its limits (in a protected call of its own). Lua runs the handler at the point
  * of the error: for a limit's error, raised from the count hook, that is inside the hook, where
  * Lua turns hooks off, so a handler that looped (or merely took long) ran with no instruction
- * count and no watchdog, and held its worker for good. The results are as xpcall's: true and the function's results, or false and
- * what the handler returned; the function may yield (mqlite.http.request), the handler may not. */
+ * count and no watchdog, and held its worker for good. The results are as xpcall's: true and the
+ * function's results, or false and what the handler returned; the function may yield
+ * (mqlite.http.request), the handler may not. */
 static int mqlite_xpcall_done(lua_State *L, int status, lua_KContext extra) {
     if (status == LUA_OK || status == LUA_YIELD) return lua_gettop(L) - (int)extra;
     lua_pushvalue(L, 2);   /* the handler, */

@@ -670,7 +670,7 @@ final class Session: @unchecked Sendable {
         }
     }
 
-    private func send(_ delivery: Delivery, on outbound: any SessionOutbound, live: Bool = false) {
+    private func send(_ delivery: Delivery, on outbound: any SessionOutbound, live: Bool) {
         if delivery.hooked || delivery.message.properties.messageExpiresAt != nil { return sendChanged(delivery, on: outbound, live: live) }
         if let occasional, occasional.adorns { return sendAdorned(delivery, on: outbound) }
         transmit(delivery, as: delivery.message, adorned: false, on: outbound)
@@ -779,7 +779,7 @@ final class Session: @unchecked Sendable {
             let size = next.message.size, seq = next.seq
             more.queuedBytes -= size
             drained += size
-            send(next, on: outbound)
+            send(next, on: outbound, live: false)
             // A numbered message that did not go in flight is owed no longer.
             if seq != 0, inflight.last?.seq != seq { report(.discarded(seq: seq)) }
         }
@@ -997,34 +997,30 @@ final class Session: @unchecked Sendable {
     /// The next packet id for an outgoing QoS 1/2 message: 1 to 65535 in turn, skipping ids
     /// still in flight (MQTT-2.3.1-2: never 0, never one in use).
     func nextPacketID() -> UInt16 {
-        if inflight.isEmpty { packetIDRun = 0 }
-        repeat {
-            lastPacketID = lastPacketID == UInt16.max ? 1 : lastPacketID + 1
-            // (In a run of fewer than 65,535, every id in flight is one of the run's: not this one.)
-            if packetIDRun < UInt16.max - 1 {
-                packetIDRun += 1
-                return lastPacketID
-            }
-        } while inflight.contains(where: { $0.id == lastPacketID })
-        return lastPacketID
+        packetID(preferring: lastPacketID == UInt16.max ? 1 : lastPacketID + 1)
     }
 
     /// The packet id of a numbered message (a session a store keeps): its number's, modulo 65,535
-    /// (never 0), or the next one not in flight. The store learns that a queued message went in
-    /// flight after it was sent; after a crash in between it is restored as queued, and sent
-    /// again under the id it had: a client that holds that id awaiting PUBREL (QoS 2) takes it
-    /// as the duplicate it is, instead of a new message (delivered twice), and the id is not
-    /// given to another message (swallowed as a duplicate).
+    /// (never 0). The store learns that a queued message went in flight after it was sent; after
+    /// a crash in between it is restored as queued, and sent again under the id it had: a client
+    /// that holds that id awaiting PUBREL (QoS 2) takes it as the duplicate it is, instead of a
+    /// new message (delivered twice), and the id is not given to another message (swallowed as
+    /// a duplicate).
     private func packetID(numbered seq: UInt64) -> UInt16 {
-        var id = UInt16(truncatingIfNeeded: (seq - 1) % UInt64(UInt16.max) + 1)
+        packetID(preferring: UInt16(truncatingIfNeeded: (seq - 1) % UInt64(UInt16.max) + 1))
+    }
+
+    /// `preferred`, or the first id after it not in flight. Ids given in turn since the window was
+    /// last empty are a run: while it is shorter than 65,535, every id in flight is one of the
+    /// run's, so the id after the last one given is free without looking (the usual case). Any
+    /// other id is looked for in the window, and breaks the run: ids are looked for from then on
+    /// until the window is empty. (The window is below 65,535: an id is free.)
+    private func packetID(preferring preferred: UInt16) -> UInt16 {
         if inflight.isEmpty { packetIDRun = 0 }
-        // The usual case, the id after the last one given: within a run, not in flight (as in
-        // `nextPacketID`).
+        var id = preferred
         if id == (lastPacketID == UInt16.max ? 1 : lastPacketID + 1), packetIDRun < UInt16.max - 1 {
             packetIDRun += 1
         } else {
-            // (The window is below 65,535: an id is free. The run is broken: checked from here
-            // on until nothing is in flight.)
             while inflight.contains(where: { $0.id == id }) { id = id == UInt16.max ? 1 : id + 1 }
             packetIDRun = UInt16.max
         }

@@ -149,16 +149,16 @@ public struct MQTTProperties: Equatable, Sendable {
 
     /// Not a property on the wire: when a message with a Message Expiry Interval expires, in
     /// uptime nanoseconds, as the broker that received it reckons (it sends what remains).
+    public var messageExpiresAt: UInt64? {
+        get { storage?.values.messageExpiresAt }
+        set { self[\.messageExpiresAt] = newValue }
+    }
+
     /// The Message Expiry Interval a message sent at `now` (uptime nanoseconds) carries: what
     /// remains of it, rounded up to the second, 0 once it has passed (MQTT-3.3.2-6).
     public func remainingExpiryInterval(at now: UInt64) -> UInt32? {
         guard let expiresAt = messageExpiresAt else { return nil }
         return UInt32(clamping: (max(expiresAt, now) - now + 999_999_999) / 1_000_000_000)
-    }
-
-    public var messageExpiresAt: UInt64? {
-        get { storage?.values.messageExpiresAt }
-        set { self[\.messageExpiresAt] = newValue }
     }
 
     /// These properties with `alias` as topic alias, if there is one (`PublishPacket.bareAlias`).

@@ -463,27 +463,40 @@ struct MQTT5WillDelayTests {
 
 @Suite("MQTT 5.0 message expiry")
 struct MQTT5ExpiryTests {
+    /// A Session Expiry Interval of 100 s: the session outlives its connection.
+    private static let kept = { var p = MQTTProperties(); p.sessionExpiryInterval = 100; return p }()
+
+    /// A PUBLISH of `topic`, with the topic as payload, whose Message Expiry Interval is `seconds`.
+    private static func expiring(_ topic: String, _ seconds: UInt32, qos: QoS = .atLeastOnce, retain: Bool = false) -> MQTTPacket {
+        var properties = MQTTProperties()
+        properties.messageExpiryInterval = seconds
+        return .publish(PublishPacket(
+            topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: qos, retain: retain,
+            packetID: qos == .atMostOnce ? nil : 1, properties: properties))
+    }
+
+    /// A 5.0 client whose session outlives it, subscribed to `filter` at QoS 1, then gone.
+    private static func offlineSubscriber(_ b: BrokerFixture, _ id: String, _ filter: String) async throws {
+        let (c, _) = try await b.client5(id, properties: kept)
+        try await c.subscribe(filter, qos: .atLeastOnce)
+        await c.disconnect()
+    }
+
     @Test("Message Expiry Interval: an expired message is not delivered (queued offline, or retained), to 5.0 and 3.1.1 subscribers; one that is carries what remains of its interval")
     func messageExpiry() async throws {
         try await withV5Broker { b in
-            var keep = MQTTProperties()
-            keep.sessionExpiryInterval = 100
-            let (sub5, _) = try await b.client5("sub5", properties: keep)
-            try await sub5.subscribe("me/#", qos: .atLeastOnce)
-            await sub5.disconnect()
+            try await Self.offlineSubscriber(b, "sub5", "me/#")
             let sub3 = try await b.client("sub3", clean: false)
             try await sub3.subscribe("me/#", qos: .atLeastOnce)
             await sub3.disconnect()
 
             let (pub, _) = try await b.client5("pub")
             for (topic, seconds, retain) in [("me/short", UInt32(1), false), ("me/long", 100, false), ("me/retained", 1, true)] {
-                var properties = MQTTProperties()
-                properties.messageExpiryInterval = seconds
-                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: .atLeastOnce, retain: retain, packetID: 1, properties: properties)))
+                pub.send(Self.expiring(topic, seconds, retain: retain))
                 _ = try await pub.expectPacket()
             }
             try await Task.sleep(for: .milliseconds(1300))
-            let (back5, _) = try await b.client5("sub5", cleanStart: false, properties: keep)
+            let (back5, _) = try await b.client5("sub5", cleanStart: false, properties: Self.kept)
             let p = try await back5.expectPublish()
             #expect(p.topicString == "me/long")
             let remaining = try #require(p.properties.messageExpiryInterval)
@@ -504,20 +517,14 @@ struct MQTT5ExpiryTests {
     @Test("Message Expiry Interval 0: delivered, as 0, to the subscribers online when it is published (QoS 0 and 1, 5.0 and 3.1.1); not queued for an offline one; retained, it is gone for later subscribers")
     func messageExpiryZero() async throws {
         try await withV5Broker { b in
-            var keep = MQTTProperties()
-            keep.sessionExpiryInterval = 100
-            let (away, _) = try await b.client5("away", properties: keep)
-            try await away.subscribe("zero/#", qos: .atLeastOnce)
-            await away.disconnect()
+            try await Self.offlineSubscriber(b, "away", "zero/#")
             let (sub5, _) = try await b.client5("sub5")
             try await sub5.subscribe("zero/#", qos: .atLeastOnce)
             let sub3 = try await b.client("sub3")
             try await sub3.subscribe("zero/#", qos: .atLeastOnce)
             let (pub, _) = try await b.client5("pub")
-            var zero = MQTTProperties()
-            zero.messageExpiryInterval = 0
             for (topic, qos, retain) in [("zero/q0", QoS.atMostOnce, false), ("zero/q1", .atLeastOnce, false), ("zero/kept", .atLeastOnce, true)] {
-                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: qos, retain: retain, packetID: qos == .atMostOnce ? nil : 1, properties: zero)))
+                pub.send(Self.expiring(topic, 0, qos: qos, retain: retain))
                 if qos != .atMostOnce { #expect(try await pub.expectPacket() == .puback(packetID: 1)) }
             }
             for topic in ["zero/q0", "zero/q1", "zero/kept"] {
@@ -528,7 +535,7 @@ struct MQTT5ExpiryTests {
                 #expect(q.topicString == topic && q.properties.isEmpty)
                 if let id = q.packetID { sub3.send(.puback(packetID: id)) }
             }
-            let (back, connack) = try await b.client5("away", cleanStart: false, properties: keep)
+            let (back, connack) = try await b.client5("away", cleanStart: false, properties: Self.kept)
             #expect(connack.sessionPresent)
             try await back.expectNothing(for: .milliseconds(150))  // its lifetime passed before it could start
             let late = try await b.client("late")
@@ -551,11 +558,7 @@ struct MQTT5ExpiryTests {
             let (sub, _) = try await b.client5("sub")
             try await sub.subscribe("slow/#", qos: .atLeastOnce)
             let (pub, _) = try await b.client5("pub")
-            for (topic, seconds) in [("slow/short", UInt32(1)), ("slow/long", 100)] {
-                var properties = MQTTProperties()
-                properties.messageExpiryInterval = seconds
-                pub.send(.publish(PublishPacket(topic: ByteBuffer(string: topic), payload: ByteBuffer(string: topic), qos: .atMostOnce, properties: properties)))
-            }
+            for (topic, seconds) in [("slow/short", UInt32(1)), ("slow/long", 100)] { pub.send(Self.expiring(topic, seconds, qos: .atMostOnce)) }
             let p = try await sub.expectPublish()
             #expect(p.topicString == "slow/long")
             #expect((p.properties.messageExpiryInterval ?? 0) <= 99)
