@@ -103,21 +103,24 @@ struct HTTPRequestTests {
     func timeoutBehindTheConnections() async throws {
         let script = """
             mqlite.on_publish("w/#", function(m)
-              local status, message = mqlite.http.request{ url = mqlite.options.base .. "/delay/1000", timeout = 1.6 }
+              local status, message = mqlite.http.request{ url = mqlite.options.base .. "/delay/2000", timeout = 3 }
               return { payload = tostring(status) .. " " .. tostring(message) }
             end)
             """
-        try await withService(script, configure: { $0.workers = 1; $0.scripting.httpConnections = 1 }) { b, _, _ in
+        // The first call holds the one connection for 2 s and ends well inside its 3 s; the second
+        // waits those 2 s behind it and would need 2 s more: its 3 s run out (margins of about a
+        // second each way, for a loaded machine).
+        try await withService(script, configure: { $0.workers = 1; $0.scripting.httpConnections = 1 }) { b, _, server in
             let sub = try await b.client("sub")
             try await sub.subscribe("w/#")
             let first = try await b.client("p1")
             let second = try await b.client("p2")
             try await first.publish("w/1", "x")
-            try await Task.sleep(for: .milliseconds(50))
+            try await eventually("the first request is out") { server.requests == 1 }
             try await second.publish("w/2", "x")
             var got: [String: String] = [:]
             for _ in 0..<2 {
-                let p = try await sub.expectPublish(timeout: .seconds(5))
+                let p = try await sub.expectPublish(timeout: .seconds(10))
                 got[String(buffer: p.topic)] = payload(p)
             }
             #expect(got["w/1"]?.hasPrefix("200 ") == true, "\(got)")
