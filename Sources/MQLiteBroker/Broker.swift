@@ -31,7 +31,7 @@ public final class Broker: Sendable {
     /// Filter → subscribed sessions and their granted QoS.
     private let subscriptions: any SubscriptionIndex
     /// Retained messages by topic (see `retainedMessages(matching:)`).
-    private let retained: any RetainedStore
+    let retained: any RetainedStore
     /// Where retained messages, persistent sessions and `mqlite.kv` keys set with `persist` are
     /// kept across restarts (nil: memory only).
     public let store: PersistentStore?
@@ -56,6 +56,10 @@ public final class Broker: Sendable {
     var bridges: [BridgeLink] { bridgeLinks.withLock { $0 } }
     /// Connections of `http` listeners open now (`HTTPListenerLimits.maxConnections`).
     let httpConnections = Atomic<Int>(0)
+    /// Retained messages not kept (`max_retained`, `max_retained_bytes`), and whether the last
+    /// one given was refused (the warning is logged once per such episode).
+    let retainedRefused = Atomic<Int>(0)
+    private let retainedFull = Atomic<Bool>(false)
     /// Subscriptions held (filters of every session), for metrics and `$SYS`.
     let subscriptionCount = Atomic<Int>(0)
     /// Most connections open at once since start.
@@ -721,13 +725,21 @@ public final class Broker: Sendable {
     // MARK: - Retained messages
 
     /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
-    /// tree's branch left empty).
+    /// tree's branch left empty). Past `max_retained` or `max_retained_bytes` a new one is not
+    /// kept (and the topic's earlier one is cleared), counted, and logged once until one is kept
+    /// again.
     func retain(_ message: Message) {
         let topic = message.topic
-        if message.payload.readableBytes == 0 {
-            retained.remove(topic: topic)
-        } else {
-            retained.set(topic: topic, message.compacted())
+        guard message.payload.readableBytes > 0 else { return retained.remove(topic: topic) }
+        switch retained.set(topic: topic, message.compacted(), within: configuration.limits.retainedLimits) {
+        case .kept:
+            if retainedFull.load(ordering: .relaxed) { retainedFull.store(false, ordering: .relaxed) }
+        case .refused(let cleared):
+            retainedRefused.add(1, ordering: .relaxed)
+            guard !retainedFull.exchange(true, ordering: .relaxed) else { return }
+            let l = configuration.limits
+            logger.warning(
+                "retained messages at their limit (max_retained = \(l.maxRetained), max_retained_bytes = \(l.maxRetainedBytes); \(retained.heldBytes) bytes held): \"\(LogText(topic.string))\" not kept\(cleared ? ", its earlier retained message cleared" : "") (the message is delivered; logged once until a retained message is kept again)")
         }
     }
 

@@ -114,7 +114,7 @@ public enum ConfigFile {
         if let limits = try top.table("limits") {
             try limits.allowOnly([
                 "max_packet_size", "max_connections", "max_inflight", "max_queued", "max_queued_bytes", "max_keep_alive", "connect_timeout",
-                "session_expiry", "max_topic_levels", "max_subscriptions", "max_topic_alias",
+                "session_expiry", "max_topic_levels", "max_subscriptions", "max_topic_alias", "max_retained", "max_retained_bytes",
             ])
             if let v = try limits.int("max_packet_size", in: 2...268_435_455) { config.limits.maxPacketSize = v }
             if let v = try limits.int("max_connections", in: 0...Int(Int32.max)) { config.limits.maxConnections = v }
@@ -127,6 +127,8 @@ public enum ConfigFile {
             if let v = try limits.int("max_topic_levels", in: 1...65535) { config.limits.maxTopicLevels = v }
             if let v = try limits.int("max_subscriptions", in: 0...Int(Int32.max)) { config.limits.maxSubscriptions = v }
             if let v = try limits.int("max_topic_alias", in: 0...65535) { config.limits.maxTopicAlias = v }
+            if let v = try limits.int("max_retained", in: 0...Int.max) { config.limits.maxRetained = v }
+            if let v = try limits.int("max_retained_bytes", in: 0...Int.max) { config.limits.maxRetainedBytes = v }
         }
 
         if let auth = try top.table("auth") {

@@ -205,13 +205,21 @@ public struct Limits: Sendable {
     /// `max_topic_alias`): the Topic Alias Maximum announced in CONNACK, and the most the broker
     /// uses towards a client that accepts them. 0 turns them off.
     public var maxTopicAlias: Int
+    /// Most retained messages the broker holds, and most bytes they may hold (`RetainedLimits`:
+    /// topic, payload and properties, and 288 per node of the topic tree); 0 = no limit. A
+    /// retained message past either is delivered but not kept.
+    public var maxRetained: Int
+    public var maxRetainedBytes: Int
+    var retainedLimits: RetainedLimits { RetainedLimits(maxCount: maxRetained, maxBytes: maxRetainedBytes) }
 
     public init(
         maxPacketSize: Int = 1 << 20, maxConnections: Int = 0, maxInflight: Int = 32, maxQueued: Int = 1000,
         maxQueuedBytes: Int = 0, maxKeepAlive: Int = 65535, connectTimeout: TimeAmount = .seconds(10),
         sessionExpiry: TimeAmount = .zero, maxTopicLevels: Int = 200, maxSubscriptions: Int = 10_000,
-        maxTopicAlias: Int = 10
+        maxTopicAlias: Int = 10, maxRetained: Int = 1_000_000, maxRetainedBytes: Int = 1 << 30
     ) {
+        self.maxRetained = maxRetained
+        self.maxRetainedBytes = maxRetainedBytes
         self.maxTopicAlias = maxTopicAlias
         self.maxSubscriptions = maxSubscriptions
         self.sessionExpiry = sessionExpiry

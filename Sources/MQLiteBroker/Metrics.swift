@@ -122,6 +122,9 @@ public struct BrokerStats: Sendable {
     public var sessionsOffline: Int { max(0, sessionsTotal - sessionsOnline) }
     public var subscriptions = 0
     public var retained = 0
+    /// What the retained messages hold as `max_retained_bytes` counts it, and those not kept.
+    public var retainedBytes = 0
+    public var retainedRefused = 0
     public var inflight = 0
     public var queued = 0
     /// Most connections open at once since start.
@@ -217,6 +220,8 @@ extension Broker {
         base.sessionsTotal = registry.count
         base.subscriptions = subscriptionCount.load(ordering: .relaxed)
         base.retained = retainedCount
+        base.retainedBytes = retained.heldBytes
+        base.retainedRefused = retainedRefused.load(ordering: .relaxed)
         base.maximumConnections = maximumConnections.load(ordering: .relaxed)
         base.uptimeSeconds = Int((NIODeadline.now() - startTime).nanoseconds / 1_000_000_000)
         if let store { base.storeCommits = (store.commits, store.failedCommits) }
@@ -320,6 +325,8 @@ public final class BrokerMetrics: Sendable {
             counter("mqlite_messages_dropped_total", [("reason", "hook")], stats.droppedHook)
             counter("mqlite_messages_dropped_total", [("reason", "topic")], stats.droppedTopic)
             gauge("mqlite_retained_messages", [], stats.retained)
+            gauge("mqlite_retained_bytes", [], stats.retainedBytes)
+            counter("mqlite_retained_refused_total", [], stats.retainedRefused)
             gauge("mqlite_sessions", [("state", "online")], stats.sessionsOnline)
             gauge("mqlite_sessions", [("state", "offline")], stats.sessionsOffline)
             gauge("mqlite_subscriptions", [], stats.subscriptions)

@@ -31,6 +31,8 @@ public final class PersistentStore: Sendable {
     let retained: PersistentRetainedStore
     /// What startup loaded, for its log line.
     public let loaded: (retained: Int, sessions: Int, seconds: Double)
+    /// What the retained messages hold, as `max_retained_bytes` counts it.
+    public var retainedBytes: Int { retained.heldBytes }
     /// Follows the persistent sessions into the journal (the broker's `SessionObserver`).
     let sessions: SessionPersister
     /// The sessions loaded, until the broker takes them (`takeLoadedSessions`).
@@ -642,13 +644,18 @@ final class PersistentRetainedStore: RetainedStore {
         topic.bytes.readableBytesView.starts(with: "$SYS/".utf8)
     }
 
-    func set(topic: TopicName, _ message: Message) {
-        guard !Self.isSys(topic) else { return tree.set(topic: topic, message) }
+    func set(topic: TopicName, _ message: Message, within limits: RetainedLimits) -> RetainOutcome {
+        guard !Self.isSys(topic) else { return tree.set(topic: topic, message, within: limits) }
         let (properties, expiresAt) = StoredMessage.encode(message)
         let change = Journal.Change.set(payload: message.payload, qos: message.qos, properties: properties, expiresAt: expiresAt)
-        order.withLock { _ in
-            tree.set(topic: topic, message)
-            journal.record(change, topic: message.topic)  // (the compacted copy: not a slice of a read buffer)
+        return order.withLock { _ in
+            let outcome = tree.set(topic: topic, message, within: limits)
+            switch outcome {
+            case .kept: journal.record(change, topic: message.topic)  // (the compacted copy: not a slice of a read buffer)
+            case .refused(cleared: true): journal.record(.remove, topic: message.topic)
+            case .refused(cleared: false): break
+            }
+            return outcome
         }
     }
 
@@ -665,6 +672,7 @@ final class PersistentRetainedStore: RetainedStore {
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message] { tree.continueScan(&scan, limit: limit) }
     var count: Int { tree.count }
     var nodeCount: Int { tree.nodeCount }
+    var heldBytes: Int { tree.heldBytes }
 }
 
 /// `[persistence] sync = "full"`: PUBACKs and PUBRECs waiting for the store's commit, and those

@@ -62,8 +62,11 @@ protocol SubscriptionIndex: Sendable {
 /// the scan is done), so that neither a lock nor a worker is held for long by a wide filter.
 protocol RetainedStore: Sendable {
     typealias Scan = RetainedTree<Message>.Scan
-    /// Keeps `message` (already compacted) as the retained message of `topic`.
-    func set(topic: TopicName, _ message: Message)
+    /// Keeps `message` (already compacted) as the retained message of `topic`, unless that would
+    /// take the store past `limits` (then `topic` keeps none: an earlier one is cleared). The
+    /// broker's own topics are not limited (`RetainedLimits.exempts`).
+    @discardableResult
+    func set(topic: TopicName, _ message: Message, within limits: RetainedLimits) -> RetainOutcome
     /// Clears the retained message of `topic`, if any.
     func remove(topic: TopicName)
     func scan(matching filter: TopicFilter) -> Scan
@@ -71,6 +74,30 @@ protocol RetainedStore: Sendable {
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message]
     var count: Int { get }
     var nodeCount: Int { get }
+    /// What the retained messages hold, as `max_retained_bytes` counts it (`RetainedLimits`).
+    var heldBytes: Int { get }
+}
+
+/// `max_retained` and `max_retained_bytes` (0: no limit).
+struct RetainedLimits: Sendable {
+    var maxCount = 0
+    var maxBytes = 0
+    static let none = RetainedLimits()
+    /// The broker's own topics (`$SYS`, which no client can publish): neither limited nor counted
+    /// (their tree nodes, a few dozen, are).
+    static func exempts(_ topic: TopicName) -> Bool { ConnectionHandler.isBrokerOnly(topic) }
+    /// What `max_retained_bytes` counts for each node of the topic tree (its object, its entry in
+    /// the parent's children and the level's name): a topic of many levels no other topic shares
+    /// costs that much per level, whatever its bytes.
+    static let nodeBytes = 288
+}
+
+/// What became of a message given to the retained store.
+enum RetainOutcome: Equatable {
+    case kept
+    /// Not kept: the store is at `max_retained` or would go past `max_retained_bytes`.
+    /// `cleared`: the topic's earlier retained message was removed (it would have been stale).
+    case refused(cleared: Bool)
 }
 
 // MARK: - In memory
@@ -316,15 +343,45 @@ final class SharedGroup: Sendable {
 /// The retained topic trie (names → messages) behind one lock; a scan holds it for one step at
 /// a time.
 final class TreeRetainedStore: RetainedStore {
-    private let tree: Mutex<RetainedTree<Message>>
+    private struct State {
+        let tree: RetainedTree<Message>
+        /// Messages held and their `Message.size`, the exempt ones apart.
+        var count = 0
+        var messageBytes = 0
+        var held: Int { messageBytes + tree.nodeCount * RetainedLimits.nodeBytes }
 
-    init(_ tree: RetainedTree<Message> = RetainedTree()) {
-        self.tree = Mutex(tree)
+        mutating func account(_ message: Message, _ sign: Int) {
+            guard !RetainedLimits.exempts(message.topic) else { return }
+            count += sign
+            messageBytes += sign * message.size
+        }
     }
 
-    func set(topic: TopicName, _ message: Message) {
+    private let state: Mutex<State>
+
+    init(_ tree: RetainedTree<Message> = RetainedTree()) {
+        var state = State(tree: tree)
+        tree.forEachValue { state.account($0, 1) }
+        self.state = Mutex(state)
+    }
+
+    func set(topic: TopicName, _ message: Message, within limits: RetainedLimits) -> RetainOutcome {
         let path = topic.string
-        tree.withLock { $0.set(path, message) }
+        return state.withLock { s in
+            let (count, held) = (s.count, s.held)
+            let old = s.tree.value(at: path)
+            s.tree.set(path, message)
+            if let old { s.account(old, -1) }
+            s.account(message, 1)
+            // Over a limit only by growing past it: a store over a lowered limit (loaded from disk)
+            // still takes replacements no larger than what they replace.
+            let over = (limits.maxCount > 0 && s.count > max(count, limits.maxCount))
+                || (limits.maxBytes > 0 && s.held > max(held, limits.maxBytes))
+            guard over, !RetainedLimits.exempts(topic) else { return .kept }
+            s.tree.removeValue(at: path)
+            s.account(message, -1)
+            return .refused(cleared: old != nil)
+        }
     }
 
     func remove(topic: TopicName) {
@@ -334,21 +391,26 @@ final class TreeRetainedStore: RetainedStore {
     /// Removes the retained message of `topic`; whether there was one.
     func removed(topic: TopicName) -> Bool {
         let path = topic.string
-        return tree.withLock { $0.remove(path) }
+        return state.withLock { s in
+            guard let old = s.tree.removeValue(at: path) else { return false }
+            s.account(old, -1)
+            return true
+        }
     }
 
     func scan(matching filter: TopicFilter) -> Scan {
-        tree.withLock { $0.scan(matching: filter.string) }
+        state.withLock { $0.tree.scan(matching: filter.string) }
     }
 
     func continueScan(_ scan: inout Scan, limit: Int) -> [Message] {
         var found: [Message] = []
-        tree.withLock { $0.continueScan(&scan, limit: limit, into: &found) }
+        state.withLock { $0.tree.continueScan(&scan, limit: limit, into: &found) }
         return found
     }
 
-    var count: Int { tree.withLock { $0.count } }
-    var nodeCount: Int { tree.withLock { $0.nodeCount } }
+    var count: Int { state.withLock { $0.tree.count } }
+    var nodeCount: Int { state.withLock { $0.tree.nodeCount } }
+    var heldBytes: Int { state.withLock { $0.held } }
 }
 
 /// A client id as the registry's key: compared and hashed byte for byte, as `ByteText`, but

@@ -130,6 +130,17 @@ public final class TopicTrie<Value>: @unchecked Sendable {
         return old
     }
 
+    /// Calls `body` with every value held, in no particular order. A loop over a worklist.
+    public func forEachValue(_ body: (Value) -> Void) {
+        var stack = [root]
+        while let node = stack.popLast() {
+            if let value = node.value { body(value) }
+            stack.append(contentsOf: node.children.values)
+            if let plus = node.plus { stack.append(plus) }
+            if let hash = node.hash { stack.append(hash) }
+        }
+    }
+
     /// Detaches the empty nodes at the end of `levels`: the path down, then back up while nodes
     /// are empty. No recursion.
     private func prune(_ levels: [Substring]) {

@@ -71,6 +71,11 @@ struct MQLite: AsyncParsableCommand {
             }
             let loaded = store!.loaded
             logger.info("store \(persistence.path) (sync \(persistence.sync.rawValue)): loaded \(loaded.retained) retained messages and \(loaded.sessions) sessions in \(String(format: "%.3f", loaded.seconds)) s")
+            let limits = configuration.limits
+            let held = store!.retainedBytes
+            if (limits.maxRetained > 0 && loaded.retained > limits.maxRetained) || (limits.maxRetainedBytes > 0 && held > limits.maxRetainedBytes) {
+                logger.warning("store \(persistence.path): the \(loaded.retained) retained messages loaded (\(held) bytes as max_retained_bytes counts them) are past [limits] max_retained = \(limits.maxRetained) or max_retained_bytes = \(limits.maxRetainedBytes): all are kept, and no new topic is retained until they are back under")
+            }
         }
 
         // The broker and the SIGHUP reloader run in a service group, which turns SIGTERM and

@@ -123,6 +123,8 @@ struct ConfigFileTests {
             max_keep_alive = 120
             connect_timeout = 2.5
             max_topic_alias = 0
+            max_retained = 5
+            max_retained_bytes = 0
             [auth]
             allow_anonymous = false
             """)
@@ -136,6 +138,7 @@ struct ConfigFileTests {
         #expect(config.limits.maxKeepAlive == 120)
         #expect(config.limits.connectTimeout == .milliseconds(2500))
         #expect(config.limits.maxTopicAlias == 0)
+        #expect(config.limits.maxRetained == 5 && config.limits.maxRetainedBytes == 0)
         #expect(config.allowAnonymous == false)
     }
 
@@ -145,6 +148,7 @@ struct ConfigFileTests {
         #expect(config.listeners.map(\.address) == [ListenAddress(host: "0.0.0.0", port: 1883)])
         #expect(config.limits.maxPacketSize == 1 << 20 && config.limits.maxInflight == 32 && config.limits.maxQueued == 1000)
         #expect(config.limits.maxTopicAlias == 10)
+        #expect(config.limits.maxRetained == 1_000_000 && config.limits.maxRetainedBytes == 1 << 30)
         #expect(config.allowAnonymous)
         #expect(config.workers == 0)
     }

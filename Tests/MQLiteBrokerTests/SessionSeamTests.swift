@@ -321,7 +321,7 @@ struct SessionSeamTests {
     func retainedFromTheContext() throws {
         let store = TreeRetainedStore()
         for i in 0..<600 {
-            store.set(topic: try TopicName("r/\(i)"), Message(topic: try TopicName("r/\(i)"), payload: ByteBuffer(string: "\(i)"), qos: .atLeastOnce, retain: true))
+            store.set(topic: try TopicName("r/\(i)"), Message(topic: try TopicName("r/\(i)"), payload: ByteBuffer(string: "\(i)"), qos: .atLeastOnce, retain: true), within: .none)
         }
         var limits = BrokerConfiguration(workers: 1, listeners: []).limits
         limits.maxInflight = 1000

@@ -285,3 +285,29 @@ def test_lua_hook_calls_failures_and_durations(tmp_path):
         assert m['mqlite_messages_dropped_total{reason="hook"}'] == 4
     finally:
         b.stop()
+
+
+def test_max_retained_with_mosquitto_clients():
+    """Past `max_retained`, mosquitto_pub's retained messages on new topics are delivered but not
+    kept: a later mosquitto_sub gets only the first ones; counted and logged once."""
+    b = Broker([], config_text=metrics_config(extra="[limits]\nmax_retained = 3\n"), listeners=2)
+    try:
+        mqtt, http = b.ports
+        live = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(mqtt), "-t", "r/#", "-C", "5", "-W", "20", "-v"],
+                                stdout=subprocess.PIPE, text=True)
+        assert wait_for(lambda: scrape(http).get("mqlite_subscriptions", 0) == 1, 10)
+        for i in range(5):
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt), "-q", "1", "-r", "-t", f"r/{i}", "-m", f"m{i}"],
+                           check=True, timeout=20)
+        out, _ = live.communicate(timeout=30)
+        assert out.splitlines() == [f"r/{i} m{i}" for i in range(5)]
+        # (Line-buffered: mosquitto_sub leaves on its -W timeout without flushing a pipe.)
+        late = subprocess.run(["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(mqtt), "-t", "r/#", "-v", "-W", "2"],
+                              capture_output=True, text=True, timeout=20)
+        assert sorted(late.stdout.splitlines()) == [f"r/{i} m{i}" for i in range(3)]
+        m = scrape(http)
+        assert m["mqlite_retained_refused_total"] == 2
+        assert m["mqlite_retained_messages"] >= 3 and m["mqlite_retained_bytes"] > 0
+        assert b.log().count("retained messages at their limit") == 1, b.log()
+    finally:
+        b.stop()
