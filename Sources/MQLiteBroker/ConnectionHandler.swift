@@ -1118,8 +1118,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// nothing. A subscriber that makes no progress stops counting after a while
     /// (`Session.stallTimeout`) and has its messages dropped instead.
     private func holdBackIfCongested(_ targets: [(session: Session, grant: Grant)]) {
-        guard !flags.contains(.heldBack), isCongested(targets) else { return }
+        guard !flags.contains(.heldBack) else { return }
+        let now = NIODeadline.now()
+        let congestion = self.congestion(targets, now: now)
+        guard congestion != .none else { return }
         holdBack = targets
+        if congestion == .allowance { rare?.allowance.since = now }
         updateReading()
         scheduleHoldBackCheck()
     }
@@ -1140,11 +1144,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func checkHoldBack() {
         flags.remove(.holdBackCheckPending)
+        let now = NIODeadline.now()
+        rare?.allowance.charge(now: now)
         guard let targets = holdBack, machine.isConnected else {
             holdBack = nil
             return
         }
-        if isCongested(targets) { return scheduleHoldBackCheck() }
+        let congestion = self.congestion(targets, now: now)
+        if congestion != .none {
+            if congestion == .allowance { rare?.allowance.since = now }
+            return scheduleHoldBackCheck()
+        }
         holdBack = nil
         if cumulation != nil {
             worker.beginBatch()
@@ -1154,9 +1164,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if !flags.contains(.heldBack) { updateReading() }
     }
 
-    /// Whether this client should wait before more of its messages are read.
-    private func isCongested(_ targets: [(session: Session, grant: Grant)]) -> Bool {
-        worker.isCongested(targets, excluding: session, subscribers: session?.mayBeHeldBack() ?? true)
+    /// Whether this client should wait before more of its messages are read, and why.
+    private func congestion(_ targets: [(session: Session, grant: Grant)], now: NIODeadline) -> Session.Congestion {
+        let allowance = rare?.allowance.left(now: now) ?? true
+        return worker.congestion(targets, excluding: session, subscribers: session?.mayBeHeldBack() ?? true, allowance: allowance, now: now)
     }
 
     /// Reads from the socket when the state machine wants to (what was read while it does not
@@ -1531,9 +1542,39 @@ private final class Rare {
     /// On TLS listeners, what the handshake told of the client.
     var tls: TLSClientInfo?
     var holdBack: [(session: Session, grant: Grant)]?
+    /// How long subscribers on their allowance held this publisher back in the current window.
+    var allowance = HoldBackAllowance()
 
     var isEmpty: Bool {
         will == nil && access == nil && authentication == nil && storeAcks == nil && !peerIsBridge && tls == nil && holdBack == nil
+            && allowance.isUnused
+    }
+}
+
+/// A publisher's side of the slow-consumer policy: subscribers that have not earned it (fresh
+/// connections, slow readers) hold it back for at most `Session.publisherAllowance` in any
+/// `Session.holdBackWindow`, together, whichever and however many they are; past that their
+/// messages are dropped at their queue limits instead.
+struct HoldBackAllowance {
+    private var windowStart = NIODeadline.distantPast
+    private var used = TimeAmount.zero
+    /// Held back on allowance since then (charged at the next check).
+    var since: NIODeadline?
+
+    var isUnused: Bool { used == .zero && since == nil }
+
+    mutating func charge(now: NIODeadline) {
+        guard let since else { return }
+        used += now - since
+        self.since = nil
+    }
+
+    mutating func left(now: NIODeadline) -> Bool {
+        if now - windowStart >= Session.holdBackWindow {
+            windowStart = now
+            used = .zero
+        }
+        return used < Session.publisherAllowance
     }
 }
 

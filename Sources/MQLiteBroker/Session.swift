@@ -162,8 +162,9 @@ final class Session: @unchecked Sendable {
     private(set) var inflight: [Inflight] = []
     /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
     private(set) var queue = Deque<Delivery>()
-    /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not. Read
-    /// by other workers' publish paths, so it is here rather than in `occasional`.
+    /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not. The
+    /// lowest bit set: on its allowance, not on time it earned (`Congestion`). Read by other
+    /// workers' publish paths, so it is here rather than in `occasional`.
     private let congestedUntil = Atomic<UInt64>(0)
     private var occasional: Occasional?
     private var lastPacketID: UInt16 = 0
@@ -254,8 +255,25 @@ final class Session: @unchecked Sendable {
 
     // A subscriber earns hold-back time by draining: 1 µs a byte (1 ms a KiB, so one that takes
     // 1 MB/s or more may hold its publishers back through a whole burst), up to the window.
+    // What a subscriber did not earn (its allowance) is bounded on the publisher's side too: a
+    // publisher is held back by subscribers on their allowance, whichever and however many, for
+    // at most `publisherAllowance` in a window (`HoldBackAllowance`), so that fresh connections
+    // that never read, one after another, cannot throttle it. (Two seconds: a subscriber that
+    // stalls and a reading one whose kernel buffers are still draining when the burst comes, as
+    // the queue can only move once they are, each use up to their own second.)
+    static let publisherAllowance = TimeAmount.seconds(2)
     static let holdBackWindow = TimeAmount.seconds(10)
     static let holdBackEarnedPerByte: Int64 = 1000
+
+    /// Why a publisher should wait for a subscriber.
+    enum Congestion: Comparable {
+        case none
+        /// On its allowance (having earned nothing, or used what it earned): the publisher's
+        /// budget is charged.
+        case allowance
+        /// On time it earned by draining, or a worker's mailbox full: the publisher waits.
+        case firm
+    }
 
     // The publisher's side: a client is not held back while it has deliveries of its own in
     // flight (the broker would stop reading the acknowledgements they wait for, so it would look
@@ -265,9 +283,10 @@ final class Session: @unchecked Sendable {
     /// Cheap hint for the publish path: congestion may need checking.
     var mayBeCongested: Bool { congestedUntil.load(ordering: .relaxed) != 0 }
 
-    func isCongested(now: NIODeadline) -> Bool {
+    func congestion(now: NIODeadline) -> Congestion {
         let until = congestedUntil.load(ordering: .relaxed)
-        return until != 0 && now.uptimeNanoseconds < until
+        guard until != 0 && now.uptimeNanoseconds < until else { return .none }
+        return until & 1 == 1 ? .allowance : .firm
     }
 
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
@@ -285,8 +304,13 @@ final class Session: @unchecked Sendable {
         }
         let start = more.congestionStart ?? now
         more.congestionStart = start
-        let until = min(more.lastProgress + Self.stallTimeout, start + (Self.maxHoldBack - more.congestionUsed))
-        congestedUntil.store(until > now ? until.uptimeNanoseconds : 0, ordering: .relaxed)
+        var until = min(more.lastProgress + Self.stallTimeout, start + (Self.maxHoldBack - more.congestionUsed))
+        // Earned time lasts while what this episode used is covered by what was earned; then the
+        // allowance (marked in the lowest bit), from the next check on.
+        let earnedUntil = start - more.congestionUsed
+        let earned = now < earnedUntil
+        if earned { until = min(until, earnedUntil) }
+        congestedUntil.store(until > now ? until.uptimeNanoseconds & ~1 | (earned ? 0 : 1) : 0, ordering: .relaxed)
     }
 
     /// After the queue grew: congested if over half the budget and still making progress.
@@ -311,7 +335,9 @@ final class Session: @unchecked Sendable {
                 more.congestionUsed = min(more.congestionUsed + (now - start), Self.maxHoldBack)
                 more.congestionStart = nil
             }
-        } else if mayBeCongested {
+        } else {
+            // (Also after it was let go as stalled: moving again, it may hold them back again,
+            // within what it has left and earned.)
             holdPublishers(now: now)
         }
     }

@@ -405,11 +405,23 @@ final class Worker: @unchecked Sendable {
     /// Whether a publisher to `targets` should wait: a mailbox of another worker is over its
     /// low-water mark (always), or one of the subscribers (not its own session) is congested (only
     /// while `subscribers`: `Session.mayBeHeldBack`).
-    func isCongested(_ targets: [(session: Session, grant: Grant)], excluding own: Session?, subscribers: Bool) -> Bool {
-        if broker.workers.contains(where: { $0 !== self && $0.mailboxIsFull }) { return true }
-        guard subscribers else { return false }
-        let now = NIODeadline.now()
-        return targets.contains { $0.session !== own && $0.session.isCongested(now: now) }
+    /// Why a publisher to `targets` should wait: another worker's mailbox full (`firm`), or the
+    /// most pressing congestion among the subscribers (those on their allowance only when
+    /// `allowance`: the publisher has some of its own budget left).
+    func congestion(
+        _ targets: [(session: Session, grant: Grant)], excluding own: Session?, subscribers: Bool, allowance: Bool, now: NIODeadline
+    ) -> Session.Congestion {
+        if broker.workers.contains(where: { $0 !== self && $0.mailboxIsFull }) { return .firm }
+        guard subscribers else { return .none }
+        var found = Session.Congestion.none
+        for target in targets where target.session !== own {
+            switch target.session.congestion(now: now) {
+            case .firm: return .firm
+            case .allowance where allowance: found = .allowance
+            default: break
+            }
+        }
+        return found
     }
 
     /// The route of a topic, from this worker's cache while its subscribers and the hooks are

@@ -1,4 +1,4 @@
-import MQLiteBroker
+@testable import MQLiteBroker
 import MQTTCore
 import NIOCore
 import MQLiteTestSupport
@@ -237,6 +237,65 @@ struct DeliveryTests {
             while let event = await fast.nextEvent(timeout: .milliseconds(500)), case .packet(.publish) = event { got += 1 }
             #expect(got == 1000)
         }
+    }
+
+    @Test("fresh subscribers that never read, one after another, hold a publisher back for at most its allowance (2 s in 10), not for good")
+    func nonReadersOneAfterAnother() async throws {
+        try await withBroker(configure: { $0.limits.maxQueued = 20 }) { b in
+            let pub = try await b.client("pub")
+            let payload = ByteBuffer(repeating: 0x41, count: 16 * 1024)
+            let clock = ContinuousClock()
+            let start = clock.now
+            // A new subscriber every 200 ms that reads nothing after its SUBACK: each would hold
+            // the publisher back for a second of its own.
+            let port = b.port
+            let attack = Task {
+                var held: [TestClient] = []
+                for i in 0..<30 where !Task.isCancelled {
+                    guard let c = try? await TestClient.open(port: port), (try? await c.connect(ConnectPacket(clientID: "non-reader-\(i)"))) != nil,
+                        (try? await c.subscribe("flood")) != nil
+                    else { break }
+                    try? await c.channel.setOption(.autoRead, value: false).get()
+                    held.append(c)
+                    try? await Task.sleep(for: .milliseconds(200))
+                }
+                for c in held { await c.abort() }
+            }
+            defer { attack.cancel() }
+            // The publisher: 32 messages (512 KiB), then a round trip, for 6 s.
+            var trips: [Duration] = []
+            while clock.now - start < .seconds(6) {
+                for _ in 0..<32 { pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "flood"), payload: payload, qos: .atMostOnce))) }
+                let sent = clock.now
+                try await pub.ping(timeout: .seconds(10))
+                trips.append(clock.now - sent)
+            }
+            // A round trip held back by a non-reader takes about the second it holds (its stall
+            // timeout). The publisher's allowance (2 s) covers two such; without it, every round
+            // trip of the 6 s would be one.
+            let held = trips.filter { $0 >= .milliseconds(800) }.count
+            #expect(held <= 3, "round trips: \(trips)")
+            #expect(trips.count > held + 5)
+        }
+    }
+
+    @Test("a publisher's allowance: what subscribers on theirs hold it back is charged, up to 2 s in any 10")
+    func publisherAllowance() {
+        var allowance = HoldBackAllowance()
+        let t0 = NIODeadline.now()
+        var left = allowance.left(now: t0)
+        #expect(left && allowance.isUnused)
+        allowance.since = t0
+        allowance.charge(now: t0 + .milliseconds(1500))
+        left = allowance.left(now: t0 + .milliseconds(1500))
+        #expect(left)
+        allowance.since = t0 + .milliseconds(1500)
+        allowance.charge(now: t0 + .milliseconds(2100))
+        left = allowance.left(now: t0 + .seconds(5))
+        #expect(!left, "2.1 s used in the window")
+        #expect(!allowance.isUnused)
+        left = allowance.left(now: t0 + .seconds(10))
+        #expect(left, "a new window")
     }
 
     @Test("a subscriber that stops reading never grows the broker without bound: past max_queued messages are dropped and counted")
