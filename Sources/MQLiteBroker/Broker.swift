@@ -330,11 +330,12 @@ public final class Broker: Sendable {
         workers.first { $0.loop === loop }!
     }
 
-    /// Stops accepting, closes every client connection, and stops the event loops. The hooks are
-    /// told first (`BrokerHooks.stop`), so that none keeps a loop busy meanwhile.
+    /// Stops accepting, publishes the wills of the clients still connected (their connections
+    /// close without a DISCONNECT from them, MQTT-3.1.2-8), closes every client connection, and
+    /// stops the event loops. The hooks are stopped (`BrokerHooks.stop`) once the wills have gone
+    /// through them, so that none keeps a loop busy after.
     public func shutdown() async {
         beginStopping()
-        hooks.stop()
         sysTask.withLock { task in
             task?.cancel()
             task = nil
@@ -347,6 +348,17 @@ public final class Broker: Sendable {
         let kinds = runningListeners.withLock { $0.map(\.kind) }
         let isHTTP = channels.indices.map { $0 < kinds.count && kinds[$0] == .http }
         for (i, channel) in channels.enumerated() where !isHTTP[i] { try? await channel.close() }
+        // Every worker routes its clients' wills before any connection closes, so that those
+        // still connected get them (deliveries for another worker are in its queue of tasks
+        // before that worker's closing below).
+        for worker in workers {
+            try? await worker.loop.submit {
+                worker.beginBatch()
+                for connection in worker.connections { connection.handler.publishWillForShutdown() }
+                worker.flushDirty()
+            }.get()
+        }
+        hooks.stop()
         for link in bridges { try? await link.worker.loop.submit { link.stop() }.get() }
         for worker in workers {
             try? await worker.loop.submit {

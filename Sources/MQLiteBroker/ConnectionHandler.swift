@@ -1192,11 +1192,25 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         closeSocket()
     }
 
-    /// Closes without a will: the broker is stopping.
+    /// The broker is stopping: the will goes now (an MQTT 5 Will Delay Interval is not waited
+    /// for: the broker will not be there when it ends), as any message of this client.
+    func publishWillForShutdown() {
+        guard machine.isConnected, session != nil, var message = will else { return }
+        will = nil
+        message.properties.willDelayInterval = nil
+        route(message)
+    }
+
+    /// Closes (its will went already: `publishWillForShutdown`): the broker is stopping. What
+    /// is batched for it goes first.
     func closeForShutdown() {
         tellV5(.serverShuttingDown)
         detach(publishWill: false, reason: "broker stopping")
-        context?.close(promise: nil)
+        if let context {
+            writeBatch()
+            context.flush()
+            context.close(promise: nil)
+        }
     }
 
     /// Closes without publishing the will, with one log line: a connection that never got its

@@ -105,6 +105,28 @@ struct ConnectionTests {
         }
     }
 
+    @Test("a stopping broker publishes the wills of the clients still connected, before it closes the connections of their subscribers, on every worker (MQTT-3.1.2-8)")
+    func willsOnShutdown() async throws {
+        try await withBroker { b in
+            // (Connections alternate between the two workers.)
+            let watchers = [try await b.client("watcher-0"), try await b.client("watcher-1")]
+            for w in watchers { try await w.subscribe("wills/#") }
+            for i in 0..<4 {
+                _ = try await b.client("dev-\(i)", will: Will(topic: try TopicName("wills/\(i)"), payload: ByteBuffer(string: "offline"), qos: .atLeastOnce, retain: false))
+            }
+            let polite = try await b.client("polite", will: Will(topic: "wills/polite", payload: ByteBuffer(string: "x"), qos: .atMostOnce, retain: false))
+            await polite.disconnect()  // a DISCONNECT discards the will
+            await b.broker.shutdown()
+            for w in watchers {
+                let got = try await w.expectClosed().compactMap { packet -> String? in
+                    guard case .publish(let p) = packet else { return nil }
+                    return p.topicString
+                }
+                #expect(Set(got) == Set((0..<4).map { "wills/\($0)" }), "\(got)")
+            }
+        }
+    }
+
     @Test("a malformed packet closes that connection only, logs client, address and reason, and publishes its will")
     func malformedPacket() async throws {
         try await withBroker { b in
