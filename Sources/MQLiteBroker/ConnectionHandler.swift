@@ -527,8 +527,13 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         case .accept:
             break
         case .pass:
-            if username == nil && !broker.configuration.allowAnonymous {
-                return refuse(.notAuthorized, "anonymous clients are not allowed")
+            if !broker.configuration.allowAnonymous {
+                if username == nil { return refuse(.notAuthorized, "anonymous clients are not allowed") }
+                // A user name is only as good as what checks it: a hook (which had no opinion on
+                // this one), or the client certificate it came from.
+                if origin.tls?.useIdentityAsUsername != true && !broker.hooks.authenticatesClients(worker: worker.index) {
+                    return refuse(.notAuthorized, "allow_anonymous = false and nothing checks user names (no on_connect hook, no use_identity_as_username)")
+                }
             }
         }
         whenAnswered(broker.hooks.authorize(clientInfo, worker: worker.index), failed: [.denyAll]) { handler, tables in

@@ -205,6 +205,10 @@ public struct ClientInfo: Sendable {
 public protocol BrokerHooks: AnyObject, Sendable {
     /// Authentication. Called once per CONNECT that passed protocol checks.
     func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision>
+    /// Whether `authenticate` checks anything (a script has an `on_connect` hook): with
+    /// `allow_anonymous = false` and nothing that checks, a user name proves nothing and every
+    /// client is refused, as Mosquitto refuses them without a password file.
+    func authenticatesClients(worker: Int) -> Bool
     /// Whether a hook takes care of enhanced authentication by `method`; a CONNECT with another
     /// method gets CONNACK 0x8C (bad authentication method).
     func handlesAuthentication(method: String, worker: Int) -> Bool
@@ -255,6 +259,7 @@ public protocol BrokerHooks: AnyObject, Sendable {
 
 extension BrokerHooks {
     public func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> { .now(.pass) }
+    public func authenticatesClients(worker: Int) -> Bool { false }
     public func handlesAuthentication(method: String, worker: Int) -> Bool { false }
     public func authenticate(_ request: AuthRequest, worker: Int) -> HookAnswer<AuthDecision> { .now(.failure(.badAuthenticationMethod, nil)) }
     public func authorize(_ client: ClientInfo, worker: Int) -> HookAnswer<[ACLTable]> { .now([]) }

@@ -433,6 +433,10 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
         }, otherwise: { .pass })
     }
 
+    public func authenticatesClients(worker: Int) -> Bool {
+        vm(worker).map { !$0.hooks(.connect).isEmpty } ?? false
+    }
+
     public func handlesAuthentication(method: String, worker: Int) -> Bool {
         guard let vm = vm(worker) else { return false }
         return !vm.authHooks(for: method).isEmpty

@@ -8,6 +8,7 @@ import Testing
 /// Hooks with fixed rules, to show that each hook point changes what clients see.
 final class RuleHooks: BrokerHooks {
     func authenticate(_ request: ConnectRequest, worker: Int) -> HookAnswer<ConnectDecision> { .now(authenticateNow(request)) }
+    func authenticatesClients(worker: Int) -> Bool { true }
 
     func authenticateNow(_ request: ConnectRequest) -> ConnectDecision {
         switch request.username {
