@@ -10,8 +10,10 @@ import Synchronization
 public struct BridgeSetupError: Error, CustomStringConvertible {
     /// Position of the bridge in the configuration.
     public var index: Int
-    public var underlying: any Error
-    public var description: String { "cannot use the TLS files: \(underlying)" }
+    public var underlying: TLSSettingsError
+    /// The bridge's key at fault (`cafile`, `certfile`, `keyfile`).
+    public var key: String { underlying.key }
+    public var description: String { underlying.problem }
 }
 
 /// What a bridge has done, for metrics and `$SYS` (any thread).
@@ -157,18 +159,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     // MARK: - Lifecycle (worker loop)
 
-    /// Takes (or makes) the local session, subscribes it locally, and connects.
-    func start() throws {
+    /// Takes (or makes) the local session, subscribes it locally, and connects; over TLS with
+    /// `sslContext` (made off the loop: `TLSSettings.makeClientContext`).
+    func start(sslContext: NIOSSLContext?) {
         worker.assertOnLoop()
-        if configuration.cafile != nil {
-            var tls = TLSConfiguration.makeClientConfiguration()
-            tls.trustRoots = .file(configuration.cafile!)
-            if let certfile = configuration.certfile, let keyfile = configuration.keyfile {
-                tls.certificateChain = try NIOSSLCertificate.fromPEMFile(certfile).map { .certificate($0) }
-                tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyfile, format: .pem))
-            }
-            sslContext = try NIOSSLContext(configuration: tls)
-        }
+        self.sslContext = sslContext
         let session = broker.bridgeSession(for: configuration, on: worker)
         session.setMaxInflight(configuration.maxInflight)
         self.session = session

@@ -207,13 +207,17 @@ public final class Broker: Sendable {
         for (index, configuration) in configuration.bridges.enumerated() {
             let kept = registry.session(for: configuration.localClientID)
             let worker = workers[kept?.owner ?? index % workers.count]
+            var sslContext: NIOSSLContext?
+            if let cafile = configuration.cafile {
+                do {
+                    sslContext = try TLSSettings.makeClientContext(cafile: cafile, certfile: configuration.certfile, keyfile: configuration.keyfile)
+                } catch {
+                    throw BridgeSetupError(index: index, underlying: error)
+                }
+            }
             let link = BridgeLink(configuration: configuration, broker: self, worker: worker, logger: logger)
             bridgeLinks.withLock { $0.append(link) }
-            do {
-                try await worker.loop.submit { try link.start() }.get()
-            } catch {
-                throw BridgeSetupError(index: index, underlying: error)
-            }
+            try await worker.loop.submit { [sslContext] in link.start(sslContext: sslContext) }.get()
         }
     }
 

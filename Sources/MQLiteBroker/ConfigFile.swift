@@ -246,6 +246,15 @@ public enum ConfigFile {
             throw section.error(bridge.certfile == nil ? "certfile" : "keyfile", "is required with \(bridge.certfile == nil ? "keyfile" : "certfile") (a client certificate needs both)")
         }
         if bridge.certfile != nil && bridge.cafile == nil { throw section.error("cafile", "is required with certfile (TLS to the remote is on when cafile is set)") }
+        if let cafile = bridge.cafile {
+            // Read now, so that a file that is not PEM, a key that does not match, or a FIFO named
+            // by mistake stops the check and the start, not a worker once the broker runs.
+            do {
+                _ = try TLSSettings.makeClientContext(cafile: cafile, certfile: bridge.certfile, keyfile: bridge.keyfile)
+            } catch {
+                throw section.error(error.key, error.problem)
+            }
+        }
         if let delay = try section.table("reconnect_delay") {
             try delay.allowOnly(["min", "max"])
             if let v = try delay.seconds("min") { bridge.reconnectMin = v }

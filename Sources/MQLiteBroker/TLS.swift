@@ -69,6 +69,30 @@ public struct TLSSettings: Sendable, Equatable {
         }
     }
 
+    /// A client's context (a bridge to its remote): the CAs it trusts (only these, never the
+    /// system's store), and its own certificate and key if it has one. The same checks and errors
+    /// as `makeContext`. Blocking file I/O: never on an event loop.
+    public static func makeClientContext(cafile: String, certfile: String?, keyfile: String?) throws(TLSSettingsError) -> NIOSSLContext {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(try certificates(cafile, key: "cafile", what: "CA certificate"))
+        if let certfile, let keyfile {
+            configuration.certificateChain = try certificates(certfile, key: "certfile", what: "certificate").map { .certificate($0) }
+            let keyBytes = try read(keyfile, key: "keyfile")
+            do {
+                configuration.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: keyBytes, format: .pem))
+            } catch {
+                throw TLSSettingsError(key: "keyfile", problem: "no usable PEM private key in \(keyfile) (an encrypted key is not supported): \(error)")
+            }
+        }
+        do {
+            return try NIOSSLContext(configuration: configuration)
+        } catch NIOSSLError.failedToLoadPrivateKey {
+            throw TLSSettingsError(key: "keyfile", problem: "\(keyfile ?? "") does not match the certificate in \(certfile ?? "")")
+        } catch {
+            throw TLSSettingsError(key: certfile == nil ? "cafile" : "certfile", problem: "cannot use \(certfile ?? cafile): \(error)")
+        }
+    }
+
     /// Largest certificate, key or CA file read (a CA bundle of a whole trust store is ~250 KB).
     static let maxFileBytes = 16 << 20
 

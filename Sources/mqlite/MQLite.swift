@@ -104,7 +104,7 @@ struct MQLite: AsyncParsableCommand {
             printError("mqlite: \(ConfigError(file: bind.isEmpty ? (config ?? "defaults") : "command line", key: key, problem: error.description))")
             throw ExitCode(2)
         } catch let error as BridgeSetupError {
-            printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "bridge[\(error.index)].cafile", problem: error.description))")
+            printError("mqlite: \(ConfigError(file: config ?? "defaults", key: "bridge[\(error.index)].\(error.key)", problem: error.description))")
             throw ExitCode(2)
         } catch let error as TLSSetupError {
             // A certificate file that changed since the check above.

@@ -62,6 +62,12 @@ struct BridgeTests {
         #expect(problem("[[bridge]]\nname = \"a/b\"\naddress = \"h:1\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].name"))
         #expect(problem(head + "password = \"p\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].password"))
         #expect(problem(head + "certfile = \"/etc/hostname\"\nkeyfile = \"/etc/hostname\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].cafile"))
+        // TLS files are read at the check: not PEM, or a FIFO (reading it on a worker hung the broker).
+        #expect(problem(head + "cafile = \"/etc/hostname\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].cafile: no PEM CA certificate"))
+        let fifo = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-fifo-\(UUID().uuidString)").path
+        #expect(mkfifo(fifo, 0o600) == 0)
+        defer { unlink(fifo) }
+        #expect(problem(head + "cafile = \"\(fifo)\"\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].cafile: \(fifo) is not a regular file"))
         #expect(problem(head + "reconnect_delay = { min = 5, max = 1 }\n[[bridge.topic]]\npattern = \"a\"\n").contains("bridge[0].reconnect_delay.max"))
         #expect(problem(head + "[[bridge.topic]]\npattern = \"a\"\n" + head + "[[bridge.topic]]\npattern = \"b\"\n").contains("names another bridge"))
         // Past what an MQTT string holds (the encoder would trap on the first connect).
