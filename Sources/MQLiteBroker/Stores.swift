@@ -369,8 +369,10 @@ final class TreeRetainedStore: RetainedStore {
         let path = topic.string
         return state.withLock { s in
             let (count, held) = (s.count, s.held)
-            let old = s.tree.value(at: path)
-            s.tree.set(path, message)
+            let old = s.tree.update(path) { value in
+                defer { value = message }
+                return value
+            }
             if let old { s.account(old, -1) }
             s.account(message, 1)
             // Over a limit only by growing past it: a store over a lowered limit (loaded from disk)
