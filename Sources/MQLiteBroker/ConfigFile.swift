@@ -26,8 +26,21 @@ public struct ConfigError: Error, Equatable, CustomStringConvertible {
 /// Reads the TOML config file (`mqlite.conf`) into a `BrokerConfiguration`. Every key is checked:
 /// an unknown key, a wrong type or a value out of range is an error, never ignored.
 public enum ConfigFile {
+    /// Largest config file read: a real one is a few KiB; parsing holds about 80 bytes of memory
+    /// per byte of it.
+    public static let maxFileBytes = 4 << 20
+
     /// Loads and checks `path`.
     public static func load(path: String) throws(ConfigError) -> BrokerConfiguration {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw ConfigError(file: path, key: nil, problem: "cannot read file (\(String(cString: strerror(errno))))")
+        }
+        // (A FIFO or a device would be read for ever; a folder is not a file.)
+        guard info.st_mode & S_IFMT == S_IFREG else { throw ConfigError(file: path, key: nil, problem: "is not a regular file") }
+        guard info.st_size <= maxFileBytes else {
+            throw ConfigError(file: path, key: nil, problem: "is \(info.st_size) bytes, more than a config file may be (\(maxFileBytes))")
+        }
         let text: String
         do {
             text = try String(contentsOfFile: path, encoding: .utf8)

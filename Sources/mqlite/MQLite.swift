@@ -30,6 +30,10 @@ struct MQLite: AsyncParsableCommand {
     var check = false
 
     func run() async throws {
+        // SIGHUP reloads once the broker runs (`Reloader`), and means nothing before; SIGUSR1 and
+        // SIGUSR2 (Mosquitto's "save the store" and "dump") have no use here: none of them may
+        // end the process, as their default action would.
+        for sig in [SIGHUP, SIGUSR1, SIGUSR2] { signal(sig, SIG_IGN) }
         let configuration: BrokerConfiguration
         do {
             configuration = try makeConfiguration()

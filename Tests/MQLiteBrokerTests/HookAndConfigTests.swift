@@ -143,6 +143,24 @@ struct ConfigFileTests {
         #expect(config.allowAnonymous == false)
     }
 
+    @Test("a config path that is not a regular file, or a file over 4 MiB, is refused before it is read")
+    func notAFile() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-conf-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        #expect(mkfifo(folder + "/fifo.conf", 0o600) == 0)
+        let big = folder + "/big.conf"
+        FileManager.default.createFile(atPath: big, contents: Data(repeating: UInt8(ascii: "\n"), count: ConfigFile.maxFileBytes + 1))
+        for (path, problem) in [(folder + "/fifo.conf", "is not a regular file"), (folder, "is not a regular file"), (big, "more than a config file may be")] {
+            #expect(throws: ConfigError.self) { try ConfigFile.load(path: path) }
+            do {
+                _ = try ConfigFile.load(path: path)
+            } catch {
+                #expect(error.description.contains(problem), "\(error)")
+            }
+        }
+    }
+
     @Test("defaults when the file is empty")
     func defaults() throws {
         let config = try parse("")

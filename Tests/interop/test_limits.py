@@ -101,3 +101,21 @@ def test_the_descriptor_table_is_grown_at_start():
         assert connect_and_connack(b.port) == CONNACK_ACCEPTED
     finally:
         b.stop()
+
+
+def test_sigusr1_sigusr2_and_early_sighup_do_not_end_the_broker():
+    """Mosquitto's SIGUSR1 (save) and SIGUSR2 (dump) would otherwise kill the process with
+    their default action; SIGHUP still reloads."""
+    import signal
+    import subprocess
+    b = Broker(["-b", "127.0.0.1:0"])
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            b.proc.send_signal(sig)
+        assert wait_for(lambda: "SIGHUP" in b.log(), timeout=10), b.log()
+        assert b.proc.poll() is None
+        assert connect_and_connack(b.port) == CONNACK_ACCEPTED
+        r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-t", "t", "-m", "x"], timeout=20)
+        assert r.returncode == 0
+    finally:
+        assert b.stop() == 0
