@@ -185,7 +185,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
                 }
             }
         default:
-            respond(context: context, status: .notFound, contentType: text, body: "404 Not Found (try /metrics or /health)\n")
+            // (A response to HEAD has no content, RFC 9110 §9.3.2; its Content-Length is the GET's.)
+            respond(context: context, status: .notFound, contentType: text, body: "404 Not Found (try /metrics or /health)\n", head: method == .HEAD)
         }
     }
 

@@ -92,6 +92,13 @@ public struct ProxyHeader: Sendable, Equatable {
         let command = versionCommand & 0x0F
         guard command <= 1 else { throw ProxyHeaderError(.invalidV2("unknown command \(command)")) }
         guard bodyLength <= maxV2BodyLength else { throw ProxyHeaderError(.tooLong) }
+        // LOCAL: the proxy's own connection (a health check); the socket's address stays, and
+        // the block, family included, is skipped whatever it holds ("the receiver must accept
+        // this connection as valid and ... discard the protocol block including the family").
+        if command == 0 {
+            guard view.count >= v2FixedLength + bodyLength else { return nil }
+            return ProxyHeader(source: nil, length: v2FixedLength + bodyLength)
+        }
         let family = familyTransport >> 4
         let transport = familyTransport & 0x0F
         // Each family's addresses must fit in the announced length (TLVs may follow them).
@@ -107,8 +114,6 @@ public struct ProxyHeader: Sendable, Equatable {
         guard bodyLength >= addressLength else { throw ProxyHeaderError(.invalidV2("length \(bodyLength) too short for its addresses")) }
         guard view.count >= v2FixedLength + bodyLength else { return nil }
         let length = v2FixedLength + bodyLength
-        // LOCAL: the proxy's own connection (a health check); the socket's address stays.
-        if command == 0 { return ProxyHeader(source: nil, length: length) }
         // UNSPEC goes with UNSPEC only: 0x10 or 0x01 is none of the values the protocol defines,
         // which "must be rejected as invalid by receivers".
         guard (family == 0) == (transport == 0) else {

@@ -63,6 +63,9 @@ struct MetricsTests {
             #expect(ok.hasPrefix("HTTP/1.1 200 OK"))
             #expect(ok.contains("Connection: close"))
             #expect(try await get(http, "/other").hasPrefix("HTTP/1.1 404"))
+            // A response to HEAD has no content, whatever its status (RFC 9110 §9.3.2).
+            let head = try await httpExchange(port: http, "HEAD /other HTTP/1.1\r\nHost: x\r\n\r\n")
+            #expect(head.hasPrefix("HTTP/1.1 404") && head.hasSuffix("\r\n\r\n"), "\(head)")
             #expect(try await httpExchange(port: http, "NOT HTTP AT ALL\r\n\r\n").hasPrefix("HTTP/1.1 400"))
             fixture.broker.beginStopping()
             #expect(try await get(http, "/health").hasPrefix("HTTP/1.1 503"))

@@ -55,6 +55,12 @@ struct ProxyProtocolTests {
         #expect(try parse(unknown) == ProxyHeader(source: nil, length: unknown.count))
         let unspec = Self.v2(familyTransport: 0x00, body: [])
         #expect(try parse(unspec) == ProxyHeader(source: nil, length: 16))
+        // LOCAL's block is skipped whatever its family and length say (the spec: "discard the
+        // protocol block including the family").
+        for (familyTransport, body) in [(0x11, [UInt8]()), (0x40, []), (0x21, Array(repeating: UInt8(0), count: 12))] as [(UInt8, [UInt8])] {
+            let local = Self.v2(command: 0, familyTransport: familyTransport, body: body)
+            #expect(try parse(local) == ProxyHeader(source: nil, length: local.count), "family/transport \(familyTransport)")
+        }
     }
 
     static let validHeaders: [[UInt8]] = [v1TCP4, v1TCP6, v2TCP4, v2TCP6, v2Local]
