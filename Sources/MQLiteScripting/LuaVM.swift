@@ -10,8 +10,17 @@ typealias LuaState = OpaquePointer
 /// A script that could not be loaded: its path and Lua's message (which names the line).
 public struct ScriptError: Error, CustomStringConvertible, Sendable {
     public var script: String
+    /// (At most `maxMessageBytes`: a script's error value may be any string, of any size.)
     public var message: String
     public var description: String { "\(script): \(message)" }
+    static let maxMessageBytes = 1024
+
+    init(script: String, message: String) {
+        self.script = script
+        let bytes = message.utf8.count
+        self.message = bytes <= Self.maxMessageBytes
+            ? message : String(decoding: message.utf8.prefix(Self.maxMessageBytes), as: UTF8.self) + "... (\(bytes) bytes)"
+    }
 }
 
 /// What one script sees while it loads and runs: its own `mqlite` table and `_ENV`. The C
@@ -191,6 +200,9 @@ final class LuaVM: @unchecked Sendable {
         mqlite_pop(L, 1)
     }
 
+    /// Largest script loaded.
+    static let maxScriptBytes = 16 << 20
+
     private func load(_ plugin: PluginConfiguration) throws(ScriptError) {
         let context = ScriptContext(vm: self, script: plugin.script)
         contexts.append(context)
@@ -198,6 +210,14 @@ final class LuaVM: @unchecked Sendable {
         defer { lua_settop(L, base) }
         // Lua shortens long chunk names in messages; the file name is enough there, since the
         // error carries the full path.
+        // (A FIFO or a device named by mistake would be read for ever.)
+        var info = stat()
+        guard stat(plugin.script, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+            throw ScriptError(script: plugin.script, message: "cannot read the script (not a regular file)")
+        }
+        guard info.st_size <= Self.maxScriptBytes else {
+            throw ScriptError(script: plugin.script, message: "the script is larger than \(Self.maxScriptBytes) bytes")
+        }
         guard let source = FileManager.default.contents(atPath: plugin.script) else {
             throw ScriptError(script: plugin.script, message: "cannot read the script")
         }

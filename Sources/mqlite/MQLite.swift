@@ -55,7 +55,8 @@ struct MQLite: AsyncParsableCommand {
             do {
                 scripting = try ScriptingHost(configuration: configuration, logger: logger)
             } catch {
-                printError("mqlite: cannot load plugin \(error)")
+                let index = configuration.plugins.firstIndex { $0.script == error.script }
+                printError("mqlite: \(ConfigError(file: config ?? "defaults", key: index.map { "plugin[\($0)].script" }, problem: "cannot load \(error)"))")
                 throw ExitCode(2)
             }
         }
