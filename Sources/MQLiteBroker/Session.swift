@@ -335,9 +335,7 @@ final class Session: @unchecked Sendable {
                 more.congestionUsed = min(more.congestionUsed + (now - start), Self.maxHoldBack)
                 more.congestionStart = nil
             }
-        } else {
-            // (Also after it was let go as stalled: moving again, it may hold them back again,
-            // within what it has left and earned.)
+        } else if mayBeCongested {
             holdPublishers(now: now)
         }
     }
