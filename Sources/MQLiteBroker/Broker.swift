@@ -359,6 +359,11 @@ public final class Broker: Sendable {
             try? await worker.loop.submit {
                 worker.beginBatch()
                 for connection in worker.connections { connection.handler.publishWillForShutdown() }
+                // And the delayed wills of clients gone already: their sessions end with the
+                // process (or, kept in a store, would not have them after it).
+                for session in Array(worker.offlineSessions.values) + Array(worker.lastingSessions.values) where session.owner == worker.index {
+                    session.publishPendingWill()
+                }
                 worker.flushDirty()
             }.get()
         }
@@ -369,6 +374,13 @@ public final class Broker: Sendable {
                 for connection in worker.connections { connection.handler.closeForShutdown() }
                 worker.pacing.stop()
             }.get()
+        }
+        // Each connection's output is shut; its client closes in turn once it has read what was
+        // written (the wills), or its linger time closes it. Until then the loops read and drop
+        // what the clients still send, so that none is reset before it has read.
+        let lingerEnds = NIODeadline.now() + ConnectionHandler.lingerTime + .milliseconds(100)
+        while connectionCount.load(ordering: .relaxed) > 0, NIODeadline.now() < lingerEnds {
+            try? await Task.sleep(for: .milliseconds(5))
         }
         for (i, channel) in channels.enumerated() where isHTTP[i] { try? await channel.close() }
         await hooks.shutdown()
@@ -749,7 +761,8 @@ public final class Broker: Sendable {
         guard message.payload.readableBytes > 0 else { return retained.remove(topic: topic) }
         switch retained.set(topic: topic, message.compacted(), within: configuration.limits.retainedLimits) {
         case .kept:
-            if retainedFull.load(ordering: .relaxed) { retainedFull.store(false, ordering: .relaxed) }
+            // (The broker's own `$SYS` topics, not limited, do not end an episode.)
+            if retainedFull.load(ordering: .relaxed), !RetainedLimits.exempts(topic) { retainedFull.store(false, ordering: .relaxed) }
         case .refused(let cleared):
             retainedRefused.add(1, ordering: .relaxed)
             guard !retainedFull.exchange(true, ordering: .relaxed) else { return }

@@ -428,6 +428,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private func tellV5(_ code: ReasonCode, properties: MQTTProperties = MQTTProperties()) {
         guard version == .v5, machine.isConnected else { return }
         writePacket(.disconnectV5(DisconnectPacket(reasonCode: code, properties: properties)))
+        machine.saidGoodbye = true
         flushOutput()
     }
 
@@ -1207,15 +1208,19 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Closes (its will went already: `publishWillForShutdown`): the broker is stopping. What
-    /// is batched for it goes first.
+    /// is batched for it (the wills routed to it) goes first, then an MQTT 5 client's DISCONNECT,
+    /// and nothing after.
     func closeForShutdown() {
-        tellV5(.serverShuttingDown)
-        detach(publishWill: false, reason: "broker stopping")
         if let context {
             writeBatch()
             context.flush()
-            context.close(promise: nil)
         }
+        tellV5(.serverShuttingDown)
+        detach(publishWill: false, reason: "broker stopping")
+        // The output shut (FIN after what was written), what the client still sends read and
+        // dropped: closed at once, a client acknowledging the wills it was just sent would get a
+        // reset, and its system could drop them unread. `Broker.shutdown` waits for these.
+        closeSocket()
     }
 
     /// Closes without publishing the will, with one log line: a connection that never got its
@@ -1245,7 +1250,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         channel.eventLoop.scheduleTask(in: Self.lingerTime) { channel.close(promise: nil) }
     }
 
-    private static let lingerTime = TimeAmount.seconds(1)
+    static let lingerTime = TimeAmount.seconds(1)
 
     /// Releases the session (discarding it for clean session 1), publishes the will if asked,
     /// and tells the hooks. Idempotent.
@@ -1378,10 +1383,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     var canWrite: Bool {
         // A TLS handler holds what is written until the flush (and encrypts all of it then):
         // NIO's writability does not see it before.
-        context != nil && !flags.contains(.unwritable) && (output?.readableBytes ?? 0) + (Int(unflushedKiB) << 10) < Self.maxBatchedBytes
+        context != nil && !flags.contains(.unwritable) && !machine.saidGoodbye
+            && (output?.readableBytes ?? 0) + (Int(unflushedKiB) << 10) < Self.maxBatchedBytes
     }
 
     private func appendOutput(_ write: (inout ByteBuffer) -> Void) {
+        guard !machine.saidGoodbye else { return }
         if output == nil { output = context?.channel.allocator.buffer(capacity: 1024) ?? ByteBuffer() }
         write(&output!)
         markDirty()
@@ -1545,7 +1552,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         unflushedKiB = 0
         context.flush()
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
-        if let session, session.hasQueued, !flags.contains(.unwritable), machine.isConnected { session.pump() }
+        if let session, session.hasQueued, !flags.contains(.unwritable), !machine.saidGoodbye, machine.isConnected { session.pump() }
     }
 }
 

@@ -38,8 +38,8 @@ struct ConnectionStateMachine {
     private(set) var lastRead: NIODeadline
     /// 1.5 x the client's keep-alive in milliseconds (zero: no check).
     private var keepAliveMilliseconds: UInt32 = 0
-    /// `hookPending` (bit 7), `authenticatesFirst` (bit 6) and `version` (the protocol level) in
-    /// one byte.
+    /// `hookPending` (bit 7), `authenticatesFirst` (bit 6), `saidGoodbye` (bit 5) and `version`
+    /// (the protocol level) in one byte.
     private var bits = ProtocolVersion.v3_1_1.rawValue
 
     /// A hook is answering for this client (`hookStarted`): its packets wait.
@@ -51,8 +51,15 @@ struct ConnectionStateMachine {
     /// What the client speaks: 3.1.1 (3.1 is read and written as 3.1.1) until its CONNECT asks
     /// for 5.0. The handler sets it.
     var version: ProtocolVersion {
-        get { ProtocolVersion(rawValue: bits & 0x3F) ?? .v3_1_1 }
-        set { bits = (bits & 0xC0) | newValue.rawValue }
+        get { ProtocolVersion(rawValue: bits & 0x1F) ?? .v3_1_1 }
+        set { bits = (bits & 0xE0) | newValue.rawValue }
+    }
+
+    /// An MQTT 5 DISCONNECT went out to the client: nothing may follow it (MQTT-3.14.4-1). The
+    /// handler sets it.
+    var saidGoodbye: Bool {
+        get { bits & 0x20 != 0 }
+        set { bits = newValue ? bits | 0x20 : bits & ~0x20 }
     }
 
     /// MQTT 5 enhanced authentication was asked for: until CONNACK, the client may send nothing

@@ -473,8 +473,8 @@ final class Session: @unchecked Sendable {
         will.task.cancel()
     }
 
-    /// The session ends before its will was due: the will goes now.
-    private func publishPendingWill() {
+    /// The session ends before its will was due (or the broker stops): the will goes now.
+    func publishPendingWill() {
         guard let will = occasional?.pendingWill else { return }
         occasional?.pendingWill = nil
         will.task.cancel()

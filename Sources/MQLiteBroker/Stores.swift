@@ -355,7 +355,28 @@ final class TreeRetainedStore: RetainedStore {
             count += sign
             messageBytes += sign * message.size
         }
+
+        /// When expired messages were last dropped (uptime nanoseconds).
+        var lastPurge: UInt64 = 0
+
+        /// Drops the messages whose Message Expiry Interval has passed: nobody gets them any
+        /// more, but until then they count against the limits. A walk of the whole tree, so done
+        /// only when a limit is reached, and at most every `purgeInterval`.
+        mutating func purgeExpired(within limits: RetainedLimits, now: UInt64) {
+            let full = (limits.maxCount > 0 && count >= limits.maxCount) || (limits.maxBytes > 0 && held >= limits.maxBytes)
+            guard full, now >= lastPurge + TreeRetainedStore.purgeInterval else { return }
+            lastPurge = now
+            var expired: [String] = []
+            tree.forEachValue { message in
+                if let at = message.properties.messageExpiresAt, at <= now { expired.append(message.topic.string) }
+            }
+            for path in expired {
+                if let old = tree.removeValue(at: path) { account(old, -1) }
+            }
+        }
     }
+
+    static let purgeInterval: UInt64 = 10_000_000_000
 
     private let state: Mutex<State>
 
@@ -367,7 +388,9 @@ final class TreeRetainedStore: RetainedStore {
 
     func set(topic: TopicName, _ message: Message, within limits: RetainedLimits) -> RetainOutcome {
         let path = topic.string
+        let now = NIODeadline.now().uptimeNanoseconds
         return state.withLock { s in
+            s.purgeExpired(within: limits, now: now)
             let (count, held) = (s.count, s.held)
             let old = s.tree.update(path) { value in
                 defer { value = message }

@@ -62,7 +62,7 @@ struct MQLite: AsyncParsableCommand {
         }
         if !configuration.allowAnonymous, scripting?.authenticatesClients(worker: 0) != true,
             !configuration.listeners.contains(where: { $0.tls?.useIdentityAsUsername == true }) {
-            logger.warning("[auth] allow_anonymous = false, and nothing checks user names (no plugin with an on_connect hook, such as plugins/password_file.lua; no listener with use_identity_as_username): every client will be refused")
+            logger.warning("[auth] allow_anonymous = false, and nothing checks user names (no plugin with an on_connect hook, such as plugins/password_file.lua; no listener with use_identity_as_username): every client will be refused but those a plugin's MQTT 5 enhanced authentication accepts")
         }
         if check {
             print("\(config ?? "defaults"): configuration OK (\(configuration.plugins.count) plugins)")

@@ -239,48 +239,6 @@ struct DeliveryTests {
         }
     }
 
-    @Test("fresh subscribers that never read, one after another, hold a publisher back for at most its allowance (2 s in 10), not for good")
-    func nonReadersOneAfterAnother() async throws {
-        try await withBroker(configure: { $0.limits.maxQueued = 20 }) { b in
-            let pub = try await b.client("pub")
-            let payload = ByteBuffer(repeating: 0x41, count: 16 * 1024)
-            let clock = ContinuousClock()
-            let start = clock.now
-            // A new subscriber every 300 ms that reads nothing after its SUBACK: each would hold
-            // the publisher back for a second of its own.
-            let port = b.port
-            let attack = Task {
-                var held: [TestClient] = []
-                for i in 0..<24 where !Task.isCancelled {
-                    guard let c = try? await TestClient.open(port: port), (try? await c.connect(ConnectPacket(clientID: "non-reader-\(i)"))) != nil,
-                        (try? await c.subscribe("flood")) != nil
-                    else { break }
-                    try? await c.channel.setOption(.autoRead, value: false).get()
-                    held.append(c)
-                    try? await Task.sleep(for: .milliseconds(300))
-                }
-                for c in held { await c.abort() }
-            }
-            defer { attack.cancel() }
-            // The publisher: 16 messages (256 KiB), then a round trip, for 7 s; paced, so as not
-            // to load the machine for the timing-sensitive tests running beside it.
-            var trips: [Duration] = []
-            while clock.now - start < .seconds(7) {
-                try await Task.sleep(for: .milliseconds(50))
-                for _ in 0..<16 { pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "flood"), payload: payload, qos: .atMostOnce))) }
-                let sent = clock.now
-                try await pub.ping(timeout: .seconds(10))
-                trips.append(clock.now - sent)
-            }
-            // A round trip held back by a non-reader takes about the second it holds (its stall
-            // timeout). The publisher's allowance (2 s) covers two such; without it, every round
-            // trip of the 7 s would be one.
-            let held = trips.filter { $0 >= .milliseconds(800) }.count
-            #expect(held <= 3, "round trips: \(trips)")
-            #expect(trips.count > held + 5)
-        }
-    }
-
     @Test("a publisher's allowance: what subscribers on theirs hold it back is charged, up to 2 s in any 10")
     func publisherAllowance() {
         var allowance = HoldBackAllowance()
@@ -329,6 +287,53 @@ struct DeliveryTests {
             slow.channel.read()
             let first = try await slow.expectPublish()
             #expect(first.topicString == "flood")
+        }
+    }
+}
+
+extension HeavyBrokerTests {
+    @Suite("Delivery under attack")
+    struct DeliveryAttackTests {
+        @Test("fresh subscribers that never read, one after another, hold a publisher back for at most its allowance (2 s in 10), not for good")
+        func nonReadersOneAfterAnother() async throws {
+            try await withBroker(configure: { $0.limits.maxQueued = 20 }) { b in
+                let pub = try await b.client("pub")
+                let payload = ByteBuffer(repeating: 0x41, count: 16 * 1024)
+                let clock = ContinuousClock()
+                let start = clock.now
+                // A new subscriber every 300 ms that reads nothing after its SUBACK: each would hold
+                // the publisher back for a second of its own.
+                let port = b.port
+                let attack = Task {
+                    var held: [TestClient] = []
+                    for i in 0..<24 where !Task.isCancelled {
+                        guard let c = try? await TestClient.open(port: port), (try? await c.connect(ConnectPacket(clientID: "non-reader-\(i)"))) != nil,
+                            (try? await c.subscribe("flood")) != nil
+                        else { break }
+                        try? await c.channel.setOption(.autoRead, value: false).get()
+                        held.append(c)
+                        try? await Task.sleep(for: .milliseconds(300))
+                    }
+                    for c in held { await c.abort() }
+                }
+                defer { attack.cancel() }
+                // The publisher: 16 messages (256 KiB), then a round trip, for 7 s; paced, so as not
+                // to load the machine for the timing-sensitive tests running beside it.
+                var trips: [Duration] = []
+                while clock.now - start < .seconds(7) {
+                    try await Task.sleep(for: .milliseconds(50))
+                    for _ in 0..<16 { pub.send(.publish(PublishPacket(topic: ByteBuffer(string: "flood"), payload: payload, qos: .atMostOnce))) }
+                    let sent = clock.now
+                    try await pub.ping(timeout: .seconds(10))
+                    trips.append(clock.now - sent)
+                }
+                // A round trip held back by a non-reader takes about the second it holds (its stall
+                // timeout). The publisher's allowance (2 s) covers two such; without it, every round
+                // trip of the 7 s would be one.
+                let held = trips.filter { $0 >= .milliseconds(800) }.count
+                #expect(held <= 3, "round trips: \(trips)")
+                #expect(trips.count > held + 5)
+            }
         }
     }
 }

@@ -394,6 +394,31 @@ struct MQTT5WillDelayTests {
         return try await b.client5("w", cleanStart: cleanStart, will: will, willProperties: willProperties, properties: properties).0
     }
 
+    @Test("a stopping broker sends the wills still waiting out their delay, of clients connected and gone, then its DISCONNECT, and nothing after it (MQTT-3.14.4-1)")
+    func willsAndDisconnectOnShutdown() async throws {
+        try await withV5Broker { b in
+            let (watcher, _) = try await b.client5("watcher")
+            try await watcher.subscribe("wd/#", qos: .atLeastOnce)
+            let gone = try await Self.connect(b, delay: 60, expiry: 100)
+            await gone.abort()
+            try await watcher.expectNothing(for: .milliseconds(200))
+            // A subscriber in the middle of thousands of retained messages (sent as it reads).
+            for i in 0..<2000 {
+                try b.broker.publish(topic: "bulk/\(i)", payload: ByteBuffer(repeating: 0x61, count: 256), qos: .atMostOnce, retain: true, worker: i)
+            }
+            try await eventually("retained", timeout: .seconds(30)) { b.broker.retainedCount >= 2000 }
+            let (reader, _) = try await b.client5("reader")
+            reader.send(.subscribe(SubscribePacket(packetID: 1, subscriptions: [Subscription(filter: "bulk/#", qos: .atMostOnce)])))
+            _ = try await reader.expectPacket()
+            await b.broker.shutdown()
+            let packets = try await watcher.expectClosed()
+            #expect(packets.contains { if case .publish(let p) = $0 { return p.topicString == "wd/will" } else { return false } }, "\(packets)")
+            let got = try await reader.expectClosed(timeout: .seconds(10))
+            let goodbye = got.firstIndex(of: .disconnectV5(DisconnectPacket(reasonCode: .serverShuttingDown)))
+            #expect(goodbye != nil && goodbye == got.count - 1, "\(got.count) packets, the DISCONNECT at \(String(describing: goodbye))")
+        }
+    }
+
     @Test("Will Delay Interval: the will goes after the delay (without the delay property); a reconnect within the delay cancels it; a session that ends first sends it then")
     func willDelay() async throws {
         try await withV5Broker { b in
