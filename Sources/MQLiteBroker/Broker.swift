@@ -56,10 +56,11 @@ public final class Broker: Sendable {
     var bridges: [BridgeLink] { bridgeLinks.withLock { $0 } }
     /// Connections of `http` listeners open now (`HTTPListenerLimits.maxConnections`).
     let httpConnections = Atomic<Int>(0)
-    /// Retained messages not kept (`max_retained`, `max_retained_bytes`), and whether the last
-    /// one given was refused (the warning is logged once per such episode).
+    /// Retained messages not kept (`max_retained`, `max_retained_bytes`), and when the warning
+    /// about them was last logged (uptime nanoseconds; at most every 10 s, so that a client
+    /// cannot have a log line written per PUBLISH).
     let retainedRefused = Atomic<Int>(0)
-    private let retainedFull = Atomic<Bool>(false)
+    private let retainedWarnedAt = Atomic<UInt64>(0)
     /// Subscriptions held (filters of every session), for metrics and `$SYS`.
     let subscriptionCount = Atomic<Int>(0)
     /// Most connections open at once since start.
@@ -754,22 +755,20 @@ public final class Broker: Sendable {
 
     /// Keeps the last retained message of a topic; an empty payload clears it (and prunes the
     /// tree's branch left empty). Past `max_retained` or `max_retained_bytes` a new one is not
-    /// kept (and the topic's earlier one is cleared), counted, and logged once until one is kept
-    /// again.
+    /// kept (and the topic's earlier one is cleared), counted, and logged at most every 10 s.
     func retain(_ message: Message) {
         let topic = message.topic
         guard message.payload.readableBytes > 0 else { return retained.remove(topic: topic) }
-        switch retained.set(topic: topic, message.compacted(), within: configuration.limits.retainedLimits) {
-        case .kept:
-            // (The broker's own `$SYS` topics, not limited, do not end an episode.)
-            if retainedFull.load(ordering: .relaxed), !RetainedLimits.exempts(topic) { retainedFull.store(false, ordering: .relaxed) }
-        case .refused(let cleared):
-            retainedRefused.add(1, ordering: .relaxed)
-            guard !retainedFull.exchange(true, ordering: .relaxed) else { return }
-            let l = configuration.limits
-            logger.warning(
-                "retained messages at their limit (max_retained = \(l.maxRetained), max_retained_bytes = \(l.maxRetainedBytes); \(retained.heldBytes) bytes held): \"\(LogText(topic.string))\" not kept\(cleared ? ", its earlier retained message cleared" : "") (the message is delivered; logged once until a retained message is kept again)")
-        }
+        guard case .refused(let cleared) = retained.set(topic: topic, message.compacted(), within: configuration.limits.retainedLimits) else { return }
+        let refused = retainedRefused.add(1, ordering: .relaxed).newValue
+        let now = NIODeadline.now().uptimeNanoseconds
+        let last = retainedWarnedAt.load(ordering: .relaxed)
+        guard last == 0 || now - last >= 10_000_000_000,
+            retainedWarnedAt.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged
+        else { return }
+        let l = configuration.limits
+        logger.warning(
+            "retained messages at their limit (max_retained = \(l.maxRetained), max_retained_bytes = \(l.maxRetainedBytes); \(retained.heldBytes) bytes held): \"\(LogText(topic.string))\" not kept\(cleared ? ", its earlier retained message cleared" : "") (the message is delivered; \(refused) refused since start; logged at most every 10 s)")
     }
 
     /// The retained messages `filter` matches, parent topics before their children. The walk
