@@ -338,7 +338,7 @@ public final class Broker: Sendable {
     /// Stops accepting, publishes the wills of the clients still connected (their connections
     /// close without a DISCONNECT from them, MQTT-3.1.2-8), closes every client connection, and
     /// stops the event loops. The hooks are stopped (`BrokerHooks.stop`) once the wills have gone
-    /// through them, so that none keeps a loop busy after.
+    /// through them (or after half a second), so that none keeps a loop busy after.
     public func shutdown() async {
         beginStopping()
         sysTask.withLock { task in
@@ -352,12 +352,15 @@ public final class Broker: Sendable {
         }
         let kinds = runningListeners.withLock { $0.map(\.kind) }
         let isHTTP = channels.indices.map { $0 < kinds.count && kinds[$0] == .http }
-        for (i, channel) in channels.enumerated() where !isHTTP[i] { try? await channel.close() }
+        // (Closed on their loops; waited for once the hooks are stopped: a loop held by a hook
+        // closes them only then.)
+        let listenersClosed = channels.indices.filter { !isHTTP[$0] }.map { channels[$0].close() }
         // Every worker routes its clients' wills before any connection closes, so that those
         // still connected get them (deliveries for another worker are in its queue of tasks
         // before that worker's closing below).
-        for worker in workers {
-            try? await worker.loop.submit {
+        let routed = ShutdownCount()
+        let wills = workers.map { worker in
+            worker.loop.submit {
                 worker.beginBatch()
                 for connection in worker.connections { connection.handler.publishWillForShutdown() }
                 // And the delayed wills of clients gone already: their sessions end with the
@@ -366,9 +369,19 @@ public final class Broker: Sendable {
                     session.publishPendingWill()
                 }
                 worker.flushDirty()
-            }.get()
+                routed.count.add(1, ordering: .relaxed)
+            }
+        }
+        // A worker inside a hook that does not end (a runaway script under a generous
+        // time_limit) routes its wills only once the hooks are stopped: they are given half a
+        // second, then stopped either way.
+        let routing = NIODeadline.now() + .milliseconds(500)
+        while routed.count.load(ordering: .relaxed) < wills.count, NIODeadline.now() < routing {
+            try? await Task.sleep(for: .milliseconds(5))
         }
         hooks.stop()
+        for routing in wills { try? await routing.get() }
+        for closed in listenersClosed { try? await closed.get() }
         for link in bridges { try? await link.worker.loop.submit { link.stop() }.get() }
         for worker in workers {
             try? await worker.loop.submit {
@@ -395,6 +408,11 @@ public final class Broker: Sendable {
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")
+    }
+
+    /// Workers done with a step of `shutdown` (any thread).
+    private final class ShutdownCount: Sendable {
+        let count = Atomic<Int>(0)
     }
 
     /// From here on the broker counts as stopping (`/health` answers 503). The first step of
