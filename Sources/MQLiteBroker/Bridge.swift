@@ -247,7 +247,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
                         channel.close(promise: nil)
                     }
                 case .failure(let error):
-                    logger.info("bridge cannot connect to \(configuration.address): \(error)")
+                    logger.info("bridge cannot connect to \(configuration.address): \(errorText(error))")
                     scheduleReconnect()
                 }
             }
@@ -435,7 +435,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// decoder refused): logged; it closes, and the link reconnects.
     fileprivate func failed(_ error: any Error, on channel: any Channel) {
         guard channel === self.channel else { return }
-        logger.warning("bridge link error with \(configuration.address): \(LogText("\(error)", limit: 256))")
+        logger.warning("bridge link error with \(configuration.address): \(LogText(errorText(error), limit: 256))")
     }
 
     fileprivate func writabilityChanged(_ channel: any Channel) {

@@ -254,13 +254,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if buffer.readerIndex != start { machine.packetsRead(now: .now()) }
             if buffer.readableBytes > 0 { keep(&buffer) }
         } catch {
-            let (connack, reason) = machine.decodeFailed(error)
-            if let connack {
-                if Int(connack.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(connack.rawValue)] &+= 1 }
-                writePacket(.connack(ConnackPacket(sessionPresent: false, returnCode: connack)))
-            } else {
-                tellV5(error.reasonCode)  // MQTT 5 says why before closing (§4.13.1)
+            var level: UInt8?
+            if machine.isAwaitingConnect {  // (the decoder may have read past the CONNECT's start)
+                buffer.moveReaderIndex(to: start)
+                level = MQTTDecoder.connectProtocolLevel(in: buffer, at: start)
             }
+            let (connack, reason) = machine.decodeFailed(error, connectLevel: level)
+            if let connack {
+                if level == ProtocolVersion.v5.rawValue, connack.returnCode != .unacceptableProtocolVersion { version = .v5 }
+                return refuse(connack, reason)
+            }
+            tellV5(error.reasonCode)  // MQTT 5 says why before closing (§4.13.1)
             closeWithWill(reason: reason)
         }
     }
@@ -338,7 +342,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // be (channelInactive follows).
             if let tlsError = error as? NIOSSLError, case .uncleanShutdown = tlsError { return }
         }
-        closeWithWill(reason: "\(error)")
+        closeWithWill(reason: errorText(error))
         worker.flushDirty()
     }
 
@@ -1059,7 +1063,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 do {
                     _ = try SharedFilter.parse(filter, maxLevels: broker.configuration.limits.maxTopicLevels)
                 } catch {
-                    logger.info("subscribe to an invalid shared subscription \"\(LogText(filter.string))\": \(LogText(error.description))")
+                    logger.info("subscribe to \"\(LogText(filter.string))\" refused: \(LogText(error.description))")
                     codes.append(v5 ? .refused(.topicFilterInvalid) : .failure)
                     continue
                 }

@@ -82,6 +82,12 @@ struct ConnectionStateMachine {
         return false
     }
 
+    /// No CONNECT read yet.
+    var isAwaitingConnect: Bool {
+        if case .awaitingConnect = state { return true }
+        return false
+    }
+
     // MARK: - Reading
 
     /// Bytes came from the client: read after CONNACK went out, so the client may have had it
@@ -244,13 +250,21 @@ struct ConnectionStateMachine {
 
     /// A packet could not be decoded: close (publishing the will, then `closed()`), answering
     /// CONNACK first where the protocol asks (an unsupported protocol level in CONNECT gets
-    /// return code 1, MQTT-3.1.2-2).
-    func decodeFailed(_ error: any Error) -> (connack: ConnectReturnCode?, reason: String) {
-        var connack: ConnectReturnCode?
-        if case .unsupportedProtocol? = error as? MQTTProtocolError, case .awaitingConnect = state {
-            connack = .unacceptableProtocolVersion
+    /// return code 1, MQTT-3.1.2-2) or allows (a CONNECT that `connectLevel`, its protocol level
+    /// as far as it could be read, says is MQTT 5).
+    func decodeFailed(_ error: any Error, connectLevel: UInt8? = nil) -> (connack: ConnackPacket?, reason: String) {
+        let protocolError = error as? MQTTProtocolError
+        var connack: ConnackPacket?
+        if case .awaitingConnect = state {
+            if case .unsupportedProtocol? = protocolError {
+                connack = ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion)
+            } else if connectLevel == ProtocolVersion.v5.rawValue, let protocolError {
+                // An MQTT 5 CONNECT that is malformed or breaks a rule: CONNACK says which
+                // (0x81, 0x82, 0x95...) before the close, as §4.13.1 allows.
+                connack = ConnackPacket(sessionPresent: false, reasonCode: protocolError.reasonCode)
+            }
         }
-        return (connack, (error as? MQTTProtocolError)?.description ?? "\(error)")
+        return (connack, protocolError?.description ?? "\(error)")
     }
 
     // MARK: - CONNECT

@@ -1,3 +1,8 @@
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Client-supplied text (client ids, topics, filters, user names, script errors) as it goes into a
 /// log line: at most `limit` bytes, cut on a character boundary and marked with the full size, so
 /// that a client sending a 64 KB client id cannot make every log line 64 KB; control characters
@@ -39,4 +44,12 @@ public struct LogText: CustomStringConvertible, Sendable {
         }
         return out
     }
+}
+
+/// An error as a log line tells it: a system call's error as `strerror`'s text and its number
+/// (NIO's own text names its internal function and has an unbalanced parenthesis: "read(descriptor:
+/// pointer:size:): Connection reset by peer) (errno: 104)"), any other as it describes itself.
+func errorText(_ error: any Error) -> String {
+    guard let io = error as? IOError else { return "\(error)" }
+    return "\(String(cString: strerror(io.errnoCode))) (errno \(io.errnoCode))"
 }

@@ -55,6 +55,22 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         return try parseBody(type: header.type, flags: header.flags, body: &body, version: version)
     }
 
+    /// The protocol level of the CONNECT at `index` in `buffer`, as far as its first bytes can be
+    /// read (fixed header, then protocol name "MQTT" and level), whether or not the rest of it is
+    /// valid: nil if those bytes are not there or not a CONNECT's. For answering a CONNECT that
+    /// cannot be decoded in its client's version.
+    public static func connectProtocolLevel(in buffer: ByteBuffer, at index: Int) -> UInt8? {
+        guard buffer.getInteger(at: index, as: UInt8.self) == 0x10 else { return nil }
+        var offset = index + 1
+        for _ in 0..<4 {  // the remaining length: 1 to 4 bytes
+            guard let byte = buffer.getInteger(at: offset, as: UInt8.self) else { return nil }
+            offset += 1
+            if byte & 0x80 == 0 { break }
+        }
+        guard buffer.getBytes(at: offset, length: 6) == [0, 4, 0x4D, 0x51, 0x54, 0x54] else { return nil }
+        return buffer.getInteger(at: offset + 6, as: UInt8.self)
+    }
+
     /// The whole length (fixed header included) of the packet `buffer` starts with, once its
     /// fixed header is all there (nil before). Throws what `decode` would for that header.
     private func packetLength(_ buffer: ByteBuffer, version: ProtocolVersion) throws(MQTTProtocolError) -> Int? {

@@ -26,6 +26,9 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
     case invalidTopicName(String)
     /// A topic filter that is empty or has a misplaced `#` or `+`.
     case invalidTopicFilter(String)
+    /// A filter that starts with `$share/` but is not a valid shared subscription (the filter,
+    /// and what is wrong with it).
+    case invalidSharedSubscription(String, reason: String)
     /// A topic name or filter with more levels than the configured `max_topic_levels`.
     case tooManyTopicLevels(levels: Int, limit: Int)
     /// CONNECT's reserved flag bit is set.
@@ -86,6 +89,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         case .nullCharacter: "string contains U+0000"
         case .invalidTopicName(let n): "invalid topic name \"\(n)\""
         case .invalidTopicFilter(let f): "invalid topic filter \"\(f)\""
+        case .invalidSharedSubscription(let f, let reason): "invalid shared subscription \"\(f)\": \(reason)"
         case .tooManyTopicLevels(let l, let limit): "topic of \(l) levels is over max_topic_levels \(limit)"
         case .connectReservedFlag: "CONNECT reserved flag is set"
         case .invalidWillQoS: "CONNECT will QoS is 3"
@@ -121,7 +125,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
             .malformedPacket
         case .packetTooLarge: .packetTooLarge
         case .invalidTopicName: .topicNameInvalid
-        case .invalidTopicFilter: .topicFilterInvalid
+        case .invalidTopicFilter, .invalidSharedSubscription: .topicFilterInvalid
         case .tooManyTopicLevels: .implementationSpecificError
         case .unsupportedProtocol: .unsupportedProtocolVersion
         case .invalidPropertyValue(_, .topicAlias): .topicAliasInvalid  // 0 (§3.3.2.3.4)

@@ -257,14 +257,14 @@ public struct SharedFilter: Hashable, Sendable {
         let utf8 = filter.string.utf8
         let groupStart = utf8.index(utf8.startIndex, offsetBy: 7)
         guard let slash = utf8[groupStart...].firstIndex(of: UInt8(ascii: "/")) else {
-            throw .invalidTopicFilter("shared subscription without a filter")
+            throw .invalidSharedSubscription(filter.string, reason: "no filter after the share name")
         }
         let group = utf8[groupStart..<slash]
         guard !group.isEmpty, !group.contains(UInt8(ascii: "+")), !group.contains(UInt8(ascii: "#")) else {
-            throw .invalidTopicFilter("shared subscription with an invalid share name")
+            throw .invalidSharedSubscription(filter.string, reason: "the share name is empty or holds a wildcard")
         }
         let rest = filter.string[utf8.index(after: slash)...]
-        guard !rest.isEmpty else { throw .invalidTopicFilter("shared subscription without a filter") }
+        guard !rest.isEmpty else { throw .invalidSharedSubscription(filter.string, reason: "no filter after the share name") }
         return SharedFilter(group: String(filter.string[groupStart..<slash]), filter: try TopicFilter(String(rest), maxLevels: maxLevels))
     }
 

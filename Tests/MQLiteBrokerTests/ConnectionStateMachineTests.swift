@@ -162,14 +162,21 @@ struct ConnectionStateMachineTests {
         #expect(machine.closed() == false, "closing twice reports once")
     }
 
-    @Test("decode errors close; an unsupported protocol level before CONNECT is answered with CONNACK 1")
+    @Test("decode errors close; an unsupported protocol level before CONNECT is answered with CONNACK 1, an MQTT 5 CONNECT that cannot be decoded with its reason code")
     func decodeErrors() {
         let machine = ConnectionStateMachine(now: start)
         let unsupported = MQTTProtocolError.unsupportedProtocol(name: "MQTT", level: 9)
-        #expect(machine.decodeFailed(unsupported).connack == .unacceptableProtocolVersion)
+        #expect(machine.decodeFailed(unsupported).connack?.returnCode == .unacceptableProtocolVersion)
         #expect(machine.decodeFailed(unsupported).reason == unsupported.description)
         #expect(machine.decodeFailed(MQTTProtocolError.noTopicFilters(.subscribe)).connack == nil)
         #expect(connected().decodeFailed(unsupported).connack == nil, "after CONNECT it is a plain protocol error")
+        // A CONNECT that MQTT 5 cannot decode: CONNACK with the reason code; 3.1.1 has none for it.
+        let duplicate = MQTTProtocolError.duplicateProperty(.connect, .sessionExpiryInterval)
+        #expect(machine.decodeFailed(duplicate, connectLevel: 5).connack == ConnackPacket(sessionPresent: false, reasonCode: .protocolError))
+        #expect(machine.decodeFailed(MQTTProtocolError.invalidUTF8, connectLevel: 5).connack?.reasonCode == .malformedPacket)
+        #expect(machine.decodeFailed(duplicate, connectLevel: 4).connack == nil)
+        #expect(machine.decodeFailed(duplicate).connack == nil)
+        #expect(connected().decodeFailed(duplicate, connectLevel: 5).connack == nil)
     }
 
     @Test("connect_timeout before CONNECT; 1.5 x keep-alive after it, counted from the last packet read, not while held back")

@@ -174,6 +174,37 @@ struct MQTT5Tests {
         }
     }
 
+    @Test("an MQTT 5 CONNECT that cannot be decoded gets CONNACK with the reason code, then the close: a property twice 0x82, a client id that is not UTF-8 0x81, over max_packet_size 0x95; a 3.1.1 one gets none")
+    func malformedConnect() async throws {
+        try await withV5Broker(configure: { $0.limits.maxPacketSize = 1000 }) { b in
+            // CONNECT "MQTT" 5, flags clean start, keep-alive 60, properties, client id "c".
+            func connect(properties: [UInt8], clientID: [UInt8] = [0x00, 0x01, 0x63], level: UInt8 = 5, declared: Int? = nil) -> [UInt8] {
+                let body = [0x00, 0x04, 0x4D, 0x51, 0x54, 0x54, level, 0x02, 0x00, 0x3C]
+                    + (level == 5 ? [UInt8(properties.count)] + properties : []) + clientID
+                var length = declared ?? body.count
+                var header: [UInt8] = [0x10]
+                repeat {
+                    header.append(UInt8(length & 0x7F) | (length > 0x7F ? 0x80 : 0))
+                    length >>= 7
+                } while length > 0
+                return header + body
+            }
+            let cases: [([UInt8], ReasonCode)] = [
+                (connect(properties: [0x11, 0, 0, 0, 10, 0x11, 0, 0, 0, 20]), .protocolError),  // Session Expiry Interval twice
+                (connect(properties: [], clientID: [0x00, 0x02, 0xC3, 0x28]), .malformedPacket),
+                (connect(properties: [], declared: 5000), .packetTooLarge),
+            ]
+            for (i, (bytes, code)) in cases.enumerated() {
+                let c = try await TestClient.open(port: b.port, version: .v5)
+                c.sendRaw(bytes)
+                #expect(try await c.expectClosed() == [.connack(ConnackPacket(sessionPresent: false, reasonCode: code))], "case \(i)")
+            }
+            let old = try await TestClient.open(port: b.port)
+            old.sendRaw(connect(properties: [], clientID: [0x00, 0x02, 0xC3, 0x28], level: 4))
+            #expect(try await old.expectClosed() == [], "3.1.1 has no code for it: closed without CONNACK")
+        }
+    }
+
     @Test("a connection taken over by the same client id hears DISCONNECT 0x8E, session taken over (Clean Start or not); a stopping broker says 0x8B, server shutting down",
           arguments: [true, false])
     func takenOver(cleanStart: Bool) async throws {

@@ -694,4 +694,18 @@ struct MQTTPropertiesTests {
         #expect(ReasonCode.packetIdentifierNotFound.isAllowed(in: .pubcomp))
         #expect(!ReasonCode.serverBusy.isAllowed(in: .puback))
     }
+
+    @Test("the protocol level of a CONNECT is read from its first bytes, whatever follows; nil for anything else or too few bytes")
+    func connectProtocolLevel() {
+        var buffer = ByteBuffer(bytes: [0xFF, 0xFF])  // what came before, read already
+        buffer.moveReaderIndex(forwardBy: 2)
+        let start = buffer.writerIndex
+        buffer.writeBytes([0x10, 0x80, 0x01, 0x00, 0x04, 0x4D, 0x51, 0x54, 0x54, 0x05, 0xFF])  // two-byte length, then junk
+        #expect(MQTTDecoder.connectProtocolLevel(in: buffer, at: start) == 5)
+        #expect(MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: [0x10, 0x0A, 0x00, 0x04, 0x4D, 0x51, 0x54, 0x54, 0x04]), at: 0) == 4)
+        #expect(MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: [0x10, 0x0A, 0x00, 0x04, 0x4D, 0x51, 0x54, 0x54]), at: 0) == nil)
+        #expect(MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: [0x10, 0x0A, 0x00, 0x06, 0x4D, 0x51, 0x49, 0x73, 0x64, 0x70, 0x03]), at: 0) == nil)
+        #expect(MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: [0x30, 0x0A, 0x00, 0x04, 0x4D, 0x51, 0x54, 0x54, 0x05]), at: 0) == nil)
+        #expect(MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: [0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x04]), at: 0) == nil)
+    }
 }
