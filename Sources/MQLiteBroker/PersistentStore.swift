@@ -150,8 +150,26 @@ public final class PersistentStore: Sendable {
     private static func open(
         _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
     ) throws -> (SQLiteDatabase, Int, [StoredSession], [StoredKV]) {
+        if let size = (try? FileManager.default.attributesOfItem(atPath: configuration.path)[.size]) as? Int, (1..<100).contains(size) {
+            // (SQLite would take it for a new database and write one over it.)
+            throw SQLiteError(code: 0, description: "is \(size) bytes, shorter than an SQLite database's header (truncated?): left as it is; move it away to start with an empty store")
+        }
         let db = try SQLiteDatabase(path: configuration.path)
-        try checkIsOurs(db)
+        do {
+            return try load(db, configuration, into: tree, logger: logger)
+        } catch {
+            // Not checkpointed: SQLite would copy the `-wal` file's pages into the store, which
+            // another database's WAL left beside it (a backup restored over an old store) would
+            // overwrite for good.
+            db.closeWithoutCheckpoint()
+            throw error
+        }
+    }
+
+    private static func load(
+        _ db: SQLiteDatabase, _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
+    ) throws -> (SQLiteDatabase, Int, [StoredSession], [StoredKV]) {
+        try checkIsOurs(db, path: configuration.path)
         // Exclusive locking: the first write below takes the lock for the process's life, so that
         // a second mqlite on the same file stops at startup instead of sharing it.
         // Pages freed by deletions go back to the file system (`vacuumSoon`); only a new store can
@@ -218,7 +236,7 @@ public final class PersistentStore: Sendable {
     /// knows with the tables that version has and no others. Another program's SQLite database
     /// given as `path` by mistake is refused untouched (it was made an mqlite store, or half
     /// migrated, and switched to WAL mode).
-    private static func checkIsOurs(_ db: SQLiteDatabase) throws(SQLiteError) {
+    private static func checkIsOurs(_ db: SQLiteDatabase, path: String) throws(SQLiteError) {
         let version = try db.integer("PRAGMA user_version") ?? 0
         var tables = Set<String>()
         let rows = try db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")
@@ -231,7 +249,11 @@ public final class PersistentStore: Sendable {
         var problem = "is not an mqlite store (schema version \(version)"
         if !others.isEmpty { problem += "; tables of another program: \(others.prefix(5).joined(separator: ", "))" }
         if !missing.isEmpty { problem += "; missing tables: \(missing.joined(separator: ", "))" }
-        throw SQLiteError(code: 0, description: problem + "): left as it is; give [persistence] path a file of its own")
+        problem += "): left as it is; give [persistence] path a file of its own"
+        if FileManager.default.fileExists(atPath: path + "-wal") {
+            problem += " (SQLite reads \(path)-wal beside it as part of it: if that file is another database's, move it away)"
+        }
+        throw SQLiteError(code: 0, description: problem)
     }
 
     /// A row of `retained` as a message (nil: it cannot be read).
@@ -378,6 +400,7 @@ public final class PersistentStore: Sendable {
     private func run(_ writer: Writer) {
         let interval = configuration.flushInterval
         var retried = false
+        var failedCommits = 0  // since the last commit that succeeded
         while true {
             journal.waitForHolds()
             let (changes, waiters, closing) = journal.take()
@@ -391,11 +414,16 @@ public final class PersistentStore: Sendable {
                 if try writer.commit(changes) {
                     commitCount.add(1, ordering: .relaxed)
                     if retried { journal.setFailing(false) }
+                    if failedCommits > 0 {
+                        logger.notice("store \(configuration.path): commits succeed again, after \(failedCommits) failed; what was kept in memory meanwhile is written")
+                        failedCommits = 0
+                    }
                     checkFile()
                     vacuumSoon(writer)
                 }
                 retried = false
             } catch {
+                failedCommits += 1
                 failed(error, changes: changes.retained.count + changes.sessions.count + changes.kv.count)
                 // Kept for the next attempt (a change made since goes instead), a second later;
                 // meanwhile acknowledgements do not wait for it.

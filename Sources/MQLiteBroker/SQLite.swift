@@ -36,6 +36,14 @@ final class SQLiteDatabase {
         sqlite3_close_v2(handle)
     }
 
+    /// Closes the connection without the checkpoint SQLite makes on close: the file stays as it
+    /// was found, whatever its `-wal` file holds.
+    func closeWithoutCheckpoint() {
+        guard !isClosed else { return }
+        _ = mqlite_sqlite_no_checkpoint_on_close(handle)
+        close()
+    }
+
     private func error(_ code: Int32) -> SQLiteError {
         SQLiteError(code: code, description: String(cString: sqlite3_errmsg(handle)))
     }

@@ -178,6 +178,48 @@ struct PersistenceTests {
         }
     }
 
+    @Test("a store with another database's -wal file beside it (a backup restored over an old store) is refused, names the -wal, and is not overwritten: without that file it opens with all it held; a file too short for SQLite is refused too")
+    func foreignWAL() async throws {
+        try await Self.withFolder { folder in
+            let path = folder + "/mqlite.db"
+            let store = PersistenceConfiguration(path: path, flushInterval: 0.05)
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                let c = try await b.client("pub")
+                for i in 0..<50 { try await c.publish("r/\(i)", "v\(i)", qos: .atLeastOnce, retain: true, id: UInt16(i + 1)) }
+            }
+            let before = try Data(contentsOf: URL(fileURLWithPath: path))
+            // Another program's database in WAL mode, its -wal copied while it is still open.
+            let other = folder + "/other.db"
+            let db = try SQLiteDatabase(path: other)
+            try db.execute("PRAGMA journal_mode = WAL; CREATE TABLE x (v); INSERT INTO x VALUES (randomblob(5000));")
+            try FileManager.default.copyItem(atPath: other + "-wal", toPath: path + "-wal")
+            db.close()
+            do {
+                _ = try PersistentStore(configuration: store, logger: Self.logger)
+                Issue.record("a store read with another database's -wal opened")
+            } catch {
+                #expect("\(error)".contains("tables of another program: x"), "\(error)")
+                #expect("\(error)".contains("\(path)-wal"), "\(error)")
+            }
+            #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == before, "the store was not touched")
+            try FileManager.default.removeItem(atPath: path + "-wal")
+            try? FileManager.default.removeItem(atPath: path + "-shm")
+            let reopened = try PersistentStore(configuration: store, logger: Self.logger)
+            #expect(reopened.loaded.retained == 50)
+            reopened.close()
+
+            let short = folder + "/short.db"
+            try Data([0x53]).write(to: URL(fileURLWithPath: short))
+            do {
+                _ = try PersistentStore(configuration: PersistenceConfiguration(path: short), logger: Self.logger)
+                Issue.record("a 1-byte store opened")
+            } catch {
+                #expect("\(error)".contains("is 1 bytes, shorter than an SQLite database's header"), "\(error)")
+            }
+            #expect(try Data(contentsOf: URL(fileURLWithPath: short)) == Data([0x53]))
+        }
+    }
+
     @Test("a topic retained many times keeps its last message (changes between commits are written once); a message without RETAIN is not stored")
     func coalescing() async throws {
         try await Self.withFolder { folder in

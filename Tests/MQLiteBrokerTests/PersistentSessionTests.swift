@@ -294,7 +294,7 @@ struct PersistentSessionTests {
         }
     }
 
-    @Test("while commits fail (a full disk) acknowledgements go out as usual instead of waiting for the retry; once commits succeed again what was owed is on disk")
+    @Test("while commits fail (a full disk) acknowledgements go out as usual instead of waiting for the retry; once commits succeed again what was owed is on disk, and the log says so")
     func failingCommits() async throws {
         try await PersistenceTests.withFolder { folder in
             let configuration = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
@@ -314,6 +314,7 @@ struct PersistentSessionTests {
                 #expect(b.logMessages.contains { $0.contains("commit of") && $0.contains("failed") && $0.contains("serving from memory") })
                 store.failCommits.store(false, ordering: .relaxed)
                 try await eventually("a commit succeeds", timeout: .seconds(5)) { store.commits > 0 }
+                try await eventually("the recovery is logged") { b.logMessages.contains { $0.contains("commits succeed again, after") } }
             }
             let reopened = try PersistentStore(configuration: configuration, logger: PersistenceTests.logger)
             let sessions = reopened.takeLoadedSessions()
