@@ -51,11 +51,15 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private var logger: Logger
     /// When a remote message was last logged as dropped for its topic, and how many since.
     private var topicDrops: (logged: NIODeadline?, count: Int) = (nil, 0)
+    /// The same for local messages not sent to the remote (`notForwarded`).
+    private var forwardDrops: (logged: NIODeadline?, count: Int) = (nil, 0)
     private let clientInfo: ClientInfo
     private var session: Session?
     private var channel: (any Channel)?
     /// CONNACK 0 came on `channel`.
     private var connected = false
+    /// The remote's CONNACK refused the bridge (logged so): the close that follows is no news.
+    private var refused = false
     /// A read brought acknowledgements: `readDone` pumps the session.
     private var acknowledgedInRead = false
     private var stopped = false
@@ -115,18 +119,15 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         /// Nothing to change: the topic goes as it is.
         var identity: Bool { strip == 0 && add.readableBytes == 0 }
 
-        /// The topic `name` becomes, if this mapping takes it.
-        /// (Nil too for the prefix's own parent, which `prefix/#` also matches, for the prefix
-        /// itself with no prefix to put on (an empty topic name, MQTT-4.7.3-1), and for a topic
-        /// the prefix makes longer than a topic may be.)
+        /// The topic `name` becomes, if this mapping takes it: nil if it does not, and for the
+        /// prefix's own parent, which `prefix/#` also matches. What it becomes may be no topic
+        /// (empty: the prefix itself with no prefix to put on, MQTT-4.7.3-1; or longer than a
+        /// topic may be): the caller checks.
         func map(_ name: TopicName) -> ByteBuffer? {
             guard filter.matches(name), name.bytes.readableBytes >= strip else { return nil }
             if identity { return name.bytes }
-            guard (1...TopicName.maxLength).contains(add.readableBytes + name.bytes.readableBytes - strip),
-                  let rest = name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)
-            else { return nil }
             var mapped = add
-            mapped.writeImmutableBuffer(rest)
+            mapped.writeImmutableBuffer(name.bytes.getSlice(at: name.bytes.readerIndex + strip, length: name.bytes.readableBytes - strip)!)
             return mapped
         }
     }
@@ -287,11 +288,13 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
 
     fileprivate func received(_ packet: MQTTPacket, on channel: any Channel) {
         guard channel === self.channel, !stopped else { return }
+        if !connected, packet.type != .connack {
+            return protocolViolation("sent \("\(packet.type)".uppercased()) before CONNACK (MQTT-3.2.0-1)", on: channel)
+        }
         switch packet {
         case .connack(let connack):
             connackReceived(connack, on: channel)
         case .publish(let publish):
-            guard connected else { return }
             // The bridge's CONNECT allows no topic aliases (no Topic Alias Maximum).
             if publish.properties.topicAlias != nil {
                 logger.warning("the remote sent a topic alias, which the bridge did not allow: closing the link")
@@ -312,15 +315,17 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         case .ackV5(let ack):
             remoteAcknowledged(ack.kind, ack.packetID, refused: ack.reasonCode.isFailure, on: channel)
         case .suback(let suback):
-            let refused = suback.value.returnCodes.compactMap { code -> String? in
+            let filters = configuration.topics.filter(\.direction.comesIn).map(\.remoteFilter)
+            let refused = suback.value.returnCodes.enumerated().compactMap { index, code -> String? in
+                let filter = index < filters.count ? "\"\(LogText(filters[index]))\" " : ""
                 switch code {
-                case .granted: nil
-                case .failure: "0x80"
-                case .refused(let reason): "0x\(String(reason.rawValue, radix: 16, uppercase: true))"
+                case .granted: return nil
+                case .failure: return filter + "(0x80)"
+                case .refused(let reason): return filter + "(\(hex(reason.rawValue)))"
                 }
             }
             if !refused.isEmpty {
-                logger.warning("the remote refused \(refused.count) of the bridge's subscriptions (\(refused.joined(separator: ", ")))")
+                logger.warning("the remote refused \(refused.count) of the bridge's subscriptions: \(refused.joined(separator: ", "))")
             }
         case .pingresp:
             pingOutstanding = false
@@ -329,19 +334,33 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             channel.close(promise: nil)
         case .disconnectV5(let disconnect):
             let reason = disconnect.properties.reasonString.map { ": \(LogText($0, limit: 256))" } ?? ""
-            logger.info("the remote sent DISCONNECT, reason code 0x\(String(disconnect.reasonCode.rawValue, radix: 16, uppercase: true))\(reason)")
+            logger.info("the remote sent DISCONNECT, reason code \(hex(disconnect.reasonCode.rawValue))\(reason)")
             channel.close(promise: nil)
+        case .auth:
+            // The bridge's CONNECT names no Authentication Method (MQTT-4.12.0-6).
+            return protocolViolation("sent AUTH, which the bridge did not ask for", on: channel)
         default:
             break
         }
         flushSoon()
     }
 
+    /// The remote broke the protocol: logged, and the link closed (MQTT 5: DISCONNECT 0x82 first).
+    private func protocolViolation(_ what: String, on channel: any Channel) {
+        logger.warning("the remote \(what): closing the link")
+        if connected, version == .v5 { write(.disconnectV5(DisconnectPacket(reasonCode: .protocolError))) }
+        flushSoon()
+        channel.close(promise: nil)
+    }
+
+    private func hex(_ code: UInt8) -> String { "0x" + String(code, radix: 16, uppercase: true) }
+
     private func connackReceived(_ connack: ConnackPacket, on channel: any Channel) {
         let accepted = version == .v5 ? connack.reasonCode == .success : connack.returnCode == .accepted
         guard accepted else {
-            let code = version == .v5 ? connack.reasonCode.rawValue : connack.returnCode.rawValue
-            logger.warning("the remote refused the bridge's CONNECT: CONNACK code \(code); trying again later")
+            let code = version == .v5 ? "reason code \(hex(connack.reasonCode.rawValue))" : "return code \(connack.returnCode.rawValue)"
+            logger.warning("the remote refused the bridge's CONNECT: CONNACK \(code); trying again later")
+            refused = true
             channel.close(promise: nil)
             return
         }
@@ -425,9 +444,10 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             logger.info("bridge link to \(configuration.address) lost")
             if let session, session.outbound === self { session.disconnected() }
             if .now() - connectedAt >= .seconds(10) { delay = configuration.reconnectMin }
-        } else {
+        } else if !refused {
             logger.info("bridge link to \(configuration.address) closed before CONNACK")
         }
+        refused = false
         scheduleReconnect()
     }
 
@@ -638,10 +658,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     var canWrite: Bool { connected && channel != nil && (batch?.readableBytes ?? 0) < Self.maxBatchedBytes }
 
     func writePublish(_ message: Message, qos: QoS, packetID: UInt16?, retain: Bool, dup: Bool) {
-        guard let topic = remoteTopic(for: message.topic) else {
-            // No remote topic for it (too long with the prefix, or the prefix's parent): it is not
-            // sent, and done with as if the remote had acknowledged it.
-            logger.info("not forwarded: no remote topic for \"\(LogText(message.topic.string))\"")
+        guard let topic = remoteTopic(for: message.topic), (1...TopicName.maxLength).contains(topic.readableBytes) else {
+            // No remote topic for it (empty or too long with the prefixes, or the prefix's parent):
+            // it is not sent, and done with as if the remote had acknowledged it.
+            worker.stats.droppedTopic &+= 1
+            notForwarded("no remote topic for \"\(LogText(message.topic.string))\" (its prefixes make it empty or longer than 65,535 bytes, or it is the local prefix's parent)")
             return doneWithoutRemote(packetID, qos: qos)
         }
         // RETAIN as the local message had it: a retained message stays retained on the remote.
@@ -662,7 +683,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             let size = ByteBuffer.publishFrameSize(
                 topicLength: topic.readableBytes, payloadLength: message.payload.readableBytes, qos: wireQoS, properties: properties)
             guard size <= remote.maximumPacketSize else {
-                logger.info("not forwarded: \(size) bytes as a PUBLISH to the remote, over its Maximum Packet Size (\(remote.maximumPacketSize))")
+                notForwarded("\(size) bytes as a PUBLISH to the remote, over its Maximum Packet Size (\(remote.maximumPacketSize))")
                 return doneWithoutRemote(packetID, qos: qos)
             }
             let wireID = wireQoS == .atMostOnce ? nil : packetID
@@ -679,6 +700,16 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         counters.messagesOut.add(1, ordering: .relaxed)
         counters.bytesOut.add(message.payload.readableBytes, ordering: .relaxed)
         flushSoon()
+    }
+
+    /// A local message not sent to the remote: logged at most once every ten seconds per bridge,
+    /// with the count since (a local client publishing such messages must not write a line each).
+    private func notForwarded(_ why: @autoclosure () -> String) {
+        forwardDrops.count += 1
+        let now = NIODeadline.now()
+        if let last = forwardDrops.logged, now - last < .seconds(10) { return }
+        logger.info("not forwarded: \(why()); \(forwardDrops.count) not forwarded since the last such line")
+        forwardDrops = (now, 0)
     }
 
     /// A message the remote will not acknowledge (not sent, or sent at QoS 0): done with as if it

@@ -78,6 +78,13 @@ def published(port, topic, payload, qos=1, retain=False):
                    + (["-r"] if retain else []), check=True, timeout=10)
 
 
+def sys_value(port, topic):
+    """The retained value of a `$SYS` topic now (None if there is none yet)."""
+    r = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-C", "1", "-W", "2"],
+                       capture_output=True, text=True, timeout=10)
+    return r.stdout.strip() or None
+
+
 def connected(b):
     return wait_for(lambda: "bridge connected" in b.log(), timeout=10)
 
@@ -257,7 +264,7 @@ def test_a_refused_connect_is_logged_with_its_code_and_retried():
     b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "t/#", "direction": "out"}],
                                               bridge_extra='username = "edge"\npassword = "wrong"\n'))
     try:
-        assert wait_for(lambda: b.log().count("refused the bridge's CONNECT: CONNACK code 5") >= 2, timeout=15), b.log()
+        assert wait_for(lambda: b.log().count("refused the bridge's CONNECT: CONNACK return code 5") >= 2, timeout=15), b.log()
     finally:
         b.stop()
         remote.stop()
@@ -449,7 +456,7 @@ def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
     b = Broker([], config_text=bridge_config(remote.port, [
         {"pattern": "#", "direction": "out", "qos": 1, "local_prefix": "loc/"},
         {"pattern": "sensors/#", "direction": "out", "qos": 1, "remote_prefix": "site1/"},
-    ], bridge_extra="max_inflight = 1\n"))
+    ], bridge_extra="max_inflight = 1\n", extra="[server]\nsys_interval = 1\n"))
     try:
         assert connected(b), b.log()
         far = subscriber(remote.port, "#")
@@ -462,7 +469,11 @@ def test_topics_with_no_remote_name_are_not_forwarded_and_block_nothing():
         time.sleep(0.5)
         assert sorted(got(far)) == [("site1/sensors/ok", "two"), ("x", "one")]
         assert b.proc.poll() is None
-        assert b.log().count("bridge connected") == 1, b.log()[-1500:]
+        log = b.log()
+        assert log.count("bridge connected") == 1, log[-1500:]
+        # Logged once for the three (at most once in ten seconds), and counted as dropped.
+        assert log.count("not forwarded:") == 1 and "closed before CONNACK" not in log, log[-1500:]
+        assert wait_for(lambda: sys_value(b.port, "$SYS/broker/publish/messages/dropped") == "3", timeout=8)
     finally:
         b.stop()
         remote.stop()
@@ -666,6 +677,61 @@ def test_a_remote_topic_past_max_topic_levels_is_dropped_not_the_link():
     finally:
         b.stop()
         remote.stop()
+
+
+def test_a_remote_topic_too_long_with_the_local_prefix_is_dropped_and_logged():
+    """A remote topic that the local prefix makes longer than 65,535 bytes is no local topic: the
+    message is acknowledged, dropped, counted and logged, as one past max_topic_levels."""
+    remote = Mosquitto()
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "cmd/#", "direction": "in", "qos": 1, "local_prefix": "pre/"}],
+                                             extra="[server]\nsys_interval = 1\n"))
+    try:
+        assert connected(b), b.log()
+        near = subscriber(b.port, "pre/#")
+        published(remote.port, "cmd/" + "a" * (65535 - 4), "too long here")
+        published(remote.port, "cmd/ok", "after")
+        assert wait_for(lambda: len(near.messages) >= 1, timeout=10), b.log()[-1500:]
+        assert got(near) == [("pre/cmd/ok", "after")]
+        log = b.log()
+        assert log.count("message from the remote dropped") == 1 and "65539 bytes" in log, log[-1500:]
+        assert wait_for(lambda: sys_value(b.port, "$SYS/broker/publish/messages/dropped") == "1", timeout=8)
+    finally:
+        b.stop()
+        remote.stop()
+
+
+def test_a_packet_before_connack_closes_the_link():
+    """The server's first packet is CONNACK (MQTT-3.2.0-1): a remote that sends a PUBLISH first
+    breaks the protocol, and the bridge closes the link (logged) without acknowledging it or
+    publishing it locally, then connects again."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(10)
+    b = Broker([], config_text=bridge_config(server.getsockname()[1], [{"pattern": "in/#", "direction": "in", "qos": 1}]))
+    try:
+        near = subscriber(b.port, "in/#")
+        link, _ = server.accept()
+        link.settimeout(10)
+        assert link.recv(4096)[:1] == b"\x10"  # CONNECT
+        link.sendall(publish_packet(b"in/early", b"too soon", qos=1, packet_id=7) + bytes([0x20, 2, 0, 0]))
+        rest = b""
+        while True:
+            chunk = link.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        assert not rest.startswith(b"\x40"), rest  # no PUBACK
+        assert wait_for(lambda: "sent PUBLISH before CONNACK (MQTT-3.2.0-1): closing the link" in b.log()), b.log()[-1500:]
+        again, _ = server.accept()  # it reconnects
+        again.close()
+        link.close()
+        assert got(near) == []
+        assert "bridge connected" not in b.log()
+    finally:
+        b.stop()
+        server.close()
 
 
 def test_an_mqtt5_remotes_limits_are_kept():
