@@ -297,11 +297,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         case .publish(let publish):
             // The bridge's CONNECT allows no topic aliases (no Topic Alias Maximum).
             if publish.properties.topicAlias != nil {
-                logger.warning("the remote sent a topic alias, which the bridge did not allow: closing the link")
-                write(.disconnectV5(DisconnectPacket(reasonCode: .topicAliasInvalid)))
-                flushSoon()
-                channel.close(promise: nil)
-                return
+                return protocolViolation("sent a topic alias, which the bridge did not allow", reasonCode: .topicAliasInvalid, on: channel)
             }
             incoming(publish, on: channel)
         case .puback(let id):
@@ -345,11 +341,16 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         flushSoon()
     }
 
-    /// The remote broke the protocol: logged, and the link closed (MQTT 5: DISCONNECT 0x82 first).
-    private func protocolViolation(_ what: String, on channel: any Channel) {
+    /// The remote broke the protocol: logged, and the link closed (MQTT 5, after CONNACK: DISCONNECT
+    /// with `reasonCode` first, written with what is batched before the close: a flush left for
+    /// later would find the link gone).
+    private func protocolViolation(_ what: String, reasonCode: ReasonCode = .protocolError, on channel: any Channel) {
         logger.warning("the remote \(what): closing the link")
-        if connected, version == .v5 { write(.disconnectV5(DisconnectPacket(reasonCode: .protocolError))) }
-        flushSoon()
+        if connected, version == .v5 { write(.disconnectV5(DisconnectPacket(reasonCode: reasonCode))) }
+        if let pending = batch {
+            batch = nil
+            channel.writeAndFlush(pending, promise: nil)
+        }
         channel.close(promise: nil)
     }
 
@@ -565,10 +566,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         }
         acknowledgedInRead = true
         guard broken else { return }
-        logger.warning("the remote sent \(kind) for packet id \(id), which is not in that state of its flow (MQTT-4.8.0-1): closing the link")
-        if version == .v5 { write(.disconnectV5(DisconnectPacket(reasonCode: .protocolError))) }
-        flushSoon()
-        channel.close(promise: nil)
+        protocolViolation("sent \(kind) for packet id \(id), which is not in that state of its flow (MQTT-4.8.0-1)", on: channel)
     }
 
     /// After the packets of one read: the messages its acknowledgements made room for are sent

@@ -261,8 +261,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
             let (connack, reason) = machine.decodeFailed(error, connectLevel: level)
             if let connack {
-                if level == ProtocolVersion.v5.rawValue, connack.returnCode != .unacceptableProtocolVersion { version = .v5 }
-                return refuse(connack, reason)
+                guard level == ProtocolVersion.v5.rawValue, connack.returnCode != .unacceptableProtocolVersion else { return refuse(connack, reason) }
+                version = .v5
+                return refuse(connack, reason, counted: false)  // (a malformed CONNECT, not a refusal by a rule)
             }
             tellV5(error.reasonCode)  // MQTT 5 says why before closing (§4.13.1)
             closeWithWill(reason: reason)
@@ -726,9 +727,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         refuse(ConnackPacket(sessionPresent: false, reasonCode: code), reason)
     }
 
-    private func refuse(_ connack: ConnackPacket, _ reason: String) {
+    private func refuse(_ connack: ConnackPacket, _ reason: String, counted: Bool = true) {
         let code = connack.returnCode
-        if Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
+        if counted, Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
         let shown = version == .v5 ? connack.reasonCode.rawValue : code.rawValue
         logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(shown)"])
         writePacket(.connack(connack))
@@ -1063,7 +1064,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 do {
                     _ = try SharedFilter.parse(filter, maxLevels: broker.configuration.limits.maxTopicLevels)
                 } catch {
-                    logger.info("subscribe to \"\(LogText(filter.string))\" refused: \(LogText(error.description))")
+                    if case .invalidSharedSubscription = error {  // (it names the filter)
+                        logger.info("subscribe refused: \(LogText(error.description))")
+                    } else {
+                        logger.info("subscribe to \"\(LogText(filter.string))\" refused: \(LogText(error.description))")
+                    }
                     codes.append(v5 ? .refused(.topicFilterInvalid) : .failure)
                     continue
                 }

@@ -261,7 +261,8 @@ struct ConnectionStateMachine {
             } else if connectLevel == ProtocolVersion.v5.rawValue, let protocolError {
                 // An MQTT 5 CONNECT that is malformed or breaks a rule: CONNACK says which
                 // (0x81, 0x82, 0x95...) before the close, as §4.13.1 allows.
-                connack = ConnackPacket(sessionPresent: false, reasonCode: protocolError.reasonCode)
+                let code = protocolError.reasonCode
+                connack = ConnackPacket(sessionPresent: false, reasonCode: code.isAllowed(in: .connack) ? code : .malformedPacket)
             }
         }
         return (connack, protocolError?.description ?? "\(error)")

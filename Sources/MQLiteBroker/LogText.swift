@@ -1,6 +1,9 @@
 import NIOCore
+import NIOPosix
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Client-supplied text (client ids, topics, filters, user names, script errors) as it goes into a
@@ -50,6 +53,7 @@ public struct LogText: CustomStringConvertible, Sendable {
 /// (NIO's own text names its internal function and has an unbalanced parenthesis: "read(descriptor:
 /// pointer:size:): Connection reset by peer) (errno: 104)"), any other as it describes itself.
 func errorText(_ error: any Error) -> String {
+    if let connect = error as? NIOConnectionError, let first = connect.connectionErrors.first { return errorText(first.error) }
     guard let io = error as? IOError else { return "\(error)" }
     return "\(String(cString: strerror(io.errnoCode))) (errno \(io.errnoCode))"
 }

@@ -150,9 +150,10 @@ public final class PersistentStore: Sendable {
     private static func open(
         _ configuration: PersistenceConfiguration, into tree: RetainedTree<Message>, logger: Logger
     ) throws -> (SQLiteDatabase, Int, [StoredSession], [StoredKV]) {
-        if let size = (try? FileManager.default.attributesOfItem(atPath: configuration.path)[.size]) as? Int, (1..<100).contains(size) {
-            // (SQLite would take it for a new database and write one over it.)
-            throw SQLiteError(code: 0, description: "is \(size) bytes, shorter than an SQLite database's header (truncated?): left as it is; move it away to start with an empty store")
+        var file = stat()
+        if stat(configuration.path, &file) == 0, file.st_mode & S_IFMT == S_IFREG, (1..<100).contains(file.st_size) {
+            // (SQLite would take a 1-byte file for a new database and write one over it.)
+            throw SQLiteError(code: 0, description: "is \(file.st_size) bytes, shorter than an SQLite database's header (truncated?): left as it is; move it away to start with an empty store")
         }
         let db = try SQLiteDatabase(path: configuration.path)
         do {

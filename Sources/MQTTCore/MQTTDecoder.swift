@@ -62,12 +62,16 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
     public static func connectProtocolLevel(in buffer: ByteBuffer, at index: Int) -> UInt8? {
         guard buffer.getInteger(at: index, as: UInt8.self) == 0x10 else { return nil }
         var offset = index + 1
-        for _ in 0..<4 {  // the remaining length: 1 to 4 bytes
+        var remaining = 0
+        for shift in stride(from: 0, through: 21, by: 7) {  // the remaining length: 1 to 4 bytes
             guard let byte = buffer.getInteger(at: offset, as: UInt8.self) else { return nil }
             offset += 1
+            remaining |= Int(byte & 0x7F) << shift
             if byte & 0x80 == 0 { break }
+            if shift == 21 { return nil }  // a fifth byte
         }
-        guard buffer.getBytes(at: offset, length: 6) == [0, 4, 0x4D, 0x51, 0x54, 0x54] else { return nil }
+        // (Protocol name and level within the packet.)
+        guard remaining >= 7, buffer.getBytes(at: offset, length: 6) == [0, 4, 0x4D, 0x51, 0x54, 0x54] else { return nil }
         return buffer.getInteger(at: offset + 6, as: UInt8.self)
     }
 

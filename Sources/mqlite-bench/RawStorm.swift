@@ -20,7 +20,7 @@ import NIOCore
 final class RawStorm {
     private let address: sockaddr_in
     /// Whether to spread the clients over loopback source addresses.
-    private let spreadSources: Bool
+    private var spreadSources: Bool
     static let clientsPerSource = 250
     private let connects: [[UInt8]]
     private let inFlight: Int
@@ -79,10 +79,8 @@ final class RawStorm {
                     failed("socket: errno \(errno)")
                     continue
                 }
-                if spreadSources, !bindSource(fd, group: index / Self.clientsPerSource) {
-                    finish(fd, failure: "bind: errno \(errno)")
-                    continue
-                }
+                // (Where binding is refused, as a sandbox may, the clients go from 127.0.0.1.)
+                if spreadSources, !bindSource(fd, group: index / Self.clientsPerSource) { spreadSources = false }
                 var address = self.address
                 let result = withUnsafePointer(to: &address) {
                     $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }

@@ -178,7 +178,7 @@ struct PersistenceTests {
         }
     }
 
-    @Test("a store with another database's -wal file beside it (a backup restored over an old store) is refused, names the -wal, and is not overwritten: without that file it opens with all it held; a file too short for SQLite is refused too")
+    @Test("a store with another database's -wal file beside it (a backup restored over an old store) is refused, names the -wal, and is not overwritten: without that file it opens with all it held; a file too short for SQLite is refused too, a symbolic link to a store is not")
     func foreignWAL() async throws {
         try await Self.withFolder { folder in
             let path = folder + "/mqlite.db"
@@ -207,6 +207,11 @@ struct PersistenceTests {
             let reopened = try PersistentStore(configuration: store, logger: Self.logger)
             #expect(reopened.loaded.retained == 50)
             reopened.close()
+            // A store reached through a symbolic link (whose own size is a few bytes) opens.
+            try FileManager.default.createSymbolicLink(atPath: folder + "/link.db", withDestinationPath: "mqlite.db")
+            let linked = try PersistentStore(configuration: PersistenceConfiguration(path: folder + "/link.db"), logger: Self.logger)
+            #expect(linked.loaded.retained == 50)
+            linked.close()
 
             let short = folder + "/short.db"
             try Data([0x53]).write(to: URL(fileURLWithPath: short))

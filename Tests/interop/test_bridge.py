@@ -722,13 +722,46 @@ def test_a_packet_before_connack_closes_the_link():
             if not chunk:
                 break
             rest += chunk
-        assert not rest.startswith(b"\x40"), rest  # no PUBACK
+        assert b"\x40\x02\x00\x07" not in rest, rest  # no PUBACK
         assert wait_for(lambda: "sent PUBLISH before CONNACK (MQTT-3.2.0-1): closing the link" in b.log()), b.log()[-1500:]
         again, _ = server.accept()  # it reconnects
         again.close()
         link.close()
         assert got(near) == []
         assert "bridge connected" not in b.log()
+    finally:
+        b.stop()
+        server.close()
+
+
+def test_an_mqtt5_remote_breaking_the_protocol_hears_disconnect_0x82_before_the_close():
+    """An AUTH from an MQTT 5 remote the bridge asked no enhanced authentication of is a protocol
+    error: DISCONNECT 0x82 goes out, then the link closes (logged), and the bridge connects again."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(10)
+    b = Broker([], config_text=bridge_config(server.getsockname()[1], [{"pattern": "t/#", "direction": "out", "qos": 1}],
+                                             bridge_extra="protocol_version = 5\n"))
+    try:
+        link, _ = server.accept()
+        link.settimeout(10)
+        assert link.recv(4096)[:1] == b"\x10"  # CONNECT
+        link.sendall(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success, no properties
+        assert connected(b), b.log()[-1500:]
+        link.sendall(bytes([0xF0, 0]))  # AUTH
+        rest = b""
+        while True:
+            chunk = link.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        assert rest[:1] == b"\xe0" and rest[2] == 0x82, rest  # DISCONNECT, protocol error
+        assert wait_for(lambda: "sent AUTH, which the bridge did not ask for: closing the link" in b.log()), b.log()[-1500:]
+        again, _ = server.accept()
+        again.close()
+        link.close()
     finally:
         b.stop()
         server.close()
