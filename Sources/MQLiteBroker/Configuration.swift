@@ -343,6 +343,9 @@ public struct BridgeConfiguration: Sendable {
     /// clients' messages: more than one client's `max_inflight`). An MQTT 5 remote's Receive
     /// Maximum lowers it.
     public var maxInflight = 100
+    /// Messages the bridge's local session may queue (while the link is down, or behind a slow
+    /// remote), in place of `[limits] max_queued`: one link carries every client's messages.
+    public var maxQueued = 100_000
     public var reconnectMin = TimeAmount.seconds(1)
     public var reconnectMax = TimeAmount.seconds(60)
     public var topics: [Topic] = []

@@ -213,6 +213,8 @@ final class Session: @unchecked Sendable {
         var receiveMaximum: Int?
         /// A window of its own instead of `max_inflight` (a bridge's link: `[[bridge]] max_inflight`).
         var maxInflight: Int?
+        /// A queue limit of its own instead of `max_queued` (a bridge's: `[[bridge]] max_queued`).
+        var maxQueued: Int?
         var maximumPacketSize: Int?
         /// MQTT 5: the topic aliases of the connection (nil until one is used either way).
         var aliases: TopicAliases?
@@ -290,7 +292,7 @@ final class Session: @unchecked Sendable {
     }
 
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
-        queue.count >= max(limits.maxQueued / divisor, 1)
+        queue.count >= max((occasional?.maxQueued ?? limits.maxQueued) / divisor, 1)
             || (limits.maxQueuedBytes > 0 && (occasional?.queuedBytes ?? 0) >= limits.maxQueuedBytes / divisor)
     }
 
@@ -565,6 +567,12 @@ final class Session: @unchecked Sendable {
         more.maxInflight = max(1, window)
     }
 
+    /// Messages this session may queue, in place of `max_queued` (a bridge's link sets its own:
+    /// it queues every client's messages while the link is down).
+    func setMaxQueued(_ limit: Int) {
+        more.maxQueued = limit
+    }
+
     /// Offline persistent session: since when, and the claim it was left at (owner loop).
     var offline: (since: NIODeadline, claim: Int)? {
         get { occasional?.offline }
@@ -663,12 +671,13 @@ final class Session: @unchecked Sendable {
         let limits = context.limits
         let size = delivery.message.size
         let more = self.more
-        guard queue.count < limits.maxQueued && (limits.maxQueuedBytes == 0 || more.queuedBytes + size <= limits.maxQueuedBytes) else {
+        let maxQueued = more.maxQueued ?? limits.maxQueued
+        guard queue.count < maxQueued && (limits.maxQueuedBytes == 0 || more.queuedBytes + size <= limits.maxQueuedBytes) else {
             more.droppedInEpisode += 1
             context.droppedMessages.add(1, ordering: .relaxed)
             if more.droppedInEpisode == 1 {
                 context.logger.info(
-                    "subscriber cannot keep up: queue full (max_queued \(limits.maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
+                    "subscriber cannot keep up: queue full (max_queued \(maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
                     metadata: ["client": "\(LogText(clientID))"])
             }
             return nil

@@ -189,7 +189,7 @@ def test_link_flap_loses_no_qos1_message_and_keeps_the_order():
     # before its subscriber is back.)
     remote = Mosquitto(extra=f"persistence true\npersistence_location {tmp_path}/\nmax_queued_messages 0\n")
     b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "flow/#", "direction": "out", "qos": 1}],
-                                              extra="[limits]\nmax_queued = 20000\n"))
+                                              extra=""))  # the bridge's own max_queued (100,000) holds them
     far = paho_client("far-sub", clean_session=False)
     far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
     try:
