@@ -2,6 +2,7 @@
 topic prefixes, both directions, Lua on what comes in, TLS, link loss and two edges on one core."""
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -14,6 +15,7 @@ import pytest
 from conftest import BINARY, Broker, wait_for
 from test_hostile import connect_packet, publish_packet, rss_kib
 from test_interop import paho_client, start
+from test_mqtt5 import read_to_close
 from test_persistence import free_port
 from test_tls import make_ca, make_cert
 
@@ -34,7 +36,6 @@ class Mosquitto:
         assert wait_for(lambda: self.accepts(), timeout=10), "mosquitto did not start"
 
     def accepts(self):
-        import socket
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
             return True
@@ -83,6 +84,14 @@ def sys_value(port, topic):
     r = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-C", "1", "-W", "2"],
                        capture_output=True, text=True, timeout=10)
     return r.stdout.strip() or None
+
+
+def fake_remote(backlog=4):
+    """A listening socket on 127.0.0.1 for a remote the test plays by hand."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(backlog)
+    return server
 
 
 def connected(b):
@@ -394,10 +403,7 @@ def test_the_remote_session_is_resumed_after_the_edge_restarts(tmp_path):
 def test_a_silent_remote_and_bad_tls_files():
     """A remote that accepts the connection and never answers CONNECT is left after keep_alive and
     tried again; a cafile that is not a certificate stops startup with exit 2 naming the key."""
-    import socket
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
+    server = fake_remote(16)
     held = []
     stop = threading.Event()
 
@@ -484,11 +490,8 @@ def test_a_remote_that_stops_reading_gets_what_was_kept_in_order():
     link's batch, then the session's queue, hold what they may and the rest is dropped (QoS 0):
     the edge's memory stays bounded, and what the remote reads afterwards comes in order, once
     each; a QoS 1 message after that still goes through."""
-    import socket
     import struct
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
+    server = fake_remote()
     port = server.getsockname()[1]
     config = bridge_config(port, [{"pattern": "t/#", "direction": "out", "qos": 0}]).replace("keep_alive = 5", "keep_alive = 60")
     b = Broker([], config_text=config)
@@ -569,10 +572,7 @@ def test_a_remote_that_breaks_the_qos_flow_loses_the_link():
     closes with a log line (no PUBREL for it), as Mosquitto's bridge does, and on the next link
     the message goes again (DUP) and completes with PUBACK. A PUBACK for an id not in flight is
     ignored."""
-    import socket
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
+    server = fake_remote()
     port = server.getsockname()[1]
     config = bridge_config(port, [{"pattern": "t/#", "direction": "out", "qos": 1}])
     b = Broker([], config_text=config)
@@ -608,12 +608,7 @@ def test_a_remote_that_breaks_the_qos_flow_loses_the_link():
         link.sendall(bytes([0x40, 2]) + bytes([0x12, 0x34]))  # PUBACK for an id not in flight: ignored
         link.sendall(bytes([0x50, 2]) + packet_id)  # PUBREC for a QoS 1 message
         link.settimeout(5)
-        rest = b""
-        while True:
-            chunk = link.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        rest = read_to_close(link)
         assert not rest.startswith(b"\x62"), rest  # no PUBREL
         assert wait_for(lambda: "not in that state of its flow" in b.log()), b.log()[-1500:]
         link.close()
@@ -704,10 +699,7 @@ def test_a_packet_before_connack_closes_the_link():
     """The server's first packet is CONNACK (MQTT-3.2.0-1): a remote that sends a PUBLISH first
     breaks the protocol, and the bridge closes the link (logged) without acknowledging it or
     publishing it locally, then connects again."""
-    import socket
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
+    server = fake_remote()
     server.settimeout(10)
     b = Broker([], config_text=bridge_config(server.getsockname()[1], [{"pattern": "in/#", "direction": "in", "qos": 1}]))
     try:
@@ -716,12 +708,7 @@ def test_a_packet_before_connack_closes_the_link():
         link.settimeout(10)
         assert link.recv(4096)[:1] == b"\x10"  # CONNECT
         link.sendall(publish_packet(b"in/early", b"too soon", qos=1, packet_id=7) + bytes([0x20, 2, 0, 0]))
-        rest = b""
-        while True:
-            chunk = link.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        rest = read_to_close(link)
         assert b"\x40\x02\x00\x07" not in rest, rest  # no PUBACK
         assert wait_for(lambda: "sent PUBLISH before CONNACK (MQTT-3.2.0-1): closing the link" in b.log()), b.log()[-1500:]
         again, _ = server.accept()  # it reconnects
@@ -737,10 +724,7 @@ def test_a_packet_before_connack_closes_the_link():
 def test_an_mqtt5_remote_breaking_the_protocol_hears_disconnect_0x82_before_the_close():
     """An AUTH from an MQTT 5 remote the bridge asked no enhanced authentication of is a protocol
     error: DISCONNECT 0x82 goes out, then the link closes (logged), and the bridge connects again."""
-    import socket
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
+    server = fake_remote()
     server.settimeout(10)
     b = Broker([], config_text=bridge_config(server.getsockname()[1], [{"pattern": "t/#", "direction": "out", "qos": 1}],
                                              bridge_extra="protocol_version = 5\n"))
@@ -751,12 +735,7 @@ def test_an_mqtt5_remote_breaking_the_protocol_hears_disconnect_0x82_before_the_
         link.sendall(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success, no properties
         assert connected(b), b.log()[-1500:]
         link.sendall(bytes([0xF0, 0]))  # AUTH
-        rest = b""
-        while True:
-            chunk = link.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        rest = read_to_close(link)
         assert rest[:1] == b"\xe0" and rest[2] == 0x82, rest  # DISCONNECT, protocol error
         assert wait_for(lambda: "sent AUTH, which the bridge did not ask for: closing the link" in b.log()), b.log()[-1500:]
         again, _ = server.accept()
