@@ -97,16 +97,14 @@ public final class ConnectionFuzzer {
         var chunk: Int
         var writes = 0
         var abrupt: Bool
-        /// What the broker speaks to it: 5.0 when its first packet is a well-formed MQTT 5
-        /// CONNECT, else 3.1.1.
+        /// What the broker speaks to it: 5.0 when its first packet is an MQTT 5 CONNECT (even one
+        /// that cannot be decoded: the broker answers that with an MQTT 5 CONNACK and its reason
+        /// code), else 3.1.1.
         var version: ProtocolVersion
     }
 
     static func version(of bytes: ArraySlice<UInt8>) -> ProtocolVersion {
-        var buffer = ByteBuffer(bytes: bytes)
-        guard case .connect(let connect)?? = try? MQTTDecoder(maxPacketSize: Int.max, acceptedVersions: .all).decode(buffer: &buffer, version: .v3_1_1),
-              connect.value.protocolVersion == .v5 else { return .v3_1_1 }
-        return .v5
+        MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: bytes), at: 0) == ProtocolVersion.v5.rawValue ? .v5 : .v3_1_1
     }
 
     /// The input cut into clients at each separator (the last takes whatever is left).
