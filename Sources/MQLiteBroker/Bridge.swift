@@ -167,7 +167,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         self.sslContext = sslContext
         let session = broker.bridgeSession(for: configuration, on: worker)
         session.setMaxInflight(configuration.maxInflight)
-        session.setMaxQueued(configuration.maxQueued)
+        session.setMaxQueued(configuration.maxQueued, bytes: configuration.maxQueuedBytes)
         self.session = session
         // (A session kept in the store from a run with other topics: what is no longer configured goes.)
         let filters = Set(configuration.topics.filter(\.direction.goesOut).map(\.localFilter))

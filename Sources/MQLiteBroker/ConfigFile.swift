@@ -217,7 +217,7 @@ public enum ConfigFile {
     private static func bridge(_ section: Section, directory: String) throws(ConfigError) -> BridgeConfiguration {
         try section.allowOnly([
             "name", "address", "client_id", "username", "password", "clean_session", "keep_alive", "protocol_version", "cafile", "certfile",
-            "keyfile", "reconnect_delay", "max_inflight", "max_queued", "topic",
+            "keyfile", "reconnect_delay", "max_inflight", "max_queued", "max_queued_bytes", "topic",
         ])
         guard let name = try section.string("name") else { throw section.error("name", "is required") }
         guard !name.isEmpty, name.utf8.count <= 64, !name.contains(where: { "/+#\u{0}".contains($0) || $0.isWhitespace }) else {
@@ -245,6 +245,7 @@ public enum ConfigFile {
         if let keepAlive = try section.int("keep_alive", in: 0...65535) { bridge.keepAlive = UInt16(keepAlive) }
         if let window = try section.int("max_inflight", in: 1...65535) { bridge.maxInflight = window }
         if let queued = try section.int("max_queued", in: 0...Int(Int32.max)) { bridge.maxQueued = queued }
+        if let bytes = try section.int("max_queued_bytes", in: 0...Int.max) { bridge.maxQueuedBytes = bytes }
         if let version = try section.int("protocol_version", in: 4...5) { bridge.protocolVersion = version == 5 ? .v5 : .v3_1_1 }
         func path(_ key: String) throws(ConfigError) -> String? {
             guard let value = try section.string(key) else { return nil }

@@ -346,6 +346,9 @@ public struct BridgeConfiguration: Sendable {
     /// Messages the bridge's local session may queue (while the link is down, or behind a slow
     /// remote), in place of `[limits] max_queued`: one link carries every client's messages.
     public var maxQueued = 100_000
+    /// And the topic and payload bytes they may hold (0: no limit), in place of `[limits]
+    /// max_queued_bytes`: 100,000 messages of up to `max_packet_size` would be far more.
+    public var maxQueuedBytes = 256 << 20
     public var reconnectMin = TimeAmount.seconds(1)
     public var reconnectMax = TimeAmount.seconds(60)
     public var topics: [Topic] = []

@@ -213,8 +213,10 @@ final class Session: @unchecked Sendable {
         var receiveMaximum: Int?
         /// A window of its own instead of `max_inflight` (a bridge's link: `[[bridge]] max_inflight`).
         var maxInflight: Int?
-        /// A queue limit of its own instead of `max_queued` (a bridge's: `[[bridge]] max_queued`).
+        /// Queue limits of its own instead of `max_queued` and `max_queued_bytes` (a bridge's:
+        /// `[[bridge]] max_queued`, `max_queued_bytes`).
         var maxQueued: Int?
+        var maxQueuedBytes: Int?
         var maximumPacketSize: Int?
         /// MQTT 5: the topic aliases of the connection (nil until one is used either way).
         var aliases: TopicAliases?
@@ -292,8 +294,9 @@ final class Session: @unchecked Sendable {
     }
 
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
-        queue.count >= max((occasional?.maxQueued ?? limits.maxQueued) / divisor, 1)
-            || (limits.maxQueuedBytes > 0 && (occasional?.queuedBytes ?? 0) >= limits.maxQueuedBytes / divisor)
+        let maxBytes = occasional?.maxQueuedBytes ?? limits.maxQueuedBytes
+        return queue.count >= max((occasional?.maxQueued ?? limits.maxQueued) / divisor, 1)
+            || (maxBytes > 0 && (occasional?.queuedBytes ?? 0) >= maxBytes / divisor)
     }
 
     /// Sets how long publishers wait for this session: while it progresses, within the episode's
@@ -569,8 +572,9 @@ final class Session: @unchecked Sendable {
 
     /// Messages this session may queue, in place of `max_queued` (a bridge's link sets its own:
     /// it queues every client's messages while the link is down).
-    func setMaxQueued(_ limit: Int) {
+    func setMaxQueued(_ limit: Int, bytes: Int) {
         more.maxQueued = limit
+        more.maxQueuedBytes = bytes
     }
 
     /// Offline persistent session: since when, and the claim it was left at (owner loop).
@@ -672,12 +676,13 @@ final class Session: @unchecked Sendable {
         let size = delivery.message.size
         let more = self.more
         let maxQueued = more.maxQueued ?? limits.maxQueued
-        guard queue.count < maxQueued && (limits.maxQueuedBytes == 0 || more.queuedBytes + size <= limits.maxQueuedBytes) else {
+        let maxBytes = more.maxQueuedBytes ?? limits.maxQueuedBytes
+        guard queue.count < maxQueued && (maxBytes == 0 || more.queuedBytes + size <= maxBytes) else {
             more.droppedInEpisode += 1
             context.droppedMessages.add(1, ordering: .relaxed)
             if more.droppedInEpisode == 1 {
                 context.logger.info(
-                    "subscriber cannot keep up: queue full (max_queued \(maxQueued), max_queued_bytes \(limits.maxQueuedBytes)), dropping messages",
+                    "subscriber cannot keep up: queue full (max_queued \(maxQueued), max_queued_bytes \(maxBytes)), dropping messages",
                     metadata: ["client": "\(LogText(clientID))"])
             }
             return nil

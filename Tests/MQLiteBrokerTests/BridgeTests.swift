@@ -20,6 +20,7 @@ struct BridgeTests {
             protocol_version = 5
             max_inflight = 500
             max_queued = 5000
+            max_queued_bytes = 1000000
             reconnect_delay = { min = 0.5, max = 10 }
             [[bridge.topic]]
             pattern = "sensors/#"
@@ -40,14 +41,14 @@ struct BridgeTests {
         let cloud = config.bridges[0]
         #expect(cloud.name == "cloud" && cloud.address == ListenAddress(host: "broker.example.com", port: 8883) && cloud.clientID == "edge-1")
         #expect(cloud.username == "edge" && cloud.password == "pw" && cloud.cleanSession && cloud.keepAlive == 30 && cloud.protocolVersion == .v5)
-        #expect(cloud.maxInflight == 500 && cloud.maxQueued == 5000 && cloud.reconnectMin == .milliseconds(500) && cloud.reconnectMax == .seconds(10))
+        #expect(cloud.maxInflight == 500 && cloud.maxQueued == 5000 && cloud.maxQueuedBytes == 1_000_000 && cloud.reconnectMin == .milliseconds(500) && cloud.reconnectMax == .seconds(10))
         #expect(cloud.topics.map(\.direction) == [.out, .in] && cloud.topics[0].qos == .atLeastOnce && cloud.topics[1].qos == .atMostOnce)
         #expect(cloud.topics[0].remoteFilter == "site1/sensors/#" && cloud.topics[0].localFilter == "sensors/#")
         #expect(cloud.topics[1].localFilter == "edge/cmd/+" && cloud.topics[1].remoteFilter == "cmd/+")
         let other = config.bridges[1]
         #expect(other.clientID == BridgeConfiguration.defaultClientID(name: "other") && !other.cleanSession && other.protocolVersion == .v3_1_1)
         #expect(other.localClientID == "$bridge/other")
-        #expect(other.maxQueued == 100_000, "a bridge queues more than one client by default")
+        #expect(other.maxQueued == 100_000 && other.maxQueuedBytes == 256 << 20, "a bridge queues more than one client by default, bounded in bytes")
 
         func problem(_ text: String) -> String {
             do {

@@ -237,6 +237,40 @@ def test_link_flap_loses_no_qos1_message_and_keeps_the_order():
         remote.stop()
 
 
+def test_what_queues_while_the_link_is_down_is_bounded_in_bytes():
+    """The bridge's max_queued_bytes bounds its queue while the link is down (a message count alone
+    would let large payloads take gigabytes): past it QoS 1 messages are dropped (logged), the
+    ones kept go once the remote is back."""
+    tmp_path = open_dir()
+    remote = Mosquitto(extra=f"persistence true\npersistence_location {tmp_path}/\n")
+    b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "big/#", "direction": "out", "qos": 1}],
+                                             bridge_extra="max_queued_bytes = 10000\n"))
+    far = paho_client("big-sub", clean_session=False)  # (its session outlives the remote's restart)
+    far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
+    try:
+        assert connected(b), b.log()
+        start(far, remote.port)
+        far.subscribe("big/#", qos=1)
+        time.sleep(0.5)
+        remote.stop()
+        assert wait_for(lambda: "lost" in b.log()), b.log()[-1500:]
+        pub = paho_client("big-pub")
+        start(pub, b.port)
+        infos = [pub.publish("big/m", ("%04d" % i) + "x" * 996, qos=1) for i in range(50)]
+        for info in infos:
+            info.wait_for_publish(10)
+        assert wait_for(lambda: "queue full (max_queued 100000, max_queued_bytes 10000)" in b.log()), b.log()[-1500:]
+        remote.start()
+        assert wait_for(lambda: len(far.messages) >= 9, timeout=10), (len(far.messages), b.log()[-1500:])
+        time.sleep(1)
+        numbers = [int(m.payload[:4]) for m in far.messages]
+        assert 9 <= len(numbers) <= 10 and numbers == sorted(numbers) and numbers[0] == 0, numbers
+        pub.disconnect()
+    finally:
+        b.stop()
+        remote.stop()
+
+
 def test_two_edges_through_a_core_without_loops():
     """Edge A and edge B each bridge devices/# both ways to one core (a third mqlite). A device on
     A reaches a device on B; every copy arrives once, nothing loops."""
