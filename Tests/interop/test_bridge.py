@@ -94,6 +94,17 @@ def fake_remote(backlog=4):
     return server
 
 
+def persistent_subscriber(port, topic, client_id):
+    """A QoS 1 subscriber with a persistent session on a remote that persists it: it reconnects
+    (every 0.2-0.5 s) and gets what was queued for it when the remote stops and starts again."""
+    far = paho_client(client_id, clean_session=False)
+    far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
+    start(far, port)
+    far.subscribe(topic, qos=1)
+    time.sleep(0.5)
+    return far
+
+
 def connected(b):
     return wait_for(lambda: "bridge connected" in b.log(), timeout=10)
 
@@ -199,13 +210,10 @@ def test_link_flap_loses_no_qos1_message_and_keeps_the_order():
     remote = Mosquitto(extra=f"persistence true\npersistence_location {tmp_path}/\nmax_queued_messages 0\n")
     b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "flow/#", "direction": "out", "qos": 1}],
                                               extra=""))  # the bridge's own max_queued (100,000) holds them
-    far = paho_client("far-sub", clean_session=False)
-    far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
+    far = None
     try:
         assert connected(b), b.log()
-        start(far, remote.port)
-        far.subscribe("flow/#", qos=1)
-        time.sleep(0.5)
+        far = persistent_subscriber(remote.port, "flow/#", "far-sub")
         pub = paho_client("near-pub")
         pub.max_inflight_messages_set(100)
         start(pub, b.port)
@@ -232,7 +240,8 @@ def test_link_flap_loses_no_qos1_message_and_keeps_the_order():
         assert order == list(range(10000))
         assert "bridge link to" in b.log() and b.log().count("bridge connected") >= 2
     finally:
-        far.loop_stop()
+        if far:
+            far.loop_stop()
         b.stop()
         remote.stop()
 
@@ -245,13 +254,9 @@ def test_what_queues_while_the_link_is_down_is_bounded_in_bytes():
     remote = Mosquitto(extra=f"persistence true\npersistence_location {tmp_path}/\n")
     b = Broker([], config_text=bridge_config(remote.port, [{"pattern": "big/#", "direction": "out", "qos": 1}],
                                              bridge_extra="max_queued_bytes = 10000\n"))
-    far = paho_client("big-sub", clean_session=False)  # (its session outlives the remote's restart)
-    far.reconnect_delay_set(min_delay=0.2, max_delay=0.5)
     try:
         assert connected(b), b.log()
-        start(far, remote.port)
-        far.subscribe("big/#", qos=1)
-        time.sleep(0.5)
+        far = persistent_subscriber(remote.port, "big/#", "big-sub")
         remote.stop()
         assert wait_for(lambda: "lost" in b.log()), b.log()[-1500:]
         pub = paho_client("big-pub")
