@@ -49,10 +49,9 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     private unowned let broker: Broker
     let worker: Worker
     private var logger: Logger
-    /// When a remote message was last logged as dropped for its topic, and how many since.
-    private var topicDrops: (logged: NIODeadline?, count: Int) = (nil, 0)
-    /// The same for local messages not sent to the remote (`notForwarded`).
-    private var forwardDrops: (logged: NIODeadline?, count: Int) = (nil, 0)
+    /// The log lines of remote messages dropped for their topic, and of local ones not sent.
+    private var topicDrops = LogThrottle()
+    private var forwardDrops = LogThrottle()
     private let clientInfo: ClientInfo
     private var session: Session?
     private var channel: (any Channel)?
@@ -642,14 +641,11 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// ten seconds per bridge with the count since.
     private func droppedTopic(_ local: ByteBuffer, remote: TopicName) {
         worker.stats.droppedTopic &+= 1
-        topicDrops.count += 1
-        let now = NIODeadline.now()
-        if let last = topicDrops.logged, now - last < .seconds(10) { return }
+        guard let count = topicDrops.due() else { return }
         let levels = local.readableBytesView.reduce(1) { $0 + ($1 == UInt8(ascii: "/") ? 1 : 0) }
         logger.warning(
-            "message from the remote dropped: its local topic \"\(LogText(String(buffer: local)))\" (\(levels) levels, \(local.readableBytes) bytes) is over max_topic_levels (\(broker.configuration.limits.maxTopicLevels)) or not a topic; \(topicDrops.count) dropped since the last such line",
+            "message from the remote dropped: its local topic \"\(LogText(String(buffer: local)))\" (\(levels) levels, \(local.readableBytes) bytes) is over max_topic_levels (\(broker.configuration.limits.maxTopicLevels)) or not a topic; \(count) dropped since the last such line",
             metadata: ["remote_topic": "\(LogText(remote.string))"])
-        topicDrops = (now, 0)
     }
 
     // MARK: - SessionOutbound (to the remote)
@@ -704,11 +700,8 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
     /// A local message not sent to the remote: logged at most once every ten seconds per bridge,
     /// with the count since (a local client publishing such messages must not write a line each).
     private func notForwarded(_ why: @autoclosure () -> String) {
-        forwardDrops.count += 1
-        let now = NIODeadline.now()
-        if let last = forwardDrops.logged, now - last < .seconds(10) { return }
-        logger.info("not forwarded: \(why()); \(forwardDrops.count) not forwarded since the last such line")
-        forwardDrops = (now, 0)
+        guard let count = forwardDrops.due() else { return }
+        logger.info("not forwarded: \(why()); \(count) not forwarded since the last such line")
     }
 
     /// A message the remote will not acknowledge (not sent, or sent at QoS 0): done with as if it

@@ -257,7 +257,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             var level: UInt8?
             if machine.isAwaitingConnect {  // (the decoder may have read past the CONNECT's start)
                 buffer.moveReaderIndex(to: start)
-                level = MQTTDecoder.connectProtocolLevel(in: buffer, at: start)
+                level = MQTTDecoder.connectProtocolLevel(in: buffer)
             }
             let (connack, reason) = machine.decodeFailed(error, connectLevel: level)
             if let connack {

@@ -57,3 +57,19 @@ func errorText(_ error: any Error) -> String {
     guard let io = error as? IOError else { return "\(error)" }
     return "\(String(cString: strerror(io.errnoCode))) (errno \(io.errnoCode))"
 }
+
+/// A log line for something that may repeat at a client's pace: due at most once per `interval`,
+/// with how many times it happened since the last one (owner-loop state).
+struct LogThrottle {
+    var interval = TimeAmount.seconds(10)
+    private var logged: NIODeadline?
+    private var count = 0
+
+    /// Counts one more; the count since the last line when a line is due now, else nil.
+    mutating func due(now: NIODeadline = .now()) -> Int? {
+        count += 1
+        if let logged, now - logged < interval { return nil }
+        defer { (logged, count) = (now, 0) }
+        return count
+    }
+}

@@ -293,10 +293,14 @@ final class Session: @unchecked Sendable {
         return until & 1 == 1 ? .allowance : .firm
     }
 
+    /// `max_queued` and `max_queued_bytes`, or the session's own (a bridge's: `setMaxQueued`).
+    private func queueLimits(_ limits: Limits) -> (count: Int, bytes: Int) {
+        (occasional?.maxQueued ?? limits.maxQueued, occasional?.maxQueuedBytes ?? limits.maxQueuedBytes)
+    }
+
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
-        let maxBytes = occasional?.maxQueuedBytes ?? limits.maxQueuedBytes
-        return queue.count >= max((occasional?.maxQueued ?? limits.maxQueued) / divisor, 1)
-            || (maxBytes > 0 && (occasional?.queuedBytes ?? 0) >= maxBytes / divisor)
+        let (maxQueued, maxBytes) = queueLimits(limits)
+        return queue.count >= max(maxQueued / divisor, 1) || (maxBytes > 0 && (occasional?.queuedBytes ?? 0) >= maxBytes / divisor)
     }
 
     /// Sets how long publishers wait for this session: while it progresses, within the episode's
@@ -675,8 +679,7 @@ final class Session: @unchecked Sendable {
         let limits = context.limits
         let size = delivery.message.size
         let more = self.more
-        let maxQueued = more.maxQueued ?? limits.maxQueued
-        let maxBytes = more.maxQueuedBytes ?? limits.maxQueuedBytes
+        let (maxQueued, maxBytes) = queueLimits(limits)
         guard queue.count < maxQueued && (maxBytes == 0 || more.queuedBytes + size <= maxBytes) else {
             more.droppedInEpisode += 1
             context.droppedMessages.add(1, ordering: .relaxed)

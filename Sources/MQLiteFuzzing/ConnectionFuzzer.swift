@@ -104,7 +104,7 @@ public final class ConnectionFuzzer {
     }
 
     static func version(of bytes: ArraySlice<UInt8>) -> ProtocolVersion {
-        MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: bytes), at: 0) == ProtocolVersion.v5.rawValue ? .v5 : .v3_1_1
+        MQTTDecoder.connectProtocolLevel(in: ByteBuffer(bytes: bytes)) == ProtocolVersion.v5.rawValue ? .v5 : .v3_1_1
     }
 
     /// The input cut into clients at each separator (the last takes whatever is left).

@@ -55,24 +55,16 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
         return try parseBody(type: header.type, flags: header.flags, body: &body, version: version)
     }
 
-    /// The protocol level of the CONNECT at `index` in `buffer`, as far as its first bytes can be
+    /// The protocol level of the CONNECT `buffer` starts with, as far as its first bytes can be
     /// read (fixed header, then protocol name "MQTT" and level), whether or not the rest of it is
     /// valid: nil if those bytes are not there or not a CONNECT's. For answering a CONNECT that
     /// cannot be decoded in its client's version.
-    public static func connectProtocolLevel(in buffer: ByteBuffer, at index: Int) -> UInt8? {
-        guard buffer.getInteger(at: index, as: UInt8.self) == 0x10 else { return nil }
-        var offset = index + 1
-        var remaining = 0
-        for shift in stride(from: 0, through: 21, by: 7) {  // the remaining length: 1 to 4 bytes
-            guard let byte = buffer.getInteger(at: offset, as: UInt8.self) else { return nil }
-            offset += 1
-            remaining |= Int(byte & 0x7F) << shift
-            if byte & 0x80 == 0 { break }
-            if shift == 21 { return nil }  // a fifth byte
-        }
+    public static func connectProtocolLevel(in buffer: ByteBuffer) -> UInt8? {
         // (Protocol name and level within the packet.)
-        guard remaining >= 7, buffer.getBytes(at: offset, length: 6) == [0, 4, 0x4D, 0x51, 0x54, 0x54] else { return nil }
-        return buffer.getInteger(at: offset + 6, as: UInt8.self)
+        guard let header = try? peekFixedHeader(buffer, version: .v3_1_1), header.type == .connect, header.remainingLength >= 7 else { return nil }
+        let name = buffer.readerIndex + header.headerLength
+        guard buffer.getBytes(at: name, length: 6) == [0, 4, 0x4D, 0x51, 0x54, 0x54] else { return nil }
+        return buffer.getInteger(at: name + 6, as: UInt8.self)
     }
 
     /// The whole length (fixed header included) of the packet `buffer` starts with, once its
