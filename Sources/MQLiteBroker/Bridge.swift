@@ -223,6 +223,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             // One link carries what many clients publish: room for a tick's batch in the channel
             // before it counts as unwritable and the session queues (and copies) messages.
             .channelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
+            .channelOption(.maxMessagesPerRead, value: Broker.maxMessagesPerRead)
             .channelOption(.recvAllocator, value: Broker.receiveAllocator)
             .connectTimeout(.seconds(10))
             .channelInitializer { channel in

@@ -287,16 +287,18 @@ public final class Broker: Sendable {
     /// (`ChannelEvent.inputClosed`) instead of closing at once, and `ConnectionHandler` closes it
     /// when its worker's tick has room. Not on TLS listeners: there an EOF without close_notify
     /// would leave NIOSSL waiting for one.
-    /// NIO keeps each channel's last receive buffer for reuse: it starts at 64 bytes (most
-    /// CONNECTs, SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than
-    /// NIO's default 2 KiB. It doubles for busy connections (each read that fills the buffer
-    /// asks for twice as much next), up to 256 KiB.
+    /// NIO keeps each channel's first receive buffer for reuse: 64 bytes (most CONNECTs,
+    /// SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than NIO's
+    /// default 2 KiB. Each read that fills its buffer asks for twice as much next, up to 256 KiB;
+    /// the kept buffer grows to 2 KiB at most, larger reads get buffers of their own, freed once
+    /// handled (`ReceiveAllocator`).
     static let receiveAllocator = ReceiveAllocator()
     /// Reads per read event: one. A client that keeps its socket full is read once per loop tick,
     /// like every other ready client, so one read (at most 256 KiB) is the longest anyone waits
     /// behind it: with NIO's loop of up to 16 reads a tick, one client flooding 16-byte PUBLISHes
     /// made every other client on its worker wait ~120 ms for a PINGRESP (~10 ms now), at the
-    /// same rate. It is also how many receive buffers NIO keeps per channel: one.
+    /// same rate. It is also how many receive buffers NIO keeps per channel: one (with more, NIO
+    /// would keep up to that many of the buffers `ReceiveAllocator` makes for one read each).
     static let maxMessagesPerRead: UInt = 1
 
     private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {

@@ -70,7 +70,7 @@ struct IdleFootprintTests {
     }
     #endif
 
-    @Test("the receive allocator sizes reads as NIO's adaptive one does, and fits an existential without a box")
+    @Test("the receive allocator sizes reads as NIO's adaptive one does, lets NIO's kept buffer grow to 2 KiB only, and fits an existential without a box")
     func receiveAllocator() {
         #expect(MemoryLayout<ReceiveAllocator>.size <= 3 * MemoryLayout<Int>.size)
         var ours = ReceiveAllocator()
@@ -78,13 +78,66 @@ struct IdleFootprintTests {
         var rng = SystemRandomNumberGenerator()
         for step in 0..<20_000 {
             // Runs of full reads (growth to the maximum) and of small ones (shrinking to the minimum).
-            let size = ours.nextBufferSize()!
+            let size = Int(ours.size)
             let read = (step / 500) % 2 == 0 ? size : Int.random(in: 0...size, using: &rng)
-            #expect(ours.record(actualReadBytes: read) == nio.record(actualReadBytes: read))
-            #expect(ours.nextBufferSize() == nio.nextBufferSize(), "after \(step) reads")
-            if ours.nextBufferSize() != nio.nextBufferSize() { break }
+            let ownBuffer = ours.record(actualReadBytes: read)
+            _ = nio.record(actualReadBytes: read)
+            #expect(Int(ours.size) == nio.nextBufferSize(), "after \(step) reads")
+            // Told a size, NIO grows the buffer it keeps and never shrinks it: up to 2 KiB only.
+            let kept = ours.size <= ReceiveAllocator.keptMaximum
+            #expect(ours.nextBufferSize() == (kept ? Int(ours.size) : nil))
+            #expect(ownBuffer == !kept)
+            if Int(ours.size) != nio.nextBufferSize() { break }
         }
-        #expect(ours.buffer(allocator: ByteBufferAllocator()).capacity == ours.nextBufferSize())
+        #expect(ours.buffer(allocator: ByteBufferAllocator()).capacity == Int(ours.size))
+    }
+
+    /// Through NIO's own pool, on a real socket with the options every connection gets: after a
+    /// burst (reads grown to 256 KiB), small reads come in NIO's kept buffer again, and it is at
+    /// most 2 KiB. Told every read's size, NIO grew it to 256 KiB and kept it so until the close.
+    @Test("after a burst, reads go back to the buffer NIO keeps per channel, at most 2 KiB")
+    func keptReceiveBufferStaysSmall() throws {
+        final class Recorder: ChannelInboundHandler, @unchecked Sendable {
+            typealias InboundIn = ByteBuffer
+            var capacities: [Int] = []
+            var total = 0
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                let buffer = unwrapInboundIn(data)
+                capacities.append(buffer.capacity)
+                total += buffer.readableBytes
+            }
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let recorder = Recorder()
+        let server = try ServerBootstrap(group: group)
+            .childChannelOption(.maxMessagesPerRead, value: Broker.maxMessagesPerRead)
+            .childChannelOption(.recvAllocator, value: Broker.receiveAllocator)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(recorder) }
+            }
+            .bind(host: "127.0.0.1", port: 0).wait()
+        defer { try? server.close().wait() }
+        let client = try ClientBootstrap(group: group).connect(to: server.localAddress!).wait()
+        defer { try? client.close().wait() }
+        func received() throws -> Int { try group.next().submit { recorder.total }.wait() }
+        func send(_ count: Int) throws {
+            let before = try received()
+            try client.writeAndFlush(ByteBuffer(repeating: 0x30, count: count)).wait()
+            let deadline = ContinuousClock.now + .seconds(10)
+            while try received() < before + count {
+                try #require(ContinuousClock.now < deadline, "the server did not read what was sent")
+                usleep(1000)
+            }
+        }
+        try send(4 << 20)  // a burst: reads grow to the maximum
+        let grown = try group.next().submit { recorder.capacities.max() ?? 0 }.wait()
+        #expect(grown >= 64 * 1024, "the burst's reads did not grow (largest buffer \(grown) bytes)")
+        // Then small packets, one read each: the size halves every second one (from 256 KiB at
+        // most: 24 reads), back to 64 bytes, read into the kept buffer.
+        for _ in 0..<40 { try send(10) }
+        let last = try group.next().submit { Array(recorder.capacities.suffix(4)) }.wait()
+        #expect(last.allSatisfy { $0 <= 2048 }, "small reads after a burst came in buffers of \(last) bytes")
     }
 }
 
