@@ -400,6 +400,14 @@ def main():
         unit = (" us" if metric.endswith("_us") else " B" if metric.startswith("bytes")
                 else " s" if metric == "seconds" or metric.startswith("cpu") else "/s")
         rows.append((label, fmt(a, unit), fmt(b, unit), f"{ratio:.2f}" if ratio else "-", loss, goal, mark(ok)))
+    # Memory per idle connection, issue 10's measure: mqlite's own share on top of NIO's floor (the
+    # bare SwiftNIO server's idle socket); beside it Mosquitto's client on top of its idle socket.
+    idle, tcp = f"memory/idle connection ({CONNECTIONS})", f"memory/idle TCP socket, no CONNECT ({CONNECTIONS})"
+    floor, mosq_idle, mosq_tcp = median(nio_floor, "mqlite"), median(idle, "mosquitto"), median(tcp, "mosquitto")
+    share = median(idle, "mqlite") - floor if median(idle, "mqlite") and floor else None
+    rows.append(("memory/idle connection: mqlite's share over the bare SwiftNIO server's socket (Mosquitto: over its idle TCP socket)",
+                 fmt(share, " B"), fmt(mosq_idle - mosq_tcp if mosq_idle and mosq_tcp else None, " B"), "-", "", "< 300 B",
+                 mark(share is not None and share < 300)))
     # Churn: each broker's rate with churn against its own rate without, and the churn achieved.
     with_churn = {n: median(churn_label, n) for n in ("mqlite", "mosquitto")}
     without = {n: median(churn_base, n) for n in ("mqlite", "mosquitto")}
