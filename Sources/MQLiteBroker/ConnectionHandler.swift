@@ -173,6 +173,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func checkTimeouts(now: NIODeadline, closing: Bool) {
         let limit = broker.configuration.limits.connectTimeout
         switch machine.timeoutCheck(now: now, connectTimeout: limit, heldBack: flags.contains(.heldBack), closing: closing) {
+        case .close(let reason, _) where machine.isAwaitingConnect && !machine.hookPending:
+            // A socket that never sent CONNECT (a scanner; a client stuck in the TLS handshake or
+            // the WebSocket upgrade): logged with the listener's rate limit, as a refused handshake
+            // is, so that thousands of them cannot flood the log.
+            origin.logRefusal("closing connection: \(reason)", logger: logger)
+            closeWithWill(reason: reason, logged: true)
         case .close(let reason, let code):
             tellV5(code)
             closeWithWill(reason: reason)
@@ -1195,13 +1201,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     // MARK: - Closing
 
-    /// Closes this connection for a protocol violation, a timeout, or a takeover: one log line,
-    /// and the will is published. The session is released at once, so a caller taking over the
-    /// client id may hand it to another worker right after.
-    func closeWithWill(reason: String) {
+    /// Closes this connection for a protocol violation, a timeout, or a takeover: one log line
+    /// (unless the caller `logged` it already), and the will is published. The session is
+    /// released at once, so a caller taking over the client id may hand it to another worker
+    /// right after.
+    func closeWithWill(reason: String, logged: Bool = false) {
         if machine.isClosed, session == nil { return }
         // The reason may quote the client (a topic, a protocol name): bounded.
-        logger.info("closing connection: \(LogText(reason, limit: 512))")
+        if !logged { logger.info("closing connection: \(LogText(reason, limit: 512))") }
         flushOutput()
         detach(publishWill: true, reason: reason)
         closeSocket()

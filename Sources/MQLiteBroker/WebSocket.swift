@@ -54,6 +54,11 @@ final class HTTPRequestLimit: ChannelInboundHandler, RemovableChannelHandler {
     private let what: String
     private var received = 0
     private var failed = false
+    /// A WebSocket upgrade was answered: what follows the request in the stream is frames, not
+    /// counted; a client's EOF waits here until the request decoder has passed on what it read
+    /// of them (`decoderRemoved`).
+    var upgraded = false
+    private var inputClosedHeld = false
 
     /// `what` names the request in the error (the `http` listener uses this handler too).
     init(maxBytes: Int = WebSocketLimits.maxRequestBytes, what: String = "HTTP upgrade request") {
@@ -63,13 +68,31 @@ final class HTTPRequestLimit: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
+        if upgraded { return context.fireChannelRead(data) }
         received += unwrapInboundIn(data).readableBytes
-        if received > maxBytes {
+        // Passed on first: a read may hold the end of the request and frames behind it (a client
+        // that does not wait for 101); once upgraded, they do not count.
+        context.fireChannelRead(data)
+        if received > maxBytes, !upgraded, !failed {
             failed = true
             context.fireErrorCaught(WebSocketTransportError(description: "\(what) longer than \(maxBytes) bytes"))
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if upgraded, event as? ChannelEvent == .inputClosed {
+            inputClosedHeld = true
             return
         }
-        context.fireChannelRead(data)
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The request decoder is gone, and what it had read behind the upgrade request went on to
+    /// the frame decoder: the end of that read (from here, behind TLS: NIOSSL passes on a
+    /// read-complete only after a read it decrypted), then the client's EOF if it came.
+    func decoderRemoved(context: ChannelHandlerContext) {
+        context.fireChannelReadComplete()
+        if inputClosedHeld { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
     }
 }
 
@@ -259,13 +282,19 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         }
         pipeline.removeHandler(context: context, promise: nil)
         pipeline.removeHandler(responseEncoder, promise: nil)
-        pipeline.removeHandler(requestLimit, promise: nil)
-        // Last: its left-over bytes go to the frame decoder, now right behind it. They come after
-        // this read's end (the removal is done in a later loop turn), so a read-complete follows
-        // them: the connection handler flushes what it answered (a CONNACK) at a read's end.
+        // Last: the request decoder's left-over bytes go to the frame decoder, now right behind
+        // it. They come after this read's end (the removal is done in a later loop turn), so a
+        // read-complete follows them: the connection handler flushes what it answered (a CONNACK)
+        // at a read's end. Meanwhile the request limit, in front of the decoder, holds back the
+        // client's EOF: seen first, it would have the decoder drop them.
+        requestLimit.upgraded = true
         let removed = context.eventLoop.makePromise(of: Void.self)
-        let channelPipeline = context.pipeline
-        removed.futureResult.whenSuccess { channelPipeline.fireChannelReadComplete() }
+        let requestLimit = requestLimit
+        removed.futureResult.assumeIsolated().whenSuccess {
+            guard let limitContext = try? pipeline.context(handler: requestLimit) else { return }
+            requestLimit.decoderRemoved(context: limitContext)
+            pipeline.removeHandler(context: limitContext, promise: nil)
+        }
         pipeline.removeHandler(requestDecoder, promise: removed)
     }
 }
@@ -288,6 +317,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     private var inBinaryMessage = false
     private var closeSent = false
     private var failed = false
+    /// Why the connection is failing (`fail`): the status code of the close frame, sent when the
+    /// connection handler closes, after what it still had to write (RFC 6455 section 5.5.1: no
+    /// data frame after a close frame).
+    private var failure: WebSocketErrorCode?
     /// The data of the last ping of this read: answered once the read is handled.
     private var pingData: ByteBuffer?
 
@@ -360,12 +393,13 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         if payload.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(payload)) }
     }
 
-    /// Sends a close frame with `code` and hands the reason to the connection handler, which logs
-    /// it and closes the connection.
+    /// Hands the reason to the connection handler, which logs it, writes what it still had for
+    /// the client (a CONNACK, a PUBACK of this read) and closes the connection: the close frame,
+    /// with `code`, goes out then (`close`).
     private func fail(context: ChannelHandlerContext, _ code: WebSocketErrorCode, _ reason: String) {
         guard !failed else { return }
         failed = true
-        sendClose(context: context, code: code)
+        failure = code
         context.fireErrorCaught(WebSocketTransportError(description: "WebSocket: " + reason))
     }
 
@@ -380,17 +414,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // The frame decoder's: a frame over the size limit, a fragmented or long control frame.
         if let error = error as? NIOWebSocketError {
-            let reason: String
             switch error {
-            case .invalidFrameLength:
-                reason = "frame longer than \(maxFrameSize) bytes"
-                if !failed { sendClose(context: context, code: .messageTooLarge) }
-            default:
-                reason = "invalid frame (\(error))"
-                if !failed { sendClose(context: context, code: .protocolError) }
+            case .invalidFrameLength: return fail(context: context, .messageTooLarge, "frame longer than \(maxFrameSize) bytes")
+            default: return fail(context: context, .protocolError, "invalid frame (\(error))")
             }
-            failed = true
-            return context.fireErrorCaught(WebSocketTransportError(description: "WebSocket: " + reason))
         }
         context.fireErrorCaught(error)
     }
@@ -401,9 +428,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// The broker closes the connection (a protocol error, a takeover, shutdown), or its output
-    /// first: a close frame before, so that browsers see a clean close.
+    /// first: a close frame before (with the status code of a failure here), so that browsers see
+    /// a clean close.
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        if mode != .input, context.channel.isActive { sendClose(context: context, code: .normalClosure) }
+        if mode != .input, context.channel.isActive { sendClose(context: context, code: failure ?? .normalClosure) }
         context.close(mode: mode, promise: promise)
     }
 }

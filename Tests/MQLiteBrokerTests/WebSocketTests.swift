@@ -104,10 +104,12 @@ struct WebSocketTests {
         #expect(answer([0x03, 0xE8, 0xC3, 0x28]) == WebSocketErrorCode(codeNumber: 1007))
     }
 
-    @Test("text frames, unmasked frames and stray continuations: a close frame, and the error reaches the connection handler", arguments: [
-        ("text", "text frame"), ("unmasked", "unmasked"), ("continuation", "continuation frame without a message"),
+    /// The close frame goes out when the connection handler closes, after what it still had to
+    /// write (a CONNACK of the same read): no data frame after a close frame (RFC 6455 section 5.5.1).
+    @Test("text frames, unmasked frames and stray continuations: the error reaches the connection handler, and its close sends the close frame after its last writes", arguments: [
+        ("text", "text frame", 1003), ("unmasked", "unmasked", 1002), ("continuation", "continuation frame without a message", 1002),
     ])
-    func bridgeFailures(kind: String, problem: String) throws {
+    func bridgeFailures(kind: String, problem: String, code: Int) throws {
         let (channel, bytes) = try bridge()
         switch kind {
         case "text": try channel.writeInbound(masked(.text, Array("{}".utf8)))
@@ -116,8 +118,13 @@ struct WebSocketTests {
         }
         #expect(bytes.received.isEmpty)
         #expect(bytes.errors.count == 1 && bytes.errors[0].contains(problem), "\(bytes.errors)")
-        let close = try #require(try channel.readOutbound(as: WebSocketFrame.self))
-        #expect(close.opcode == .connectionClose)
+        #expect(try channel.readOutbound(as: WebSocketFrame.self) == nil, "a close frame before the connection handler wrote what it had")
+        try channel.writeOutbound(ByteBuffer(bytes: [0x20, 2, 0, 0]))
+        channel.close(mode: .output, promise: nil)
+        let data = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(data.opcode == .binary && Array(data.data.readableBytesView) == [0x20, 2, 0, 0])
+        var close = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(close.opcode == .connectionClose && close.data.readWebSocketErrorCode() == WebSocketErrorCode(codeNumber: code))
         _ = try? channel.finish()
     }
 

@@ -158,6 +158,71 @@ def test_text_frame_closes_the_connection(wsbroker):
     assert wait_for(lambda: "text frame" in wsbroker.log())
 
 
+def test_close_frame_comes_after_the_answers_of_the_same_read(wsbroker):
+    """CONNECT and a text frame in one write: the CONNACK, then the close frame (RFC 6455 section
+    5.5.1: no data frame after a close frame)."""
+    ws = wsclient.connect(wsbroker.ports[1])
+    ws.sock.sendall(wsclient.frame(wsclient.mqtt_connect("ordered")) + wsclient.frame(b"{}", opcode=0x1))
+    closed, frames = ws.closed()
+    assert closed
+    assert [f[0] for f in frames] == [0x2, 0x8], frames
+    assert frames[0][1] == CONNACK_OK and frames[1][1][:2] == b"\x03\xeb"
+
+
+def early_client(port, client_id, body=b"", tls_ca=None):
+    """The upgrade request and frames in one write, without waiting for 101 (browsers wait; some
+    embedded clients do not)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if tls_ca:
+        context = ssl.create_default_context(cafile=str(tls_ca))
+        s = context.wrap_socket(s, server_hostname="127.0.0.1")
+    req, _ = wsclient.request()
+    s.sendall(req + wsclient.frame(wsclient.mqtt_connect(client_id)) + body)
+    return s
+
+
+def test_frames_sent_with_the_upgrade_request_are_answered_on_wss(certs):  # noqa: F811
+    """The CONNACK comes at once (NIOSSL passes on no read-complete of its own after the upgrade:
+    it waited for the client's next packet, or for keep-alive)."""
+    b = Broker([], config_text=ws_config(certs), listeners=2)
+    try:
+        s = early_client(b.ports[1], "early-wss", tls_ca=certs / "ca.crt")
+        data = wsclient.read_until(s, b"\r\n\r\n")
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        s.settimeout(3)
+        assert wsclient.WS(s, rest).recv_mqtt(4) == CONNACK_OK
+        s.close()
+    finally:
+        b.stop()
+
+
+def test_frames_sent_with_the_upgrade_request_then_eof_are_served(wsbroker):
+    """Upgrade request, CONNECT, PUBLISH and DISCONNECT in one write, then the client's EOF: the
+    EOF waits behind the frames (the HTTP decoder drops what it holds once it has seen EOF)."""
+    tcp, ws = wsbroker.ports
+    sub = paho_client("early-sub")
+    sub.connect("127.0.0.1", tcp, keepalive=30)
+    sub.loop_start()
+    try:
+        assert sub.connected.wait(5)
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.subscribe("early/#", qos=1)
+        assert subscribed.wait(5)
+        for i in range(10):
+            topic = f"early/{i}".encode()
+            publish = bytes([0x30, 2 + len(topic) + 1]) + bytes([0, len(topic)]) + topic + b"x"
+            s = early_client(ws, f"early-{i}", body=wsclient.frame(publish) + wsclient.frame(b"\xe0\x00"))
+            s.shutdown(socket.SHUT_WR)
+            wsclient.read_until(s, b"never")  # to the broker's close
+            s.close()
+        assert wait_for(lambda: len(sub.messages) == 10, timeout=5), [m.topic for m in sub.messages]
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+
+
 def test_ping_is_answered_and_close_frame_closes(wsbroker):
     ws = wsclient.connect(wsbroker.ports[1])
     ws.send(wsclient.mqtt_connect("pinger"))
@@ -332,6 +397,20 @@ def test_half_sent_upgrade_is_closed_by_connect_timeout():
     finally:
         b.stop()
 
+
+
+def test_silent_sockets_closed_by_connect_timeout_are_logged_with_the_listeners_rate_limit():
+    """A scanner's sockets that never send a byte (on the TCP and the WebSocket listener): at most
+    one info line per listener per 10 s, not one per socket."""
+    b = Broker([], config_text=ws_config(extra="[limits]\nconnect_timeout = 1\n"), listeners=2)
+    try:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for port in b.ports for _ in range(20)]
+        for s in socks:
+            assert wsclient.WS(s).closed(timeout=5)[0]
+        lines = [line for line in b.log().splitlines() if "no CONNECT within connect_timeout" in line]
+        assert 1 <= len(lines) <= 2, lines
+    finally:
+        b.stop()
 
 # MARK: - A real browser
 
