@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 
 static inline int mqlite_registryindex(void) { return LUA_REGISTRYINDEX; }
 static inline int mqlite_upvalueindex(int i) { return lua_upvalueindex(i); }
@@ -32,9 +33,10 @@ static inline void mqlite_gc_generational(lua_State *L) { lua_gc(L, LUA_GCGEN, 0
  * (`enforce`, set by mqlite_call around lua_pcall and cleared by the trampoline while a Swift
  * function of the host library runs). Host code (pushing hook arguments, reading results, the
  * mqlite.* functions) may overdraw the budget by what one such operation allocates; the next
- * allocation made by Lua code then fails inside lua_pcall, where the error is caught. So in Swift
- * frames the allocator fails only on a real out-of-memory from the OS, as any Swift allocation
- * would.
+ * allocation made by Lua code then fails inside lua_pcall, where the error is caught, and a state
+ * left over it fails the call right after the host function or before the call starts
+ * (mqlite_over_budget). So in Swift frames the allocator fails only on a real out-of-memory from
+ * the OS, as any Swift allocation would.
  * ------------------------------------------------------------------------------------------- */
 typedef struct mqlite_control {
     size_t used;            /* bytes currently allocated by this state */
@@ -50,7 +52,15 @@ typedef struct mqlite_control {
     unsigned long calls;
     unsigned long expired;
     int stopping;
+    /* What the running call queued outside its limits (mqlite_take_action). */
+    int actions;
+    size_t action_bytes;
 } mqlite_control;
+
+/// mqlite.publish, mqlite.disconnect and mqlite.reauthorize calls one hook call may make: each
+/// queues work that runs outside the call's limits (a message routed, a hook run for another
+/// client), so a loop of them in one call would amplify without bound.
+#define MQLITE_MAX_ACTIONS 1000
 
 /// Instructions between two runs of the limit hook (fewer when the instruction limit is smaller).
 #define MQLITE_HOOK_STEP 1000
@@ -100,6 +110,16 @@ static inline lua_State *mqlite_newstate(mqlite_control *c, size_t memory_limit,
 }
 
 static inline size_t mqlite_memory_used(const mqlite_control *c) { return c->used; }
+static inline int mqlite_memory_limit(lua_State *L) { size_t limit = mqlite_control_of(L)->limit; return limit > INT_MAX ? INT_MAX : (int)limit; }
+
+/// Counts one more action of the running call (`bytes` of payload it copies out of Lua): 0 once
+/// past MQLITE_MAX_ACTIONS, or past `memory_limit` bytes in all.
+static inline int mqlite_take_action(lua_State *L, size_t bytes) {
+    mqlite_control *c = (mqlite_control *)mqlite_control_of(L);
+    c->actions += 1;
+    c->action_bytes += bytes;
+    return c->actions <= MQLITE_MAX_ACTIONS && c->action_bytes <= c->limit;
+}
 static inline size_t mqlite_memory_remaining(const mqlite_control *c) { return c->used >= c->limit ? 0 : c->limit - c->used; }
 
 /* The watchdog's side (another thread). */
@@ -146,12 +166,33 @@ static void mqlite_limit_hook(lua_State *L, lua_Debug *ar) {
     }
 }
 
+#define MQLITE_MEMORY_ERROR "not enough memory (memory_limit)"
+
+/// Whether the state is over its memory budget after a full collection. Host code overdraws the
+/// budget (see above): a string it hands to Lua (a hook's payload, a mqlite.kv value) that the
+/// script keeps in a table slot it already has allocates nothing the budget would refuse, so a
+/// script could hoard such strings past any limit. Checked before a call starts (its arguments
+/// pushed) and after each host function (its results pushed).
+static int mqlite_over_budget(lua_State *L, mqlite_control *c) {
+    if (c->used <= c->limit) return 0;
+    lua_gc(L, LUA_GCCOLLECT);
+    return c->used > c->limit;
+}
+
 /// lua_pcall under the limits: the instruction budget, the memory budget (enforced only for the
-/// duration of the call), and the time limit (the watchdog sees the odd call count).
+/// duration of the call), and the time limit (the watchdog sees the odd call count). A state
+/// over its budget with the call's arguments pushed does not run it (LUA_ERRMEM).
 static inline int mqlite_call(lua_State *L, int nargs, int nresults) {
     mqlite_control *c = mqlite_control_of(L);
+    if (mqlite_over_budget(L, c)) {
+        lua_settop(L, lua_gettop(L) - nargs - 1);
+        lua_pushliteral(L, MQLITE_MEMORY_ERROR);
+        return LUA_ERRMEM;
+    }
     c->remaining = c->instruction_limit;
     c->exhausted = 0;
+    c->actions = 0;
+    c->action_bytes = 0;
     c->step = c->instruction_limit < MQLITE_HOOK_STEP ? (int)c->instruction_limit : MQLITE_HOOK_STEP;
     lua_sethook(L, mqlite_limit_hook, LUA_MASKCOUNT, c->step);
     __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* odd: running */
@@ -177,8 +218,16 @@ static inline int mqlite_call(lua_State *L, int nargs, int nresults) {
 /// goes on across the parts: `*remaining` is what is left, updated when the part ends.
 static inline int mqlite_resume(lua_State *from, lua_State *co, int nargs, int *nresults, long long *remaining) {
     mqlite_control *c = mqlite_control_of(co);
+    if (mqlite_over_budget(co, c)) {
+        lua_settop(co, lua_gettop(co) - nargs);
+        lua_pushliteral(co, MQLITE_MEMORY_ERROR);
+        *nresults = 0;
+        return LUA_ERRMEM;
+    }
     c->remaining = *remaining;
     c->exhausted = 0;
+    c->actions = 0;
+    c->action_bytes = 0;
     c->step = c->remaining < MQLITE_HOOK_STEP ? (int)(c->remaining > 0 ? c->remaining : 1) : MQLITE_HOOK_STEP;
     lua_sethook(co, mqlite_limit_hook, LUA_MASKCOUNT, c->step);
     __atomic_store_n(&c->calls, c->calls + 1, __ATOMIC_RELEASE);  /* odd: running */
@@ -206,6 +255,15 @@ typedef int (*mqlite_swift_function)(lua_State *L);
 
 #define MQLITE_YIELD (-2)
 
+/// After a host or library function inside a call: the time limit (the count hook sees it only
+/// every MQLITE_HOOK_STEP instructions, and a loop of slow calls, a password hash or a full
+/// collection each, is few instructions) and the memory budget (`mqlite_over_budget`).
+static void mqlite_check_limits(lua_State *L, mqlite_control *c) {
+    if (!c->enforce) return;  /* not in a call */
+    if (mqlite_overdue(c)) mqlite_overdue_error(L, c);
+    if (mqlite_over_budget(L, c)) mqlite_limit_error(L, c, MQLITE_MEMORY_ERROR);
+}
+
 static int mqlite_trampoline(lua_State *L) {
     mqlite_swift_function fn = (mqlite_swift_function)lua_touserdata(L, lua_upvalueindex(1));
     mqlite_control *c = mqlite_control_of(L);
@@ -216,6 +274,7 @@ static int mqlite_trampoline(lua_State *L) {
     c->enforce = enforce;
     if (results == MQLITE_YIELD) return lua_yield(L, 0);
     if (results < 0) return lua_error(L);
+    mqlite_check_limits(L, c);
     return results;
 }
 
@@ -250,6 +309,23 @@ static inline void mqlite_guard_setmetatable(lua_State *L) {
     lua_getglobal(L, "setmetatable");
     lua_pushcclosure(L, mqlite_setmetatable, 1);
     lua_setglobal(L, "setmetatable");
+}
+
+/// collectgarbage, then the call's limits (`mqlite_check_limits`): a full collection of a large
+/// state takes long, in one instruction. Upvalue 1 is Lua's own.
+static int mqlite_collectgarbage(lua_State *L) {
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    mqlite_control *c = mqlite_control_of(L);
+    if (c->enforce && mqlite_overdue(c)) mqlite_overdue_error(L, c);
+    return lua_gettop(L);
+}
+
+static inline void mqlite_guard_collectgarbage(lua_State *L) {
+    lua_getglobal(L, "collectgarbage");
+    lua_pushcclosure(L, mqlite_collectgarbage, 1);
+    lua_setglobal(L, "collectgarbage");
 }
 
 /* ---------------------------------------------------------------------------------------------

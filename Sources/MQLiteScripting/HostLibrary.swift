@@ -352,6 +352,7 @@ enum HostLibrary {
         let retain = lua_toboolean(L, 4) != 0
         let ctx = context(L)
         guard let broker = ctx.vm.host.broker else { return fail(L, "mqlite.publish: the broker is not running yet") }
+        guard takeAction(L, bytes: topic.utf8.count + payload.count) else { return fail(L, tooManyActions("mqlite.publish")) }
         do {
             try broker.publish(topic: topic, payload: ByteBuffer(bytes: payload), qos: qos, retain: retain, worker: ctx.vm.worker)
         } catch {
@@ -368,6 +369,7 @@ enum HostLibrary {
         let ctx = context(L)
         let reason = string(L, 2).map { "disconnected by \(ctx.name): \($0)" } ?? "disconnected by \(ctx.name)"
         guard let broker = ctx.vm.host.broker else { return fail(L, "mqlite.disconnect: the broker is not running yet") }
+        guard takeAction(L, bytes: reason.utf8.count) else { return fail(L, tooManyActions("mqlite.disconnect")) }
         lua_pushboolean(L, broker.disconnect(clientID: clientID, reason: reason) ? 1 : 0)
         return 1
     }
@@ -379,8 +381,17 @@ enum HostLibrary {
         let L = L!
         guard let clientID = string(L, 1) else { return fail(L, "mqlite.reauthorize(client_id)") }
         guard let broker = context(L).vm.host.broker else { return fail(L, "mqlite.reauthorize: the broker is not running yet") }
+        guard takeAction(L, bytes: 0) else { return fail(L, tooManyActions("mqlite.reauthorize")) }
         lua_pushboolean(L, broker.reauthorize(clientID: clientID) ? 1 : 0)
         return 1
+    }
+
+    /// Counts a call of mqlite.publish, .disconnect or .reauthorize against what one hook call may
+    /// queue (`MQLITE_MAX_ACTIONS` calls, `memory_limit` bytes copied out of Lua in all).
+    private static func takeAction(_ L: LuaState, bytes: Int) -> Bool { mqlite_take_action(L, bytes) != 0 }
+
+    private static func tooManyActions(_ name: String) -> String {
+        "\(name): more than \(MQLITE_MAX_ACTIONS) calls of mqlite.publish, mqlite.disconnect and mqlite.reauthorize, or more than memory_limit bytes of them, in one hook call"
     }
 
     /// `mqlite.topic_matches(filter, topic)` → boolean.

@@ -192,6 +192,8 @@ final class LuaVM: @unchecked Sendable {
         mqlite_guard_setmetatable(L)
         mqlite_guard_coroutines(L)
         mqlite_guard_xpcall(L)
+        // A full collection is one instruction: the time limit is checked after it.
+        mqlite_guard_collectgarbage(L)
         lua_getglobal(L, "os")
         for name in ["execute", "exit", "remove", "rename", "tmpname", "getenv", "setlocale"] {
             lua_pushnil(L)

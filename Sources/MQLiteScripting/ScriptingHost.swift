@@ -762,6 +762,9 @@ private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookR
     return qos
 }
 
+/// Messages one on_publish call may return in a list.
+let maxListedMessages = 1000
+
 /// What an on_publish call returned (on top of the stack): nil asks the next hook.
 private func readPublishResult(_ L: LuaState, message: HookedMessage, payloadString: UnsafePointer<CChar>?) throws(HookResultError) -> PublishDecision? {
     switch lua_type(L, -1) {
@@ -770,13 +773,22 @@ private func readPublishResult(_ L: LuaState, message: HookedMessage, payloadStr
     case LUA_TTABLE:
         try requirePlainTable(L, -1, "on_publish's result")
         // A list of message tables (one in, many out), or one message table.
-        if lua_rawlen(L, -1) > 0 {
+        let count = lua_rawlen(L, -1)
+        if count > 0 {
+            // Each item's payload is copied out of Lua (one string in many items, many times):
+            // at most `maxListedMessages` items, and their payloads within the state's budget.
+            guard count <= maxListedMessages else { throw HookResultError("on_publish returned \(count) messages (at most \(maxListedMessages))") }
+            let budget = mqlite_memory_limit(L)
+            var bytes = 0
             var messages: [HookedMessage] = []
-            for i in 1...lua_rawlen(L, -1) {
+            for i in 1...count {
                 lua_rawgeti(L, -1, lua_Integer(i))
                 guard lua_type(L, -1) == LUA_TTABLE else { throw HookResultError("on_publish list item \(i) is not a table") }
                 try requirePlainTable(L, -1, "on_publish list item \(i)")
-                messages.append(try readMessage(L, base: message, payloadString: payloadString))
+                let item = try readMessage(L, base: message, payloadString: payloadString)
+                bytes += item.payload.readableBytes
+                guard bytes <= budget else { throw HookResultError("on_publish returned messages of more than memory_limit (\(budget)) bytes in all") }
+                messages.append(item)
                 mqlite_pop(L, 1)
             }
             return .replace(messages)

@@ -49,6 +49,29 @@ struct TimeLimitTests {
         }
     }
 
+    /// The count hook runs every 1,000 instructions; a loop of slow calls (a full collection, a
+    /// hash) is a few instructions each, so the time limit is also checked after each such call.
+    @Test("a loop of slow library calls fails at time_limit, not after it")
+    func slowCallsFailByTime() async throws {
+        let script = """
+            keep = {}
+            for i = 1, 200000 do keep[i] = {} end
+            mqlite.on_publish("gc", function(m)
+              for i = 1, 200 do collectgarbage("collect") end
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.timeLimit = 0.1; $0.workers = 1 }) { b, host, _ in
+            let c = try await b.client("c")
+            let clock = ContinuousClock()
+            let start = clock.now
+            try await c.publish("gc", "x", qos: .atLeastOnce)
+            let elapsed = clock.now - start
+            #expect(host.failureCount == 1)
+            #expect(elapsed < .seconds(1), "\(elapsed)")  // 200 collections of 200k tables take seconds
+            try await eventually("log") { b.logMessages.contains { $0.contains("time limit exceeded") } }
+        }
+    }
+
     @Test("while true do end fails by time even with the largest instruction_limit")
     func loopFailsByTime() async throws {
         let script = """
@@ -186,6 +209,98 @@ struct MemoryLimitTests {
             try await other.subscribe("plain")
             try await other.publish("plain", "still served")
             #expect(payload(try await other.expectPublish()) == "still served")
+        }
+    }
+
+    /// Strings the host hands to Lua (hook arguments, mqlite.kv values) are allocated outside the
+    /// budget: kept in table slots the script already has, they allocated nothing Lua would refuse,
+    /// and 1,200 payloads of 1 MB kept this way held 1 GB against a 64 MiB limit.
+    @Test("payloads hoarded in slots allocated beforehand: the call fails once the state is over memory_limit")
+    func hoardedArguments() async throws {
+        let script = """
+            ring = {}
+            for i = 1, 200 do ring[i] = false end
+            n = 0
+            mqlite.on_publish("hoard", function(m)
+              n = n % 200 + 1
+              ring[n] = m.payload
+            end)
+            """
+        try await withScripts([script], configure: { $0.scripting.memoryLimit = 4 << 20; $0.workers = 1 }) { b, host, _ in
+            let c = try await b.client("c")
+            let payload = ByteBuffer(repeating: 0x7A, count: 200 << 10)
+            for _ in 0..<60 { try await c.publish("hoard", payload, qos: .atLeastOnce) }
+            #expect(host.failureCount >= 35, "\(host.failureCount)")  // ~20 payloads fit in 4 MiB
+            #expect(host.memoryUsed(worker: 0) <= (4 << 20) + (200 << 10), "\(host.memoryUsed(worker: 0))")
+            try await eventually("log") { b.logMessages.contains { $0.contains("not enough memory") } }
+        }
+    }
+
+    @Test("an on_publish list is at most 1,000 messages, their payloads within memory_limit")
+    func listResults() async throws {
+        let script = """
+            mqlite.on_publish("many", function(m)
+              local out = {}
+              for i = 1, 1001 do out[i] = { topic = "out/" .. i } end
+              return out
+            end)
+            mqlite.on_publish("fine", function(m)
+              local out = {}
+              for i = 1, 1000 do out[i] = { topic = "out/" .. i } end
+              return out
+            end)
+            """
+        // (A script of its own: failures are logged once per script and hook every 10 s.)
+        let heavy = """
+            local big = string.rep("p", 1024 * 1024)
+            mqlite.on_publish("heavy", function(m)
+              local out = {}
+              for i = 1, 20 do out[i] = { topic = "out/" .. i, payload = big } end
+              return out
+            end)
+            """
+        try await withScripts([script, heavy], configure: { $0.scripting.memoryLimit = 16 << 20; $0.workers = 1 }) { b, host, _ in
+            let sink = try await b.client("sink")
+            try await sink.subscribe("out/#")
+            let c = try await b.client("c")
+            try await c.publish("many", "x", qos: .atLeastOnce)
+            try await c.publish("heavy", "x", qos: .atLeastOnce)
+            #expect(host.failureCount == 2)
+            #expect(b.logMessages.contains { $0.contains("returned 1001 messages (at most 1000)") })
+            #expect(b.logMessages.contains { $0.contains("more than memory_limit") })
+            try await c.publish("fine", "x", qos: .atLeastOnce)
+            var delivered = 0
+            while let event = await sink.nextEvent(timeout: .milliseconds(500)) {
+                if case .packet(.publish) = event { delivered += 1 }
+            }
+            #expect(delivered == 1000)
+        }
+    }
+
+    @Test("mqlite.publish, disconnect and reauthorize: at most 1,000 calls in one hook call")
+    func queuedActions() async throws {
+        let script = """
+            mqlite.on_publish("amplify", function(m)
+              for i = 1, 100000 do mqlite.publish("out/x", "p") end
+            end)
+            mqlite.on_publish("fine", function(m)
+              for i = 1, 1000 do mqlite.publish("out/x", "p") end
+            end)
+            """
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, host, _ in
+            let sink = try await b.client("sink")
+            try await sink.subscribe("out/#")
+            let c = try await b.client("c")
+            try await c.publish("amplify", "x", qos: .atLeastOnce)
+            #expect(host.failureCount == 1)
+            try await eventually("log") { b.logMessages.contains { $0.contains("more than 1000 calls of mqlite.publish") } }
+            try await c.publish("fine", "x", qos: .atLeastOnce)
+            #expect(host.failureCount == 1)
+            var delivered = 0
+            while let event = await sink.nextEvent(timeout: .milliseconds(500)) {
+                if case .packet(.publish) = event { delivered += 1 }
+            }
+            #expect(delivered == 2000)  // the first call's thousand, then the second's
         }
     }
 
