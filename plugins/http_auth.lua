@@ -17,8 +17,8 @@
 --   anything else, or no answer (timeout, connection refused): an error of the hook, and
 --                `[scripting] on_error` decides ("deny", the default, refuses the client).
 -- The worker goes on serving every other client while a request is out; `[scripting]
--- max_pending_calls` bounds how many wait at once on each worker. Answers are cached by a hash
--- of the client id and credentials. A password that is not UTF-8 (MQTT passwords are bytes) cannot
+-- max_pending_calls` bounds how many wait at once on each worker. Admissions are cached by a
+-- hash of the client id and credentials (refusals are not: any client could fill the cache). A password that is not UTF-8 (MQTT passwords are bytes) cannot
 -- go in the JSON request: that client is refused (CONNACK 4) without asking, whatever `on_error`
 -- says (the service did not fail; a client must not be able to make it look as if it had).
 
@@ -71,7 +71,9 @@ mqlite.on_connect(function(c)
   local answer = cache_ttl > 0 and mqlite.kv.get(cache_key(c)) or nil
   if answer == nil then
     answer = ask(c)
-    if cache_ttl > 0 then mqlite.kv.set(cache_key(c), answer, cache_ttl) end
+    -- Admissions only: refusals cached would let clients with wrong passwords fill mqlite.kv
+    -- (kv_max_bytes) until admitted clients could no longer be. A full cache is no error.
+    if cache_ttl > 0 and answer ~= false then pcall(mqlite.kv.set, cache_key(c), answer, cache_ttl) end
   end
   if answer == false then return false end
   mqlite.kv.set(acl_key(c), answer, ACL_UNTIL_CONNECTED)

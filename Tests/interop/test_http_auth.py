@@ -255,3 +255,19 @@ def test_a_password_that_is_not_utf8_is_refused_not_a_service_failure(tmp_path, 
         assert connect("ü-secret".encode()) == b"\x20\x02\x00\x05"
     finally:
         b.stop()
+
+
+def test_refusals_are_not_cached_so_wrong_passwords_cannot_fill_the_cache(tmp_path, service):
+    """With cache_ttl, admissions are kept in mqlite.kv; refusals are not: clients with wrong
+    passwords (60 here) would fill a small kv_max_bytes, after which nobody else could be admitted."""
+    b = broker_with(tmp_path, f'{{ url = "{service.url}/auth", timeout = 2, cache_ttl = 600 }}', workers=1,
+                    extra="[scripting]\nkv_max_bytes = 4096\n")
+    try:
+        for i in range(60):
+            bad = mosquitto_pub(b.port, "-i", f"guess{i}", "-u", "mallory", "-P", f"guess{i}", "-t", "x", "-m", "x")
+            assert bad.returncode != 0
+        ok = mosquitto_pub(b.port, "-i", "dev9", "-u", "alice", "-P", "secret", "-t", "dev/dev9/x", "-m", "hi", "-q", "1")
+        assert ok.returncode == 0, ok.stderr + b.log()[-2000:]
+        assert "kv_max_bytes reached" not in b.log()
+    finally:
+        b.stop()
