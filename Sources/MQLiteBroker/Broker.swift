@@ -189,8 +189,7 @@ public final class Broker: Sendable {
             // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
             let limit = configuration.limits.maxTopicLevels
             guard changed.topic.levelCount <= limit else {
-                let error = MQTTProtocolError.tooManyTopicLevels(levels: changed.topic.levelCount, limit: limit)
-                logger.info("delivery hook produced an invalid topic \"\(LogText(changed.topic.string))\": \(LogText(error.description))")
+                workers[worker].logHookTopicDrop(changed.topic, hook: "delivery", limit: limit, logger: logger)
                 return nil
             }
             changed.qos = message.qos

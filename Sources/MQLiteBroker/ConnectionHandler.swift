@@ -996,11 +996,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
         let limit = broker.configuration.limits.maxTopicLevels
-        guard m.topic.levelCount <= limit else {
-            let error = MQTTProtocolError.tooManyTopicLevels(levels: m.topic.levelCount, limit: limit)
-            logger.info("publish hook produced an invalid topic \"\(LogText(m.topic.string))\": \(LogText(error.description))")
-            return
-        }
+        guard m.topic.levelCount <= limit else { return worker.logHookTopicDrop(m.topic, hook: "publish", limit: limit, logger: logger) }
         // A rewritten topic is checked against the ACL again.
         guard mayPublish(m.topic) else { return }
         publish(Message(topic: m.topic, payload: m.payload, qos: m.qos, retain: m.retain, properties: m.properties), along: worker.route(for: m.topic))

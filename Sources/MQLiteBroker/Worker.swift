@@ -1,3 +1,4 @@
+import Logging
 import MQTTCore
 import NIOCore
 import Synchronization
@@ -52,6 +53,16 @@ final class Worker: @unchecked Sendable {
     /// Memory was let go here since the last sweep (a connection closed):
     /// the sweep may give it back to the system (`Broker.returnFreedMemory`).
     var freedMemory = false
+    /// Messages hooks rewrote to a topic over max_topic_levels, dropped: a line at most every 10 s.
+    var hookTopicDrops = LogThrottle()
+
+    /// Logs a message a hook rewrote to a topic over max_topic_levels (at most a line every 10 s:
+    /// every message of a topic can make one).
+    func logHookTopicDrop(_ topic: TopicName, hook: String, limit: Int, logger: Logger) {
+        guard let count = hookTopicDrops.due() else { return }
+        let error = MQTTProtocolError.tooManyTopicLevels(levels: topic.levelCount, limit: limit)
+        logger.info("\(hook) hook produced an invalid topic \"\(LogText(topic.string))\": \(LogText(error.description)); \(count) such messages dropped since the last line")
+    }
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
     /// Persistent sessions offline that never expire: not swept, only counted in the stats
