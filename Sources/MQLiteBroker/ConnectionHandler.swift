@@ -958,6 +958,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         switch broker.hooks.interceptPublish(message, from: clientInfo, worker: worker.index) {
         case .now(let decision):
             apply(decision, to: message, route: route)
+            yieldIfHooksTookTheTurn()
         case .later(let future):
             // Routed as the hook answers (subscriptions may have changed meanwhile); a failed
             // answer drops the message, as a failing hook does.
@@ -965,6 +966,22 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 handler.apply(decision, to: message, route: handler.worker.route(for: message.topic))
             }
         }
+    }
+
+    /// After a hook call that answered at once: once this turn's hook calls have taken
+    /// `Worker.hookTurnBudget`, the rest of what the client sent waits for a later tick of the
+    /// loop (after its poll of the sockets, so that the other clients go first), as behind a hook
+    /// that waits: reading pauses, what was read stays undecoded. Only hooked messages pay the
+    /// clock read.
+    private func yieldIfHooksTookTheTurn() {
+        guard machine.isConnected, !machine.hookPending else { return }  // (not a will at the close)
+        let now = NIODeadline.now()
+        guard let start = worker.hookTurnStart else { return worker.hookTurnStart = now }
+        guard now - start >= Worker.hookTurnBudget else { return }
+        worker.hookTurnStart = nil
+        let turn = worker.loop.makePromise(of: Void.self)
+        worker.pacing.later { turn.succeed() }
+        whenAnswered(.later(turn.futureResult), failed: ()) { _, _ in }
     }
 
     /// Carries out a publish hook's answer for `message`.

@@ -317,7 +317,16 @@ final class Worker: @unchecked Sendable {
     func beginBatch() {
         assertOnLoop()
         inBatch = true
+        hookTurnStart = nil
     }
+
+    /// When this turn's (a read's) first hooked PUBLISH was handled: a client whose packets keep
+    /// the publish hooks busy `hookTurnBudget` past it lets the others go first
+    /// (`ConnectionHandler.yieldIfHooksTookTheTurn`).
+    var hookTurnStart: NIODeadline?
+    /// A read of 256 KiB of small PUBLISHes runs thousands of hook calls: at 1 ms each, a client
+    /// flooding a hooked topic held its worker for 25 s.
+    static let hookTurnBudget = TimeAmount.milliseconds(10)
 
     /// Registers a connection with unflushed output. Inside a batch, the batch's end flushes it;
     /// output from anywhere else (timers, takeover, a completed session hand-over) is flushed by

@@ -72,6 +72,38 @@ struct TimeLimitTests {
         }
     }
 
+    /// A read of small PUBLISHes to a hooked topic runs a hook call for each: reads grow to 256 KiB
+    /// while they come full, and at 0.2 ms a call one read of 32 KiB held the worker 0.6 s (a
+    /// flood of 256 KiB reads, tens of seconds). Past 10 ms of hook calls in a read, the rest of it
+    /// waits for a later tick, after the others.
+    @Test("a client flooding a topic whose hook takes 0.2 ms does not hold its worker: other clients' pings are answered meanwhile")
+    func hookedFloodYields() async throws {
+        let script = """
+            mqlite.on_publish("busy/#", function(m)
+              local t = os.clock()
+              while os.clock() - t < 0.0002 do end
+            end)
+            """
+        try await withScripts([script], configure: { $0.workers = 1 }) { b, host, _ in
+            let flooder = try await b.client("flooder")
+            let other = try await b.client("other")
+            var flood = ByteBuffer()
+            for _ in 0..<15_000 { flood.writeMQTTPacket(.publish(PublishPacket(topic: "busy/x", payload: "1"))) }
+            flooder.sendRaw(Array(flood.readableBytesView))  // ~3 s of hook calls
+            let clock = ContinuousClock()
+            var longest = Duration.zero
+            let end = clock.now + .seconds(2)
+            while clock.now < end {
+                let start = clock.now
+                try await other.ping()
+                longest = max(longest, clock.now - start)
+            }
+            // 10 ms turns (30 ms alone, ~0.4 s beside the other tests on two cores); 2 s without.
+            #expect(longest < .seconds(1), "\(longest)")
+            try await flooder.ping(timeout: .seconds(20))  // and the flood was all handled
+        }
+    }
+
     @Test("while true do end fails by time even with the largest instruction_limit")
     func loopFailsByTime() async throws {
         let script = """
