@@ -192,23 +192,11 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
 
     // MARK: - Timers
 
-    /// The scheduled timers of worker 0's state (touched on worker 0's loop, and by `stop`).
-    private let timerTasks = Mutex<(tasks: [TimerTask], stopped: Bool)>(([], false))
-
-    private enum TimerTask {
-        case once(Scheduled<Void>)
-        case repeating(RepeatedTask)
-
-        func cancel() {
-            switch self {
-            case .once(let task): task.cancel()
-            case .repeating(let task): task.cancel()
-            }
-        }
-    }
+    /// The timers of worker 0's state (replaced on worker 0's loop; stopped by `stop`).
+    private let timerWheel = Mutex<(wheel: TimerWheel?, stopped: Bool)>((nil, false))
 
     /// Schedules the timers (`mqlite.every`, `mqlite.after`) of worker 0's current state on its
-    /// loop, cancelling those of a state it replaces. Timers run in that one state, whatever the
+    /// loop, stopping those of a state it replaces. Timers run in that one state, whatever the
     /// number of workers (every worker's state registers them; only worker 0's run).
     private func startTimers() {
         guard let loop = broker?.eventLoop(ofWorker: 0) else { return }
@@ -216,46 +204,26 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     }
 
     private func scheduleTimers(on loop: any EventLoop) {
-        let previous = timerTasks.withLock { state in
-            defer { state.tasks = [] }
-            return state.tasks
+        let wheel = vm(0).flatMap { $0.timers.isEmpty ? nil : TimerWheel(vm: $0, host: self, loop: loop) }
+        let (previous, stopped) = timerWheel.withLock { state in
+            defer { if !state.stopped { state.wheel = wheel } }
+            return (state.wheel, state.stopped)
         }
-        for task in previous { task.cancel() }
-        guard let vm = vm(0), !vm.timers.isEmpty else { return }
-        // A repeating timer's next run counts from the end of the last (slow runs do not pile
-        // up). A failing call is reported as a hook failure and keeps its schedule.
-        let tasks: [TimerTask] = vm.timers.indices.map { index in
-            let timer = vm.timers[index]
-            // A run that waits (an HTTP call) goes on by itself; the timer's next runs are skipped
-            // until it ends, so that runs waiting on a slow service do not pile up.
-            let waiting = NIOLoopBound(Flag(), eventLoop: loop)
-            let run: @Sendable () -> Void = { [weak vm] in
-                guard let vm, vm === self.slots[0].vm, !waiting.value.value else { return }
-                if case .later(let done) = vm.call(vm.timers[index].hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () }) {
-                    waiting.value.value = true
-                    done.whenComplete { _ in waiting.value.value = false }
-                }
-            }
-            if timer.repeats {
-                return .repeating(loop.scheduleRepeatedTask(initialDelay: timer.interval, delay: timer.interval) { _ in run() })
-            }
-            return .once(loop.scheduleTask(in: timer.interval, run))
-        }
-        let stopped = timerTasks.withLock { state in
-            if !state.stopped { state.tasks = tasks }
-            return state.stopped
-        }
-        if stopped { for task in tasks { task.cancel() } }
+        previous?.stop()
+        if stopped { wheel?.stop() } else { wheel?.start() }
     }
 
-    /// Cancels every timer (shutdown).
+    /// Whether `vm` is worker 0's running state (a reload replaces it).
+    fileprivate func isTimerState(_ vm: LuaVM) -> Bool { vm === slots[0].vm }
+
+    /// Stops every timer (shutdown).
     private func stopTimers() {
-        let tasks = timerTasks.withLock { state in
+        let wheel = timerWheel.withLock { state in
             state.stopped = true
-            defer { state.tasks = [] }
-            return state.tasks
+            defer { state.wheel = nil }
+            return state.wheel
         }
-        for task in tasks { task.cancel() }
+        wheel?.stop()
     }
 
     /// Makes every hook call, running now or later, fail at its next check (within 1000 VM
@@ -1067,7 +1035,77 @@ private func readACL(_ L: LuaState) throws(HookResultError) -> ACLTable {
     return ACLTable(publish: try list("publish"), subscribe: try list("subscribe"), deny: try list("deny") ?? [])
 }
 
-/// A flag shared by closures on one loop.
-private final class Flag {
-    var value = false
+/// The timers of one state, on worker 0's loop, driven by one scheduled task at the earliest due
+/// time. Runs back to back take at most `budget`; then the rest waits a millisecond, for the loop
+/// to poll its sockets. With a NIO task per timer, NIO ran every task that came due while it
+/// ran tasks before it polled: 1,000 timers whose runs each took their limit held worker 0 for
+/// good. A repeating timer's next run counts from the end of the last (slow runs do not pile up);
+/// a failing call is reported as a hook failure and keeps its schedule; a run that waits (an HTTP
+/// call) goes on by itself, and the timer's runs are skipped until it ends.
+private final class TimerWheel: @unchecked Sendable {  // (everything but `stopped` and `task` on `loop`)
+    static let budget = TimeAmount.milliseconds(10)
+
+    private weak var vm: LuaVM?
+    private unowned let host: ScriptingHost
+    private let loop: any EventLoop
+    private let stopped = Atomic<Bool>(false)
+    /// When each timer runs next; `distantFuture` for a one-off that ran.
+    private var due: [NIODeadline]
+    /// Whose run waits (an HTTP call).
+    private var waiting: [Bool]
+    private let task = Mutex<Scheduled<Void>?>(nil)
+    /// Over the budget: waiting for the poll.
+    private var yielding = false
+
+    init(vm: LuaVM, host: ScriptingHost, loop: any EventLoop) {
+        self.vm = vm
+        self.host = host
+        self.loop = loop
+        let now = NIODeadline.now()
+        due = vm.timers.map { now + $0.interval }
+        waiting = Array(repeating: false, count: vm.timers.count)
+    }
+
+    /// On the loop.
+    func start() { arm() }
+
+    /// Any thread.
+    func stop() {
+        stopped.store(true, ordering: .relaxed)
+        task.withLock { $0?.cancel() }
+    }
+
+    private func arm() {
+        guard !stopped.load(ordering: .relaxed), !yielding, let next = due.min(), next != .distantFuture else { return }
+        let scheduled = loop.scheduleTask(deadline: next) { self.fire() }
+        task.withLock { $0?.cancel(); $0 = scheduled }
+    }
+
+    private func fire() {
+        guard !stopped.load(ordering: .relaxed), let vm, host.isTimerState(vm) else { return }
+        let start = NIODeadline.now()
+        while true {
+            let now = NIODeadline.now()
+            guard let index = due.indices.lazy.filter({ self.due[$0] <= now }).min(by: { self.due[$0] < self.due[$1] }) else { break }
+            guard now - start < Self.budget else {
+                // A task due later than now: NIO polls the sockets before it (unless other tasks
+                // keep it busy that long).
+                yielding = true
+                let scheduled = loop.scheduleTask(in: .milliseconds(1)) {
+                    self.yielding = false
+                    self.fire()
+                }
+                task.withLock { $0 = scheduled }
+                return
+            }
+            let timer = vm.timers[index]
+            due[index] = .distantFuture
+            if !waiting[index], case .later(let done) = vm.call(timer.hook, .timer, results: 0, push: { _ in 0 }, read: { _ in () }) {
+                waiting[index] = true
+                done.hop(to: loop).assumeIsolated().whenComplete { _ in self.waiting[index] = false }
+            }
+            if timer.repeats { due[index] = .now() + timer.interval }
+        }
+        arm()
+    }
 }

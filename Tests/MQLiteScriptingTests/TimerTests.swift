@@ -9,6 +9,32 @@ import Testing
 /// `mqlite.every` and `mqlite.after`: scripts that act on their own, on worker 0's state.
 @Suite("Lua timers")
 struct TimerTests {
+    /// Timers that keep coming due, each running to its limit: NIO runs the tasks that come due
+    /// while it runs tasks before it polls the sockets, so 1,000 such timers held worker 0 for good.
+    @Test("300 timers every 10 ms that each run to the instruction limit: worker 0's clients are still served")
+    func busyTimersYield() async throws {
+        let script = """
+            for i = 1, 300 do
+              mqlite.every(0.01, function() while true do end end)
+              mqlite.after(0.01, function() while true do end end)
+            end
+            """
+        try await withScripts([script], configure: { $0.workers = 1; $0.scripting.instructionLimit = 200_000 }) { b, host, _ in
+            try await eventually("the timers run") { host.failureCount > 100 }
+            let clock = ContinuousClock()
+            let start = clock.now
+            let c = try await b.client("c")
+            try await c.subscribe("x")
+            try await c.publish("x", "served")
+            #expect(String(buffer: try await c.expectPublish().payload) == "served")
+            for _ in 0..<5 { try await c.ping() }
+            // ~0.1 s alone, a few seconds beside the other tests on two cores; never without.
+            #expect(clock.now - start < .seconds(15), "\(clock.now - start)")
+            let runs = host.failureCount
+            try await eventually("the timers still run") { host.failureCount > runs + 100 }
+        }
+    }
+
     @Test("every 100 ms publishes in order from one state; after runs once; a failing run keeps the schedule")
     func everyAndAfter() async throws {
         let script = """
