@@ -475,7 +475,8 @@ def test_memory_comes_back_after_a_burst_to_a_stalled_subscriber(broker):
     """100 publishers each send 100 QoS 1 messages of 16 KiB at once to a subscriber that reads
     nothing; then it goes and they stay, idle. Their receive-buffer pools are trimmed (NIO kept up
     to 16 buffers each, of up to 256 KiB) and freed memory goes back to the system: before, the
-    broker stayed about 60 MB over its size before the burst."""
+    broker stayed about 60 MB over its size before the burst. (Since receive buffers past 2 KiB are
+    not kept, the peak is about 30 MB rather than 90.)"""
     publishers = connected_clients(broker.port, b"burst", 100)
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -492,10 +493,10 @@ def test_memory_comes_back_after_a_burst_to_a_stalled_subscriber(broker):
     for s in publishers:  # their PUBACKs
         s.settimeout(5)
         read_exactly(s, 400)
-    after = settle(broker, before, 40 * 1024, timeout=15)
+    after = settle(broker, before, 8 * 1024, timeout=15)
     print(f"burst: +{peak - before} KiB at the peak, +{after - before} KiB after")
-    assert peak - before > 50 * 1024, f"the burst took only {peak - before} KiB"  # (else this tests nothing)
-    assert after - before < 40 * 1024, f"{after - before} KiB still held after the burst (peak +{peak - before})"
+    assert peak - before > 20 * 1024, f"the burst took only {peak - before} KiB"  # (else this tests nothing)
+    assert after - before < 8 * 1024, f"{after - before} KiB still held after the burst (peak +{peak - before})"
     for s in publishers:
         s.close()
 
