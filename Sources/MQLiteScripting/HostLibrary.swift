@@ -113,7 +113,7 @@ enum HostLibrary {
             }
             filter = method
         } else if filtered {
-            guard let f = string(L, 1), (try? Topic.validateFilter(f)) != nil else {
+            guard let f = L.text(at: 1), (try? Topic.validateFilter(f)) != nil else {
                 return fail(L, "mqlite.\(kind.rawValue): first argument must be a valid topic filter")
             }
             filter = f
@@ -341,7 +341,8 @@ enum HostLibrary {
     /// `mqlite.publish(topic, payload[, qos[, retain]])`.
     static let publish: Function = { L in
         let L = L!
-        guard let topic = string(L, 1), let payload = bytes(L, 2) else { return fail(L, "mqlite.publish(topic, payload[, qos[, retain]])") }
+        guard L.rawBytes(at: 1) != nil, let payload = bytes(L, 2) else { return fail(L, "mqlite.publish(topic, payload[, qos[, retain]])") }
+        guard let topic = L.text(at: 1) else { return fail(L, "mqlite.publish: the topic is not UTF-8 text") }
         var qos = QoS.atMostOnce
         if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
             var isInteger: Int32 = 0
@@ -397,8 +398,10 @@ enum HostLibrary {
     /// `mqlite.topic_matches(filter, topic)` → boolean.
     static let topicMatches: Function = { L in
         let L = L!
-        guard let filter = string(L, 1), let topic = string(L, 2) else { return fail(L, "mqlite.topic_matches(filter, topic)") }
-        lua_pushboolean(L, Topic.matches(filter: filter, topic: topic) ? 1 : 0)
+        guard L.rawBytes(at: 1) != nil, L.rawBytes(at: 2) != nil else { return fail(L, "mqlite.topic_matches(filter, topic)") }
+        // Bytes that are not UTF-8 are no MQTT topic or filter: they match nothing.
+        let matches = L.text(at: 1).flatMap { filter in L.text(at: 2).map { Topic.matches(filter: filter, topic: $0) } } ?? false
+        lua_pushboolean(L, matches ? 1 : 0)
         return 1
     }
 

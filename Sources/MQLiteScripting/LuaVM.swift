@@ -576,6 +576,12 @@ extension LuaState {
         rawBytes(at: index).map { String(decoding: $0, as: UTF8.self) }
     }
 
+    /// The string at `index` if it is valid UTF-8, else nil: for topics and filters, where
+    /// decoding would turn bad bytes into U+FFFD and two different byte strings into one topic.
+    func text(at index: Int32) -> String? {
+        rawBytes(at: index).flatMap { String(validating: $0, as: UTF8.self) }
+    }
+
     func push(bytes: UnsafeRawBufferPointer) {
         lua_pushlstring(self, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
     }

@@ -715,9 +715,10 @@ private func rawField(_ L: LuaState, _ index: Int32, _ key: String) {
 }
 
 private func readString(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> String {
-    guard lua_type(L, index) == LUA_TSTRING, let string = L.string(at: index) else {
+    guard lua_type(L, index) == LUA_TSTRING else {
         throw HookResultError("\(what) must be a string, not a \(typeName(L, index))")
     }
+    guard let string = L.text(at: index) else { throw HookResultError("\(what) must be UTF-8 text") }
     return string
 }
 

@@ -102,3 +102,44 @@ struct MalformedACLTests {
         }
     }
 }
+
+@Suite("Lua hardening: bytes that are not UTF-8")
+struct NotUTF8Tests {
+    @Test("a topic or filter from a script that is not UTF-8 is refused (not turned into U+FFFD, where two topics would become one); topic_matches says false")
+    func refused() async throws {
+        let script = """
+            mqlite.on_authorize(function(c)
+              if c.client_id == "acl" then return { publish = { "a/\\xff" } } end
+              return nil
+            end)
+            mqlite.on_publish("in/#", function(m)
+              if m.topic == "in/rewrite" then return { topic = "out/\\xff", payload = m.payload } end
+              if m.topic == "in/publish" then
+                local ok, err = pcall(mqlite.publish, "out/\\xfe", "x")
+                local matches = mqlite.topic_matches("out/\\xff", "out/\\xfe") or mqlite.topic_matches("out/+", "out/\\xff")
+                return { topic = "out/answer", payload = tostring(ok) .. " " .. tostring(matches) .. " " .. tostring(err) }
+              end
+              return true
+            end)
+            """
+        try await withScripts([script]) { b, host, _ in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("#")
+            let c = try await b.client("c")
+            try await c.publish("in/rewrite", "dropped")
+            try await c.publish("in/publish", "")
+            let answer = try await watcher.expectPublish()
+            #expect(answer.topicString == "out/answer")
+            #expect(payload(answer).hasPrefix("false false "), "\(payload(answer))")
+            #expect(payload(answer).contains("not UTF-8"), "\(payload(answer))")
+            try await c.ping()
+            try await watcher.expectNothing()
+            #expect(host.failureCount == 1)
+            try await eventually("log") { b.logMessages.contains { $0.contains("topic must be UTF-8 text") } }
+            // An ACL with such a filter is malformed: it allows nothing.
+            let acl = try await b.client("acl")
+            #expect(try await acl.subscribe([("a/b", .atMostOnce)]) == [.failure])
+            #expect(host.failureCount == 2)
+        }
+    }
+}
