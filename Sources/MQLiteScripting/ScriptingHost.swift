@@ -760,6 +760,17 @@ private func readPublishResult(_ L: LuaState, message: HookedMessage, payloadStr
                 messages.append(item)
                 mqlite_pop(L, 1)
             }
+            // Only items 1...count: a key past a hole, or a named one, would be dropped unseen.
+            var entries = 0
+            lua_pushnil(L)
+            while lua_next(L, -2) != 0 {
+                mqlite_pop(L, 1)
+                entries += 1
+                if entries > count { mqlite_pop(L, 1); break }
+            }
+            guard entries == count else {
+                throw HookResultError("on_publish's list holds something besides its items 1 to \(count) (a hole, or a named key)")
+            }
             return .replace(messages)
         }
         return .change(try readMessage(L, base: message, payloadString: payloadString))
@@ -778,7 +789,9 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
     lua_pushnil(L)
     while lua_next(L, table) != 0 {
         defer { mqlite_pop(L, 1) }  // the value; the key stays for lua_next
-        guard lua_type(L, -2) == LUA_TSTRING, let key = L.rawBytes(at: -2) else { continue }
+        guard lua_type(L, -2) == LUA_TSTRING, let key = L.rawBytes(at: -2) else {
+            throw HookResultError("a message table's keys are names (topic, payload, ...), not a \(typeName(L, -2))")
+        }
         switch key.count {
         case 5 where key.elementsEqual("topic".utf8):
             let topic = try readString(L, -1, "topic")
@@ -810,8 +823,11 @@ private func readMessage(_ L: LuaState, base: HookedMessage, payloadString: Unsa
         case 10 where key.elementsEqual("properties".utf8):
             message.properties = try readProperties(L, base: base.properties)
             changed = true
+        case 9 where key.elementsEqual("client_id".utf8), 8 where key.elementsEqual("username".utf8):
+            continue  // the argument's own, handed back (`return m`)
         default:
-            continue
+            // A typo (`topc`) would otherwise keep the original topic without a word.
+            throw HookResultError("unknown key \"\(String(decoding: key.prefix(64), as: UTF8.self))\" in a message table (topic, payload, qos, retain, properties)")
         }
     }
     // A payload marked as UTF-8 must be (MQTT-3.3.2-6 for what a client sends).
