@@ -103,8 +103,16 @@ struct ConnectionStateMachine {
     func packetStarts(with byte: UInt8) -> PacketAction? {
         guard byte != 0x10, case .awaitingConnect = state, !hookPending else { return nil }
         let type = PacketType(rawValue: byte >> 4).map { "\($0)" } ?? "reserved type 0"
-        return .close(reason: "first packet is \(type), not CONNECT (first byte 0x\(String(byte, radix: 16, uppercase: true)))")
+        let hint = Self.otherProtocols[byte].map { " (\($0)?)" } ?? ""
+        return .close(reason: "first packet is \(type), not CONNECT (first byte 0x\(String(byte, radix: 16, uppercase: true)))\(hint)")
     }
+
+    /// First bytes of what clients pointed at the wrong listener send, named in the log.
+    private static let otherProtocols: [UInt8: String] = [
+        0x16: "a TLS handshake on a listener without TLS",
+        UInt8(ascii: "G"): "an HTTP request on an MQTT listener without websocket",
+        UInt8(ascii: "P"): "a PROXY protocol header on a listener without proxy_protocol",
+    ]
 
     /// Whole packets came from the client: with a keep-alive, that is what its timer counts from
     /// (MQTT-3.1.2-24 counts Control Packets, as Mosquitto does; the bytes of a packet trickled

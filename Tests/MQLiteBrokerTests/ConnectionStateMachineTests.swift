@@ -37,8 +37,9 @@ struct ConnectionStateMachineTests {
     func firstByte() {
         var machine = ConnectionStateMachine(now: start)
         #expect(machine.packetStarts(with: 0x10) == nil)
-        #expect(machine.packetStarts(with: 0x50) == .close(reason: "first packet is pubrec, not CONNECT (first byte 0x50)"))
-        #expect(machine.packetStarts(with: 0x16) != nil)  // TLS to a plain listener
+        #expect(machine.packetStarts(with: 0x50) == .close(reason: "first packet is pubrec, not CONNECT (first byte 0x50) (a PROXY protocol header on a listener without proxy_protocol?)"))
+        #expect(machine.packetStarts(with: 0x16) == .close(reason: "first packet is connect, not CONNECT (first byte 0x16) (a TLS handshake on a listener without TLS?)"))
+        #expect(machine.packetStarts(with: 0x20) == .close(reason: "first packet is connack, not CONNECT (first byte 0x20)"))
         #expect(machine.packetReceived(.connect(connect)) == .connect(connect))
         machine.hookStarted()
         #expect(machine.packetStarts(with: 0x30) == nil)
