@@ -267,9 +267,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             }
             let (connack, reason) = machine.decodeFailed(error, connectLevel: level)
             if let connack {
-                guard level == ProtocolVersion.v5.rawValue, connack.returnCode != .unacceptableProtocolVersion else { return refuse(connack, reason) }
+                guard level == ProtocolVersion.v5.rawValue, connack.returnCode != .unacceptableProtocolVersion else { return refuse(connack, reason, unread: true) }
                 version = .v5
-                return refuse(connack, reason, counted: false)  // (a malformed CONNECT, not a refusal by a rule)
+                return refuse(connack, reason, counted: false, unread: true)  // (a malformed CONNECT, not a refusal by a rule)
             }
             tellV5(error.reasonCode)  // MQTT 5 says why before closing (§4.13.1)
             closeWithWill(reason: reason)
@@ -733,11 +733,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         refuse(ConnackPacket(sessionPresent: false, reasonCode: code), reason)
     }
 
-    private func refuse(_ connack: ConnackPacket, _ reason: String, counted: Bool = true) {
+    /// `unread`: the CONNECT could not be read (malformed, or another protocol version), so
+    /// anyone may be the cause: logged with the listener's rate limit, as other closes before
+    /// CONNECT are (`logClose`). Refusals by a rule (a password, an ACL) are each logged.
+    private func refuse(_ connack: ConnackPacket, _ reason: String, counted: Bool = true, unread: Bool = false) {
         let code = connack.returnCode
         if counted, Int(code.rawValue) < worker.stats.refusedByCode.count { worker.stats.refusedByCode[Int(code.rawValue)] &+= 1 }
         let shown = version == .v5 ? connack.reasonCode.rawValue : code.rawValue
-        logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(shown)"])
+        if unread {
+            origin.logRefusal("refusing CONNECT (return code \(shown)): \(reason)", logger: logger)
+        } else {
+            logger.info("refusing CONNECT: \(LogText(reason, limit: 512))", metadata: ["return_code": "\(shown)"])
+        }
         writePacket(.connack(connack))
         machine.connectRefused()
         flushOutput()
@@ -1220,8 +1227,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// right after.
     func closeWithWill(reason: String, logged: Bool = false) {
         if machine.isClosed, session == nil { return }
-        // The reason may quote the client (a topic, a protocol name): bounded.
-        if !logged { logger.info("closing connection: \(LogText(reason, limit: 512))") }
+        if !logged { logClose(reason) }
         flushOutput()
         detach(publishWill: true, reason: reason)
         closeSocket()
@@ -1256,10 +1262,20 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// session, or one whose persistent session a clean session 0 CONNECT takes over.
     func closeWithoutWill(reason: String, keepShared: Bool = false) {
         if machine.isClosed, session == nil { return }
-        // The reason may quote the client (a topic, a protocol name): bounded.
-        logger.info("closing connection: \(LogText(reason, limit: 512))")
+        logClose(reason)
         detach(publishWill: false, reason: reason, keepShared: keepShared)
         closeSocket()
+    }
+
+    /// One line saying why (bounded: the reason may quote the client, a topic or a protocol
+    /// name). Before a CONNECT is read anyone can be the cause (a scanner, garbage, another
+    /// protocol), so those lines have the listener's rate limit, as refused handshakes do.
+    private func logClose(_ reason: String) {
+        if machine.isAwaitingConnect {
+            origin.logRefusal("closing connection: \(reason)", logger: logger)
+        } else {
+            logger.info("closing connection: \(LogText(reason, limit: 512))")
+        }
     }
 
     /// Closes the socket when the broker ends the connection (a refusal, a protocol error, a

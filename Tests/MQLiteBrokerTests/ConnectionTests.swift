@@ -25,6 +25,31 @@ struct ConnectionTests {
         }
     }
 
+    @Test("closes before CONNECT (garbage, a malformed or unsupported CONNECT) are logged at most once per 10 s per listener; after CONNECT, each is")
+    func closesBeforeConnectAreRateLimited() async throws {
+        try await withBroker { b in
+            for _ in 0..<10 {
+                let c = try await TestClient.open(port: b.port)
+                c.send(.pingreq)
+                _ = try await c.expectClosed()
+            }
+            for level: UInt8 in [3, 9] {  // MQTT 3.1 (unsupported); level 9 (unknown)
+                let c = try await TestClient.open(port: b.port)
+                c.sendRaw([0x10, 0x0C, 0x00, 0x04] + Array("MQTT".utf8) + [level, 0x02, 0x00, 0x3C, 0x00, 0x00])
+                _ = try await c.expectClosed()
+            }
+            for id in ["one", "two"] {
+                let c = try await b.client(id)
+                c.sendRaw([0xF0, 0x00])  // packet type 15
+                _ = try await c.expectClosed()
+            }
+            try await eventually("log lines") { b.logMessages.filter { $0.contains("invalid packet type") }.count >= 2 }
+            let lines = b.logMessages
+            #expect(lines.filter { $0.contains("first packet is pingreq") }.count == 1, "\(lines)")
+            #expect(!lines.contains { $0.contains("refusing CONNECT") }, "\(lines)")
+        }
+    }
+
     @Test("a second CONNECT closes the connection")
     func secondConnect() async throws {
         try await withBroker { b in
