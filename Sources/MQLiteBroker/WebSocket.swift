@@ -158,6 +158,11 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         try pipeline.addHandlers([requestLimit, encoder, decoder, upgrader])
     }
 
+    func handlerAdded(context: ChannelHandlerContext) {
+        // Kept: a socket the client reset no longer knows its peer when the error is logged.
+        address = context.remoteAddress?.addressText
+    }
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let proxied = event as? ProxiedAddressEvent { address = proxied.address.addressText }
         context.fireUserInboundEventTriggered(event)
@@ -188,10 +193,15 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
         // closing, and what the decoder still has to say (the request cut short at EOF) adds
         // nothing: not passed on, so that it is not logged once more for every connection.
         guard case .done = state else {
-            if error is NIOSSLError {
-                // The TLS handshake failed (a wss listener): nothing to answer over it.
+            if error is NIOSSLError || error is IOError {
+                // The TLS handshake failed (a wss listener), or the socket did (the client reset
+                // it): nothing to answer over it.
                 state = .done
-                listener.logHandshakeFailure("\(error)", logger: logger(context))
+                if error is NIOSSLError {
+                    listener.logHandshakeFailure("\(error)", logger: logger(context))
+                } else {
+                    listener.logRefusal("closing WebSocket connection before the upgrade: \(error)", logger: logger(context))
+                }
                 return context.close(promise: nil)
             }
             let reason = error is HTTPParserError ? "malformed HTTP request (\(error))" : "\(error)"

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -411,6 +412,20 @@ def test_silent_sockets_closed_by_connect_timeout_are_logged_with_the_listeners_
         assert 1 <= len(lines) <= 2, lines
     finally:
         b.stop()
+
+def test_a_client_that_resets_mid_request_is_logged_as_gone_not_answered_400(wsbroker):
+    """Half a request, then a TCP reset: nothing is answered (there is no one to answer) and the
+    log says the connection went before the upgrade, with the client's address."""
+    s = socket.create_connection(("127.0.0.1", wsbroker.ports[1]), timeout=5)
+    s.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n")
+    time.sleep(0.3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    assert wait_for(lambda: "closing WebSocket connection before the upgrade" in wsbroker.log()), wsbroker.log()
+    line = next(line for line in wsbroker.log().splitlines() if "before the upgrade" in line)
+    assert "address=127.0.0.1:" in line, line
+    assert "400" not in line, line
+
 
 # MARK: - A real browser
 
