@@ -724,8 +724,8 @@ private func readString(_ L: LuaState, _ index: Int32, _ what: String) throws(Ho
 
 private func readQoS(_ L: LuaState, _ index: Int32, _ what: String) throws(HookResultError) -> QoS {
     var isInteger: Int32 = 0
-    let value = lua_tointegerx(L, index, &isInteger)
-    guard isInteger != 0, let qos = QoS(rawValue: UInt8(clamping: value)), value >= 0 else {
+    let value = lua_tointegerx(L, index, &isInteger)  // (which would take "1" too)
+    guard lua_type(L, index) == LUA_TNUMBER, isInteger != 0, let qos = QoS(rawValue: UInt8(clamping: value)), value >= 0 else {
         throw HookResultError("\(what) must be 0, 1 or 2")
     }
     return qos

@@ -146,12 +146,13 @@ struct NotUTF8Tests {
 
 @Suite("Lua hardening: malformed message tables")
 struct MalformedMessageTests {
-    @Test("an on_publish or on_deliver result with an unknown key (a typo), a key that is not a name, or a list with a hole or a named key is a failed call, not half-read; `return m` still works")
+    @Test("an on_publish or on_deliver result with an unknown key (a typo), a key that is not a name, a QoS given as a string, or a list with a hole or a named key is a failed call, not half-read; `return m` still works")
     func refused() async throws {
         let script = """
             mqlite.on_publish("in/#", function(m)
               if m.topic == "in/typo" then return { topc = "out/typo" } end
               if m.topic == "in/numberkey" then return { topic = "out/n", [2.5] = true } end
+              if m.topic == "in/qosstring" then return { topic = "out/q", qos = "1" } end
               if m.topic == "in/hole" then return { { topic = "out/1" }, nil, { topic = "out/3" } } end
               if m.topic == "in/named" then return { { topic = "out/1" }, topic = "out/named" } end
               if m.topic == "in/same" then m.topic = "out/same"; return m end
@@ -167,7 +168,7 @@ struct MalformedMessageTests {
             let watcher = try await b.client("watcher")
             try await watcher.subscribe("out/#")
             let c = try await b.client("c")
-            for topic in ["in/typo", "in/numberkey", "in/hole", "in/named"] { try await c.publish(topic, "x") }
+            for topic in ["in/typo", "in/numberkey", "in/qosstring", "in/hole", "in/named"] { try await c.publish(topic, "x") }
             try await c.publish("in/same", "kept")
             var got = try await watcher.expectPublish()
             #expect(got.topicString == "out/same" && payload(got) == "kept")
@@ -178,7 +179,7 @@ struct MalformedMessageTests {
             #expect(got.topicString == "out/b")
             try await c.ping()
             try await watcher.expectNothing()
-            #expect(host.failureCount == 4)
+            #expect(host.failureCount == 5)
             try await eventually("log") { b.logMessages.contains { $0.contains("unknown key \"topc\"") } }
             // on_deliver: a failed call does not deliver to that subscriber.
             let typo = try await b.client("typo")
@@ -186,7 +187,7 @@ struct MalformedMessageTests {
             try await c.publish("d/x", "x")
             try await typo.ping()
             try await typo.expectNothing()
-            #expect(host.failureCount == 5)
+            #expect(host.failureCount == 6)
         }
     }
 }
