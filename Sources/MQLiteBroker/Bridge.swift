@@ -679,6 +679,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
             let size = ByteBuffer.publishFrameSize(
                 topicLength: topic.readableBytes, payloadLength: message.payload.readableBytes, qos: wireQoS, properties: properties)
             guard size <= remote.maximumPacketSize else {
+                session?.context.droppedTooLarge.add(1, ordering: .relaxed)
                 notForwarded("\(size) bytes as a PUBLISH to the remote, over its Maximum Packet Size (\(remote.maximumPacketSize))")
                 return doneWithoutRemote(packetID, qos: qos)
             }

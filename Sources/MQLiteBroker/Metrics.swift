@@ -110,6 +110,8 @@ public struct BrokerStats: Sendable {
     public var droppedACL = 0
     public var droppedHook = 0
     public var droppedTopic = 0
+    /// Messages not sent for being over the receiver's Maximum Packet Size.
+    public var droppedTooLarge = 0
     /// By listener index.
     public var connectionsTotal: [Int] = []
     public var connectionsOpen: [Int] = []
@@ -217,6 +219,7 @@ extension Broker {
         let parts = workers.map { worker in worker.loop.submit { worker.statsPart() } }
         var base = BrokerStats()
         base.droppedQueueFull = sessionContext.droppedMessages.load(ordering: .relaxed)
+        base.droppedTooLarge = sessionContext.droppedTooLarge.load(ordering: .relaxed)
         base.sessionsTotal = registry.count
         base.subscriptions = subscriptionCount.load(ordering: .relaxed)
         base.retained = retainedCount
@@ -324,6 +327,7 @@ public final class BrokerMetrics: Sendable {
             counter("mqlite_messages_dropped_total", [("reason", "acl")], stats.droppedACL)
             counter("mqlite_messages_dropped_total", [("reason", "hook")], stats.droppedHook)
             counter("mqlite_messages_dropped_total", [("reason", "topic")], stats.droppedTopic)
+            counter("mqlite_messages_dropped_total", [("reason", "too_large")], stats.droppedTooLarge)
             gauge("mqlite_retained_messages", [], stats.retained)
             gauge("mqlite_retained_bytes", [], stats.retainedBytes)
             counter("mqlite_retained_refused_total", [], stats.retainedRefused)

@@ -91,6 +91,9 @@ final class SessionContext: Sendable {
     let hooks: any BrokerHooks
     /// Messages dropped for subscribers that could not keep up, since start.
     let droppedMessages = Atomic<Int>(0)
+    /// Messages not sent because they were larger than the receiver's Maximum Packet Size (an
+    /// MQTT 5 client's, or a bridge's remote's), since start.
+    let droppedTooLarge = Atomic<Int>(0)
     /// The loop of each worker, by index (`Session.owner`); empty: the owner is not checked.
     let loops: [any EventLoop]
 
@@ -748,7 +751,10 @@ final class Session: @unchecked Sendable {
     /// flight, the message is kept as it is: a connection's aliases end with it.
     @inline(never)
     private func sendAdorned(_ delivery: Delivery, on outbound: any SessionOutbound) {
-        guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else { return }
+        guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else {
+            context.droppedTooLarge.add(1, ordering: .relaxed)
+            return
+        }
         let changed = !adorned.isSame(as: delivery.message)
         transmit(delivery, as: changed ? adorned : delivery.message, adorned: changed, on: outbound)
     }
@@ -900,6 +906,7 @@ final class Session: @unchecked Sendable {
         }
         if occasional?.adorns == true {
             guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {
+                context.droppedTooLarge.add(1, ordering: .relaxed)
                 inflightDone(at: i)
                 return false
             }

@@ -46,7 +46,7 @@ final class SysPublisher: @unchecked Sendable {
             ("messages/sent", "\(sent)"),
             ("publish/messages/received", "\(received)"),
             ("publish/messages/sent", "\(sent)"),
-            ("publish/messages/dropped", "\(stats.droppedQueueFull + stats.droppedACL + stats.droppedHook + stats.droppedTopic)"),
+            ("publish/messages/dropped", "\(stats.droppedQueueFull + stats.droppedACL + stats.droppedHook + stats.droppedTopic + stats.droppedTooLarge)"),
             ("messages/inflight", "\(stats.inflight)"),
             ("store/messages/count", "\(stats.queued + stats.inflight)"),
             ("subscriptions/count", "\(stats.subscriptions)"),

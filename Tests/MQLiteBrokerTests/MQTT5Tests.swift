@@ -383,7 +383,7 @@ struct MQTT5FlowTests {
         }
     }
 
-    @Test("Maximum Packet Size: a message too large for the client is not sent to it (at any QoS), smaller ones still are, and other clients get it")
+    @Test("Maximum Packet Size: a message too large for the client is not sent to it (at any QoS) but counted, smaller ones still are, and other clients get it")
     func maximumPacketSize() async throws {
         try await withV5Broker { b in
             var properties = MQTTProperties()
@@ -409,6 +409,11 @@ struct MQTT5FlowTests {
                 #expect(p.payload.readableBytes == size)
                 if let id = p.packetID { big.send(.puback(packetID: id)) }
             }
+            // Counted: mqlite_messages_dropped_total{reason="too_large"}.
+            let stats = try await b.broker.collectStats(on: b.broker.group.next()).get()
+            #expect(stats.droppedTooLarge == 2)
+            b.broker.metrics.update(stats, listeners: b.broker.configuration.listeners)
+            #expect(b.broker.metrics.render().contains("mqlite_messages_dropped_total{reason=\"too_large\"} 2"))
         }
     }
 }

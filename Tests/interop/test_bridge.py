@@ -790,10 +790,13 @@ def test_an_mqtt5_remotes_limits_are_kept():
     Available 0 (RETAIN cleared, MQTT-3.2.2-14), Maximum Packet Size counted with the remote prefix
     (MQTT-3.2.2-15: not sent), Server Keep Alive (pings at its interval, MQTT-3.2.2-21, not the
     bridge's 60 s). Mosquitto closes the link for each of them otherwise."""
+    import urllib.request
     remote = Mosquitto(extra="max_qos 1\nretain_available false\nmax_keepalive 10\nmax_packet_size 300\n")
+    metrics_port = free_port()
     b = Broker([], config_text=bridge_config(remote.port, [
         {"pattern": "out/#", "direction": "out", "qos": 2, "remote_prefix": "p" * 150 + "/"},
-    ], bridge_extra="protocol_version = 5\n", keep_alive=60))
+    ], bridge_extra="protocol_version = 5\n", keep_alive=60,
+        extra=f'[[listener]]\nbind = "127.0.0.1:{metrics_port}"\nprotocol = "http"\n'))
     try:
         assert connected(b), b.log()
         far = paho_client("far")   # (keep-alive within the remote's max_keepalive, or refused)
@@ -816,6 +819,9 @@ def test_an_mqtt5_remotes_limits_are_kept():
         log = b.log()
         assert log.count("bridge connected") == 1, log[-2000:]
         assert "over its Maximum Packet Size (300)" in log, log[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'mqlite_messages_dropped_total{reason="too_large"} 1' in text, text
         c.loop_stop()
     finally:
         b.stop()
