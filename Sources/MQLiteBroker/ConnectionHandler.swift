@@ -339,11 +339,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
             // during it). Logged with a rate limit, so that a scanner cannot flood the log.
             if case .awaitingConnect = machine.state {
-                if error is NIOSSLError {
-                    origin.logHandshakeFailure("\(error)", logger: logger)
-                } else {  // (early data past the WebSocket handshake's limit; the client gone)
-                    origin.logRefusal("closing TLS connection before CONNECT: \(error)", logger: logger)
-                }
+                // (or early data past the WebSocket handshake's limit; the client gone)
+                origin.logConnectionLost(error, closing: "TLS connection before CONNECT", logger: logger)
                 machine.closed()
                 context.close(promise: nil)
                 worker.flushDirty()

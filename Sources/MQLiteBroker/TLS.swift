@@ -193,11 +193,15 @@ final class RunningListener: Sendable {
         context.withLock { $0 = fresh }
     }
 
-    /// Logs a failed handshake (or a connection that went away before it completed): at info at
-    /// most once per `failureLogInterval` for the listener, with the count not logged since;
-    /// otherwise at debug, so a scanner cannot flood the log.
-    func logHandshakeFailure(_ reason: String, logger: Logger) {
-        logRefusal("closing TLS connection before CONNECT (handshake failed or aborted): \(LogText(reason, limit: 512))", logger: logger)
+    /// Logs a connection lost before its protocol began (`stage`: "TLS connection before CONNECT",
+    /// "WebSocket connection before the upgrade"): a failed or aborted TLS handshake, or the
+    /// socket's error. With `logRefusal`'s rate limit, so a scanner cannot flood the log.
+    func logConnectionLost(_ error: any Error, closing stage: String, logger: Logger) {
+        if error is NIOSSLError {
+            logRefusal("closing TLS connection before CONNECT (handshake failed or aborted): \(LogText("\(error)", limit: 512))", logger: logger)
+        } else {
+            logRefusal("closing \(stage): \(error)", logger: logger)
+        }
     }
 
     /// Logs a connection refused before CONNECT (a failed TLS handshake, a bad PROXY protocol

@@ -120,7 +120,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
     private let requestDecoder: ByteToMessageHandler<HTTPRequestDecoder>
     private var state = State.awaitingHead
     /// The client as logged (the PROXY protocol header's address when there is one).
-    private var address: String?
+    private var address: SocketAddress?
 
     /// Subprotocols served, in order of preference: `mqtt` (MQTT 3.1.1 section 6) and `mqttv3.1`,
     /// which older clients offer (Mosquitto accepts both).
@@ -160,11 +160,11 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
 
     func handlerAdded(context: ChannelHandlerContext) {
         // Kept: a socket the client reset no longer knows its peer when the error is logged.
-        address = context.remoteAddress?.addressText
+        address = context.remoteAddress
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let proxied = event as? ProxiedAddressEvent { address = proxied.address.addressText }
+        if let proxied = event as? ProxiedAddressEvent { address = proxied.address }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -197,11 +197,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
                 // The TLS handshake failed (a wss listener), or the socket did (the client reset
                 // it): nothing to answer over it.
                 state = .done
-                if error is NIOSSLError {
-                    listener.logHandshakeFailure("\(error)", logger: logger(context))
-                } else {
-                    listener.logRefusal("closing WebSocket connection before the upgrade: \(error)", logger: logger(context))
-                }
+                listener.logConnectionLost(error, closing: "WebSocket connection before the upgrade", logger: logger(context))
                 return context.close(promise: nil)
             }
             let reason = error is HTTPParserError ? "malformed HTTP request (\(error))" : "\(error)"
@@ -251,7 +247,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
     /// The listener's logger with the client's address (the PROXY header's, if one came).
     private func logger(_ context: ChannelHandlerContext) -> Logger {
         var log = logger
-        log[metadataKey: "address"] = "\(address ?? context.remoteAddress.map(\.addressText) ?? "?")"
+        log[metadataKey: "address"] = "\((address ?? context.remoteAddress).map(\.addressText) ?? "?")"
         return log
     }
 

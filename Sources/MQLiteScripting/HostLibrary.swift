@@ -341,8 +341,8 @@ enum HostLibrary {
     /// `mqlite.publish(topic, payload[, qos[, retain]])`.
     static let publish: Function = { L in
         let L = L!
-        guard L.rawBytes(at: 1) != nil, let payload = bytes(L, 2) else { return fail(L, "mqlite.publish(topic, payload[, qos[, retain]])") }
-        guard let topic = L.text(at: 1) else { return fail(L, "mqlite.publish: the topic is not UTF-8 text") }
+        guard let rawTopic = L.rawBytes(at: 1), let payload = bytes(L, 2) else { return fail(L, "mqlite.publish(topic, payload[, qos[, retain]])") }
+        guard let topic = String(validating: rawTopic, as: UTF8.self) else { return fail(L, "mqlite.publish: the topic is not UTF-8 text") }
         var qos = QoS.atMostOnce
         if lua_type(L, 3) != LUA_TNONE && lua_type(L, 3) != LUA_TNIL {
             var isInteger: Int32 = 0
@@ -398,9 +398,11 @@ enum HostLibrary {
     /// `mqlite.topic_matches(filter, topic)` → boolean.
     static let topicMatches: Function = { L in
         let L = L!
-        guard L.rawBytes(at: 1) != nil, L.rawBytes(at: 2) != nil else { return fail(L, "mqlite.topic_matches(filter, topic)") }
+        guard let filter = L.rawBytes(at: 1), let topic = L.rawBytes(at: 2) else { return fail(L, "mqlite.topic_matches(filter, topic)") }
         // Bytes that are not UTF-8 are no MQTT topic or filter: they match nothing.
-        let matches = L.text(at: 1).flatMap { filter in L.text(at: 2).map { Topic.matches(filter: filter, topic: $0) } } ?? false
+        let matches = String(validating: filter, as: UTF8.self).flatMap { filter in
+            String(validating: topic, as: UTF8.self).map { Topic.matches(filter: filter, topic: $0) }
+        } ?? false
         lua_pushboolean(L, matches ? 1 : 0)
         return 1
     }
