@@ -158,14 +158,43 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     /// A PROXY protocol header named the client (`ProxyProtocolHandler`): that is its address.
     /// The client closed its side (EOF, on listeners that let NIO report it rather than close at
-    /// once): the connection is lost, and closes when the worker's tick has room for it
-    /// (`ConnectPacing`), so that a thousand clients leaving at once do not hold up the others.
+    /// once): the connection is lost once what it sent before is handled (`closeAtInputEnd`).
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let proxied = event as? ProxiedAddressEvent { address = proxied.address.addressText }
-        if let event = event as? ChannelEvent, event == .inputClosed {
-            worker.pacing.run { context.close(promise: nil) }
-        }
+        if let event = event as? ChannelEvent, event == .inputClosed { closeAtInputEnd() }
         context.fireUserInboundEventTriggered(event)
+    }
+
+    /// The client sent its EOF: the connection closes when the worker's tick has room for it
+    /// (`ConnectPacing`, so that a thousand clients leaving at once do not hold up the others),
+    /// but not before what the client sent ahead of it is handled. Packets a pause kept wait for
+    /// its end (a hook answering, the session on its way, back-pressure: each comes to an end
+    /// or closes the connection), and the close is asked for again there (`inputHandled`): a
+    /// client that writes CONNECT, PUBLISH and DISCONNECT, then closes, loses nothing.
+    private func closeAtInputEnd() {
+        guard !machine.isClosed else { return }
+        guard !inputWaits else { return updateRare { $0.inputEnded = true } }
+        let this = NIOLoopBound(self, eventLoop: worker.loop)
+        worker.pacing.run {
+            let handler = this.value
+            // (A hook or the session it asked for may have come to wait meanwhile.)
+            guard !handler.inputWaits else { return handler.updateRare { $0.inputEnded = true } }
+            handler.context?.close(promise: nil)
+        }
+    }
+
+    /// Packets the client sent wait to be handled behind a pause (decoded ones with the state
+    /// machine; the rest of a read, not only a packet's start, in `cumulation`).
+    private var inputWaits: Bool {
+        machine.hookPending || machine.isOpening || (cumulation != nil && !flags.contains(.partial))
+    }
+
+    /// A pause ended, and what it kept was handled: if the client's EOF came meanwhile, the
+    /// connection closes now (unless another pause began).
+    private func inputHandled() {
+        guard rare?.inputEnded == true, !inputWaits else { return }
+        updateRare { $0.inputEnded = false }
+        closeAtInputEnd()
     }
 
     /// The worker's periodic check (no connection holds a timer of its own): connect_timeout and
@@ -666,6 +695,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
         session.resume()
         handle(packets: pending)
+        inputHandled()
     }
 
     /// Handles decoded packets in order, stopping where a hook starts to wait: the rest wait with
@@ -721,6 +751,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             handle(packets: held)
             if !flags.contains(.heldBack), !machine.hookPending { processKept() }
             updateReading()
+            inputHandled()
         }
         worker.flushDirty()
     }
@@ -1204,6 +1235,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             worker.flushDirty()
         }
         if !flags.contains(.heldBack) { updateReading() }
+        inputHandled()
     }
 
     /// Whether this client should wait before more of its messages are read, and why.
@@ -1616,10 +1648,13 @@ private final class Rare {
     var holdBack: [(session: Session, grant: Grant)]?
     /// How long subscribers on their allowance held this publisher back in the current window.
     var allowance = HoldBackAllowance()
+    /// The client's EOF came while packets it sent before waited behind a pause
+    /// (`ConnectionHandler.closeAtInputEnd`).
+    var inputEnded = false
 
     var isEmpty: Bool {
         will == nil && access == nil && authentication == nil && storeAcks == nil && !peerIsBridge && tls == nil && holdBack == nil
-            && allowance.isUnused
+            && allowance.isUnused && !inputEnded
     }
 }
 

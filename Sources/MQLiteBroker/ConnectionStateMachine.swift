@@ -82,6 +82,12 @@ struct ConnectionStateMachine {
         return false
     }
 
+    /// CONNECT accepted, the session on its way.
+    var isOpening: Bool {
+        if case .opening = state { return true }
+        return false
+    }
+
     /// No CONNECT read yet.
     var isAwaitingConnect: Bool {
         if case .awaitingConnect = state { return true }

@@ -212,4 +212,36 @@ struct EmbeddedConnectionTests {
         #expect(!other.isActive)
         _ = try watcher.finish()
     }
+
+    @Test("a client's EOF behind a CONNECT that waits for room: CONNECT, PUBLISH and DISCONNECT are handled before the close")
+    func inputClosedAfterPacketsThatWait() throws {
+        let b = EmbeddedBroker()
+        defer { try? b.broker.stopLoops() }
+        let watcher = try b.subscriber("watcher", to: "t/#", qos: .atMostOnce)
+        let pacing = b.broker.workers[0].pacing
+        let client = try b.connection()
+        // A storm: the CONNECT waits for a later tick, and what came behind it waits unread. The
+        // client's EOF comes meanwhile; its close would go before the CONNECT (work under way
+        // goes before new CONNECTs).
+        pacing.spendTheTick()
+        try client.send(
+            .connect(ConnectPacket(clientID: "fire-and-forget")),
+            .publish(PublishPacket(topic: "t/1", payload: "one")),
+            .disconnect)
+        client.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(client.isActive)
+        for _ in 0..<3 {
+            pacing.tickEnded()
+            b.loop.advanceTime(by: .milliseconds(2))
+        }
+        #expect(!client.isActive)
+        let delivered = try watcher.received()
+        guard case .publish(let message)? = delivered.first, delivered.count == 1 else {
+            Issue.record("expected t/1, got \(delivered)")
+            return
+        }
+        #expect(String(buffer: message.payload) == "one")
+        #expect(b.broker.registry.session(for: "fire-and-forget") == nil, "the DISCONNECT ended the session")
+        _ = try watcher.finish()
+    }
 }

@@ -101,6 +101,21 @@ struct LaterHookTests {
         }
     }
 
+    @Test("a client's EOF while its publish hooks answer: what it sent before goes out, then the connection closes")
+    func eofBehindHookedPublishes() async throws {
+        try await withBroker(hooks: LaterHooks()) { b in
+            let sub = try await b.client("sub")
+            try await sub.subscribe("later/#", qos: .atMostOnce)
+            let pub = try await b.client("pub")
+            for n in 1...3 { pub.send(.publish(PublishPacket(topic: "later/x", payload: "\(n)"))) }
+            try await pub.closeOutput()
+            var got: [String] = []
+            for _ in 1...3 { got.append(String(buffer: try await sub.expectPublish().payload)) }
+            #expect(got == ["hooked 1", "hooked 2", "hooked 3"])
+            try await pub.expectClosed()
+        }
+    }
+
     @Test("SUBACK waits for every filter's answer and keeps their order")
     func subscribeAnswers() async throws {
         try await withBroker(hooks: LaterHooks()) { b in

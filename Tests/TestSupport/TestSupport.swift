@@ -186,6 +186,11 @@ public final class TestClient: Sendable {
         channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
     }
 
+    /// Sends the client's EOF (a TCP FIN), reading on.
+    public func closeOutput() async throws {
+        try await channel.close(mode: .output)
+    }
+
     public func connect(_ packet: ConnectPacket) async throws -> ConnackPacket {
         send(.connect(packet))
         let reply = try await expectPacket()
