@@ -276,16 +276,17 @@ public final class Broker: Sendable {
             .childChannelInitializer { [self] channel in
                 let worker = self.worker(for: channel.eventLoop)
                 return channel.eventLoop.makeCompletedFuture {
-                    try Self.setConnectionOptions(channel, halfClosure: listener.tls == nil)
+                    try Self.setConnectionOptions(channel)
                     try self.configurePipeline(channel.pipeline.syncOperations, listener: listener, worker: worker)
                 }
             }
     }
 
-    /// The options of every client connection. With `halfClosure`, NIO reports the client's EOF
+    /// The options of every client connection. NIO reports the client's EOF
     /// (`ChannelEvent.inputClosed`) instead of closing at once, and `ConnectionHandler` closes it
-    /// when its worker's tick has room. Not on TLS listeners: there an EOF without close_notify
-    /// would leave NIOSSL waiting for one.
+    /// once what the client sent before is handled, when its worker's tick has room. Behind TLS
+    /// too: NIOSSL passes on a close_notify, or an EOF without one, as that event (swift-nio-ssl
+    /// 2.37), where it would otherwise close at once and drop what was read but not yet handled.
     /// NIO keeps each channel's first receive buffer for reuse: 64 bytes (most CONNECTs,
     /// SUBSCRIBEs and PINGREQs fit), so an idle connection holds 64 bytes rather than NIO's
     /// default 2 KiB. Each read that fills its buffer asks for twice as much next, up to 256 KiB;
@@ -300,10 +301,10 @@ public final class Broker: Sendable {
     /// would keep up to that many of the buffers `ReceiveAllocator` makes for one read each).
     static let maxMessagesPerRead: UInt = 1
 
-    private static func setConnectionOptions(_ channel: any Channel, halfClosure: Bool) throws {
+    private static func setConnectionOptions(_ channel: any Channel) throws {
         guard let options = channel.syncOptions else { return }
         try options.setOption(.socketOption(.tcp_nodelay), value: 1)
-        if halfClosure { try options.setOption(.allowRemoteHalfClosure, value: true) }
+        try options.setOption(.allowRemoteHalfClosure, value: true)
         try options.setOption(.maxMessagesPerRead, value: maxMessagesPerRead)
         try options.setOption(.recvAllocator, value: receiveAllocator)
         try options.setOption(.writeBufferWaterMark, value: .init(low: 64 * 1024, high: 256 * 1024))

@@ -366,8 +366,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if origin.tls != nil, !(error is WebSocketTransportError) {
             // Before CONNECT, on a TLS listener: the handshake failed (or the client went away
-            // during it). Logged with a rate limit, so that a scanner cannot flood the log.
-            if case .awaitingConnect = machine.state {
+            // during it). Logged with a rate limit, so that a scanner cannot flood the log. (A
+            // CONNECT read and waiting for its hooks or a tick with room: see below.)
+            if case .awaitingConnect = machine.state, !machine.hookPending {
                 // (or early data past the WebSocket handshake's limit; the client gone)
                 origin.logConnectionLost(error, closing: "TLS connection before CONNECT", logger: logger)
                 machine.closed()
@@ -376,7 +377,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 return
             }
             // A TCP close without TLS close_notify: the connection is lost, as a plain one would
-            // be (channelInactive follows).
+            // be, once what the client sent before it is handled (the EOF follows as inputClosed).
             if let tlsError = error as? NIOSSLError, case .uncleanShutdown = tlsError { return }
         }
         closeWithWill(reason: errorText(error))

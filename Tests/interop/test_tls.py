@@ -166,6 +166,53 @@ def test_paho_over_tls(certs):
         b.stop()
 
 
+def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
+    """300 TLS clients each write CONNECT, PUBLISH and DISCONNECT at once, then end: half with a
+    close_notify, half with a bare TCP FIN (no close_notify), all together. Every message goes out
+    (NIOSSL used to close at once on either, dropping the packets still waiting for the storm's
+    pacing), and every connection is closed by the broker afterwards."""
+    b = start(tls_config(certs))
+    try:
+        plain, secure = b.ports
+        sub = paho_client("ff-tls-sub")
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.connect("127.0.0.1", plain, keepalive=30)
+        sub.loop_start()
+        assert sub.connected.wait(5)
+        sub.subscribe("ff/#", qos=0)
+        assert subscribed.wait(5)
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        count = 300
+        clients = []
+        for i in range(count):
+            s = context.wrap_socket(socket.create_connection(("127.0.0.1", secure)), server_hostname="localhost")
+            client_id, topic = b"ff-%d" % i, b"ff/%d" % i
+            connect = bytes([0x10, 12 + len(client_id), 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, len(client_id)]) + client_id
+            publish = bytes([0x30, 3 + len(topic), 0, len(topic)]) + topic + b"x"
+            clients.append((s, connect + publish + b"\xe0\x00"))
+        for i, (s, data) in enumerate(clients):
+            s.sendall(data)
+            if i % 2:
+                s.setblocking(False)  # sends close_notify without waiting for the broker's
+                with pytest.raises(ssl.SSLError):  # (want read; or the CONNACK came first)
+                    s.unwrap()
+            else:
+                s.shutdown(socket.SHUT_WR)
+        assert wait_for(lambda: len({m.topic for m in sub.messages}) == count, timeout=30), len(sub.messages)
+        for s, _ in clients:
+            # Closed by the broker: TLS records (the CONNACK, close_notify), then its FIN.
+            raw = socket.socket(fileno=s.detach())
+            raw.settimeout(10)
+            while raw.recv(4096):
+                pass
+            raw.close()
+        sub.disconnect()
+        sub.loop_stop()
+    finally:
+        b.stop()
+
+
 # MARK: - Client certificates
 
 
