@@ -323,10 +323,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     private var inBinaryMessage = false
     private var closeSent = false
     private var failed = false
-    /// Why the connection is failing (`fail`): the status code of the close frame, sent when the
-    /// connection handler closes, after what it still had to write (RFC 6455 section 5.5.1: no
-    /// data frame after a close frame).
-    private var failure: WebSocketErrorCode?
+    /// The status code of the close frame: why the connection is failing (`fail`), or the answer
+    /// to the client's close frame. Sent when the connection handler closes, after what it still
+    /// had to write (RFC 6455 section 5.5.1: no data frame after a close frame).
+    private var closeCode: WebSocketErrorCode?
     /// The data of the last ping of this read: answered once the read is handled.
     private var pingData: ByteBuffer?
 
@@ -357,11 +357,13 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
         case .pong:
             break
         case .connectionClose:
-            // Answered with the client's status code (RFC 6455 section 5.5.1), then closed; for MQTT
-            // this is a connection lost without DISCONNECT.
-            sendClose(context: context, code: Self.answer(toClose: frame.unmaskedData))
+            // The client's input ends here, as at an EOF: the connection handler closes once what
+            // came before is handled (a CONNECT waiting for its tick, a PUBLISH for its hook), and
+            // the answer, with the client's status code (RFC 6455 section 5.5.1), goes out then,
+            // after what it still writes. For MQTT this is a connection lost without DISCONNECT.
             failed = true
-            context.close(promise: nil)
+            closeCode = Self.answer(toClose: frame.unmaskedData)
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         default:
             fail(context: context, .protocolError, "unknown opcode \(frame.opcode)")
         }
@@ -405,7 +407,7 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     private func fail(context: ChannelHandlerContext, _ code: WebSocketErrorCode, _ reason: String) {
         guard !failed else { return }
         failed = true
-        failure = code
+        closeCode = code
         context.fireErrorCaught(WebSocketTransportError(description: "WebSocket: " + reason))
     }
 
@@ -434,10 +436,10 @@ final class WebSocketMQTTBridge: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// The broker closes the connection (a protocol error, a takeover, shutdown), or its output
-    /// first: a close frame before (with the status code of a failure here), so that browsers see
+    /// first: a close frame before (a failure's status code, or the answer to the client's close frame), so that browsers see
     /// a clean close.
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        if mode != .input, context.channel.isActive { sendClose(context: context, code: failure ?? .normalClosure) }
+        if mode != .input, context.channel.isActive { sendClose(context: context, code: closeCode ?? .normalClosure) }
         context.close(mode: mode, promise: promise)
     }
 }

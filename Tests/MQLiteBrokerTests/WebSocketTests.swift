@@ -55,6 +55,10 @@ struct WebSocketTests {
         var errors: [String] = []
         func channelRead(context: ChannelHandlerContext, data: NIOAny) { received.append(Array(unwrapInboundIn(data).readableBytesView)) }
         func errorCaught(context: ChannelHandlerContext, error: any Error) { errors.append("\(error)") }
+        var inputClosed = false
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if event as? ChannelEvent == .inputClosed { inputClosed = true }
+        }
     }
 
     func masked(_ opcode: WebSocketOpcode, _ bytes: [UInt8], fin: Bool = true) -> WebSocketFrame {
@@ -102,6 +106,26 @@ struct WebSocketTests {
             #expect(answer([UInt8(reserved >> 8), UInt8(reserved & 0xFF)]) == WebSocketErrorCode(codeNumber: 1002))
         }
         #expect(answer([0x03, 0xE8, 0xC3, 0x28]) == WebSocketErrorCode(codeNumber: 1007))
+    }
+
+    /// The client's close frame ends its input, as an EOF does: the connection handler closes once
+    /// what came before is handled, and the answer goes out then, after what it still wrote.
+    @Test("a client's close frame is passed on as the end of its input; the answer, with the client's code, follows the last writes")
+    func bridgeClientClose() throws {
+        let (channel, bytes) = try bridge()
+        try channel.writeInbound(masked(.binary, [0xE0, 0x00]))
+        try channel.writeInbound(masked(.connectionClose, [0x03, 0xE9]))  // 1001 going away
+        try channel.writeInbound(masked(.binary, [0xC0, 0x00]))  // after the close: dropped
+        #expect(bytes.received == [[0xE0, 0x00]])
+        #expect(bytes.inputClosed && bytes.errors.isEmpty)
+        #expect(try channel.readOutbound(as: WebSocketFrame.self) == nil, "the answer before the connection handler wrote what it had")
+        try channel.writeOutbound(ByteBuffer(bytes: [0x40, 2, 0, 1]))
+        channel.close(promise: nil)
+        let data = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(data.opcode == .binary && Array(data.data.readableBytesView) == [0x40, 2, 0, 1])
+        var close = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(close.opcode == .connectionClose && close.data.readWebSocketErrorCode() == WebSocketErrorCode(codeNumber: 1001))
+        _ = try? channel.finish()
     }
 
     /// The close frame goes out when the connection handler closes, after what it still had to
