@@ -170,7 +170,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// but not before what the client sent ahead of it is handled. Packets a pause kept wait for
     /// its end (a hook answering, the session on its way, back-pressure: each comes to an end
     /// or closes the connection), and the close is asked for again there (`inputHandled`): a
-    /// client that writes CONNECT, PUBLISH and DISCONNECT, then closes, loses nothing.
+    /// client that writes CONNECT, PUBLISH and DISCONNECT, then closes, loses nothing. What they
+    /// were answered (CONNACK, PUBACKs, also those waiting for the store's commit) goes out before
+    /// the close: a client that only shut its sending side still reads.
     private func closeAtInputEnd() {
         guard !machine.isClosed else { return }
         guard !inputWaits else { return updateRare { $0.inputEnded = true } }
@@ -179,14 +181,17 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let handler = this.value
             // (A hook or the session it asked for may have come to wait meanwhile.)
             guard !handler.inputWaits else { return handler.updateRare { $0.inputEnded = true } }
+            handler.flushOutput()
             handler.context?.close(promise: nil)
         }
     }
 
     /// Packets the client sent wait to be handled behind a pause (decoded ones with the state
-    /// machine; the rest of a read, not only a packet's start, in `cumulation`).
+    /// machine; the rest of a read, not only a packet's start, in `cumulation`), or answers to
+    /// them wait for the store.
     private var inputWaits: Bool {
         machine.hookPending || machine.isOpening || (cumulation != nil && !flags.contains(.partial))
+            || rare?.storeAcks?.isEmpty == false
     }
 
     /// A pause ended, and what it kept was handled: if the client's EOF came meanwhile, the
@@ -904,6 +909,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             let ready = acks.committed(ticket)
             guard !handler.machine.isClosed else { return }
             for entry in ready { handler.writePacket(entry.ack) }
+            handler.inputHandled()
         }
     }
 

@@ -235,6 +235,7 @@ struct EmbeddedConnectionTests {
             b.loop.advanceTime(by: .milliseconds(2))
         }
         #expect(!client.isActive)
+        #expect(try client.received() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted))])
         let delivered = try watcher.received()
         guard case .publish(let message)? = delivered.first, delivered.count == 1 else {
             Issue.record("expected t/1, got \(delivered)")

@@ -65,6 +65,24 @@ struct PersistenceTests {
         }
     }
 
+    @Test("sync full: a client that publishes retained at QoS 1 and shuts its side at once reads its PUBACK (it waits for the commit) before the close")
+    func ackAfterCommitBeforeEOF() async throws {
+        try await Self.withFolder { folder in
+            let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = store }) { b in
+                for n in 1...5 {
+                    let c = try await TestClient.open(port: b.port)
+                    var bytes = ByteBuffer()
+                    bytes.writeMQTTPacket(.connect(ConnectPacket(clientID: "eof-\(n)")))
+                    bytes.writeMQTTPacket(.publish(PublishPacket(topic: "r/\(n)", payload: "kept", qos: .atLeastOnce, retain: true, packetID: 7)))
+                    c.sendRaw(Array(bytes.readableBytesView))
+                    try await c.closeOutput()
+                    #expect(try await c.expectClosed() == [.connack(ConnackPacket(sessionPresent: false, returnCode: .accepted)), .puback(packetID: 7)])
+                }
+            }
+        }
+    }
+
     @Test("a store of schema 1 (retained messages only) is migrated: its messages stay, sessions and kv keys are kept from then on")
     func migration() async throws {
         try await Self.withFolder { folder in

@@ -109,10 +109,11 @@ def test_paho_qos_and_retain_flags(broker):
 
 
 def test_fire_and_forget_clients_in_a_storm_lose_nothing(broker):
-    """1,000 clients each write CONNECT, PUBLISH and DISCONNECT at once, then close their side (as
-    `printf ... | nc` does), all together: the CONNECTs wait for later ticks (the storm's pacing),
-    and every EOF waits behind what its client sent. Mosquitto delivers all of them; mqlite
-    delivered a few percent when an EOF's close went before its waiting CONNECT."""
+    """1,000 clients each write CONNECT and a QoS 1 PUBLISH (half of them DISCONNECT too), then
+    close their side (as `printf ... | nc` does), all together: the CONNECTs wait for later ticks
+    (the storm's pacing), and every EOF waits behind what its client sent. Every message goes out
+    (mqlite delivered a few percent when an EOF's close went before its waiting CONNECT), and
+    every client reads its CONNACK and PUBACK before the broker closes (as from Mosquitto)."""
     sub = paho_client("ff-sub")
     start(sub, broker.port)
     subscribed = threading.Event()
@@ -136,12 +137,19 @@ def test_fire_and_forget_clients_in_a_storm_lose_nothing(broker):
     try:
         for i in range(count):
             connect = packet(0x10, text(b"MQTT") + bytes([4, 2, 0, 30]) + text(b"ff-%d" % i))
-            publish = packet(0x30, text(b"ff/%d" % i) + b"x")
-            sockets.append((socket.create_connection(("127.0.0.1", broker.port)), connect + publish + b"\xe0\x00"))
+            publish = packet(0x32, text(b"ff/%d" % i) + b"\x00\x01x")
+            end = b"\xe0\x00" if i % 2 else b""
+            sockets.append((socket.create_connection(("127.0.0.1", broker.port)), connect + publish + end))
         for s, data in sockets:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         assert wait_for(lambda: len({m.topic for m in sub.messages}) == count, timeout=20), len(sub.messages)
+        for i, (s, _) in enumerate(sockets):
+            s.settimeout(10)
+            received = b""
+            while chunk := s.recv(4096):
+                received += chunk
+            assert received == b"\x20\x02\x00\x00\x40\x02\x00\x01", (i, received)
     finally:
         for s, _ in sockets:
             s.close()

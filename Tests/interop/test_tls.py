@@ -167,10 +167,11 @@ def test_paho_over_tls(certs):
 
 
 def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
-    """300 TLS clients each write CONNECT, PUBLISH and DISCONNECT at once, then end: half with a
-    close_notify, half with a bare TCP FIN (no close_notify), all together. Every message goes out
-    (NIOSSL used to close at once on either, dropping the packets still waiting for the storm's
-    pacing), and every connection is closed by the broker afterwards."""
+    """300 TLS clients each write CONNECT and a QoS 1 PUBLISH (a third DISCONNECT too), then end:
+    half with a close_notify, half with a bare TCP FIN (no close_notify), all together. Every
+    message goes out (NIOSSL used to close at once on either, dropping the packets still waiting
+    for the storm's pacing); a client that sent FIN reads its CONNACK and PUBACK; every connection
+    is closed by the broker afterwards."""
     b = start(tls_config(certs))
     try:
         plain, secure = b.ports
@@ -189,8 +190,8 @@ def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
             s = context.wrap_socket(socket.create_connection(("127.0.0.1", secure)), server_hostname="localhost")
             client_id, topic = b"ff-%d" % i, b"ff/%d" % i
             connect = bytes([0x10, 12 + len(client_id), 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, len(client_id)]) + client_id
-            publish = bytes([0x30, 3 + len(topic), 0, len(topic)]) + topic + b"x"
-            clients.append((s, connect + publish + b"\xe0\x00"))
+            publish = bytes([0x32, 5 + len(topic), 0, len(topic)]) + topic + b"\x00\x01x"
+            clients.append((s, connect + publish + (b"\xe0\x00" if i % 3 == 0 else b"")))
         for i, (s, data) in enumerate(clients):
             s.sendall(data)
             if i % 2:
@@ -198,10 +199,19 @@ def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
                 with pytest.raises(ssl.SSLError):  # (want read; or the CONNACK came first)
                     s.unwrap()
             else:
-                s.shutdown(socket.SHUT_WR)
+                socket.socket.shutdown(s, socket.SHUT_WR)  # (SSLSocket's would drop the TLS layer)
         assert wait_for(lambda: len({m.topic for m in sub.messages}) == count, timeout=30), len(sub.messages)
-        for s, _ in clients:
-            # Closed by the broker: TLS records (the CONNACK, close_notify), then its FIN.
+        for i, (s, _) in enumerate(clients):
+            if i % 2 == 0:  # the acknowledgements, then the broker's close
+                s.settimeout(10)
+                received = b""
+                try:
+                    while chunk := s.recv(4096):
+                        received += chunk
+                except (ssl.SSLEOFError, ConnectionResetError):
+                    pass
+                assert received == b"\x20\x02\x00\x00\x40\x02\x00\x01", (i, received)
+            # Closed by the broker: what TLS records are left (close_notify), then its FIN.
             raw = socket.socket(fileno=s.detach())
             raw.settimeout(10)
             while raw.recv(4096):

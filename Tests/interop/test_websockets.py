@@ -200,10 +200,11 @@ def test_frames_sent_with_the_upgrade_request_are_answered_on_wss(certs):  # noq
 
 @pytest.mark.parametrize("end", ["close frame", "eof"])
 def test_fire_and_forget_websocket_clients_in_a_storm_lose_nothing(wsbroker, end):
-    """300 WebSocket clients each write the upgrade request, CONNECT, PUBLISH and DISCONNECT at
-    once, then end with a close frame (as MQTT.js's end() does) or an EOF, all together: the
-    CONNECTs wait for later ticks (the storm's pacing), and the close waits behind what came
-    before it."""
+    """300 WebSocket clients each write the upgrade request, CONNECT and a QoS 1 PUBLISH (half of
+    them DISCONNECT too) at once, then end with a close frame (as MQTT.js's end() does) or an EOF,
+    all together: the CONNECTs wait for later ticks (the storm's pacing), and the close waits
+    behind what came before it. Every message goes out, and every client reads its CONNACK and
+    PUBACK, then (after a close frame) the answer with its status code."""
     tcp, ws = wsbroker.ports
     sub = paho_client("ff-ws-sub")
     sub.connect("127.0.0.1", tcp, keepalive=30)
@@ -219,10 +220,11 @@ def test_fire_and_forget_websocket_clients_in_a_storm_lose_nothing(wsbroker, end
         requests = []
         for i in range(count):
             topic = f"ff/{i}".encode()
-            publish = bytes([0x30, 2 + len(topic) + 1, 0, len(topic)]) + topic + b"x"
-            closing = wsclient.frame(b"\x03\xe8", opcode=0x8) if end == "close frame" else b""
+            publish = bytes([0x32, 5 + len(topic), 0, len(topic)]) + topic + b"\x00\x01x"
+            disconnect = wsclient.frame(b"\xe0\x00") if i % 2 else b""
+            closing = wsclient.frame(b"\x03\xe9", opcode=0x8) if end == "close frame" else b""
             req, _ = wsclient.request()
-            body = wsclient.frame(wsclient.mqtt_connect(f"ff-ws-{i}")) + wsclient.frame(publish) + wsclient.frame(b"\xe0\x00") + closing
+            body = wsclient.frame(wsclient.mqtt_connect(f"ff-ws-{i}")) + wsclient.frame(publish) + disconnect + closing
             sockets.append(socket.create_connection(("127.0.0.1", ws), timeout=10))
             requests.append(req + body)
         for s, data in zip(sockets, requests):
@@ -230,9 +232,16 @@ def test_fire_and_forget_websocket_clients_in_a_storm_lose_nothing(wsbroker, end
             if end == "eof":
                 s.shutdown(socket.SHUT_WR)
         assert wait_for(lambda: len({m.topic for m in sub.messages}) == count, timeout=20), len(sub.messages)
-        for s in sockets:  # every connection closed by the broker
-            while s.recv(4096):
-                pass
+        for i, s in enumerate(sockets):  # the acknowledgements, then the broker's close
+            head, _, rest = wsclient.read_until(s, b"\r\n\r\n").partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            closed, frames = wsclient.WS(s, rest).closed(timeout=10)
+            assert closed, i
+            assert b"".join(p for op, p in frames if op == 0x2) == b"\x20\x02\x00\x00\x40\x02\x00\x01", (i, frames)
+            # The client's code when its close frame ended it; 1000 when the broker closed first
+            # (at a DISCONNECT, at an EOF).
+            codes = {b"\x03\xe8"} if end == "eof" else {b"\x03\xe9"} if i % 2 == 0 else {b"\x03\xe8", b"\x03\xe9"}
+            assert frames[-1][0] == 0x8 and frames[-1][1] in codes, (i, frames)
     finally:
         for s in sockets:
             s.close()
