@@ -182,6 +182,10 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             // (A hook or the session it asked for may have come to wait meanwhile.)
             guard !handler.inputWaits else { return handler.updateRare { $0.inputEnded = true } }
             handler.flushOutput()
+            // Lost now (the will goes out, the hooks hear of it), not when the transport is done
+            // closing: NIOSSL waits up to its shutdown timeout for a close_notify that a client
+            // which sent a bare FIN will not send.
+            handler.detach(publishWill: true, reason: "connection lost")
             handler.context?.close(promise: nil)
         }
     }

@@ -223,6 +223,39 @@ def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
         b.stop()
 
 
+def test_a_tls_clients_bare_fin_publishes_its_will_at_once(certs):
+    """A TLS client that ends with a bare FIN (no close_notify) is lost at once: its will goes out
+    then, not once NIOSSL has waited out its shutdown timeout (1 s) for a close_notify that will
+    not come."""
+    b = start(tls_config(certs))
+    try:
+        plain, secure = b.ports
+        watcher = paho_client("will-watcher")
+        subscribed = threading.Event()
+        watcher.on_subscribe = lambda *a: subscribed.set()
+        watcher.connect("127.0.0.1", plain, keepalive=30)
+        watcher.loop_start()
+        assert watcher.connected.wait(5)
+        watcher.subscribe("wills/#", qos=0)
+        assert subscribed.wait(5)
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        s = context.wrap_socket(socket.create_connection(("127.0.0.1", secure)), server_hostname="localhost")
+        # CONNECT with a will (wills/fin, "gone"), QoS 0; read the CONNACK.
+        body = b"\x00\x04MQTT\x04\x06\x00\x1e\x00\x03fin\x00\x09wills/fin\x00\x04gone"
+        s.sendall(bytes([0x10, len(body)]) + body)
+        assert s.recv(4) == b"\x20\x02\x00\x00"
+        started = time.monotonic()
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        assert wait_for(lambda: len(watcher.messages) == 1, timeout=5)
+        assert time.monotonic() - started < 0.5
+        assert (watcher.messages[0].topic, watcher.messages[0].payload) == ("wills/fin", b"gone")
+        s.close()
+        watcher.disconnect()
+        watcher.loop_stop()
+    finally:
+        b.stop()
+
+
 # MARK: - Client certificates
 
 
