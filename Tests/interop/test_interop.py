@@ -44,6 +44,17 @@ def start(client, port):
     assert client.connected.wait(5)
 
 
+def subscriber(port, client_id, topic_filter, qos=0):
+    """A started paho client whose SUBSCRIBE to `topic_filter` has been answered."""
+    client = paho_client(client_id)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    start(client, port)
+    client.subscribe(topic_filter, qos=qos)
+    assert subscribed.wait(5)
+    return client
+
+
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -114,12 +125,7 @@ def test_fire_and_forget_clients_in_a_storm_lose_nothing(broker):
     (the storm's pacing), and every EOF waits behind what its client sent. Every message goes out
     (mqlite delivered a few percent when an EOF's close went before its waiting CONNECT), and
     every client reads its CONNACK and PUBACK before the broker closes (as from Mosquitto)."""
-    sub = paho_client("ff-sub")
-    start(sub, broker.port)
-    subscribed = threading.Event()
-    sub.on_subscribe = lambda *a: subscribed.set()
-    sub.subscribe("ff/#", qos=0)
-    assert subscribed.wait(5)
+    sub = subscriber(broker.port, "ff-sub", "ff/#")
 
     def packet(kind, body):
         length, encoded = len(body), b""

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import BINARY, ROOT, Broker, wait_for
-from test_interop import paho_client
+from test_interop import paho_client, subscriber
 
 PLUGINS = ROOT / "plugins"
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -175,14 +175,7 @@ def test_fire_and_forget_clients_over_tls_lose_nothing(certs):
     b = start(tls_config(certs))
     try:
         plain, secure = b.ports
-        sub = paho_client("ff-tls-sub")
-        subscribed = threading.Event()
-        sub.on_subscribe = lambda *a: subscribed.set()
-        sub.connect("127.0.0.1", plain, keepalive=30)
-        sub.loop_start()
-        assert sub.connected.wait(5)
-        sub.subscribe("ff/#", qos=0)
-        assert subscribed.wait(5)
+        sub = subscriber(plain, "ff-tls-sub", "ff/#")
         context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         count = 300
         clients = []
@@ -230,14 +223,7 @@ def test_a_tls_clients_bare_fin_publishes_its_will_at_once(certs):
     b = start(tls_config(certs))
     try:
         plain, secure = b.ports
-        watcher = paho_client("will-watcher")
-        subscribed = threading.Event()
-        watcher.on_subscribe = lambda *a: subscribed.set()
-        watcher.connect("127.0.0.1", plain, keepalive=30)
-        watcher.loop_start()
-        assert watcher.connected.wait(5)
-        watcher.subscribe("wills/#", qos=0)
-        assert subscribed.wait(5)
+        watcher = subscriber(plain, "will-watcher", "wills/#")
         context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         s = context.wrap_socket(socket.create_connection(("127.0.0.1", secure)), server_hostname="localhost")
         # CONNECT with a will (wills/fin, "gone"), QoS 0; read the CONNACK.

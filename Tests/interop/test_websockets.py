@@ -19,7 +19,7 @@ import pytest
 import wsclient
 from conftest import Broker, wait_for
 from test_hostile import rss_kib, settle
-from test_interop import paho_client
+from test_interop import paho_client, subscriber
 from test_tls import certs  # noqa: F401 (the module's certificate fixture)
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -206,16 +206,9 @@ def test_fire_and_forget_websocket_clients_in_a_storm_lose_nothing(wsbroker, end
     behind what came before it. Every message goes out, and every client reads its CONNACK and
     PUBACK, then (after a close frame) the answer with its status code."""
     tcp, ws = wsbroker.ports
-    sub = paho_client("ff-ws-sub")
-    sub.connect("127.0.0.1", tcp, keepalive=30)
-    sub.loop_start()
+    sub = subscriber(tcp, "ff-ws-sub", "ff/#")
     sockets = []
     try:
-        assert sub.connected.wait(5)
-        subscribed = threading.Event()
-        sub.on_subscribe = lambda *a: subscribed.set()
-        sub.subscribe("ff/#", qos=0)
-        assert subscribed.wait(5)
         count = 300
         requests = []
         for i in range(count):
@@ -253,15 +246,8 @@ def test_frames_sent_with_the_upgrade_request_then_eof_are_served(wsbroker):
     """Upgrade request, CONNECT, PUBLISH and DISCONNECT in one write, then the client's EOF: the
     EOF waits behind the frames (the HTTP decoder drops what it holds once it has seen EOF)."""
     tcp, ws = wsbroker.ports
-    sub = paho_client("early-sub")
-    sub.connect("127.0.0.1", tcp, keepalive=30)
-    sub.loop_start()
+    sub = subscriber(tcp, "early-sub", "early/#", qos=1)
     try:
-        assert sub.connected.wait(5)
-        subscribed = threading.Event()
-        sub.on_subscribe = lambda *a: subscribed.set()
-        sub.subscribe("early/#", qos=1)
-        assert subscribed.wait(5)
         for i in range(10):
             topic = f"early/{i}".encode()
             publish = bytes([0x30, 2 + len(topic) + 1]) + bytes([0, len(topic)]) + topic + b"x"
