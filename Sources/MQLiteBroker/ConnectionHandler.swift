@@ -105,7 +105,9 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     // Who this client is (for hooks and logs): its id and user name once CONNECT has given them.
-    private var clientID = ""
+    /// The session's while one is attached, which names it; before and after, kept in `rare` (a
+    /// field less on every connection).
+    private var clientID: String { session?.clientID ?? rare?.clientID ?? "" }
     private var username: String?
     private var address = "?"
     /// The listener the client came in on.
@@ -542,7 +544,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
                 password = nil
             }
         }
-        self.clientID = clientID
+        updateRare { $0.clientID = clientID }
         self.username = username
 
         var request = ConnectRequest(
@@ -694,6 +696,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         session.report(.attached)
         session.receiveACL = (access?.acl.restrictsReceiving ?? false) ? access?.acl : nil
         self.session = session
+        if rare?.clientID != nil { updateRare { $0.clientID = nil } }
         updateReading()
         writePacket(.connack(version == .v5
             ? ConnackPacket(sessionPresent: sessionPresent, reasonCode: .success, properties: connack)
@@ -1348,6 +1351,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         let wasConnected = machine.closed()
         if authenticating { broker.hooks.abandoned(connection: ObjectIdentifier(self), worker: worker.index) }
         guard let session else { return }
+        updateRare { $0.clientID = session.clientID }
         self.session = nil
         if session.outbound === self {
             session.disconnected()
@@ -1648,6 +1652,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 /// What most connections do not have: a will, access rules, enhanced authentication,
 /// acknowledgements waiting for the store, TLS, publishers held back.
 private final class Rare {
+    /// The client's id while no session is attached (`ConnectionHandler.clientID`).
+    var clientID: String?
     var will: Will?
     var access: Access?
     var authentication: Authentication?
@@ -1664,7 +1670,7 @@ private final class Rare {
     var inputEnded = false
 
     var isEmpty: Bool {
-        will == nil && access == nil && authentication == nil && storeAcks == nil && !peerIsBridge && tls == nil && holdBack == nil
+        clientID == nil && will == nil && access == nil && authentication == nil && storeAcks == nil && !peerIsBridge && tls == nil && holdBack == nil
             && allowance.isUnused && !inputEnded
     }
 }

@@ -124,7 +124,15 @@ struct ClientLimits {
 /// Everything but `owner` is touched only on the event loop of the worker that owns the session
 /// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
 /// reconnects there with clean session 0, and only after its old connection has been detached.
-final class Session: @unchecked Sendable {
+/// A client id, immutable: what the session registry hashes a session by (`Session` is one; a
+/// lookup makes a bare one for the id it looks for).
+class ClientIdentity: @unchecked Sendable {
+    let clientID: String
+
+    init(clientID: String) { self.clientID = clientID }
+}
+
+final class Session: ClientIdentity, @unchecked Sendable {
     struct Inflight {
         var id: UInt16
         var message: Message
@@ -140,12 +148,12 @@ final class Session: @unchecked Sendable {
         var owed = false
     }
 
-    let clientID: String
     let context: SessionContext
-    private let ownerIndex: Atomic<Int>
+    /// (32 bits, as `claims`: the two share a word.)
+    private let ownerIndex: Atomic<Int32>
     /// Bumped by every CONNECT that claims this client id (under the registry lock): a connection
     /// may attach only while its claim is the latest, so exactly one, the newest, ends up attached.
-    private let claims = Atomic<Int>(0)
+    private let claims = Atomic<UInt32>(0)
 
     // MARK: Owner-loop state
     /// Where messages go now; nil while no connection (or link) holds the session.
@@ -157,14 +165,20 @@ final class Session: @unchecked Sendable {
 
     /// After the queue changed: whether it has a backlog now.
     private func queueChanged() {
-        let now = !queue.isEmpty
+        let now = !queueIsEmpty
         if backlogged.load(ordering: .relaxed) != now { backlogged.store(now, ordering: .relaxed) }
     }
     /// Filter (compared byte for byte) → granted QoS.
     var subscriptions: [TopicFilter: QoS] = [:]
     private(set) var inflight: [Inflight] = []
-    /// Empty, it holds no storage: most sessions never queue, and an idle connection should cost little.
-    private(set) var queue = Deque<Delivery>()
+    /// Messages waiting to be sent, oldest first. In `occasional` (most sessions never queue, and
+    /// an idle connection should cost little); a change makes it.
+    private(set) var queue: Deque<Delivery> {
+        get { occasional?.queue ?? [] }
+        _modify { yield &more.queue }
+    }
+    /// (Without a copy of the queue.)
+    private var queueIsEmpty: Bool { occasional?.queue.isEmpty ?? true }
     /// Until when (uptime nanoseconds) this session counts as congested; 0 when it is not. The
     /// lowest bit set: on its allowance, not on time it earned (`Congestion`). Read by other
     /// workers' publish paths, so it is here rather than in `occasional`.
@@ -194,6 +208,7 @@ final class Session: @unchecked Sendable {
     /// use, so that the session of an idle connection stays small (one malloc size class of 128
     /// bytes instead of 224).
     private final class Occasional {
+        var queue = Deque<Delivery>()
         /// Topic and payload bytes of the queued messages (for `max_queued_bytes`).
         var queuedBytes = 0
         /// When the queue last moved (or started to fill after being empty).
@@ -303,7 +318,8 @@ final class Session: @unchecked Sendable {
 
     private func isOver(fraction divisor: Int, _ limits: Limits) -> Bool {
         let (maxQueued, maxBytes) = queueLimits(limits)
-        return queue.count >= max(maxQueued / divisor, 1) || (maxBytes > 0 && (occasional?.queuedBytes ?? 0) >= maxBytes / divisor)
+        guard let occasional else { return false }
+        return occasional.queue.count >= max(maxQueued / divisor, 1) || (maxBytes > 0 && occasional.queuedBytes >= maxBytes / divisor)
     }
 
     /// Sets how long publishers wait for this session: while it progresses, within the episode's
@@ -328,7 +344,7 @@ final class Session: @unchecked Sendable {
     /// After the queue grew: congested if over half the budget and still making progress.
     private func checkCongestion(_ limits: Limits) {
         guard outbound != nil else { return }
-        if queue.count == 1 { more.lastProgress = .now() }  // it kept up until now
+        if occasional?.queue.count == 1 { more.lastProgress = .now() }  // it kept up until now
         guard isOver(fraction: 2, limits), occasional?.congestionStart == nil || mayBeCongested else { return }
         holdPublishers(now: .now())
     }
@@ -408,7 +424,7 @@ final class Session: @unchecked Sendable {
 
     /// Drops the queued messages `shouldDrop` picks (a store forgets them too).
     private func dropQueued(where shouldDrop: (Delivery) -> Bool) {
-        guard !queue.isEmpty else { return }
+        guard !queueIsEmpty else { return }
         queue.removeAll { delivery in
             guard shouldDrop(delivery) else { return false }
             if delivery.seq != 0 { report(.discarded(seq: delivery.seq)) }
@@ -432,23 +448,23 @@ final class Session: @unchecked Sendable {
     }
 
     init(clientID: String, persistent: Bool, owner: Int, context: SessionContext) {
-        self.clientID = clientID
         self.context = context
         self.persistence = Atomic(persistent)
-        self.ownerIndex = Atomic(owner)
+        self.ownerIndex = Atomic(Int32(owner))
+        super.init(clientID: clientID)
     }
 
     /// Index of the worker whose loop owns this session.
-    var owner: Int { ownerIndex.load(ordering: .acquiring) }
+    var owner: Int { Int(ownerIndex.load(ordering: .acquiring)) }
 
     /// Registers a new claim and returns it. Called under the registry lock.
-    func claim() -> Int { claims.add(1, ordering: .acquiringAndReleasing).newValue }
+    func claim() -> Int { Int(claims.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue) }
 
     /// Whether `claim` is still the latest (no newer CONNECT for this client id since).
-    func isLatest(claim: Int) -> Bool { claims.load(ordering: .acquiring) == claim }
+    func isLatest(claim: Int) -> Bool { claims.load(ordering: .acquiring) == UInt32(truncatingIfNeeded: claim) }
 
     /// The latest claim.
-    var latestClaim: Int { claims.load(ordering: .acquiring) }
+    var latestClaim: Int { Int(claims.load(ordering: .acquiring)) }
 
     /// How long the session may stay offline (owner loop): nil for `session_expiry` (3.1.1
     /// clients), else what an MQTT 5 client asked for, capped by it (`Limits.sessionExpiry(for:)`);
@@ -594,7 +610,7 @@ final class Session: @unchecked Sendable {
     }
 
     /// Hands the session to another worker. Called on the current owner's loop, after detaching.
-    func move(to worker: Int) { ownerIndex.store(worker, ordering: .releasing) }
+    func move(to worker: Int) { ownerIndex.store(Int32(worker), ordering: .releasing) }
 
     /// In debug builds: traps unless called on the loop of the worker that owns this session.
     @inline(__always)
@@ -624,7 +640,7 @@ final class Session: @unchecked Sendable {
             if persistent && delivery.qos != .atMostOnce { return enqueue(delivery) }
             return nil
         }
-        if queue.isEmpty && outbound.canWrite
+        if queueIsEmpty && outbound.canWrite
             && (delivery.qos == .atMostOnce || inflight.count < window)
         {
             send(delivery, on: outbound, live: live)
@@ -636,8 +652,8 @@ final class Session: @unchecked Sendable {
     /// Whether messages wait: in the queue, in flight to be sent again (`resume`), or retained
     /// messages still to be sent.
     var hasQueued: Bool {
-        guard queue.isEmpty else { return true }
         guard let occasional else { return false }
+        guard occasional.queue.isEmpty else { return true }
         return occasional.resendsOwed || !occasional.retainedBacklog.isEmpty
     }
 
@@ -683,7 +699,7 @@ final class Session: @unchecked Sendable {
         let size = delivery.message.size
         let more = self.more
         let (maxQueued, maxBytes) = queueLimits(limits)
-        guard queue.count < maxQueued && (maxBytes == 0 || more.queuedBytes + size <= maxBytes) else {
+        guard more.queue.count < maxQueued && (maxBytes == 0 || more.queuedBytes + size <= maxBytes) else {
             more.droppedInEpisode += 1
             context.droppedMessages.add(1, ordering: .relaxed)
             if more.droppedInEpisode == 1 {
@@ -697,12 +713,12 @@ final class Session: @unchecked Sendable {
         // references to every part of it.
         let message = delivery.message.compacted()
         let seq = delivery.qos != .atMostOnce && more.stored ? nextSeq() : 0
-        queue.append(
+        more.queue.append(
             Delivery(message: message, qos: delivery.qos, retain: delivery.retain, frame: nil, hooked: delivery.hooked, group: delivery.group, seq: seq))
         queueChanged()
         more.queuedBytes += size
         checkCongestion(limits)
-        if seq != 0 { report(.queued(queue[queue.index(before: queue.endIndex)])) }
+        if seq != 0 { report(.queued(more.queue[more.queue.index(before: more.queue.endIndex)])) }
         return message
     }
 
@@ -807,11 +823,11 @@ final class Session: @unchecked Sendable {
         var drained = 0
         var retainedSteps = 0
         while outbound.canWrite, !ended {
-            guard !queue.isEmpty else {
+            guard let occasional, !occasional.queue.isEmpty else {
                 // Nothing queued: the next retained messages, if a SUBSCRIBE left any. A walk
                 // that delivers little (a filter that matches little, an ACL that holds most
                 // back) yields the loop to its sockets now and then.
-                guard let occasional, !occasional.retainedBacklog.isEmpty else { break }
+                guard let occasional = self.occasional, !occasional.retainedBacklog.isEmpty else { break }
                 retainedSteps += 1
                 if retainedSteps > 16 {
                     outbound.pumpSoon()
@@ -821,10 +837,10 @@ final class Session: @unchecked Sendable {
                 continue
             }
             // (The head is read in place and then moved out: a copy of it would count references.)
-            if queue[queue.startIndex].qos != .atMostOnce && inflight.count >= maxInflight { break }
-            let next = queue.removeFirst()
+            if occasional.queue[occasional.queue.startIndex].qos != .atMostOnce && inflight.count >= maxInflight { break }
+            let next = occasional.queue.removeFirst()
             let size = next.message.size, seq = next.seq
-            more.queuedBytes -= size
+            occasional.queuedBytes -= size
             drained += size
             send(next, on: outbound, live: false)
             // A numbered message that did not go in flight is owed no longer.
@@ -834,7 +850,7 @@ final class Session: @unchecked Sendable {
             progressed(context.limits, drained: drained)
             queueChanged()
         }
-        if queue.isEmpty, let occasional, occasional.droppedInEpisode > 0 {
+        if let occasional, occasional.queue.isEmpty, occasional.droppedInEpisode > 0 {
             context.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
             occasional.droppedInEpisode = 0
         }
@@ -1112,7 +1128,7 @@ final class Session: @unchecked Sendable {
         publishPendingWill()
         ended = true
         inflight.removeAll()
-        queue.removeAll()
+        occasional?.queue.removeAll()
         queueChanged()
         occasional?.retainedBacklog.removeAll()
         occasional?.queuedBytes = 0

@@ -103,19 +103,41 @@ enum RetainOutcome: Equatable {
 // MARK: - In memory
 
 final class InMemorySessionRegistry: SessionRegistry {
-    private let sessions = Mutex<[ClientIDKey: Session]>([:])
+    /// One reference a client (8 bytes a bucket, where a dictionary from id to session took 24:
+    /// ~26 bytes less per connection at 10,000), found by the session's own client id.
+    private let sessions = Mutex(Set<Registered>())
+
+    /// A session as the registry's element: hashed and compared by its client id, byte for byte
+    /// (as `ClientIDKey`). A lookup makes one of a bare `ClientIdentity` with the id it looks for.
+    private struct Registered: Hashable {
+        let identity: ClientIdentity
+
+        static func == (a: Registered, b: Registered) -> Bool { a.identity.clientID.hasSameUTF8(as: b.identity.clientID) }
+        func hash(into hasher: inout Hasher) { identity.clientID.hashUTF8(into: &hasher) }
+        // Only sessions are ever inserted.
+        var session: Session { unsafeDowncast(identity, to: Session.self) }
+    }
 
     func update<T>(clientID: String, _ body: (inout Session?) -> T) -> T {
         sessions.withLock { sessions in
-            let key = ClientIDKey(clientID)
-            var session = sessions[key]
-            defer { sessions[key] = session }
+            let index = sessions.firstIndex(of: Registered(identity: ClientIdentity(clientID: clientID)))
+            let registered = index.map { sessions[$0].session }
+            var session = registered
+            defer {
+                if let session {
+                    if session !== registered { sessions.update(with: Registered(identity: session)) }
+                } else if let index {
+                    sessions.remove(at: index)
+                }
+            }
             return body(&session)
         }
     }
 
     func session(for clientID: String) -> Session? {
-        sessions.withLock { $0[ClientIDKey(clientID)] }
+        sessions.withLock { sessions in
+            sessions.firstIndex(of: Registered(identity: ClientIdentity(clientID: clientID))).map { sessions[$0].session }
+        }
     }
 
     var count: Int { sessions.withLock { $0.count } }

@@ -54,7 +54,7 @@ struct IdleFootprintTests {
         mallocUsableSize(Unmanaged.passUnretained(object).toOpaque())
     }
 
-    @Test("a session takes at most 120 bytes of heap, and a connection handler at most 184, until used")
+    @Test("a session takes at most 104 bytes of heap, and a connection handler at most 168, until used")
     func smallObjects() throws {
         var logger = Logger(label: "test")
         logger.logLevel = .critical
@@ -63,10 +63,10 @@ struct IdleFootprintTests {
         // The smallest of many: glibc may hand out a free chunk a little larger than asked for
         // (when what is left would be too small to keep), more often while other threads allocate.
         let sessions = (0..<64).map { _ in Session(clientID: "a-client-id-longer-than-15", persistent: true, owner: 0, context: broker.sessionContext) }
-        #expect(sessions.map(Self.mallocSize).min()! <= 120)
+        #expect(sessions.map(Self.mallocSize).min()! <= 104)
         let listener = RunningListener(unboundNamed: "test")
         let handlers = (0..<64).map { _ in ConnectionHandler(worker: broker.workers[0], listener: listener) }
-        #expect(handlers.map(Self.mallocSize).min()! <= 184)
+        #expect(handlers.map(Self.mallocSize).min()! <= 168)
     }
     #endif
 

@@ -336,6 +336,42 @@ struct SessionSeamTests {
     }
 }
 
+@Suite("Session registry")
+struct SessionRegistryTests {
+    @Test("one entry per client id, compared byte for byte: update inserts, replaces and removes, and a lookup finds a session by its id alone")
+    func entries() {
+        let registry = InMemorySessionRegistry()
+        let context = standaloneContext()
+        func session(_ id: String) -> Session { Session(clientID: id, persistent: false, owner: 0, context: context) }
+        // Equal as Swift strings, two client ids as bytes.
+        let composed = "caf\u{E9}", decomposed = "cafe\u{301}"
+        let first = session(composed), other = session(decomposed)
+        registry.update(clientID: composed) { #expect($0 == nil); $0 = first }
+        registry.update(clientID: decomposed) { #expect($0 == nil); $0 = other }
+        #expect(registry.count == 2)
+        #expect(registry.session(for: composed) === first && registry.session(for: decomposed) === other)
+        // A takeover's new session replaces the old one under the same id.
+        let second = session(composed)
+        let seen = registry.update(clientID: composed) { registered -> Session? in
+            defer { registered = second }
+            return registered
+        }
+        #expect(seen === first && registry.session(for: composed) === second && registry.count == 2)
+        // Left as it was: nothing changes.
+        registry.update(clientID: composed) { _ in }
+        registry.update(clientID: "absent") { _ in }
+        #expect(registry.session(for: composed) === second && registry.session(for: "absent") == nil && registry.count == 2)
+        registry.update(clientID: decomposed) { $0 = nil }
+        #expect(registry.session(for: decomposed) == nil && registry.session(for: composed) === second && registry.count == 1)
+        // Many ids: each found, then all removed.
+        let many = (0..<1000).map { session("client-\($0)") }
+        for s in many { registry.update(clientID: s.clientID) { $0 = s } }
+        #expect(many.allSatisfy { registry.session(for: $0.clientID) === $0 } && registry.count == 1001)
+        for s in many { registry.update(clientID: s.clientID) { $0 = nil } }
+        #expect(registry.count == 1 && registry.session(for: "client-7") == nil)
+    }
+}
+
 @Suite("Route cache")
 struct RouteCacheTests {
     @Test("a subscription change drops only the cached routes its filter matches")
