@@ -17,8 +17,9 @@ struct MQLiteBench: AsyncParsableCommand {
             sending, wait for every outstanding message and report loss; a run that lost messages \
             exits 1. Publishers keep at most --window deliveries outstanding (and, at QoS 1, at most \
             100 unacknowledged messages each). `bare-nio-server` is no load: it serves --port with a \
-            SwiftNIO server that only holds its sockets (mqlite's channel options, one empty handler), \
-            until stopped, so that `connections --tcp-only` can measure what NIO itself keeps per socket.
+            SwiftNIO server that holds its sockets and answers each read with 4 bytes (a CONNACK), \
+            until stopped, so that `connections` (with or without --tcp-only) can measure what NIO \
+            itself keeps per socket.
             """
     )
 
@@ -90,15 +91,27 @@ struct MQLiteBench: AsyncParsableCommand {
         }
     }
 
-    /// The reference for memory per socket: a NIO server with the child options mqlite uses
-    /// (see `Broker.makeBootstrap`) and one handler that does nothing. Serves until stopped.
+    /// The reference for memory per socket: a NIO server with the child options of mqlite's that
+    /// shape what NIO keeps (`Broker.setConnectionOptions`: one read per event, a first receive
+    /// buffer of 64 bytes, which NIO keeps once a socket has been read) and one handler that
+    /// answers every read with a CONNACK's 4 bytes, so that the idle clients of `connections`
+    /// connect to it as to a broker. Serves until stopped.
     private func serveBareNIO(group: MultiThreadedEventLoopGroup) async throws -> [String: Any] {
-        final class Holder: ChannelInboundHandler, Sendable { typealias InboundIn = ByteBuffer }
+        final class Holder: ChannelInboundHandler, Sendable {
+            typealias InboundIn = ByteBuffer
+            typealias OutboundOut = ByteBuffer
+            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+                var answer = context.channel.allocator.buffer(capacity: 4)
+                answer.writeBytes([0x20, 0x02, 0x00, 0x00])
+                context.writeAndFlush(wrapOutboundOut(answer), promise: nil)
+            }
+        }
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 128, maximum: 256 * 1024))
+            .childChannelOption(.maxMessagesPerRead, value: 1)
+            .childChannelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 64))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Holder()) }
             }

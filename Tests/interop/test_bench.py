@@ -92,6 +92,9 @@ def test_bare_nio_server_holds_sockets():
                 time.sleep(0.1)
         r = bench(port, "connections", "--connections", "200", "--tcp-only", "--pid", str(server.pid))
         assert r["connections"] == 200 and r["rss_after"] > 0
+        # Idle MQTT clients: each CONNECT is answered as a broker would (the floor after one exchange).
+        r = bench(port, "connections", "--connections", "200", "--pid", str(server.pid))
+        assert r["connections"] == 200 and r["rss_after"] > 0
         assert server.poll() is None
     finally:
         server.terminate()
