@@ -263,15 +263,17 @@ struct ConnectionStateMachine {
     }
 
     /// A packet could not be decoded: close (publishing the will, then `closed()`), answering
-    /// CONNACK first where the protocol asks (an unsupported protocol level in CONNECT gets
-    /// return code 1, MQTT-3.1.2-2) or allows (a CONNECT that `connectLevel`, its protocol level
-    /// as far as it could be read, says is MQTT 5).
+    /// CONNACK first where the protocol asks (an unsupported protocol level in CONNECT of an MQTT
+    /// protocol name gets return code 1, MQTT-3.1.2-2) or allows (a CONNECT that `connectLevel`,
+    /// its protocol level as far as it could be read, says is MQTT 5). A CONNECT of another
+    /// protocol's name is not processed as MQTT at all (MQTT-3.1.2-1): closed without an answer,
+    /// as Mosquitto does.
     func decodeFailed(_ error: any Error, connectLevel: UInt8? = nil) -> (connack: ConnackPacket?, reason: String) {
         let protocolError = error as? MQTTProtocolError
         var connack: ConnackPacket?
         if case .awaitingConnect = state {
-            if case .unsupportedProtocol? = protocolError {
-                connack = ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion)
+            if case .unsupportedProtocol(let name, _)? = protocolError {
+                if name == "MQTT" || name == "MQIsdp" { connack = ConnackPacket(sessionPresent: false, returnCode: .unacceptableProtocolVersion) }
             } else if connectLevel == ProtocolVersion.v5.rawValue, let protocolError {
                 // An MQTT 5 CONNECT that is malformed or breaks a rule: CONNACK says which
                 // (0x81, 0x82, 0x95...) before the close, as §4.13.1 allows.

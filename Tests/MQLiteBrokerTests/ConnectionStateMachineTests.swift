@@ -163,7 +163,7 @@ struct ConnectionStateMachineTests {
         #expect(machine.closed() == false, "closing twice reports once")
     }
 
-    @Test("decode errors close; an unsupported protocol level before CONNECT is answered with CONNACK 1, an MQTT 5 CONNECT that cannot be decoded with its reason code")
+    @Test("decode errors close; an unsupported protocol level before CONNECT is answered with CONNACK 1 (not another protocol's name), an MQTT 5 CONNECT that cannot be decoded with its reason code")
     func decodeErrors() {
         let machine = ConnectionStateMachine(now: start)
         let unsupported = MQTTProtocolError.unsupportedProtocol(name: "MQTT", level: 9)
@@ -171,6 +171,11 @@ struct ConnectionStateMachineTests {
         #expect(machine.decodeFailed(unsupported).reason == unsupported.description)
         #expect(machine.decodeFailed(MQTTProtocolError.noTopicFilters(.subscribe)).connack == nil)
         #expect(connected().decodeFailed(unsupported).connack == nil, "after CONNECT it is a plain protocol error")
+        // MQTT 3.1's name with another level: CONNACK 1 too. Another protocol's name: no answer.
+        #expect(machine.decodeFailed(MQTTProtocolError.unsupportedProtocol(name: "MQIsdp", level: 4)).connack?.returnCode == .unacceptableProtocolVersion)
+        for level: UInt8 in [3, 4, 5] {
+            #expect(machine.decodeFailed(MQTTProtocolError.unsupportedProtocol(name: "hj", level: level)).connack == nil)
+        }
         // A CONNECT that MQTT 5 cannot decode: CONNACK with the reason code; 3.1.1 has none for it.
         let duplicate = MQTTProtocolError.duplicateProperty(.connect, .sessionExpiryInterval)
         #expect(machine.decodeFailed(duplicate, connectLevel: 5).connack == ConnackPacket(sessionPresent: false, reasonCode: .protocolError))

@@ -97,6 +97,18 @@ struct ConnectionTests {
         }
     }
 
+    @Test("a CONNECT of another protocol's name, at any level, is closed without an answer (MQTT-3.1.2-1; as Mosquitto)")
+    func otherProtocolName() async throws {
+        try await withBroker { b in
+            for level: UInt8 in [4, 5] {
+                let c = try await TestClient.open(port: b.port)
+                c.send(.connect(ConnectPacket(protocolName: "hj", protocolLevel: level, clientID: "other-\(level)")))
+                let packets = try await c.expectClosed()
+                #expect(packets.isEmpty, "level \(level): answered \(packets)")
+            }
+        }
+    }
+
     @Test("MQIsdp level 3 (MQTT 3.1) is accepted; with an empty client id it gets CONNACK 2 (3.1 assigns none)")
     func mqtt31() async throws {
         try await withBroker { b in
