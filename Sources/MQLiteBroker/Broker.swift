@@ -698,7 +698,7 @@ public final class Broker: Sendable {
         workers[session.owner].assertOnLoop()
         let qos = grant.qos
         if session.subscriptions.updateValue(qos, forKey: filter) == nil { subscriptionCount.add(1, ordering: .relaxed) }
-        session.setSubscriptionIdentifier(identifier, for: filter)
+        session.setSubscriptionIdentifier(identifier, for: filter, noLocal: grant.noLocal)
         subscriptions.insert(filter: filter, session: session, grant: grant)
         // Routes follow the filter that topics are matched against (a shared one's inner filter).
         for worker in workers { worker.subscriptionsChanged(CollectionOfOne(SharedFilter.matching(filter))) }

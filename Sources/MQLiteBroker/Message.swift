@@ -62,6 +62,9 @@ struct Delivery: Sendable {
     var group: SharedGroup?
     /// Its number in the session that keeps it, while a store keeps that session (`SessionEvent`).
     var seq: UInt64 = 0
+    /// Published by the subscriber's own client: the MQTT 5 Subscription Identifiers of its No
+    /// Local subscriptions are not among those it carries (it did not come through them).
+    var local = false
 }
 
 extension ApplicationMessage {

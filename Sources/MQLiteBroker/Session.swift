@@ -146,6 +146,8 @@ final class Session: ClientIdentity, @unchecked Sendable {
         var seq: UInt64 = 0
         /// To be sent again on this connection once its window has room (`resume`).
         var owed = false
+        /// As `Delivery.local`.
+        var local = false
     }
 
     let context: SessionContext
@@ -533,10 +535,10 @@ final class Session: ClientIdentity, @unchecked Sendable {
 
     /// MQTT 5: the subscription `filter` has this Subscription Identifier (nil: none), as its
     /// latest SUBSCRIBE said (owner loop).
-    func setSubscriptionIdentifier(_ identifier: UInt32?, for filter: TopicFilter) {
+    func setSubscriptionIdentifier(_ identifier: UInt32?, for filter: TopicFilter, noLocal: Bool = false) {
         guard identifier != nil || occasional?.subscriptionIdentifiers != nil else { return }
         let identifiers = more.subscriptionIdentifiers ?? SubscriptionIdentifiers()
-        identifiers.set(identifier, for: filter)
+        identifiers.set(identifier, for: filter, noLocal: noLocal)
         more.subscriptionIdentifiers = identifiers.isEmpty ? nil : identifiers
     }
 
@@ -545,10 +547,10 @@ final class Session: ClientIdentity, @unchecked Sendable {
     /// knows the alias). Nil when it is larger than the client's Maximum Packet Size: it is not
     /// sent to the client, as if it had been (§3.1.2.11.4). Asked only for a client that uses
     /// either, or set a maximum (`Occasional.adorns`): the others pay nothing for it.
-    private func forClient(_ message: Message, qos: QoS, group: SharedGroup?) -> Message? {
+    private func forClient(_ message: Message, qos: QoS, group: SharedGroup?, local: Bool) -> Message? {
         guard let occasional else { return message }
         var message = message
-        if let identifiers = occasional.subscriptionIdentifiers?.identifiers(for: message.topic, group: group), !identifiers.isEmpty {
+        if let identifiers = occasional.subscriptionIdentifiers?.identifiers(for: message.topic, group: group, local: local), !identifiers.isEmpty {
             message.properties.subscriptionIdentifiers = identifiers
         }
         let limit = occasional.maximumPacketSize ?? .max
@@ -767,7 +769,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
     /// flight, the message is kept as it is: a connection's aliases end with it.
     @inline(never)
     private func sendAdorned(_ delivery: Delivery, on outbound: any SessionOutbound) {
-        guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group) else {
+        guard let adorned = forClient(delivery.message, qos: delivery.qos, group: delivery.group, local: delivery.local) else {
             context.droppedTooLarge.add(1, ordering: .relaxed)
             return
         }
@@ -805,7 +807,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
         if !queued, let occasional, occasional.stored { seq = nextSeq() }
         let id = seq == 0 ? nextPacketID() : packetID(numbered: seq)
         inflight.append(
-            Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq))
+            Inflight(id: id, message: delivery.message, qos: delivery.qos, retain: delivery.retain, released: false, group: delivery.group, seq: seq, local: delivery.local))
         outbound.writePublish(wire, qos: delivery.qos, packetID: id, retain: delivery.retain, dup: false)
         if seq != 0 {
             var numbered = delivery  // (a copy only for a session the store keeps)
@@ -921,7 +923,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
             wire.properties.messageExpiryInterval = wire.properties.remainingExpiryInterval(at: now)
         }
         if occasional?.adorns == true {
-            guard let adorned = forClient(wire, qos: entry.qos, group: entry.group) else {
+            guard let adorned = forClient(wire, qos: entry.qos, group: entry.group, local: entry.local) else {
                 context.droppedTooLarge.add(1, ordering: .relaxed)
                 inflightDone(at: i)
                 return false

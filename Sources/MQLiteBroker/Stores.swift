@@ -18,7 +18,7 @@ protocol SessionRegistry: Sendable {
     var count: Int { get }
 }
 
-/// What a subscription was granted: its QoS and, from MQTT 5, its options. Three bytes: a
+/// What a subscription was granted: its QoS and, from MQTT 5, its options. Five bytes: a
 /// route's (session, grant) pair stays 16 bytes.
 struct Grant: Sendable, Equatable {
     var qos: QoS
@@ -26,18 +26,37 @@ struct Grant: Sendable, Equatable {
     var noLocal = false
     /// MQTT 5 Retain As Published: live messages keep the RETAIN flag their publisher set.
     var retainAsPublished = false
+    /// What applies to the subscriber's own messages (unless `noLocal`): the same as `qos` and
+    /// `retainAsPublished` for one subscription; merged, what the subscriptions without No Local
+    /// grant, since one with it does not forward them at all (MQTT-3.8.3-3).
+    private(set) var localQoS: QoS
+    private(set) var localRetainAsPublished: Bool
 
     init(qos: QoS, noLocal: Bool = false, retainAsPublished: Bool = false) {
         self.qos = qos
         self.noLocal = noLocal
         self.retainAsPublished = retainAsPublished
+        localQoS = qos
+        localRetainAsPublished = retainAsPublished
     }
 
     /// Two subscriptions of one session that match the same topic, as one (the message goes to
-    /// the session once): the higher QoS; its own messages unless both say No Local; the
-    /// publisher's RETAIN flag if either asks for it.
+    /// the session once): the higher QoS; its own messages unless both say No Local, and then as
+    /// the one without it grants; the publisher's RETAIN flag if either asks for it.
     func merged(with other: Grant) -> Grant {
-        Grant(qos: max(qos, other.qos), noLocal: noLocal && other.noLocal, retainAsPublished: retainAsPublished || other.retainAsPublished)
+        var merged = Grant(qos: max(qos, other.qos), noLocal: noLocal && other.noLocal, retainAsPublished: retainAsPublished || other.retainAsPublished)
+        switch (noLocal, other.noLocal) {
+        case (false, false):
+            merged.localQoS = max(localQoS, other.localQoS)
+            merged.localRetainAsPublished = localRetainAsPublished || other.localRetainAsPublished
+        case (true, false):
+            (merged.localQoS, merged.localRetainAsPublished) = (other.localQoS, other.localRetainAsPublished)
+        case (false, true):
+            (merged.localQoS, merged.localRetainAsPublished) = (localQoS, localRetainAsPublished)
+        case (true, true):
+            break  // its own messages do not go
+        }
+        return merged
     }
 }
 

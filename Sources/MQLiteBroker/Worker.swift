@@ -380,10 +380,13 @@ final class Worker: @unchecked Sendable {
         var qos0Frame: ByteBuffer?
         for target in targets {
             let grant = target.grant
-            if grant.noLocal, target.session === publisher { continue }  // MQTT 5 No Local
-            delivery.qos = min(message.qos, grant.qos)
+            // The subscriber's own message: not through its No Local subscriptions (MQTT 5).
+            let local = target.session === publisher
+            if local && grant.noLocal { continue }
+            delivery.qos = min(message.qos, local ? grant.localQoS : grant.qos)
             // RETAIN is 0 on live messages, unless the subscription asks for it as published (MQTT 5).
-            delivery.retain = grant.retainAsPublished && message.retain
+            delivery.retain = (local ? grant.localRetainAsPublished : grant.retainAsPublished) && message.retain
+            delivery.local = local
             // One frame shared by all QoS 0 subscribers; a lone subscriber has its frame encoded
             // straight into its batch buffer instead (no frame of its own to allocate).
             if delivery.qos == .atMostOnce && targets.count > 1 && !delivery.retain {

@@ -305,6 +305,31 @@ struct MQTT5SubscriptionTests {
         }
     }
 
+    @Test("No Local beside an overlapping subscription without it: the client's own message comes through the other one alone, with its QoS, its RETAIN rule and its Subscription Identifier (MQTT-3.8.3-3, 3.3.4-3); others' messages through both")
+    func noLocalOverlapping() async throws {
+        try await withV5Broker { b in
+            let (c, _) = try await b.client5("c")
+            var seven = MQTTProperties(), eight = MQTTProperties()
+            seven.subscriptionIdentifiers = [7]
+            eight.subscriptionIdentifiers = [8]
+            let noLocal = Subscription(filter: "R/+", qos: .exactlyOnce, noLocal: true, retainAsPublished: true)
+            #expect(try await Self.subscribe(c, [noLocal], id: 1, properties: seven) == [.granted(.exactlyOnce)])
+            #expect(try await Self.subscribe(c, [Subscription(filter: "R/#", qos: .atMostOnce)], id: 2, properties: eight) == [.granted(.atMostOnce)])
+            c.send(.publish(PublishPacket(topic: "R/a", payload: "own", qos: .atLeastOnce, retain: true, packetID: 3)))
+            #expect(try await c.expectPacket() == .puback(packetID: 3))
+            let own = try await c.expectPublish()
+            #expect(String(buffer: own.payload) == "own")
+            #expect(own.qos == .atMostOnce, "through R/# (QoS 0) only, not R/+ (QoS 2, No Local)")
+            #expect(!own.retain, "R/# has no Retain As Published")
+            #expect(own.properties.subscriptionIdentifiers == [8])
+            let (other, _) = try await b.client5("other")
+            try await other.publish("R/a", "theirs", qos: .atLeastOnce, retain: true)
+            let theirs = try await c.expectPublish()
+            #expect(String(buffer: theirs.payload) == "theirs" && theirs.qos == .atLeastOnce && theirs.retain)
+            #expect(theirs.properties.subscriptionIdentifiers == [7, 8])
+        }
+    }
+
     @Test("Retain As Published keeps a live message's RETAIN flag; without it RETAIN is 0; retained messages sent on SUBSCRIBE have it either way")
     func retainAsPublished() async throws {
         try await withV5Broker { b in

@@ -372,6 +372,25 @@ struct SessionRegistryTests {
     }
 }
 
+@Suite("Grants")
+struct GrantTests {
+    @Test("merged in any order: the highest QoS and either Retain As Published for others' messages; for the subscriber's own, only what the subscriptions without No Local grant")
+    func merging() {
+        let noLocal = Grant(qos: .exactlyOnce, noLocal: true, retainAsPublished: true)
+        let plain = Grant(qos: .atMostOnce), plainRAP = Grant(qos: .atLeastOnce, retainAsPublished: true)
+        for order in [[noLocal, plain, plainRAP], [plain, noLocal, plainRAP], [plainRAP, plain, noLocal], [noLocal, plainRAP, plain]] {
+            let merged = order.dropFirst().reduce(order[0]) { $0.merged(with: $1) }
+            #expect(merged.qos == .exactlyOnce && merged.retainAsPublished && !merged.noLocal)
+            #expect(merged.localQoS == .atLeastOnce && merged.localRetainAsPublished)
+        }
+        let mixed = noLocal.merged(with: plain)
+        #expect(mixed.qos == .exactlyOnce && mixed.retainAsPublished && !mixed.noLocal)
+        #expect(mixed.localQoS == .atMostOnce && !mixed.localRetainAsPublished)
+        #expect(noLocal.merged(with: noLocal).noLocal, "only No Local ones: the subscriber's own messages do not go")
+        #expect(plain.merged(with: plain) == plain)
+    }
+}
+
 @Suite("Route cache")
 struct RouteCacheTests {
     @Test("a subscription change drops only the cached routes its filter matches")
