@@ -1578,10 +1578,18 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     func takenOver(publishWill: Bool) {
         let reason = "taken over by a new connection with the same client id"
-        // Without the will, the session goes on with the new connection: what it has in flight
-        // or queued stays with it, shared subscriptions' messages too.
         tellV5(.sessionTakenOver)
-        if publishWill { closeWithWill(reason: reason) } else { closeWithoutWill(reason: reason, keepShared: true) }
+        if publishWill { return closeWithWill(reason: reason) }
+        // The session goes on with the new connection: what it has in flight or queued stays
+        // with it, shared subscriptions' messages too. MQTT 5 publishes the will as the old
+        // connection closes unless it has a Will Delay Interval, which the new connection's return
+        // within it cancels (MQTT-3.1.2-8, §3.1.3.2.2); 3.1.1 says nothing of it, and Mosquitto
+        // does not publish it.
+        if machine.isClosed, session == nil { return }
+        logClose(reason)
+        let willNow = version == .v5 && will.map { ($0.properties.willDelayInterval ?? 0) == 0 } == true
+        detach(publishWill: willNow, reason: reason, keepShared: true)
+        closeSocket()
     }
 
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in

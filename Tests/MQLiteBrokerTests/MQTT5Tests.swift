@@ -519,6 +519,24 @@ struct MQTT5WillDelayTests {
         }
     }
 
+    @Test("a connection taken over by Clean Start 0 publishes its will as it closes when it has no Will Delay Interval (MQTT-3.1.2-8); with one, the new connection's return cancels it")
+    func takeoverWill() async throws {
+        try await withV5Broker { b in
+            let (watcher, _) = try await b.client5("watcher")
+            try await watcher.subscribe("wd/#", qos: .atLeastOnce)
+            let first = try await Self.connect(b, delay: 0, expiry: 100)
+            let second = try await Self.connect(b, delay: 5, expiry: 100, cleanStart: false)
+            #expect(try await first.expectClosed().contains(.disconnectV5(DisconnectPacket(reasonCode: .sessionTakenOver))))
+            let p = try await watcher.expectPublish(timeout: .seconds(5))
+            #expect(String(buffer: p.payload) == "late")
+            watcher.send(.puback(packetID: p.packetID!))
+            // Its will waits 5 s, and the client is back at once: none.
+            _ = try await Self.connect(b, delay: 5, expiry: 100, cleanStart: false)
+            _ = try await second.expectClosed()
+            try await watcher.expectNothing(for: .milliseconds(500))
+        }
+    }
+
     /// Lets "w" publish on `wd/#` until `narrowed` is set, as a reload of its rules might.
     final class NarrowingHooks: BrokerHooks {
         let narrowed = Atomic<Bool>(false)
