@@ -6,6 +6,7 @@ import Logging
 import MQLiteBroker
 import MQLiteScripting
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 /// `mqlite -c mqlite.conf`: parse, build a configuration, run the broker until SIGINT/SIGTERM.
@@ -154,16 +155,41 @@ struct MQLite: AsyncParsableCommand {
 /// The executable's second service: SIGHUP re-reads certificate files and reloads the plugins; on
 /// the group's graceful shutdown it arms the deadline past which the process exits anyway (should
 /// a loop not answer: a C function that does not return).
+///
+/// Reloads run on a queue of their own, one at a time: a script that takes long to load (a long
+/// `time_limit`) must not hold up a stop, which the group hands to the broker only once this
+/// service has returned. The broker's stop then makes the load fail at its next check, as any
+/// running script (`ScriptingHost.stop`). HUPs that come while a reload waits to start fold into it.
 struct Reloader: Service {
     let broker: Broker
     let scripting: ScriptingHost?
     let logger: Logger
+    private let reloads = ReloadQueue()
+
+    init(broker: Broker, scripting: ScriptingHost?, logger: Logger) {
+        self.broker = broker
+        self.scripting = scripting
+        self.logger = logger
+    }
+
+    private final class ReloadQueue: Sendable {
+        private let queue = DispatchQueue(label: "mqlite.reload")
+        private let waiting = Atomic<Bool>(false)
+
+        func submit(_ work: @escaping @Sendable () -> Void) {
+            guard !waiting.exchange(true, ordering: .acquiringAndReleasing) else { return }
+            queue.async { [self] in
+                waiting.store(false, ordering: .releasing)
+                work()
+            }
+        }
+    }
 
     func run() async throws {
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let logger = self.logger
         await withGracefulShutdownHandler {
-            for await _ in hangups.cancelOnGracefulShutdown() { reload() }
+            for await _ in hangups.cancelOnGracefulShutdown() { reloads.submit { [self] in reload() } }
         } onGracefulShutdown: {
             logger.info("stopping")
             Self.armDeadline(broker: broker, logger: logger, after: MQLite.shutdownDeadline)

@@ -135,6 +135,39 @@ def test_acl_revoked_by_editing_the_file_and_sighup_while_subscribed(tmp_path):
         assert b.stop() == 0
 
 
+def test_stop_during_a_slow_reload_is_graceful(tmp_path):
+    """SIGTERM while SIGHUP's reload still loads a script that takes long (a generous time_limit):
+    the stop goes on at once (wills published, exit 0); the load fails as a running script would."""
+    script = tmp_path / "slow.lua"
+    script.write_text('mqlite.on_publish("#", function(m) return nil end)\n')
+    path = tmp_path / "mqlite.conf"
+    path.write_text('[server]\nworkers = 2\n[[listener]]\nbind = "127.0.0.1:0"\n'
+                    '[scripting]\ntime_limit = 3600\ninstruction_limit = 2147483647\n'
+                    f'[[plugin]]\nscript = "{script}"\n')
+    b = start_broker(path)
+    try:
+        watcher = paho_client("watcher")
+        start(watcher, b.port)
+        watcher.subscribe("will/#", 1)
+        willer = paho_client("willer")
+        willer.will_set("will/w", b"gone", qos=1)
+        start(willer, b.port)
+        time.sleep(0.3)
+        script.write_text('local x = 0 for i = 1, 2e9 do x = x + 1 end\n'
+                          'mqlite.on_publish("#", function(m) return nil end)\n')
+        b.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # the reload is loading
+        started = time.monotonic()
+        assert b.stop() == 0
+        assert time.monotonic() - started < 3, "the stop waited for the reload"
+        assert wait_for(lambda: [m.payload for m in watcher.messages] == [b"gone"]), watcher.messages
+        assert "reload failed" in b.log() and "stopped" in b.log()
+        for c in (watcher, willer):
+            c.loop_stop()
+    finally:
+        b.stop()
+
+
 def test_presence_publishes_retained_online_and_offline(tmp_path):
     b = start_broker(config(tmp_path, [("presence.lua", '{ topic = "presence/%c" }')]))
     try:
