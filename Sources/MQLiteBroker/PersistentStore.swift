@@ -43,11 +43,15 @@ public final class PersistentStore: Sendable {
     public var failedCommits: Int { failures.load(ordering: .relaxed) }
     /// Commits that wrote something, since start.
     public var commits: Int { commitCount.load(ordering: .relaxed) }
+    /// Changes the last commit, as the store closed, could not write (a full disk): lost. The
+    /// process then exits with status 1.
+    public var lostAtClose: Int { lost.load(ordering: .relaxed) }
 
     private let logger: Logger
     private let journal: Journal
     private let failures = Atomic<Int>(0)
     private let commitCount = Atomic<Int>(0)
+    private let lost = Atomic<Int>(0)
     /// Tests: milliseconds the writer waits before each commit (a slow disk), to see what waits for
     /// it; and commits made to fail (a full disk).
     let commitDelay = Atomic<Int>(0)
@@ -425,7 +429,13 @@ public final class PersistentStore: Sendable {
                 retried = false
             } catch {
                 failedCommits += 1
-                failed(error, changes: changes.retained.count + changes.sessions.count + changes.kv.count)
+                let count = changes.retained.count + changes.sessions.count + changes.kv.count
+                if closing {
+                    // The last chance: said whatever the rate limit, and the exit status says it too.
+                    lost.store(count, ordering: .relaxed)
+                    logger.error("store \(configuration.path): the last commit, as mqlite stops, failed: \(error.description); \(count) changes acknowledged while serving from memory (retained messages, sessions, kv keys) are lost")
+                }
+                failed(error, changes: count)
                 // Kept for the next attempt (a change made since goes instead), a second later;
                 // meanwhile acknowledgements do not wait for it.
                 journal.requeue(changes)

@@ -104,6 +104,11 @@ struct MQLite: AsyncParsableCommand {
         logger.info("mqlite starting with \(configuration.resolvedWorkers) workers, \(configuration.plugins.count) plugins")
         do {
             try await group.run()
+            // Acknowledged changes the store could not write as it closed (a full disk): logged, and
+            // not a clean stop.
+            if let store, store.lostAtClose > 0 { throw ExitCode(1) }
+        } catch let error as ExitCode {
+            throw error
         } catch let error as ListenError {
             // A listener that cannot be bound is a configuration problem: name its key.
             let key = bind.isEmpty ? "listener[\(error.index)].bind" : "-b"

@@ -323,6 +323,26 @@ struct PersistentSessionTests {
         }
     }
 
+    @Test("a last commit that fails as the store closes (a full disk) says, whatever the rate limit, how many changes are lost, and the store tells the exit status")
+    func failingLastCommit() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let configuration = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .batch)
+            var lost = 0
+            try await withBroker(configure: { $0.persistence = configuration }) { b in
+                let store = b.broker.store!
+                store.failCommits.store(true, ordering: .relaxed)
+                let pub = try await b.client("pub")
+                for i in 1...5 { try await pub.publish("r/\(i)", "m\(i)", qos: .atLeastOnce, retain: true, id: UInt16(i)) }
+                try await eventually("a commit failed", timeout: .seconds(5)) { store.failedCommits > 0 }
+                #expect(store.lostAtClose == 0)
+                await b.broker.shutdown()
+                lost = store.lostAtClose
+                #expect(b.logMessages.contains { $0.contains("the last commit, as mqlite stops, failed") && $0.contains("5 changes") })
+            }
+            #expect(lost == 5)
+        }
+    }
+
     @Test("rows with deadlines far in the past or future, or message numbers out of range (a hand or a bug), neither crash the broker nor revive what expired")
     func oddTimes() async throws {
         try await PersistenceTests.withFolder { folder in
