@@ -159,7 +159,12 @@ public final class ScriptingHost: BrokerHooks, @unchecked Sendable {
     public func bind(to broker: Broker) {
         boundBroker.withLock { $0 = UnownedBroker(broker: broker) }
         // `mqlite.kv` keys set with `persist = true` are kept in the broker's store, if it has one.
-        if let store = broker.store { kv.keep(in: store) }
+        if let store = broker.store {
+            let (keys, bytes) = kv.keep(in: store)
+            if bytes > scripting.kvMaxBytes {
+                logger.warning("mqlite.kv: the \(keys) kept keys loaded from the store hold \(bytes) bytes, past [scripting] kv_max_bytes = \(scripting.kvMaxBytes): all are kept, and kv.set of a new key or a bigger value fails until they are back under")
+            }
+        }
         let factory = broker.metrics.factory
         metricsFactory.withLock { $0 = factory }
         stats.withLock { stats in

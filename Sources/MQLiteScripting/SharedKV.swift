@@ -190,20 +190,22 @@ final class SharedKV: @unchecked Sendable {  // the timer is set in init and onl
     }
 
     /// Keeps the keys set with `persist` in `store` from now on, and loads the ones it held
-    /// (before the scripts' hooks run; past `maxBytes`, the rest is not loaded).
-    func keep(in store: PersistentStore) {
+    /// (before the scripts' hooks run). All of them, even past `maxBytes` (a limit lowered since
+    /// they were kept): a key left out would read as missing, and come back once the limit rose
+    /// again, even after the script deleted it. Returns how many were loaded and the bytes held
+    /// then (past `maxBytes`, a new key or a bigger value fails until it is back under).
+    func keep(in store: PersistentStore) -> (keys: Int, bytes: Int) {
         let loaded = store.takeLoadedKV()
         let now = ContinuousClock.now
         let wallNow = Int64(Date().timeIntervalSince1970)
-        state.withLock { state in
+        return state.withLock { state in
             for kept in loaded {
                 // (Clamped as a ttl is: a hand-edited deadline cannot overflow.)
                 let expires = kept.expiresAt.map { now + .seconds($0 <= wallNow ? 0 : min($0 - wallNow, 1_000_000_000)) }
-                let entry = Entry(value: kept.value, expires: expires, cost: Self.cost(kept.key, kept.value), persist: true)
-                guard state.bytes + entry.cost <= maxBytes else { break }
-                state.put(kept.key, entry)
+                state.put(kept.key, Entry(value: kept.value, expires: expires, cost: Self.cost(kept.key, kept.value), persist: true))
             }
             state.store = store
+            return (loaded.count, state.bytes)
         }
     }
 

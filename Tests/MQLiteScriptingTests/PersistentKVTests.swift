@@ -74,4 +74,43 @@ struct PersistentKVTests {
             }
         }
     }
+
+    static let tokens = """
+        mqlite.on_publish("kv/#", function(m)
+          local op = m.topic:sub(4)
+          if op == "save" then
+            for i = 1, 3 do mqlite.kv.set("tok:" .. i, string.rep("x", 1000), { persist = true }) end
+          elseif op == "delete" then
+            mqlite.kv.delete("tok:2")
+          end
+          local out = {}
+          for i = 1, 3 do out[#out + 1] = tostring(mqlite.kv.get("tok:" .. i) ~= nil) end
+          mqlite.publish("kv-out", table.concat(out, ","))
+          return false
+        end)
+        """
+
+    @Test("kept keys past a kv_max_bytes lowered since are all loaded (logged), and a delete of one then stays deleted once the limit rises again")
+    func loweredLimit() async throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("mqlite-kv-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let store = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+        try await withScripts([Self.tokens], configure: { $0.persistence = store }) { b, _, _ in
+            let saved = try await Self.run(b, "save")
+            #expect(saved == "true,true,true")
+        }
+        try await withScripts([Self.tokens], configure: { $0.persistence = store; $0.scripting.kvMaxBytes = 2048 }) { b, host, _ in
+            let read = try await Self.run(b, "read")
+            #expect(read == "true,true,true")
+            #expect(host.kvBytes > 2048)
+            #expect(b.logMessages.contains { $0.contains("kept keys loaded from the store") && $0.contains("kv_max_bytes = 2048") })
+            let deleted = try await Self.run(b, "delete")
+            #expect(deleted == "true,false,true")
+        }
+        try await withScripts([Self.tokens], configure: { $0.persistence = store }) { b, _, _ in
+            let read = try await Self.run(b, "read")
+            #expect(read == "true,false,true", "the deleted key came back")
+        }
+    }
 }
