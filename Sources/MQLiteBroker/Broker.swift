@@ -383,6 +383,7 @@ public final class Broker: Sendable {
         }
         hooks.stop()
         for routing in wills { try? await routing.get() }
+        await drainQueues(for: .seconds(1))
         for closed in listenersClosed { try? await closed.get() }
         for link in bridges { try? await link.worker.loop.submit { link.stop() }.get() }
         for worker in workers {
@@ -410,6 +411,33 @@ public final class Broker: Sendable {
         if ownsGroup { try? await group.shutdownGracefully() }
         loopsStopped()
         logger.info("stopped")
+    }
+
+    /// Wills (and whatever else) queued behind a connected subscriber's in-flight window
+    /// (`max_inflight`, or its MQTT 5 Receive Maximum) go out as it acknowledges what is in
+    /// flight: `shutdown` waits while the connected clients' queues shrink, until they are empty,
+    /// stop shrinking for 250 ms (a subscriber that does not acknowledge), or `limit` passes.
+    private func drainQueues(for limit: TimeAmount) async {
+        let ends = NIODeadline.now() + limit
+        var least = Int.max
+        var shrunk = NIODeadline.now()
+        while NIODeadline.now() < ends {
+            var queued = 0
+            for worker in workers {
+                queued += (try? await worker.loop.submit {
+                    worker.connections.reduce(0) { $0 + ($1.handler.sessionLoad()?.queued ?? 0) }
+                }.get()) ?? 0
+            }
+            if queued == 0 { return }
+            let now = NIODeadline.now()
+            if queued < least {
+                least = queued
+                shrunk = now
+            } else if now - shrunk >= .milliseconds(250) {
+                return
+            }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
     }
 
     /// Workers done with a step of `shutdown` (any thread).

@@ -164,6 +164,27 @@ struct ConnectionTests {
         }
     }
 
+    @Test("a stopping broker: wills queued behind a QoS 1 subscriber's in-flight window reach it as it acknowledges, before its connection closes")
+    func willsBehindTheWindowOnShutdown() async throws {
+        try await withBroker(configure: { $0.limits.maxInflight = 2 }) { b in
+            let watcher = try await b.client("watcher")
+            try await watcher.subscribe("wills/#", qos: .atLeastOnce)
+            for i in 0..<20 {
+                _ = try await b.client("dev-\(i)", will: Will(topic: try TopicName("wills/\(i)"), payload: ByteBuffer(string: "offline"), qos: .atLeastOnce, retain: false))
+            }
+            let broker = b.broker
+            let stopping = Task { await broker.shutdown() }
+            var got: Set<String> = []
+            while let packet = try? await watcher.expectPacket(timeout: .seconds(3)) {
+                guard case .publish(let p) = packet else { continue }
+                got.insert(p.topicString)
+                watcher.send(.puback(packetID: p.packetID!))
+            }
+            await stopping.value
+            #expect(got == Set((0..<20).map { "wills/\($0)" }), "\(got.count) of 20")
+        }
+    }
+
     @Test("a malformed packet closes that connection only, logs client, address and reason, and publishes its will")
     func malformedPacket() async throws {
         try await withBroker { b in
