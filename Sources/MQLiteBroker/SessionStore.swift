@@ -222,6 +222,16 @@ struct StoredSession {
     /// Rows go to their session by the bytes of its client id, as the registry tells clients apart:
     /// two ids that are one text spelled differently (`"caf\u{E9}"`, `"cafe\u{301}"`) are two
     /// sessions, which a `String` key would merge (Swift compares strings canonically).
+    /// A `session_messages` row's message columns, compared byte for byte.
+    private struct RowKey: Hashable {
+        var topic: ByteBuffer
+        var payload: ByteBuffer
+        var properties: ByteBuffer?
+        var qos: Int64
+        var retain: Bool
+        var expiresAt: Int64?
+    }
+
     static func loadAll(from db: SQLiteDatabase, now: Int64, skipped: inout Int) throws -> [StoredSession] {
         var sessions: [ByteBuffer: StoredSession] = [:]
         let rows = try db.prepare("SELECT client_id, expiry, offline_since, names FROM sessions")
@@ -258,6 +268,9 @@ struct StoredSession {
         }
         let messages = try db.prepare(
             "SELECT client_id, seq, state, packet_id, qos, retain, topic, payload, properties, expires_at FROM session_messages ORDER BY client_id, seq")
+        // A message queued for many sessions was one copy in memory, and is a row for each: rows
+        // alike (of 256 payload bytes or more) are loaded as one message again, not one copy each.
+        var alike: [RowKey: Message] = [:]
         while try messages.step() {
             let id = messages.bytes(0)
             // (Numbers start at 1: one below, or one so high that those after it (a restore adds
@@ -288,14 +301,19 @@ struct StoredSession {
                 continue
             }
             let retain = messages.int64(5) != 0
-            guard let message = StoredMessage.decode(
-                topic: messages.bytes(6), payload: messages.bytes(7), qos: messages.int64(4), retain: retain,
-                properties: messages.isNull(8) ? nil : messages.bytes(8), expiresAt: messages.isNull(9) ? nil : messages.int64(9), now: now),
+            let row = RowKey(
+                topic: messages.bytes(6), payload: messages.bytes(7), properties: messages.isNull(8) ? nil : messages.bytes(8),
+                qos: messages.int64(4), retain: retain, expiresAt: messages.isNull(9) ? nil : messages.int64(9))
+            let shares = row.payload.readableBytes >= 256
+            let loaded = shares ? alike[row] : nil
+            guard let message = loaded ?? StoredMessage.decode(
+                topic: row.topic, payload: row.payload, qos: row.qos, retain: retain, properties: row.properties, expiresAt: row.expiresAt, now: now),
                 message.qos != .atMostOnce
             else {
                 skipped += 1
                 continue
             }
+            if shares, loaded == nil { alike[row] = message }
             if state == .sent, let packetID, packetID != 0 {
                 sessions[id]!.inflight.append(Session.Inflight(id: packetID, message: message, qos: message.qos, retain: retain, released: false, seq: seq))
             } else {

@@ -323,6 +323,32 @@ struct PersistentSessionTests {
         }
     }
 
+    @Test("a message queued for many offline sessions is one copy in memory again after a restart, not one per session")
+    func sharedAfterRestart() async throws {
+        try await PersistenceTests.withFolder { folder in
+            let configuration = PersistenceConfiguration(path: folder + "/mqlite.db", sync: .full)
+            try await withBroker(configure: { $0.persistence = configuration }) { b in
+                for i in 0..<3 {
+                    let (c, _) = try await Self.connect(b, "keep-\(i)")
+                    try await c.subscribe("big/#", qos: .atLeastOnce)
+                    await c.abort()
+                    try await eventually("offline") { b.broker.registry.session(for: "keep-\(i)")?.isOnline == false }
+                }
+                let pub = try await b.client("pub")
+                try await pub.publish("big/a", ByteBuffer(repeating: 0x61, count: 4096), qos: .atLeastOnce)
+                try await pub.publish("big/b", "small", qos: .atLeastOnce, id: 2)
+            }
+            let reopened = try PersistentStore(configuration: configuration, logger: PersistenceTests.logger)
+            let sessions = reopened.takeLoadedSessions()
+            reopened.close()
+            let big = sessions.compactMap { $0.queue.first { $0.message.topic.string == "big/a" }?.message.payload }
+            #expect(big.count == 3 && big.allSatisfy { $0.readableBytes == 4096 })
+            let addresses = Set(big.map { $0.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) } })
+            #expect(addresses.count == 1, "\(addresses.count) copies of one message")
+            #expect(sessions.allSatisfy { $0.queue.count == 2 })
+        }
+    }
+
     @Test("a last commit that fails as the store closes (a full disk) says, whatever the rate limit, how many changes are lost, and the store tells the exit status")
     func failingLastCommit() async throws {
         try await PersistenceTests.withFolder { folder in
