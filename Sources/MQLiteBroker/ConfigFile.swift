@@ -41,13 +41,26 @@ public enum ConfigFile {
         guard info.st_size <= maxFileBytes else {
             throw ConfigError(file: path, key: nil, problem: "is \(info.st_size) bytes, more than a config file may be (\(maxFileBytes))")
         }
-        let text: String
-        do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
-        } catch {
-            throw ConfigError(file: path, key: nil, problem: "cannot read file (\(describe(error)))")
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(file: path, key: nil, problem: "cannot read file (\(String(cString: strerror(errno))))")
+        }
+        guard let text = String(validating: data, as: UTF8.self) else {
+            throw ConfigError(file: path, key: nil, problem: "is not UTF-8 text (an invalid byte at line \(firstInvalidUTF8Line(data)))")
         }
         return try parse(text, file: path)
+    }
+
+    /// The line of `data`'s first byte that is not part of valid UTF-8.
+    private static func firstInvalidUTF8Line(_ data: Data) -> Int {
+        var bytes = data.makeIterator()
+        var parser = Unicode.UTF8.ForwardParser()
+        var line = 1
+        while true {
+            switch parser.parseScalar(from: &bytes) {
+            case .valid(let scalar): if scalar.first == UInt8(ascii: "\n") { line += 1 }
+            case .error, .emptyInput: return line
+            }
+        }
     }
 
     /// Checks `text` as the contents of `file`.
@@ -378,10 +391,6 @@ public enum ConfigFile {
             return .table(result)
         default: return .string(v.debugDescription)
         }
-    }
-
-    private static func describe(_ error: any Error) -> String {
-        (error as NSError).localizedDescription
     }
 }
 

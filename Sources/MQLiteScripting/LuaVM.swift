@@ -214,7 +214,10 @@ final class LuaVM: @unchecked Sendable {
         // error carries the full path.
         // (A FIFO or a device named by mistake would be read for ever.)
         var info = stat()
-        guard stat(plugin.script, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+        guard stat(plugin.script, &info) == 0 else {
+            throw ScriptError(script: plugin.script, message: "cannot read the script (\(String(cString: strerror(errno))))")
+        }
+        guard info.st_mode & S_IFMT == S_IFREG else {
             throw ScriptError(script: plugin.script, message: "cannot read the script (not a regular file)")
         }
         guard info.st_size <= Self.maxScriptBytes else {

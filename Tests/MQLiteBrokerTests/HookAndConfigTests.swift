@@ -151,7 +151,12 @@ struct ConfigFileTests {
         #expect(mkfifo(folder + "/fifo.conf", 0o600) == 0)
         let big = folder + "/big.conf"
         FileManager.default.createFile(atPath: big, contents: Data(repeating: UInt8(ascii: "\n"), count: ConfigFile.maxFileBytes + 1))
-        for (path, problem) in [(folder + "/fifo.conf", "is not a regular file"), (folder, "is not a regular file"), (big, "more than a config file may be")] {
+        let latin1 = folder + "/latin1.conf"
+        FileManager.default.createFile(atPath: latin1, contents: Data("[server]\nworkers = 1\n# caf".utf8) + Data([0xE9, 0x0A]))
+        for (path, problem) in [
+            (folder + "/fifo.conf", "is not a regular file"), (folder, "is not a regular file"), (big, "more than a config file may be"),
+            (latin1, "is not UTF-8 text (an invalid byte at line 3)"), (folder + "/missing.conf", "cannot read file (No such file or directory)"),
+        ] {
             #expect(throws: ConfigError.self) { try ConfigFile.load(path: path) }
             do {
                 _ = try ConfigFile.load(path: path)

@@ -456,7 +456,7 @@ struct FailureTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         // A FIFO named as a script would be read for ever.
         #expect(mkfifo(dir.appendingPathComponent("s3.lua").path, 0o600) == 0)
-        for (index, expected) in [(0, ":2:"), (1, "refusing to start"), (2, "EEEE... (1000010 bytes)"), (3, "not a regular file")] {
+        for (index, expected) in [(0, ":2:"), (1, "refusing to start"), (2, "EEEE... (1000010 bytes)"), (3, "not a regular file"), (4, "No such file or directory")] {
             var config = BrokerConfiguration(workers: 2)
             config.plugins = [PluginConfiguration(script: dir.appendingPathComponent("s\(index).lua").path)]
             do {
