@@ -1306,11 +1306,12 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     /// Closes without publishing the will, with one log line: a connection that never got its
-    /// session, or one whose persistent session a clean session 0 CONNECT takes over.
-    func closeWithoutWill(reason: String, keepShared: Bool = false) {
+    /// session, or one whose persistent session a clean session 0 CONNECT takes over (`publishWill`:
+    /// unless MQTT 5 says it goes all the same).
+    func closeWithoutWill(reason: String, keepShared: Bool = false, publishWill: Bool = false) {
         if machine.isClosed, session == nil { return }
         logClose(reason)
-        detach(publishWill: false, reason: reason, keepShared: keepShared)
+        detach(publishWill: publishWill, reason: reason, keepShared: keepShared)
         closeSocket()
     }
 
@@ -1585,11 +1586,8 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // connection closes unless it has a Will Delay Interval, which the new connection's return
         // within it cancels (MQTT-3.1.2-8, §3.1.3.2.2); 3.1.1 says nothing of it, and Mosquitto
         // does not publish it.
-        if machine.isClosed, session == nil { return }
-        logClose(reason)
         let willNow = version == .v5 && will.map { ($0.properties.willDelayInterval ?? 0) == 0 } == true
-        detach(publishWill: willNow, reason: reason, keepShared: true)
-        closeSocket()
+        closeWithoutWill(reason: reason, keepShared: true, publishWill: willNow)
     }
 
     /// A QoS 0 frame shared by all QoS 0 subscribers of one publish. A large payload is not in

@@ -117,13 +117,6 @@ struct ClientLimits {
     var topicAliasMaximum = 0
 }
 
-/// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
-/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
-/// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
-///
-/// Everything but `owner` is touched only on the event loop of the worker that owns the session
-/// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
-/// reconnects there with clean session 0, and only after its old connection has been detached.
 /// A client id, immutable: what the session registry hashes a session by (`Session` is one; a
 /// lookup makes a bare one for the id it looks for).
 class ClientIdentity: @unchecked Sendable {
@@ -132,6 +125,13 @@ class ClientIdentity: @unchecked Sendable {
     init(clientID: String) { self.clientID = clientID }
 }
 
+/// The state the broker keeps for one client id: subscriptions, outgoing QoS 1/2 messages in
+/// flight, the queue of messages not yet sent, and inbound QoS 2 ids awaiting PUBREL. It sends
+/// through a `SessionOutbound` (nil while offline) and reports its changes as `SessionEvent`s.
+///
+/// Everything but `owner` is touched only on the event loop of the worker that owns the session
+/// (that is why it is `@unchecked Sendable`). A session moves to another worker only when a client
+/// reconnects there with clean session 0, and only after its old connection has been detached.
 final class Session: ClientIdentity, @unchecked Sendable {
     struct Inflight {
         var id: UInt16
@@ -198,7 +198,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
     /// Set when the session is discarded; deliveries that still arrive are ignored.
     var ended = false
     /// Whether an outbound holds the session, for other threads (`Broker.disconnect`). Last, with
-    /// the other one-byte fields, so that the object stays in a 128-byte malloc class.
+    /// the other one-byte fields, so that the object stays in a 112-byte malloc class.
     private let online = Atomic<Bool>(false)
     /// Whether messages wait in the queue, for other workers: a shared subscription's group
     /// passes over a member with a backlog while another member has none.
@@ -207,7 +207,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
     /// What most sessions never need: a queue's accounting and congestion, an ACL that restricts
     /// receiving, an offline session's expiry, retained messages still to send, inbound QoS 2
     /// ids (most clients publish at QoS 0 or 1). Made on first
-    /// use, so that the session of an idle connection stays small (one malloc size class of 128
+    /// use, so that the session of an idle connection stays small (one malloc size class of 112
     /// bytes instead of 224).
     private final class Occasional {
         var queue = Deque<Delivery>()
