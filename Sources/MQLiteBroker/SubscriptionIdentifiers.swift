@@ -12,7 +12,8 @@ final class SubscriptionIdentifiers {
     private var shared: [SharedFilter: UInt32] = [:]
     /// Plain filters with an identifier and No Local.
     private var noLocal: Set<TopicFilter> = []
-    private var cache: [TopicName: [UInt32]] = [:]
+    /// Answers by topic, and whether for the subscriber's own messages (`local`).
+    private var cache: [CacheKey: [UInt32]] = [:]
     private var cacheCost = 0
     static let cacheLimit = 256 * 1024
 
@@ -36,19 +37,16 @@ final class SubscriptionIdentifiers {
 
     /// The identifiers a copy of a message on `topic` carries, sorted: through `group`'s shared
     /// subscription, or through the plain ones (`local`: the subscriber's own message, not
-    /// through its No Local ones; not cached, as they are few).
+    /// through its No Local ones).
     func identifiers(for topic: TopicName, group: SharedGroup?, local: Bool = false) -> [UInt32] {
         if let group { return shared[group.shared].map { [$0] } ?? [] }
-        if local && !noLocal.isEmpty {
-            var found: [UInt32] = []
-            plain.forEachMatch(topic: topic.string) { (filter: TopicFilter, identifier: UInt32) in
-                if !noLocal.contains(filter) { found.append(identifier) }
-            }
-            return Self.sortedOnce(found)
-        }
-        if let cached = cache[topic] { return cached }
+        // (Without No Local subscriptions the subscriber's own messages get what others' get.)
+        let local = local && !noLocal.isEmpty
+        if let cached = cache[CacheKey(topic: topic, local: local)] { return cached }
         var found: [UInt32] = []
-        plain.forEachMatch(topic: topic.string) { (_: TopicFilter, identifier: UInt32) in found.append(identifier) }
+        plain.forEachMatch(topic: topic.string) { (filter: TopicFilter, identifier: UInt32) in
+            if !local || !noLocal.contains(filter) { found.append(identifier) }
+        }
         let unique = Self.sortedOnce(found)
         let cost = topic.count + 4 * unique.count + 64
         if cacheCost + cost > Self.cacheLimit {
@@ -56,10 +54,15 @@ final class SubscriptionIdentifiers {
             cacheCost = 0
         }
         if cost <= Self.cacheLimit {
-            cache[topic.copied()] = unique
+            cache[CacheKey(topic: topic.copied(), local: local)] = unique
             cacheCost += cost
         }
         return unique
+    }
+
+    private struct CacheKey: Hashable {
+        let topic: TopicName
+        let local: Bool
     }
 
     private static func sortedOnce(_ identifiers: [UInt32]) -> [UInt32] {

@@ -327,6 +327,12 @@ struct MQTT5SubscriptionTests {
             let theirs = try await c.expectPublish()
             #expect(String(buffer: theirs.payload) == "theirs" && theirs.qos == .atLeastOnce && theirs.retain)
             #expect(theirs.properties.subscriptionIdentifiers == [7, 8])
+            // The answers are cached per topic, apart for its own messages and others'.
+            c.send(.publish(PublishPacket(topic: "R/a", payload: "own again", qos: .atLeastOnce, packetID: 4)))
+            #expect(try await c.expectPacket() == .puback(packetID: 4))
+            #expect(try await c.expectPublish().properties.subscriptionIdentifiers == [8])
+            try await other.publish("R/a", "theirs again", qos: .atLeastOnce)
+            #expect(try await c.expectPublish().properties.subscriptionIdentifiers == [7, 8])
         }
     }
 
