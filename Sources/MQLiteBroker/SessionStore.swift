@@ -301,7 +301,7 @@ struct StoredSession {
                 continue
             }
             let retain = messages.int64(5) != 0
-            let row = RowKey(
+            var row = RowKey(
                 topic: messages.bytes(6), payload: messages.bytes(7), properties: messages.isNull(8) ? nil : messages.bytes(8),
                 qos: messages.int64(4), retain: retain, expiresAt: messages.isNull(9) ? nil : messages.int64(9))
             let shares = row.payload.readableBytes >= 256
@@ -313,7 +313,13 @@ struct StoredSession {
                 skipped += 1
                 continue
             }
-            if shares, loaded == nil { alike[row] = message }
+            if shares, loaded == nil {
+                // Kept by the message's own bytes, not the row's copy of them: a store of distinct
+                // messages loads without a second copy of each held until the end.
+                row.topic = message.topic.bytes
+                row.payload = message.payload
+                alike[row] = message
+            }
             if state == .sent, let packetID, packetID != 0 {
                 sessions[id]!.inflight.append(Session.Inflight(id: packetID, message: message, qos: message.qos, retain: retain, released: false, seq: seq))
             } else {
