@@ -179,7 +179,7 @@ public final class Broker: Sendable {
     /// What the delivery hooks make of `message` for `client` (a connection's or a bridge's
     /// outbound, as it goes out): it, a changed one (its topic held to `max_topic_levels`, its QoS
     /// and RETAIN the delivery's), or nil for none.
-    func interceptDelivery(_ message: Message, to client: ClientInfo, worker: Int, logger: Logger) -> Message? {
+    func interceptDelivery(_ message: Message, to client: ClientInfo, worker: Int, logger: @autoclosure () -> Logger) -> Message? {
         switch hooks.interceptDelivery(message, to: client, worker: worker) {
         case .deliver:
             return message
@@ -189,7 +189,7 @@ public final class Broker: Sendable {
             // A hook's topic is a valid name (`TopicName`); the broker's level limit is checked here.
             let limit = configuration.limits.maxTopicLevels
             guard changed.topic.levelCount <= limit else {
-                workers[worker].logHookTopicDrop(changed.topic, hook: "delivery", limit: limit, logger: logger)
+                workers[worker].logHookTopicDrop(changed.topic, hook: "delivery", limit: limit, logger: logger())
                 return nil
             }
             changed.qos = message.qos

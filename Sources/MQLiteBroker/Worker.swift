@@ -58,10 +58,10 @@ final class Worker: @unchecked Sendable {
 
     /// Logs a message a hook rewrote to a topic over max_topic_levels (at most a line every 10 s:
     /// every message of a topic can make one).
-    func logHookTopicDrop(_ topic: TopicName, hook: String, limit: Int, logger: Logger) {
+    func logHookTopicDrop(_ topic: TopicName, hook: String, limit: Int, logger: @autoclosure () -> Logger) {
         guard let count = hookTopicDrops.due() else { return }
         let error = MQTTProtocolError.tooManyTopicLevels(levels: topic.levelCount, limit: limit)
-        logger.info("\(hook) hook produced an invalid topic \"\(LogText(topic.string))\": \(LogText(error.description)); \(count) such messages dropped since the last line")
+        logger().info("\(hook) hook produced an invalid topic \"\(LogText(topic.string))\": \(LogText(error.description)); \(count) such messages dropped since the last line")
     }
     /// Persistent sessions owned here with no connection, for `session_expiry`.
     var offlineSessions: [ObjectIdentifier: Session] = [:]
