@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import MQLiteBroker
 import MQTTCore
 import NIOCore
@@ -322,4 +325,51 @@ struct ConnectionTests {
         try await withBroker { b in client = try await b.client("leaving") }
         try await client?.expectClosed()
     }
+
+    #if os(Linux)
+    /// TCP_NODELAY is set on the listening socket only (accepted sockets copy it on Linux): each
+    /// small packet goes out at once, not after the client's delayed ACK (Nagle).
+    @Test("accepted sockets have TCP_NODELAY")
+    func acceptedSocketsHaveNoDelay() async throws {
+        try await withBroker { b in
+            let client = try await b.client("nodelay")
+            // The broker's side of the connection: a socket of this process whose local port is
+            // the listener's and which has a peer.
+            var checked = 0
+            for name in try OpenDescriptors.all() {
+                var address = sockaddr_in(), length = socklen_t(MemoryLayout<sockaddr_in>.size)
+                var peer = sockaddr_in(), peerLength = length
+                let isAccepted = withUnsafeMutablePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(name, $0, &length) == 0 }
+                } && withUnsafeMutablePointer(to: &peer) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(name, $0, &peerLength) == 0 }
+                }
+                guard isAccepted, address.sin_family == sa_family_t(AF_INET), Int(UInt16(bigEndian: address.sin_port)) == b.port else { continue }
+                var value: CInt = 0
+                var size = socklen_t(MemoryLayout<CInt>.size)
+                #expect(getsockopt(name, CInt(IPPROTO_TCP), TCP_NODELAY, &value, &size) == 0)
+                #expect(value == 1, "an accepted socket without TCP_NODELAY")
+                checked += 1
+            }
+            #expect(checked >= 1, "the broker's side of the connection was not found")
+            await client.disconnect()
+        }
+    }
+    #endif
 }
+
+#if os(Linux)
+/// This process's open file descriptors (from /proc/self/fd).
+private enum OpenDescriptors {
+    static func all() throws -> [CInt] {
+        guard let directory = opendir("/proc/self/fd") else { throw TestFailure("cannot list /proc/self/fd") }
+        defer { closedir(directory) }
+        var result: [CInt] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let fd = CInt(name) { result.append(fd) }
+        }
+        return result
+    }
+}
+#endif
