@@ -147,7 +147,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        address = context.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        address = context.channel.remoteAddress?.addressText ?? "?"
         machine = ConnectionStateMachine(now: .now())
         worker.connections.insert(Worker.Connection(handler: self))
         let open = broker.connectionCount.add(1, ordering: .relaxed).newValue

@@ -260,7 +260,7 @@ final class ProxyProtocolHandler: ChannelInboundHandler, RemovableChannelHandler
         timer?.cancel()
         timer = nil
         var logger = logger
-        logger[metadataKey: "address"] = "\(context.remoteAddress.map(\.addressText) ?? "?")"
+        logger[metadataKey: "address"] = "\(context.channel.remoteAddress.map(\.addressText) ?? "?")"
         listener.logRefusal("closing connection: \(error.description)", logger: logger)
         context.close(promise: nil)
     }
@@ -271,6 +271,8 @@ final class ProxyProtocolHandler: ChannelInboundHandler, RemovableChannelHandler
 extension ProxyProtocolHandler: Sendable {}
 
 extension SocketAddress {
-    /// `IP:PORT` as connections are named in logs and in `c.address`.
+    /// `IP:PORT` as connections are named in logs and in `c.address`. (Of a channel's
+    /// `remoteAddress`, which NIO keeps from when it accepted the socket: the context's asks the
+    /// kernel again, a getpeername call per connection.)
     var addressText: String { "\(ipAddress ?? "?"):\(port ?? 0)" }
 }

@@ -160,7 +160,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
 
     func handlerAdded(context: ChannelHandlerContext) {
         // Kept: a socket the client reset no longer knows its peer when the error is logged.
-        address = context.remoteAddress
+        address = context.channel.remoteAddress
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -247,7 +247,7 @@ final class WebSocketUpgradeHandler: ChannelInboundHandler, RemovableChannelHand
     /// The listener's logger with the client's address (the PROXY header's, if one came).
     private func logger(_ context: ChannelHandlerContext) -> Logger {
         var log = logger
-        log[metadataKey: "address"] = "\((address ?? context.remoteAddress).map(\.addressText) ?? "?")"
+        log[metadataKey: "address"] = "\((address ?? context.channel.remoteAddress).map(\.addressText) ?? "?")"
         return log
     }
 
