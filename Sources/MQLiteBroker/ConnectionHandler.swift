@@ -103,7 +103,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     private var logger: Logger {
         var logger = broker.logger
         logger[metadataKey: "address"] = "\(address)"
-        if !clientID.isEmpty { logger[metadataKey: "client"] = "\(LogText(clientID))" }
+        if !clientID.isEmpty { logger[metadataKey: "client"] = "\(LogText(value: clientID))" }
         return logger
     }
 
@@ -264,7 +264,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         }
         while var pending = cumulation {
             cumulation = nil
-            guard flags.contains(.partial), !flags.contains(.heldBack), !machine.hookPending else {
+            guard flags.contains(.partial), !decodingPaused else {
                 // Paused, or what a pause kept: this read waits behind it, in order.
                 flags.remove(.partial)
                 pending.writeBuffer(&buffer)
@@ -282,6 +282,14 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
             if machine.isClosed { return }
         }
         process(&buffer)
+    }
+
+    /// Whether what is read waits undecoded: while back-pressure holds the client, a hook answers
+    /// for it, or its session is on its way (reading pauses then too, so what waits is at most
+    /// what one read brought: a CONNECT's read that brought a thousand more packets is handled
+    /// as it is when the session is at hand).
+    private var decodingPaused: Bool {
+        flags.contains(.heldBack) || machine.hookPending || machine.isOpening
     }
 
     /// Goes on with what was read while reading was paused (nothing while it is the start of a
@@ -302,7 +310,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         defer { flags.remove(.readAlone) }
         let start = buffer.readerIndex
         do {
-            while !flags.contains(.heldBack), !machine.hookPending, let packet = try decoder.decode(buffer: &buffer, version: version) {
+            while !decodingPaused, let packet = try decoder.decode(buffer: &buffer, version: version) {
                 handle(machine.packetReceived(consume packet))
                 if machine.isClosed { return }
             }
@@ -329,7 +337,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     /// does not grow). Else it is the start of one packet: in a buffer of its own, which later
     /// reads fill to the packet's end (`MQTTDecoder.keepPartial`).
     private func keep(_ rest: inout ByteBuffer) {
-        if flags.contains(.heldBack) || machine.hookPending {
+        if decodingPaused {
             rest.discardReadBytes()
             cumulation = rest
             return
@@ -720,6 +728,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
         session.resume()
         handle(packets: pending)
+        if !decodingPaused { processKept() }
         inputHandled()
     }
 

@@ -28,8 +28,9 @@ struct ConnectionStateMachine {
         case closed
     }
 
-    /// Packets a client may send between CONNECT and CONNACK (reading pauses meanwhile; this
-    /// bounds what one read already brought).
+    /// Packets handed to the machine between CONNECT and CONNACK that it keeps. (`ConnectionHandler`
+    /// hands it none: it pauses reading and keeps what one read already brought undecoded until
+    /// the session is attached, however many packets that is.)
     static let maxPendingPackets = 1000
 
     // Laid out to fill 24 bytes of the handler with its flags (`IdleFootprintTests`).

@@ -67,6 +67,38 @@ struct SessionTests {
         }
     }
 
+    /// Found by a hostile helper: what a CONNECT's read brought after it was decoded into a list
+    /// while the session came from the other worker, and past 1,000 packets the connection was
+    /// closed without CONNACK (on the session's own worker all were answered).
+    @Test("packets sent with a CONNECT whose session is on the other worker are all answered, however many one read brings")
+    func pipelinedWhileSessionMoves() async throws {
+        try await withBroker { b in
+            let first = try await TestClient.open(port: b.port)
+            _ = try await first.connect(ConnectPacket(cleanSession: false, clientID: "pipelined"))
+            await first.disconnect()
+            // Reconnect (lands on the other worker). A large will grows the broker's receive
+            // buffer on the CONNECT's first reads, so the last read brings its end and every PINGREQ.
+            let back = try await TestClient.open(port: b.port)
+            let will = Will(topic: try TopicName("pipelined/will"), payload: ByteBuffer(repeating: 0x57, count: 65_000), qos: .atMostOnce, retain: false)
+            var connect = ByteBuffer()
+            connect.writeMQTTPacket(.connect(ConnectPacket(cleanSession: false, clientID: "pipelined", will: will)))
+            let bytes = Array(connect.readableBytesView)
+            back.sendRaw(Array(bytes.dropLast()))
+            try await Task.sleep(for: .milliseconds(300))
+            let pings = 3_000
+            back.sendRaw([bytes.last!] + Array(repeating: [0xC0, 0x00], count: pings).flatMap { $0 })
+            guard case .connack(let connack) = try await back.expectPacket() else { throw TestFailure("no CONNACK first") }
+            #expect(connack.returnCode == .accepted && connack.sessionPresent)
+            var answered = 0
+            while answered < pings, let event = await back.nextEvent(timeout: .seconds(2)) {
+                guard case .packet(.pingresp) = event else { break }
+                answered += 1
+            }
+            #expect(answered == pings)
+            #expect(!b.logMessages.contains { $0.contains("before CONNACK") })
+        }
+    }
+
     @Test("on reconnect, unacknowledged messages are re-sent first with DUP set, then the queue")
     func resendInflight() async throws {
         try await withBroker { b in
