@@ -646,7 +646,7 @@ final class BridgeLink: SessionOutbound, @unchecked Sendable {
         let levels = local.readableBytesView.reduce(1) { $0 + ($1 == UInt8(ascii: "/") ? 1 : 0) }
         logger.warning(
             "message from the remote dropped: its local topic \"\(LogText(String(buffer: local)))\" (\(levels) levels, \(local.readableBytes) bytes) is over max_topic_levels (\(broker.configuration.limits.maxTopicLevels)) or not a topic; \(count) dropped since the last such line",
-            metadata: ["remote_topic": "\(LogText(remote.string))"])
+            metadata: ["remote_topic": "\(LogText(value: remote.string))"])
     }
 
     // MARK: - SessionOutbound (to the remote)

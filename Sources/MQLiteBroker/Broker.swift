@@ -691,7 +691,7 @@ public final class Broker: Sendable {
         guard expired else { return }
         session.report(.expired)
         let expiry = session.expiry ?? configuration.limits.sessionExpiry
-        logger.info("session expired after \(expiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(session.clientID))"])
+        logger.info("session expired after \(expiry.nanoseconds / 1_000_000_000) s offline", metadata: ["client": "\(LogText(value: session.clientID))"])
         endSession(session, worker: worker)
     }
 

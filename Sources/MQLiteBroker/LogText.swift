@@ -28,6 +28,24 @@ public struct LogText: CustomStringConvertible, Sendable {
         description = Self.escaped(String(string[..<end])) + "…(\(utf8.count) bytes)"
     }
 
+    /// As a log line's metadata value (`client=...`): in double quotes (with `"` and `\` escaped)
+    /// when it is empty or has a space, `=` or a quote in it, so that a client id such as
+    /// `a address=10.0.0.1:1883` cannot read as more fields (swift-log's stream handler writes
+    /// `key=value` as it is). Plain ids stay as they are.
+    public init(value text: some StringProtocol, limit: Int = LogText.defaultLimit) {
+        let plain = LogText(text, limit: limit).description
+        guard plain.isEmpty || plain.contains(where: { $0 == " " || $0 == "=" || $0 == "\"" }) else {
+            description = plain
+            return
+        }
+        var quoted = "\""
+        for character in plain {
+            if character == "\"" || character == "\\" { quoted.append("\\") }
+            quoted.append(character)
+        }
+        description = quoted + "\""
+    }
+
     /// C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
     private static func isControl(_ scalar: Unicode.Scalar) -> Bool {
         scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value) || scalar.value == 0x2028 || scalar.value == 0x2029

@@ -707,7 +707,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
             if more.droppedInEpisode == 1 {
                 context.logger.info(
                     "subscriber cannot keep up: queue full (max_queued \(maxQueued), max_queued_bytes \(maxBytes)), dropping messages",
-                    metadata: ["client": "\(LogText(clientID))"])
+                    metadata: ["client": "\(LogText(value: clientID))"])
             }
             return nil
         }
@@ -784,7 +784,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
         // A PUBLISH is at most 268,435,455 bytes after its first two: a larger message (a script
         // made it) is not sent, as one over the client's Maximum Packet Size.
         if wire.payload.readableBytes > 64 << 20, !Self.fitsAPacket(wire, qos: delivery.qos) {
-            context.logger.warning("message too large for any PUBLISH not sent", metadata: ["client": "\(LogText(clientID))"])
+            context.logger.warning("message too large for any PUBLISH not sent", metadata: ["client": "\(LogText(value: clientID))"])
             return
         }
         if delivery.qos == .atMostOnce {
@@ -853,7 +853,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
             queueChanged()
         }
         if let occasional, occasional.queue.isEmpty, occasional.droppedInEpisode > 0 {
-            context.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(clientID))"])
+            context.logger.info("subscriber caught up after dropping \(occasional.droppedInEpisode) messages", metadata: ["client": "\(LogText(value: clientID))"])
             occasional.droppedInEpisode = 0
         }
     }

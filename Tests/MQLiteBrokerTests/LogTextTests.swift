@@ -17,4 +17,16 @@ struct LogTextTests {
         let text = String(repeating: "\n", count: 10) + String(repeating: "é", count: 100)
         #expect(LogText(text, limit: 15).description == String(repeating: "\\n", count: 10) + "éé…(210 bytes)")
     }
+
+    /// Found by a hostile helper: a client id `victim address=10.6.6.6:1883` wrote a second
+    /// `address=` field into every line of its connection.
+    @Test("as a metadata value, text with a space, = or a quote is quoted, so it cannot read as more fields")
+    func metadataValue() {
+        #expect(LogText(value: "sensor-17").description == "sensor-17")
+        #expect(LogText(value: "victim address=10.6.6.6:1883").description == "\"victim address=10.6.6.6:1883\"")
+        #expect(LogText(value: "a\"b c\\").description == "\"a\\\"b c\\\\\"")
+        #expect(LogText(value: "").description == "\"\"")
+        #expect(LogText(value: "x=\ny").description == "\"x=\\\\ny\"")
+        #expect(LogText(value: String(repeating: "a", count: 20), limit: 4).description == "\"aaaa…(20 bytes)\"")
+    }
 }
