@@ -1668,9 +1668,15 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
     func flushOutput() {
         flags.remove(.dirty)
         guard let context else { return }
-        writeBatch()
         unflushedKiB = 0
-        context.flush()
+        // One trip down the pipeline for the batch and the flush.
+        if let pending = output, pending.readableBytes > 0 {
+            output = nil
+            context.writeAndFlush(wrapOutboundOut(pending), promise: nil)
+        } else {
+            output = nil
+            context.flush()
+        }
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
         if let session, session.hasQueued, !flags.contains(.unwritable), !machine.saidGoodbye, machine.isConnected { session.pump() }
     }
