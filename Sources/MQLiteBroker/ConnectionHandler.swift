@@ -704,7 +704,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         _ session: Session, sessionPresent: Bool, hooksGeneration: Int, expiry: TimeAmount?,
         limits: ClientLimits, connack: MQTTProperties
     ) {
-        guard case .attach(let pending) = machine.sessionArrived() else {
+        guard machine.sessionArrived() == .attach else {
             // The connection went away while the session was being handed over.
             if session.persistent { worker.sessionWentOffline(session) } else { broker.endSession(session, worker: worker) }
             return
@@ -727,7 +727,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         // held back on delivery, and its owner, back on it, gets them again.)
         if broker.hooks.publishHookGeneration != hooksGeneration { reauthorize() }
         session.resume()
-        handle(packets: pending)
+        // What the client sent after its CONNECT, kept undecoded meanwhile.
         if !decodingPaused { processKept() }
         inputHandled()
     }

@@ -8,8 +8,8 @@ import NIOCore
 /// SwiftNIO tests its own state machines.
 ///
 /// States: waiting for CONNECT → (MQTT 5 enhanced authentication: authenticating, AUTH packets
-/// both ways) → opening (CONNECT accepted, the session on its way; packets that
-/// arrive meanwhile are kept) → connected → closed. Closed is final: nothing more is handled.
+/// both ways) → opening (CONNECT accepted, the session on its way; reading pauses, and what was
+/// read waits undecoded in the handler) → connected → closed. Closed is final: nothing more is handled.
 /// Across them, a hook may be pending (a script waiting on an HTTP call for this client's CONNECT,
 /// PUBLISH or SUBSCRIBE): the client's later packets then wait, in order, until it answers;
 /// reading pauses, and packets already decoded are held here.
@@ -21,17 +21,12 @@ struct ConnectionStateMachine {
         /// MQTT 5 enhanced authentication: the server sent AUTH and waits for the client's.
         case authenticating
         /// CONNECT accepted; waiting for the session (maybe held by another worker).
-        case opening(pending: [MQTTPacket])
+        case opening
         /// `held`: packets decoded before a hook started to wait (those sent before CONNACK), to be
         /// handled, in order, when it answers. Empty otherwise.
         case connected(held: [MQTTPacket])
         case closed
     }
-
-    /// Packets handed to the machine between CONNECT and CONNACK that it keeps. (`ConnectionHandler`
-    /// hands it none: it pauses reading and keeps what one read already brought undecoded until
-    /// the session is attached, however many packets that is.)
-    static let maxPendingPackets = 1000
 
     // Laid out to fill 24 bytes of the handler with its flags (`IdleFootprintTests`).
     private(set) var state = State.awaitingConnect
@@ -222,20 +217,17 @@ struct ConnectionStateMachine {
             case .disconnect, .disconnectV5: return .disconnect
             default: return .close(reason: "\(packet.type) during enhanced authentication")
             }
-        case .opening where authenticatesFirst, .connected where authenticatesFirst:
+        case .opening:
+            // Nothing is decoded while the session is on its way: what was read waits, as it
+            // was read, until it is attached (however many packets one read brought).
+            assertionFailure("a packet handled while the session is on its way")
+            return .close(reason: "packet handled before the session was attached")
+        case .connected where authenticatesFirst:
             // Read with the last AUTH, before CONNACK (which may have gone out since).
             switch packet {
             case .disconnect, .disconnectV5: return .disconnect
             default: return .close(reason: "\(packet.type) before CONNACK after enhanced authentication")
             }
-        case .opening(var pending):
-            guard pending.count < Self.maxPendingPackets else {
-                return .close(reason: "more than \(Self.maxPendingPackets) packets before CONNACK")
-            }
-            state = .closed  // so that the array is not shared while it grows
-            pending.append(packet)
-            state = .opening(pending: pending)
-            return .none
         case .connected:
             switch packet {
             case .publish(let publish): return .publish(publish)
@@ -287,13 +279,13 @@ struct ConnectionStateMachine {
 
     // MARK: - CONNECT
 
-    /// The client is admitted (authenticated, will allowed): wait for its session, keep what
-    /// it sends meanwhile, and from now on check its keep-alive.
+    /// The client is admitted (authenticated, will allowed): wait for its session (reading
+    /// paused), and from now on check its keep-alive.
     mutating func connectAccepted(keepAlive seconds: UInt16, now: NIODeadline) {
         assert({ switch state { case .awaitingConnect, .authenticating: true; default: false } }(), "CONNECT accepted twice")
         keepAliveMilliseconds = UInt32(seconds) * 1500
         lastRead = now
-        state = .opening(pending: [])
+        state = .opening
     }
 
     /// CONNECT asked for MQTT 5 enhanced authentication: the hooks' exchange comes before CONNACK,
@@ -315,16 +307,16 @@ struct ConnectionStateMachine {
 
     /// What to do with a session that arrived for this connection.
     enum AttachAction: Equatable {
-        /// Attach it, answer CONNACK, then handle these packets (sent before CONNACK) in order.
-        case attach(pending: [MQTTPacket])
+        /// Attach it and answer CONNACK (then what the client sent meanwhile is decoded).
+        case attach
         /// The connection went away meanwhile: give the session back (offline, or ended).
         case giveBack
     }
 
     mutating func sessionArrived() -> AttachAction {
-        guard case .opening(let pending) = state else { return .giveBack }
+        guard case .opening = state else { return .giveBack }
         state = .connected(held: [])
-        return .attach(pending: pending)
+        return .attach
     }
 
     // MARK: - Time
