@@ -177,7 +177,11 @@ struct PersistentSessionTests {
             }
             try await Task.sleep(for: .milliseconds(1200))
             try await withBroker(configure: { $0.persistence = store; $0.limits.sessionExpiry = .seconds(1) }) { b in
-                #expect(b.logMessages.contains { $0.contains("restored 0 persistent sessions (2 expired while stopped)") })
+                // "forever" expires while stopped (capped at 1 s here); "five" (1 s) too, unless the
+                // broker before took over a second to stop, on a loaded machine: then at run time.
+                #expect(b.logMessages.contains {
+                    $0.contains("restored 0 persistent sessions (2 expired while stopped)") || $0.contains("restored 0 persistent sessions (1 expired while stopped)")
+                })
                 for id in ["old", "five", "forever"] {
                     let (c, connack) = try await Self.connect(b, id)
                     #expect(!connack.sessionPresent)
