@@ -1670,11 +1670,11 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
         guard let context else { return }
         unflushedKiB = 0
         // One trip down the pipeline for the batch and the flush.
-        if let pending = output, pending.readableBytes > 0 {
-            output = nil
+        let pending = output
+        output = nil
+        if let pending, pending.readableBytes > 0 {
             context.writeAndFlush(wrapOutboundOut(pending), promise: nil)
         } else {
-            output = nil
             context.flush()
         }
         // The socket took it all: go on with what waits (the batch limit stopped it, not the socket).
