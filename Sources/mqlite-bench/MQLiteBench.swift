@@ -19,15 +19,19 @@ struct MQLiteBench: AsyncParsableCommand {
             100 unacknowledged messages each). `bare-nio-server` is no load: it serves --port with a \
             SwiftNIO server that holds its sockets and answers each read with 4 bytes (a CONNACK), \
             until stopped, so that `connections` (with or without --tcp-only) can measure what NIO \
-            itself keeps per socket.
+            itself keeps per socket. `bare-nio-relay` is no load either: it serves --port with the \
+            least a broker on SwiftNIO does for `latency`'s clients (CONNECT, SUBSCRIBE to one exact \
+            topic, QoS 0 PUBLISH forwarded as read), so that `latency --pid` can measure what NIO and \
+            the kernel cost a message under any broker built on them.
             """
     )
 
     enum Scenario: String, ExpressibleByArgument, CaseIterable {
         case fanIn = "fan-in", fanOut = "fan-out", pairs, latency, connections, storm, bareNIOServer = "bare-nio-server"
+        case bareNIORelay = "bare-nio-relay"
     }
 
-    @Argument(help: "fan-in, fan-out, pairs, latency, connections or bare-nio-server")
+    @Argument(help: "fan-in, fan-out, pairs, latency, connections, storm, bare-nio-server or bare-nio-relay")
     var scenario: Scenario
     @Option var host = "127.0.0.1"
     @Option var port = 1883
@@ -77,6 +81,9 @@ struct MQLiteBench: AsyncParsableCommand {
                 result = try await storm(loop: loop, tls: tls)
             case .bareNIOServer:
                 result = try await serveBareNIO(group: group)
+            case .bareNIORelay:
+                try await BareRelay.serve(group: group, host: host, port: port)
+                result = ["scenario": "bare-nio-relay", "lost": 0]
             }
         } catch {
             try? await group.shutdownGracefully()
@@ -109,11 +116,14 @@ struct MQLiteBench: AsyncParsableCommand {
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.maxMessagesPerRead, value: 1)
-            .childChannelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 64))
+            .serverChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Holder()) }
+                // Set at once, as mqlite's (`Broker.setConnectionOptions`), not one future each.
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.syncOptions?.setOption(.maxMessagesPerRead, value: 1)
+                    try channel.syncOptions?.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 64))
+                    try channel.pipeline.syncOperations.addHandler(Holder())
+                }
             }
             .bind(host: host, port: port).get()
         try await server.closeFuture.get()

@@ -77,24 +77,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_bare_nio_server_holds_sockets():
+def start_bare(mode):
+    """`mqlite-bench bare-nio-server` or `bare-nio-relay` on a free port, once it listens."""
     port = free_port()
-    server = subprocess.Popen([BENCH, "bare-nio-server", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([BENCH, mode, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, port
+        except OSError:
+            if time.monotonic() >= deadline or server.poll() is not None:
+                server.kill()
+                raise AssertionError(f"{mode} did not start")
+            time.sleep(0.1)
+
+
+def test_bare_nio_server_holds_sockets():
+    server, port = start_bare("bare-nio-server")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "bare-nio-server did not start"
-                time.sleep(0.1)
         r = bench(port, "connections", "--connections", "200", "--tcp-only", "--pid", str(server.pid))
         assert r["connections"] == 200 and r["rss_after"] > 0
         # Idle MQTT clients: each CONNECT is answered as a broker would (the floor after one exchange).
         r = bench(port, "connections", "--connections", "200", "--pid", str(server.pid))
         assert r["connections"] == 200 and r["rss_after"] > 0
+        # The storm's clients get their CONNACKs from it too (NIO's floor for that row).
+        r = bench(port, "storm", "--connections", "300")
+        assert r["connected"] == 300 and r["lost"] == 0
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_bare_nio_relay_forwards_by_topic():
+    """NIO's floor for the many-slow-clients row: as many of the latency clients' messages arrive as
+    were sent (none lost; one forwarded to every subscriber would arrive 20 times), and its CPU is read."""
+    server, port = start_bare("bare-nio-relay")
+    try:
+        r = bench(port, "latency", "--clients", "20", "--rate", "50", "--pid", str(server.pid))
+        assert r["lost"] == 0 and r["received"] > 0 and r["broker_cpu_seconds"] >= 0
         assert server.poll() is None
     finally:
         server.terminate()
