@@ -6,12 +6,12 @@ import NIOPosix
 import NIOSSL
 import Synchronization
 
-/// `mqlite-bench`: drives any MQTT 3.1.1 broker on 127.0.0.1 and prints one JSON line of results.
+/// `mqlite-bench`: drives any MQTT 3.1.1 (or, with --mqtt 5, 5.0) broker on 127.0.0.1 and prints one JSON line of results.
 @main
 struct MQLiteBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mqlite-bench",
-        abstract: "Load generator for MQTT 3.1.1 brokers (fan-in, fan-out, pairs, latency, connections).",
+        abstract: "Load generator for MQTT brokers (fan-in, fan-out, pairs, latency, connections, storm).",
         discussion: """
             Throughput scenarios report deliveries per second over the measured interval, then stop \
             sending, wait for every outstanding message and report loss; a run that lost messages \

@@ -14,7 +14,7 @@ import UnixSignals
 struct MQLite: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mqlite",
-        abstract: "A scriptable MQTT 3.1.1 broker.",
+        abstract: "A scriptable MQTT 3.1.1 and 5.0 broker.",
         discussion: "Without -c, runs on defaults: listen on 0.0.0.0:1883, one worker per core, anonymous clients allowed."
     )
 
