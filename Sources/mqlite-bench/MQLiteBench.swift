@@ -80,9 +80,13 @@ struct MQLiteBench: AsyncParsableCommand {
             case .storm:
                 result = try await storm(loop: loop, tls: tls)
             case .bareNIOServer:
-                result = try await serveBareNIO(group: group)
+                try await BareServers.serve(group: group, host: host, port: port, receiveBuffer: FixedSizeRecvByteBufferAllocator(capacity: 64)) {
+                    BareServers.Answerer()
+                }
+                result = ["scenario": "bare-nio-server", "lost": 0]
             case .bareNIORelay:
-                try await BareRelay.serve(group: group, host: host, port: port)
+                let routes = BareServers.Routes()
+                try await BareServers.serve(group: group, host: host, port: port) { BareServers.Relay(routes: routes) }
                 result = ["scenario": "bare-nio-relay", "lost": 0]
             }
         } catch {
@@ -96,38 +100,6 @@ struct MQLiteBench: AsyncParsableCommand {
             FileHandle.standardError.write(Data("mqlite-bench: \(lost) messages lost\n".utf8))
             throw ExitCode(1)
         }
-    }
-
-    /// The reference for memory per socket: a NIO server with the child options of mqlite's that
-    /// shape what NIO keeps (`Broker.setConnectionOptions`: one read per event, a first receive
-    /// buffer of 64 bytes, which NIO keeps once a socket has been read) and one handler that
-    /// answers every read with a CONNACK's 4 bytes, so that the idle clients of `connections`
-    /// connect to it as to a broker. Serves until stopped.
-    private func serveBareNIO(group: MultiThreadedEventLoopGroup) async throws -> [String: Any] {
-        final class Holder: ChannelInboundHandler, Sendable {
-            typealias InboundIn = ByteBuffer
-            typealias OutboundOut = ByteBuffer
-            func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-                var answer = context.channel.allocator.buffer(capacity: 4)
-                answer.writeBytes([0x20, 0x02, 0x00, 0x00])
-                context.writeAndFlush(wrapOutboundOut(answer), promise: nil)
-            }
-        }
-        let server = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                // Set at once, as mqlite's (`Broker.setConnectionOptions`), not one future each.
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.syncOptions?.setOption(.maxMessagesPerRead, value: 1)
-                    try channel.syncOptions?.setOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 64))
-                    try channel.pipeline.syncOperations.addHandler(Holder())
-                }
-            }
-            .bind(host: host, port: port).get()
-        try await server.closeFuture.get()
-        return ["scenario": "bare-nio-server", "lost": 0]
     }
 
     private func connect(

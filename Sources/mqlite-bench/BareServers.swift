@@ -1,20 +1,58 @@
 import NIOCore
 import NIOPosix
 
-/// The reference for CPU per message (`bare-nio-relay`): the least a broker on SwiftNIO does for
-/// the `latency` scenario's clients, on one event loop with mqlite's child options (one read per
-/// event, TCP_NODELAY from the listening socket). It answers CONNECT, SUBSCRIBE and PINGREQ, and
-/// forwards each PUBLISH, bytes as read (no copy), to the channels subscribed to exactly its topic:
-/// one dictionary lookup and one `writeAndFlush` per subscriber. No sessions, no validation, no
-/// wildcards, no QoS above 0, no limits: not a broker, a floor. What NIO and the kernel cost a
-/// message, under any broker built on them.
-enum BareRelay {
-    /// Subscribers by exact topic. The loop's only (the relay has one loop).
+/// SwiftNIO servers that do the least a broker on NIO does for some of the benchmark's clients:
+/// references for what NIO and the kernel cost, under any broker built on them. Each runs on one
+/// loop with the child options of mqlite's (`Broker.setConnectionOptions`) and serves until stopped.
+enum BareServers {
+    /// Serves `host`:`port` with one `makeHandler()` per connection, each read one a read event,
+    /// into `receiveBuffer`'s buffers (nil: NIO's adaptive ones), TCP_NODELAY from the listening
+    /// socket.
+    static func serve(
+        group: MultiThreadedEventLoopGroup, host: String, port: Int, receiveBuffer: FixedSizeRecvByteBufferAllocator? = nil,
+        makeHandler: @escaping @Sendable () -> any ChannelHandler
+    ) async throws {
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                // Set at once, as mqlite's, not one future each.
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.syncOptions?.setOption(.maxMessagesPerRead, value: 1)
+                    if let receiveBuffer { try channel.syncOptions?.setOption(.recvAllocator, value: receiveBuffer) }
+                    try channel.pipeline.syncOperations.addHandler(makeHandler())
+                }
+            }
+            .bind(host: host, port: port).get()
+        try await server.closeFuture.get()
+    }
+
+    /// `bare-nio-server`, the reference for memory per socket (with a 64-byte receive buffer, which
+    /// NIO keeps once a socket has been read, as mqlite's first one) and for the reconnect storm:
+    /// answers every read with a CONNACK's 4 bytes, so that the idle clients of `connections` and
+    /// the storm's connect to it as to a broker.
+    final class Answerer: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var answer = context.channel.allocator.buffer(capacity: 4)
+            answer.writeBytes([0x20, 0x02, 0x00, 0x00])
+            context.writeAndFlush(wrapOutboundOut(answer), promise: nil)
+        }
+    }
+
+    /// The relay's subscribers by exact topic. The loop's only (the relay has one loop).
     final class Routes: @unchecked Sendable {
         var subscribers: [ByteBuffer: [any Channel]] = [:]
     }
 
-    final class Handler: ChannelInboundHandler, @unchecked Sendable {  // loop-only
+    /// `bare-nio-relay`, the reference for CPU per message: the least a broker does for the
+    /// `latency` scenario's clients. It answers CONNECT, SUBSCRIBE and PINGREQ, and forwards each
+    /// PUBLISH, bytes as read (no copy), to the channels subscribed to exactly its topic: one
+    /// dictionary lookup and one `writeAndFlush` per subscriber. No sessions, no validation, no
+    /// wildcards, no QoS above 0, no limits: not a broker, a floor.
+    final class Relay: ChannelInboundHandler, @unchecked Sendable {  // loop-only
         typealias InboundIn = ByteBuffer
         typealias OutboundOut = ByteBuffer
 
@@ -93,22 +131,5 @@ enum BareRelay {
             guard let frame = buffer.readSlice(length: offset - start + length) else { return nil }
             return (type, frame.getSlice(at: frame.readerIndex + offset - start, length: length)!, frame)
         }
-    }
-
-    /// Serves `host`:`port` on `group` (one loop) until stopped.
-    static func serve(group: MultiThreadedEventLoopGroup, host: String, port: Int) async throws {
-        let routes = Routes()
-        let server = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.syncOptions?.setOption(.maxMessagesPerRead, value: 1)
-                    try channel.pipeline.syncOperations.addHandler(Handler(routes: routes))
-                }
-            }
-            .bind(host: host, port: port).get()
-        try await server.closeFuture.get()
     }
 }
