@@ -831,7 +831,7 @@ final class ConnectionHandler: ChannelInboundHandler, SessionOutbound {
 
     private func handlePublishV5(_ publish: PublishPacket, session: Session) {
         // The client was told `max_inflight` as its Receive Maximum (CONNACK): more QoS 2
-        // messages than that without PUBCOMP is an error (§3.3.4; Mosquitto counts the same).
+        // messages than that on this connection without PUBCOMP is an error (§3.3.4, §4.9).
         let receiveMaximum = broker.configuration.limits.maxInflight
         if publish.qos == .exactlyOnce, session.exceedsInboundQoS2(publish.packetID!, limit: receiveMaximum) {
             tellV5(.receiveMaximumExceeded)

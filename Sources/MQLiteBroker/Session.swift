@@ -246,6 +246,9 @@ final class Session: ClientIdentity, @unchecked Sendable {
         var resendsOwed = false
         /// Inbound QoS 2 ids whose PUBLISH was delivered, awaiting PUBREL (exactly once).
         var awaitingPubrel: Set<UInt16> = []
+        /// Those of them an earlier connection received: not counted against this connection's
+        /// Receive Maximum (`exceedsInboundQoS2`).
+        var awaitingFromEarlier: Set<UInt16> = []
         /// See `sendRetained`.
         var retainedBacklog = Deque<(scan: RetainedTree<Message>.Scan, qos: QoS)>()
         /// Filters the client named that an `on_subscribe` hook rewrote.
@@ -867,6 +870,9 @@ final class Session: ClientIdentity, @unchecked Sendable {
         guard outbound != nil else { return }
         for i in inflight.indices { inflight[i].owed = true }
         if !inflight.isEmpty || occasional?.resendsOwed == true { more.resendsOwed = !inflight.isEmpty }
+        if let occasional, occasional.awaitingPubrel.count != occasional.awaitingFromEarlier.count {
+            occasional.awaitingFromEarlier = occasional.awaitingPubrel
+        }
         pump()
     }
 
@@ -988,8 +994,11 @@ final class Session: ClientIdentity, @unchecked Sendable {
 
     /// Whether inbound QoS 2 id `id` would be one more than `limit` awaiting PUBREL (a re-sent
     /// PUBLISH whose id already waits is not).
+    /// Only ids this connection received count: the quota starts again with each connection
+    /// (MQTT 5 §4.9), so a client that resumes with new QoS 2 messages before its PUBRELs for the
+    /// earlier ones is within it.
     func exceedsInboundQoS2(_ id: UInt16, limit: Int) -> Bool {
-        guard let occasional, occasional.awaitingPubrel.count >= limit else { return false }
+        guard let occasional, occasional.awaitingPubrel.count - occasional.awaitingFromEarlier.count >= limit else { return false }
         return !occasional.awaitingPubrel.contains(id)
     }
 
@@ -1001,7 +1010,9 @@ final class Session: ClientIdentity, @unchecked Sendable {
 
     /// PUBREL came for an inbound QoS 2 id.
     func released(inbound id: UInt16) {
-        guard let occasional, occasional.awaitingPubrel.remove(id) != nil, occasional.stored else { return }
+        guard let occasional, occasional.awaitingPubrel.remove(id) != nil else { return }
+        if !occasional.awaitingFromEarlier.isEmpty { occasional.awaitingFromEarlier.remove(id) }
+        guard occasional.stored else { return }
         report(.inboundQoS2(packetID: id, awaiting: false))
     }
 
@@ -1137,6 +1148,7 @@ final class Session: ClientIdentity, @unchecked Sendable {
         congestedUntil.store(0, ordering: .relaxed)
         occasional?.congestionStart = nil
         occasional?.awaitingPubrel.removeAll()
+        occasional?.awaitingFromEarlier.removeAll()
         report(.ended)
     }
 }

@@ -261,6 +261,32 @@ struct MQTT5Tests {
         }
     }
 
+    @Test("the Receive Maximum's quota starts again with each connection (§4.9): QoS 2 ids an earlier connection left awaiting PUBREL do not count against the new one's, and their PUBRELs are still answered")
+    func serverReceiveMaximumPerConnection() async throws {
+        try await withV5Broker(configure: { $0.limits.maxInflight = 3 }) { b in
+            var keep = MQTTProperties()
+            keep.sessionExpiryInterval = 60
+            func publish(_ c: TestClient, _ id: UInt16) async throws {
+                c.send(.publish(PublishPacket(topic: "rmc", payload: "x", qos: .exactlyOnce, packetID: id)))
+                #expect(try await c.expectPacket() == .ackV5(AckPacket(.pubrec, packetID: id, reasonCode: .noMatchingSubscribers)))
+            }
+            let (first, _) = try await b.client5("q2c", cleanStart: true, properties: keep)
+            for id: UInt16 in 1...3 { try await publish(first, id) }
+            await first.abort()  // three ids wait for PUBREL in the session
+            let (again, connack) = try await b.client5("q2c", cleanStart: false, properties: keep)
+            #expect(connack.sessionPresent)
+            // A full quota of new ones before the PUBRELs of the old: within it.
+            for id: UInt16 in 10...12 { try await publish(again, id) }
+            for id: UInt16 in [1, 2, 3, 10] {
+                again.send(.pubrel(packetID: id))
+                #expect(try await again.expectPacket() == .pubcomp(packetID: id))
+            }
+            try await publish(again, 13)  // 11, 12, 13 wait: the quota is full again
+            again.send(.publish(PublishPacket(topic: "rmc", payload: "x", qos: .exactlyOnce, packetID: 14)))
+            #expect(try await again.expectClosed() == [.disconnectV5(DisconnectPacket(reasonCode: .receiveMaximumExceeded))])
+        }
+    }
+
     @Test("a PUBREC with a failure code ends that QoS 2 message: no PUBREL, and the window moves on")
     func pubrecRefused() async throws {
         try await withV5Broker(configure: { $0.limits.maxInflight = 1 }) { b in
