@@ -145,7 +145,12 @@ public struct MQTTDecoder: NIOSingleStepByteToMessageDecoder {
             guard let byte: UInt8 = buffer.getInteger(at: buffer.readerIndex + offset) else { return nil }
             length += Int(byte & 0x7F) * multiplier
             offset += 1
-            if byte & 0x80 == 0 { break }
+            if byte & 0x80 == 0 {
+                // MQTT 5.0: the fewest bytes that hold the value (MQTT-1.5.5-1), as for a property
+                // length; 3.1.1 says nothing of it, and Mosquitto takes both.
+                if byte == 0, offset > 2, version == .v5 { throw .malformedRemainingLength }
+                break
+            }
             if offset > 4 { throw .malformedRemainingLength }
             multiplier *= 128
         }

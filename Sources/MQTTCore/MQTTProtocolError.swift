@@ -79,7 +79,7 @@ public enum MQTTProtocolError: Error, Equatable, Sendable, CustomStringConvertib
         switch self {
         case .invalidPacketType(let t): "invalid packet type \(t)"
         case .reservedFlags(let t, let f): "reserved flag bits 0x\(String(f, radix: 16)) in \(t)"
-        case .malformedRemainingLength: "remaining length longer than 4 bytes"
+        case .malformedRemainingLength: "remaining length longer than 4 bytes, or (MQTT 5) not in the fewest bytes"
         case .packetTooLarge(let l, let limit): "packet of \(l) bytes is over max_packet_size \(limit)"
         case .truncated(let t): "\(t) body ends before its fields do"
         case .unexpectedLength(let t, let l): "\(t) body of unexpected length \(l)"

@@ -438,6 +438,17 @@ struct MQTT5ValidationTests {
         #expect(throws: Never.self) { try decodeOneV5(self.publish([5, 0x0B, 0xFF, 0xFF, 0xFF, 0x7F])) }
     }
 
+    @Test("the fixed header's remaining length in more bytes than it needs is malformed in MQTT 5 (MQTT-1.5.5-1), taken in 3.1.1 (as Mosquitto)")
+    func nonMinimalRemainingLength() throws {
+        expectError([0xC0, 0x80, 0x00], .malformedRemainingLength)  // PINGREQ, 0 in two bytes
+        expectError([0x30, 0x84, 0x80, 0x00, 0, 1, 0x74, 0], .malformedRemainingLength)  // PUBLISH, 4 in three
+        #expect(try decodeOneV5([0xC0, 0x00]) == .pingreq)
+        #expect(try decodeOneV5([0x30, 0x85, 0x01, 0, 1, 0x74, 0] + Array(repeating: 0x78, count: 129)) != nil)  // 133 in two
+        var decoder = MQTTDecoder()
+        var buffer = ByteBuffer(bytes: [0xC0, 0x80, 0x00])
+        #expect(try decoder.decode(buffer: &buffer, version: .v3_1_1) == .pingreq)
+    }
+
     @Test("a property length of 268,435,455 with a short body is refused at once")
     func hugePropertyLength() throws {
         let bytes = publish([0xFF, 0xFF, 0xFF, 0x7F], payload: [1, 2, 3])
