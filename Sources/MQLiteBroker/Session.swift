@@ -992,11 +992,10 @@ final class Session: ClientIdentity, @unchecked Sendable {
         return true
     }
 
-    /// Whether inbound QoS 2 id `id` would be one more than `limit` awaiting PUBREL (a re-sent
-    /// PUBLISH whose id already waits is not).
-    /// Only ids this connection received count: the quota starts again with each connection
-    /// (MQTT 5 §4.9), so a client that resumes with new QoS 2 messages before its PUBRELs for the
-    /// earlier ones is within it.
+    /// Whether inbound QoS 2 id `id` would be one more than `limit` that this connection received
+    /// awaiting PUBREL (a re-sent PUBLISH whose id already waits is not). The quota starts again
+    /// with each connection (MQTT 5 §4.9): a client that resumes with new QoS 2 messages before
+    /// its PUBRELs for the earlier ones is within it.
     func exceedsInboundQoS2(_ id: UInt16, limit: Int) -> Bool {
         guard let occasional, occasional.awaitingPubrel.count - occasional.awaitingFromEarlier.count >= limit else { return false }
         return !occasional.awaitingPubrel.contains(id)
